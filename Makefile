@@ -1,0 +1,60 @@
+# FedPortal developer commands. `make` alone lists them.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+# Touched after a successful install; pip runs again only when pyproject.toml is newer.
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+.DEFAULT_GOAL := help
+.PHONY: help venv install test lint format demo sim bench portal worker clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+venv: $(PYTHON) ## Create .venv with PY (default python3.11) if it is missing
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install -e '.[portal,lightning,dev]'
+	touch $@
+
+install: $(STAMP) ## Install the project with the portal, lightning and dev extras
+
+test: install ## Run the test suite (PYTEST_ARGS=... to pass more)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install ## ruff, ruff format --check, mypy on the pure core, missing migrations
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy  # the pure core: files listed in pyproject.toml
+	$(PYTHON) manage.py makemigrations --check --dry-run
+
+format: install ## Fix imports and lint autofixes, then format with ruff
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: install ## Run the hello-pt example in SimEnv
+	cd examples/hello-pt && ../../$(PYTHON) job.py
+
+sim: install ## Run the hello-pt example in SimEnv (same as demo for now)
+	cd examples/hello-pt && ../../$(PYTHON) job.py
+
+bench: install ## Run every bench/*.py and print its figures
+	@set -e; for f in bench/*.py; do \
+		[ -e "$$f" ] || { echo "no bench/*.py yet"; break; }; \
+		echo "== $$f"; $(PYTHON) "$$f"; \
+	done
+
+portal: install ## Migrate, then serve the portal (Daphne, ASGI) on 127.0.0.1:8000
+	$(PYTHON) manage.py migrate
+	$(PYTHON) manage.py runserver 127.0.0.1:8000
+
+worker: install ## Run a Celery worker
+	$(BIN)/celery -A fedportal worker --loglevel=INFO
+
+clean: ## Remove caches and build output (keeps .venv and data/)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,75 @@
+"""The record that crosses between a client script and the federation: ``FLModel``.
+
+The names and the constructor's argument order are NVFlare's (``nvflare.app_common.abstract.
+fl_model``), so that a script written for NVFlare's Client API runs after changing only its
+import line. Params are a mapping of tensor name to ``torch.Tensor`` (a ``state_dict``);
+numpy arrays are accepted on ``send`` and arrive back as tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class ParamsType(StrEnum):
+    """Whether ``params`` are whole weights or the change from the received global model."""
+
+    FULL = "FULL"
+    DIFF = "DIFF"
+
+
+class FLMetaKey:
+    """Well-known keys of ``FLModel.meta`` (NVFlare's spelling)."""
+
+    NUM_STEPS_CURRENT_ROUND = "NUM_STEPS_CURRENT_ROUND"
+    """The site's FedAvg weight for this round; a missing key counts as 1.0."""
+    JOB_ID = "JOB_ID"
+    SITE_NAME = "SITE_NAME"
+    TASK_NAME = "TASK_NAME"
+
+
+@dataclass
+class FLModel:
+    """Weights, metrics and metadata exchanged in one task.
+
+    ``current_round`` counts from 0, as in NVFlare. ``metrics`` sent with a train result score
+    the *received* global model (NVFlare's convention); the workflow uses them to choose the
+    best model.
+    """
+
+    params_type: ParamsType | str | None = None
+    params: Mapping[str, Any] | None = None
+    optimizer_params: Mapping[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    start_round: int | None = 0
+    current_round: int | None = None
+    total_rounds: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.params_type is not None:
+            try:
+                self.params_type = ParamsType(self.params_type)
+            except ValueError:
+                raise ValueError(
+                    f"FLModel.params_type must be 'FULL' or 'DIFF', got {self.params_type!r}"
+                ) from None
+        if self.meta is None:
+            self.meta = {}
+
+    @property
+    def weight(self) -> float:
+        """This model's FedAvg weight: ``meta["NUM_STEPS_CURRENT_ROUND"]``, 1.0 when missing."""
+        value = self.meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1.0)
+        return 1.0 if value is None else float(value)
+
+    def __repr__(self) -> str:
+        n = 0 if self.params is None else len(self.params)
+        return (
+            f"FLModel(params_type={self.params_type}, params=<{n} tensors>, "
+            f"metrics={self.metrics}, current_round={self.current_round}, "
+            f"total_rounds={self.total_rounds}, meta={self.meta})"
+        )

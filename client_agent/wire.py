@@ -1,0 +1,282 @@
+"""Wire format: tensors travel as safetensors files, everything else as JSON.
+
+Nothing here unpickles. A model file is a plain safetensors file whose ``__metadata__`` holds
+one JSON document under :data:`METADATA_KEY` with the ``FLModel``'s other fields, so one file
+carries a whole update (the same file later goes over HTTP to the portal unchanged). Control
+messages between a client script and its runtime are length-prefixed JSON frames.
+
+Reading is checked before the safetensors library sees the bytes, so that a pickle, a
+truncated file or garbage fails with a :class:`WireFormatError` that names the file and the
+reason instead of a library panic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from client_agent.fl_model import FLModel, ParamsType
+
+METADATA_KEY = "fedportal.flmodel"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+_FRAME_LEN = struct.Struct(">I")
+
+# safetensors dtype names → torch dtypes we accept. Anything else is refused.
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class WireFormatError(ValueError):
+    """Bytes that are not a valid FedPortal message or model file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model files
+# --------------------------------------------------------------------------------------------
+
+
+def to_tensor_dict(params: Mapping[str, Any], *, what: str = "params") -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors for saving; numpy arrays are converted.
+
+    Tensors that share storage (tied weights) are cloned, because safetensors refuses shared
+    storage and the receiver loads each name on its own anyway.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{what} must be a mapping of name to tensor, got {type(params).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, value in params.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: tensor names must be strings, got {name!r}")
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{what}[{name!r}] must be a torch.Tensor or numpy array, "
+                f"got {type(value).__name__}"
+            )
+        tensor = value.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if tensor.numel() and key in seen:
+            tensor = tensor.clone()
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.item()
+    if isinstance(value, ParamsType):
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(obj: Any) -> str:
+    """JSON text for anything that crosses the wire; scalar tensors/numpy become numbers."""
+    return json.dumps(obj, default=_json_default, separators=(",", ":"))
+
+
+def write_model_file(path: str | os.PathLike[str], model: FLModel) -> Path:
+    """Write ``model`` as one safetensors file, atomically (a reader never sees half a file)."""
+    if not isinstance(model, FLModel):
+        raise TypeError(f"expected an FLModel, got {type(model).__name__}")
+    tensors = to_tensor_dict(model.params or {}, what="FLModel.params")
+    params_type = model.params_type or (ParamsType.FULL if tensors else None)
+    fields = {
+        "params_type": params_type.value if isinstance(params_type, ParamsType) else None,
+        "metrics": model.metrics,
+        "meta": model.meta,
+        "current_round": model.current_round,
+        "total_rounds": model.total_rounds,
+        "start_round": model.start_round,
+    }
+    try:
+        header_json = dumps(fields)
+    except TypeError as exc:
+        raise TypeError(f"FLModel metrics/meta must be JSON values: {exc}") from None
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: header_json})
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The tensor table (name → dtype, shape, data_offsets) and metadata, checked, no data read.
+
+    Raises :class:`WireFormatError` for anything that is not a well-formed safetensors file
+    with dtypes we accept.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise WireFormatError(f"{path.name}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise WireFormatError(
+                    f"{path.name}: not a safetensors file (header length {header_len} does not "
+                    f"fit in {size} bytes; a pickle or garbage?)"
+                )
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise WireFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WireFormatError(f"{path.name}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise WireFormatError(f"{path.name}: safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WireFormatError(f"{path.name}: __metadata__ must map strings to strings")
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            raise WireFormatError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise WireFormatError(f"{path.name}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise WireFormatError(f"{path.name}: tensor {name!r} lies outside the file")
+    return header, metadata
+
+
+def read_model_file(path: str | os.PathLike[str]) -> FLModel:
+    """Load a model file written by :func:`write_model_file` (or any safetensors file).
+
+    The tensors are backed by a copy-on-write map of the file, so several processes reading
+    the same global model share its pages until they write to them.
+    """
+    _, metadata = read_header(path)
+    fields: dict[str, Any] = {}
+    if METADATA_KEY in metadata:
+        try:
+            fields = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError:
+            raise WireFormatError(f"{Path(path).name}: {METADATA_KEY} is not JSON") from None
+        if not isinstance(fields, dict):
+            raise WireFormatError(f"{Path(path).name}: {METADATA_KEY} must be a JSON object")
+    try:
+        params = load_file(str(path))
+    except SafetensorError as exc:
+        raise WireFormatError(f"{Path(path).name}: invalid safetensors data: {exc}") from None
+    try:
+        return FLModel(
+            params_type=fields.get("params_type"),
+            params=params,
+            metrics=fields.get("metrics"),
+            meta=fields.get("meta") or {},
+            current_round=fields.get("current_round"),
+            total_rounds=fields.get("total_rounds"),
+            start_round=fields.get("start_round", 0),
+        )
+    except ValueError as exc:
+        raise WireFormatError(f"{Path(path).name}: {exc}") from None
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Just the tensors of a model file, checked first."""
+    model = read_model_file(path)
+    return dict(model.params or {})
+
+
+def save_state_dict(path: str | os.PathLike[str], params: Mapping[str, Any]) -> Path:
+    """Write plain weights (a FULL model with no metrics) as a model file."""
+    return write_model_file(path, FLModel(params_type=ParamsType.FULL, params=params))
+
+
+@contextmanager
+def open_tensors(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """A lazy view of a checked file: ``.keys()`` and ``.get_tensor(name)`` load one at a time."""
+    read_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except SafetensorError as exc:
+        raise WireFormatError(f"{Path(path).name}: invalid safetensors data: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# JSON frames over a stream socket
+# --------------------------------------------------------------------------------------------
+
+
+def encode_frame(message: Mapping[str, Any]) -> bytes:
+    """A 4-byte big-endian length, then the message as UTF-8 JSON."""
+    if not isinstance(message, Mapping) or not isinstance(message.get("type"), str):
+        raise WireFormatError("a frame must be a JSON object with a string 'type'")
+    body = dumps(message).encode()
+    if len(body) > MAX_FRAME_BYTES:
+        raise WireFormatError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    return _FRAME_LEN.pack(len(body)) + body
+
+
+def decode_frame_body(body: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WireFormatError("frame is not UTF-8 JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise WireFormatError("frame must be a JSON object with a string 'type'")
+    return message
+
+
+def send_frame(sock: socket.socket, message: Mapping[str, Any]) -> None:
+    sock.sendall(encode_frame(message))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def recv_frame(sock: socket.socket) -> dict[str, Any]:
+    """Block for one frame. Raises ``ConnectionError`` on EOF, WireFormatError on garbage."""
+    (length,) = _FRAME_LEN.unpack(_recv_exact(sock, _FRAME_LEN.size))
+    if length > MAX_FRAME_BYTES:
+        raise WireFormatError(f"frame length {length} exceeds {MAX_FRAME_BYTES}; not our protocol")
+    return decode_frame_body(_recv_exact(sock, length))

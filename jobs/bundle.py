@@ -1,0 +1,189 @@
+"""The job bundle: what a recipe exports and what every env runs.
+
+A bundle is a folder (or, for upload, the same folder archived)::
+
+    job.json                    the spec: name, workflow, its params, the script and its args
+    initial_model.safetensors   the initial global weights
+    app/                        the client script's folder
+
+``SimEnv`` exports the recipe and runs the exported bundle, so a job that runs in simulation
+is byte for byte the job that is uploaded to a portal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from client_agent.wire import WireFormatError, load_state_dict, read_header, save_state_dict
+from jobs.workflows import Workflow, workflow_from_spec
+
+BUNDLE_FORMAT = 1
+SPEC_FILE = "job.json"
+MODEL_FILE = "initial_model.safetensors"
+APP_DIR = "app"
+MAX_APP_BYTES = 50 * 1024 * 1024
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+# Not part of a client app: caches, version control, environments, run output.
+_SKIP_DIRS = {
+    "__pycache__",
+    ".git",
+    ".venv",
+    "venv",
+    "workspace",
+    "workspaces",
+    ".ipynb_checkpoints",
+}
+_SKIP_SUFFIXES = (".pyc", ".pyo")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot run; the message names the file or field."""
+
+
+def _ignore(folder: str, names: list[str]) -> set[str]:
+    return {
+        n
+        for n in names
+        if n in _SKIP_DIRS or n.endswith(_SKIP_SUFFIXES) or (n.startswith(".") and n != ".")
+    }
+
+
+def copy_app(source: Path, dest: Path) -> None:
+    """Copy a client script's folder, without caches, hidden files or run output."""
+    total = 0
+    for path in source.rglob("*"):
+        parts = path.relative_to(source).parts
+        if any(p in _SKIP_DIRS or p.startswith(".") for p in parts):
+            continue
+        if path.is_file():
+            total += path.stat().st_size
+    if total > MAX_APP_BYTES:
+        raise BundleError(
+            f"train_script: its folder {source} holds {total / 1e6:.0f} MB; the app is limited "
+            f"to {MAX_APP_BYTES / 1e6:.0f} MB (keep data and checkpoints outside it)"
+        )
+    shutil.copytree(source, dest, ignore=_ignore, symlinks=False)
+
+
+@dataclass(frozen=True)
+class JobBundle:
+    """A checked bundle on disk."""
+
+    root: Path
+    name: str
+    workflow: Workflow
+    train_script: str
+    train_args: str
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return build_spec(
+            name=self.name,
+            workflow=self.workflow,
+            train_script=self.train_script,
+            train_args=self.train_args,
+        )
+
+    @property
+    def model_path(self) -> Path:
+        return self.root / MODEL_FILE
+
+    @property
+    def app_dir(self) -> Path:
+        return self.root / APP_DIR
+
+    @property
+    def script_path(self) -> Path:
+        return self.app_dir / self.train_script
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        return load_state_dict(self.model_path)
+
+    @classmethod
+    def load(cls, root: str | Path) -> JobBundle:
+        """Read and check a bundle folder; :class:`BundleError` names what is wrong."""
+        root = Path(root)
+        spec_path = root / SPEC_FILE
+        try:
+            spec = json.loads(spec_path.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"{SPEC_FILE}: missing from {root}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{SPEC_FILE}: not JSON ({exc})") from None
+        if not isinstance(spec, dict):
+            raise BundleError(f"{SPEC_FILE}: must be a JSON object")
+        if spec.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"format: expected {BUNDLE_FORMAT}, got {spec.get('format')!r}")
+        name = spec.get("name")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise BundleError(f"name: {name!r} is not a job name (letters, digits, . _ -)")
+        try:
+            workflow = workflow_from_spec(str(spec.get("workflow")), spec.get("params") or {})
+        except (TypeError, ValueError) as exc:
+            raise BundleError(str(exc)) from None
+        script = spec.get("train_script")
+        if not isinstance(script, str) or not script:
+            raise BundleError("train_script: missing")
+        script_rel = Path(script)
+        if script_rel.is_absolute() or ".." in script_rel.parts:
+            raise BundleError(f"train_script: {script!r} must be a path inside the app folder")
+        if not (root / APP_DIR / script_rel).is_file():
+            raise BundleError(f"train_script: {script!r} is not in the bundle's app folder")
+        args = spec.get("train_args", "")
+        if not isinstance(args, str):
+            raise BundleError("train_args: must be a string")
+        try:
+            shlex.split(args)
+        except ValueError as exc:
+            raise BundleError(f"train_args: {exc}") from None
+        try:
+            tensors, _ = read_header(root / MODEL_FILE)
+        except WireFormatError as exc:
+            raise BundleError(f"{MODEL_FILE}: {exc}") from None
+        if not tensors:
+            raise BundleError(f"{MODEL_FILE}: holds no tensors")
+        return cls(root=root, name=name, workflow=workflow, train_script=script, train_args=args)
+
+
+def build_spec(
+    *, name: str, workflow: Workflow, train_script: str, train_args: str
+) -> dict[str, Any]:
+    return {
+        "format": BUNDLE_FORMAT,
+        "name": name,
+        "workflow": workflow.name,
+        "params": workflow.to_params(),
+        "train_script": train_script,
+        "train_args": train_args,
+    }
+
+
+def write_bundle(
+    dest: Path,
+    *,
+    spec: Mapping[str, Any],
+    initial_params: Mapping[str, torch.Tensor],
+    app_source: Path,
+) -> Path:
+    """Write a bundle folder at ``dest``, which must not exist yet."""
+    if dest.exists():
+        raise BundleError(f"export: {dest} already exists")
+    dest.mkdir(parents=True)
+    try:
+        copy_app(app_source, dest / APP_DIR)
+        save_state_dict(dest / MODEL_FILE, initial_params)
+        (dest / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return dest

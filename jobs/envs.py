@@ -1,0 +1,490 @@
+"""Where a recipe runs. ``recipe.execute(env)`` is the same call in every env.
+
+``SimEnv`` runs the job on this machine: one real process per site running the client
+script, the workflow driven in this process. It exports the recipe to a bundle first and runs
+that bundle, exactly what would be uploaded to a portal.
+
+Workspace layout (``Run.workspace``)::
+
+    bundle/                         the exported job bundle
+    models/initial.safetensors      the global model that round 1 starts from
+    models/round-001.safetensors    the global model after round 1, …
+    models/best.safetensors         the global model with the best key metric
+    metrics.jsonl                   every metric: per site, aggregated, and flare.log points
+    rounds.jsonl                    per round: accepted sites, rejected sites with reasons
+    sites/site-1/log.txt            site-1's stdout and stderr
+    sites/site-1/round-001.safetensors  site-1's update for round 1
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from client_agent.runtime import ScriptFailed, ScriptProcess, Task
+from client_agent.wire import WireFormatError, load_state_dict, save_state_dict
+from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
+from jobs.aggregation.sources import FileTensorSource
+from jobs.bundle import JobBundle
+from jobs.workflows import QuorumNotMet
+
+if TYPE_CHECKING:
+    from jobs.recipes import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class RunStatus(StrEnum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    ABORTED = "ABORTED"
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    """One number: from a site's result (``source="result"``), the round's weighted mean
+    (``site=None``, ``source="aggregate"``), or a ``flare.log`` call (``source="log"``)."""
+
+    round: int | None
+    site: str | None
+    key: str
+    value: float
+    step: int | None = None
+    source: str = "result"
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Metrics:
+    """A run's metrics: ``points`` holds them all; the helpers slice them."""
+
+    def __init__(self, points: Iterable[MetricPoint] = ()) -> None:
+        self.points: list[MetricPoint] = list(points)
+
+    def aggregated(self, key: str) -> list[tuple[int, float]]:
+        """``(round, value)`` of the round's weighted mean of ``key``."""
+        return [
+            (p.round or 0, p.value) for p in self.points if p.source == "aggregate" and p.key == key
+        ]
+
+    def site(self, site: str, key: str, source: str = "result") -> list[tuple[int | None, float]]:
+        return [
+            (p.round, p.value)
+            for p in self.points
+            if p.site == site and p.key == key and p.source == source
+        ]
+
+    def logged(self, key: str | None = None, site: str | None = None) -> list[MetricPoint]:
+        """``flare.log`` points, optionally for one key and site."""
+        return [
+            p
+            for p in self.points
+            if p.source == "log"
+            and (key is None or p.key == key)
+            and (site is None or p.site == site)
+        ]
+
+    def by_round(self) -> dict[int, dict[str, dict[str, float]]]:
+        """``{round: {"aggregate": {key: v}, site: {key: v}, …}}`` for result metrics."""
+        out: dict[int, dict[str, dict[str, float]]] = {}
+        for p in self.points:
+            if p.source == "log" or p.round is None:
+                continue
+            out.setdefault(p.round, {}).setdefault(p.site or "aggregate", {})[p.key] = p.value
+        return out
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __repr__(self) -> str:
+        return f"Metrics({len(self.points)} points)"
+
+
+@dataclass
+class Run:
+    """The outcome of ``recipe.execute(env)``."""
+
+    job_id: str
+    status: RunStatus
+    workspace: Path
+    rounds: list[RoundRecord] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    error: str | None = None
+    best_round: int | None = None
+    """How many rounds had completed when ``best_model`` was made (0: the initial model).
+
+    A site's train metrics score the global model it received, so round ``r``'s aggregated
+    key metric (``r`` from 0) scores the model after ``r`` completed rounds."""
+    best_score: float | None = None
+
+    @property
+    def global_model(self) -> dict[str, torch.Tensor] | None:
+        """The last global model (after the last completed round)."""
+        path = self._model_path(len(self.rounds))
+        return load_state_dict(path) if path.exists() else None
+
+    @property
+    def best_model(self) -> dict[str, torch.Tensor] | None:
+        path = self.workspace / "models" / "best.safetensors"
+        return load_state_dict(path) if path.exists() else None
+
+    def _model_path(self, completed_rounds: int) -> Path:
+        return self.workspace / "models" / model_file_name(completed_rounds)
+
+    def wait(self) -> Run:
+        """Runs from SimEnv are finished when returned; kept for the same code in every env."""
+        return self
+
+
+def model_file_name(completed_rounds: int) -> str:
+    return (
+        "initial.safetensors"
+        if completed_rounds == 0
+        else f"round-{completed_rounds:03d}.safetensors"
+    )
+
+
+class Env(Protocol):
+    def run(self, recipe: Recipe) -> Run: ...
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+class _Progress:
+    """Terminal progress: one line per site state change on a terminal, one per round otherwise."""
+
+    def __init__(self, enabled: bool, num_rounds: int, stream: Any = None) -> None:
+        self.enabled = enabled
+        self.num_rounds = num_rounds
+        self.stream = stream or sys.stdout
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.lock = threading.Lock()
+        self.states: dict[str, str] = {}
+        self.round = 0
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            with self.lock:
+                end = "\n"
+                if self.tty:
+                    self.stream.write("\r\033[K")
+                self.stream.write(text + end)
+                self.stream.flush()
+
+    def site(self, site: str, state: str) -> None:
+        if not self.enabled:
+            return
+        with self.lock:
+            self.states[site] = state
+            if self.tty:
+                sites = "  ".join(f"{s}: {st}" for s, st in sorted(self.states.items()))
+                self.stream.write(f"\r\033[Kround {self.round + 1}/{self.num_rounds}  {sites}")
+                self.stream.flush()
+
+
+class SimEnv:
+    """Simulate a federation on this machine: one process per site, in-process workflow.
+
+    ``num_clients`` sites are named ``site-1`` … ``site-N`` unless ``clients`` names them.
+    ``num_threads`` sites train at once (default: all). Each site process gets
+    ``OMP_NUM_THREADS = cores / num_threads`` (at least 1) unless the caller set it, so the
+    sites do not fight over the cores. ``workspace`` defaults to
+    ``<tmp>/fedportal-simulation/<job id>``. A site whose script crashes fails the run: in
+    simulation every site runs the same script, so a crash is a bug to see at once.
+    """
+
+    def __init__(
+        self,
+        num_clients: int | None = None,
+        num_threads: int | None = None,
+        workspace: str | Path | None = None,
+        clients: Sequence[str] | None = None,
+        *,
+        show_progress: bool = True,
+        task_timeout: float | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        if clients is not None:
+            clients = list(clients)
+            if not clients or not all(isinstance(c, str) and c for c in clients):
+                raise ValueError("clients: must be a non-empty list of site names")
+            if len(set(clients)) != len(clients):
+                raise ValueError("clients: site names must be unique")
+            if num_clients is not None and num_clients != len(clients):
+                raise ValueError(
+                    f"num_clients: {num_clients} but clients names {len(clients)} sites"
+                )
+            num_clients = len(clients)
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"num_clients: must be an integer of at least 1, got {num_clients!r}")
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        ):
+            raise ValueError(f"num_threads: must be an integer of at least 1, got {num_threads!r}")
+        self.clients = clients or [f"site-{i}" for i in range(1, num_clients + 1)]
+        self.num_clients = num_clients
+        self.num_threads = min(num_threads or num_clients, num_clients)
+        self.workspace = Path(workspace) if workspace is not None else None
+        self.show_progress = show_progress
+        self.task_timeout = task_timeout
+        self.python = python
+
+    # -- entry point ------------------------------------------------------------------------
+
+    def run(self, recipe: Recipe) -> Run:
+        if recipe.min_clients > self.num_clients:
+            raise ValueError(
+                f"min_clients: the recipe needs {recipe.min_clients} sites but SimEnv has "
+                f"num_clients={self.num_clients}"
+            )
+        job_id = new_job_id(recipe.name)
+        workspace = (
+            self.workspace or Path(tempfile.gettempdir()) / "fedportal-simulation"
+        ) / job_id
+        workspace.mkdir(parents=True)
+        bundle = JobBundle.load(recipe.export(workspace / "bundle"))
+        return _Simulation(self, bundle, job_id, workspace).run()
+
+
+class _Simulation:
+    """One SimEnv run: owns the site processes and the files of ``workspace``."""
+
+    def __init__(self, env: SimEnv, bundle: JobBundle, job_id: str, workspace: Path) -> None:
+        self.env = env
+        self.bundle = bundle
+        self.workflow = bundle.workflow
+        self.job_id = job_id
+        self.ws = workspace
+        self.models = workspace / "models"
+        self.models.mkdir()
+        self.metrics_file = open(workspace / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        self.metrics_lock = threading.Lock()
+        self.run_record = Run(job_id=job_id, status=RunStatus.RUNNING, workspace=workspace)
+        self.progress = _Progress(env.show_progress, self.workflow.num_rounds)
+        self.sites: dict[str, ScriptProcess] = {}
+
+    def record(self, point: MetricPoint) -> None:
+        with self.metrics_lock:
+            self.run_record.metrics.points.append(point)
+            self.metrics_file.write(json.dumps({**point.__dict__, "time": time.time()}) + "\n")
+
+    def _site_env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.env.num_threads))
+        return env
+
+    def run(self) -> Run:
+        run = self.run_record
+        started = time.perf_counter()
+        self.progress.say(
+            f"{self.job_id}: {self.workflow.name}, {self.workflow.num_rounds} rounds, "
+            f"{len(self.env.clients)} sites; workspace {self.ws}"
+        )
+        try:
+            self._start_sites()
+            self._run_rounds()
+            run.status = RunStatus.COMPLETED
+        except KeyboardInterrupt:
+            run.status = RunStatus.ABORTED
+            run.error = "interrupted"
+            self._stop_sites(grace=0)
+            raise
+        except (ScriptFailed, QuorumNotMet, WireFormatError) as exc:
+            run.status = RunStatus.FAILED
+            run.error = str(exc)
+        finally:
+            self._stop_sites(grace=10 if run.status == RunStatus.COMPLETED else 0)
+            self.metrics_file.close()
+        elapsed = time.perf_counter() - started
+        if run.status == RunStatus.COMPLETED:
+            best = ""
+            if run.best_round is not None:
+                which = f"after round {run.best_round}" if run.best_round else "initial"
+                best = f"; best {self.workflow_key()} {run.best_score:.4g} ({which} global model)"
+            self.progress.say(f"{self.job_id}: COMPLETED in {elapsed:.1f} s{best}")
+        else:
+            self.progress.say(f"{self.job_id}: {run.status.value}: {run.error}")
+        return run
+
+    def workflow_key(self) -> str:
+        return str(getattr(self.workflow, "key_metric", "") or "")
+
+    def _start_sites(self) -> None:
+        args = shlex.split(self.bundle.train_args)
+        extra_env = self._site_env()
+        for site in self.env.clients:
+            site_dir = self.ws / "sites" / site
+            proc = ScriptProcess(
+                script=self.bundle.script_path,
+                args=args,
+                site_name=site,
+                job_id=self.job_id,
+                workdir=site_dir,
+                log_path=site_dir / "log.txt",
+                env=extra_env,
+                python=self.env.python,
+            )
+            proc.start()
+            self.sites[site] = proc
+
+    def _stop_sites(self, grace: float) -> None:
+        procs, self.sites = list(self.sites.values()), {}
+        if not procs:
+            return
+        with ThreadPoolExecutor(max_workers=len(procs)) as pool:
+            list(pool.map(lambda p: p.stop(grace=grace), procs))
+
+    def _run_rounds(self) -> None:
+        run = self.run_record
+        workflow = self.workflow
+        global_path = self.models / model_file_name(0)
+        shutil.copyfile(self.bundle.model_path, global_path)
+        global_specs = FileTensorSource(global_path).specs()
+        best_path = self.models / "best.safetensors"
+        for rnd in range(workflow.num_rounds):
+            round_started = time.perf_counter()
+            self.progress.round = rnd
+            spec = workflow.round_task(rnd)
+            record = RoundRecord(round=rnd)
+            updates = self._collect(rnd, spec, global_path, global_specs, record)
+            global_params = load_state_dict(global_path)
+            outcome = workflow.aggregate(rnd, global_params, updates)
+            del global_params
+            record.accepted = list(outcome.sites)
+            record.metrics = outcome.metrics
+            record.site_metrics = outcome.site_metrics
+            for key, value in outcome.metrics.items():
+                self.record(
+                    MetricPoint(round=rnd, site=None, key=key, value=value, source="aggregate")
+                )
+            score = workflow.score(outcome.metrics)
+            if score is not None and workflow.is_better(score, run.best_score):
+                # The metrics of round rnd score the model that round started from.
+                run.best_score, run.best_round = score, rnd
+                shutil.copyfile(global_path, best_path)
+            global_path = self.models / model_file_name(rnd + 1)
+            save_state_dict(global_path, outcome.global_params)
+            record.seconds = time.perf_counter() - round_started
+            run.rounds.append(record)
+            with open(self.ws / "rounds.jsonl", "a") as fh:
+                fh.write(json.dumps(record.__dict__) + "\n")
+            self._say_round(record)
+
+    def _say_round(self, record: RoundRecord) -> None:
+        key = self.workflow_key()
+        metric = f"  {key}={record.metrics[key]:.4f}" if key in record.metrics else ""
+        rejected = "".join(
+            f"\n    {s} rejected: {why}" for s, why in sorted(record.rejected.items())
+        )
+        self.progress.say(
+            f"round {record.round + 1}/{self.workflow.num_rounds}: "
+            f"{len(record.accepted)} sites aggregated in {record.seconds:.2f} s{metric}{rejected}"
+        )
+
+    def _collect(
+        self,
+        rnd: int,
+        spec: Any,
+        global_path: Path,
+        global_specs: dict[str, Any],
+        record: RoundRecord,
+    ) -> list[SiteUpdate]:
+        """Give every site the round's task; return the checked updates, record the rest."""
+
+        def one(site: str) -> SiteUpdate:
+            proc = self.sites[site]
+            site_dir = self.ws / "sites" / site
+            task = Task(
+                task_id=f"{self.job_id}:{rnd}:{site}",
+                task_name=spec.task_name,
+                model_path=str(global_path),
+                result_path=str(site_dir / f"round-{rnd + 1:03d}.safetensors"),
+                current_round=rnd,
+                total_rounds=spec.total_rounds,
+                start_round=spec.start_round,
+                meta=dict(spec.meta),
+            )
+            self.progress.site(site, "training")
+
+            def on_log(message: dict[str, Any]) -> None:
+                self.record(
+                    MetricPoint(
+                        round=message.get("round"),
+                        site=site,
+                        key=str(message["key"]),
+                        value=float(message["value"]),
+                        step=message.get("step"),
+                        source="log",
+                    )
+                )
+
+            path = proc.run_task(task, on_log=on_log, timeout=self.env.task_timeout)
+            update = SiteUpdate.from_file(site, path)
+            check_update(global_specs, update)
+            self.progress.site(site, "done")
+            return update
+
+        updates: list[SiteUpdate] = []
+        with ThreadPoolExecutor(max_workers=self.env.num_threads) as pool:
+            futures = {pool.submit(one, site): site for site in self.env.clients}
+            for future in as_completed(futures):
+                site = futures[future]
+                try:
+                    update = future.result()
+                except (UpdateRejected, WireFormatError) as exc:
+                    reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
+                    record.rejected[site] = reason
+                    self.progress.site(site, "rejected")
+                    log.warning(
+                        "job %s round %s: %s rejected: %s", self.job_id, rnd + 1, site, reason
+                    )
+                    continue
+                except ScriptFailed:
+                    # Stop every site now, so the other sites' waits end at once instead of
+                    # when their training would have.
+                    for other in futures:
+                        other.cancel()
+                    self._stop_sites(grace=0)
+                    raise
+                for key, value in update.metrics.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.record(MetricPoint(round=rnd, site=site, key=key, value=float(value)))
+                updates.append(update)
+        if len(updates) < self.workflow.min_clients:
+            reasons = "; ".join(f"{s}: {why}" for s, why in sorted(record.rejected.items()))
+            raise QuorumNotMet(
+                f"round {rnd + 1}: only {len(updates)} acceptable update(s), min_clients is "
+                f"{self.workflow.min_clients}" + (f" (rejected: {reasons})" if reasons else "")
+            )
+        return updates
+
+
+__all__ = ["Env", "MetricPoint", "Metrics", "Run", "RunStatus", "SimEnv"]

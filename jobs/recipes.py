@@ -1,0 +1,126 @@
+"""Recipes: a federated job described as a Python object, not a config file.
+
+    recipe = FedAvgRecipe(name="hello-pt", min_clients=3, num_rounds=5,
+                          model=Net(), train_script="client.py")
+    run = recipe.execute(SimEnv(num_clients=3))
+
+A recipe is data. It checks its arguments when it is made, exports a job bundle
+(:mod:`jobs.bundle`), and knows nothing of where it runs: the env decides that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from jobs.bundle import build_spec, write_bundle
+from jobs.workflows import FedAvg, Workflow
+
+if TYPE_CHECKING:
+    from jobs.envs import Env, Run
+
+
+def _initial_params(model: Any) -> dict[str, torch.Tensor]:
+    if isinstance(model, torch.nn.Module):
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if (
+        isinstance(model, Mapping)
+        and model
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())
+    ):
+        return {k: v.detach().cpu().clone() for k, v in model.items()}
+    raise ValueError(
+        "model: must be a torch.nn.Module or a non-empty state_dict (str → torch.Tensor), "
+        f"got {type(model).__name__}"
+    )
+
+
+class Recipe:
+    """A workflow, a model and a client script: everything a job needs, checked up front."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        workflow: Workflow,
+        model: Any,
+        train_script: str | Path,
+        train_args: str = "",
+    ) -> None:
+        from jobs.bundle import NAME_PATTERN
+
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise ValueError(
+                f"name: {name!r} must start with a letter or digit and hold only letters, "
+                "digits, '.', '_' and '-' (at most 100)"
+            )
+        script = Path(train_script).expanduser().resolve()
+        if not script.is_file():
+            raise ValueError(f"train_script: {train_script!s} does not exist ({script})")
+        if not isinstance(train_args, str):
+            raise ValueError(f"train_args: must be a string, got {type(train_args).__name__}")
+        self.name = name
+        self.workflow = workflow
+        self.initial_params = _initial_params(model)
+        self.train_script = script
+        self.train_args = train_args
+
+    @property
+    def min_clients(self) -> int:
+        return self.workflow.min_clients
+
+    def spec(self) -> dict[str, Any]:
+        return build_spec(
+            name=self.name,
+            workflow=self.workflow,
+            train_script=self.train_script.name,
+            train_args=self.train_args,
+        )
+
+    def export(self, path: str | Path) -> Path:
+        """Write the job bundle to the folder ``path`` (created; must not exist)."""
+        return write_bundle(
+            Path(path),
+            spec=self.spec(),
+            initial_params=self.initial_params,
+            app_source=self.train_script.parent,
+        )
+
+    def execute(self, env: Env) -> Run:
+        """Run the job in ``env`` (``SimEnv``, ``PocEnv``, ``ProdEnv``) and return its ``Run``."""
+        return env.run(self)
+
+
+class FedAvgRecipe(Recipe):
+    """FedAvg over ``num_rounds`` rounds, with NVFlare's ``FedAvgRecipe`` arguments.
+
+    ``key_metric`` (default ``"accuracy"``) chooses the best model, higher is better unless
+    ``key_metric_mode="min"`` (say, for a loss).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        min_clients: int,
+        num_rounds: int,
+        model: Any,
+        train_script: str | Path,
+        train_args: str = "",
+        key_metric: str | None = "accuracy",
+        key_metric_mode: str = "max",
+    ) -> None:
+        super().__init__(
+            name=name,
+            workflow=FedAvg(
+                min_clients=min_clients,
+                num_rounds=num_rounds,
+                key_metric=key_metric,
+                key_metric_mode=key_metric_mode,
+            ),
+            model=model,
+            train_script=train_script,
+            train_args=train_args,
+        )

@@ -1,0 +1,4 @@
+"""Projects, organisations, memberships, sites, enrolment and certificates.
+
+No models yet: they come with issue 3 (portal foundation).
+"""
