@@ -13,6 +13,7 @@ is byte for byte the job that is uploaded to a portal.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -50,29 +51,47 @@ class BundleError(ValueError):
     """A bundle that cannot run; the message names the file or field."""
 
 
-def _ignore(folder: str, names: list[str]) -> set[str]:
-    return {
-        n
-        for n in names
-        if n in _SKIP_DIRS or n.endswith(_SKIP_SUFFIXES) or (n.startswith(".") and n != ".")
-    }
+def _app_files(source: Path, exclude: Path) -> list[Path]:
+    """The files of a client app: no caches, hidden files, run output, or ``exclude``.
+
+    ``exclude`` is where the bundle is being written: a workspace inside the script's folder
+    (``SimEnv(workspace="ws")`` run from there) must not be copied into itself.
+    """
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(source, followlinks=False):
+        here = Path(folder)
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in _SKIP_DIRS
+            and not d.startswith(".")
+            and not exclude.is_relative_to((here / d).resolve())
+        ]
+        files.extend(
+            here / n
+            for n in names
+            if not n.startswith(".")
+            and not n.endswith(_SKIP_SUFFIXES)
+            and not (here / n).is_symlink()
+        )
+    return files
 
 
 def copy_app(source: Path, dest: Path) -> None:
-    """Copy a client script's folder, without caches, hidden files or run output."""
-    total = 0
-    for path in source.rglob("*"):
-        parts = path.relative_to(source).parts
-        if any(p in _SKIP_DIRS or p.startswith(".") for p in parts):
-            continue
-        if path.is_file():
-            total += path.stat().st_size
+    """Copy a client script's folder, without caches, hidden files, links or run output."""
+    source = source.resolve()
+    files = _app_files(source, dest.resolve())
+    total = sum(f.stat().st_size for f in files)
     if total > MAX_APP_BYTES:
         raise BundleError(
             f"train_script: its folder {source} holds {total / 1e6:.0f} MB; the app is limited "
             f"to {MAX_APP_BYTES / 1e6:.0f} MB (keep data and checkpoints outside it)"
         )
-    shutil.copytree(source, dest, ignore=_ignore, symlinks=False)
+    dest.mkdir(parents=True)
+    for file in files:
+        target = dest / file.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target)
 
 
 @dataclass(frozen=True)

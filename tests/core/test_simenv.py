@@ -70,6 +70,7 @@ def initial_model() -> dict[str, torch.Tensor]:
 def run_scripted(
     tmp_path: Path,
     *,
+    workspace: Path | None = None,
     mode: str = "ok",
     num_rounds: int = 3,
     min_clients: int = 3,
@@ -87,7 +88,7 @@ def run_scripted(
     env = SimEnv(
         num_clients=None if clients else 3,
         clients=clients,
-        workspace=tmp_path / "ws",
+        workspace=workspace or tmp_path / "ws",
         show_progress=False,
     )
     return recipe.execute(env)
@@ -132,6 +133,16 @@ def test_metrics_per_site_per_round_and_aggregated(tmp_path: Path) -> None:
     # Best model: round 1's metrics score the model after round 1, the higher accuracy.
     assert run.best_round == 1
     assert torch.equal(run.best_model["w"], torch.tensor([2.0, 3.0, -0.5]))
+
+
+def test_a_workspace_inside_the_script_folder_is_not_copied_into_the_bundle(
+    tmp_path: Path,
+) -> None:
+    run = run_scripted(tmp_path, num_rounds=1, workspace=tmp_path / "app" / "runs")
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    app = run.workspace / "bundle" / "app"
+    assert sorted(p.name for p in app.iterdir()) == ["client.py"]
 
 
 def test_site_output_goes_to_its_own_log_file(tmp_path: Path) -> None:
