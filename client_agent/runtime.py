@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from client_agent import wire
+from client_agent import forkserver, wire
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class ScriptProcess:
         self.extra_env = dict(env or {})
         self.python = python
         self.connect_timeout = connect_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | forkserver.ForkedProcess | None = None
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._sockdir: str | None = None
@@ -164,16 +164,24 @@ class ScriptProcess:
                 ),
             }
         )
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
-        self._proc = subprocess.Popen(
-            [self.python, str(self.script), *self.args],
-            cwd=self.workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        if self.python == sys.executable:
+            # Fork from the warm fork server (torch already imported): see client_agent.forkserver.
+            server = forkserver.get_server()
+            server.preload(forkserver.third_party_imports(self.script))
+            self._proc = server.spawn(
+                script=self.script, args=self.args, workdir=self.workdir, log=self.log_path, env=env
+            )
+        else:
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the child
+            self._proc = subprocess.Popen(
+                [self.python, str(self.script), *self.args],
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         log.debug("started %s for %s (pid %s)", self.script.name, self.site_name, self._proc.pid)
 
     # -- connection -----------------------------------------------------------------------
