@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import select
 import socket
 import threading
 from typing import Any
@@ -76,7 +77,10 @@ class _Client:
 
     def next_message(self, timeout: float | None) -> bool:
         """Read the next task (True) or the end of the job (False); TimeoutError if none."""
-        self.sock.settimeout(timeout)
+        # Wait for the first byte only: a timeout in the middle of a frame would lose its
+        # start and put the stream out of step.
+        if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
+            raise TimeoutError
         try:
             message = wire.recv_frame(self.sock)
         except ConnectionError:
@@ -84,8 +88,6 @@ class _Client:
             # the middle of the user's training loop.
             self.ended = True
             return False
-        finally:
-            self.sock.settimeout(None)
         if message["type"] == "end":
             self.ended = True
             return False

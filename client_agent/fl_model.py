@@ -37,7 +37,8 @@ class FLModel:
 
     ``current_round`` counts from 0, as in NVFlare. ``metrics`` sent with a train result score
     the *received* global model (NVFlare's convention); the workflow uses them to choose the
-    best model.
+    best model. ``optimizer_params`` is kept for NVFlare compatibility but not sent: optimizer
+    state stays at the site.
     """
 
     params_type: ParamsType | str | None = None
@@ -61,10 +62,11 @@ class FLModel:
             self.meta = {}
 
     @property
-    def weight(self) -> float:
-        """This model's FedAvg weight: ``meta["NUM_STEPS_CURRENT_ROUND"]``, 1.0 when missing."""
-        value = self.meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1.0)
-        return 1.0 if value is None else float(value)
+    def weight(self) -> Any:
+        """This model's FedAvg weight as sent: ``meta["NUM_STEPS_CURRENT_ROUND"]``, 1.0 when
+        missing or None. Not converted: the server checks it and names a bad value."""
+        value = self.meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
+        return 1.0 if value is None else value
 
     def __repr__(self) -> str:
         n = 0 if self.params is None else len(self.params)

@@ -48,6 +48,9 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_SUPPORTED_DTYPES = tuple(SAFETENSORS_DTYPES.values())
+
+
 class WireFormatError(ValueError):
     """Bytes that are not a valid FedPortal message or model file."""
 
@@ -71,11 +74,17 @@ def to_tensor_dict(params: Mapping[str, Any], *, what: str = "params") -> dict[s
         if not isinstance(name, str):
             raise TypeError(f"{what}: tensor names must be strings, got {name!r}")
         if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
+            # np.ascontiguousarray would turn a 0-dim array into shape (1,); copy keeps it.
+            value = torch.from_numpy(value if value.flags.c_contiguous else value.copy())
         if not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"{what}[{name!r}] must be a torch.Tensor or numpy array, "
                 f"got {type(value).__name__}"
+            )
+        if value.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{what}[{name!r}] has dtype {value.dtype}, which the wire format does not "
+                f"carry (supported: {', '.join(str(d) for d in _SUPPORTED_DTYPES)})"
             )
         tensor = value.detach()
         if tensor.device.type != "cpu":
@@ -164,8 +173,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]]
         raise WireFormatError(f"{path.name}: __metadata__ must map strings to strings")
     data_len = size - 8 - header_len
     for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
-            dtype = info.get("dtype") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise WireFormatError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
@@ -187,30 +196,43 @@ def read_model_file(path: str | os.PathLike[str]) -> FLModel:
     the same global model share its pages until they write to them.
     """
     _, metadata = read_header(path)
-    fields: dict[str, Any] = {}
-    if METADATA_KEY in metadata:
-        try:
-            fields = json.loads(metadata[METADATA_KEY])
-        except json.JSONDecodeError:
-            raise WireFormatError(f"{Path(path).name}: {METADATA_KEY} is not JSON") from None
-        if not isinstance(fields, dict):
-            raise WireFormatError(f"{Path(path).name}: {METADATA_KEY} must be a JSON object")
+    fields = model_fields(metadata, Path(path).name)
     try:
         params = load_file(str(path))
     except SafetensorError as exc:
         raise WireFormatError(f"{Path(path).name}: invalid safetensors data: {exc}") from None
+    return FLModel(params=params, **fields)
+
+
+def model_fields(metadata: Mapping[str, str], filename: str) -> dict[str, Any]:
+    """The checked ``FLModel`` fields (all but params) stored in a model file's metadata."""
+    raw = metadata.get(METADATA_KEY)
+    if raw is None:
+        return {"params_type": None, "metrics": None, "meta": {}}
     try:
-        return FLModel(
-            params_type=fields.get("params_type"),
-            params=params,
-            metrics=fields.get("metrics"),
-            meta=fields.get("meta") or {},
-            current_round=fields.get("current_round"),
-            total_rounds=fields.get("total_rounds"),
-            start_round=fields.get("start_round", 0),
-        )
-    except ValueError as exc:
-        raise WireFormatError(f"{Path(path).name}: {exc}") from None
+        fields = json.loads(raw)
+    except json.JSONDecodeError:
+        raise WireFormatError(f"{filename}: {METADATA_KEY} is not JSON") from None
+    if not isinstance(fields, dict):
+        raise WireFormatError(f"{filename}: {METADATA_KEY} must be a JSON object")
+    params_type = fields.get("params_type")
+    if params_type is not None and params_type not in (ParamsType.FULL, ParamsType.DIFF):
+        raise WireFormatError(f"{filename}: params_type must be FULL or DIFF, got {params_type!r}")
+    for name in ("metrics", "meta"):
+        if not isinstance(fields.get(name) or {}, dict):
+            raise WireFormatError(f"{filename}: {name} must be a JSON object")
+    for name in ("current_round", "total_rounds", "start_round"):
+        value = fields.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise WireFormatError(f"{filename}: {name} must be an integer, got {value!r}")
+    return {
+        "params_type": params_type,
+        "metrics": fields.get("metrics"),
+        "meta": fields.get("meta") or {},
+        "current_round": fields.get("current_round"),
+        "total_rounds": fields.get("total_rounds"),
+        "start_round": fields.get("start_round", 0),
+    }
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

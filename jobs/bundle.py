@@ -17,7 +17,7 @@ import os
 import re
 import shlex
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,11 @@ class BundleError(ValueError):
     """A bundle that cannot run; the message names the file or field."""
 
 
-def _app_files(source: Path, exclude: Path) -> list[Path]:
-    """The files of a client app: no caches, hidden files, run output, or ``exclude``.
+def _app_files(source: Path, exclude: set[Path]) -> list[Path]:
+    """The files of a client app: no caches, hidden files, links, run output, or ``exclude``.
 
-    ``exclude`` is where the bundle is being written: a workspace inside the script's folder
-    (``SimEnv(workspace="ws")`` run from there) must not be copied into itself.
+    ``exclude`` holds resolved folders such as the bundle being written and a SimEnv
+    workspace: a workspace inside the script's folder must not be copied into itself.
     """
     files: list[Path] = []
     for folder, dirs, names in os.walk(source, followlinks=False):
@@ -63,9 +63,7 @@ def _app_files(source: Path, exclude: Path) -> list[Path]:
         dirs[:] = [
             d
             for d in dirs
-            if d not in _SKIP_DIRS
-            and not d.startswith(".")
-            and not exclude.is_relative_to((here / d).resolve())
+            if d not in _SKIP_DIRS and not d.startswith(".") and (here / d).resolve() not in exclude
         ]
         files.extend(
             here / n
@@ -77,10 +75,10 @@ def _app_files(source: Path, exclude: Path) -> list[Path]:
     return files
 
 
-def copy_app(source: Path, dest: Path) -> None:
+def copy_app(source: Path, dest: Path, exclude: Iterable[Path] = ()) -> None:
     """Copy a client script's folder, without caches, hidden files, links or run output."""
     source = source.resolve()
-    files = _app_files(source, dest.resolve())
+    files = _app_files(source, {dest.resolve(), *(p.resolve() for p in exclude)})
     total = sum(f.stat().st_size for f in files)
     if total > MAX_APP_BYTES:
         raise BundleError(
@@ -193,13 +191,14 @@ def write_bundle(
     spec: Mapping[str, Any],
     initial_params: Mapping[str, torch.Tensor],
     app_source: Path,
+    exclude: Iterable[Path] = (),
 ) -> Path:
-    """Write a bundle folder at ``dest``, which must not exist yet."""
+    """Write a bundle folder at ``dest``, which must not exist yet; see :func:`copy_app`."""
     if dest.exists():
         raise BundleError(f"export: {dest} already exists")
     dest.mkdir(parents=True)
     try:
-        copy_app(app_source, dest / APP_DIR)
+        copy_app(app_source, dest / APP_DIR, exclude=[dest, *exclude])
         save_state_dict(dest / MODEL_FILE, initial_params)
         (dest / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     except BaseException:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from client_agent import forkserver
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.wire import WireFormatError, load_state_dict, save_state_dict
 from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
@@ -255,6 +256,10 @@ class SimEnv:
         self.show_progress = show_progress
         self.task_timeout = task_timeout
         self.python = python
+        if python == sys.executable:
+            # Start the fork server now: it imports torch on the other core while the caller
+            # goes on to export the recipe, so the sites start the moment the run begins.
+            forkserver.get_server()
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -269,7 +274,11 @@ class SimEnv:
             self.workspace or Path(tempfile.gettempdir()) / "fedportal-simulation"
         ) / job_id
         workspace.mkdir(parents=True)
-        bundle = JobBundle.load(recipe.export(workspace / "bundle"))
+        if self.python == sys.executable:
+            forkserver.get_server().preload(forkserver.third_party_imports(recipe.train_script))
+        bundle = JobBundle.load(
+            recipe.export(workspace / "bundle", exclude=[self.workspace or workspace])
+        )
         return _Simulation(self, bundle, job_id, workspace).run()
 
 

@@ -10,7 +10,8 @@ A recipe is data. It checks its arguments when it is made, exports a job bundle
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shlex
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,10 @@ class Recipe:
             raise ValueError(f"train_script: {train_script!s} does not exist ({script})")
         if not isinstance(train_args, str):
             raise ValueError(f"train_args: must be a string, got {type(train_args).__name__}")
+        try:
+            shlex.split(train_args)
+        except ValueError as exc:
+            raise ValueError(f"train_args: {exc} in {train_args!r}") from None
         self.name = name
         self.workflow = workflow
         self.initial_params = _initial_params(model)
@@ -80,13 +85,18 @@ class Recipe:
             train_args=self.train_args,
         )
 
-    def export(self, path: str | Path) -> Path:
-        """Write the job bundle to the folder ``path`` (created; must not exist)."""
+    def export(self, path: str | Path, *, exclude: Iterable[str | Path] = ()) -> Path:
+        """Write the job bundle to the folder ``path`` (created; must not exist).
+
+        The app is the script's folder; ``path`` itself and the folders in ``exclude`` (SimEnv
+        passes its workspace) are left out of it when they lie inside that folder.
+        """
         return write_bundle(
             Path(path),
             spec=self.spec(),
             initial_params=self.initial_params,
             app_source=self.train_script.parent,
+            exclude=[Path(p) for p in exclude],
         )
 
     def execute(self, env: Env) -> Run:

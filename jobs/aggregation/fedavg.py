@@ -10,7 +10,6 @@ the same updates give the same bits whatever order they arrived in.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from typing import Any
 
 import torch
 
-from client_agent.fl_model import FLMetaKey, FLModel, ParamsType
-from client_agent.wire import METADATA_KEY, WireFormatError
+from client_agent.fl_model import FLModel, ParamsType
+from client_agent.wire import model_fields
 from jobs.aggregation.sources import FileTensorSource, MemoryTensorSource, TensorSource
 
 CHUNK_ELEMENTS = 1 << 20
@@ -54,27 +53,13 @@ class SiteUpdate:
     def from_file(cls, site: str, path: str | Path) -> SiteUpdate:
         """Read a model file's header and metadata; the tensors stay on disk until folded."""
         source = FileTensorSource(path)
-        raw = source.metadata.get(METADATA_KEY)
-        fields: dict[str, Any] = {}
-        if raw is not None:
-            try:
-                fields = json.loads(raw)
-            except json.JSONDecodeError:
-                raise WireFormatError(f"{Path(path).name}: {METADATA_KEY} is not JSON") from None
-        meta = fields.get("meta") or {}
-        weight = meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1.0)
-        try:
-            params_type = ParamsType(fields.get("params_type") or ParamsType.FULL)
-        except ValueError:
-            raise WireFormatError(
-                f"{Path(path).name}: params_type {fields.get('params_type')!r} is not FULL or DIFF"
-            ) from None
+        model = FLModel(**model_fields(source.metadata, Path(path).name))
         return cls(
             site=site,
             source=source,
-            weight=weight,  # checked by check_update, which names a bad value
-            params_type=params_type,
-            metrics=dict(fields.get("metrics") or {}),
+            weight=model.weight,  # checked by check_update, which names a bad value
+            params_type=ParamsType(model.params_type or ParamsType.FULL),
+            metrics=dict(model.metrics or {}),
         )
 
 
