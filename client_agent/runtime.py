@@ -119,12 +119,12 @@ class ScriptProcess:
         python: str = sys.executable,
         connect_timeout: float = 300.0,
     ) -> None:
-        self.script = Path(script)
+        self.script = Path(script).resolve()
         self.args = list(args)
         self.site_name = site_name
         self.job_id = job_id
-        self.workdir = Path(workdir)
-        self.log_path = Path(log_path)
+        self.workdir = Path(workdir).resolve()
+        self.log_path = Path(log_path).resolve()
         self.extra_env = dict(env or {})
         self.python = python
         self.connect_timeout = connect_timeout

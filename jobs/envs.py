@@ -13,7 +13,8 @@ Workspace layout (``Run.workspace``)::
     metrics.jsonl                   every metric: per site, aggregated, and flare.log points
     rounds.jsonl                    per round: accepted sites, rejected sites with reasons
     sites/site-1/log.txt            site-1's stdout and stderr
-    sites/site-1/round-001.safetensors  site-1's update for round 1
+    sites/site-1/round-001.safetensors  site-1's update for round 1 (kept if rejected, or
+                                        with keep_updates=True)
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ class SimEnv:
     ``num_threads`` sites train at once (default: all). Each site process gets
     ``OMP_NUM_THREADS = cores / num_threads`` (at least 1) unless the caller set it, so the
     sites do not fight over the cores. ``workspace`` defaults to
-    ``<tmp>/fedportal-simulation/<job id>``. A site whose script crashes fails the run: in
+    ``<tmp>/fedportal-simulation/<job id>``. Site updates are deleted once aggregated unless
+    ``keep_updates=True`` (rejected ones are kept). A site whose script crashes fails the run: in
     simulation every site runs the same script, so a crash is a bug to see at once.
     """
 
@@ -230,6 +232,7 @@ class SimEnv:
         *,
         show_progress: bool = True,
         task_timeout: float | None = None,
+        keep_updates: bool = False,
         python: str = sys.executable,
     ) -> None:
         if clients is not None:
@@ -252,9 +255,11 @@ class SimEnv:
         self.clients = clients or [f"site-{i}" for i in range(1, num_clients + 1)]
         self.num_clients = num_clients
         self.num_threads = min(num_threads or num_clients, num_clients)
-        self.workspace = Path(workspace) if workspace is not None else None
+        # Absolute: the sites run with their own working folders.
+        self.workspace = Path(workspace).resolve() if workspace is not None else None
         self.show_progress = show_progress
         self.task_timeout = task_timeout
+        self.keep_updates = keep_updates
         self.python = python
         if python == sys.executable:
             # Start the fork server now: it imports torch on the other core while the caller
@@ -387,6 +392,7 @@ class _Simulation:
             global_params = load_state_dict(global_path)
             outcome = workflow.aggregate(rnd, global_params, updates)
             del global_params
+            self._discard(updates)
             record.accepted = list(outcome.sites)
             record.metrics = outcome.metrics
             record.site_metrics = outcome.site_metrics
@@ -406,6 +412,15 @@ class _Simulation:
             with open(self.ws / "rounds.jsonl", "a") as fh:
                 fh.write(json.dumps(record.__dict__) + "\n")
             self._say_round(record)
+
+    def _discard(self, updates: list[SiteUpdate]) -> None:
+        """Close aggregated updates and, unless kept, delete their files: a 100 MB model with
+        4 sites would otherwise add 400 MB to the workspace every round. Rejected updates stay
+        on disk for inspection."""
+        for update in updates:
+            update.source.close()
+            if not self.env.keep_updates and isinstance(update.source, FileTensorSource):
+                update.source.path.unlink(missing_ok=True)
 
     def _say_round(self, record: RoundRecord) -> None:
         key = self.workflow_key()
