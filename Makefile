@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(PYTHON)
 install: $(STAMP) ## Install the project with the portal, lightning and dev extras
 
 test: install ## Run the test suite (PYTEST_ARGS=... to pass more)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	DATABASE_URL="$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install ## ruff, ruff format --check, mypy on the pure core, missing migrations
 	$(BIN)/ruff check .

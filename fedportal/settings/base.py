@@ -132,6 +132,16 @@ CHANNEL_LAYERS = {
 
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # People: a browser session, or an API token (`Authorization: Token <key>`). Agents sign
+    # their requests (sites.authentication.SiteSignatureAuthentication), set per view.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "sites.authentication.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "EXCEPTION_HANDLER": "fedportal.api.exception_handler",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
 }
 
 SPECTACULAR_SETTINGS = {
@@ -140,6 +150,25 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
 }
+
+# --- Projects, sites and the project certificate authorities (sites app) ---------------------
+# Each project's CA private key is stored encrypted with a key derived from this secret. Give a
+# long random string (python -c "import secrets; print(secrets.token_urlsafe(32))"). To rotate,
+# put the new secret first and keep the old one after a comma until every CA key was re-saved.
+# Unset with DEBUG on, a key derived from SECRET_KEY is used (see sites.conf); unset with DEBUG
+# off, creating a project or enrolling a site fails with a message saying to set it.
+FEDPORTAL_CA_KEY_ENCRYPTION_KEY = os.environ.get("FEDPORTAL_CA_KEY_ENCRYPTION_KEY", "")
+FEDPORTAL_CA_VALIDITY_DAYS = int(os.environ.get("FEDPORTAL_CA_VALIDITY_DAYS", "3650"))
+FEDPORTAL_SITE_CERT_VALIDITY_DAYS = int(os.environ.get("FEDPORTAL_SITE_CERT_VALIDITY_DAYS", "365"))
+FEDPORTAL_ENROLMENT_TOKEN_TTL_HOURS = int(
+    os.environ.get("FEDPORTAL_ENROLMENT_TOKEN_TTL_HOURS", "72")
+)
+FEDPORTAL_INVITATION_TTL_HOURS = int(os.environ.get("FEDPORTAL_INVITATION_TTL_HOURS", "168"))
+# A signed agent request is accepted when its timestamp is within ± this many seconds of the
+# portal's clock; its nonce is remembered for as long.
+FEDPORTAL_SIGNATURE_WINDOW_SECONDS = int(
+    os.environ.get("FEDPORTAL_SIGNATURE_WINDOW_SECONDS", "300")
+)
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
 LOGGING = {
@@ -153,3 +182,21 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
 }
+
+# --- Jobs (jobs app) ---------------------------------------------------------------------------
+# A round closes when every site answered, or at this deadline if min_clients sites did.
+FEDPORTAL_ROUND_TIMEOUT_SECONDS = int(os.environ.get("FEDPORTAL_ROUND_TIMEOUT_SECONDS", "3600"))
+# A site is online when it made a signed request (a heartbeat) this recently.
+FEDPORTAL_SITE_ONLINE_SECONDS = int(os.environ.get("FEDPORTAL_SITE_ONLINE_SECONDS", "90"))
+# Upload limits: a model file (initial model or a site's update), and a zipped app folder.
+FEDPORTAL_MAX_MODEL_BYTES = int(os.environ.get("FEDPORTAL_MAX_MODEL_BYTES", str(4 * 1024**3)))
+FEDPORTAL_MAX_APP_ARCHIVE_BYTES = int(
+    os.environ.get("FEDPORTAL_MAX_APP_ARCHIVE_BYTES", str(50 * 1024**2))
+)
+# Redis redelivers a task whose worker died once this many seconds passed; every task is
+# idempotent, so a task running longer than this and delivered twice does no harm.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "300"))
+}
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1

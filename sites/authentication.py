@@ -1,0 +1,322 @@
+"""Who is calling: site agents by signed request, people by API token.
+
+**Site agents.** Every agent request carries the ``X-FedPortal-*`` headers made by
+``client_agent.signing.sign_request`` (see that module for the exact canonical string).
+:func:`verify_signed_request` checks, in this order, and refuses with a specific
+:class:`~sites.exceptions.AuthenticationError` (HTTP 401) whose message names the cause:
+
+1. all four headers present and well-formed (``SignatureMissing``, ``SignatureMalformed``);
+2. the timestamp within ± ``FEDPORTAL_SIGNATURE_WINDOW_SECONDS`` (``SignatureExpired``);
+3. a certificate with that fingerprint exists (``UnknownCertificate``), is not revoked
+   (``CertificateRevoked``) and is within its validity (``CertificateExpired``);
+4. it chains to *its own project's* CA: issuer equals the CA subject and the CA key signed it,
+   and the stored PEM matches its record and names its site (``CertificateUntrusted``) — a
+   certificate made by another project's CA never authenticates a site here, whatever its
+   subject;
+5. the site is ``enrolled`` (``SiteNotEnrolled``);
+6. the signature verifies over the canonical string with the body's SHA-256
+   (``SignatureInvalid``): a tampered method, path, body, timestamp or nonce fails here;
+7. the nonce was not used before with this certificate (``ReplayDetected``): recorded with an
+   insert under a unique constraint, so two concurrent replays cannot both pass.
+
+Nothing is cached: revoking a certificate or a site takes effect on the very next request. A
+verified request counts as a heartbeat (``site.last_heartbeat``).
+
+- HTTP: :class:`SiteSignatureAuthentication` (DRF). It sets ``request.auth`` to a
+  :class:`SiteIdentity` and ``request.user`` to ``AnonymousUser``; a permission for agent-only
+  endpoints checks ``isinstance(request.auth, SiteIdentity)``. Requests without the signature
+  headers are left to the next authentication class.
+- WebSocket: in a Channels consumer's ``connect()``::
+
+      try:
+          identity = await verify_signed_handshake(self.scope)
+      except AuthenticationError as exc:
+          await self.close(code=4401, reason=exc.message)  # reason: channels ≥ 4.2
+          return
+
+  The agent signs ``GET`` with the WebSocket URL's path and query and an empty body.
+  :func:`verify_signed_handshake` runs :func:`verify_signed_request` through
+  ``database_sync_to_async``; any other async caller can do the same.
+
+**People.** :class:`ApiTokenAuthentication` accepts ``Authorization: Bearer fpt_…`` (or
+``Token fpt_…``) made by ``sites.services.api_token_create``; ``request.user`` is the token's
+owner and ``request.auth`` the :class:`~sites.models.ApiToken`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import logging
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import AnonymousUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.encoding import escape_uri_path, iri_to_uri
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+
+from client_agent.signing import (
+    HEADER_FINGERPRINT,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    SIGNATURE_HEADERS,
+    canonical_string,
+    verify_signature,
+)
+from sites import ca, conf
+from sites.exceptions import (
+    ApiTokenInvalid,
+    AuthenticationError,
+    CertificateExpired,
+    CertificateRevoked,
+    CertificateUntrusted,
+    ReplayDetected,
+    SignatureExpired,
+    SignatureInvalid,
+    SignatureMalformed,
+    SignatureMissing,
+    SiteNotEnrolled,
+    UnknownCertificate,
+)
+from sites.models import ApiToken, Certificate, Project, Site, SiteState, UsedNonce
+from sites.secret_tokens import API_TOKEN_PREFIX, hash_secret
+from sites.services.enrolment import used_nonces_prune
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+logger = logging.getLogger(__name__)
+
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
+_NONCE = re.compile(r"^[0-9a-f]{32}$")
+MAX_SIGNATURE_B64 = 1024  # RSA-4096 is 684 base64 characters; anything longer is not ours
+# Pruning on roughly one verified request in this many keeps the nonce table near its
+# working-set size without a scheduled job and without a DELETE on every request.
+NONCE_PRUNE_EVERY = 64
+# last_used_at is informational; writing it at most this often spares a write per request.
+API_TOKEN_TOUCH_INTERVAL = dt.timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """A verified site agent: the site and the certificate it signed with."""
+
+    site: Site
+    certificate: Certificate
+
+    @property
+    def project(self) -> Project:
+        return self.site.project
+
+    @property
+    def fingerprint(self) -> str:
+        return self.certificate.fingerprint
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    return headers[name.lower()].strip()
+
+
+def verify_signed_request(
+    *,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: dt.datetime | None = None,
+) -> SiteIdentity:
+    """Check a signed agent request (see the module docstring) and return who sent it.
+
+    ``path`` is the request target as signed: path plus ``?query``. ``headers`` may use any
+    letter case. Records the nonce and the site's heartbeat; raises an
+    ``AuthenticationError`` subclass naming the cause otherwise.
+    """
+    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    missing = [name for name in SIGNATURE_HEADERS if name.lower() not in lowered]
+    if missing:
+        raise SignatureMissing(f"the request lacks the header(s) {', '.join(missing)}")
+    fingerprint = _header(lowered, HEADER_FINGERPRINT).lower()
+    raw_ts = _header(lowered, HEADER_TIMESTAMP)
+    nonce = _header(lowered, HEADER_NONCE)
+    raw_sig = _header(lowered, HEADER_SIGNATURE)
+    if not _FINGERPRINT.fullmatch(fingerprint):
+        raise SignatureMalformed(f"{HEADER_FINGERPRINT} must be 64 hexadecimal digits (SHA-256)")
+    if not _TIMESTAMP.fullmatch(raw_ts):
+        raise SignatureMalformed(f"{HEADER_TIMESTAMP} must be an integer number of Unix seconds")
+    if not _NONCE.fullmatch(nonce):
+        raise SignatureMalformed(f"{HEADER_NONCE} must be 32 lowercase hexadecimal digits")
+    if len(raw_sig) > MAX_SIGNATURE_B64:
+        raise SignatureMalformed(f"{HEADER_SIGNATURE} is too long")
+    try:
+        signature = base64.b64decode(raw_sig, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureMalformed(f"{HEADER_SIGNATURE} is not valid base64") from exc
+
+    now = now or timezone.now()
+    window = conf.signature_window_seconds()
+    timestamp = int(raw_ts)
+    # Whole seconds on both sides: the header has no fraction, so neither has the comparison.
+    skew = timestamp - int(now.timestamp())
+    if abs(skew) > window:
+        direction = "ahead of" if skew > 0 else "behind"
+        raise SignatureExpired(
+            f"timestamp is {abs(skew)} s {direction} the portal clock; allowed ±{window} s"
+        )
+
+    row = (
+        Certificate.objects.select_related("site__project").filter(fingerprint=fingerprint).first()
+    )
+    if row is None:
+        raise UnknownCertificate(f"no certificate with fingerprint {fingerprint[:16]}… is known")
+    if row.revoked_at is not None:
+        raise CertificateRevoked(
+            f"certificate {row.serial} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
+            + (f": {row.revocation_reason}" if row.revocation_reason else "")
+        )
+    if not row.not_before <= now <= row.not_after:
+        raise CertificateExpired(
+            f"certificate {row.serial} is valid from {row.not_before:%Y-%m-%d %H:%M} to "
+            f"{row.not_after:%Y-%m-%d %H:%M} UTC; the agent must enrol again"
+        )
+    site = row.site
+    project = site.project
+    try:
+        cert = ca.load_certificate(row.pem)
+        ca_cert = ca.load_certificate(project.ca_certificate_pem)
+    except ValueError as exc:
+        raise CertificateUntrusted(f"certificate {row.serial} cannot be read: {exc}") from exc
+    if ca.fingerprint(cert) != fingerprint:
+        raise CertificateUntrusted(f"certificate {row.serial} does not match its fingerprint")
+    # Defence in depth: a record can only name the site its certificate was issued to.
+    if ca.subject_common_names(cert) != [site.name]:
+        raise CertificateUntrusted(f"certificate {row.serial} was not issued to site '{site.name}'")
+    if not ca.is_issued_by(cert, ca_cert):
+        raise CertificateUntrusted(
+            f"certificate {row.serial} was not issued by project {project.name!r}'s CA"
+        )
+    if site.state != SiteState.ENROLLED:
+        raise SiteNotEnrolled(f"site '{site.name}' is {site.state}, not enrolled")
+
+    message = canonical_string(
+        method=method, path=path, timestamp=timestamp, nonce=nonce, body=body
+    )
+    if not verify_signature(cert.public_key(), signature, message):
+        raise SignatureInvalid(
+            "the signature does not match this request: the method, path, body, timestamp or "
+            "nonce differ from what was signed, or it was not made with the certificate's key"
+        )
+
+    try:
+        with transaction.atomic():
+            UsedNonce.objects.create(
+                fingerprint=fingerprint,
+                nonce=nonce,
+                timestamp=dt.datetime.fromtimestamp(timestamp, tz=dt.UTC),
+                created_at=now,
+            )
+    except IntegrityError as exc:
+        raise ReplayDetected(
+            f"nonce {nonce} was already used with this certificate: a replayed request "
+            "(every request needs a fresh nonce)"
+        ) from exc
+
+    Site.objects.filter(pk=site.pk).update(last_heartbeat=now)
+    site.last_heartbeat = now
+    if random.randrange(NONCE_PRUNE_EVERY) == 0:
+        used_nonces_prune(now=now)
+    return SiteIdentity(site=site, certificate=row)
+
+
+def _scope_path(scope: Mapping[str, Any]) -> str:
+    # The same target Django's request.get_full_path() gives an HTTP request, so that one
+    # signing rule serves both.
+    path = escape_uri_path(scope.get("path", "/"))
+    query = scope.get("query_string", b"").decode("latin-1")
+    return f"{path}?{iri_to_uri(query)}" if query else path
+
+
+async def verify_signed_handshake(scope: Mapping[str, Any]) -> SiteIdentity:
+    """:func:`verify_signed_request` for a Channels WebSocket (or HTTP) scope, from async code."""
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    method = "GET" if scope.get("type") == "websocket" else str(scope.get("method", "GET"))
+    verify = database_sync_to_async(verify_signed_request)
+    identity: SiteIdentity = await verify(
+        method=method, path=_scope_path(scope), headers=headers, body=b""
+    )
+    return identity
+
+
+class SiteSignatureAuthentication(BaseAuthentication):
+    """DRF authentication for site agents' signed requests (``request.auth``: SiteIdentity)."""
+
+    def authenticate(self, request: Request) -> tuple[AnonymousUser, SiteIdentity] | None:
+        headers = request.headers
+        if HEADER_SIGNATURE not in headers and HEADER_FINGERPRINT not in headers:
+            return None
+        try:
+            identity = verify_signed_request(
+                method=request.method or "GET",
+                path=request.get_full_path(),
+                headers=headers,
+                body=request.body,
+            )
+        except AuthenticationError as exc:
+            logger.info("signed request refused: %s %s: %s", request.method, request.path, exc)
+            raise exceptions.AuthenticationFailed(detail=exc.message, code=exc.code) from exc
+        return AnonymousUser(), identity
+
+    def authenticate_header(self, request: Request) -> str:
+        # A WWW-Authenticate value makes DRF answer 401 rather than 403 to a refused agent.
+        return 'FedPortal-Signature realm="fedportal"'
+
+
+def api_token_authenticate(key: str, *, now: dt.datetime | None = None) -> tuple[Any, ApiToken]:
+    """The (user, token) for an API token key; raises ``ApiTokenInvalid`` naming the cause."""
+    now = now or timezone.now()
+    token = ApiToken.objects.select_related("user").filter(key_hash=hash_secret(key)).first()
+    if token is None:
+        raise ApiTokenInvalid("this API token is not known")
+    if token.revoked_at is not None:
+        raise ApiTokenInvalid(f"API token {token.prefix}… was revoked")
+    if token.expires_at is not None and token.expires_at <= now:
+        raise ApiTokenInvalid(f"API token {token.prefix}… expired")
+    user: User = token.user
+    if not user.is_active:
+        raise ApiTokenInvalid("the API token's user account is inactive")
+    if token.last_used_at is None or now - token.last_used_at >= API_TOKEN_TOUCH_INTERVAL:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
+    return user, token
+
+
+class ApiTokenAuthentication(BaseAuthentication):
+    """DRF authentication for people's API tokens: ``Authorization: Bearer fpt_…``."""
+
+    def authenticate(self, request: Request) -> tuple[Any, ApiToken] | None:
+        parts = request.META.get("HTTP_AUTHORIZATION", "").split()
+        if not parts or parts[0].lower() not in {"bearer", "token"}:
+            return None
+        if len(parts) != 2:
+            raise exceptions.AuthenticationFailed(
+                "the Authorization header must be 'Bearer <token>'", code="api_token_invalid"
+            )
+        if not parts[1].startswith(API_TOKEN_PREFIX):
+            return None  # someone else's bearer token scheme; let another class try
+        try:
+            return api_token_authenticate(parts[1])
+        except AuthenticationError as exc:
+            raise exceptions.AuthenticationFailed(detail=exc.message, code=exc.code) from exc
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="fedportal"'

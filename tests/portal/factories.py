@@ -1,0 +1,126 @@
+"""factory_boy factories for the sites app. Objects with rules (a project's CA, a site's
+state) are made through the services, so tests start from states the portal can reach."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import factory
+from django.contrib.auth import get_user_model
+
+from client_agent import signing
+from sites import services
+from sites.models import Certificate, Membership, Organization, Project, Role, Site
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+        django_get_or_create = ("username",)
+        skip_postgeneration_save = True
+
+    username = factory.Sequence(lambda n: f"user{n}")
+    email = factory.LazyAttribute(lambda u: f"{u.username}@example.org")
+    password = factory.PostGenerationMethodCall("set_password", "pw")
+
+
+class ProjectFactory(factory.Factory):
+    """A project made by ``project_create``: CA, host organisation, creator as project admin."""
+
+    class Meta:
+        model = Project
+
+    name = factory.Sequence(lambda n: f"Project {n}")
+    created_by = factory.SubFactory(UserFactory)
+    description = ""
+
+    @classmethod
+    def _create(cls, model_class: type[Project], *args: Any, **kwargs: Any) -> Project:
+        return services.project_create(**kwargs)
+
+    @classmethod
+    def _build(cls, model_class: type[Project], *args: Any, **kwargs: Any) -> Project:
+        raise NotImplementedError("a project needs its CA: use ProjectFactory() (create)")
+
+
+class OrganizationFactory(factory.Factory):
+    class Meta:
+        model = Organization
+
+    project = factory.SubFactory(ProjectFactory)
+    name = factory.Sequence(lambda n: f"Hospital {n}")
+
+    @classmethod
+    def _create(cls, model_class: type[Organization], *args: Any, **kwargs: Any) -> Organization:
+        project = kwargs["project"]
+        return services.organization_create(
+            project=project, name=kwargs["name"], created_by=project.created_by
+        )
+
+
+class MembershipFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Membership
+
+    user = factory.SubFactory(UserFactory)
+    organization = factory.SubFactory(OrganizationFactory)
+    role = Role.MEMBER
+
+
+class SiteFactory(factory.Factory):
+    """A requested site (``site_request``); approve and enrol it with the helpers below."""
+
+    class Meta:
+        model = Site
+
+    organization = factory.SubFactory(OrganizationFactory)
+    name = factory.Sequence(lambda n: f"site-{n}")
+    contact_email = factory.LazyAttribute(lambda s: f"ops@{s.name}.example.org")
+    resources = factory.LazyFunction(lambda: {"gpus": 1, "memory_gb": 32})
+
+    @classmethod
+    def _create(cls, model_class: type[Site], *args: Any, **kwargs: Any) -> Site:
+        organization = kwargs["organization"]
+        return services.site_request(
+            organization=organization,
+            name=kwargs["name"],
+            contact_email=kwargs["contact_email"],
+            resources=kwargs["resources"],
+            requested_by=organization.project.created_by,
+        )
+
+
+@dataclass
+class EnrolledSite:
+    """A site as its agent holds it: private key and certificate, ready to sign requests."""
+
+    site: Site
+    key: signing.PrivateKey
+    certificate: Certificate
+    ca_certificate_pem: str
+
+    def headers(self, method: str, path: str, body: bytes = b"", **kwargs: Any) -> dict[str, str]:
+        return signing.sign_request(
+            key=self.key,
+            cert_pem_or_fingerprint=self.certificate.pem,
+            method=method,
+            path=path,
+            body=body,
+            **kwargs,
+        )
+
+
+def approved_site(**kwargs: Any) -> tuple[Site, str]:
+    """A site approved by its project's creator, and the plaintext enrolment token."""
+    site = SiteFactory(**kwargs)
+    return services.site_approve(site=site, approved_by=site.project.created_by)
+
+
+def enrolled_site(key: signing.PrivateKey | None = None, **kwargs: Any) -> EnrolledSite:
+    site, token = approved_site(**kwargs)
+    key = key or signing.generate_key()
+    csr = signing.make_csr(key, site.name, site.project.name)
+    enrolment = services.site_enrol(token=token, csr_pem=csr)
+    site.refresh_from_db()
+    return EnrolledSite(site, key, enrolment.certificate, enrolment.ca_certificate_pem)
