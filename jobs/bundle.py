@@ -17,9 +17,11 @@ import os
 import re
 import shlex
 import shutil
+import stat
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -137,39 +139,61 @@ class JobBundle:
             raise BundleError(f"{SPEC_FILE}: missing from {root}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{SPEC_FILE}: not JSON ({exc})") from None
-        if not isinstance(spec, dict):
-            raise BundleError(f"{SPEC_FILE}: must be a JSON object")
-        if spec.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"format: expected {BUNDLE_FORMAT}, got {spec.get('format')!r}")
-        name = spec.get("name")
-        if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise BundleError(f"name: {name!r} is not a job name (letters, digits, . _ -)")
-        try:
-            workflow = workflow_from_spec(str(spec.get("workflow")), spec.get("params") or {})
-        except (TypeError, ValueError) as exc:
-            raise BundleError(str(exc)) from None
-        script = spec.get("train_script")
-        if not isinstance(script, str) or not script:
-            raise BundleError("train_script: missing")
-        script_rel = Path(script)
-        if script_rel.is_absolute() or ".." in script_rel.parts:
-            raise BundleError(f"train_script: {script!r} must be a path inside the app folder")
-        if not (root / APP_DIR / script_rel).is_file():
-            raise BundleError(f"train_script: {script!r} is not in the bundle's app folder")
-        args = spec.get("train_args", "")
-        if not isinstance(args, str):
-            raise BundleError("train_args: must be a string")
-        try:
-            shlex.split(args)
-        except ValueError as exc:
-            raise BundleError(f"train_args: {exc}") from None
+        checked = check_spec(spec)
+        if not (root / APP_DIR / checked.train_script).is_file():
+            raise BundleError(
+                f"train_script: {checked.train_script!r} is not in the bundle's app folder"
+            )
         try:
             tensors, _ = read_header(root / MODEL_FILE)
         except WireFormatError as exc:
             raise BundleError(f"{MODEL_FILE}: {exc}") from None
         if not tensors:
             raise BundleError(f"{MODEL_FILE}: holds no tensors")
-        return cls(root=root, name=name, workflow=workflow, train_script=script, train_args=args)
+        return cls(
+            root=root,
+            name=checked.name,
+            workflow=checked.workflow,
+            train_script=checked.train_script,
+            train_args=checked.train_args,
+        )
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    name: str
+    workflow: Workflow
+    train_script: str
+    train_args: str
+
+
+def check_spec(spec: Any) -> CheckedSpec:
+    """Check a job spec (``job.json``); :class:`BundleError` names the field that is wrong."""
+    if not isinstance(spec, dict):
+        raise BundleError(f"{SPEC_FILE}: must be a JSON object")
+    if spec.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"format: expected {BUNDLE_FORMAT}, got {spec.get('format')!r}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise BundleError(f"name: {name!r} is not a job name (letters, digits, . _ -)")
+    try:
+        workflow = workflow_from_spec(str(spec.get("workflow")), spec.get("params") or {})
+    except (TypeError, ValueError) as exc:
+        raise BundleError(str(exc)) from None
+    script = spec.get("train_script")
+    if not isinstance(script, str) or not script:
+        raise BundleError("train_script: missing")
+    script_rel = PurePosixPath(script)
+    if script_rel.is_absolute() or ".." in script_rel.parts or "\\" in script:
+        raise BundleError(f"train_script: {script!r} must be a path inside the app folder")
+    args = spec.get("train_args", "")
+    if not isinstance(args, str):
+        raise BundleError("train_args: must be a string")
+    try:
+        shlex.split(args)
+    except ValueError as exc:
+        raise BundleError(f"train_args: {exc}") from None
+    return CheckedSpec(name=name, workflow=workflow, train_script=script, train_args=args)
 
 
 def build_spec(
@@ -204,4 +228,70 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# The app folder as an archive, for upload to a portal and download by a site
+# --------------------------------------------------------------------------------------------
+
+MAX_ARCHIVE_MEMBERS = 10_000
+
+
+def pack_app(app_dir: Path, archive: Path) -> Path:
+    """Zip a bundle's ``app/`` folder (as written by :func:`write_bundle`) for upload."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(app_dir.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                zf.write(path, path.relative_to(app_dir).as_posix())
+    return archive
+
+
+def check_app_archive(archive: Path, train_script: str) -> list[str]:
+    """Check an uploaded app archive (zip) before anything is stored or extracted.
+
+    Refused, with a :class:`BundleError` naming the member: absolute paths, ``..``, links and
+    other non-regular files, more than :data:`MAX_ARCHIVE_MEMBERS` members, more than
+    :data:`MAX_APP_BYTES` uncompressed, and an archive without ``train_script``. Returns the
+    member names.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"app: not a zip archive ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:
+            raise BundleError(f"app: {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS}")
+        total = 0
+        names: list[str] = []
+        for info in infos:
+            name = info.filename
+            parts = PurePosixPath(name).parts
+            if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
+                raise BundleError(f"app: member {name!r} has an unsafe path")
+            mode = info.external_attr >> 16
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise BundleError(f"app: member {name!r} is not a regular file (a link?)")
+            if info.is_dir():
+                continue
+            total += info.file_size
+            if total > MAX_APP_BYTES:
+                raise BundleError(f"app: more than {MAX_APP_BYTES // 10**6} MB uncompressed")
+            names.append(name)
+    if train_script not in names:
+        raise BundleError(f"app: train_script {train_script!r} is not in the archive")
+    return names
+
+
+def extract_app(archive: Path, dest: Path, train_script: str) -> Path:
+    """Check, then extract an app archive into ``dest`` (created). Returns ``dest``."""
+    names = check_app_archive(archive, train_script)
+    dest.mkdir(parents=True)
+    with zipfile.ZipFile(archive) as zf:
+        for name in names:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(name) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
     return dest

@@ -1,5 +1,249 @@
-"""Jobs, rounds, model versions and metrics on the portal.
+"""Jobs on the portal: the one job state machine, its rounds, site tasks, models and metrics.
 
-No models yet: they come with issue 4 (jobs on the portal). The pure federated core in this
-package (recipes, envs, workflows, aggregation) imports no Django and never imports this module.
+The database is the single source of truth for a job: Celery workers (``jobs.tasks``) read it,
+decide with the pure workflow objects (``jobs.workflows``), and write it back. A worker or
+portal restart resumes from these rows and the files in storage.
+
+The pure federated core in this package (recipes, envs, workflows, aggregation) never imports
+this module.
 """
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from sites.exceptions import InvalidTransition
+
+
+class InvalidJobTransition(InvalidTransition):
+    """A state change the job's state machine does not allow (HTTP 409 through the API)."""
+
+    def __init__(self, kind: str, current: str, wanted: str) -> None:
+        self.current = current
+        self.wanted = wanted
+        super().__init__(f"a {kind} that is {current} cannot become {wanted}")
+
+
+class JobState(models.TextChoices):
+    SUBMITTED = "submitted"
+    WAITING = "waiting"  # for min_clients sites to be online and to have accepted the job
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+JOB_ACTIVE = frozenset({JobState.SUBMITTED, JobState.WAITING, JobState.RUNNING})
+JOB_TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.ABORTED})
+_JOB_MOVES: dict[str, frozenset[str]] = {
+    JobState.SUBMITTED: frozenset({JobState.WAITING, JobState.FAILED, JobState.ABORTED}),
+    JobState.WAITING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.ABORTED}),
+    JobState.RUNNING: frozenset({JobState.COMPLETED, JobState.FAILED, JobState.ABORTED}),
+}
+
+
+def _bundle_path(job: Job, filename: str) -> str:
+    return f"jobs/{job.project_id}/{job.uid}/{filename}"
+
+
+class Job(models.Model):
+    """A submitted job bundle and where it stands. Transitions go through :meth:`move_to`."""
+
+    uid = models.UUIDField(unique=True, editable=False)
+    project = models.ForeignKey("sites.Project", on_delete=models.PROTECT, related_name="jobs")
+    name = models.CharField(max_length=100)
+    submitted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="submitted_jobs"
+    )
+    workflow = models.CharField(max_length=50)
+    params = models.JSONField()
+    spec = models.JSONField(help_text="the bundle's job.json as submitted")
+    min_clients = models.PositiveIntegerField()
+    num_rounds = models.PositiveIntegerField()
+    round_timeout_seconds = models.PositiveIntegerField()
+    app_archive = models.FileField(upload_to=_bundle_path, max_length=300)
+    app_sha256 = models.CharField(max_length=64)
+    state = models.CharField(max_length=20, choices=JobState.choices, default=JobState.SUBMITTED)
+    failure_reason = models.TextField(blank=True)
+    completed_rounds = models.PositiveIntegerField(default=0)
+    best_round = models.PositiveIntegerField(null=True, blank=True)
+    best_score = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering: ClassVar = ["-created_at", "-id"]
+        indexes: ClassVar = [models.Index(fields=["project", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.uid})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in JOB_ACTIVE
+
+    def move_to(self, state: str, reason: str = "") -> None:
+        """Change state in memory, refusing moves the state machine does not allow."""
+        if state not in _JOB_MOVES.get(self.state, frozenset()):
+            raise InvalidJobTransition("job", self.state, state)
+        now = timezone.now()
+        if state == JobState.RUNNING:
+            self.started_at = now
+        if state in JOB_TERMINAL:
+            self.finished_at = now
+            self.failure_reason = reason
+        self.state = state
+
+
+class JobSite(models.Model):
+    """A site taking part in a job, and whether it accepted to run it."""
+
+    class Decision(models.TextChoices):
+        PENDING = "pending"
+        ACCEPTED = "accepted"
+        DECLINED = "declined"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="participants")
+    site = models.ForeignKey("sites.Site", on_delete=models.PROTECT, related_name="job_links")
+    decision = models.CharField(max_length=10, choices=Decision.choices, default=Decision.PENDING)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["job", "site"], name="unique_job_site")
+        ]
+
+
+class RoundState(models.TextChoices):
+    OPEN = "open"
+    AGGREGATING = "aggregating"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+class Round(models.Model):
+    """One round of a job. ``number`` counts from 0; it starts from the global model after
+    ``number`` completed rounds (``ModelVersion.round_number == number``)."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="rounds")
+    number = models.PositiveIntegerField()
+    state = models.CharField(max_length=20, choices=RoundState.choices, default=RoundState.OPEN)
+    opened_at = models.DateTimeField(default=timezone.now)
+    deadline = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering: ClassVar = ["job", "number"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["job", "number"], name="unique_job_round")
+        ]
+
+    def __str__(self) -> str:
+        return f"round {self.number + 1} of {self.job}"
+
+
+class TaskState(models.TextChoices):
+    ASSIGNED = "assigned"
+    DOWNLOADED = "downloaded"
+    TRAINING = "training"
+    UPLOADED = "uploaded"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    LATE = "late"
+
+
+TASK_ANSWERED = frozenset({TaskState.ACCEPTED, TaskState.REJECTED, TaskState.FAILED})
+
+
+def _update_path(task: SiteTask, filename: str) -> str:
+    job = task.round.job
+    return f"jobs/{job.project_id}/{job.uid}/updates/round-{task.round.number + 1:03d}/{filename}"
+
+
+class SiteTask(models.Model):
+    """What one site did in one round."""
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="tasks")
+    site = models.ForeignKey("sites.Site", on_delete=models.PROTECT, related_name="tasks")
+    state = models.CharField(max_length=20, choices=TaskState.choices, default=TaskState.ASSIGNED)
+    reason = models.TextField(blank=True)
+    update = models.FileField(upload_to=_update_path, max_length=300, blank=True)
+    update_sha256 = models.CharField(max_length=64, blank=True)
+    update_size = models.PositiveBigIntegerField(null=True, blank=True)
+    weight = models.FloatField(null=True, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering: ClassVar = ["round", "site__name"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["round", "site"], name="unique_round_site")
+        ]
+
+
+def _model_path(version: ModelVersion, filename: str) -> str:
+    job = version.job
+    return f"jobs/{job.project_id}/{job.uid}/models/{filename}"
+
+
+class ModelVersion(models.Model):
+    """A global model: the initial one (``round_number`` 0) and one after every round."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="models")
+    round_number = models.PositiveIntegerField(help_text="completed rounds when it was made")
+    file = models.FileField(upload_to=_model_path, max_length=300)
+    sha256 = models.CharField(max_length=64)
+    size = models.PositiveBigIntegerField()
+    metrics = models.JSONField(
+        default=dict, blank=True, help_text="the sites' weighted metrics scoring this model"
+    )
+    is_best = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["job", "round_number"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["job", "round_number"], name="unique_job_model")
+        ]
+
+
+class MetricPoint(models.Model):
+    """One number from a site (its train result, or ``flare.log``) or a round's aggregate."""
+
+    class Source(models.TextChoices):
+        RESULT = "result"
+        AGGREGATE = "aggregate"
+        LOG = "log"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="metric_points")
+    site = models.ForeignKey("sites.Site", null=True, blank=True, on_delete=models.PROTECT)
+    round_number = models.PositiveIntegerField(null=True, blank=True)
+    key = models.CharField(max_length=200)
+    value = models.FloatField()
+    step = models.BigIntegerField(null=True, blank=True)
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.LOG)
+    client_id = models.CharField(
+        max_length=64, blank=True, help_text="the sender's id for the point: a resend is ignored"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["job", "created_at", "id"]
+        indexes: ClassVar = [models.Index(fields=["job", "key", "site", "round_number"])]
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["job", "site", "client_id"],
+                condition=~models.Q(client_id=""),
+                name="unique_metric_client_id",
+            )
+        ]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from jobs.aggregation import SiteUpdate
+from jobs.aggregation import SiteUpdate, TensorSource
 
 
 class QuorumNotMet(RuntimeError):
@@ -52,7 +52,7 @@ class Workflow(Protocol):
     def aggregate(
         self,
         round_number: int,
-        global_params: Mapping[str, torch.Tensor],
+        global_params: Mapping[str, torch.Tensor] | TensorSource,
         updates: list[SiteUpdate],
     ) -> RoundOutcome: ...
 

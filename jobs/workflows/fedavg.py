@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from client_agent.runtime import TASK_TRAIN
-from jobs.aggregation import SiteUpdate, fedavg, weighted_metrics
+from jobs.aggregation import SiteUpdate, TensorSource, fedavg, weighted_metrics
 from jobs.workflows.base import QuorumNotMet, RoundOutcome, TaskSpec
 
 KEY_METRIC_MODES = ("max", "min")
@@ -84,7 +84,7 @@ class FedAvg:
     def aggregate(
         self,
         round_number: int,
-        global_params: Mapping[str, torch.Tensor],
+        global_params: Mapping[str, torch.Tensor] | TensorSource,
         updates: list[SiteUpdate],
     ) -> RoundOutcome:
         """Fold the round's accepted updates, in site-name order so the bits are repeatable."""

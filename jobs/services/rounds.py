@@ -1,0 +1,337 @@
+"""The job state machine, driven by one idempotent step: :func:`job_advance`.
+
+Every event that may move a job on (a site's update checked, a site accepting the job, a
+heartbeat, a round's deadline, a worker starting) enqueues ``job_advance(job_id)``. It locks
+the job row, looks at what the database says, and does the next step that is due:
+
+    submitted → waiting                       always
+    waiting   → running, round 1 opens        when min_clients participants accepted and are online
+    running, round open, all answered         → aggregate
+    running, round open, past its deadline    → aggregate if min_clients accepted, else fail
+    running, round aggregating                → aggregate (a worker died in the middle)
+    running, round closed                     → open the next round, or complete the job
+
+Running it twice, or after a crash at any point, does the same as running it once: every
+write is conditional on the state it read, and aggregation is deterministic (sites folded in
+name order from files in storage), so a re-run writes the same bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.utils import timezone
+
+from client_agent.wire import WireFormatError, save_state_dict
+from jobs import events
+from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
+from jobs.aggregation.sources import FileTensorSource
+from jobs.models import (
+    TASK_ANSWERED,
+    Job,
+    JobSite,
+    JobState,
+    MetricPoint,
+    ModelVersion,
+    Round,
+    RoundState,
+    SiteTask,
+    TaskState,
+)
+from jobs.workflows import QuorumNotMet, Workflow, workflow_from_spec
+
+log = logging.getLogger(__name__)
+
+
+def workflow_of(job: Job) -> Workflow:
+    return workflow_from_spec(job.workflow, job.params)
+
+
+def site_is_online(site: Any, now: Any = None) -> bool:
+    """A site is online when it made a signed request in the last FEDPORTAL_SITE_ONLINE_SECONDS."""
+    if site.last_heartbeat is None:
+        return False
+    now = now or timezone.now()
+    return now - site.last_heartbeat <= timedelta(seconds=settings.FEDPORTAL_SITE_ONLINE_SECONDS)
+
+
+def storage_path(name: str) -> Path:
+    """The local path of a stored file. Aggregation reads files in chunks from disk, so the
+    default storage must be a filesystem storage (Django's default)."""
+    return Path(default_storage.path(name))
+
+
+def job_kick_after_commit(job: Job) -> None:
+    """Enqueue :func:`job_advance` for ``job`` once the current transaction commits."""
+    from jobs.tasks import job_advance_task  # noqa: PLC0415 - tasks import services
+
+    job_id = job.pk
+    transaction.on_commit(lambda: job_advance_task.delay(job_id))
+
+
+# --------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------
+
+
+def job_advance(*, job_id: int) -> str:
+    """Do the next step that is due for the job; returns what it did, for logs and tests."""
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(pk=job_id)
+        if job.state == JobState.SUBMITTED:
+            job.move_to(JobState.WAITING)
+            job.save(update_fields=["state"])
+            events.job_state(job)
+            job_kick_after_commit(job)
+            return "waiting"
+        if job.state == JobState.WAITING:
+            return _start_if_ready(job)
+        if job.state != JobState.RUNNING:
+            return "nothing: job is " + job.state
+        current = job.rounds.order_by("-number").first()
+        if current is None:
+            _round_open(job, 0)
+            return "opened round 1"
+        if current.state == RoundState.CLOSED:
+            if job.completed_rounds >= job.num_rounds:
+                job.move_to(JobState.COMPLETED)
+                job.save(update_fields=["state", "finished_at", "failure_reason"])
+                events.job_state(job)
+                return "completed"
+            _round_open(job, current.number + 1)
+            return f"opened round {current.number + 2}"
+        if current.state == RoundState.OPEN:
+            tasks = list(current.tasks.select_related("site"))
+            answered = [t for t in tasks if t.state in TASK_ANSWERED]
+            accepted = [t for t in tasks if t.state == TaskState.ACCEPTED]
+            if len(answered) < len(tasks) and timezone.now() < current.deadline:
+                return f"waiting for {len(tasks) - len(answered)} site(s)"
+            if len(accepted) < job.min_clients:
+                missing = sorted(t.site.name for t in tasks if t.state != TaskState.ACCEPTED)
+                reasons = "; ".join(
+                    f"{t.site.name}: {t.reason or t.state}"
+                    for t in tasks
+                    if t.state != TaskState.ACCEPTED
+                )
+                current.state = RoundState.FAILED
+                current.closed_at = timezone.now()
+                current.save(update_fields=["state", "closed_at"])
+                job.move_to(
+                    JobState.FAILED,
+                    f"round {current.number + 1}: {len(accepted)} acceptable update(s), "
+                    f"min_clients is {job.min_clients}; no acceptable update from "
+                    f"{', '.join(missing)} ({reasons})",
+                )
+                job.save(update_fields=["state", "finished_at", "failure_reason"])
+                events.job_state(job)
+                return "failed: quorum"
+            # Claim the round for aggregation; sites that have not answered are now late.
+            current.tasks.exclude(state__in=TASK_ANSWERED).update(
+                state=TaskState.LATE, reason="no update before the round closed"
+            )
+            current.state = RoundState.AGGREGATING
+            current.save(update_fields=["state"])
+        round_id = current.pk
+    # Aggregation reads every update from storage: long, so outside the job lock. A worker
+    # killed here leaves the round AGGREGATING, and the next job_advance does it again.
+    return _round_aggregate(round_id)
+
+
+def _start_if_ready(job: Job) -> str:
+    now = timezone.now()
+    links = list(job.participants.select_related("site"))
+    for link in links:
+        if link.decision == JobSite.Decision.PENDING and link.site.auto_accept_jobs:
+            link.decision = JobSite.Decision.ACCEPTED
+            link.decided_at = now
+            link.save(update_fields=["decision", "decided_at"])
+    ready = [
+        link
+        for link in links
+        if link.decision == JobSite.Decision.ACCEPTED and site_is_online(link.site, now)
+    ]
+    if len(ready) < job.min_clients:
+        return f"waiting: {len(ready)} of {job.min_clients} sites accepted and online"
+    job.move_to(JobState.RUNNING)
+    job.save(update_fields=["state", "started_at"])
+    events.job_state(job)
+    _round_open(job, 0)
+    return "running"
+
+
+def _round_open(job: Job, number: int) -> Round:
+    """Open round ``number`` for every participant that accepted the job (lock held)."""
+    now = timezone.now()
+    rnd, created = Round.objects.get_or_create(
+        job=job,
+        number=number,
+        defaults={"deadline": now + timedelta(seconds=job.round_timeout_seconds)},
+    )
+    if created:
+        accepted = job.participants.filter(decision=JobSite.Decision.ACCEPTED)
+        SiteTask.objects.bulk_create(SiteTask(round=rnd, site_id=link.site_id) for link in accepted)
+        events.round_state(rnd)
+        from jobs.tasks import job_advance_task  # noqa: PLC0415
+
+        job_id = job.pk
+        # The deadline check: job_advance closes or fails the round if it is still open.
+        transaction.on_commit(
+            lambda: job_advance_task.apply_async((job_id,), countdown=job.round_timeout_seconds + 1)
+        )
+    return rnd
+
+
+def _round_aggregate(round_id: int) -> str:
+    rnd = Round.objects.select_related("job").get(pk=round_id)
+    job = rnd.job
+    workflow = workflow_of(job)
+    tasks = list(
+        rnd.tasks.filter(state=TaskState.ACCEPTED).select_related("site").order_by("site__name")
+    )
+    start_version = ModelVersion.objects.get(job=job, round_number=rnd.number)
+    updates = [SiteUpdate.from_file(t.site.name, storage_path(t.update.name)) for t in tasks]
+    global_source = FileTensorSource(storage_path(start_version.file.name))
+    try:
+        outcome = workflow.aggregate(rnd.number, global_source, updates)
+    except QuorumNotMet as exc:  # checked under the lock already; kept for safety
+        with transaction.atomic():
+            locked = Job.objects.select_for_update().get(pk=job.pk)
+            if locked.state == JobState.RUNNING:
+                locked.move_to(JobState.FAILED, str(exc))
+                locked.save(update_fields=["state", "finished_at", "failure_reason"])
+        return "failed: quorum"
+    finally:
+        for update in updates:
+            update.source.close()
+        global_source.close()
+    name = f"jobs/{job.project_id}/{job.uid}/models/round-{rnd.number + 1:03d}.safetensors"
+    path = storage_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state_dict(path, outcome.global_params)  # atomic rename: a re-run overwrites whole
+    sha, size = _file_digest(path)
+    with transaction.atomic():
+        job = Job.objects.select_for_update().get(pk=job.pk)
+        rnd = Round.objects.select_for_update().get(pk=round_id)
+        if rnd.state != RoundState.AGGREGATING or job.state != JobState.RUNNING:
+            return "nothing: round already " + rnd.state
+        ModelVersion.objects.update_or_create(
+            job=job,
+            round_number=rnd.number + 1,
+            defaults={"file": name, "sha256": sha, "size": size},
+        )
+        # The sites' metrics score the model this round started from (NVFlare's convention).
+        start_version.metrics = outcome.metrics
+        score = workflow.score(outcome.metrics)
+        if score is not None and workflow.is_better(score, job.best_score):
+            job.best_score, job.best_round = score, rnd.number
+            ModelVersion.objects.filter(job=job).update(is_best=False)
+            start_version.is_best = True
+        start_version.save(update_fields=["metrics", "is_best"])
+        for key, value in outcome.metrics.items():
+            MetricPoint.objects.get_or_create(
+                job=job,
+                site=None,
+                client_id=f"aggregate:{rnd.number}:{key}"[:64],
+                defaults={
+                    "round_number": rnd.number,
+                    "key": key,
+                    "value": value,
+                    "source": MetricPoint.Source.AGGREGATE,
+                },
+            )
+        rnd.state = RoundState.CLOSED
+        rnd.closed_at = timezone.now()
+        rnd.metrics = outcome.metrics
+        rnd.save(update_fields=["state", "closed_at", "metrics"])
+        job.completed_rounds = rnd.number + 1
+        job.save(update_fields=["completed_rounds", "best_score", "best_round"])
+        events.round_state(rnd)
+        job_kick_after_commit(job)
+    return f"closed round {rnd.number + 1}"
+
+
+def _file_digest(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest(), os.path.getsize(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Updates from sites
+# --------------------------------------------------------------------------------------------
+
+
+def update_check(*, task_id: int) -> str:
+    """Check an uploaded update against the round's global model: accepted or rejected."""
+    task = SiteTask.objects.select_related("round__job", "site").get(pk=task_id)
+    if task.state != TaskState.UPLOADED:
+        return "nothing: task is " + task.state
+    rnd = task.round
+    start = ModelVersion.objects.get(job=rnd.job, round_number=rnd.number)
+    global_source = FileTensorSource(storage_path(start.file.name))
+    update: SiteUpdate | None = None
+    try:
+        update = SiteUpdate.from_file(task.site.name, storage_path(task.update.name))
+        check_update(global_source.specs(), update)
+    except (UpdateRejected, WireFormatError) as exc:
+        state, reason = TaskState.REJECTED, getattr(exc, "reason", str(exc))
+    else:
+        state, reason = TaskState.ACCEPTED, ""
+    finally:
+        global_source.close()
+        if update is not None:
+            update.source.close()
+    with transaction.atomic():
+        changed = SiteTask.objects.filter(pk=task.pk, state=TaskState.UPLOADED).update(
+            state=state,
+            reason=reason,
+            weight=float(update.weight) if state == TaskState.ACCEPTED and update else None,
+            metrics=update.metrics if update else {},
+        )
+        if changed and state == TaskState.ACCEPTED and update is not None:
+            for key, value in update.metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    MetricPoint.objects.get_or_create(
+                        job=rnd.job,
+                        site=task.site,
+                        client_id=f"result:{rnd.number}:{key}"[:64],
+                        defaults={
+                            "round_number": rnd.number,
+                            "key": key,
+                            "value": float(value),
+                            "source": MetricPoint.Source.RESULT,
+                        },
+                    )
+        if changed:
+            task.state, task.reason = state, reason
+            events.task_state(task)
+            job_kick_after_commit(rnd.job)
+    return state
+
+
+def jobs_resume() -> int:
+    """Enqueue :func:`job_advance` for every active job (after a worker or portal restart)."""
+    from jobs.models import JOB_ACTIVE  # noqa: PLC0415
+    from jobs.tasks import job_advance_task  # noqa: PLC0415
+
+    ids = list(Job.objects.filter(state__in=JOB_ACTIVE).values_list("pk", flat=True))
+    for job_id in ids:
+        job_advance_task.delay(job_id)
+    # Uploads stored but not yet checked (the check task was lost with a worker).
+    for task_id in SiteTask.objects.filter(
+        state=TaskState.UPLOADED, round__job__state=JobState.RUNNING
+    ).values_list("pk", flat=True):
+        from jobs.tasks import update_check_task  # noqa: PLC0415
+
+        update_check_task.delay(task_id)
+    return len(ids)

@@ -1,0 +1,230 @@
+"""What sites do in a job: accept it, fetch its files, upload updates, post metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import IO, Any
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from jobs import events
+from jobs.models import (
+    JOB_ACTIVE,
+    Job,
+    JobSite,
+    JobState,
+    MetricPoint,
+    RoundState,
+    SiteTask,
+    TaskState,
+)
+from jobs.services.rounds import job_kick_after_commit
+from sites.exceptions import Conflict, NotFound, ValidationFailed
+
+
+def job_for_site(*, job_uid: Any, site: Any) -> Job:
+    """The job, if ``site`` takes part in it; otherwise NotFound (existence must not leak)."""
+    job = Job.objects.filter(uid=job_uid, participants__site=site).first()
+    if job is None:
+        raise NotFound("no such job for this site")
+    return job
+
+
+def site_job_decide(*, job: Job, site: Any, accept: bool, decided_by: Any = None) -> JobSite:
+    """The site accepts or declines the job; only while the job waits to start."""
+    with transaction.atomic():
+        link = JobSite.objects.select_for_update().select_related("job").get(job=job, site=site)
+        if link.job.state not in (JobState.SUBMITTED, JobState.WAITING):
+            raise Conflict(f"the job is {link.job.state}; sites decide before it starts")
+        link.decision = JobSite.Decision.ACCEPTED if accept else JobSite.Decision.DECLINED
+        link.decided_at = timezone.now()
+        link.decided_by = decided_by
+        link.save(update_fields=["decision", "decided_at", "decided_by"])
+        job_kick_after_commit(link.job)
+    return link
+
+
+def task_for_site(*, job: Job, site: Any, round_number: int) -> SiteTask:
+    task = (
+        SiteTask.objects.select_related("round__job", "site")
+        .filter(round__job=job, round__number=round_number, site=site)
+        .first()
+    )
+    if task is None:
+        raise NotFound(f"this site has no task in round {round_number + 1}")
+    return task
+
+
+def task_mark(*, task: SiteTask, state: str) -> SiteTask:
+    """A site reports progress (downloaded, training) on an open task; other moves refuse."""
+    allowed = {
+        TaskState.DOWNLOADED: {TaskState.ASSIGNED},
+        TaskState.TRAINING: {TaskState.ASSIGNED, TaskState.DOWNLOADED},
+    }
+    if state not in allowed:
+        raise ValidationFailed(f"a site may report only {', '.join(allowed)}", field="state")
+    changed = SiteTask.objects.filter(
+        pk=task.pk, state__in=allowed[state], round__state=RoundState.OPEN
+    ).update(state=state)
+    if changed:
+        task.state = state
+        with transaction.atomic():
+            events.task_state(task)
+    return task
+
+
+_OPEN_TASK_STATES = (TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING)
+
+
+def _can_upload(task: SiteTask) -> bool:
+    """One update per task: while it is open, or once, late, after its round closed."""
+    return task.state in _OPEN_TASK_STATES or (task.state == TaskState.LATE and not task.update)
+
+
+def update_upload(
+    *, task: SiteTask, stream: IO[bytes], sha256: str, length: int | None
+) -> SiteTask:
+    """Store a site's update from ``stream`` in chunks, never whole in memory.
+
+    The body must be at most FEDPORTAL_MAX_MODEL_BYTES and hash to ``sha256``; otherwise
+    ValidationFailed and nothing is kept. An update for a round that is no longer open is kept
+    as ``late`` and not aggregated. A second upload for the same task is refused.
+    """
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise ValidationFailed(
+            "the X-Content-SHA256 header must be a sha256 hex digest", field="sha256"
+        )
+    limit = settings.FEDPORTAL_MAX_MODEL_BYTES
+    if length is not None and length > limit:
+        raise ValidationFailed(
+            f"larger than the limit of {limit} bytes", field="body", code="too_large"
+        )
+    if not _can_upload(task):
+        raise Conflict(f"this task is already {task.state}")
+    digest = hashlib.sha256()
+    size = 0
+    name = f"{task.site.name}.safetensors"
+    # Write to storage as it arrives; the file is deleted again on any refusal below.
+    storage_file = task.update
+    storage_file.save(name, ContentFile(b""), save=False)
+    path = storage_file.path
+    try:
+        with open(path, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise ValidationFailed(
+                        f"larger than the limit of {limit} bytes", field="body", code="too_large"
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256.lower():
+            raise ValidationFailed(
+                "the body does not match X-Content-SHA256", field="sha256", code="checksum_mismatch"
+            )
+        with transaction.atomic():
+            locked = SiteTask.objects.select_for_update().select_related("round").get(pk=task.pk)
+            if not _can_upload(locked):
+                raise Conflict(f"this task is already {locked.state}")
+            late = locked.round.state != RoundState.OPEN
+            locked.state = TaskState.LATE if late else TaskState.UPLOADED
+            locked.reason = "arrived after the round closed" if late else ""
+            locked.update = storage_file.name
+            locked.update_sha256 = sha256.lower()
+            locked.update_size = size
+            locked.save(
+                update_fields=[
+                    "state",
+                    "reason",
+                    "update",
+                    "update_sha256",
+                    "update_size",
+                    "updated_at",
+                ]
+            )
+            events.task_state(locked)
+            if not late:
+                from jobs.tasks import update_check_task  # noqa: PLC0415
+
+                task_id = locked.pk
+                transaction.on_commit(lambda: update_check_task.delay(task_id))
+        return locked
+    except BaseException:
+        storage_file.storage.delete(storage_file.name)
+        raise
+
+
+def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) -> int:
+    """Store ``flare.log`` points from a site; returns how many were new.
+
+    Each point: ``key`` (str), ``value`` (finite number), optional ``step`` (int), ``round``
+    (int) and ``id`` (the sender's id: a point sent twice is stored once).
+    """
+    if job.state not in JOB_ACTIVE:
+        raise Conflict(f"the job is {job.state}")
+    rows = []
+    for index, point in enumerate(points):
+        field = f"points[{index}]"
+        if not isinstance(point, Mapping):
+            raise ValidationFailed("must be an object", field=field)
+        key, value = point.get("key"), point.get("value")
+        if not isinstance(key, str) or not key or len(key) > 200:
+            raise ValidationFailed(
+                "key must be a string of 1 to 200 characters", field=f"{field}.key"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+        ):
+            raise ValidationFailed("value must be a finite number", field=f"{field}.value")
+        for name in ("step", "round"):
+            extra = point.get(name)
+            if extra is not None and (isinstance(extra, bool) or not isinstance(extra, int)):
+                raise ValidationFailed(f"{name} must be an integer", field=f"{field}.{name}")
+        client_id = point.get("id") or ""
+        if not isinstance(client_id, str) or len(client_id) > 64:
+            raise ValidationFailed(
+                "id must be a string of at most 64 characters", field=f"{field}.id"
+            )
+        rows.append(
+            MetricPoint(
+                job=job,
+                site=site,
+                key=key,
+                value=float(value),
+                step=point.get("step"),
+                round_number=point.get("round"),
+                client_id=client_id,
+                source=MetricPoint.Source.LOG,
+            )
+        )
+    created = 0
+    with transaction.atomic():
+        for row in rows:
+            try:
+                with transaction.atomic():
+                    row.save()
+            except IntegrityError:
+                continue  # the same client id again: stored once
+            created += 1
+            events.metric(row)
+    return created
+
+
+def job_abort(*, job: Job, reason: str = "aborted") -> Job:
+    with transaction.atomic():
+        locked = Job.objects.select_for_update().get(pk=job.pk)
+        locked.move_to(JobState.ABORTED, reason)
+        locked.save(update_fields=["state", "finished_at", "failure_reason"])
+        locked.rounds.filter(state=RoundState.OPEN).update(
+            state=RoundState.FAILED, closed_at=timezone.now()
+        )
+        events.job_state(locked)
+    return locked

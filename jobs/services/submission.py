@@ -1,0 +1,174 @@
+"""``job_submit``: check a job bundle completely, then store it and record the job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from django.conf import settings
+from django.core.files import File
+from django.db import transaction
+
+from client_agent.wire import WireFormatError, read_header
+from jobs.bundle import BundleError, check_app_archive, check_spec
+from jobs.models import Job, JobSite, ModelVersion
+from sites.exceptions import ValidationFailed
+
+
+def _copy_limited(src: IO[bytes], dest: Path, *, limit: int, field: str) -> str:
+    """Copy an upload to ``dest`` in chunks, refusing more than ``limit`` bytes; sha256 hex."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(dest, "wb") as out:
+        while chunk := src.read(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                raise ValidationFailed(
+                    f"larger than the limit of {limit} bytes", field=field, code="too_large"
+                )
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def job_submit(
+    *,
+    project: Any,
+    submitted_by: Any,
+    spec: Any,
+    initial_model: IO[bytes],
+    app_archive: IO[bytes],
+    sites: Sequence[str] | None = None,
+    round_timeout_seconds: int | None = None,
+) -> Job:
+    """Check everything, then store the bundle and create the job and its participants.
+
+    ``spec`` is the parsed ``job.json``. ``initial_model`` is a safetensors file and
+    ``app_archive`` a zip of the app folder (``jobs.bundle.pack_app``). ``sites`` names the
+    participating sites; by default every site of the project that is enrolled now.
+    Any failure raises :class:`ValidationFailed` naming the field, and nothing is stored.
+    """
+    from sites.models import Site  # noqa: PLC0415 - jobs.models must not import sites.models
+
+    try:
+        checked = check_spec(spec)
+    except BundleError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise ValidationFailed(message or str(exc), field=f"spec.{field}") from None
+    timeout = round_timeout_seconds or settings.FEDPORTAL_ROUND_TIMEOUT_SECONDS
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
+        raise ValidationFailed(
+            "must be a positive number of seconds", field="round_timeout_seconds"
+        )
+
+    enrolled = Site.objects.filter(project=project, state=Site.State.ENROLLED)
+    if sites is not None:
+        by_name = {s.name: s for s in enrolled.filter(name__in=list(sites))}
+        unknown = sorted(set(sites) - set(by_name))
+        if unknown:
+            raise ValidationFailed(
+                f"not enrolled sites of this project: {', '.join(unknown)}", field="sites"
+            )
+        participants = [by_name[name] for name in dict.fromkeys(sites)]
+    else:
+        participants = list(enrolled.order_by("name"))
+    workflow = checked.workflow
+    if len(participants) < workflow.min_clients:
+        raise ValidationFailed(
+            f"the job needs {workflow.min_clients} sites but only {len(participants)} "
+            "enrolled sites would take part",
+            field="spec.params.min_clients",
+        )
+
+    with tempfile.TemporaryDirectory(prefix="fedportal-submit-") as tmp:
+        model_path = Path(tmp) / "initial_model.safetensors"
+        model_sha = _copy_limited(
+            initial_model,
+            model_path,
+            limit=settings.FEDPORTAL_MAX_MODEL_BYTES,
+            field="initial_model",
+        )
+        try:
+            tensors, _ = read_header(model_path)
+        except WireFormatError as exc:
+            raise ValidationFailed(str(exc).split(": ", 1)[-1], field="initial_model") from None
+        if not tensors:
+            raise ValidationFailed("holds no tensors", field="initial_model")
+        app_path = Path(tmp) / "app.zip"
+        app_sha = _copy_limited(
+            app_archive, app_path, limit=settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES, field="app"
+        )
+        try:
+            check_app_archive(app_path, checked.train_script)
+        except BundleError as exc:
+            raise ValidationFailed(str(exc).split(": ", 1)[-1], field="app") from None
+        return _store(
+            project=project,
+            submitted_by=submitted_by,
+            spec=spec,
+            checked=checked,
+            timeout=timeout,
+            participants=participants,
+            model_path=model_path,
+            model_sha=model_sha,
+            app_path=app_path,
+            app_sha=app_sha,
+        )
+
+
+def _store(
+    *,
+    project: Any,
+    submitted_by: Any,
+    spec: dict[str, Any],
+    checked: Any,
+    timeout: int,
+    participants: list[Any],
+    model_path: Path,
+    model_sha: str,
+    app_path: Path,
+    app_sha: str,
+) -> Job:
+    from jobs.services.rounds import job_kick_after_commit  # noqa: PLC0415 - import cycle
+
+    stored: list[Any] = []
+    try:
+        with transaction.atomic():
+            workflow = checked.workflow
+            job = Job(
+                uid=uuid.uuid4(),
+                project=project,
+                name=checked.name,
+                submitted_by=submitted_by,
+                workflow=workflow.name,
+                params=workflow.to_params(),
+                spec=json.loads(json.dumps(spec)),
+                min_clients=workflow.min_clients,
+                num_rounds=workflow.num_rounds,
+                round_timeout_seconds=timeout,
+                app_sha256=app_sha,
+            )
+            with open(app_path, "rb") as fh:
+                job.app_archive.save("app.zip", File(fh), save=False)
+            stored.append(job.app_archive)
+            job.save()
+            JobSite.objects.bulk_create(JobSite(job=job, site=site) for site in participants)
+            version = ModelVersion(
+                job=job, round_number=0, sha256=model_sha, size=model_path.stat().st_size
+            )
+            with open(model_path, "rb") as fh:
+                version.file.save("round-000.safetensors", File(fh), save=False)
+            stored.append(version.file)
+            version.save()
+            job_kick_after_commit(job)
+            return job
+    except BaseException:
+        # The rows rolled back; take the files with them so a failed submission stores nothing.
+        for field_file in stored:
+            field_file.storage.delete(field_file.name)
+        raise

@@ -1,0 +1,46 @@
+"""Celery tasks: thin, idempotent wrappers around ``jobs.services``.
+
+They take ids, never tensors or model instances; the service re-reads the database and
+re-checks state on entry, so a task that runs twice (a redelivery after a worker died, or a
+duplicate enqueue) does no harm. ``acks_late``: a task is acknowledged only after it ran, so a
+worker killed with SIGKILL in the middle leaves it to be delivered again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+from celery.signals import worker_ready
+
+from jobs.services import rounds
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, max_retries=5, default_retry_delay=2)
+def job_advance_task(job_id: int) -> str:
+    """Do the job's next due step (see ``jobs.services.rounds.job_advance``)."""
+    outcome = rounds.job_advance(job_id=job_id)
+    log.info("job %s: %s", job_id, outcome)
+    return outcome
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True)
+def update_check_task(task_id: int) -> str:
+    """Check one uploaded update; the service enqueues job_advance when it changed state."""
+    return rounds.update_check(task_id=task_id)
+
+
+@shared_task
+def jobs_resume_task() -> int:
+    """Enqueue job_advance for every active job: what a restarted worker does first."""
+    return rounds.jobs_resume()
+
+
+@worker_ready.connect
+def _resume_on_worker_start(sender: Any = None, **_: Any) -> None:
+    # A worker that died mid-aggregation left its round AGGREGATING; jobs waiting for a
+    # deadline countdown that was lost with Redis still need a nudge. Resume them all.
+    jobs_resume_task.delay()
