@@ -1,0 +1,77 @@
+"""Job, round and task state changes reach the job's and project's Channels groups, typed,
+and only after the transaction commits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+from jobs import events
+from jobs.models import Job
+from tests.portal.test_job_rounds import eager_celery, submit, three_sites, upload  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def subscribe(group: str) -> str:
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(group, channel)
+    return channel
+
+
+def test_state_changes_are_published_to_the_job_and_project_groups(tmp_path: Path) -> None:
+    project, sites = three_sites()
+    project_channel = subscribe(f"project.{project.pk}")
+
+    job = submit(tmp_path, project, num_rounds=1)
+    job_channel = subscribe(f"job.{job.pk}")
+    for site in sites:
+        upload(
+            job,
+            site,
+            0,
+            {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(5)},
+            metrics={"accuracy": 0.5},
+        )
+
+    layer = get_channel_layer()
+    kinds = []
+    for _ in range(40):
+        try:
+            message = async_to_sync(_receive_now)(layer, job_channel)
+        except TimeoutError:
+            break
+        assert message["type"] == events.MESSAGE_TYPE
+        kinds.append((message["event"]["kind"], message["event"].get("state")))
+    assert ("task.state", "uploaded") in kinds
+    assert ("task.state", "accepted") in kinds
+    assert ("round.state", "closed") in kinds
+    assert kinds[-1] == ("job.state", "completed")
+    first = async_to_sync(_receive_now)(layer, project_channel)
+    assert first["event"]["kind"] == "job.state" and first["event"]["job_id"] == job.pk
+
+
+async def _receive_now(layer, channel: str) -> dict:
+    import asyncio
+
+    return await asyncio.wait_for(layer.receive(channel), timeout=0.5)
+
+
+def test_nothing_is_published_when_the_transaction_rolls_back(tmp_path: Path) -> None:
+    project, _ = three_sites()
+    job = submit(tmp_path, project)
+    channel = subscribe(f"job.{job.pk}")
+    layer = get_channel_layer()
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        events.job_state(Job.objects.get(pk=job.pk))
+        raise RuntimeError("roll back")
+
+    with pytest.raises(TimeoutError):
+        async_to_sync(_receive_now)(layer, channel)
