@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import AnonymousUser
 from django.db import IntegrityError, transaction
+from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.encoding import escape_uri_path, iri_to_uri
 from rest_framework import exceptions
@@ -106,6 +107,11 @@ MAX_SIGNATURE_B64 = 1024  # RSA-4096 is 684 base64 characters; anything longer i
 NONCE_PRUNE_EVERY = 64
 # last_used_at is informational; writing it at most this often spares a write per request.
 API_TOKEN_TOUCH_INTERVAL = dt.timedelta(seconds=60)
+
+
+site_heartbeat = Signal()
+"""Sent after every verified site request with ``site`` and ``previous`` (the heartbeat
+before this one, or None). The jobs app listens: a site coming online may let a job start."""
 
 
 @dataclass(frozen=True)
@@ -231,8 +237,10 @@ def verify_signed_request(
             "(every request needs a fresh nonce)"
         ) from exc
 
+    previous = site.last_heartbeat
     Site.objects.filter(pk=site.pk).update(last_heartbeat=now)
     site.last_heartbeat = now
+    site_heartbeat.send(sender=Site, site=site, previous=previous)
     if random.randrange(NONCE_PRUNE_EVERY) == 0:
         used_nonces_prune(now=now)
     return SiteIdentity(site=site, certificate=row)

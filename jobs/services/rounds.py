@@ -335,3 +335,18 @@ def jobs_resume() -> int:
 
         update_check_task.delay(task_id)
     return len(ids)
+
+
+def on_site_heartbeat(*, site: Any, previous: Any, **_: Any) -> None:
+    """A site that comes online may complete the quorum of jobs waiting to start."""
+    if previous is not None and site_is_online_at(previous):
+        return  # it was online already: nothing changed for waiting jobs
+    from jobs.tasks import job_advance_task  # noqa: PLC0415
+
+    waiting = Job.objects.filter(state=JobState.WAITING, participants__site=site)
+    for job_id in waiting.values_list("pk", flat=True):
+        job_advance_task.delay(job_id)
+
+
+def site_is_online_at(heartbeat: Any) -> bool:
+    return timezone.now() - heartbeat <= timedelta(seconds=settings.FEDPORTAL_SITE_ONLINE_SECONDS)

@@ -192,3 +192,26 @@ def test_abort_stops_a_running_job(tmp_path: Path) -> None:
     assert job.state == JobState.ABORTED
     assert job.rounds.get().state == RoundState.FAILED
     assert rounds.job_advance(job_id=job.pk) == "nothing: job is aborted"
+
+
+def test_a_site_coming_online_starts_a_waiting_job(tmp_path: Path) -> None:
+    from sites.authentication import verify_signed_request
+
+    organization = OrganizationFactory()
+    enrolled = [enrolled_site(organization=organization, name=f"site-{i}") for i in (1, 2)]
+    for e in enrolled:
+        e.site.auto_accept_jobs = True
+        e.site.last_heartbeat = timezone.now() if e is enrolled[0] else None
+        e.site.save()
+    job = submit(tmp_path, organization.project, min_clients=2)
+    job.refresh_from_db()
+    assert job.state == JobState.WAITING
+
+    path = "/api/v1/agent/jobs/"
+    verify_signed_request(
+        method="GET", path=path, headers=enrolled[1].headers("GET", path), body=b""
+    )
+
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING
+    assert job.rounds.get().tasks.count() == 2
