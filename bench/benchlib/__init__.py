@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -248,9 +249,9 @@ class TreeMemorySampler:
         return (self._stopped - self._started) / max(1, self.samples)
 
 
-def proc_status_kib(field: str) -> int:
-    """A ``VmXXX:`` line of ``/proc/self/status``, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def proc_status_kib(field: str, pid: int | str = "self") -> int:
+    """A ``VmXXX:`` line of ``/proc/<pid>/status`` (this process by default), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
@@ -265,10 +266,89 @@ def release_free_heap() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def reset_peak_rss() -> None:
-    """Make VmHWM (peak RSS) equal to the current RSS (Linux >= 4.0, ``clear_refs`` 5)."""
-    with open("/proc/self/clear_refs", "w") as fh:
+def reset_peak_rss(pid: int | str = "self") -> None:
+    """Make VmHWM (peak RSS) equal to the current RSS (Linux >= 4.0, ``clear_refs`` 5).
+
+    For another process this needs the right to write its ``/proc/<pid>/clear_refs`` (same
+    user, or root).
+    """
+    with open(f"/proc/{pid}/clear_refs", "w") as fh:
         fh.write("5")
+
+
+def cpu_seconds(pid: int | str = "self") -> tuple[float, float]:
+    """User and system CPU seconds a process has used (``/proc/<pid>/stat``, 10 ms steps)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def load_average() -> str:
+    """``/proc/loadavg``'s 1, 5 and 15 minute figures: other work on the machine."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class RssSampler:
+    """Samples one process's VmRSS every ``interval`` seconds in a thread, with wall times.
+
+    Cheap (one read of ``/proc/<pid>/status``, no page-table walk), so it can run beside the
+    work it watches. Use :meth:`peak_kib` for the highest sample in a time window (wall clock,
+    ``time.time()``, so that it lines up with database and log timestamps).
+    """
+
+    def __init__(self, pid: int | str = "self", interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                rss = proc_status_kib("VmRSS", self.pid)
+            except (OSError, KeyError):  # the process is gone
+                return
+            self.samples.append((time.time(), rss))
+            next_at += self.interval
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+            next_at = max(next_at, time.monotonic())
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start: float, stop: float) -> list[int]:
+        return [kib for at, kib in list(self.samples) if start <= at <= stop]
+
+    def peak_kib(self, start: float, stop: float) -> int:
+        """The highest sample taken between the wall times ``start`` and ``stop`` (0 if none)."""
+        return max(self.between(start, stop), default=0)
+
+    def median_kib(self, start: float, stop: float) -> float:
+        return median(self.between(start, stop))
+
+
+def birth_time(path: str | Path) -> float:
+    """When ``path`` was created (statx btime, through GNU ``stat``), NaN if unknown.
+
+    Python 3.11 has no ``st_birthtime`` on Linux. A file renamed into place keeps the birth
+    time of the temporary file it was written as.
+    """
+    try:
+        out = subprocess.run(
+            ["stat", "--format=%.9W", str(path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        value = float(out)
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return float("nan")
+    return value if value > 0 else float("nan")
 
 
 class Stopwatch:

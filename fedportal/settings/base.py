@@ -149,6 +149,14 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Federated learning across organisations whose data may not move.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several models have a field named `state`; name each enum after its own choices.
+    "ENUM_NAME_OVERRIDES": {
+        "JobStateEnum": "jobs.models.JobState",
+        "RoundStateEnum": "jobs.models.RoundState",
+        "TaskStateEnum": "jobs.models.TaskState",
+        "TaskReportEnum": "jobs.api.serializers.TASK_REPORTS",
+        "SiteStateEnum": "sites.models.SiteState",
+    },
 }
 
 # --- Projects, sites and the project certificate authorities (sites app) ---------------------
@@ -169,6 +177,10 @@ FEDPORTAL_INVITATION_TTL_HOURS = int(os.environ.get("FEDPORTAL_INVITATION_TTL_HO
 FEDPORTAL_SIGNATURE_WINDOW_SECONDS = int(
     os.environ.get("FEDPORTAL_SIGNATURE_WINDOW_SECONDS", "300")
 )
+# The portal's address as sites reach it, e.g. https://portal.example.org: it goes into the
+# `python -m client_agent enrol --portal …` line shown on approval. Unset: the address the
+# project admin's request came to.
+FEDPORTAL_PUBLIC_URL = os.environ.get("FEDPORTAL_PUBLIC_URL", "")
 
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
 LOGGING = {
@@ -200,3 +212,5 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Torch threads in a Celery worker (see jobs.tasks); one is fastest on a shared machine.
+FEDPORTAL_WORKER_TORCH_THREADS = int(os.environ.get("FEDPORTAL_WORKER_TORCH_THREADS", "1"))
