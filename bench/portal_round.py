@@ -1129,7 +1129,8 @@ def main() -> None:
     parser.add_argument(
         "--worker-threads",
         type=int,
-        help="OMP_NUM_THREADS for the Celery worker (default: unset, torch uses every core)",
+        help="OMP_NUM_THREADS for the Celery worker (default: unset; the worker then uses "
+        "FEDPORTAL_WORKER_TORCH_THREADS, default 1)",
     )
     parser.add_argument("--keep-worker-log", type=Path, help="copy the worker's log here")
     parser.add_argument("--simenv-child", type=Path, help=argparse.SUPPRESS)
@@ -1149,8 +1150,9 @@ def main() -> None:
         "SimEnv with echo clients.",
     )
     threads = args.worker_threads
+    default_threads = "FEDPORTAL_WORKER_TORCH_THREADS (default 1)"
     print(
-        f"worker threads: {'OMP_NUM_THREADS=' + str(threads) if threads else 'torch default'}; "
+        f"worker threads: {'OMP_NUM_THREADS=' + str(threads) if threads else default_threads}; "
         f"load average at start {benchlib.load_average()} (other work on this machine)\n",
         flush=True,
     )

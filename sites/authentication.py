@@ -26,6 +26,10 @@ verified request counts as a heartbeat (``site.last_heartbeat``).
   :class:`SiteIdentity` and ``request.user`` to ``AnonymousUser``; a permission for agent-only
   endpoints checks ``isinstance(request.auth, SiteIdentity)``. Requests without the signature
   headers are left to the next authentication class.
+- HTTP with a streamed body (a model update, too big to read whole): the same signature, but
+  verified against the digest the request claims in ``X-Content-SHA256`` (``body_sha256``);
+  the view hashes the body as it streams it to storage and refuses it on a mismatch
+  (``jobs.api.authentication.StreamedBodySignatureAuthentication``).
 - WebSocket: in a Channels consumer's ``connect()``::
 
       try:
@@ -139,7 +143,8 @@ def verify_signed_request(
     method: str,
     path: str,
     headers: Mapping[str, str],
-    body: bytes,
+    body: bytes = b"",
+    body_sha256: str | None = None,
     now: dt.datetime | None = None,
 ) -> SiteIdentity:
     """Check a signed agent request (see the module docstring) and return who sent it.
@@ -147,6 +152,11 @@ def verify_signed_request(
     ``path`` is the request target as signed: path plus ``?query``. ``headers`` may use any
     letter case. Records the nonce and the site's heartbeat; raises an
     ``AuthenticationError`` subclass naming the cause otherwise.
+
+    ``body_sha256`` (lowercase hex), given instead of ``body``, is the digest the request
+    *claims* for a body that is streamed to storage rather than read here (a model update):
+    the signed string holds only the body's SHA-256 anyway, so the signature then proves the
+    claim, and the caller must refuse the body unless it hashes to that digest.
     """
     lowered = {str(k).lower(): str(v) for k, v in headers.items()}
     missing = [name for name in SIGNATURE_HEADERS if name.lower() not in lowered]
@@ -214,9 +224,14 @@ def verify_signed_request(
     if site.state != SiteState.ENROLLED:
         raise SiteNotEnrolled(f"site '{site.name}' is {site.state}, not enrolled")
 
-    message = canonical_string(
-        method=method, path=path, timestamp=timestamp, nonce=nonce, body=body
-    )
+    if body_sha256 is None:
+        message = canonical_string(
+            method=method, path=path, timestamp=timestamp, nonce=nonce, body=body
+        )
+    else:
+        message = canonical_string_for_digest(
+            method=method, path=path, timestamp=timestamp, nonce=nonce, digest=body_sha256
+        )
     if not verify_signature(cert.public_key(), signature, message):
         raise SignatureInvalid(
             "the signature does not match this request: the method, path, body, timestamp or "
@@ -244,6 +259,18 @@ def verify_signed_request(
     if random.randrange(NONCE_PRUNE_EVERY) == 0:
         used_nonces_prune(now=now)
     return SiteIdentity(site=site, certificate=row)
+
+
+def canonical_string_for_digest(
+    *, method: str, path: str, timestamp: int, nonce: str, digest: str
+) -> bytes:
+    """``client_agent.signing.canonical_string`` with the body's SHA-256 hex in place of the
+    body. The digest is that string's last line, so everything before it is taken from the one
+    definition rather than written out again."""
+    if not _FINGERPRINT.fullmatch(digest):  # the same shape: 64 lowercase hex digits
+        raise SignatureMalformed("the body digest must be 64 lowercase hexadecimal digits")
+    head = canonical_string(method=method, path=path, timestamp=timestamp, nonce=nonce, body=b"")
+    return head[: head.rindex(b"\n") + 1] + digest.encode("ascii")
 
 
 def _scope_path(scope: Mapping[str, Any]) -> str:

@@ -212,15 +212,17 @@ def load_csr(csr_pem: str | bytes) -> x509.CertificateSigningRequest:
     """Parse a PEM CSR and check that it is signed by the key it carries."""
     data = csr_pem.encode("utf-8") if isinstance(csr_pem, str) else csr_pem
     if not data.strip():
-        raise InvalidCSR("the CSR is empty", field="csr")
+        raise InvalidCSR("the CSR is empty", field="csr_pem")
     if len(data) > MAX_CSR_BYTES:
-        raise InvalidCSR(f"the CSR is larger than {MAX_CSR_BYTES} bytes", field="csr")
+        raise InvalidCSR(f"the CSR is larger than {MAX_CSR_BYTES} bytes", field="csr_pem")
     if b"-----BEGIN CERTIFICATE REQUEST-----" not in data:
-        raise InvalidCSR("the CSR is not a PEM 'CERTIFICATE REQUEST' (PKCS#10) block", field="csr")
+        raise InvalidCSR(
+            "the CSR is not a PEM 'CERTIFICATE REQUEST' (PKCS#10) block", field="csr_pem"
+        )
     try:
         csr = x509.load_pem_x509_csr(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise InvalidCSR(f"the CSR cannot be parsed: {exc}", field="csr") from exc
+        raise InvalidCSR(f"the CSR cannot be parsed: {exc}", field="csr_pem") from exc
     try:
         valid = csr.is_signature_valid
     except (ValueError, UnsupportedAlgorithm, InvalidSignature) as exc:
@@ -228,7 +230,7 @@ def load_csr(csr_pem: str | bytes) -> x509.CertificateSigningRequest:
     if not valid:
         raise CSRSignatureInvalid(
             "the CSR's signature does not match its public key: it was altered after signing",
-            field="csr",
+            field="csr_pem",
         )
     return csr
 
@@ -239,20 +241,20 @@ def check_csr_key(csr: x509.CertificateSigningRequest) -> None:
         key = csr.public_key()
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise UnsupportedKeyType(
-            f"the CSR's public key type is not supported: {exc}", field="csr"
+            f"the CSR's public key type is not supported: {exc}", field="csr_pem"
         ) from exc
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
             raise WeakKey(
                 f"the CSR's RSA key has {key.key_size} bits; at least {MIN_RSA_BITS} are required",
-                field="csr",
+                field="csr_pem",
             )
         return
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ALLOWED_CURVES):
             raise UnsupportedKeyType(
                 f"the CSR's EC key is on curve {key.curve.name}; use P-256, P-384 or P-521",
-                field="csr",
+                field="csr_pem",
             )
         return
     if isinstance(key, ed25519.Ed25519PublicKey):
@@ -260,7 +262,7 @@ def check_csr_key(csr: x509.CertificateSigningRequest) -> None:
     raise UnsupportedKeyType(
         f"the CSR's {type(key).__name__.removesuffix('PublicKey') or 'public'} key is not "
         "supported; use ECDSA P-256 (the agent's default), Ed25519 or RSA ≥ 2048 bits",
-        field="csr",
+        field="csr_pem",
     )
 
 
@@ -271,21 +273,21 @@ def check_csr_subject(
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not cns:
         raise SubjectMismatch(
-            f"the CSR's subject has no common name; expected CN={site_name}", field="csr"
+            f"the CSR's subject has no common name; expected CN={site_name}", field="csr_pem"
         )
     values = [str(a.value) for a in cns]
     if values != [site_name]:
         raise SubjectMismatch(
             f"the CSR's subject is CN={', CN='.join(values)}; this token is for site "
             f"'{site_name}', so the CSR must say CN={site_name}",
-            field="csr",
+            field="csr_pem",
         )
     orgs = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
     if orgs and orgs != [project_name]:
         raise SubjectMismatch(
             f"the CSR's subject says O={', O='.join(orgs)}; the site belongs to project "
             f"'{project_name}'",
-            field="csr",
+            field="csr_pem",
         )
 
 

@@ -63,3 +63,9 @@ def invitation_ttl() -> dt.timedelta:
 
 def signature_window_seconds() -> int:
     return int(settings.FEDPORTAL_SIGNATURE_WINDOW_SECONDS)
+
+
+def public_url() -> str:
+    """The portal's address as sites reach it (``FEDPORTAL_PUBLIC_URL``), without a trailing
+    slash; empty when unset, and the API then uses the address the request came to."""
+    return str(getattr(settings, "FEDPORTAL_PUBLIC_URL", "") or "").rstrip("/")

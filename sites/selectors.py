@@ -291,13 +291,17 @@ def audit_events_visible_to(
     target_type: str | None = None,
     target_id: str | int | None = None,
     actor: User | None = None,
+    actor_username: str | None = None,
+    actor_site_name: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
 ) -> QuerySet[AuditEvent]:
     """Audit events, newest first, filtered by any of the keyword arguments.
 
     ``action`` matches exactly, or as a prefix when it ends with ``.`` (``"site."`` → every
-    site event). Project admins see their projects' events; everyone sees their own.
+    site event). ``actor_username`` matches the username recorded with the event (it outlives
+    the account); ``actor_site_name`` the site whose agent acted. Project admins see their
+    projects' events; everyone sees their own.
     """
     if not _active(user):
         return AuditEvent.objects.none()
@@ -320,6 +324,10 @@ def audit_events_visible_to(
         qs = qs.filter(target_id=str(target_id))
     if actor is not None:
         qs = qs.filter(actor=actor)
+    if actor_username:
+        qs = qs.filter(actor_repr=actor_username)
+    if actor_site_name:
+        qs = qs.filter(actor_site__name=actor_site_name)
     if since is not None:
         qs = qs.filter(created_at__gte=since)
     if until is not None:

@@ -14,12 +14,14 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from jobs import events
+from jobs.exceptions import DecisionNotDelegated
 from jobs.models import (
     JOB_ACTIVE,
     Job,
     JobSite,
     JobState,
     MetricPoint,
+    ModelVersion,
     RoundState,
     SiteTask,
     TaskState,
@@ -36,10 +38,23 @@ def job_for_site(*, job_uid: Any, site: Any) -> Job:
     return job
 
 
-def site_job_decide(*, job: Job, site: Any, accept: bool, decided_by: Any = None) -> JobSite:
-    """The site accepts or declines the job; only while the job waits to start."""
+def site_job_decide(
+    *, job: Job, site: Any, accept: bool, decided_by: Any = None, by_agent: bool = False
+) -> JobSite:
+    """The site accepts or declines the job; only while the job waits to start.
+
+    ``by_agent``: the site's agent decides, which its policy allows only when the site accepts
+    jobs automatically (``DecisionNotDelegated`` otherwise); people's permission to decide is
+    checked by the caller.
+    """
     with transaction.atomic():
-        link = JobSite.objects.select_for_update().select_related("job").get(job=job, site=site)
+        link = (
+            JobSite.objects.select_for_update()
+            .select_related("job", "site")
+            .get(job=job, site=site)
+        )
+        if by_agent and not link.site.auto_accept_jobs:
+            raise DecisionNotDelegated()
         if link.job.state not in (JobState.SUBMITTED, JobState.WAITING):
             raise Conflict(f"the job is {link.job.state}; sites decide before it starts")
         link.decision = JobSite.Decision.ACCEPTED if accept else JobSite.Decision.DECLINED
@@ -57,8 +72,22 @@ def task_for_site(*, job: Job, site: Any, round_number: int) -> SiteTask:
         .first()
     )
     if task is None:
-        raise NotFound(f"this site has no task in round {round_number + 1}")
+        raise NotFound(f"this site has no task in round number {round_number} (counted from 0)")
     return task
+
+
+def round_model_fetch(*, job: Job, site: Any, round_number: int) -> ModelVersion:
+    """The global model that round ``round_number`` starts from, for a site with a task in it.
+
+    Marks the task ``downloaded`` (when it was only ``assigned`` and the round is open), so
+    the job's per-site status shows who has started.
+    """
+    task = task_for_site(job=job, site=site, round_number=round_number)
+    task_mark(task=task, state=TaskState.DOWNLOADED)
+    version = ModelVersion.objects.filter(job=job, round_number=round_number).first()
+    if version is None:  # a round always opens after its start model was stored
+        raise NotFound(f"no global model for round number {round_number}")
+    return version
 
 
 def task_mark(*, task: SiteTask, state: str) -> SiteTask:

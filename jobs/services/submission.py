@@ -60,7 +60,11 @@ def job_submit(
     except BundleError as exc:
         field, _, message = str(exc).partition(": ")
         raise ValidationFailed(message or str(exc), field=f"spec.{field}") from None
-    timeout = round_timeout_seconds or settings.FEDPORTAL_ROUND_TIMEOUT_SECONDS
+    timeout = (
+        settings.FEDPORTAL_ROUND_TIMEOUT_SECONDS
+        if round_timeout_seconds is None
+        else round_timeout_seconds
+    )
     if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
         raise ValidationFailed(
             "must be a positive number of seconds", field="round_timeout_seconds"

@@ -19,6 +19,10 @@ _RESOURCE_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _SITE_NAME = re.compile(SITE_NAME_PATTERN)
 
 
+def _has_control_characters(value: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" for c in value)
+
+
 def clean_name(value: object, *, field: str, max_length: int) -> str:
     """A display name: trimmed, 1..max_length characters, no control characters."""
     if not isinstance(value, str):
@@ -32,7 +36,7 @@ def clean_name(value: object, *, field: str, max_length: int) -> str:
             field=field,
         )
     # Names end up in certificate subjects and log lines, where control characters do harm.
-    if any(unicodedata.category(c) == "Cc" for c in value):
+    if _has_control_characters(value):
         raise ValidationFailed(f"{field} must not contain control characters", field=field)
     return value
 
@@ -111,10 +115,13 @@ def clean_resources(value: object) -> dict[str, Any]:
                     f"resources.{key} must be a finite number ≥ 0, got {item!r}", field="resources"
                 )
             continue
-        if isinstance(item, str) and len(item) <= 200:
+        # No control characters: PostgreSQL's jsonb cannot even store NUL, and these values are
+        # shown to people.
+        if isinstance(item, str) and len(item) <= 200 and not _has_control_characters(item):
             continue
         raise ValidationFailed(
-            f"resources.{key} must be a number, a boolean or a string of ≤ 200 characters",
+            f"resources.{key} must be a number, a boolean or a string of ≤ 200 characters "
+            "without control characters",
             field="resources",
         )
     return dict(value)

@@ -22,7 +22,8 @@ class UserFactory(factory.django.DjangoModelFactory):
 
     username = factory.Sequence(lambda n: f"user{n}")
     email = factory.LazyAttribute(lambda u: f"{u.username}@example.org")
-    password = factory.PostGenerationMethodCall("set_password", "pw")
+    # Hashed at build time and saved with the row (a post-generation set_password is not saved).
+    password = factory.django.Password("pw")
 
 
 class ProjectFactory(factory.Factory):

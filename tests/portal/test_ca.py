@@ -232,7 +232,7 @@ def test_malformed_csr_is_refused(authority: ca.NewCA, csr: str, message: str) -
     with pytest.raises(InvalidCSR, match=message) as caught:
         sign(authority, csr)
     assert caught.value.code == "invalid_csr"
-    assert caught.value.field == "csr"
+    assert caught.value.field == "csr_pem"
 
 
 def test_a_certificate_is_not_a_csr(authority: ca.NewCA) -> None:

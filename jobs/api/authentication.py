@@ -1,0 +1,64 @@
+"""Signed agent requests whose body is streamed, not read: model updates.
+
+``SiteSignatureAuthentication`` verifies the signature over the SHA-256 of ``request.body``,
+which reads the whole body into memory (and Django refuses bodies over
+``DATA_UPLOAD_MAX_MEMORY_SIZE`` there). An update may be gigabytes, so the upload endpoint
+uses :class:`StreamedBodySignatureAuthentication` instead:
+
+- the agent signs the request exactly as any other (``client_agent.signing.sign_request``):
+  the canonical string's last line is the body's SHA-256, and it sends that same digest in
+  ``X-Content-SHA256``;
+- the portal verifies the signature against the *claimed* digest, without reading the body
+  (``verify_signed_request(body_sha256=…)``), so the signature proves who claims it;
+- the upload service hashes the body as it streams it to storage in chunks and keeps nothing
+  unless the hash equals the claim (``jobs.services.sites.update_upload``).
+
+A body altered in transit therefore fails the checksum (400, nothing stored) instead of the
+signature (401); either way it is refused. The signed string is the same as for a body that is
+read whole, so an agent needs no second signing scheme.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from django.contrib.auth.models import AnonymousUser
+from rest_framework import exceptions
+from rest_framework.request import Request
+
+from client_agent.signing import HEADER_FINGERPRINT, HEADER_SIGNATURE
+from sites.authentication import SiteIdentity, SiteSignatureAuthentication, verify_signed_request
+from sites.exceptions import AuthenticationError
+
+logger = logging.getLogger(__name__)
+
+HEADER_CONTENT_SHA256 = "X-Content-SHA256"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StreamedBodySignatureAuthentication(SiteSignatureAuthentication):
+    """A site agent's signed request, verified over ``X-Content-SHA256``, never the body."""
+
+    def authenticate(self, request: Request) -> tuple[AnonymousUser, SiteIdentity] | None:
+        headers = request.headers
+        if HEADER_SIGNATURE not in headers and HEADER_FINGERPRINT not in headers:
+            return None
+        digest = headers.get(HEADER_CONTENT_SHA256, "").strip().lower()
+        if not _SHA256.fullmatch(digest):
+            raise exceptions.AuthenticationFailed(
+                detail=f"a streamed upload is signed over its {HEADER_CONTENT_SHA256} header "
+                "(the body's SHA-256, 64 hexadecimal digits), which is missing or malformed",
+                code="signature_malformed",
+            )
+        try:
+            identity = verify_signed_request(
+                method=request.method or "PUT",
+                path=request.get_full_path(),
+                headers=headers,
+                body_sha256=digest,
+            )
+        except AuthenticationError as exc:
+            logger.info("signed upload refused: %s %s: %s", request.method, request.path, exc)
+            raise exceptions.AuthenticationFailed(detail=exc.message, code=exc.code) from exc
+        return AnonymousUser(), identity

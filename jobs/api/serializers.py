@@ -1,0 +1,416 @@
+"""What the jobs API reads and writes.
+
+Input serializers only parse (types and required fields); the rules (the spec against the
+workflow, the safetensors header, archive paths, size limits, who may decide) live in the
+services, which name the field at fault. Output serializers describe exactly what is sent, so
+that the OpenAPI schema is the contract.
+
+Round numbers count from 0, as in the database and the Client API's ``current_round``: round
+``n`` starts from the global model ``n`` (the model after ``n`` completed rounds; model 0 is
+the initial one).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.files.uploadedfile import UploadedFile
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from jobs.models import (
+    Job,
+    JobSite,
+    JobState,
+    MetricPoint,
+    ModelVersion,
+    Round,
+    SiteTask,
+    TaskState,
+)
+from jobs.services.rounds import site_is_online
+
+# job.json is a few hundred bytes; this bound only keeps absurd input out before parsing.
+SPEC_MAX_BYTES = 1024 * 1024
+SITE_NAME_MAX = 63
+# What an agent may report about its task (jobs.services.sites.task_mark).
+TASK_REPORTS = [TaskState.DOWNLOADED.value, TaskState.TRAINING.value]
+REASON_MAX = 2000
+
+
+# --- submission --------------------------------------------------------------------------------
+
+
+@extend_schema_field(
+    {
+        "oneOf": [{"type": "string", "format": "binary"}, {"type": "string"}],
+        "description": "The bundle's job.json: a file part, or the JSON text as a form field.",
+    }
+)
+class SpecField(serializers.Field):
+    """``job.json`` as an uploaded file or as a JSON string; parsed to a dict (or whatever JSON
+    value it holds: the service says what is wrong with it)."""
+
+    default_error_messages = {
+        "too_large": f"job.json is larger than {SPEC_MAX_BYTES} bytes",
+        "not_json": "not JSON: {error}",
+        "not_text": "must be a JSON text or a job.json file",
+    }
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, UploadedFile):
+            if data.size is not None and data.size > SPEC_MAX_BYTES:
+                self.fail("too_large")
+            raw: Any = data.read(SPEC_MAX_BYTES + 1)
+        elif isinstance(data, str):
+            raw = data
+        else:
+            self.fail("not_text")
+        if len(raw) > SPEC_MAX_BYTES:
+            self.fail("too_large")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self.fail("not_json", error=str(exc))
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class JobSubmitSerializer(serializers.Serializer):
+    """``multipart/form-data``: the job bundle that ``recipe.export()`` writes."""
+
+    spec = SpecField()
+    initial_model = serializers.FileField(
+        allow_empty_file=True, help_text="initial_model.safetensors: the initial global weights."
+    )
+    app = serializers.FileField(
+        allow_empty_file=True,
+        help_text="The bundle's app/ folder as a zip (jobs.bundle.pack_app); the spec's "
+        "train_script must be in it. No absolute paths, no '..', no links.",
+    )
+    sites = serializers.ListField(
+        child=serializers.CharField(max_length=SITE_NAME_MAX),
+        required=False,
+        allow_empty=False,
+        help_text="Names of the enrolled sites that take part (repeat the field for each); "
+        "default: every site of the project enrolled now.",
+    )
+    round_timeout_seconds = serializers.IntegerField(
+        required=False,
+        help_text="A round closes at this deadline if min_clients sites answered "
+        "(default: FEDPORTAL_ROUND_TIMEOUT_SECONDS).",
+    )
+
+
+class JobQuerySerializer(serializers.Serializer):
+    state = serializers.ChoiceField(JobState.choices, required=False)
+    submitter = serializers.CharField(required=False, max_length=150, help_text="A username.")
+
+
+class DecisionSerializer(serializers.Serializer):
+    accept = serializers.BooleanField(help_text="true: the site runs the job; false: it does not.")
+
+
+class AbortSerializer(serializers.Serializer):
+    reason = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=REASON_MAX,
+        help_text="Why; recorded as the job's failure reason (default: who aborted it).",
+    )
+
+
+class TaskStatusSerializer(serializers.Serializer):
+    state = serializers.ChoiceField(TASK_REPORTS, help_text="What the site is doing in this round.")
+
+
+class MetricPointInSerializer(serializers.Serializer):
+    """One point as the agent sends it; the service checks the values."""
+
+    key = serializers.CharField(help_text="The metric's name, 1 to 200 characters.")
+    value = serializers.FloatField(help_text="A finite number.")
+    step = serializers.IntegerField(required=False, allow_null=True)
+    round = serializers.IntegerField(required=False, allow_null=True, help_text="From 0.")
+    id = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        help_text="The sender's id for the point, up to 64 characters: a point sent again "
+        "with the same id is stored once.",
+    )
+
+
+@extend_schema_field(MetricPointInSerializer(many=True))
+class PointsField(serializers.ListField):
+    """Parsed as plain JSON objects: ``metrics_record`` checks each point and names the one at
+    fault (``points[3].value``); :class:`MetricPointInSerializer` documents the shape."""
+
+    child = serializers.DictField()
+
+
+class MetricsPostSerializer(serializers.Serializer):
+    points = PointsField(max_length=10_000)
+
+
+class MetricsPostedSerializer(serializers.Serializer):
+    received = serializers.IntegerField(help_text="Points in the request.")
+    stored = serializers.IntegerField(help_text="Points new to the portal (resends are not).")
+
+
+class MetricQuerySerializer(serializers.Serializer):
+    key = serializers.CharField(required=False, max_length=200)
+    site = serializers.CharField(required=False, max_length=SITE_NAME_MAX, help_text="A name.")
+    round = serializers.IntegerField(required=False, min_value=0)
+    source = serializers.ChoiceField(MetricPoint.Source.choices, required=False)
+
+
+# --- jobs for people ---------------------------------------------------------------------------
+
+
+class JobSerializer(serializers.ModelSerializer):
+    project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    project_id = serializers.IntegerField(read_only=True)
+    submitted_by = serializers.CharField(source="submitted_by.username", read_only=True)
+
+    class Meta:
+        model = Job
+        fields = [
+            "uid",
+            "project",
+            "project_id",
+            "name",
+            "state",
+            "failure_reason",
+            "workflow",
+            "params",
+            "spec",
+            "min_clients",
+            "num_rounds",
+            "completed_rounds",
+            "round_timeout_seconds",
+            "best_round",
+            "best_score",
+            "app_sha256",
+            "submitted_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class RoundSerializer(serializers.ModelSerializer):
+    participants = serializers.SerializerMethodField(help_text="Sites with a task in the round.")
+
+    class Meta:
+        model = Round
+        fields = [
+            "number",
+            "state",
+            "opened_at",
+            "deadline",
+            "closed_at",
+            "metrics",
+            "participants",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_participants(self, rnd: Round) -> list[str]:
+        return [task.site.name for task in rnd.tasks.all()]
+
+
+class SiteTaskSerializer(serializers.ModelSerializer):
+    round = serializers.IntegerField(source="round.number", read_only=True)
+
+    class Meta:
+        model = SiteTask
+        fields = ["round", "state", "reason", "update_size", "weight", "metrics", "updated_at"]
+        read_only_fields = fields
+
+
+class ParticipantSerializer(serializers.ModelSerializer):
+    """A site in a job: its decision, whether it is online, and its task in every round."""
+
+    site = serializers.CharField(source="site.name", read_only=True)
+    organization = serializers.CharField(source="site.organization.name", read_only=True)
+    decided_by = serializers.CharField(source="decided_by.username", default=None, read_only=True)
+    auto_accept_jobs = serializers.BooleanField(source="site.auto_accept_jobs", read_only=True)
+    last_heartbeat = serializers.DateTimeField(source="site.last_heartbeat", read_only=True)
+    online = serializers.SerializerMethodField()
+    tasks = serializers.SerializerMethodField()
+
+    class Meta:
+        model = JobSite
+        fields = [
+            "site",
+            "organization",
+            "decision",
+            "decided_at",
+            "decided_by",
+            "auto_accept_jobs",
+            "last_heartbeat",
+            "online",
+            "tasks",
+        ]
+        read_only_fields = fields
+
+    def get_online(self, link: JobSite) -> bool:
+        return site_is_online(link.site)
+
+    @extend_schema_field(SiteTaskSerializer(many=True))
+    def get_tasks(self, link: JobSite) -> list[dict[str, Any]]:
+        tasks = getattr(link.site, "job_tasks", None)
+        if tasks is None:  # not prefetched (a single participant after a decision)
+            tasks = SiteTask.objects.filter(round__job_id=link.job_id, site=link.site)
+            tasks = tasks.select_related("round").order_by("round__number")
+        data: list[dict[str, Any]] = SiteTaskSerializer(tasks, many=True).data
+        return data
+
+
+class MetricPointSerializer(serializers.ModelSerializer):
+    site = serializers.CharField(source="site.name", default=None, read_only=True)
+    round = serializers.IntegerField(source="round_number", read_only=True)
+
+    class Meta:
+        model = MetricPoint
+        fields = ["key", "value", "step", "round", "site", "source", "created_at"]
+        read_only_fields = fields
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    round_number = serializers.IntegerField(
+        read_only=True, help_text="Completed rounds when it was made; 0 is the initial model."
+    )
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelVersion
+        fields = [
+            "round_number",
+            "sha256",
+            "size",
+            "metrics",
+            "is_best",
+            "created_at",
+            "download_url",
+        ]
+        read_only_fields = fields
+
+    def get_download_url(self, version: ModelVersion) -> str:
+        return reverse(
+            "jobs-api:job-model-download",
+            kwargs={"uid": self.context["job"].uid, "round_number": version.round_number},
+        )
+
+
+# --- jobs for site agents ----------------------------------------------------------------------
+
+
+class AgentTaskSerializer(serializers.ModelSerializer):
+    """The site's task in the job's open round, with the paths it signs and calls."""
+
+    round = serializers.IntegerField(source="round.number", read_only=True)
+    deadline = serializers.DateTimeField(source="round.deadline", read_only=True)
+    model_url = serializers.SerializerMethodField(help_text="GET: the model the round starts from.")
+    status_url = serializers.SerializerMethodField(help_text="POST: {'state': 'training'}.")
+    update_url = serializers.SerializerMethodField(help_text="PUT: the update, streamed.")
+
+    class Meta:
+        model = SiteTask
+        fields = ["round", "state", "reason", "deadline", "model_url", "status_url", "update_url"]
+        read_only_fields = fields
+
+    def _url(self, task: SiteTask, name: str) -> str:
+        return reverse(
+            f"jobs-api:{name}", kwargs={"uid": self.context["uid"], "number": task.round.number}
+        )
+
+    def get_model_url(self, task: SiteTask) -> str:
+        return self._url(task, "agent-round-model")
+
+    def get_status_url(self, task: SiteTask) -> str:
+        return self._url(task, "agent-round-status")
+
+    def get_update_url(self, task: SiteTask) -> str:
+        return self._url(task, "agent-round-update")
+
+
+class AgentJobSerializer(serializers.ModelSerializer):
+    """A job as its site's agent sees it: enough to decide, fetch and run."""
+
+    uid = serializers.UUIDField(source="job.uid", read_only=True)
+    name = serializers.CharField(source="job.name", read_only=True)
+    state = serializers.CharField(source="job.state", read_only=True)
+    workflow = serializers.CharField(source="job.workflow", read_only=True)
+    num_rounds = serializers.IntegerField(source="job.num_rounds", read_only=True)
+    completed_rounds = serializers.IntegerField(source="job.completed_rounds", read_only=True)
+    app_sha256 = serializers.CharField(source="job.app_sha256", read_only=True)
+    spec_url = serializers.SerializerMethodField()
+    bundle_url = serializers.SerializerMethodField()
+    current_task = serializers.SerializerMethodField(
+        help_text="The site's task in the open round; null between rounds and before the start."
+    )
+
+    class Meta:
+        model = JobSite
+        fields = [
+            "uid",
+            "name",
+            "state",
+            "workflow",
+            "num_rounds",
+            "completed_rounds",
+            "app_sha256",
+            "decision",
+            "spec_url",
+            "bundle_url",
+            "current_task",
+        ]
+        read_only_fields = fields
+
+    def get_spec_url(self, link: JobSite) -> str:
+        return reverse("jobs-api:agent-job-spec", kwargs={"uid": link.job.uid})
+
+    def get_bundle_url(self, link: JobSite) -> str:
+        return reverse("jobs-api:agent-job-bundle", kwargs={"uid": link.job.uid})
+
+    @extend_schema_field(AgentTaskSerializer(allow_null=True))
+    def get_current_task(self, link: JobSite) -> dict[str, Any] | None:
+        task = getattr(link, "current_task", None)
+        if task is None:
+            return None
+        data: dict[str, Any] = AgentTaskSerializer(task, context={"uid": link.job.uid}).data
+        return data
+
+
+class AgentJobSpecSerializer(serializers.ModelSerializer):
+    """What the agent runs: the job.json as submitted, and the app archive's digest."""
+
+    class Meta:
+        model = Job
+        fields = ["uid", "name", "workflow", "params", "num_rounds", "spec", "app_sha256"]
+        read_only_fields = fields
+
+
+class AgentDecisionSerializer(serializers.ModelSerializer):
+    uid = serializers.UUIDField(source="job.uid", read_only=True)
+    site = serializers.CharField(source="site.name", read_only=True)
+
+    class Meta:
+        model = JobSite
+        fields = ["uid", "site", "decision", "decided_at"]
+        read_only_fields = fields
+
+
+class AgentTaskStateSerializer(serializers.ModelSerializer):
+    round = serializers.IntegerField(source="round.number", read_only=True)
+    sha256 = serializers.CharField(source="update_sha256", read_only=True)
+    size = serializers.IntegerField(source="update_size", read_only=True, allow_null=True)
+
+    class Meta:
+        model = SiteTask
+        fields = ["round", "state", "reason", "sha256", "size"]
+        read_only_fields = fields

@@ -1,0 +1,570 @@
+"""REST API of the jobs app, under ``/api/v1/``.
+
+Every view does the same things and nothing else: find what the URL names through a selector
+(404 when the caller cannot see it), check the caller's role with a ``jobs.selectors`` rule
+(403), parse the body with an input serializer (400), call one service and serialize what it
+returns. Domain errors become JSON in one place, ``fedportal.api.exception_handler``; see
+``jobs.api.permissions`` for the 401/404/403 order.
+
+Two audiences:
+
+- **people** (API token or session): submit a job bundle, list and read jobs, rounds, per-site
+  status, metrics and model versions, download models, abort, and decide for a site;
+- **site agents** (signed requests only, ``sites.authentication``): their site's active jobs,
+  the job's spec and app archive, a round's global model, task status, the update (streamed),
+  and metrics. A site reaches only the jobs it takes part in; any other job is 404.
+
+Choices made where the issue was silent:
+
+- A project in the URL is named by its slug, like the sites API, or by its numeric id.
+- Round numbers count from 0 everywhere (see ``jobs.api.serializers``).
+- Files (models, the app archive) are streamed with their SHA-256 in ``X-Content-SHA256``, so
+  an agent checks what it received; they are sent whatever the ``Accept`` header says, and
+  errors are JSON.
+- An update is ``PUT`` as the raw body (``application/octet-stream``) with its SHA-256 in
+  ``X-Content-SHA256`` and a ``Content-Length``; it is never read whole
+  (``jobs.api.authentication`` explains how its signature is checked). The answer is 202: the
+  update is stored, and checked against the global model by a worker. Under WSGI the view
+  reads the socket in chunks; under Daphne (ASGI) Django has already spooled the body to a
+  temporary file (on disk past ``FILE_UPLOAD_MAX_MEMORY_SIZE``), which the view reads in
+  chunks: memory stays bounded either way.
+- An agent may accept or decline a job only for a site that accepts jobs automatically; for
+  the others, the site's org admins decide through the people's endpoint.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from django.conf import settings
+from django.db.models import QuerySet
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import generics, status
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.serializers import BaseSerializer
+
+from jobs import selectors
+from jobs.api import schema as _schema  # noqa: F401  (registers the streamed-upload scheme)
+from jobs.api import serializers as s
+from jobs.api.authentication import HEADER_CONTENT_SHA256, StreamedBodySignatureAuthentication
+from jobs.api.permissions import ONLY_MANAGERS, ONLY_SITE_ADMINS, ONLY_SUBMITTERS
+from jobs.models import Job, MetricPoint, ModelVersion, Round
+from jobs.services.sites import (
+    job_abort,
+    job_for_site,
+    metrics_record,
+    round_model_fetch,
+    site_job_decide,
+    task_for_site,
+    task_mark,
+    update_upload,
+)
+from jobs.services.submission import job_submit
+from sites import selectors as site_selectors
+from sites.api.permissions import IsPerson, IsSiteAgent, require
+from sites.api.serializers import ErrorSerializer  # the one error body (fedportal.api)
+from sites.authentication import SiteIdentity, SiteSignatureAuthentication
+from sites.exceptions import NotFound, ValidationFailed
+from sites.models import Project, Site
+
+PROJECT = OpenApiParameter(
+    "project",
+    OpenApiTypes.STR,
+    OpenApiParameter.PATH,
+    description="The project's slug, as in the sites API, or its numeric id.",
+)
+# A multipart submission carries the two files plus job.json and a few small fields.
+SUBMISSION_OVERHEAD_BYTES = s.SPEC_MAX_BYTES + 64 * 1024
+
+
+def errors(*codes: int) -> dict[int, OpenApiResponse]:
+    """Error responses for the schema: each is an :class:`ErrorSerializer` body."""
+    return {code: OpenApiResponse(ErrorSerializer) for code in sorted({401, *codes})}
+
+
+def file_responses(*codes: int) -> dict[Any, Any]:
+    return {
+        (200, "application/octet-stream"): OpenApiResponse(
+            OpenApiTypes.BINARY, description=f"The file; its SHA-256 in {HEADER_CONTENT_SHA256}."
+        ),
+        **errors(*codes),
+    }
+
+
+def parse(serializer_class: type[BaseSerializer], data: Any) -> dict[str, Any]:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    validated: dict[str, Any] = serializer.validated_data
+    return validated
+
+
+def stream_file(field_file: Any, *, filename: str, sha256: str) -> FileResponse:
+    """A stored file as a streamed attachment (read in chunks by the server, never whole)."""
+    response = FileResponse(
+        field_file.storage.open(field_file.name, "rb"),
+        as_attachment=True,
+        filename=filename,
+        content_type="application/octet-stream",
+    )
+    response[HEADER_CONTENT_SHA256] = sha256
+    return response
+
+
+class FileNegotiation(DefaultContentNegotiation):
+    """A file endpoint sends the file whatever ``Accept`` says (``application/octet-stream``
+    would otherwise be 406, as no renderer makes it); its errors are JSON."""
+
+    def select_renderer(
+        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        return renderers[0], renderers[0].media_type
+
+
+# --- bases -------------------------------------------------------------------------------------
+
+
+class PersonView(generics.GenericAPIView):
+    """An endpoint for people (API token or session). Site agents are refused with 401."""
+
+    permission_classes = [IsPerson]
+
+    def query(self, serializer_class: type[BaseSerializer]) -> dict[str, Any]:
+        return parse(serializer_class, self.request.query_params)
+
+
+class JobView(PersonView):
+    """An endpoint under ``/jobs/<uid>/``: the job must be visible to the caller, else 404."""
+
+    _job: Job | None = None
+
+    def get_job(self) -> Job:
+        if self._job is None:
+            self._job = selectors.job_visible_to(self.request.user, self.kwargs["uid"])
+        return self._job
+
+
+class AgentView(generics.GenericAPIView):
+    """An endpoint for site agents (signed requests only). People are refused with 401."""
+
+    authentication_classes = [SiteSignatureAuthentication]
+    permission_classes = [IsSiteAgent]
+    pagination_class = None
+
+    @property
+    def site(self) -> Site:
+        identity: SiteIdentity = self.request.auth
+        return identity.site
+
+    def get_job(self) -> Job:
+        """The job in the URL if this site takes part in it; 404 otherwise."""
+        return job_for_site(job_uid=self.kwargs["uid"], site=self.site)
+
+
+# --- people: a project's jobs ------------------------------------------------------------------
+
+
+class ProjectJobListView(PersonView):
+    """A project's jobs (members), and submitting a job bundle (leads, project admins)."""
+
+    parser_classes = [MultiPartParser]
+    serializer_class = s.JobSerializer
+
+    def get_project(self) -> Project:
+        """The project named by slug or numeric id, if the caller belongs to it; else 404."""
+        ref = str(self.kwargs["project"])
+        visible = site_selectors.projects_visible_to(self.request.user)
+        project = visible.filter(slug=ref).first()
+        if project is None and ref.isdigit():
+            project = visible.filter(pk=int(ref)).first()
+        if project is None:
+            # The same answer for a project that exists elsewhere as for none at all.
+            raise NotFound(f"no project {ref!r}")
+        return project
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="List a project's jobs, newest first",
+        parameters=[PROJECT, s.JobQuerySerializer],
+        responses={200: s.JobSerializer(many=True), **errors(400, 404)},
+    )
+    def get(self, request: Request, project: str) -> Response:
+        q = self.query(s.JobQuerySerializer)
+        jobs = selectors.jobs_visible_to(
+            request.user,
+            project=self.get_project(),
+            state=q.get("state"),
+            submitter=q.get("submitter"),
+        )
+        page = self.paginate_queryset(jobs)
+        return self.get_paginated_response(s.JobSerializer(page, many=True).data)
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="Submit a job bundle",
+        description="The bundle that `recipe.export()` writes: job.json, the initial weights "
+        "(safetensors) and the app folder as a zip. Everything is checked before anything is "
+        "stored; a failure is a 4xx naming the field, and stores nothing.",
+        parameters=[PROJECT],
+        request={"multipart/form-data": s.JobSubmitSerializer},
+        responses={201: s.JobSerializer, **errors(400, 403, 404)},
+    )
+    def post(self, request: Request, project: str) -> Response:
+        found = self.get_project()
+        require(selectors.can_submit_job(request.user, found), ONLY_SUBMITTERS)
+        self._refuse_oversized(request)
+        data = parse(s.JobSubmitSerializer, request.data)
+        job = job_submit(
+            project=found,
+            submitted_by=request.user,
+            spec=data["spec"],
+            initial_model=data["initial_model"],
+            app_archive=data["app"],
+            sites=data.get("sites"),
+            round_timeout_seconds=data.get("round_timeout_seconds"),
+        )
+        return Response(s.JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+    @staticmethod
+    def _refuse_oversized(request: Request) -> None:
+        # Before the multipart body is parsed (and spooled to disk): a body bigger than the two
+        # files' limits together cannot be a valid bundle. The service checks each file.
+        limit = (
+            settings.FEDPORTAL_MAX_MODEL_BYTES
+            + settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES
+            + SUBMISSION_OVERHEAD_BYTES
+        )
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > limit:
+            raise ValidationFailed(
+                f"the request is {length} bytes; a job bundle is at most {limit}",
+                field="body",
+                code="too_large",
+            )
+
+
+# --- people: one job ---------------------------------------------------------------------------
+
+
+class JobDetailView(JobView):
+    """A job: its spec, state, progress and best model."""
+
+    @extend_schema(tags=["jobs"], responses={200: s.JobSerializer, **errors(404)})
+    def get(self, request: Request, uid: Any) -> Response:
+        return Response(s.JobSerializer(self.get_job()).data)
+
+
+class JobRoundListView(JobView):
+    """A job's rounds with their state, deadline, aggregate metrics and participants."""
+
+    serializer_class = s.RoundSerializer
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="A job's rounds, from 0",
+        responses={200: s.RoundSerializer(many=True), **errors(404)},
+    )
+    def get(self, request: Request, uid: Any) -> Response:
+        rounds: QuerySet[Round] = selectors.rounds_of(self.get_job())
+        page = self.paginate_queryset(rounds)
+        return self.get_paginated_response(s.RoundSerializer(page, many=True).data)
+
+
+class JobSiteListView(JobView):
+    """Each site of a job: its decision, whether it is online, and its task in every round."""
+
+    serializer_class = s.ParticipantSerializer
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="A job's sites: decision, online, and the task of each round",
+        responses={200: s.ParticipantSerializer(many=True), **errors(404)},
+    )
+    def get(self, request: Request, uid: Any) -> Response:
+        page = self.paginate_queryset(selectors.participants_of(self.get_job()))
+        return self.get_paginated_response(s.ParticipantSerializer(page, many=True).data)
+
+
+class JobSiteDecisionView(JobView):
+    """A site's org admin (or a project admin) accepts or declines the job for the site,
+    while the job waits to start."""
+
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="Accept or decline the job for a site (its org admins, project admins)",
+        request=s.DecisionSerializer,
+        responses={200: s.ParticipantSerializer, **errors(400, 403, 404, 409)},
+    )
+    def post(self, request: Request, uid: Any, site_name: str) -> Response:
+        job = self.get_job()
+        link = selectors.participant_of(job, site_name)
+        require(selectors.can_decide_for_site(request.user, link.site), ONLY_SITE_ADMINS)
+        data = parse(s.DecisionSerializer, request.data)
+        link = site_job_decide(
+            job=job, site=link.site, accept=data["accept"], decided_by=request.user
+        )
+        return Response(s.ParticipantSerializer(link).data)
+
+
+class JobMetricListView(JobView):
+    """Metric points: the sites' logged values and train results, and each round's aggregate."""
+
+    serializer_class = s.MetricPointSerializer
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="A job's metric points, in the order they were recorded",
+        parameters=[s.MetricQuerySerializer],
+        responses={200: s.MetricPointSerializer(many=True), **errors(400, 404)},
+    )
+    def get(self, request: Request, uid: Any) -> Response:
+        q = self.query(s.MetricQuerySerializer)
+        points: QuerySet[MetricPoint] = selectors.metric_points_of(
+            self.get_job(),
+            key=q.get("key"),
+            site=q.get("site"),
+            round_number=q.get("round"),
+            source=q.get("source"),
+        )
+        page = self.paginate_queryset(points)
+        return self.get_paginated_response(s.MetricPointSerializer(page, many=True).data)
+
+
+class JobModelListView(JobView):
+    """Global models: number 0 is the initial one, number n the model after n rounds."""
+
+    serializer_class = s.ModelVersionSerializer
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="A job's global models: the initial one and one after every round",
+        responses={200: s.ModelVersionSerializer(many=True), **errors(404)},
+    )
+    def get(self, request: Request, uid: Any) -> Response:
+        job = self.get_job()
+        versions: QuerySet[ModelVersion] = selectors.model_versions_of(job)
+        page = self.paginate_queryset(versions)
+        data = s.ModelVersionSerializer(page, many=True, context={"job": job}).data
+        return self.get_paginated_response(data)
+
+
+class JobModelDownloadView(JobView):
+    """The model file (safetensors), streamed, with its SHA-256 in X-Content-SHA256."""
+
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = FileNegotiation
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="Download a global model (safetensors)",
+        responses=file_responses(404),
+    )
+    def get(self, request: Request, uid: Any, round_number: int) -> FileResponse:
+        job = self.get_job()
+        version = selectors.model_version_of(job, round_number)
+        return stream_file(
+            version.file,
+            filename=f"{job.name}-round-{round_number:03d}.safetensors",
+            sha256=version.sha256,
+        )
+
+
+class JobAbortView(JobView):
+    """Stop an active job: its open round fails, and it takes no more updates into account."""
+
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="Abort a job (project admins, and the lead who submitted it)",
+        request=s.AbortSerializer,
+        responses={200: s.JobSerializer, **errors(400, 403, 404, 409)},
+    )
+    def post(self, request: Request, uid: Any) -> Response:
+        job = self.get_job()
+        require(selectors.can_manage_job(request.user, job), ONLY_MANAGERS)
+        data = parse(s.AbortSerializer, request.data)
+        reason = data.get("reason") or f"aborted by {request.user.get_username()}"
+        return Response(s.JobSerializer(job_abort(job=job, reason=reason)).data)
+
+
+# --- site agents -------------------------------------------------------------------------------
+
+
+class AgentJobListView(AgentView):
+    """What an agent polls: its site's active jobs, decision, and task in the open round."""
+
+    @extend_schema(
+        tags=["agent"],
+        summary="The active jobs this site takes part in, with its decision and current task",
+        responses={200: s.AgentJobSerializer(many=True), **errors()},
+    )
+    def get(self, request: Request) -> Response:
+        links = selectors.site_active_jobs(self.site)
+        return Response(s.AgentJobSerializer(links, many=True).data)
+
+
+class AgentJobDecisionView(AgentView):
+    """The agent accepts or declines a job, only for a site that accepts jobs automatically
+    (403 ``decision_not_delegated`` otherwise: its admin decides)."""
+
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Accept or decline a job, where the site's policy lets its agent decide",
+        request=s.DecisionSerializer,
+        responses={200: s.AgentDecisionSerializer, **errors(400, 403, 404, 409)},
+    )
+    def post(self, request: Request, uid: Any) -> Response:
+        job = self.get_job()
+        data = parse(s.DecisionSerializer, request.data)
+        link = site_job_decide(job=job, site=self.site, accept=data["accept"], by_agent=True)
+        return Response(s.AgentDecisionSerializer(link).data)
+
+
+class AgentJobSpecView(AgentView):
+    """The job.json the agent runs (train script and arguments) and the app's SHA-256."""
+
+    @extend_schema(
+        tags=["agent"],
+        summary="The job's spec (job.json) and its app archive's SHA-256",
+        responses={200: s.AgentJobSpecSerializer, **errors(404)},
+    )
+    def get(self, request: Request, uid: Any) -> Response:
+        return Response(s.AgentJobSpecSerializer(self.get_job()).data)
+
+
+class AgentJobBundleView(AgentView):
+    """The app archive (zip), streamed, with its SHA-256 in X-Content-SHA256."""
+
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = FileNegotiation
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Download the job's app archive (zip)",
+        responses=file_responses(404),
+    )
+    def get(self, request: Request, uid: Any) -> FileResponse:
+        job = self.get_job()
+        return stream_file(job.app_archive, filename=f"{job.name}-app.zip", sha256=job.app_sha256)
+
+
+class AgentRoundModelView(AgentView):
+    """The global model round n starts from, streamed; the task becomes ``downloaded``."""
+
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = FileNegotiation
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Download the global model round n starts from; marks the task downloaded",
+        responses=file_responses(404),
+    )
+    def get(self, request: Request, uid: Any, number: int) -> FileResponse:
+        job = self.get_job()
+        version = round_model_fetch(job=job, site=self.site, round_number=number)
+        return stream_file(
+            version.file,
+            filename=f"{job.name}-round-{number:03d}.safetensors",
+            sha256=version.sha256,
+        )
+
+
+class AgentRoundStatusView(AgentView):
+    """The site reports ``training`` (or ``downloaded``) for its task in round n."""
+
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Report progress on the round's task",
+        request=s.TaskStatusSerializer,
+        responses={200: s.AgentTaskStateSerializer, **errors(400, 404)},
+    )
+    def post(self, request: Request, uid: Any, number: int) -> Response:
+        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        data = parse(s.TaskStatusSerializer, request.data)
+        return Response(s.AgentTaskStateSerializer(task_mark(task=task, state=data["state"])).data)
+
+
+class AgentRoundUpdateView(AgentView):
+    """The site's update for round n, as the raw body (see the summary)."""
+
+    authentication_classes = [StreamedBodySignatureAuthentication]
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Upload the site's update for round n (streamed, raw body)",
+        description="The body is the update as a safetensors file (client_agent.wire), sent "
+        f"with Content-Length and its SHA-256 in {HEADER_CONTENT_SHA256}, which is also what "
+        "the request's signature covers. It is streamed to storage, never held whole, and "
+        "kept only if it is within FEDPORTAL_MAX_MODEL_BYTES and matches the digest. One "
+        "update per task; an update after the round closed is kept as `late`, not aggregated.",
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=[
+            OpenApiParameter(
+                HEADER_CONTENT_SHA256,
+                OpenApiTypes.STR,
+                OpenApiParameter.HEADER,
+                required=True,
+                description="The body's SHA-256, 64 hexadecimal digits.",
+            )
+        ],
+        responses={202: s.AgentTaskStateSerializer, **errors(400, 404, 409, 411)},
+    )
+    def put(self, request: Request, uid: Any, number: int) -> Response:
+        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        length = _content_length(request)
+        # request.stream is the request itself, read in chunks by the service (never
+        # request.body, which would load it whole).
+        stream = request.stream or io.BytesIO()
+        task = update_upload(
+            task=task,
+            stream=stream,
+            sha256=request.headers.get(HEADER_CONTENT_SHA256, ""),
+            length=length,
+        )
+        return Response(s.AgentTaskStateSerializer(task).data, status=status.HTTP_202_ACCEPTED)
+
+
+def _content_length(request: Request) -> int:
+    raw = request.META.get("CONTENT_LENGTH") or ""
+    if not raw.isdigit() or int(raw) == 0:
+        raise ValidationFailed(
+            "send the update as the body, with its length in Content-Length",
+            field="Content-Length",
+            code="length_required",
+            status=status.HTTP_411_LENGTH_REQUIRED,
+        )
+    return int(raw)
+
+
+class AgentMetricsView(AgentView):
+    """The site's ``flare.log`` points; a point resent with the same id is stored once."""
+
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Post metric points (flare.log); a point resent with the same id is stored once",
+        request=s.MetricsPostSerializer,
+        responses={200: s.MetricsPostedSerializer, **errors(400, 404, 409)},
+    )
+    def post(self, request: Request, uid: Any) -> Response:
+        job = self.get_job()
+        points = parse(s.MetricsPostSerializer, request.data)["points"]
+        stored = metrics_record(job=job, site=self.site, points=points)
+        return Response({"received": len(points), "stored": stored})

@@ -1,0 +1,161 @@
+"""Reads of the jobs app: which jobs a person or a site may see, and who may act on them.
+
+The role rules, after NVFlare's default authorisation policy:
+
+- **project admin**: sees every job of the project, submits, and manages (aborts) any job;
+- **lead**: sees the project's jobs, submits, and manages the jobs they submitted;
+- **org admin** and **member**: see the project's jobs; an org admin (or a project admin)
+  decides for their organisation's sites whether a job runs there;
+- anyone else: nothing. A job of another project is "not found", never "forbidden".
+
+Site agents see only the jobs their site takes part in (``jobs.services.sites.job_for_site``
+and :func:`site_active_jobs`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Prefetch, QuerySet
+
+from jobs.models import (
+    JOB_ACTIVE,
+    Job,
+    JobSite,
+    MetricPoint,
+    ModelVersion,
+    Round,
+    RoundState,
+    SiteTask,
+)
+from sites import selectors as site_selectors
+from sites.exceptions import NotFound
+from sites.models import Project, Role, Site
+
+SUBMITTER_ROLES = frozenset({Role.PROJECT_ADMIN, Role.LEAD})
+
+
+# --- who may do what ---------------------------------------------------------------------------
+
+
+def can_submit_job(user: Any, project: Project) -> bool:
+    """Project admins and leads submit jobs."""
+    return bool(site_selectors.role_in_project(user, project) & SUBMITTER_ROLES)
+
+
+def can_manage_job(user: Any, job: Job) -> bool:
+    """Abort: a project admin, or the lead who submitted the job (while still a lead)."""
+    roles = site_selectors.role_in_project(user, job.project)
+    if Role.PROJECT_ADMIN in roles:
+        return True
+    return Role.LEAD in roles and job.submitted_by_id == getattr(user, "pk", None)
+
+
+def can_decide_for_site(user: Any, site: Site) -> bool:
+    """Accept or decline a job for a site: its organisation's org admins and project admins."""
+    return site_selectors.can_manage_site(user, site)
+
+
+# --- what a person may see ---------------------------------------------------------------------
+
+
+def jobs_visible_to(
+    user: Any,
+    *,
+    project: Project | None = None,
+    state: str | None = None,
+    submitter: str | None = None,
+) -> QuerySet[Job]:
+    """Jobs of the projects ``user`` belongs to, newest first; ``submitter`` is a username."""
+    qs = Job.objects.filter(project__in=site_selectors.projects_visible_to(user))
+    if project is not None:
+        qs = qs.filter(project=project)
+    if state:
+        qs = qs.filter(state=state)
+    if submitter:
+        qs = qs.filter(submitted_by__username=submitter)
+    return qs.select_related("project", "submitted_by")
+
+
+def job_visible_to(user: Any, uid: Any) -> Job:
+    """The job with ``uid`` if ``user`` may see it; NotFound otherwise, whether or not it exists."""
+    job = jobs_visible_to(user).filter(uid=uid).first()
+    if job is None:
+        raise NotFound("no such job")
+    return job
+
+
+def rounds_of(job: Job) -> QuerySet[Round]:
+    return job.rounds.order_by("number").prefetch_related(
+        Prefetch("tasks", queryset=SiteTask.objects.select_related("site").order_by("site__name"))
+    )
+
+
+def participants_of(job: Job) -> QuerySet[JobSite]:
+    """The job's sites, by name, each with ``job_tasks``: its tasks in this job, by round."""
+    tasks = SiteTask.objects.filter(round__job=job).select_related("round")
+    tasks = tasks.order_by("round__number")
+    return (
+        job.participants.select_related("site__organization", "decided_by")
+        .prefetch_related(Prefetch("site__tasks", queryset=tasks, to_attr="job_tasks"))
+        .order_by("site__name")
+    )
+
+
+def participant_of(job: Job, site_name: str) -> JobSite:
+    link = participants_of(job).filter(site__name=site_name).first()
+    if link is None:
+        raise NotFound(f"site {site_name!r} does not take part in this job")
+    return link
+
+
+def metric_points_of(
+    job: Job,
+    *,
+    key: str | None = None,
+    site: str | None = None,
+    round_number: int | None = None,
+    source: str | None = None,
+) -> QuerySet[MetricPoint]:
+    """The job's metric points in the order they were recorded; ``site`` is a site name."""
+    qs = job.metric_points.select_related("site").order_by("created_at", "id")
+    if key:
+        qs = qs.filter(key=key)
+    if site:
+        qs = qs.filter(site__name=site)
+    if round_number is not None:
+        qs = qs.filter(round_number=round_number)
+    if source:
+        qs = qs.filter(source=source)
+    return qs
+
+
+def model_versions_of(job: Job) -> QuerySet[ModelVersion]:
+    return job.models.order_by("round_number")
+
+
+def model_version_of(job: Job, round_number: int) -> ModelVersion:
+    version = job.models.filter(round_number=round_number).first()
+    if version is None:
+        raise NotFound(f"no global model after {round_number} round(s) of this job")
+    return version
+
+
+# --- what a site agent sees --------------------------------------------------------------------
+
+
+def site_active_jobs(site: Site) -> list[JobSite]:
+    """The active jobs ``site`` takes part in, oldest first, as its participation rows; each
+    has ``current_task``: the site's task in the job's open round, or None."""
+    links = list(
+        JobSite.objects.filter(site=site, job__state__in=JOB_ACTIVE)
+        .select_related("job")
+        .order_by("job__created_at", "job__id")
+    )
+    open_tasks = SiteTask.objects.filter(
+        site=site, round__state=RoundState.OPEN, round__job__in=[link.job_id for link in links]
+    ).select_related("round")
+    by_job = {task.round.job_id: task for task in open_tasks}
+    for link in links:
+        link.current_task = by_job.get(link.job_id)  # type: ignore[attr-defined]
+    return links

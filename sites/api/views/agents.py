@@ -1,0 +1,66 @@
+"""The endpoints site agents call: the CSR exchange and whoami (a signed heartbeat)."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics, status
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from sites import services
+from sites.api import serializers as s
+from sites.api.permissions import IsSiteAgent
+from sites.api.views._base import errors, parse
+from sites.authentication import SiteIdentity, SiteSignatureAuthentication
+from sites.models import Project
+
+
+@extend_schema(tags=["agent"])
+class EnrolView(generics.GenericAPIView):
+    """The CSR exchange. No credentials but the one-time token, which the service checks."""
+
+    authentication_classes: list[type] = []
+    permission_classes = [AllowAny]
+    serializer_class = s.EnrolRequestSerializer
+
+    @extend_schema(
+        request=s.EnrolRequestSerializer,
+        responses={201: s.EnrolResponseSerializer, **errors(400, 409, 410)},
+        auth=[],
+        description="The site's agent sends its one-time enrolment token and a CSR made with "
+        "its own key; it gets its certificate and the project CA's certificate. A reused, "
+        "expired, wrong-project or withdrawn token, a CSR whose subject is not the approved "
+        "site, or a malformed CSR are refused with a code naming the cause; nothing changes.",
+    )
+    def post(self, request: Request) -> Response:
+        data = parse(s.EnrolRequestSerializer, request.data)
+        slug = data.get("project")
+        project = None
+        if slug is not None:
+            # An unknown slug is answered like another project's, after the token is checked,
+            # so that callers without a valid token learn nothing about which projects exist.
+            project = Project.objects.filter(slug=slug).first() or Project(name=slug)
+        enrolment = services.site_enrol(
+            token=data["token"],
+            csr_pem=data["csr_pem"],
+            project=project,
+            source_address=request.META.get("REMOTE_ADDR"),
+        )
+        body = s.EnrolResponseSerializer(enrolment).data
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+@extend_schema(tags=["agent"])
+class WhoamiView(generics.GenericAPIView):
+    """For agents: which site the signed request proves, and a heartbeat (every verified
+    signed request updates ``last_heartbeat``)."""
+
+    authentication_classes = [SiteSignatureAuthentication]
+    permission_classes = [IsSiteAgent]
+    serializer_class = s.WhoamiSerializer
+
+    @extend_schema(responses={200: s.WhoamiSerializer, **errors()})
+    def get(self, request: Request) -> Response:
+        identity: SiteIdentity = request.auth
+        return Response(self.get_serializer(identity).data)

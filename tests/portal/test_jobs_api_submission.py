@@ -1,0 +1,272 @@
+"""Submitting a job bundle over HTTP: what is accepted, and every way a bundle is refused —
+a 4xx that names the field, with no job row and no file left behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from fedportal.celery import app as celery_app
+from jobs.models import Job, JobSite, JobState, ModelVersion
+from tests.portal.jobs_api_world import (
+    ADMIN,
+    LEAD,
+    TRAIN_SCRIPT,
+    Bundle,
+    World,
+    build_world,
+    make_bundle,
+    stored_files,
+    zip_bytes,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def eager_celery():
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = False
+
+
+@pytest.fixture(autouse=True)
+def media(settings, tmp_path: Path) -> Path:
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return settings.MEDIA_ROOT
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return build_world(tmp_path, submit=False)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Bundle:
+    return make_bundle(tmp_path)
+
+
+def submit(world: World, fields: dict[str, Any], persona: str = LEAD) -> Any:
+    return world.call(persona, "POST", f"{world.p}/jobs/", multipart=fields)
+
+
+def assert_nothing_stored() -> None:
+    assert Job.objects.count() == 0
+    assert JobSite.objects.count() == 0
+    assert ModelVersion.objects.count() == 0
+    assert stored_files() == []
+
+
+def file(name: str, data: bytes) -> SimpleUploadedFile:
+    return SimpleUploadedFile(name, data)
+
+
+def zip_with(info: zipfile.ZipInfo, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(TRAIN_SCRIPT, b"print('hi')\n")
+        zf.writestr(info, data)
+    return buffer.getvalue()
+
+
+def symlink_member() -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo("data")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+def pickled_model() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"w": torch.tensor([0.0, 1.0])}, buffer)
+    return buffer.getvalue()
+
+
+def test_a_bundle_submitted_by_a_lead_is_stored_and_its_job_starts(
+    world: World, bundle: Bundle
+) -> None:
+    created = submit(world, bundle.form(spec=json.dumps(bundle.spec)))  # spec as a JSON string
+
+    assert created.status_code == 201, created.json()
+    body = created.json()
+    assert (body["name"], body["workflow"], body["min_clients"], body["num_rounds"]) == (
+        "api-job",
+        "fedavg",
+        3,
+        2,
+    )
+    job = Job.objects.get(uid=body["uid"])
+    # Sites 1-4 are enrolled (the default participants); 1-3 accept automatically and are
+    # online, which is min_clients: the job started.
+    assert job.state == JobState.RUNNING
+    assert sorted(job.participants.values_list("site__name", flat=True)) == [
+        "site-1",
+        "site-2",
+        "site-3",
+        "site-4",
+    ]
+    assert job.app_archive.read() == bundle.app
+    prefix = f"jobs/{world.project.pk}/{job.uid}/"
+    assert stored_files() == [prefix + "app.zip", prefix + "models/round-000.safetensors"]
+
+
+def test_a_project_admin_submits_to_named_sites_with_a_round_timeout(
+    world: World, bundle: Bundle
+) -> None:
+    created = submit(
+        world,
+        bundle.form(sites=["site-3", "site-1", "site-2"], round_timeout_seconds="30"),
+        persona=ADMIN,
+    )
+
+    assert created.status_code == 201, created.json()
+    job = Job.objects.get(uid=created.json()["uid"])
+    assert job.round_timeout_seconds == 30 and job.submitted_by == world.users[ADMIN]
+    assert sorted(job.participants.values_list("site__name", flat=True)) == [
+        "site-1",
+        "site-2",
+        "site-3",
+    ]
+
+
+BAD_SUBMISSIONS = {
+    # name: (form overrides, the field named, the code)
+    "spec is not JSON": (lambda b: {"spec": "{'format': 1"}, "spec", "invalid"),
+    "spec file is not JSON": (lambda b: {"spec": file("job.json", b"\xff\xfe")}, "spec", "invalid"),
+    "spec is not an object": (lambda b: {"spec": "[1, 2]"}, "spec.job.json", "invalid"),
+    "unknown workflow": (
+        lambda b: {"spec": json.dumps({**b.spec, "workflow": "fedmagic"})},
+        "spec.workflow",
+        "invalid",
+    ),
+    "bad params": (
+        lambda b: {
+            "spec": json.dumps({**b.spec, "params": {**b.spec["params"], "min_clients": 0}})
+        },
+        "spec.min_clients",
+        "invalid",
+    ),
+    "unknown param": (
+        lambda b: {"spec": json.dumps({**b.spec, "params": {**b.spec["params"], "lr": 0.1}})},
+        "spec.lr",
+        "invalid",
+    ),
+    "train script outside the app": (
+        lambda b: {"spec": json.dumps({**b.spec, "train_script": "../client.py"})},
+        "spec.train_script",
+        "invalid",
+    ),
+    "no spec": (lambda b: {"spec": None}, "spec", "invalid"),
+    "a pickle as initial_model": (
+        lambda b: {"initial_model": file("initial_model.safetensors", pickled_model())},
+        "initial_model",
+        "invalid",
+    ),
+    "no initial_model": (lambda b: {"initial_model": None}, "initial_model", "invalid"),
+    "app is not a zip": (lambda b: {"app": file("app.zip", b.model)}, "app", "invalid"),
+    "a zip with ../evil": (
+        lambda b: {"app": file("app.zip", zip_bytes({TRAIN_SCRIPT: b"", "../evil": b"x"}))},
+        "app",
+        "invalid",
+    ),
+    "a zip with an absolute path": (
+        lambda b: {"app": file("app.zip", zip_bytes({TRAIN_SCRIPT: b"", "/etc/evil": b"x"}))},
+        "app",
+        "invalid",
+    ),
+    "a zip with a symlink member": (
+        lambda b: {"app": file("app.zip", zip_with(symlink_member(), b"/etc/passwd"))},
+        "app",
+        "invalid",
+    ),
+    "a zip without the train script": (
+        lambda b: {"app": file("app.zip", zip_bytes({"other.py": b"print()"}))},
+        "app",
+        "invalid",
+    ),
+    "an unknown site": (lambda b: {"sites": ["site-1", "site-9"]}, "sites", "invalid"),
+    "another project's site": (lambda b: {"sites": ["site-q"]}, "sites", "invalid"),
+    "fewer sites than min_clients": (
+        lambda b: {"sites": ["site-1", "site-2"]},
+        "spec.params.min_clients",
+        "invalid",
+    ),
+    "a round timeout of 0": (
+        lambda b: {"round_timeout_seconds": "0"},
+        "round_timeout_seconds",
+        "invalid",
+    ),
+    "a round timeout that is no number": (
+        lambda b: {"round_timeout_seconds": "soon"},
+        "round_timeout_seconds",
+        "invalid",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SUBMISSIONS))
+def test_a_bad_submission_names_the_field_and_stores_nothing(
+    world: World, bundle: Bundle, case: str
+) -> None:
+    overrides, field, code = BAD_SUBMISSIONS[case]
+
+    refused = submit(world, bundle.form(**overrides(bundle)))
+
+    assert refused.status_code == 400, refused.json()
+    assert (refused.json()["field"], refused.json()["code"]) == (field, code), refused.json()
+    assert_nothing_stored()
+
+
+def test_more_enrolled_sites_needed_than_the_project_has(tmp_path: Path, world: World) -> None:
+    five = make_bundle(tmp_path, min_clients=5)
+
+    refused = submit(world, five.form())
+
+    assert refused.status_code == 400
+    assert refused.json()["field"] == "spec.params.min_clients"
+    assert "needs 5 sites but only 4" in refused.json()["message"]
+    assert_nothing_stored()
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [("FEDPORTAL_MAX_MODEL_BYTES", "initial_model"), ("FEDPORTAL_MAX_APP_ARCHIVE_BYTES", "app")],
+)
+def test_a_file_over_its_size_limit_is_refused_and_nothing_stored(
+    world: World, bundle: Bundle, settings, setting: str, field: str
+) -> None:
+    setattr(settings, setting, 64)
+
+    refused = submit(world, bundle.form())
+
+    assert refused.status_code == 400
+    assert (refused.json()["field"], refused.json()["code"]) == (field, "too_large")
+    assert_nothing_stored()
+
+
+def test_a_request_bigger_than_any_bundle_is_refused_before_it_is_parsed(
+    world: World, bundle: Bundle, settings, monkeypatch
+) -> None:
+    settings.FEDPORTAL_MAX_MODEL_BYTES = 1
+    settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES = 1
+    monkeypatch.setattr("jobs.api.views.SUBMISSION_OVERHEAD_BYTES", 100)
+
+    refused = submit(world, bundle.form())
+
+    assert refused.status_code == 400
+    assert (refused.json()["field"], refused.json()["code"]) == ("body", "too_large")
+    assert_nothing_stored()
+
+
+def test_a_json_body_is_not_a_bundle(world: World) -> None:
+    refused = world.call(LEAD, "POST", f"{world.p}/jobs/", {"spec": {}})
+
+    assert refused.status_code == 415
+    assert_nothing_stored()
