@@ -1,4 +1,5 @@
-"""A whole job driven by a real Celery worker process on the real Redis.
+"""A whole job driven by a real Celery worker process on the real Redis, with the sites'
+updates PUT over HTTP, signed with their keys.
 
 The worker is killed with SIGKILL in the middle of aggregating a round (after it wrote the new
 model file, before it committed the round), restarted, and the job finishes with the same
@@ -24,15 +25,16 @@ import pytest
 import redis
 import torch
 from django.db import connection, connections, transaction
+from django.test import Client
 from django.utils import timezone
 
 from client_agent.fl_model import FLModel
 from client_agent.wire import load_state_dict, write_model_file
 from fedportal.celery import app as celery_app
+from jobs.api.authentication import HEADER_CONTENT_SHA256
 from jobs.bundle import pack_app
 from jobs.models import Job, JobState, ModelVersion, Round, RoundState
 from jobs.recipes import FedAvgRecipe
-from jobs.services.sites import task_for_site, update_upload
 from jobs.services.submission import job_submit
 from tests.portal.factories import OrganizationFactory, enrolled_site
 
@@ -147,12 +149,13 @@ def submit(tmp_path: Path, project, name: str) -> Job:
 
 
 def upload_round(tmp_path: Path, job: Job, sites, number: int) -> None:
-    """Each site sends the round's global model plus its site number, weighted by it."""
+    """Each site PUTs, signed, the round's global model plus its site number, weighted by it."""
     start = ModelVersion.objects.get(job=job, round_number=number)
     base = load_state_dict(Path(start.file.path))
-    for index, site in enumerate(sites, start=1):
+    client = Client()
+    for index, enrolled in enumerate(sites, start=1):
         params = {k: v + index if v.is_floating_point() else v + 1 for k, v in base.items()}
-        path = tmp_path / f"{job.pk}-{site.name}-{number}.safetensors"
+        path = tmp_path / f"{job.pk}-{enrolled.site.name}-{number}.safetensors"
         write_model_file(
             path,
             FLModel(
@@ -162,13 +165,18 @@ def upload_round(tmp_path: Path, job: Job, sites, number: int) -> None:
             ),
         )
         data = path.read_bytes()
-        with open(path, "rb") as body:
-            update_upload(
-                task=task_for_site(job=job, site=site, round_number=number),
-                stream=body,
-                sha256=hashlib.sha256(data).hexdigest(),
-                length=len(data),
-            )
+        url = f"/api/v1/agent/jobs/{job.uid}/rounds/{number}/update/"
+        response = client.generic(
+            "PUT",
+            url,
+            data=data,
+            content_type="application/octet-stream",
+            headers={
+                HEADER_CONTENT_SHA256: hashlib.sha256(data).hexdigest(),
+                **enrolled.headers("PUT", url, data),
+            },
+        )
+        assert response.status_code == 202, response.content
 
 
 def round_state(job: Job, number: int) -> str | None:
@@ -189,11 +197,11 @@ def hold_job_lock(job_id: int, release: threading.Event, held: threading.Event) 
 
 def three_sites():
     organization = OrganizationFactory()
-    sites = [enrolled_site(organization=organization, name=f"site-{i}").site for i in (1, 2, 3)]
-    for site in sites:
-        site.auto_accept_jobs = True
-        site.last_heartbeat = timezone.now()
-        site.save()
+    sites = [enrolled_site(organization=organization, name=f"site-{i}") for i in (1, 2, 3)]
+    for enrolled in sites:
+        enrolled.site.auto_accept_jobs = True
+        enrolled.site.last_heartbeat = timezone.now()
+        enrolled.site.save()
     return organization.project, sites
 
 
@@ -262,3 +270,8 @@ def test_a_worker_killed_mid_aggregation_loses_nothing(tmp_path: Path, worker: W
     calm, killed = (load_state_dict(Path(v.file.path)) for v in (undisturbed, disturbed))
     assert all(torch.equal(calm[k], killed[k]) for k in calm)
     assert killed["n"].item() == 3
+    # Weights 1, 2, 3 and changes +1, +2, +3: each round adds (1 + 4 + 9) / 6 to every float.
+    start = load_state_dict(
+        Path(ModelVersion.objects.get(job=disturbed.job, round_number=0).file.path)
+    )
+    assert torch.allclose(killed["w"], start["w"] + 3 * 14 / 6)
