@@ -42,7 +42,7 @@ class ProjectFactory(factory.Factory):
 
     @classmethod
     def _build(cls, model_class: type[Project], *args: Any, **kwargs: Any) -> Project:
-        raise NotImplementedError("a project needs its CA: use ProjectFactory() (create)")
+        raise TypeError("a project needs its CA, which only create makes: use ProjectFactory()")
 
 
 class OrganizationFactory(factory.Factory):
