@@ -19,6 +19,7 @@ Workspace layout (``Run.workspace``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -211,6 +212,17 @@ class _Progress:
                 self.stream.flush()
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """Use ``count`` torch threads inside the block, then the caller's number again."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class SimEnv:
     """Simulate a federation on this machine: one process per site, in-process workflow.
 
@@ -322,10 +334,6 @@ class _Simulation:
             f"{self.job_id}: {self.workflow.name}, {self.workflow.num_rounds} rounds, "
             f"{len(self.env.clients)} sites; workspace {self.ws}"
         )
-        # The checks and FedAvg are memory-bound loops over small chunks: one torch thread is
-        # as fast, and does not spin against the sites' own threads for the cores.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
         try:
             self._start_sites()
             self._run_rounds()
@@ -339,7 +347,6 @@ class _Simulation:
             run.status = RunStatus.FAILED
             run.error = str(exc)
         finally:
-            torch.set_num_threads(threads)
             self._stop_sites(grace=10 if run.status == RunStatus.COMPLETED else 0)
             self.metrics_file.close()
         elapsed = time.perf_counter() - started
@@ -393,7 +400,10 @@ class _Simulation:
             self.progress.round = rnd
             spec = workflow.round_task(rnd)
             record = RoundRecord(round=rnd)
-            updates = self._collect(rnd, spec, global_path, global_specs, record)
+            with _torch_threads(1):
+                # The update checks run while sites still train and write: one torch thread
+                # each, or their idle threads spin against the sites for the cores.
+                updates = self._collect(rnd, spec, global_path, global_specs, record)
             global_params = load_state_dict(global_path)
             outcome = workflow.aggregate(rnd, global_params, updates)
             del global_params
