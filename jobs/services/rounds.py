@@ -322,7 +322,7 @@ def update_check(*, task_id: int) -> str:
 def jobs_resume() -> int:
     """Enqueue :func:`job_advance` for every active job (after a worker or portal restart)."""
     from jobs.models import JOB_ACTIVE  # noqa: PLC0415
-    from jobs.tasks import job_advance_task  # noqa: PLC0415
+    from jobs.tasks import job_advance_task, update_check_task  # noqa: PLC0415
 
     ids = list(Job.objects.filter(state__in=JOB_ACTIVE).values_list("pk", flat=True))
     for job_id in ids:
@@ -331,8 +331,6 @@ def jobs_resume() -> int:
     for task_id in SiteTask.objects.filter(
         state=TaskState.UPLOADED, round__job__state=JobState.RUNNING
     ).values_list("pk", flat=True):
-        from jobs.tasks import update_check_task  # noqa: PLC0415
-
         update_check_task.delay(task_id)
     return len(ids)
 
