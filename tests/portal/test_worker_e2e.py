@@ -5,8 +5,9 @@ The worker is killed with SIGKILL in the middle of aggregating a round (after it
 model file, before it committed the round), restarted, and the job finishes with the same
 final model, bit for bit, as an undisturbed run.
 
-Needs PostgreSQL (the worker process must see the test database, and the test holds a row
-lock to catch the worker mid-aggregation) and Redis; `.ci/run` and `make test` provide both.
+Needs PostgreSQL (the worker process must see the test database, and the test holds an
+uncommitted row to catch the worker mid-aggregation) and Redis; `.ci/run` and `make test`
+provide both.
 """
 
 from __future__ import annotations
@@ -184,13 +185,24 @@ def round_state(job: Job, number: int) -> str | None:
     return rnd.state if rnd else None
 
 
-def hold_job_lock(job_id: int, release: threading.Event, held: threading.Event) -> None:
-    """In its own connection: lock the job row until ``release`` is set."""
+def hold_model_slot(
+    job_id: int, round_number: int, release: threading.Event, held: threading.Event
+) -> None:
+    """In its own connection and an open transaction, insert the ModelVersion row the worker
+    will insert when it commits the round, and keep it uncommitted until ``release``.
+
+    The unique (job, round_number) index makes the worker's insert wait for this transaction:
+    so the worker stops after it computed and wrote the new model, before the round commits —
+    in the middle of aggregation, whatever the machine's speed. The row is rolled back.
+    """
     try:
         with transaction.atomic():
-            Job.objects.select_for_update().get(pk=job_id)
+            ModelVersion.objects.create(
+                job_id=job_id, round_number=round_number, file="held", sha256="0" * 64, size=0
+            )
             held.set()
             release.wait(timeout=60)
+            transaction.set_rollback(True)
     finally:
         connections.close_all()
 
@@ -219,28 +231,23 @@ def run_job(
             upload_round(tmp_path, job, sites, number)
             continue
         release, held = threading.Event(), threading.Event()
+        holder = threading.Thread(target=hold_model_slot, args=(job.pk, number + 1, release, held))
+        holder.start()
+        assert held.wait(timeout=10)
         upload_round(tmp_path, job, sites, number)
-        wait_for(
-            "the worker to claim the round",
-            lambda number=number: round_state(job, number) == RoundState.AGGREGATING,
-            timeout=60,
-        )
-        locker = threading.Thread(target=hold_job_lock, args=(job.pk, release, held))
-        locker.start()
-        held.wait(timeout=10)
         new_model = (
             Path(settings_media())
             / f"jobs/{job.project_id}/{job.uid}/models"
-            / (f"round-{number + 1:03d}.safetensors")
+            / f"round-{number + 1:03d}.safetensors"
         )
-        # The worker wrote the new model and now waits for the job lock to commit the round.
-        wait_for("the worker to write the new model", new_model.exists, timeout=30)
-        time.sleep(0.2)
+        # The worker claims the round, writes the new model, then waits on the held row.
+        wait_for("the worker to write the new model", new_model.exists, timeout=60)
+        time.sleep(0.3)
         assert round_state(job, number) == RoundState.AGGREGATING
         worker.kill()
         killed = True
         release.set()
-        locker.join()
+        holder.join()
         worker.start()
     wait_for(
         "the job to finish",
