@@ -75,7 +75,6 @@ def submit(tmp_path: Path, project, **kwargs) -> Job:
 
 
 def upload(job: Job, site, round_number: int, params, *, weight: float = 1.0, metrics=None):
-    buffer = io.BytesIO()
     path = Path(f"/tmp/fedportal-test-{site.name}-{round_number}.safetensors")
     write_model_file(
         path,
