@@ -18,10 +18,10 @@ $(PYTHON):
 	$(PY) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PYTHON)
-	$(PYTHON) -m pip install -e '.[portal,lightning,dev]'
+	$(PYTHON) -m pip install -e '.[agent,portal,lightning,dev]'
 	touch $@
 
-install: $(STAMP) ## Install the project with the portal, lightning and dev extras
+install: $(STAMP) ## Install the project with the agent, portal, lightning and dev extras
 
 test: install ## Run the test suite (PYTEST_ARGS=... to pass more)
 	DATABASE_URL="$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" $(BIN)/pytest $(PYTEST_ARGS)

@@ -1,23 +1,24 @@
 """Typed events for the dashboard and agents, published after the transaction commits.
 
-Every state change of a job, round or site task, and every metric point, goes to the Channels
-groups ``job.<id>`` and ``project.<id>`` through :func:`publish`, the one sender helper. A
-consumer forwards the ``event`` dict of a ``fedportal.event`` message to its WebSocket as is.
+Every state change of a job, round or site task, every metric point and every batch of log
+lines goes to the Channels groups ``job.<id>`` and ``project.<id>`` through :func:`publish`
+(which uses :func:`fedportal.events.send_after_commit`, the one sender). Job and task state
+changes also go to the groups of the sites they concern (``site.<id>``), where a connected
+agent takes any event as a sign to look for work.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
-from django.db import transaction
+from fedportal.events import MESSAGE_TYPE, job_group, project_group, send_after_commit, site_group
 
 log = logging.getLogger(__name__)
 
-MESSAGE_TYPE = "fedportal.event"
+__all__ = ["MESSAGE_TYPE", "Event", "publish"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,16 @@ class TaskStateChanged(Event):
 
 
 @dataclass(frozen=True)
+class LogRecorded(Event):
+    """Lines a site's client script printed (``stream="script"``), or its agent wrote about the
+    job (``"agent"``); ``lines`` holds ``{"stream", "text", "round", "time"}`` dicts."""
+
+    site: str
+    lines: list[dict[str, Any]]
+    kind: str = field(init=False, default="log")
+
+
+@dataclass(frozen=True)
 class MetricRecorded(Event):
     site: str | None
     round: int | None
@@ -67,28 +78,13 @@ class MetricRecorded(Event):
 
 
 def groups(event: Event) -> tuple[str, str]:
-    return f"job.{event.job_id}", f"project.{event.project_id}"
+    return job_group(event.job_id), project_group(event.project_id)
 
 
-def publish(event: Event) -> None:
-    """Send ``event`` to its job's and project's groups once the transaction commits.
-
-    A channel layer that is down must not undo a state change that is already in the
-    database, so a failed send is logged, not raised.
-    """
-
-    def send() -> None:
-        layer = get_channel_layer()
-        if layer is None:
-            return
-        message = {"type": MESSAGE_TYPE, "event": event.payload()}
-        try:
-            for group in groups(event):
-                async_to_sync(layer.group_send)(group, message)
-        except Exception:
-            log.exception("job %s: could not publish %s", event.job_id, event.kind)
-
-    transaction.on_commit(send)
+def publish(event: Event, *, site_ids: Iterable[int] = ()) -> None:
+    """Send ``event`` to its job's and project's groups, and to ``site_ids``' agents, once the
+    transaction commits."""
+    send_after_commit([*groups(event), *map(site_group, site_ids)], event.payload())
 
 
 def job_state(job: Any) -> None:
@@ -99,7 +95,8 @@ def job_state(job: Any) -> None:
             state=job.state,
             completed_rounds=job.completed_rounds,
             failure_reason=job.failure_reason,
-        )
+        ),
+        site_ids=job.participants.values_list("site_id", flat=True),
     )
 
 
@@ -124,7 +121,8 @@ def task_state(task: Any) -> None:
             site=task.site.name,
             state=task.state,
             reason=task.reason,
-        )
+        ),
+        site_ids=[task.site_id],
     )
 
 
@@ -139,5 +137,24 @@ def metric(point: Any) -> None:
             value=point.value,
             step=point.step,
             source=point.source,
+        )
+    )
+
+
+def log_lines(job: Any, site: Any, rows: Iterable[Any]) -> None:
+    publish(
+        LogRecorded(
+            job_id=job.pk,
+            project_id=job.project_id,
+            site=site.name,
+            lines=[
+                {
+                    "stream": row.stream,
+                    "text": row.text,
+                    "round": row.round_number,
+                    "time": row.created_at.isoformat(),
+                }
+                for row in rows
+            ],
         )
     )

@@ -247,3 +247,41 @@ class MetricPoint(models.Model):
                 name="unique_metric_client_id",
             )
         ]
+
+
+class LogLine(models.Model):
+    """A line a site's client script printed, or one its agent wrote about the job.
+
+    Only what the script itself chose to print leaves the site, and only the tail is worth
+    keeping: the service truncates each line to ``MAX_LENGTH`` characters.
+    """
+
+    MAX_LENGTH = 2000
+
+    class Stream(models.TextChoices):
+        SCRIPT = "script"  # the client script's stdout and stderr, interleaved as printed
+        AGENT = "agent"  # the agent about this job: started, restarted, failed
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="log_lines")
+    site = models.ForeignKey("sites.Site", on_delete=models.PROTECT, related_name="log_lines")
+    round_number = models.PositiveIntegerField(null=True, blank=True)
+    stream = models.CharField(max_length=10, choices=Stream.choices, default=Stream.SCRIPT)
+    text = models.TextField()
+    client_id = models.CharField(
+        max_length=64, blank=True, help_text="the sender's id for the line: a resend is ignored"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["job", "site", "id"]
+        indexes: ClassVar = [models.Index(fields=["job", "site", "id"])]
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["job", "site", "client_id"],
+                condition=~models.Q(client_id=""),
+                name="unique_log_line_client_id",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.site_id} {self.stream}: {self.text[:60]}"

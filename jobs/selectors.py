@@ -22,6 +22,7 @@ from jobs.models import (
     JOB_ACTIVE,
     Job,
     JobSite,
+    LogLine,
     MetricPoint,
     ModelVersion,
     Round,
@@ -128,6 +129,14 @@ def metric_points_of(
     if source:
         qs = qs.filter(source=source)
     return qs
+
+
+def log_tail_of(job: Job, *, site: Site | None = None, limit: int = 200) -> list[LogLine]:
+    """The last ``limit`` log lines of the job (of one site, if given), oldest first."""
+    lines = LogLine.objects.filter(job=job).select_related("site")
+    if site is not None:
+        lines = lines.filter(site=site)
+    return list(reversed(lines.order_by("-id")[:limit]))
 
 
 def model_versions_of(job: Job) -> QuerySet[ModelVersion]:

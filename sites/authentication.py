@@ -195,34 +195,8 @@ def verify_signed_request(
     )
     if row is None:
         raise UnknownCertificate(f"no certificate with fingerprint {fingerprint[:16]}… is known")
-    if row.revoked_at is not None:
-        raise CertificateRevoked(
-            f"certificate {row.serial} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
-            + (f": {row.revocation_reason}" if row.revocation_reason else "")
-        )
-    if not row.not_before <= now <= row.not_after:
-        raise CertificateExpired(
-            f"certificate {row.serial} is valid from {row.not_before:%Y-%m-%d %H:%M} to "
-            f"{row.not_after:%Y-%m-%d %H:%M} UTC; the agent must enrol again"
-        )
+    cert = _certificate_check(row, now)
     site = row.site
-    project = site.project
-    try:
-        cert = ca.load_certificate(row.pem)
-        ca_cert = ca.load_certificate(project.ca_certificate_pem)
-    except ValueError as exc:
-        raise CertificateUntrusted(f"certificate {row.serial} cannot be read: {exc}") from exc
-    if ca.fingerprint(cert) != fingerprint:
-        raise CertificateUntrusted(f"certificate {row.serial} does not match its fingerprint")
-    # Defence in depth: a record can only name the site its certificate was issued to.
-    if ca.subject_common_names(cert) != [site.name]:
-        raise CertificateUntrusted(f"certificate {row.serial} was not issued to site '{site.name}'")
-    if not ca.is_issued_by(cert, ca_cert):
-        raise CertificateUntrusted(
-            f"certificate {row.serial} was not issued by project {project.name!r}'s CA"
-        )
-    if site.state != SiteState.ENROLLED:
-        raise SiteNotEnrolled(f"site '{site.name}' is {site.state}, not enrolled")
 
     if body_sha256 is None:
         message = canonical_string(
@@ -252,13 +226,64 @@ def verify_signed_request(
             "(every request needs a fresh nonce)"
         ) from exc
 
+    site_heartbeat_record(site, now=now)
+    if random.randrange(NONCE_PRUNE_EVERY) == 0:
+        used_nonces_prune(now=now)
+    return SiteIdentity(site=site, certificate=row)
+
+
+def _certificate_check(row: Certificate, now: dt.datetime) -> Any:
+    """Refuse a certificate that is revoked, expired, not the project CA's, or whose site is
+    no longer enrolled; return it loaded. Raises an ``AuthenticationError`` naming the cause."""
+    if row.revoked_at is not None:
+        raise CertificateRevoked(
+            f"certificate {row.serial} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
+            + (f": {row.revocation_reason}" if row.revocation_reason else "")
+        )
+    if not row.not_before <= now <= row.not_after:
+        raise CertificateExpired(
+            f"certificate {row.serial} is valid from {row.not_before:%Y-%m-%d %H:%M} to "
+            f"{row.not_after:%Y-%m-%d %H:%M} UTC; the agent must enrol again"
+        )
+    site = row.site
+    project = site.project
+    try:
+        cert = ca.load_certificate(row.pem)
+        ca_cert = ca.load_certificate(project.ca_certificate_pem)
+    except ValueError as exc:
+        raise CertificateUntrusted(f"certificate {row.serial} cannot be read: {exc}") from exc
+    if ca.fingerprint(cert) != row.fingerprint:
+        raise CertificateUntrusted(f"certificate {row.serial} does not match its fingerprint")
+    # Defence in depth: a record can only name the site its certificate was issued to.
+    if ca.subject_common_names(cert) != [site.name]:
+        raise CertificateUntrusted(f"certificate {row.serial} was not issued to site '{site.name}'")
+    if not ca.is_issued_by(cert, ca_cert):
+        raise CertificateUntrusted(
+            f"certificate {row.serial} was not issued by project {project.name!r}'s CA"
+        )
+    if site.state != SiteState.ENROLLED:
+        raise SiteNotEnrolled(f"site '{site.name}' is {site.state}, not enrolled")
+    return cert
+
+
+def identity_recheck(identity: SiteIdentity, *, now: dt.datetime | None = None) -> SiteIdentity:
+    """Check again, from the database, that a connection verified earlier may go on.
+
+    A WebSocket is verified once, at its handshake; every message on it calls this, so a
+    certificate revoked while the agent is connected is refused at its next message.
+    """
+    row = Certificate.objects.select_related("site__project").get(pk=identity.certificate.pk)
+    _certificate_check(row, now or timezone.now())
+    return SiteIdentity(site=row.site, certificate=row)
+
+
+def site_heartbeat_record(site: Site, *, now: dt.datetime | None = None) -> None:
+    """The site was heard from now: store it and tell the listeners of ``site_heartbeat``."""
+    now = now or timezone.now()
     previous = site.last_heartbeat
     Site.objects.filter(pk=site.pk).update(last_heartbeat=now)
     site.last_heartbeat = now
     site_heartbeat.send(sender=Site, site=site, previous=previous)
-    if random.randrange(NONCE_PRUNE_EVERY) == 0:
-        used_nonces_prune(now=now)
-    return SiteIdentity(site=site, certificate=row)
 
 
 def canonical_string_for_digest(

@@ -20,6 +20,7 @@ from jobs.models import (
     Job,
     JobSite,
     JobState,
+    LogLine,
     MetricPoint,
     ModelVersion,
     RoundState,
@@ -245,6 +246,70 @@ def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) 
             created += 1
             events.metric(row)
     return created
+
+
+MAX_LOG_LINES_PER_BATCH = 1000
+
+
+def log_lines_record(*, job: Job, site: Any, lines: Iterable[Mapping[str, Any]]) -> int:
+    """Store lines a site's script printed (or its agent wrote); returns how many were new.
+
+    Each line: ``text`` (str, cut to ``LogLine.MAX_LENGTH`` characters), optional ``stream``
+    (``script`` or ``agent``), ``round`` (int) and ``id`` (the sender's id: a line sent twice is
+    stored once). Lines of a finished job are still taken: a script's last words arrive after
+    its last update.
+    """
+    lines = list(lines)
+    if len(lines) > MAX_LOG_LINES_PER_BATCH:
+        raise ValidationFailed(
+            f"at most {MAX_LOG_LINES_PER_BATCH} lines at a time, got {len(lines)}", field="lines"
+        )
+    streams = set(LogLine.Stream.values)
+    rows = []
+    for index, line in enumerate(lines):
+        field = f"lines[{index}]"
+        if not isinstance(line, Mapping):
+            raise ValidationFailed("must be an object", field=field)
+        text, stream = line.get("text"), line.get("stream", LogLine.Stream.SCRIPT)
+        if not isinstance(text, str):
+            raise ValidationFailed("text must be a string", field=f"{field}.text")
+        if stream not in streams:
+            raise ValidationFailed(
+                f"stream must be one of {', '.join(sorted(streams))}", field=f"{field}.stream"
+            )
+        rnd = line.get("round")
+        if rnd is not None and (isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0):
+            raise ValidationFailed("round must be a non-negative integer", field=f"{field}.round")
+        client_id = line.get("id") or ""
+        if not isinstance(client_id, str) or len(client_id) > 64:
+            raise ValidationFailed(
+                "id must be a string of at most 64 characters", field=f"{field}.id"
+            )
+        rows.append(
+            LogLine(
+                job=job,
+                site=site,
+                round_number=rnd,
+                stream=stream,
+                text=text[: LogLine.MAX_LENGTH],
+                client_id=client_id,
+            )
+        )
+    with transaction.atomic():
+        fresh = rows
+        ids = [row.client_id for row in rows if row.client_id]
+        if ids:
+            seen = set(
+                LogLine.objects.filter(job=job, site=site, client_id__in=ids).values_list(
+                    "client_id", flat=True
+                )
+            )
+            fresh = [row for row in rows if not row.client_id or row.client_id not in seen]
+        # ignore_conflicts: a resend racing the first send is still stored once.
+        LogLine.objects.bulk_create(fresh, ignore_conflicts=True)
+        if fresh:
+            events.log_lines(job, site, fresh)
+    return len(fresh)
 
 
 def job_abort(*, job: Job, reason: str = "aborted") -> Job:

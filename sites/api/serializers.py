@@ -299,6 +299,19 @@ class EnrolRequestSerializer(serializers.Serializer):
     )
 
 
+class EnrolCheckRequestSerializer(serializers.Serializer):
+    token = serializers.CharField(max_length=200, help_text="The one-time enrolment token.")
+
+
+class EnrolCheckResponseSerializer(serializers.Serializer):
+    """The site a token would enrol: what the agent puts in its CSR's subject."""
+
+    site = serializers.CharField(source="name")
+    organization = serializers.CharField(source="organization.name")
+    project = serializers.CharField(source="project.slug")
+    project_name = serializers.CharField(source="project.name")
+
+
 class EnrolResponseSerializer(serializers.Serializer):
     site = serializers.CharField(source="certificate.site.name")
     organization = serializers.CharField(source="certificate.site.organization.name")

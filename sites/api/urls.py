@@ -77,5 +77,6 @@ urlpatterns: list[URLPattern] = [
         "api-tokens/<int:pk>/revoke/", views.ApiTokenRevokeView.as_view(), name="api-token-revoke"
     ),
     path("enrol/", views.EnrolView.as_view(), name="enrol"),
+    path("enrol/check/", views.EnrolCheckView.as_view(), name="enrol-check"),
     path("agent/whoami/", views.WhoamiView.as_view(), name="agent-whoami"),
 ]

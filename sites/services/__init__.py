@@ -18,11 +18,17 @@ Conventions every function follows, so that the API layer can be thin:
   ``select_for_update`` and return the fresh instance; use the return value.
 """
 
+from sites.services.agents import (
+    site_agent_connect,
+    site_agent_disconnect,
+    site_agent_heartbeat,
+)
 from sites.services.api_tokens import api_token_create, api_token_revoke
 from sites.services.audit import audit_event_record
 from sites.services.enrolment import (
     Enrolment,
     certificate_revoke,
+    enrolment_token_check,
     enrolment_token_reissue,
     site_approve,
     site_deny,
@@ -50,7 +56,11 @@ __all__ = [
     "api_token_create",
     "api_token_revoke",
     "audit_event_record",
+    "enrolment_token_check",
     "certificate_revoke",
+    "site_agent_connect",
+    "site_agent_disconnect",
+    "site_agent_heartbeat",
     "enrolment_token_reissue",
     "invitation_accept",
     "invitation_create",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from sites import ca, conf
+from sites import ca, conf, events
 from sites.exceptions import (
     AlreadyExists,
     InvalidTransition,
@@ -269,6 +269,56 @@ def enrolment_token_reissue(
 # --- enrolment ------------------------------------------------------------------------------
 
 
+def _usable_token(token: Any, *, project: Project | None, lock: bool) -> EnrolmentToken:
+    """The enrolment token row for ``token`` if it can enrol its site now; raises naming why
+    not (see :func:`site_enrol`). ``lock``: select it for update (inside a transaction)."""
+    if not isinstance(token, str) or not token.strip():
+        raise TokenInvalid("no enrolment token was given", field="token")
+    rows = EnrolmentToken.objects.select_related("site__project", "site__organization")
+    if lock:
+        rows = rows.select_for_update()
+    row = rows.filter(token_hash=hash_secret(token)).first()
+    if row is None:
+        raise TokenInvalid("this enrolment token is not known", field="token")
+    now = timezone.now()
+    site = row.site
+    if project is not None and site.project_id != project.pk:
+        raise WrongProject(
+            f"this enrolment token is not for project {project.name!r}", field="token"
+        )
+    status = row.status_at(now)
+    if status == "used":
+        raise TokenAlreadyUsed(
+            f"this enrolment token was used at {row.used_at:%Y-%m-%d %H:%M:%S} UTC; "
+            "ask the project admin for a new one",
+            field="token",
+        )
+    if site.state in Site.TERMINAL_STATES or site.state == SiteState.REQUESTED:
+        raise SiteNotApproved(
+            f"site '{site.name}' is {site.state}; its enrolment token is void", field="token"
+        )
+    if status == "revoked":
+        raise TokenInvalid(
+            "this enrolment token was replaced by a newer one or withdrawn", field="token"
+        )
+    if status == "expired":
+        raise TokenExpired(
+            f"this enrolment token expired at {row.expires_at:%Y-%m-%d %H:%M} UTC; "
+            "ask the project admin to reissue it",
+            field="token",
+        )
+    return row
+
+
+def enrolment_token_check(*, token: str) -> Site:
+    """The site an enrolment token would enrol, without using the token up.
+
+    The agent asks this first, to put the site's name in its CSR's subject: the token is all
+    a site admin is given. Raises as :func:`site_enrol` does for a token that cannot enrol.
+    """
+    return _usable_token(token, project=None, lock=False).site
+
+
 def site_enrol(
     *,
     token: str,
@@ -289,46 +339,11 @@ def site_enrol(
     ``UnsupportedKeyType``, ``SubjectMismatch``). Everything happens in one transaction, so on
     any of these nothing at all has changed.
     """
-    if not isinstance(token, str) or not token.strip():
-        raise TokenInvalid("no enrolment token was given", field="token")
     keys = conf.ca_key_encryption_keys()
     with transaction.atomic():
-        row = (
-            EnrolmentToken.objects.select_for_update()
-            .select_related("site__project", "site__organization")
-            .filter(token_hash=hash_secret(token))
-            .first()
-        )
-        if row is None:
-            raise TokenInvalid("this enrolment token is not known", field="token")
+        row = _usable_token(token, project=project, lock=True)
         now = timezone.now()
-        site = row.site
-        if project is not None and site.project_id != project.pk:
-            raise WrongProject(
-                f"this enrolment token is not for project {project.name!r}", field="token"
-            )
-        status = row.status_at(now)
-        if status == "used":
-            raise TokenAlreadyUsed(
-                f"this enrolment token was used at {row.used_at:%Y-%m-%d %H:%M:%S} UTC; "
-                "ask the project admin for a new one",
-                field="token",
-            )
-        if site.state in Site.TERMINAL_STATES or site.state == SiteState.REQUESTED:
-            raise SiteNotApproved(
-                f"site '{site.name}' is {site.state}; its enrolment token is void", field="token"
-            )
-        if status == "revoked":
-            raise TokenInvalid(
-                "this enrolment token was replaced by a newer one or withdrawn", field="token"
-            )
-        if status == "expired":
-            raise TokenExpired(
-                f"this enrolment token expired at {row.expires_at:%Y-%m-%d %H:%M} UTC; "
-                "ask the project admin to reissue it",
-                field="token",
-            )
-        site = _locked(site)  # re-read under lock: the state may have changed meanwhile
+        site = _locked(row.site)  # re-read under lock: the state may have changed meanwhile
         if site.state not in {SiteState.APPROVED, SiteState.ENROLLED}:
             raise SiteNotApproved(f"site '{site.name}' is {site.state}; it cannot enrol")
         proj = site.project
@@ -409,6 +424,7 @@ def _revoke_certificate(
     certificate.revoked_at = now
     certificate.revocation_reason = reason
     certificate.save(update_fields=["revoked_at", "revocation_reason"])
+    events.certificate_revoked(certificate, reason)  # a connected agent is cut off at once
     audit_event_record(
         action=AuditAction.CERTIFICATE_REVOKED,
         target=certificate,

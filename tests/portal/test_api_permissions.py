@@ -184,6 +184,12 @@ ROWS: list[Row] = [
         expect(400, 400, 400, 400, 400, 400, anonymous=400, agents=400),
         {"token": "fpe_unknown", "csr_pem": "not a CSR"},
     ),
+    Row(
+        "POST",
+        "/api/v1/enrol/check/",
+        expect(400, 400, 400, 400, 400, 400, anonymous=400, agents=400),
+        {"token": "fpe_unknown"},
+    ),
     # … and whoami takes a site signature only.
     Row("GET", "/api/v1/agent/whoami/", expect(401, 401, 401, 401, 401, 401, agents=200)),
 ]

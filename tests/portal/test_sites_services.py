@@ -269,7 +269,16 @@ AUDITED: dict[str, tuple[Callable[[], Scene], list[str]]] = {
     "api_token_create": (_api_token_create, ["api_token.created"]),
     "api_token_revoke": (_api_token_revoke, ["api_token.revoked"]),
 }
-NOT_AUDITED = {"audit_event_record", "used_nonces_prune"}  # the recorder; housekeeping
+NOT_AUDITED = {
+    "audit_event_record",  # the recorder
+    "used_nonces_prune",  # housekeeping
+    "enrolment_token_check",  # a read: the token stays unused
+    # An agent's connection and heartbeats are liveness, shown live on the dashboard, not
+    # changes anyone made; its certificate's issue and revocation are audited.
+    "site_agent_connect",
+    "site_agent_disconnect",
+    "site_agent_heartbeat",
+}
 
 
 def test_every_service_has_an_audit_case() -> None:

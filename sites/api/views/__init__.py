@@ -22,7 +22,7 @@ Choices made where the issue was silent:
 """
 
 from sites.api import schema as _schema  # noqa: F401  (registers the auth schemes)
-from sites.api.views.agents import EnrolView, WhoamiView
+from sites.api.views.agents import EnrolCheckView, EnrolView, WhoamiView
 from sites.api.views.api_tokens import ApiTokenDetailView, ApiTokenListView, ApiTokenRevokeView
 from sites.api.views.audit import AuditEventListView, ProjectAuditEventListView
 from sites.api.views.people import (
@@ -57,6 +57,7 @@ __all__ = [
     "CertificateDetailView",
     "CertificateListView",
     "CertificateRevokeView",
+    "EnrolCheckView",
     "EnrolView",
     "InvitationAcceptView",
     "InvitationDetailView",

@@ -52,6 +52,28 @@ class EnrolView(generics.GenericAPIView):
 
 
 @extend_schema(tags=["agent"])
+class EnrolCheckView(generics.GenericAPIView):
+    """Which site a one-time enrolment token is for, without using it up."""
+
+    authentication_classes: list[type] = []
+    permission_classes = [AllowAny]
+    serializer_class = s.EnrolCheckRequestSerializer
+
+    @extend_schema(
+        request=s.EnrolCheckRequestSerializer,
+        responses={200: s.EnrolCheckResponseSerializer, **errors(400, 409, 410)},
+        auth=[],
+        description="The agent's first step of `enrol`: it learns the site's and project's "
+        "names, which its CSR's subject must carry. The token stays usable; an unknown, used, "
+        "expired or withdrawn token is refused with the same codes as the enrolment itself.",
+    )
+    def post(self, request: Request) -> Response:
+        data = parse(s.EnrolCheckRequestSerializer, request.data)
+        site = services.enrolment_token_check(token=data["token"])
+        return Response(s.EnrolCheckResponseSerializer(site).data)
+
+
+@extend_schema(tags=["agent"])
 class WhoamiView(generics.GenericAPIView):
     """For agents: which site the signed request proves, and a heartbeat (every verified
     signed request updates ``last_heartbeat``)."""

@@ -1,0 +1,142 @@
+"""The site agent's WebSocket: ``/ws/agent/``.
+
+The handshake is a signed GET (the same signature as the agent's HTTP requests), so only an
+enrolled site's agent gets in. Then:
+
+- portal → agent: ``{"type": "welcome", ...}`` once; ``{"type": "event", "event": {...}}`` for
+  every job or task change that concerns the site (the agent takes any as a sign to look for
+  work, and fetches what it needs over signed HTTP); ``{"type": "ack", "id", ...}`` for each
+  batch it sent; ``{"type": "error", "code", "message"}`` just before a close.
+- agent → portal: ``heartbeat``, ``metrics`` (``flare.log`` points) and ``log`` (the script's
+  output lines) — nothing else is accepted. Model updates travel over HTTP, streamed.
+
+Every message re-checks the certificate, and a revocation closes the socket at once (close code
+4403); a handshake that fails verification is closed with 4401. The consumer only parses and
+calls services.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from fedportal.events import site_group
+from jobs.services.sites import job_for_site, log_lines_record, metrics_record
+from sites import services as site_services
+from sites.authentication import SiteIdentity, identity_recheck, verify_signed_handshake
+from sites.exceptions import AuthenticationError, DomainError
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_REVOKED = 4403
+HEARTBEAT_SECONDS = 15
+AGENT_VERSION_HEADER = b"x-fedportal-agent-version"
+
+
+def _handle(identity: SiteIdentity, content: dict[str, Any]) -> tuple[SiteIdentity, dict[str, Any]]:
+    """One agent message, in a worker thread: re-check the certificate, call the service,
+    return the fresh identity and the acknowledgement to send."""
+    identity = identity_recheck(identity)
+    site = identity.site
+    kind = content.get("type")
+    if kind == "heartbeat":
+        site_services.site_agent_heartbeat(site=site)
+        return identity, {}
+    if kind in ("metrics", "log"):
+        job = job_for_site(job_uid=content.get("job"), site=site)
+        if kind == "metrics":
+            stored = metrics_record(job=job, site=site, points=content.get("points") or [])
+        else:
+            stored = log_lines_record(job=job, site=site, lines=content.get("lines") or [])
+        return identity, {"stored": stored}
+    raise _Unexpected(f"unknown message type {kind!r}; send heartbeat, metrics or log")
+
+
+class _Unexpected(DomainError):
+    code = "unknown_message"
+    status = 400
+
+
+class AgentConsumer(AsyncJsonWebsocketConsumer):
+    identity: SiteIdentity | None = None
+    group: str | None = None
+
+    async def connect(self) -> None:
+        try:
+            self.identity = await verify_signed_handshake(self.scope)
+        except AuthenticationError as exc:
+            log.info("agent handshake refused: %s", exc.message)
+            await self.accept()
+            await self.send_json({"type": "error", **exc.as_dict()})
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        site = self.identity.site
+        headers = dict(self.scope.get("headers", []))
+        version = headers.get(AGENT_VERSION_HEADER, b"").decode("latin-1")[:64]
+        await database_sync_to_async(site_services.site_agent_connect)(
+            site=site, agent_version=version
+        )
+        self.group = site_group(site.pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        await self.send_json(
+            {
+                "type": "welcome",
+                "site": site.name,
+                "project": site.project.slug,
+                "heartbeat_seconds": HEARTBEAT_SECONDS,
+            }
+        )
+        log.info("agent connected: site=%s version=%s", site.name, version or "?")
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if self.identity is None:
+            return
+        message_id = content.get("id") if isinstance(content, dict) else None
+        if not isinstance(content, dict):
+            await self.send_json(
+                {"type": "error", "code": "bad_message", "message": "not a JSON object"}
+            )
+            return
+        try:
+            self.identity, ack = await database_sync_to_async(_handle)(self.identity, content)
+        except AuthenticationError as exc:
+            await self._refuse(exc.as_dict())
+            return
+        except DomainError as exc:
+            # Refused for good (bad data, a job that ended): acknowledged with the error, so the
+            # agent drops the batch instead of sending it again.
+            if message_id is not None:
+                await self.send_json({"type": "ack", "id": message_id, "error": exc.as_dict()})
+            return
+        if message_id is not None:
+            await self.send_json({"type": "ack", "id": message_id, **ack})
+
+    async def fedportal_event(self, message: dict[str, Any]) -> None:
+        event = message["event"]
+        if event.get("kind") == "site.revoked":
+            await self._refuse(
+                {
+                    "code": "certificate_revoked",
+                    "message": f"certificate {event['serial']} was revoked: {event['reason']}",
+                }
+            )
+            return
+        await self.send_json({"type": "event", "event": event})
+
+    async def _refuse(self, error: dict[str, Any]) -> None:
+        await self.send_json({"type": "error", **error})
+        await self.close(code=CLOSE_REVOKED)
+
+    async def disconnect(self, code: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.identity is not None:
+            await database_sync_to_async(site_services.site_agent_disconnect)(
+                site=self.identity.site
+            )
+            log.info("agent disconnected: site=%s code=%s", self.identity.site.name, code)
