@@ -53,8 +53,10 @@ What happens in a round (one task of the runtime, one pass of the loop above):
   ``trainer.strategy.broadcast``; they load the model, grow the fit loop and keep their own
   optimizer state the same way, and send nothing. ``is_running()`` and ``receive()`` of this
   module work on every rank; the other functions are the Client API's and belong to rank 0
-  (``trainer.is_global_zero``). Before the first ``fit()``/``validate()`` has started the
-  process group, the other ranks take ``is_running()`` to be True.
+  (``trainer.is_global_zero``). So that they can broadcast from the first call, ``patch``
+  starts the other processes and the process group itself (Lightning would at the first
+  ``validate()``/``fit()``). Strategies that train in processes they spawn (``ddp_spawn``,
+  ``ddp_notebook``) are refused: their rank 0 is not the process the runtime started.
 
 After the job is over (``is_running()`` False), ``validate()`` and ``fit()`` are plain local
 Lightning again and nothing is sent.
@@ -441,8 +443,31 @@ def patch(
     callback.remember_limits(trainer)
     trainer.callbacks.insert(0, callback)
     _trainer = trainer
+    _start_process_group(trainer)
     if _is_rank_zero(trainer):
         init()
+
+
+def _start_process_group(trainer: Any) -> None:
+    """Start a multi-process trainer's other processes and its process group now rather than
+    at its first ``validate()``/``fit()``, so that ``is_running()`` and ``receive()`` can
+    broadcast from their first call. Lightning finds both already there later and goes on."""
+    if _world_size(trainer) == 1 or (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return
+    strategy = trainer.strategy
+    launcher = getattr(strategy, "launcher", None)
+    if launcher is None:  # started by torchrun, SLURM, …: the processes exist already
+        strategy.setup_environment()
+    elif type(launcher).__name__ == "_SubprocessScriptLauncher":  # strategy="ddp" and kin
+        launcher.launch(strategy.setup_environment, trainer=trainer)
+    else:
+        raise ClientAPIError(
+            f"flare.patch(): {type(strategy).__name__} with {type(launcher).__name__} runs "
+            "training in processes it spawns, which cannot reach the FedPortal runtime; use "
+            "strategy='ddp' (one script per process) or start the script with torchrun"
+        )
 
 
 def is_running() -> bool:
