@@ -7,7 +7,7 @@ PYTHON := $(BIN)/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
-.PHONY: help venv install test lint format demo sim bench portal worker clean
+.PHONY: help venv install assets test lint format demo sim bench portal worker clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -21,7 +21,19 @@ $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install -e '.[agent,portal,lightning,dev]'
 	touch $@
 
-install: $(STAMP) ## Install the project with the agent, portal, lightning and dev extras
+install: $(STAMP) assets ## Install the project with the agent, portal, lightning and dev extras
+
+# The dashboard's front-end libraries (Chart.js), pinned by dashboard/static_build's
+# package-lock.json and served through STATICFILES_DIRS; npm runs again only when the lock
+# file is newer than the last install.
+ASSETS := dashboard/static_build
+ASSETS_STAMP := $(ASSETS)/node_modules/.installed
+
+$(ASSETS_STAMP): $(ASSETS)/package.json $(ASSETS)/package-lock.json
+	npm ci --prefix $(ASSETS) --no-audit --no-fund
+	touch $@
+
+assets: $(ASSETS_STAMP) ## Install the dashboard's front-end libraries with npm (Chart.js)
 
 test: install ## Run the test suite (PYTEST_ARGS=... to pass more)
 	DATABASE_URL="$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" $(BIN)/pytest $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ from channels.auth import AuthMiddlewareStack
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.urls import URLPattern, path
 
+from dashboard.consumers import DashboardConsumer
 from jobs.consumers import AgentConsumer
 
 
@@ -20,5 +21,6 @@ def for_people(app: Any) -> Any:
 
 websocket_urlpatterns: list[URLPattern] = [
     path("ws/agent/", AgentConsumer.as_asgi()),
-    # The dashboard's routes: path("ws/…", for_people(SomeConsumer.as_asgi())).
+    path("ws/dashboard/jobs/<uuid:uid>/", for_people(DashboardConsumer.as_asgi())),
+    path("ws/dashboard/projects/<str:slug>/", for_people(DashboardConsumer.as_asgi())),
 ]

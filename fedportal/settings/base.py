@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "sites",
     "jobs",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
@@ -88,7 +89,22 @@ DATABASES = {
         conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "0")),
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The portal, its worker and PocEnv's set-up write at once on one machine: WAL lets
+    # readers go on during a write, IMMEDIATE takes the write lock when a transaction starts
+    # (so two never deadlock upgrading), and a writer waits up to 30 s for its turn.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The dashboard's sign-in page, and where signing in leads.
+LOGIN_URL = "dashboard:login"
+LOGIN_REDIRECT_URL = "home"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -105,6 +121,10 @@ USE_TZ = True
 # Files (model weights, job bundles) go to Django's default storage under DATA_DIR/media.
 STATIC_URL = "static/"
 STATIC_ROOT = Path(os.environ.get("DJANGO_STATIC_ROOT") or DATA_DIR / "static")
+# The dashboard's front-end libraries, installed from the npm registry by `make assets` (never
+# copied into the repository) and served as /static/vendor/<package>/.
+NODE_MODULES = BASE_DIR / "dashboard" / "static_build" / "node_modules"
+STATICFILES_DIRS = [("vendor/chart.js", NODE_MODULES / "chart.js" / "dist")]
 MEDIA_URL = "media/"
 MEDIA_ROOT = Path(os.environ.get("DJANGO_MEDIA_ROOT") or DATA_DIR / "media")
 STORAGES = {

@@ -1,0 +1,83 @@
+"""Dashboard forms. They parse what a person typed; the services check it again and have the
+last word (a service's ``ValidationFailed`` is shown beside the field it names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from sites.models import SITE_NAME_HELP, Organization
+
+REASON_HELP = "Recorded in the audit log."
+
+
+class SiteRequestForm(forms.Form):
+    organization = forms.ModelChoiceField(
+        queryset=Organization.objects.none(),
+        empty_label=None,
+        help_text="The organisation that runs the site.",
+    )
+    name = forms.CharField(max_length=63, help_text=SITE_NAME_HELP)
+    contact_email = forms.EmailField(help_text="Who the project admin writes to about the site.")
+    gpus = forms.IntegerField(required=False, min_value=0, label="GPUs")
+    memory_gb = forms.IntegerField(required=False, min_value=0, label="Memory (GB)")
+
+    def __init__(self, *args: Any, organizations: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["organization"]
+        assert isinstance(field, forms.ModelChoiceField)
+        field.queryset = organizations
+
+    def resources(self) -> dict[str, object]:
+        data = self.cleaned_data
+        return {k: data[k] for k in ("gpus", "memory_gb") if data.get(k) is not None}
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(
+        max_length=1000, widget=forms.Textarea(attrs={"rows": 3}), help_text=REASON_HELP
+    )
+
+
+class AbortForm(forms.Form):
+    reason = forms.CharField(
+        max_length=1000, required=False, help_text="Optional; recorded as the job's reason."
+    )
+
+
+class ApiTokenForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="What the token is for, e.g. “CI”.")
+    expires_at = forms.DateTimeField(
+        required=False,
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="Optional (UTC). Without it the token works until it is revoked.",
+    )
+
+
+class AuditFilterForm(forms.Form):
+    project = forms.ChoiceField(required=False)
+    actor = forms.CharField(required=False, max_length=150, help_text="A username.")
+    action = forms.CharField(
+        required=False,
+        max_length=64,
+        help_text="Exact (site.approved), or a prefix ending in a dot (site.).",
+    )
+    since = forms.DateTimeField(
+        required=False,
+        label="From",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="UTC",
+    )
+    until = forms.DateTimeField(
+        required=False,
+        label="Until",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}),
+        help_text="UTC, not included",
+    )
+
+    def __init__(self, *args: Any, projects: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["project"]
+        assert isinstance(field, forms.ChoiceField)
+        field.choices = [("", "All my projects"), *((p.slug, p.name) for p in projects)]

@@ -1,0 +1,241 @@
+// A job's page, live: state and progress, the round timeline and task grid, one chart per
+// metric (Chart.js) with a table of each series' latest value, and each site's log tail.
+// Points are placed as dashboard/metrics.py places them: a point with a step goes on its key's
+// "by step" chart, a point with a round (and no step) on its "by round" chart (rounds from 1),
+// any other one after the largest x of its series.
+"use strict";
+(function () {
+  const socketPath = document.currentScript.dataset.socket;
+  const live = window.FedPortalLive;
+  const chartsEl = document.getElementById("charts");
+  const AGGREGATE = chartsEl.dataset.aggregate;
+  const TERMINAL = ["completed", "failed", "aborted"];
+  const PALETTE = ["#0b57d0", "#b3261e", "#146c2e", "#8a4b00", "#6f2da8", "#00696f", "#9c1c6b", "#4a5a00"];
+  let data = JSON.parse(document.getElementById("chart-data").textContent);
+  const charts = {};
+  const colours = {};
+
+  function colour(name) {
+    if (name === AGGREGATE) return "#1a1a1a";
+    if (!(name in colours)) colours[name] = PALETTE[Object.keys(colours).length % PALETTE.length];
+    return colours[name];
+  }
+
+  function slug(text) {
+    return text.replace(/[^A-Za-z0-9_-]+/g, "-");
+  }
+
+  function figureFor(id, chart) {
+    const figure = document.createElement("figure");
+    figure.className = "chart";
+    figure.dataset.chart = id;
+    const headingId = "chart-" + slug(id);
+    figure.innerHTML =
+      '<figcaption><h3 id="' + headingId + '"></h3></figcaption>' +
+      '<div class="canvas-box"><canvas role="img"></canvas></div>' +
+      '<table class="latest"><caption></caption><thead><tr><th scope="col">Series</th>' +
+      '<th scope="col"></th><th scope="col">Latest value</th></tr></thead><tbody></tbody></table>';
+    figure.querySelector("h3").textContent = chart.key + " (by " + chart.axis + ")";
+    figure.querySelector("caption").textContent = "Latest " + chart.key + " of each series";
+    figure.querySelector("thead th:nth-child(2)").textContent = chart.axis === "round" ? "Round" : "Step";
+    figure.querySelector("canvas").setAttribute(
+      "aria-label", "Line chart of " + chart.key + " by " + chart.axis + "; the table below gives each series' latest value."
+    );
+    return figure;
+  }
+
+  function datasets(chart) {
+    return Object.keys(chart.series).sort((a, b) => (a === AGGREGATE) - (b === AGGREGATE) || a.localeCompare(b)).map((name) => ({
+      label: name,
+      data: chart.series[name].map(([x, y]) => ({ x, y })),
+      borderColor: colour(name),
+      backgroundColor: colour(name),
+      borderWidth: name === AGGREGATE ? 3 : 2,
+      borderDash: name === AGGREGATE ? [6, 3] : [],
+      pointRadius: 3,
+      tension: 0,
+    }));
+  }
+
+  function fillTable(figure, chart) {
+    const body = figure.querySelector("tbody");
+    body.replaceChildren();
+    for (const dataset of datasets(chart)) {
+      const last = dataset.data[dataset.data.length - 1];
+      if (!last) continue;
+      const row = body.insertRow();
+      row.dataset.series = dataset.label;
+      const head = document.createElement("th");
+      head.scope = "row";
+      head.textContent = dataset.label;
+      row.appendChild(head);
+      row.insertCell().textContent = String(last.x);
+      row.insertCell().textContent = Number(last.y.toPrecision(6)).toString();
+    }
+  }
+
+  function draw(id) {
+    const chart = data[id];
+    let entry = charts[id];
+    if (!entry) {
+      const figure = figureFor(id, chart);
+      const ids = Object.keys(data).sort();
+      const after = ids.slice(ids.indexOf(id) + 1).find((other) => charts[other]);
+      chartsEl.insertBefore(figure, after ? charts[after].figure : null);
+      let graph = null;
+      if (window.Chart) {
+        graph = new window.Chart(figure.querySelector("canvas"), {
+          type: "line",
+          data: { datasets: datasets(chart) },
+          options: {
+            animation: false,
+            responsive: true,
+            maintainAspectRatio: false,
+            parsing: true,
+            scales: {
+              x: { type: "linear", title: { display: true, text: chart.axis }, ticks: { precision: 0 } },
+              y: { title: { display: true, text: chart.key } },
+            },
+            plugins: { legend: { position: "bottom" } },
+          },
+        });
+      }
+      entry = charts[id] = { figure, graph };
+    } else if (entry.graph) {
+      entry.graph.data.datasets = datasets(chart);
+      entry.graph.update("none");
+    }
+    fillTable(entry.figure, chart);
+    document.getElementById("no-metrics").hidden = true;
+  }
+
+  function addPoint(key, axis, name, x, value) {
+    const id = key + " · by " + axis;
+    const chart = (data[id] = data[id] || { key, axis, series: {} });
+    const series = (chart.series[name] = chart.series[name] || []);
+    if (x === null) x = series.reduce((max, [px]) => Math.max(max, px), 0) + 1;
+    const same = series.findIndex(([px]) => px === x);
+    if (same >= 0 && name === AGGREGATE) series[same] = [x, value];
+    else {
+      series.push([x, value]);
+      series.sort((a, b) => a[0] - b[0]);
+    }
+    draw(id);
+  }
+
+  function onMetric(event) {
+    const hasStep = event.step !== null && event.step !== undefined;
+    const hasRound = event.round !== null && event.round !== undefined;
+    const axis = !hasStep && hasRound ? "round" : "step";
+    const x = hasStep ? event.step : hasRound ? event.round + 1 : null;
+    addPoint(event.key, axis, event.site || AGGREGATE, x, event.value);
+  }
+
+  let reloading = null;
+  function reloadMetrics() {
+    if (reloading) return;
+    reloading = setTimeout(() => {
+      reloading = null;
+      fetch(chartsEl.dataset.source, { credentials: "same-origin" })
+        .then((r) => (r.ok ? r.json() : null))
+        .then((body) => {
+          if (!body) return;
+          data = body.charts;
+          Object.keys(data).forEach(draw);
+        })
+        .catch(() => {});
+    }, 300);
+  }
+
+  function onLog(event) {
+    const logs = document.getElementById("logs");
+    const limit = Number(logs.dataset.limit);
+    let box = logs.querySelector('.log[data-site="' + CSS.escape(event.site) + '"]');
+    if (!box) {
+      box = document.createElement("div");
+      box.className = "log";
+      box.dataset.site = event.site;
+      const headingId = "log-" + slug(event.site);
+      box.innerHTML = '<h3 id="' + headingId + '"></h3><pre tabindex="0" role="log" aria-labelledby="' + headingId + '"></pre>';
+      box.querySelector("h3").textContent = event.site;
+      logs.appendChild(box);
+    }
+    const pre = box.querySelector("pre");
+    const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    for (const line of event.lines) {
+      const span = document.createElement("span");
+      span.className = "line " + line.stream;
+      span.textContent = (line.round !== null && line.round !== undefined ? "[round " + (line.round + 1) + "] " : "") + line.text;
+      pre.appendChild(span);
+      pre.appendChild(document.createTextNode("\n"));
+    }
+    while (pre.querySelectorAll("span.line").length > limit) {
+      pre.removeChild(pre.firstChild);
+      pre.removeChild(pre.firstChild);
+    }
+    if (atBottom) pre.scrollTop = pre.scrollHeight;
+  }
+
+  function onTask(event) {
+    const rounds = document.getElementById("rounds");
+    const cell = rounds.querySelector(
+      'tr[data-site="' + CSS.escape(event.site) + '"] td[data-round="' + event.round + '"]'
+    );
+    if (!cell) {
+      live.refresh(rounds);
+    } else {
+      cell.dataset.state = event.state;
+      cell.innerHTML = '<span class="badge task-' + event.state + '"></span>';
+      cell.firstChild.textContent = event.state;
+      if (event.reason) {
+        const small = document.createElement("small");
+        small.textContent = event.reason;
+        cell.append(document.createElement("br"), small);
+      }
+    }
+    if (event.state === "accepted") reloadMetrics();
+  }
+
+  function onRound(event) {
+    live.refresh(document.getElementById("rounds"));
+    if (event.state === "closed") {
+      for (const [key, value] of Object.entries(event.metrics || {})) {
+        addPoint(key, "round", AGGREGATE, event.round + 1, value);
+      }
+      live.refresh(document.getElementById("models"));
+      reloadMetrics();
+    }
+  }
+
+  function onJob(event) {
+    const badge = document.getElementById("job-state");
+    badge.textContent = event.state;
+    badge.dataset.state = event.state;
+    badge.className = "badge job-" + event.state;
+    document.getElementById("job-failure").textContent = event.failure_reason ? ": " + event.failure_reason : "";
+    const progress = document.getElementById("job-progress");
+    progress.value = event.completed_rounds;
+    document.getElementById("job-progress-text").textContent =
+      event.completed_rounds + " of " + progress.max + " rounds";
+    const abort = document.getElementById("abort-form");
+    if (abort && TERMINAL.includes(event.state)) abort.hidden = true;
+    live.announce("job-announce", "The job is now " + event.state + ".");
+    live.refresh(document.getElementById("rounds"));
+    live.refresh(document.getElementById("models"));
+  }
+
+  Object.keys(data).forEach(draw);
+  live.connect(socketPath, (event) => {
+    if (event.kind === "metric") onMetric(event);
+    else if (event.kind === "log") onLog(event);
+    else if (event.kind === "task.state") onTask(event);
+    else if (event.kind === "round.state") onRound(event);
+    else if (event.kind === "job.state") onJob(event);
+    else if (event.kind === "reconnected") {
+      live.refresh(document.getElementById("rounds"));
+      live.refresh(document.getElementById("models"));
+      reloadMetrics();
+    }
+  });
+  window.FedPortalJob = { charts: () => data };
+})();

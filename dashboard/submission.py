@@ -1,0 +1,195 @@
+"""The job submission form, built from each workflow's parameter schema (``PARAMETERS``).
+
+A person fills in what ``recipe.export()`` would have written: the job's name, the workflow and
+its parameters, the train script and its arguments, the app folder as a zip (or an earlier
+upload of the same project) and the initial weights. The form only shapes the input;
+``jobs.services.submission.job_submit`` checks all of it and has the last word.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import IO, Any
+
+from django import forms
+from django.db.models import QuerySet
+
+from jobs.bundle import BUNDLE_FORMAT
+from jobs.models import Job
+from jobs.workflows.base import _registry as workflow_registry
+
+# A service error's field → the form field it belongs beside.
+SERVICE_FIELDS = {
+    "spec.name": "name",
+    "spec.workflow": "workflow",
+    "spec.train_script": "train_script",
+    "spec.train_args": "train_args",
+    "spec.format": "workflow",
+    "app": "app",
+    "initial_model": "initial_model",
+    "sites": "sites",
+    "round_timeout_seconds": "round_timeout_seconds",
+    "body": "app",
+}
+
+
+def param_field_name(workflow: str, param: str) -> str:
+    return f"{workflow}__{param}"
+
+
+def _field_for(schema: Mapping[str, Any], *, label: str) -> forms.Field:
+    """A form field for one JSON-schema property (the subset workflows use). Every parameter
+    field is optional to Django: only the chosen workflow's required ones are checked."""
+    help_text = str(schema.get("description", ""))
+    if "enum" in schema:
+        choices = [("", "default"), *((v, v) for v in schema["enum"])]
+        return forms.ChoiceField(choices=choices, required=False, label=label, help_text=help_text)
+    kinds = schema.get("type")
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    if "integer" in kinds:
+        return forms.IntegerField(
+            required=False, min_value=schema.get("minimum"), label=label, help_text=help_text
+        )
+    if "number" in kinds:
+        return forms.FloatField(
+            required=False, min_value=schema.get("minimum"), label=label, help_text=help_text
+        )
+    if "boolean" in kinds:
+        return forms.BooleanField(required=False, label=label, help_text=help_text)
+    return forms.CharField(required=False, label=label, help_text=help_text)
+
+
+def workflows() -> dict[str, Any]:
+    """Every workflow the portal runs, by name, as ``jobs.workflows`` registers them."""
+    return dict(sorted(workflow_registry().items()))
+
+
+class JobSubmitForm(forms.Form):
+    name = forms.RegexField(
+        regex=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        max_length=100,
+        help_text="Letters, digits, '.', '_' and '-'.",
+        error_messages={"invalid": "Use letters, digits, '.', '_' and '-', starting with one."},
+    )
+    workflow = forms.ChoiceField()
+    train_script = forms.CharField(
+        initial="client.py", help_text="The client script, as a path inside the app folder."
+    )
+    train_args = forms.CharField(
+        required=False, help_text="Arguments for the script, as on a command line."
+    )
+    app = forms.FileField(
+        required=False,
+        label="App folder (zip)",
+        help_text="The client script's folder, zipped (jobs.bundle.pack_app writes one).",
+    )
+    earlier_app = forms.ChoiceField(
+        required=False,
+        label="…or an earlier upload",
+        help_text="Reuse the app of an earlier job of this project.",
+    )
+    initial_model = forms.FileField(
+        label="Initial weights (.safetensors)",
+        help_text="The initial global model: a safetensors file.",
+    )
+    sites = forms.MultipleChoiceField(
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None ticked: every site of the project that is enrolled now.",
+    )
+    round_timeout_seconds = forms.IntegerField(
+        required=False,
+        min_value=1,
+        label="Round timeout (seconds)",
+        help_text="A round closes at this deadline if enough sites answered (default: the "
+        "portal's FEDPORTAL_ROUND_TIMEOUT_SECONDS).",
+    )
+
+    def __init__(
+        self, *args: Any, earlier_jobs: QuerySet[Job], site_names: list[str], **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.earlier = {str(job.uid): job for job in earlier_jobs}
+        self.workflow_params: dict[str, list[str]] = {}
+        registered = workflows()
+        workflow_field = self.fields["workflow"]
+        assert isinstance(workflow_field, forms.ChoiceField)
+        workflow_field.choices = [(name, name) for name in registered]
+        for name, cls in registered.items():
+            schema = cls.PARAMETERS
+            self.workflow_params[name] = []
+            for param, prop in schema["properties"].items():
+                field_name = param_field_name(name, param)
+                label = param.replace("_", " ").capitalize()
+                self.fields[field_name] = _field_for(prop, label=label)
+                if param in schema.get("required", ()):
+                    self.fields[field_name].widget.attrs["aria-required"] = "true"
+                self.workflow_params[name].append(field_name)
+        earlier_field = self.fields["earlier_app"]
+        assert isinstance(earlier_field, forms.ChoiceField)
+        seen: set[str] = set()
+        choices = [("", "— upload a zip instead —")]
+        for uid, job in self.earlier.items():
+            if job.app_sha256 in seen:
+                continue  # the same archive again: offer it once, from its newest job
+            seen.add(job.app_sha256)
+            label = f"{job.name}, {job.created_at:%Y-%m-%d %H:%M} (sha256 {job.app_sha256[:12]}…)"
+            choices.append((uid, label))
+        earlier_field.choices = choices
+        sites_field = self.fields["sites"]
+        assert isinstance(sites_field, forms.MultipleChoiceField)
+        sites_field.choices = [(n, n) for n in site_names]
+
+    def param_groups(self) -> list[tuple[str, list[forms.BoundField]]]:
+        """Each workflow with its parameters' bound fields, for the template."""
+        return [(name, [self[f] for f in fields]) for name, fields in self.workflow_params.items()]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        chosen = data.get("workflow")
+        if chosen in self.workflow_params:
+            required = workflows()[chosen].PARAMETERS.get("required", ())
+            for param in required:
+                field_name = param_field_name(chosen, param)
+                if data.get(field_name) in (None, "") and field_name not in self.errors:
+                    self.add_error(field_name, f"The {chosen} workflow needs this.")
+        if not data.get("app") and not data.get("earlier_app"):
+            self.add_error("app", "Upload the app folder as a zip, or pick an earlier upload.")
+        elif data.get("app") and data.get("earlier_app"):
+            self.add_error("earlier_app", "Choose one: a new zip or an earlier upload, not both.")
+        return data
+
+    def spec(self) -> dict[str, Any]:
+        """The job.json the form describes (the shape ``jobs.bundle.build_spec`` writes)."""
+        data = self.cleaned_data
+        workflow = data["workflow"]
+        params: dict[str, Any] = {}
+        prefix = param_field_name(workflow, "")
+        for field_name in self.workflow_params[workflow]:
+            value = data.get(field_name)
+            if value not in (None, ""):
+                params[field_name.removeprefix(prefix)] = value
+        return {
+            "format": BUNDLE_FORMAT,
+            "name": data["name"],
+            "workflow": workflow,
+            "params": params,
+            "train_script": data["train_script"],
+            "train_args": data.get("train_args") or "",
+        }
+
+    def service_field(self, field: str | None) -> str | None:
+        """The form field a service error's ``field`` belongs beside."""
+        if not field:
+            return None
+        if field.startswith("spec.params."):
+            return param_field_name(self.cleaned_data.get("workflow", ""), field.split(".")[2])
+        return SERVICE_FIELDS.get(field)
+
+    def app_archive(self) -> IO[bytes]:
+        """The uploaded zip, or the chosen earlier job's stored archive (opened for reading)."""
+        upload = self.cleaned_data.get("app")
+        if upload:
+            return upload  # type: ignore[no-any-return]
+        job = self.earlier[self.cleaned_data["earlier_app"]]
+        return job.app_archive.storage.open(job.app_archive.name, "rb")  # type: ignore[no-any-return]

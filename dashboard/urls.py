@@ -1,0 +1,45 @@
+"""The dashboard's pages. Projects by slug, jobs by uid, as in the REST API."""
+
+from django.contrib.auth import views as auth_views
+from django.urls import URLPattern, path
+
+from dashboard.views import account, approvals, jobs, projects, sites
+
+app_name = "dashboard"
+
+project = "projects/<str:slug>/"
+job = "jobs/<uuid:uid>/"
+
+urlpatterns: list[URLPattern] = [
+    path(
+        "login/",
+        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path(project, projects.project_detail, name="project"),
+    path(f"{project}sites-status/", projects.project_sites_fragment, name="project-sites-rows"),
+    path(f"{project}jobs-rows/", projects.project_jobs_fragment, name="project-jobs-rows"),
+    path(f"{project}sites/", sites.site_list, name="sites"),
+    path(f"{project}sites/request/", sites.site_request, name="site-request"),
+    path(f"{project}sites/<int:pk>/approve/", sites.site_approve, name="site-approve"),
+    path(f"{project}sites/<int:pk>/deny/", sites.site_deny, name="site-deny"),
+    path(f"{project}sites/<int:pk>/token/", sites.site_token, name="site-token"),
+    path(
+        f"{project}certificates/<int:pk>/revoke/",
+        sites.certificate_revoke,
+        name="certificate-revoke",
+    ),
+    path(f"{project}jobs/new/", jobs.job_submit_view, name="job-submit"),
+    path(f"{project}approvals/", approvals.approval_list, name="approvals"),
+    path(job, jobs.job_detail, name="job"),
+    path(f"{job}rounds/", jobs.job_rounds_fragment, name="job-rounds"),
+    path(f"{job}models/", jobs.job_models_fragment, name="job-models"),
+    path(f"{job}metrics.json", jobs.job_metrics, name="job-metrics"),
+    path(f"{job}abort/", jobs.job_abort_view, name="job-abort"),
+    path(f"{job}sites/<str:site_name>/review/", approvals.approval_review, name="approval"),
+    path(f"{job}sites/<str:site_name>/decide/", approvals.approval_decide, name="approval-decide"),
+    path("audit/", account.audit_log, name="audit"),
+    path("api-tokens/", account.api_tokens, name="api-tokens"),
+    path("api-tokens/<int:pk>/revoke/", account.api_token_revoke, name="api-token-revoke"),
+]

@@ -1,0 +1,158 @@
+"""A job's page (live), its fragments and chart data, abort, and submitting a job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
+
+from dashboard.appfiles import app_files
+from dashboard.forms import AbortForm
+from dashboard.metrics import AGGREGATE, metric_charts
+from dashboard.submission import JobSubmitForm
+from dashboard.views._common import job_for, project_for, require
+from dashboard.views.projects import project_context
+from jobs import selectors
+from jobs.models import Job
+from jobs.services.rounds import site_is_online
+from jobs.services.sites import job_abort
+from jobs.services.submission import job_submit
+from sites.exceptions import DomainError
+from sites.models import Site, SiteState
+
+ONLY_MANAGERS = "Only a project admin, or the lead who submitted this job, may abort it."
+ONLY_SUBMITTERS = "Only a project admin or a lead of this project may submit jobs."
+LOG_LINES = 200
+
+
+def rounds_context(job: Job) -> dict[str, Any]:
+    """The round timeline and the site × round grid of task states."""
+    rounds = list(selectors.rounds_of(job))
+    participants = list(selectors.participants_of(job))
+    grid = []
+    for link in participants:
+        by_round = {task.round.number: task for task in link.site.job_tasks}
+        link.site.online = site_is_online(link.site)
+        grid.append((link, [by_round.get(rnd.number) for rnd in rounds]))
+    return {"job": job, "rounds": rounds, "grid": grid}
+
+
+def models_context(job: Job) -> dict[str, Any]:
+    versions = list(selectors.model_versions_of(job))
+    for version in versions:
+        version.download_url = reverse(
+            "jobs-api:job-model-download",
+            kwargs={"uid": job.uid, "round_number": version.round_number},
+        )
+    return {"job": job, "versions": versions}
+
+
+def logs_of(job: Job, sites: list[Site]) -> list[tuple[Site, list[Any]]]:
+    return [(site, selectors.log_tail_of(job, site=site, limit=LOG_LINES)) for site in sites]
+
+
+@login_required
+@require_safe
+def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
+    job = job_for(request, uid)
+    context = project_context(request, job.project)
+    context.update(rounds_context(job))
+    context.update(models_context(job))
+    sites = [link.site for link, _ in context["grid"]]
+    context.update(
+        can_manage=selectors.can_manage_job(request.user, job),
+        abort_form=AbortForm(),
+        logs=logs_of(job, sites),
+        charts=metric_charts(job),
+        aggregate_name=AGGREGATE,
+        files=app_files(job),
+        log_limit=LOG_LINES,
+    )
+    return render(request, "dashboard/job.html", context)
+
+
+@login_required
+@require_safe
+def job_rounds_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
+    job = job_for(request, uid)
+    return render(request, "dashboard/_job_rounds.html", rounds_context(job))
+
+
+@login_required
+@require_safe
+def job_models_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
+    job = job_for(request, uid)
+    return render(request, "dashboard/_job_models.html", models_context(job))
+
+
+@login_required
+@require_safe
+def job_metrics(request: HttpRequest, uid: Any) -> JsonResponse:
+    """The charts' data, fetched again when a round closes or a site's result is accepted
+    (those points are stored by the round controller, which publishes the round, not each
+    point)."""
+    job = job_for(request, uid)
+    return JsonResponse({"charts": metric_charts(job)})
+
+
+@login_required
+@require_POST
+def job_abort_view(request: HttpRequest, uid: Any) -> HttpResponse:
+    job = job_for(request, uid)
+    require(selectors.can_manage_job(request.user, job), ONLY_MANAGERS)
+    form = AbortForm(request.POST)
+    reason = ""
+    if form.is_valid():
+        reason = form.cleaned_data["reason"]
+    try:
+        job_abort(job=job, reason=reason or f"aborted by {request.user.get_username()}")
+    except DomainError as exc:
+        messages.error(request, f"The job was not aborted: {exc.message}")
+    else:
+        messages.success(request, f"Job {job.name} was aborted.")
+    return redirect("dashboard:job", uid=job.uid)
+
+
+@login_required
+@require_http_methods(["GET", "HEAD", "POST"])
+def job_submit_view(request: HttpRequest, slug: str) -> HttpResponse:
+    project = project_for(request, slug)
+    require(selectors.can_submit_job(request.user, project), ONLY_SUBMITTERS)
+    earlier = selectors.jobs_visible_to(request.user, project=project)
+    site_names = list(
+        Site.objects.filter(project=project, state=SiteState.ENROLLED)
+        .order_by("name")
+        .values_list("name", flat=True)
+    )
+    form = JobSubmitForm(
+        request.POST or None,
+        request.FILES or None,
+        earlier_jobs=earlier,
+        site_names=site_names,
+    )
+    if request.method == "POST" and form.is_valid():
+        try:
+            with form.app_archive() as archive:
+                job = job_submit(
+                    project=project,
+                    submitted_by=request.user,
+                    spec=form.spec(),
+                    initial_model=form.cleaned_data["initial_model"],
+                    app_archive=archive,
+                    sites=form.cleaned_data.get("sites") or None,
+                    round_timeout_seconds=form.cleaned_data.get("round_timeout_seconds"),
+                )
+        except DomainError as exc:
+            target = form.service_field(exc.field)
+            form.add_error(target if target in form.fields else None, exc.message)
+        else:
+            messages.success(request, f"Job {job.name} was submitted.")
+            return redirect("dashboard:job", uid=job.uid)
+    context = project_context(request, project)
+    context["form"] = form
+    return render(request, "dashboard/job_submit.html", context)

@@ -1,0 +1,111 @@
+"""The projects list (the home page of a signed-in person) and a project's overview."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_safe
+
+from dashboard.views._common import project_for
+from jobs import selectors as job_selectors
+from jobs.models import JOB_ACTIVE, Job, JobSite
+from jobs.services.rounds import site_is_online
+from sites import selectors
+from sites.models import Project, Site, SiteState
+
+RECENT_JOBS = 50
+
+
+@require_safe
+def home(request: HttpRequest) -> HttpResponse:
+    """The landing page; a signed-in person sees their projects on it."""
+    context: dict[str, Any] = {}
+    if request.user.is_authenticated:
+        projects = list(selectors.projects_visible_to(request.user))
+        for project in projects:
+            project.my_roles = sorted(selectors.role_in_project(request.user, project))
+            project.active_jobs = project.jobs.filter(state__in=JOB_ACTIVE).count()
+            project.enrolled_sites = project.sites.filter(state=SiteState.ENROLLED).count()
+        context["projects"] = projects
+    return render(request, "home.html", context)
+
+
+def with_status(sites: Any) -> list[Site]:
+    """Sites with ``online`` set, by the same heartbeat rule the round controller uses."""
+    listed = list(sites)
+    for site in listed:
+        site.online = site_is_online(site)
+    return listed
+
+
+def project_jobs(request: HttpRequest, project: Project) -> list[Job]:
+    return list(job_selectors.jobs_visible_to(request.user, project=project)[:RECENT_JOBS])
+
+
+def pending_decisions(request: HttpRequest, project: Project) -> list[JobSite]:
+    """The job-site decisions waiting for this person: jobs not started yet, pending at a site
+    the person may decide for (org admin of its organisation, or project admin)."""
+    links = (
+        JobSite.objects.filter(
+            job__in=job_selectors.jobs_visible_to(request.user, project=project),
+            decision=JobSite.Decision.PENDING,
+            job__state__in=["submitted", "waiting"],
+        )
+        .select_related("job__submitted_by", "site__organization__project")
+        .order_by("job__created_at", "site__name")
+    )
+    allowed: dict[int, bool] = {}
+    mine = []
+    for link in links:
+        org = link.site.organization_id
+        if org not in allowed:
+            allowed[org] = job_selectors.can_decide_for_site(request.user, link.site)
+        if allowed[org]:
+            mine.append(link)
+    return mine
+
+
+def project_context(request: HttpRequest, project: Project) -> dict[str, Any]:
+    roles = selectors.role_in_project(request.user, project)
+    return {
+        "project": project,
+        "roles": sorted(roles),
+        "is_project_admin": selectors.is_project_admin(request.user, project),
+        "can_submit": job_selectors.can_submit_job(request.user, project),
+        "can_request_site": any(
+            selectors.can_request_site(request.user, org) for org in project.organizations.all()
+        ),
+    }
+
+
+@login_required
+@require_safe
+def project_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    project = project_for(request, slug)
+    context = project_context(request, project)
+    context.update(
+        sites=with_status(selectors.sites_visible_to(request.user, project=project)),
+        jobs=project_jobs(request, project),
+        pending=pending_decisions(request, project),
+    )
+    return render(request, "dashboard/project.html", context)
+
+
+@login_required
+@require_safe
+def project_sites_fragment(request: HttpRequest, slug: str) -> HttpResponse:
+    """The sites table alone: the page fetches it again to keep heartbeats current."""
+    project = project_for(request, slug)
+    sites = with_status(selectors.sites_visible_to(request.user, project=project))
+    return render(request, "dashboard/_site_status_rows.html", {"sites": sites})
+
+
+@login_required
+@require_safe
+def project_jobs_fragment(request: HttpRequest, slug: str) -> HttpResponse:
+    """The jobs table alone: the page fetches it again when a job of the project changes."""
+    project = project_for(request, slug)
+    return render(request, "dashboard/_job_rows.html", {"jobs": project_jobs(request, project)})

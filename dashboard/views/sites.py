@@ -1,0 +1,198 @@
+"""Sites of a project: an org admin's request, the project admin's approval queue, the one-time
+enrolment token with the command to run at the site, and certificates with revocation.
+
+Each write checks the same ``sites.selectors`` rule as the API view that makes it, then calls
+the same service.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
+
+from dashboard.forms import ReasonForm, SiteRequestForm
+from dashboard.views._common import form_error, project_for, render_once, require, source_address
+from dashboard.views.projects import project_context, with_status
+from sites import conf, selectors, services
+from sites.exceptions import DomainError
+from sites.models import Certificate, Project, Site, SiteState
+
+ONLY_PROJECT_ADMIN = "Only a project admin of this project may do this."
+ONLY_ORG_ADMIN = "Only an org admin of an organisation of this project may request a site."
+
+
+def enrol_command(request: HttpRequest, token: str) -> str:
+    """The exact line a site admin runs to enrol: the portal as sites reach it, and the token."""
+    portal = conf.public_url() or request.build_absolute_uri("/").rstrip("/")
+    return (
+        f"python -m client_agent enrol --portal {shlex.quote(portal)} --token {shlex.quote(token)}"
+    )
+
+
+def _site(request: HttpRequest, project: Project, pk: int) -> Site:
+    return get_object_or_404(selectors.sites_visible_to(request.user, project=project), pk=pk)
+
+
+@login_required
+@require_safe
+def site_list(request: HttpRequest, slug: str) -> HttpResponse:
+    project = project_for(request, slug)
+    context = project_context(request, project)
+    sites = with_status(selectors.sites_visible_to(request.user, project=project))
+    context.update(
+        sites=sites,
+        queue=[s for s in sites if s.state == SiteState.REQUESTED],
+        awaiting_enrolment=[s for s in sites if s.state == SiteState.APPROVED],
+        certificates=selectors.certificates_visible_to(request.user, project=project),
+        deny_form=ReasonForm(),
+    )
+    return render(request, "dashboard/sites.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "HEAD", "POST"])
+def site_request(request: HttpRequest, slug: str) -> HttpResponse:
+    project = project_for(request, slug)
+    organizations = [
+        org
+        for org in selectors.organizations_visible_to(request.user, project=project)
+        if selectors.can_request_site(request.user, org)
+    ]
+    require(bool(organizations), ONLY_ORG_ADMIN)
+    choices = project.organizations.filter(pk__in=[o.pk for o in organizations])
+    form = SiteRequestForm(request.POST or None, organizations=choices)
+    if request.method == "POST" and form.is_valid():
+        organization = form.cleaned_data["organization"]
+        require(selectors.can_request_site(request.user, organization), ONLY_ORG_ADMIN)
+        try:
+            site = services.site_request(
+                organization=organization,
+                name=form.cleaned_data["name"],
+                contact_email=form.cleaned_data["contact_email"],
+                resources=form.resources(),
+                requested_by=request.user,
+                source_address=source_address(request),
+            )
+        except DomainError as exc:
+            form_error(form, exc, {"resources": "gpus"})
+        else:
+            messages.success(
+                request,
+                f"Site {site.name} was requested. A project admin of {project.name} approves it; "
+                "you will then get its enrolment token.",
+            )
+            return redirect("dashboard:sites", slug=project.slug)
+    context = project_context(request, project)
+    context["form"] = form
+    return render(request, "dashboard/site_request.html", context)
+
+
+@login_required
+@require_POST
+def site_approve(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+    project = project_for(request, slug)
+    site = _site(request, project, pk)
+    require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
+    try:
+        site, token = services.site_approve(
+            site=site, approved_by=request.user, source_address=source_address(request)
+        )
+    except DomainError as exc:
+        messages.error(request, exc.message)
+        return redirect("dashboard:sites", slug=project.slug)
+    return _show_token(request, project, site, token, approved=True)
+
+
+@login_required
+@require_POST
+def site_token(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+    """A new one-time enrolment token (e.g. to enrol again with a new key)."""
+    project = project_for(request, slug)
+    site = _site(request, project, pk)
+    require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
+    try:
+        _, token = services.enrolment_token_reissue(
+            site=site, issued_by=request.user, source_address=source_address(request)
+        )
+    except DomainError as exc:
+        messages.error(request, exc.message)
+        return redirect("dashboard:sites", slug=project.slug)
+    return _show_token(request, project, site, token, approved=False)
+
+
+def _show_token(
+    request: HttpRequest, project: Project, site: Site, token: str, *, approved: bool
+) -> HttpResponse:
+    """The token page is the POST's own answer, never a redirect: the plaintext is nowhere to
+    be fetched again, and the response is marked not to be cached."""
+    row = site.enrolment_tokens.order_by("-created_at", "-pk").first()
+    context = project_context(request, project)
+    context.update(
+        site=site,
+        token=token,
+        expires_at=row.expires_at if row else None,
+        command=enrol_command(request, token),
+        approved=approved,
+    )
+    return render_once(request, "dashboard/site_token.html", context)
+
+
+@login_required
+@require_POST
+def site_deny(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+    project = project_for(request, slug)
+    site = _site(request, project, pk)
+    require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
+    form = ReasonForm(request.POST)
+    if form.is_valid():
+        try:
+            services.site_deny(
+                site=site,
+                reason=form.cleaned_data["reason"],
+                denied_by=request.user,
+                source_address=source_address(request),
+            )
+        except DomainError as exc:
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, f"Site {site.name} was denied.")
+    else:
+        messages.error(request, f"Site {site.name} was not denied: give a reason.")
+    return redirect("dashboard:sites", slug=project.slug)
+
+
+@login_required
+@require_http_methods(["GET", "HEAD", "POST"])
+def certificate_revoke(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+    """Asks for a reason and a confirmation (this page), then revokes (its POST)."""
+    project = project_for(request, slug)
+    certificate: Certificate = get_object_or_404(
+        selectors.certificates_visible_to(request.user, project=project), pk=pk
+    )
+    require(selectors.can_decide_site(request.user, certificate.site), ONLY_PROJECT_ADMIN)
+    form = ReasonForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.certificate_revoke(
+                certificate=certificate,
+                reason=form.cleaned_data["reason"],
+                revoked_by=request.user,
+                source_address=source_address(request),
+            )
+        except DomainError as exc:
+            form_error(form, exc)
+        else:
+            messages.success(
+                request,
+                f"Certificate {certificate.serial[:12]}… of {certificate.site.name} was revoked; "
+                "its agent is refused from its next request.",
+            )
+            return redirect("dashboard:sites", slug=project.slug)
+    context = project_context(request, project)
+    context.update(certificate=certificate, form=form)
+    return render(request, "dashboard/certificate_revoke.html", context)
