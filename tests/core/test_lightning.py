@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,14 @@ import pytest
 import torch
 
 from client_agent.fl_model import FLModel, ParamsType
-from client_agent.runtime import TASK_TRAIN, TASK_VALIDATE, ScriptFailed, ScriptProcess, Task
+from client_agent.runtime import (
+    TASK_SUBMIT_MODEL,
+    TASK_TRAIN,
+    TASK_VALIDATE,
+    ScriptFailed,
+    ScriptProcess,
+    Task,
+)
 from client_agent.wire import load_state_dict, read_model_file, write_model_file
 from jobs.envs import Run, RunStatus, SimEnv
 from jobs.recipes import FedAvgRecipe
@@ -376,7 +384,7 @@ def task(tmp: Path, name: str, rnd: int, params: dict[str, torch.Tensor]) -> Tas
     )
 
 
-def test_evaluate_task_sends_only_metrics_then_a_train_task_trains(tmp_path: Path) -> None:
+def test_evaluate_train_and_submit_model_tasks_in_one_loop(tmp_path: Path) -> None:
     # Non-strict: the evaluate task's global model has a key the module lacks.
     evaluate_params = {**initial_model(), "extra.scale": torch.ones(2)}
     train_params = {k: v + 1 for k, v in initial_model().items()}
@@ -388,12 +396,15 @@ def test_evaluate_task_sends_only_metrics_then_a_train_task_trains(tmp_path: Pat
         trained = read_model_file(
             proc.run_task(task(tmp_path, TASK_TRAIN, 1, train_params), timeout=60)
         )
+        submitted = read_model_file(
+            proc.run_task(task(tmp_path, TASK_SUBMIT_MODEL, 2, {}), timeout=60)
+        )
     finally:
         exit_code = proc.stop(grace=30)
     log_text = (tmp_path / "log.txt").read_text()
     assert exit_code == 0, log_text
     report = json.loads((tmp_path / "work" / "report.json").read_text())
-    first, second = report["passes"]
+    first, second, third = report["passes"]
 
     # Evaluate: metrics of the received model, no params; the fit() after it trained nothing.
     assert evaluated.params == {}
@@ -408,11 +419,16 @@ def test_evaluate_task_sends_only_metrics_then_a_train_task_trains(tmp_path: Pat
     assert_same_weights(as_tensors(report["rounds"][0]["weights_at_start"]), train_params)
     assert second["steps"] == EPOCHS * STEPS_PER_EPOCH
     assert trained.params_type is ParamsType.FULL
-    assert_same_weights(
-        dict(trained.params or {}), as_tensors(report["rounds"][0]["weights_at_end"])
-    )
+    trained_weights = as_tensors(report["rounds"][0]["weights_at_end"])
+    assert_same_weights(dict(trained.params or {}), trained_weights)
     assert trained.meta["NUM_STEPS_CURRENT_ROUND"] == EPOCHS * STEPS_PER_EPOCH
     assert trained.metrics == pytest.approx(second["validate"])
+
+    # Submit-model (no global model): validate() sends the local weights, unchanged since
+    # training, with their metrics; the fit() after it trains nothing.
+    assert_same_weights(dict(submitted.params or {}), trained_weights)
+    assert submitted.metrics == pytest.approx(third["validate"])
+    assert third["steps"] == 0
 
 
 def test_strict_mode_fails_naming_the_unexpected_key(tmp_path: Path) -> None:
@@ -545,3 +561,29 @@ def test_with_two_processes_only_rank_0_talks_to_the_runtime(tmp_path: Path) -> 
         )
     # Each rank steps on its half of the data: 2 batches an epoch.
     assert results[0].meta["NUM_STEPS_CURRENT_ROUND"] == EPOCHS * STEPS_PER_EPOCH // 2
+
+
+def test_hello_lightning_learns(tmp_path: Path) -> None:
+    example = ROOT / "examples" / "hello-lightning"
+    sys.path.insert(0, str(example))
+    try:
+        from model import LitNet  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(example))
+    torch.manual_seed(0)
+    recipe = FedAvgRecipe(
+        name="hello-lightning",
+        min_clients=3,
+        num_rounds=5,
+        model=LitNet(),
+        train_script=str(example / "client.py"),
+        train_args="--epochs 2",
+    )
+    run = recipe.execute(SimEnv(num_clients=3, workspace=tmp_path, show_progress=False))
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    accuracy = [value for _, value in run.metrics.aggregated("accuracy")]
+    assert len(accuracy) == 5
+    assert accuracy[-1] > accuracy[0] + 0.5
+    assert accuracy[-1] > 0.9
+    assert run.metrics.logged("train_loss", "site-1")  # the epochs' self.log metrics arrive
