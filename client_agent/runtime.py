@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from client_agent import forkserver, wire
+from client_agent import forkserver
+from client_agent import frames as wire
 
 log = logging.getLogger(__name__)
 

@@ -137,13 +137,16 @@ def body_sha256(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def canonical_string(*, method: str, path: str, timestamp: int, nonce: str, body: bytes) -> bytes:
+def canonical_string(
+    *, method: str, path: str, timestamp: int, nonce: str, body: bytes, digest: str | None = None
+) -> bytes:
     """The bytes that are signed: scheme, upper-case method, path, timestamp, nonce, body digest.
 
     One line each, joined by ``\\n``. The body enters only as its SHA-256, so the signed string
-    stays small whatever the body's size.
+    stays small whatever the body's size; ``digest``, when given, is that SHA-256 (hex) of a
+    body streamed from a file rather than held in memory.
     """
-    lines = (SCHEME, method.upper(), path, str(int(timestamp)), nonce, body_sha256(body))
+    lines = (SCHEME, method.upper(), path, str(int(timestamp)), nonce, digest or body_sha256(body))
     return "\n".join(lines).encode("utf-8")
 
 
@@ -158,6 +161,7 @@ def sign_request(
     method: str,
     path: str,
     body: bytes = b"",
+    body_digest: str | None = None,
     timestamp: int | None = None,
     nonce: str | None = None,
 ) -> dict[str, str]:
@@ -165,7 +169,8 @@ def sign_request(
 
     ``path`` must be exactly the request target sent (path plus ``?query``). ``timestamp`` and
     ``nonce`` default to now and 128 fresh random bits; pass them only in tests. A nonce may be
-    used once: never reuse the headers for a second request, even a retry.
+    used once: never reuse the headers for a second request, even a retry. ``body_digest``
+    (SHA-256 hex) stands in for ``body`` when the body is streamed from a file.
     """
     if not path.startswith("/"):
         raise SigningError(f"path must start with '/', got {path!r}")
@@ -177,7 +182,9 @@ def sign_request(
             raise SigningError("expected a PEM certificate or a 64-hex-digit SHA-256 fingerprint")
     ts = int(time.time()) if timestamp is None else int(timestamp)
     nonce = secrets.token_hex(16) if nonce is None else nonce
-    message = canonical_string(method=method, path=path, timestamp=ts, nonce=nonce, body=body)
+    message = canonical_string(
+        method=method, path=path, timestamp=ts, nonce=nonce, body=body, digest=body_digest
+    )
     signature = sign_bytes(key, message)
     return {
         HEADER_FINGERPRINT: fingerprint,

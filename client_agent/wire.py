@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,10 +27,18 @@ from safetensors.torch import load_file, save_file
 
 from client_agent.fl_model import FLModel, ParamsType
 
+# The frame functions live in client_agent.frames (no torch, for the agent); they are
+# re-exported here, where the scripts' side and older callers look for them.
+from client_agent.frames import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from client_agent.frames import WireFormatError as WireFormatError
+from client_agent.frames import decode_frame_body as decode_frame_body
+from client_agent.frames import dumps as dumps
+from client_agent.frames import encode_frame as encode_frame
+from client_agent.frames import recv_frame as recv_frame
+from client_agent.frames import send_frame as send_frame
+
 METADATA_KEY = "fedportal.flmodel"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-_FRAME_LEN = struct.Struct(">I")
 
 # safetensors dtype names → torch dtypes we accept. Anything else is refused.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -49,10 +56,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 
 
 _SUPPORTED_DTYPES = tuple(SAFETENSORS_DTYPES.values())
-
-
-class WireFormatError(ValueError):
-    """Bytes that are not a valid FedPortal message or model file."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,23 +99,6 @@ def to_tensor_dict(params: Mapping[str, Any], *, what: str = "params") -> dict[s
         seen.add(key)
         out[name] = tensor
     return out
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray) and value.size == 1:
-        return value.item()
-    if isinstance(value, ParamsType):
-        return value.value
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def dumps(obj: Any) -> str:
-    """JSON text for anything that crosses the wire; scalar tensors/numpy become numbers."""
-    return json.dumps(obj, default=_json_default, separators=(",", ":"))
 
 
 def write_model_file(path: str | os.PathLike[str], model: FLModel) -> Path:
@@ -255,50 +241,3 @@ def open_tensors(path: str | os.PathLike[str]) -> Iterator[Any]:
             yield handle
     except SafetensorError as exc:
         raise WireFormatError(f"{Path(path).name}: invalid safetensors data: {exc}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# JSON frames over a stream socket
-# --------------------------------------------------------------------------------------------
-
-
-def encode_frame(message: Mapping[str, Any]) -> bytes:
-    """A 4-byte big-endian length, then the message as UTF-8 JSON."""
-    if not isinstance(message, Mapping) or not isinstance(message.get("type"), str):
-        raise WireFormatError("a frame must be a JSON object with a string 'type'")
-    body = dumps(message).encode()
-    if len(body) > MAX_FRAME_BYTES:
-        raise WireFormatError(f"frame of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
-    return _FRAME_LEN.pack(len(body)) + body
-
-
-def decode_frame_body(body: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireFormatError("frame is not UTF-8 JSON") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise WireFormatError("frame must be a JSON object with a string 'type'")
-    return message
-
-
-def send_frame(sock: socket.socket, message: Mapping[str, Any]) -> None:
-    sock.sendall(encode_frame(message))
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks = bytearray()
-    while len(chunks) < n:
-        chunk = sock.recv(n - len(chunks))
-        if not chunk:
-            raise ConnectionError("peer closed the connection")
-        chunks += chunk
-    return bytes(chunks)
-
-
-def recv_frame(sock: socket.socket) -> dict[str, Any]:
-    """Block for one frame. Raises ``ConnectionError`` on EOF, WireFormatError on garbage."""
-    (length,) = _FRAME_LEN.unpack(_recv_exact(sock, _FRAME_LEN.size))
-    if length > MAX_FRAME_BYTES:
-        raise WireFormatError(f"frame length {length} exceeds {MAX_FRAME_BYTES}; not our protocol")
-    return decode_frame_body(_recv_exact(sock, length))

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +25,12 @@ from typing import Any
 
 import torch
 
+# The archive checks live with the agent, which runs them too; re-exported for the portal.
+from client_agent.app_archive import MAX_APP_BYTES as MAX_APP_BYTES
+from client_agent.app_archive import MAX_ARCHIVE_MEMBERS as MAX_ARCHIVE_MEMBERS
+from client_agent.app_archive import BundleError as BundleError
+from client_agent.app_archive import check_app_archive as check_app_archive
+from client_agent.app_archive import extract_app as extract_app
 from client_agent.wire import WireFormatError, load_state_dict, read_header, save_state_dict
 from jobs.workflows import Workflow, workflow_from_spec
 
@@ -33,7 +38,6 @@ BUNDLE_FORMAT = 1
 SPEC_FILE = "job.json"
 MODEL_FILE = "initial_model.safetensors"
 APP_DIR = "app"
-MAX_APP_BYTES = 50 * 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 # Not part of a client app: caches, version control, environments, run output.
@@ -47,10 +51,6 @@ _SKIP_DIRS = {
     ".ipynb_checkpoints",
 }
 _SKIP_SUFFIXES = (".pyc", ".pyo")
-
-
-class BundleError(ValueError):
-    """A bundle that cannot run; the message names the file or field."""
 
 
 def _app_files(source: Path, exclude: set[Path]) -> list[Path]:
@@ -235,8 +235,6 @@ def write_bundle(
 # The app folder as an archive, for upload to a portal and download by a site
 # --------------------------------------------------------------------------------------------
 
-MAX_ARCHIVE_MEMBERS = 10_000
-
 
 def pack_app(app_dir: Path, archive: Path) -> Path:
     """Zip a bundle's ``app/`` folder (as written by :func:`write_bundle`) for upload."""
@@ -245,53 +243,3 @@ def pack_app(app_dir: Path, archive: Path) -> Path:
             if path.is_file() and not path.is_symlink():
                 zf.write(path, path.relative_to(app_dir).as_posix())
     return archive
-
-
-def check_app_archive(archive: Path, train_script: str) -> list[str]:
-    """Check an uploaded app archive (zip) before anything is stored or extracted.
-
-    Refused, with a :class:`BundleError` naming the member: absolute paths, ``..``, links and
-    other non-regular files, more than :data:`MAX_ARCHIVE_MEMBERS` members, more than
-    :data:`MAX_APP_BYTES` uncompressed, and an archive without ``train_script``. Returns the
-    member names.
-    """
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise BundleError(f"app: not a zip archive ({exc})") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_ARCHIVE_MEMBERS:
-            raise BundleError(f"app: {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS}")
-        total = 0
-        names: list[str] = []
-        for info in infos:
-            name = info.filename
-            parts = PurePosixPath(name).parts
-            if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
-                raise BundleError(f"app: member {name!r} has an unsafe path")
-            mode = info.external_attr >> 16
-            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-                raise BundleError(f"app: member {name!r} is not a regular file (a link?)")
-            if info.is_dir():
-                continue
-            total += info.file_size
-            if total > MAX_APP_BYTES:
-                raise BundleError(f"app: more than {MAX_APP_BYTES // 10**6} MB uncompressed")
-            names.append(name)
-    if train_script not in names:
-        raise BundleError(f"app: train_script {train_script!r} is not in the archive")
-    return names
-
-
-def extract_app(archive: Path, dest: Path, train_script: str) -> Path:
-    """Check, then extract an app archive into ``dest`` (created). Returns ``dest``."""
-    names = check_app_archive(archive, train_script)
-    dest.mkdir(parents=True)
-    with zipfile.ZipFile(archive) as zf:
-        for name in names:
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(name) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
-    return dest

@@ -163,7 +163,7 @@ def site_active_jobs(site: Site) -> list[JobSite]:
     )
     open_tasks = SiteTask.objects.filter(
         site=site, round__state=RoundState.OPEN, round__job__in=[link.job_id for link in links]
-    ).select_related("round")
+    ).select_related("round__job")
     by_job = {task.round.job_id: task for task in open_tasks}
     for link in links:
         link.current_task = by_job.get(link.job_id)  # type: ignore[attr-defined]

@@ -30,13 +30,13 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
-from jobs.services.rounds import site_is_online
+from jobs.services.rounds import site_is_online, workflow_of
 
 # job.json is a few hundred bytes; this bound only keeps absurd input out before parsing.
 SPEC_MAX_BYTES = 1024 * 1024
 SITE_NAME_MAX = 63
 # What an agent may report about its task (jobs.services.sites.task_mark).
-TASK_REPORTS = [TaskState.DOWNLOADED.value, TaskState.TRAINING.value]
+TASK_REPORTS = [TaskState.DOWNLOADED.value, TaskState.TRAINING.value, TaskState.FAILED.value]
 REASON_MAX = 2000
 
 
@@ -125,6 +125,12 @@ class AbortSerializer(serializers.Serializer):
 
 class TaskStatusSerializer(serializers.Serializer):
     state = serializers.ChoiceField(TASK_REPORTS, help_text="What the site is doing in this round.")
+    reason = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=REASON_MAX,
+        help_text="Why, when the state is failed (required then).",
+    )
 
 
 class MetricPointInSerializer(serializers.Serializer):
@@ -317,11 +323,35 @@ class AgentTaskSerializer(serializers.ModelSerializer):
     model_url = serializers.SerializerMethodField(help_text="GET: the model the round starts from.")
     status_url = serializers.SerializerMethodField(help_text="POST: {'state': 'training'}.")
     update_url = serializers.SerializerMethodField(help_text="PUT: the update, streamed.")
+    task = serializers.SerializerMethodField(
+        help_text="What the workflow asks of the client script this round: task_name (train, "
+        "validate, submit_model), total_rounds, start_round and meta, as the script's "
+        "FLModel gets them."
+    )
 
     class Meta:
         model = SiteTask
-        fields = ["round", "state", "reason", "deadline", "model_url", "status_url", "update_url"]
+        fields = [
+            "round",
+            "state",
+            "reason",
+            "deadline",
+            "task",
+            "model_url",
+            "status_url",
+            "update_url",
+        ]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.DictField())
+    def get_task(self, task: SiteTask) -> dict[str, Any]:
+        spec = workflow_of(task.round.job).round_task(task.round.number)
+        return {
+            "task_name": spec.task_name,
+            "total_rounds": spec.total_rounds,
+            "start_round": spec.start_round,
+            "meta": dict(spec.meta),
+        }
 
     def _url(self, task: SiteTask, name: str) -> str:
         return reverse(

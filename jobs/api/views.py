@@ -497,7 +497,8 @@ class AgentRoundStatusView(AgentView):
     def post(self, request: Request, uid: Any, number: int) -> Response:
         task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
         data = parse(s.TaskStatusSerializer, request.data)
-        return Response(s.AgentTaskStateSerializer(task_mark(task=task, state=data["state"])).data)
+        task = task_mark(task=task, state=data["state"], reason=data.get("reason", ""))
+        return Response(s.AgentTaskStateSerializer(task).data)
 
 
 class AgentRoundUpdateView(AgentView):

@@ -91,21 +91,33 @@ def round_model_fetch(*, job: Job, site: Any, round_number: int) -> ModelVersion
     return version
 
 
-def task_mark(*, task: SiteTask, state: str) -> SiteTask:
-    """A site reports progress (downloaded, training) on an open task; other moves refuse."""
+def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
+    """A site reports progress (downloaded, training) or failure on an open task.
+
+    ``failed`` (with the agent's ``reason``: the script crashed, the update could not be made)
+    answers the task, so the round need not wait for its deadline to close on the others.
+    Other moves, and reports on a closed round, change nothing.
+    """
+    open_states = {TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING}
     allowed = {
         TaskState.DOWNLOADED: {TaskState.ASSIGNED},
         TaskState.TRAINING: {TaskState.ASSIGNED, TaskState.DOWNLOADED},
+        TaskState.FAILED: open_states,
     }
     if state not in allowed:
         raise ValidationFailed(f"a site may report only {', '.join(allowed)}", field="state")
-    changed = SiteTask.objects.filter(
-        pk=task.pk, state__in=allowed[state], round__state=RoundState.OPEN
-    ).update(state=state)
-    if changed:
-        task.state = state
-        with transaction.atomic():
+    reason = reason.strip()[:2000] if state == TaskState.FAILED else ""
+    if state == TaskState.FAILED and not reason:
+        raise ValidationFailed("say why the task failed", field="reason")
+    with transaction.atomic():
+        changed = SiteTask.objects.filter(
+            pk=task.pk, state__in=allowed[state], round__state=RoundState.OPEN
+        ).update(state=state, reason=reason)
+        if changed:
+            task.state, task.reason = state, reason
             events.task_state(task)
+            if state == TaskState.FAILED:
+                job_kick_after_commit(task.round.job)
     return task
 
 

@@ -23,19 +23,16 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,171 +42,21 @@ from client_agent.wire import WireFormatError, load_state_dict, save_state_dict
 from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
 from jobs.aggregation.sources import FileTensorSource
 from jobs.bundle import JobBundle
+from jobs.envs.base import (
+    MetricPoint,
+    RoundRecord,
+    Run,
+    RunStatus,
+    _Progress,
+    model_file_name,
+    new_job_id,
+)
 from jobs.workflows import QuorumNotMet
 
 if TYPE_CHECKING:
     from jobs.recipes import Recipe
 
 log = logging.getLogger(__name__)
-
-
-class RunStatus(StrEnum):
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    ABORTED = "ABORTED"
-
-
-@dataclass(frozen=True)
-class MetricPoint:
-    """One number: from a site's result (``source="result"``), the round's weighted mean
-    (``site=None``, ``source="aggregate"``), or a ``flare.log`` call (``source="log"``)."""
-
-    round: int | None
-    site: str | None
-    key: str
-    value: float
-    step: int | None = None
-    source: str = "result"
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    accepted: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-class Metrics:
-    """A run's metrics: ``points`` holds them all; the helpers slice them."""
-
-    def __init__(self, points: Iterable[MetricPoint] = ()) -> None:
-        self.points: list[MetricPoint] = list(points)
-
-    def aggregated(self, key: str) -> list[tuple[int, float]]:
-        """``(round, value)`` of the round's weighted mean of ``key``."""
-        return [
-            (p.round or 0, p.value) for p in self.points if p.source == "aggregate" and p.key == key
-        ]
-
-    def site(self, site: str, key: str, source: str = "result") -> list[tuple[int | None, float]]:
-        return [
-            (p.round, p.value)
-            for p in self.points
-            if p.site == site and p.key == key and p.source == source
-        ]
-
-    def logged(self, key: str | None = None, site: str | None = None) -> list[MetricPoint]:
-        """``flare.log`` points, optionally for one key and site."""
-        return [
-            p
-            for p in self.points
-            if p.source == "log"
-            and (key is None or p.key == key)
-            and (site is None or p.site == site)
-        ]
-
-    def by_round(self) -> dict[int, dict[str, dict[str, float]]]:
-        """``{round: {"aggregate": {key: v}, site: {key: v}, …}}`` for result metrics."""
-        out: dict[int, dict[str, dict[str, float]]] = {}
-        for p in self.points:
-            if p.source == "log" or p.round is None:
-                continue
-            out.setdefault(p.round, {}).setdefault(p.site or "aggregate", {})[p.key] = p.value
-        return out
-
-    def __len__(self) -> int:
-        return len(self.points)
-
-    def __repr__(self) -> str:
-        return f"Metrics({len(self.points)} points)"
-
-
-@dataclass
-class Run:
-    """The outcome of ``recipe.execute(env)``."""
-
-    job_id: str
-    status: RunStatus
-    workspace: Path
-    rounds: list[RoundRecord] = field(default_factory=list)
-    metrics: Metrics = field(default_factory=Metrics)
-    error: str | None = None
-    best_round: int | None = None
-    """How many rounds had completed when ``best_model`` was made (0: the initial model).
-
-    A site's train metrics score the global model it received, so round ``r``'s aggregated
-    key metric (``r`` from 0) scores the model after ``r`` completed rounds."""
-    best_score: float | None = None
-
-    @property
-    def global_model(self) -> dict[str, torch.Tensor] | None:
-        """The last global model (after the last completed round)."""
-        path = self._model_path(len(self.rounds))
-        return load_state_dict(path) if path.exists() else None
-
-    @property
-    def best_model(self) -> dict[str, torch.Tensor] | None:
-        path = self.workspace / "models" / "best.safetensors"
-        return load_state_dict(path) if path.exists() else None
-
-    def _model_path(self, completed_rounds: int) -> Path:
-        return self.workspace / "models" / model_file_name(completed_rounds)
-
-    def wait(self) -> Run:
-        """Runs from SimEnv are finished when returned; kept for the same code in every env."""
-        return self
-
-
-def model_file_name(completed_rounds: int) -> str:
-    return (
-        "initial.safetensors"
-        if completed_rounds == 0
-        else f"round-{completed_rounds:03d}.safetensors"
-    )
-
-
-class Env(Protocol):
-    def run(self, recipe: Recipe) -> Run: ...
-
-
-def new_job_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-class _Progress:
-    """Terminal progress: one line per site state change on a terminal, one per round otherwise."""
-
-    def __init__(self, enabled: bool, num_rounds: int, stream: Any = None) -> None:
-        self.enabled = enabled
-        self.num_rounds = num_rounds
-        self.stream = stream or sys.stdout
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.lock = threading.Lock()
-        self.states: dict[str, str] = {}
-        self.round = 0
-
-    def say(self, text: str) -> None:
-        if self.enabled:
-            with self.lock:
-                end = "\n"
-                if self.tty:
-                    self.stream.write("\r\033[K")
-                self.stream.write(text + end)
-                self.stream.flush()
-
-    def site(self, site: str, state: str) -> None:
-        if not self.enabled:
-            return
-        with self.lock:
-            self.states[site] = state
-            if self.tty:
-                sites = "  ".join(f"{s}: {st}" for s, st in sorted(self.states.items()))
-                self.stream.write(f"\r\033[Kround {self.round + 1}/{self.num_rounds}  {sites}")
-                self.stream.flush()
 
 
 @contextlib.contextmanager
@@ -527,4 +374,4 @@ class _Simulation:
         return updates
 
 
-__all__ = ["Env", "MetricPoint", "Metrics", "Run", "RunStatus", "SimEnv"]
+__all__ = ["SimEnv"]

@@ -1,0 +1,560 @@
+"""The site agent: ``python -m client_agent run``.
+
+One asyncio loop does three things at once:
+
+- **connection**: a WebSocket to the portal (``/ws/agent/``, signed handshake), kept open with
+  heartbeats and reopened with backoff (0.5 s doubling to 30 s, with jitter) whenever the
+  portal or the network goes away. What the agent must deliver — ``flare.log`` points and the
+  script's output lines — waits in an outbox until the portal acknowledges it, and is sent
+  again after a reconnect; the portal stores a resent item once (ids).
+- **work**: whenever the portal says something changed (any event on the socket), on
+  connecting, and every ``poll_seconds`` in any case, the agent lists its site's jobs over
+  signed HTTP and starts what is due: a round task of an accepted, running job. Everything it
+  needs to resume is on the portal, so an agent that restarts picks up the current round.
+- **jobs**: one :class:`JobRunner` per job keeps the client script running for the whole job
+  (the same runtime as SimEnv: a process forked from a warm fork server, Client API over a
+  private Unix socket), downloads each round's global model, reports ``training``, hands the
+  script its task, flushes its metrics, and uploads the update, streamed.
+
+The agent runs only jobs its site accepted: automatically when the site's project setting
+says so, otherwise after the site admin decides on the portal. What leaves the site: model
+updates (the script's ``flare.send``), metrics (``flare.log`` and the update's metrics), the
+script's own output lines, task states and heartbeats. Nothing else can: there is no message
+for anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import secrets
+import shlex
+import shutil
+import signal
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from client_agent import __version__, forkserver
+from client_agent.app_archive import BundleError, extract_app
+from client_agent.portal import (
+    HEADER_AGENT_VERSION,
+    PortalClient,
+    PortalError,
+    PortalUnreachable,
+    _record,
+)
+from client_agent.runtime import ScriptFailed, ScriptProcess, Task
+from client_agent.site_dir import SiteDir
+
+log = logging.getLogger("client_agent")
+
+AGENT_VERSION = f"fedportal-agent/{__version__}"
+WS_PATH = "/ws/agent/"
+JOBS_PATH = "/api/v1/agent/jobs/"
+WHOAMI_PATH = "/api/v1/agent/whoami/"
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_REVOKED = 4403
+OPEN_TASK_STATES = ("assigned", "downloaded", "training")
+EXIT_REFUSED = 3
+METRICS_PER_MESSAGE = 500
+LOG_LINES_PER_MESSAGE = 500
+FLUSH_SECONDS = 0.25
+
+
+class Refused(RuntimeError):
+    """The portal will not take this site's credentials again (revoked, unknown, not
+    enrolled): retrying cannot help, so the agent stops."""
+
+
+class Agent:
+    def __init__(
+        self,
+        site_dir: SiteDir,
+        *,
+        poll_seconds: float = 10.0,
+        reconnect_max_seconds: float = 30.0,
+        python: str = sys.executable,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.site_dir = site_dir
+        self.identity = site_dir.identity()
+        self.client = PortalClient(
+            self.identity.portal,
+            key=site_dir.key(),
+            fingerprint=self.identity.fingerprint,
+            agent_version=AGENT_VERSION,
+        )
+        self.poll_seconds = poll_seconds
+        self.reconnect_max_seconds = reconnect_max_seconds
+        self.python = python
+        self._say = say or (lambda text: print(text, flush=True))
+        self.runners: dict[str, JobRunner] = {}
+        self.session = secrets.token_hex(4)
+        self._seq = 0
+        # Outbox: every message with an id stays in ``pending`` until acknowledged.
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.unsent: deque[str] = deque()
+        self.ws: Any = None
+        self.refused: str | None = None
+        self._announced: set[str] = set()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        self._say(f"[{self.identity.site}] {text}")
+
+    async def run(self) -> int:
+        """Run until SIGINT/SIGTERM (exit 0) or until the portal refuses the site (exit 3)."""
+        self.loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.outbox_ready = asyncio.Event()
+        self.acked = asyncio.Condition()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self.loop.add_signal_handler(sig, self.stopping.set)
+        if self.python == sys.executable:
+            # Warm now (torch imports in the fork server while we connect), so the first
+            # round's script starts in a fork rather than a cold interpreter.
+            await asyncio.to_thread(forkserver.get_server)
+        self.say(
+            f"agent {AGENT_VERSION} for project {self.identity.project}, portal {self.client.url}"
+        )
+        tasks = [
+            asyncio.create_task(self._connection_loop(), name="connection"),
+            asyncio.create_task(self._work_loop(), name="work"),
+            asyncio.create_task(self._flush_loop(), name="flush"),
+        ]
+        await self.stopping.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._stop_runners(grace=5.0)
+        if self.refused:
+            self.say(f"stopped: the portal refuses this site: {self.refused}")
+            return EXIT_REFUSED
+        self.say("stopped")
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _refuse(self, reason: str) -> None:
+        self.refused = reason
+        self.stopping.set()
+
+    async def _stop_runners(self, grace: float) -> None:
+        runners, self.runners = list(self.runners.values()), {}
+        await asyncio.gather(*(r.finish(grace=grace) for r in runners), return_exceptions=True)
+
+    # -- outbox -----------------------------------------------------------------------------
+
+    def next_id(self, prefix: str) -> str:
+        self._seq += 1
+        return f"{prefix}:{self.session}:{self._seq}"
+
+    def enqueue(self, message: dict[str, Any]) -> str:
+        """Queue a message for the portal (loop thread only); returns its id."""
+        message_id = str(message.setdefault("id", self.next_id(message["type"])))
+        self.pending[message_id] = message
+        self.unsent.append(message_id)
+        self.outbox_ready.set()
+        return message_id
+
+    async def wait_acked(self, ids: list[str], timeout: float) -> bool:
+        """Wait until the portal acknowledged ``ids`` (True), or ``timeout`` passed (False)."""
+
+        def done() -> bool:
+            return not any(i in self.pending for i in ids)
+
+        async with self.acked:
+            try:
+                await asyncio.wait_for(self.acked.wait_for(done), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            for runner in list(self.runners.values()):
+                runner.flush()
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        delay = 0.5
+        while True:
+            url = self.client.websocket_url(WS_PATH)
+            headers = self.client.signed_headers("GET", WS_PATH)
+            headers[HEADER_AGENT_VERSION] = AGENT_VERSION
+            _record("ws", "GET", WS_PATH, b"")
+            try:
+                async with websockets.connect(
+                    url,
+                    additional_headers=headers,
+                    open_timeout=10,
+                    ping_interval=20,
+                    ping_timeout=20,
+                    max_size=1 << 22,
+                ) as ws:
+                    first = json.loads(await ws.recv())
+                    if first.get("type") != "welcome":
+                        await self._refused_at_handshake(first)
+                        return
+                    delay = 0.5
+                    self.say(f"connected to {self.client.url} as site {first.get('site')}")
+                    await self._session(ws, float(first.get("heartbeat_seconds") or 15))
+            except asyncio.CancelledError:
+                raise
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else None
+                if code in (CLOSE_REVOKED, CLOSE_UNAUTHENTICATED):
+                    await self._check_credentials(exc.rcvd.reason if exc.rcvd else "")
+                    if self.refused:
+                        return
+                self.say(f"connection to the portal lost ({exc}); reconnecting")
+            except (OSError, InvalidHandshake, TimeoutError, ValueError) as exc:
+                self.say(
+                    f"portal unreachable ({type(exc).__name__}: {exc}); retry in {delay:.1f} s"
+                )
+            finally:
+                self.ws = None
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.reconnect_max_seconds)
+
+    async def _refused_at_handshake(self, first: dict[str, Any]) -> None:
+        code, message = first.get("code", "?"), first.get("message", "")
+        if code in ("signature_expired",):
+            raise ValueError(f"refused: {message} (check this machine's clock)")
+        await self._check_credentials(f"{code}: {message}")
+        if not self.refused:
+            raise ValueError(f"refused: {code}: {message}")
+
+    async def _check_credentials(self, hint: str) -> None:
+        """Ask over HTTP why the socket was refused; stop for good if the site is refused."""
+        try:
+            await asyncio.to_thread(self.client.get, WHOAMI_PATH)
+        except PortalError as exc:
+            if exc.refused_for_good:
+                self._refuse(f"{exc.code}: {exc.message}")
+        except PortalUnreachable:
+            pass
+        if not self.refused and hint:
+            log.info("socket closed by the portal: %s", hint)
+
+    async def _session(self, ws: Any, heartbeat_seconds: float) -> None:
+        self.ws = ws
+        # Everything not acknowledged goes again, in order: the portal stores it once.
+        self.unsent = deque(self.pending)
+        self.outbox_ready.set()
+        self.wake.set()
+        reader = asyncio.create_task(self._reader(ws))
+        writer = asyncio.create_task(self._writer(ws))
+        beat = asyncio.create_task(self._heartbeat(ws, heartbeat_seconds))
+        try:
+            done, _ = await asyncio.wait(
+                {reader, writer, beat}, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in done:
+                task.result()  # re-raise what ended the session
+        finally:
+            for task in (reader, writer, beat):
+                task.cancel()
+            await asyncio.gather(reader, writer, beat, return_exceptions=True)
+
+    async def _reader(self, ws: Any) -> None:
+        async for raw in ws:
+            message = json.loads(raw)
+            kind = message.get("type")
+            if kind == "event":
+                self.wake.set()
+            elif kind == "ack":
+                sent = self.pending.pop(str(message.get("id")), None)
+                if sent is not None and "error" in message:
+                    error = message["error"]
+                    self.say(
+                        f"the portal refused {sent['type']} for job {sent.get('job')}: "
+                        f"{error.get('message')}"
+                    )
+                async with self.acked:
+                    self.acked.notify_all()
+            elif kind == "error":
+                log.info("portal says: %s", message)
+
+    async def _writer(self, ws: Any) -> None:
+        while True:
+            await self.outbox_ready.wait()
+            self.outbox_ready.clear()
+            while self.unsent:
+                message_id = self.unsent.popleft()
+                message = self.pending.get(message_id)
+                if message is None:
+                    continue
+                data = json.dumps(message)
+                _record("ws", "SEND", WS_PATH, data.encode())
+                await ws.send(data)
+
+    async def _heartbeat(self, ws: Any, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            data = json.dumps({"type": "heartbeat"})
+            _record("ws", "SEND", WS_PATH, data.encode())
+            await ws.send(data)
+
+    # -- work -------------------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.poll_seconds)
+            self.wake.clear()
+            try:
+                await self.sync()
+            except PortalUnreachable as exc:
+                log.info("cannot list jobs: %s", exc)
+            except PortalError as exc:
+                if exc.refused_for_good:
+                    self._refuse(f"{exc.code}: {exc.message}")
+                    return
+                self.say(f"cannot list jobs: {exc}")
+
+    async def sync(self) -> None:
+        """Start what is due: one round task per accepted running job; end finished jobs."""
+        jobs = await asyncio.to_thread(self.client.get, JOBS_PATH)
+        active = set()
+        for job in jobs:
+            uid = str(job["uid"])
+            active.add(uid)
+            if job["decision"] == "pending" and uid not in self._announced:
+                self._announced.add(uid)
+                self.say(
+                    f"job {job['name']} ({uid}) waits for the site admin's decision on the portal"
+                )
+            if job["decision"] != "accepted" or job["state"] != "running":
+                continue
+            task = job.get("current_task")
+            if task and task["state"] in OPEN_TASK_STATES:
+                runner = self.runners.get(uid)
+                if runner is None:
+                    runner = self.runners[uid] = JobRunner(self, job)
+                runner.offer(task)
+        for uid in [u for u in self.runners if u not in active]:
+            runner = self.runners.pop(uid)
+            asyncio.create_task(runner.finish(grace=10.0))
+
+
+class JobRunner:
+    """One job at this site: its workspace, its long-lived client script, its rounds."""
+
+    def __init__(self, agent: Agent, job: dict[str, Any]) -> None:
+        self.agent = agent
+        self.uid = str(job["uid"])
+        self.name = str(job["name"])
+        self.num_rounds = int(job["num_rounds"])
+        self.spec_url = str(job["spec_url"])
+        self.bundle_url = str(job["bundle_url"])
+        self.workspace = agent.site_dir.job_path(self.uid)
+        self.proc: ScriptProcess | None = None
+        self.current: asyncio.Task[None] | None = None
+        self.current_round: int | None = None
+        self.finished_round: int | None = None
+        self.points: list[dict[str, Any]] = []
+        self.points_lock = threading.Lock()
+        self.point_seq = 0
+        self.log_offset = 0
+        self.log_partial = b""
+
+    @property
+    def client(self) -> PortalClient:
+        return self.agent.client
+
+    def offer(self, task: dict[str, Any]) -> None:
+        number = int(task["round"])
+        if self.current is not None and not self.current.done():
+            return  # busy with a round; the portal moves on only after it answers or closes
+        if number == self.finished_round:
+            return  # uploaded; the portal has not yet marked it
+        self.current = asyncio.create_task(self._round(task), name=f"{self.uid}:{number}")
+
+    # -- one round --------------------------------------------------------------------------
+
+    async def _round(self, task: dict[str, Any]) -> None:
+        number = int(task["round"])
+        self.current_round = number
+        try:
+            await asyncio.to_thread(self._prepare)
+            models = self.workspace / "models"
+            model_path = models / f"round-{number:03d}.safetensors"
+            await asyncio.to_thread(self.client.download, task["model_url"], model_path)
+            await asyncio.to_thread(self.client.post, task["status_url"], {"state": "training"})
+            spec = task.get("task") or {}
+            result_path = self.workspace / "updates" / f"round-{number + 1:03d}.safetensors"
+            result_path.parent.mkdir(parents=True, exist_ok=True)
+            script_task = Task(
+                task_id=f"{self.uid}:{number}",
+                task_name=str(spec.get("task_name", "train")),
+                model_path=str(model_path),
+                result_path=str(result_path),
+                current_round=number,
+                total_rounds=int(spec.get("total_rounds", self.num_rounds)),
+                start_round=int(spec.get("start_round", 0)),
+                meta=dict(spec.get("meta") or {}),
+            )
+            assert self.proc is not None
+            proc = self.proc
+            path = await asyncio.to_thread(proc.run_task, script_task, on_log=self._on_log)
+            # Metrics first: all of the round's points are stored before its update counts.
+            ids = self.flush()
+            if ids and self.agent.ws is not None:
+                await self.agent.wait_acked(ids, timeout=10.0)
+            await asyncio.to_thread(self.client.upload, task["update_url"], path)
+            self.finished_round = number
+            self.agent.say(f"job {self.name}: round {number + 1}/{self.num_rounds} update sent")
+            model_path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        except ScriptFailed as exc:
+            await self._fail(task, f"client script {exc.reason}", exc.log_tail)
+        except BundleError as exc:
+            await self._fail(task, f"the job's app cannot run here: {exc}", "")
+        except PortalUnreachable as exc:
+            self.agent.say(
+                f"job {self.name}: round {number + 1}: portal unreachable ({exc}); will retry"
+            )
+        except PortalError as exc:
+            if exc.status == 409:  # answered already, or the round closed meanwhile
+                self.agent.say(f"job {self.name}: round {number + 1}: {exc.message}")
+                self.finished_round = number
+            else:
+                self.agent.say(f"job {self.name}: round {number + 1}: {exc}")
+        finally:
+            self.flush()
+
+    async def _fail(self, task: dict[str, Any], reason: str, log_tail: str) -> None:
+        self.agent.say(f"job {self.name}: round {int(task['round']) + 1} failed: {reason}")
+        self._agent_line(f"round {int(task['round']) + 1} failed: {reason}")
+        proc, self.proc = self.proc, None  # a new script process next round
+        if proc is not None:
+            await asyncio.to_thread(proc.stop, grace=0)
+        with contextlib.suppress(PortalError, PortalUnreachable):
+            await asyncio.to_thread(
+                self.client.post, task["status_url"], {"state": "failed", "reason": reason}
+            )
+        self.finished_round = int(task["round"])
+
+    def _prepare(self) -> None:
+        """First round of the job here (or after a restart): fetch the app, start the script."""
+        if self.proc is not None:
+            return
+        app = self.workspace / "app"
+        spec_path = self.workspace / "spec.json"
+        if not (app.is_dir() and spec_path.exists()):
+            info = self.client.get(self.spec_url)
+            spec = info["spec"]
+            archive = self.workspace / "app.zip"
+            self.workspace.mkdir(parents=True, exist_ok=True)
+            digest = self.client.download(self.bundle_url, archive)
+            if info.get("app_sha256") and digest != info["app_sha256"]:
+                raise PortalUnreachable("the app archive does not match its SHA-256")
+            shutil.rmtree(app, ignore_errors=True)
+            extract_app(archive, app, spec["train_script"])
+            archive.unlink()
+            spec_path.write_text(json.dumps(spec, indent=2))
+        spec = json.loads(spec_path.read_text())
+        work = self.workspace / "work"
+        proc = ScriptProcess(
+            script=app / spec["train_script"],
+            args=shlex.split(spec.get("train_args", "")),
+            site_name=self.agent.identity.site,
+            job_id=self.uid,
+            workdir=work,
+            log_path=self.workspace / "log.txt",
+            python=self.agent.python,
+        )
+        proc.start()
+        self.proc = proc
+        self.agent.say(f"job {self.name}: started {spec['train_script']} (pid {proc.pid})")
+        self._agent_line(f"started {spec['train_script']} for {self.agent.identity.site}")
+
+    # -- metrics and log lines --------------------------------------------------------------
+
+    def _on_log(self, message: dict[str, Any]) -> None:
+        """A ``flare.log`` point from the script (called in the round's thread)."""
+        point = {
+            "key": message.get("key"),
+            "value": message.get("value"),
+            "step": message.get("step"),
+            "round": message.get("round", self.current_round),
+        }
+        with self.points_lock:
+            self.point_seq += 1
+            point["id"] = f"{self.agent.session}:{self.point_seq}"
+            self.points.append(point)
+
+    def _agent_line(self, text: str) -> None:
+        line = {"stream": "agent", "text": text, "round": self.current_round}
+        self.agent.loop.call_soon_threadsafe(
+            self.agent.enqueue, {"type": "log", "job": self.uid, "lines": [line]}
+        )
+
+    def flush(self) -> list[str]:
+        """Queue the points and new output lines gathered so far (loop thread); their ids."""
+        ids: list[str] = []
+        with self.points_lock:
+            points, self.points = self.points, []
+        for start in range(0, len(points), METRICS_PER_MESSAGE):
+            batch = points[start : start + METRICS_PER_MESSAGE]
+            ids.append(self.agent.enqueue({"type": "metrics", "job": self.uid, "points": batch}))
+        lines = self._new_log_lines()
+        for start in range(0, len(lines), LOG_LINES_PER_MESSAGE):
+            batch = lines[start : start + LOG_LINES_PER_MESSAGE]
+            self.agent.enqueue({"type": "log", "job": self.uid, "lines": batch})
+        return ids
+
+    def _new_log_lines(self) -> list[dict[str, Any]]:
+        """Complete lines appended to the script's log since the last call. Each line's id is
+        its byte offset in the log, so lines sent again after a restart are stored once."""
+        path = self.workspace / "log.txt"
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(self.log_offset)
+                data = fh.read(1 << 20)
+        except OSError:
+            return []
+        if not data:
+            return []
+        start = self.log_offset - len(self.log_partial)
+        data = self.log_partial + data
+        self.log_offset += len(data) - len(self.log_partial)
+        *complete, self.log_partial = data.split(b"\n")
+        lines = []
+        for raw in complete:
+            lines.append(
+                {
+                    "id": f"o{start}",
+                    "stream": "script",
+                    "text": raw.decode("utf-8", "replace").rstrip("\r"),
+                    "round": self.current_round,
+                }
+            )
+            start += len(raw) + 1
+        return lines
+
+    async def finish(self, grace: float) -> None:
+        """The job ended (or the agent stops): end the script, send its last lines."""
+        if self.current is not None and not self.current.done():
+            self.current.cancel()
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            await asyncio.to_thread(proc.stop, grace=grace)
+            self.agent.say(f"job {self.name}: finished; script stopped")
+        self.flush()

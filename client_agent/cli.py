@@ -1,0 +1,289 @@
+"""``python -m client_agent enrol | run | status | doctor``: what a site admin types.
+
+Exit codes: 0 done; 1 a check failed or bad input (the message says which); 2 usage;
+3 the portal refuses this site (revoked, unknown certificate, not enrolled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import email.utils
+import http.client
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from client_agent import signing
+from client_agent.portal import PortalClient, PortalError, PortalUnreachable, split_url
+from client_agent.site_dir import NotEnrolled, SiteDir, SiteIdentity, default_dir
+
+ENROL_CHECK_PATH = "/api/v1/enrol/check/"
+ENROL_PATH = "/api/v1/enrol/"
+HEALTH_PATH = "/healthz"
+MAX_CLOCK_SKEW_SECONDS = 60  # the portal allows ±300 s; warn well before that
+
+
+class CommandError(RuntimeError):
+    """Bad input or a failed step; the message says what to do."""
+
+
+def _dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help=f"the site's folder (default: $FEDPORTAL_SITE_DIR or ./{default_dir()})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client_agent",
+        description="FedPortal site agent: enrol this site, then run its federated jobs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    enrol = commands.add_parser(
+        "enrol", help="make this site's key, get its certificate with a one-time token"
+    )
+    enrol.add_argument(
+        "--portal", required=True, help="the portal's URL, e.g. https://fl.example.org"
+    )
+    enrol.add_argument("--token", required=True, help="the one-time enrolment token")
+    enrol.add_argument(
+        "--force", action="store_true", help="replace an identity already in the folder"
+    )
+    _dir_arg(enrol)
+    run = commands.add_parser("run", help="connect to the portal and run this site's jobs")
+    _dir_arg(run)
+    run.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=10.0,
+        help="look for work at least this often even without a signal (default 10)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="log more")
+    status = commands.add_parser("status", help="who this site is and its jobs on the portal")
+    _dir_arg(status)
+    doctor = commands.add_parser(
+        "doctor", help="check the folder, the portal, the certificate and the clock"
+    )
+    _dir_arg(doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    site_dir = SiteDir(args.dir)
+    try:
+        if args.command == "enrol":
+            return enrol(site_dir, portal=args.portal, token=args.token, force=args.force)
+        if args.command == "run":
+            logging.basicConfig(
+                level=logging.INFO if args.verbose else logging.WARNING,
+                format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            )
+            from client_agent.agent import Agent  # noqa: PLC0415 - websockets only when running
+
+            agent = Agent(site_dir, poll_seconds=args.poll_seconds)
+            return asyncio.run(agent.run())
+        if args.command == "status":
+            return status(site_dir)
+        return doctor(site_dir)
+    except (CommandError, NotEnrolled, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PortalUnreachable as exc:
+        print(f"error: the portal cannot be reached: {exc}", file=sys.stderr)
+        return 1
+    except PortalError as exc:
+        print(f"error: the portal refused: {exc.message} ({exc.code})", file=sys.stderr)
+        return 3 if exc.refused_for_good else 1
+
+
+# -- enrol --------------------------------------------------------------------------------------
+
+
+def enrol(site_dir: SiteDir, *, portal: str, token: str, force: bool = False) -> int:
+    """Make the key here, send only a CSR with the token, keep the certificate."""
+    try:
+        split_url(portal)
+    except ValueError as exc:
+        raise CommandError(f"--portal: {exc}") from None
+    if site_dir.is_enrolled() and not force:
+        who = site_dir.identity()
+        raise CommandError(
+            f"{site_dir.path} already holds site {who.site!r} of project {who.project!r}; pass "
+            "--force to enrol again with a new token, or --dir for another folder"
+        )
+    client = PortalClient(portal)
+    who = client.post(ENROL_CHECK_PATH, {"token": token})
+    key = signing.generate_key()
+    csr = signing.make_csr(key, who["site"], who["project_name"])
+    issued = client.post(ENROL_PATH, {"token": token, "csr_pem": csr, "project": who["project"]})
+    identity = SiteIdentity(
+        portal=client.url,
+        site=issued["site"],
+        project=issued["project"],
+        project_name=issued["project_name"],
+        organization=issued["organization"],
+        serial=issued["serial"],
+        fingerprint=issued["fingerprint"],
+        not_after=issued["not_after"],
+    )
+    site_dir.save(
+        identity, key=key, cert_pem=issued["certificate_pem"], ca_pem=issued["ca_certificate_pem"]
+    )
+    print(
+        f"enrolled site {identity.site!r} ({identity.organization}) in project "
+        f"{identity.project_name!r} at {identity.portal}"
+    )
+    print(f"  key          {site_dir.key_path} (made here, mode 0600, never sent)")
+    print(
+        f"  certificate  {site_dir.cert_path} (serial {identity.serial}, "
+        f"valid until {identity.not_after})"
+    )
+    print(f"  project CA   {site_dir.ca_path}")
+    print(f"  identity     {site_dir.config_path}")
+    print(f"next: python -m client_agent run --dir {site_dir.path}")
+    return 0
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def _signed_client(site_dir: SiteDir) -> tuple[SiteIdentity, PortalClient]:
+    identity = site_dir.identity()
+    from client_agent.agent import AGENT_VERSION  # noqa: PLC0415
+
+    client = PortalClient(
+        identity.portal,
+        key=site_dir.key(),
+        fingerprint=identity.fingerprint,
+        agent_version=AGENT_VERSION,
+        timeout=15,
+    )
+    return identity, client
+
+
+def status(site_dir: SiteDir) -> int:
+    identity, client = _signed_client(site_dir)
+    me = client.get("/api/v1/agent/whoami/")
+    print(
+        f"site {me['site']} ({me['organization']}), project {me['project_name']}, "
+        f"{me['state']} at {identity.portal}"
+    )
+    print(f"certificate {me['certificate_serial']}, valid until {me['certificate_not_after']}")
+    jobs = client.get("/api/v1/agent/jobs/")
+    if not jobs:
+        print("no active jobs")
+    for job in jobs:
+        task = job.get("current_task")
+        where = (
+            f"round {task['round'] + 1}/{job['num_rounds']}: {task['state']}"
+            if task
+            else f"{job['completed_rounds']}/{job['num_rounds']} rounds done"
+        )
+        print(
+            f"job {job['name']} ({job['uid']}): {job['state']}, decision {job['decision']}, {where}"
+        )
+    return 0
+
+
+# -- doctor -------------------------------------------------------------------------------------
+
+
+def doctor(site_dir: SiteDir) -> int:
+    """Each check prints ok or FAIL with what to do; exit 1 if any failed."""
+    failures = 0
+
+    def report(ok: bool, what: str, detail: str = "") -> bool:
+        nonlocal failures
+        failures += not ok
+        print(f"[{'ok' if ok else 'FAIL'}] {what}" + (f": {detail}" if detail else ""))
+        return ok
+
+    try:
+        identity = site_dir.identity()
+    except NotEnrolled as exc:
+        report(False, "site folder", str(exc))
+        return 1
+    report(
+        True,
+        "site folder",
+        f"{site_dir.path}: site {identity.site!r}, project {identity.project!r}",
+    )
+    try:
+        mode = site_dir.key_path.stat().st_mode & 0o777
+        site_dir.key()
+        report(True, "private key", f"{site_dir.key_path} (mode {mode:o})")
+    except (OSError, ValueError) as exc:
+        report(False, "private key", str(exc))
+        return 1
+    cert_ok, cert_detail = _certificate_dates(site_dir)
+    report(cert_ok, "certificate dates", cert_detail)
+    skew = _portal_clock(identity.portal)
+    if isinstance(skew, str):
+        report(False, "portal reachable", skew)
+        return 1
+    report(True, "portal reachable", identity.portal)
+    report(
+        abs(skew) <= MAX_CLOCK_SKEW_SECONDS,
+        "clock",
+        f"{skew:+.0f} s from the portal's clock"
+        + (
+            ""
+            if abs(skew) <= MAX_CLOCK_SKEW_SECONDS
+            else "; signed requests fail beyond ±300 s: synchronise this machine's clock (NTP)"
+        ),
+    )
+    _, client = _signed_client(site_dir)
+    try:
+        me = client.get("/api/v1/agent/whoami/")
+        report(True, "certificate accepted", f"serial {me['certificate_serial']}, not revoked")
+    except PortalError as exc:
+        report(False, "certificate accepted", f"{exc.code}: {exc.message}")
+    except PortalUnreachable as exc:
+        report(False, "certificate accepted", str(exc))
+    return 1 if failures else 0
+
+
+def _certificate_dates(site_dir: SiteDir) -> tuple[bool, str]:
+    from cryptography import x509  # noqa: PLC0415
+
+    try:
+        cert = x509.load_pem_x509_certificate(site_dir.cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return False, f"{site_dir.cert_path}: {exc}"
+    now = dt.datetime.now(dt.UTC)
+    if now < cert.not_valid_before_utc:
+        return False, f"not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    if now > cert.not_valid_after_utc:
+        return False, f"expired {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; enrol again"
+    days = (cert.not_valid_after_utc - now).days
+    return True, f"valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days} days)"
+
+
+def _portal_clock(portal: str) -> float | str:
+    """Seconds this machine's clock is ahead of the portal's, or why it cannot be told."""
+    client = PortalClient(portal, timeout=10)
+    connection = client._connection()
+    try:
+        sent = time.time()
+        connection.request("GET", client.target(HEALTH_PATH))
+        response = connection.getresponse()
+        response.read()
+        received = time.time()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{portal}: {exc}"
+    finally:
+        connection.close()
+    if response.status != 200:
+        return f"{portal}{HEALTH_PATH} answered HTTP {response.status}"
+    date = response.getheader("Date")
+    if not date:
+        return 0.0
+    portal_time = email.utils.parsedate_to_datetime(date).timestamp()
+    # The Date header has whole seconds; compare with the middle of the exchange.
+    return (sent + received) / 2 - portal_time - 0.5

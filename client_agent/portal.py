@@ -1,0 +1,310 @@
+"""The agent's HTTP side: signed requests to the portal, with files streamed both ways.
+
+Standard library only (``http.client``), so a site needs nothing but the agent extra. Every
+request is signed afresh (a nonce may be used once), so retrying means calling again. Errors
+from the portal arrive as ``{"code", "message", "field"}`` and are raised as
+:class:`PortalError` with those; a portal that cannot be reached raises
+:class:`PortalUnreachable`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import ssl
+import urllib.parse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from client_agent import signing
+
+CHUNK = 1 << 20
+HEADER_CONTENT_SHA256 = "X-Content-SHA256"
+HEADER_AGENT_VERSION = "X-FedPortal-Agent-Version"
+
+# Every byte the agent sends goes through PortalClient or the WebSocket; tests install a
+# recorder here to check that nothing but updates, metrics and log lines leaves the site.
+WireRecorder = Callable[[str, str, str, bytes], None]
+_recorder: WireRecorder | None = None
+
+
+def record_outgoing(recorder: WireRecorder | None) -> None:
+    """Call ``recorder(channel, method, path, body)`` for everything sent (tests only).
+
+    Streamed uploads are passed as the file's bytes. ``channel`` is ``http`` or ``ws``."""
+    global _recorder
+    _recorder = recorder
+
+
+def _record(channel: str, method: str, path: str, body: bytes) -> None:
+    if _recorder is not None:
+        _recorder(channel, method, path, body)
+
+
+class PortalUnreachable(ConnectionError):
+    """No answer from the portal (down, restarting, or the network is away)."""
+
+
+class PortalError(RuntimeError):
+    """The portal answered with an error; ``code`` and ``message`` say why."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        where = f" ({field})" if field else ""
+        super().__init__(f"HTTP {status} {code}{where}: {message}")
+
+    @property
+    def refused_for_good(self) -> bool:
+        """The site's credentials will not work again: revoked, unknown or not enrolled."""
+        return self.code in {
+            "certificate_revoked",
+            "certificate_expired",
+            "unknown_certificate",
+            "certificate_untrusted",
+            "site_not_enrolled",
+        }
+
+
+def split_url(url: str) -> tuple[str, str, int, str]:
+    """``(scheme, host, port, base path)`` of a portal URL; raises ValueError naming the fault."""
+    parsed = urllib.parse.urlsplit(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"portal URL must look like https://portal.example.org, got {url!r}")
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.scheme, parsed.hostname, port, parsed.path.rstrip("/")
+
+
+def _error_from(status: int, body: bytes) -> PortalError:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and "code" in data:
+        return PortalError(
+            status, str(data["code"]), str(data.get("message", "")), data.get("field")
+        )
+    if isinstance(data, dict) and "detail" in data:
+        return PortalError(status, str(data.get("code", "error")), str(data["detail"]))
+    text = body[:300].decode("utf-8", "replace").strip()
+    return PortalError(status, "http_error", text or http.client.responses.get(status, ""))
+
+
+class PortalClient:
+    """Requests to one portal, signed with the site's key when ``key`` is given, or as a
+    person with ``api_token`` (``Authorization: Bearer``; what ``ProdEnv`` uses).
+
+    One connection per call: agents make a few requests per round, and a fresh connection
+    is what survives a portal restart without bookkeeping.
+    """
+
+    def __init__(
+        self,
+        portal_url: str,
+        *,
+        key: signing.PrivateKey | None = None,
+        fingerprint: str | None = None,
+        agent_version: str = "",
+        api_token: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.url = portal_url.rstrip("/")
+        self.scheme, self.host, self.port, self.base = split_url(portal_url)
+        self.key = key
+        self.fingerprint = fingerprint
+        self.agent_version = agent_version
+        self.api_token = api_token
+        self.timeout = timeout
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            context = ssl.create_default_context(cafile=os.environ.get("FEDPORTAL_TLS_CA_FILE"))
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=context
+            )
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _headers(
+        self, method: str, target: str, body: bytes = b"", digest: str | None = None
+    ) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.agent_version:
+            headers[HEADER_AGENT_VERSION] = self.agent_version
+        if self.api_token:
+            headers["Authorization"] = f"Bearer {self.api_token}"
+        if self.key is not None and self.fingerprint is not None:
+            headers.update(
+                signing.sign_request(
+                    key=self.key,
+                    cert_pem_or_fingerprint=self.fingerprint,
+                    method=method,
+                    path=target,
+                    body=body,
+                    body_digest=digest,
+                )
+            )
+        return headers
+
+    def target(self, path: str) -> str:
+        """The request target for an API path: the portal URL's own path, then ``path``."""
+        return path if path.startswith(self.base + "/") and self.base else self.base + path
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        file: Path | None = None,
+        digest: str | None = None,
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        target = self.target(path)
+        all_headers = self._headers(method, target, body, digest)
+        all_headers.update(headers or {})
+        connection = self._connection()
+        try:
+            if file is not None:
+                size = file.stat().st_size
+                all_headers["Content-Length"] = str(size)
+                connection.putrequest(method, target, skip_accept_encoding=True)
+                for name, value in all_headers.items():
+                    connection.putheader(name, value)
+                connection.endheaders()
+                with open(file, "rb") as fh:
+                    while chunk := fh.read(CHUNK):
+                        connection.send(chunk)
+            else:
+                connection.request(method, target, body=body or None, headers=all_headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc
+        return connection, response
+
+    def _json_call(self, method: str, path: str, payload: Any = None) -> Any:
+        body = b"" if payload is None else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        _record("http", method, path, body)
+        connection, response = self._send(method, path, body=body, headers=headers)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc
+        finally:
+            connection.close()
+        if response.status >= 400:
+            raise _error_from(response.status, data)
+        return json.loads(data) if data else None
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def get(self, path: str) -> Any:
+        return self._json_call("GET", path)
+
+    def post(self, path: str, payload: Any) -> Any:
+        return self._json_call("POST", path, payload)
+
+    def download(self, path: str, dest: Path) -> str:
+        """Stream ``path`` into ``dest`` (replaced only when complete); returns its SHA-256.
+
+        The portal's X-Content-SHA256, when sent, must match what arrived.
+        """
+        _record("http", "GET", path, b"")
+        connection, response = self._send("GET", path)
+        partial = dest.with_name(dest.name + ".part")
+        digest = hashlib.sha256()
+        try:
+            if response.status >= 400:
+                raise _error_from(response.status, response.read())
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as out:
+                while chunk := response.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+        except (OSError, http.client.HTTPException) as exc:
+            partial.unlink(missing_ok=True)
+            raise PortalUnreachable(f"GET {self.url}{path}: {exc}") from exc
+        finally:
+            connection.close()
+        expected = (response.getheader(HEADER_CONTENT_SHA256) or "").strip().lower()
+        if expected and expected != digest.hexdigest():
+            partial.unlink(missing_ok=True)
+            raise PortalUnreachable(f"GET {self.url}{path}: the download was cut short or damaged")
+        os.replace(partial, dest)
+        return digest.hexdigest()
+
+    def post_file(self, path: str, file: Path, content_type: str) -> Any:
+        """POST ``file`` as the body (a multipart form written to disk), streamed."""
+        connection, response = self._send(
+            "POST", path, headers={"Content-Type": content_type}, file=file
+        )
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise PortalUnreachable(f"POST {self.url}{path}: {exc}") from exc
+        finally:
+            connection.close()
+        if response.status >= 400:
+            raise _error_from(response.status, data)
+        return json.loads(data) if data else None
+
+    def get_all(self, path: str) -> list[Any]:
+        """Every item of a paginated list (``{"results", "next"}``), following ``next``."""
+        items: list[Any] = []
+        next_path: str | None = path
+        while next_path:
+            page = self.get(next_path)
+            if isinstance(page, list):
+                return page
+            items.extend(page["results"])
+            following = page.get("next")
+            if following:
+                parts = urllib.parse.urlsplit(following)
+                next_path = parts.path + (f"?{parts.query}" if parts.query else "")
+            else:
+                next_path = None
+        return items
+
+    def upload(self, path: str, file: Path) -> Any:
+        """PUT ``file`` as the raw body, streamed, signed over its SHA-256."""
+        digest = hashlib.sha256()
+        with open(file, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        hexdigest = digest.hexdigest()
+        if _recorder is not None:
+            _record("http", "PUT", path, file.read_bytes())
+        connection, response = self._send(
+            "PUT",
+            path,
+            headers={"Content-Type": "application/octet-stream", HEADER_CONTENT_SHA256: hexdigest},
+            file=file,
+            digest=hexdigest,
+        )
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise PortalUnreachable(f"PUT {self.url}{path}: {exc}") from exc
+        finally:
+            connection.close()
+        if response.status >= 400:
+            raise _error_from(response.status, data)
+        return json.loads(data) if data else None
+
+    def websocket_url(self, path: str) -> str:
+        scheme = "wss" if self.scheme == "https" else "ws"
+        default = 443 if self.scheme == "https" else 80
+        port = "" if self.port == default else f":{self.port}"
+        return f"{scheme}://{self.host}{port}{self.target(path)}"
+
+    def signed_headers(self, method: str, path: str) -> dict[str, str]:
+        """Headers for a request made by another library (the WebSocket handshake)."""
+        return self._headers(method, self.target(path))

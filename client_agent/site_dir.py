@@ -1,0 +1,106 @@
+"""The site's folder: its identity (key, certificate, portal) and its job workspaces.
+
+Layout (``--dir``, default ``$FEDPORTAL_SITE_DIR`` or ``./fedportal-site``)::
+
+    site.json     portal URL, site, project, certificate serial and fingerprint
+    site.key      the private key, mode 0600; made here, never sent anywhere
+    site.crt      the site's certificate, issued by the project's CA
+    ca.crt        the project CA's certificate
+    jobs/<uid>/   one workspace per job: app/ (the client script), models/, log.txt, state.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from client_agent import signing
+
+DEFAULT_DIR_ENV = "FEDPORTAL_SITE_DIR"
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get(DEFAULT_DIR_ENV) or "fedportal-site")
+
+
+class NotEnrolled(RuntimeError):
+    """The folder holds no enrolled site."""
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    portal: str
+    site: str
+    project: str
+    project_name: str
+    organization: str
+    serial: str
+    fingerprint: str
+    not_after: str
+
+
+class SiteDir:
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else default_dir()
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "site.json"
+
+    @property
+    def key_path(self) -> Path:
+        return self.path / "site.key"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.path / "site.crt"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def jobs_path(self) -> Path:
+        return self.path / "jobs"
+
+    def job_path(self, uid: str) -> Path:
+        return self.jobs_path / uid
+
+    def is_enrolled(self) -> bool:
+        return self.config_path.exists() and self.key_path.exists() and self.cert_path.exists()
+
+    def identity(self) -> SiteIdentity:
+        if not self.is_enrolled():
+            raise NotEnrolled(
+                f"{self.path} holds no enrolled site (site.json, site.key and site.crt); run "
+                "`python -m client_agent enrol --portal URL --token TOKEN --dir "
+                f"{self.path}` first"
+            )
+        try:
+            data = json.loads(self.config_path.read_text())
+            return SiteIdentity(**{k: str(data[k]) for k in SiteIdentity.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NotEnrolled(f"{self.config_path} is damaged ({exc}); enrol again") from exc
+
+    def key(self) -> signing.PrivateKey:
+        mode = self.key_path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(
+                f"{self.key_path} is readable by others (mode {mode:o}); run chmod 600 on it"
+            )
+        return signing.load_key(self.key_path)
+
+    def save(
+        self, identity: SiteIdentity, *, key: signing.PrivateKey, cert_pem: str, ca_pem: str
+    ) -> None:
+        """Write the identity; the key first, 0600 from the moment it exists."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        signing.save_key(self.key_path, key)
+        self.cert_path.write_text(cert_pem)
+        self.ca_path.write_text(ca_pem)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(identity), indent=2) + "\n")
+        os.replace(tmp, self.config_path)

@@ -1,0 +1,400 @@
+"""``PocEnv``: the whole platform on this machine — portal, Celery worker, one agent per site.
+
+``recipe.execute(PocEnv(num_clients=3))`` starts, in order:
+
+1. a fresh SQLite database in the workspace (migrated once per set of migrations, then
+   copied from a cached template, so later starts skip ``migrate``);
+2. ``manage.py poc_setup``: a superuser, a project, and the sites, approved, accepting jobs
+   automatically, with one-time enrolment tokens and an API token;
+3. the portal (Daphne, ASGI: HTTP and WebSockets) on a free port, and a Celery worker; both
+   use the Redis at ``REDIS_URL`` (default ``redis://127.0.0.1:6379``), database ``redis_db``;
+4. one ``python -m client_agent enrol`` then ``… run`` per site, each with its own folder;
+
+then submits the job over the REST API exactly as ``ProdEnv`` does and returns its
+:class:`~jobs.envs.portal.PortalRun`. ``stop()`` ends exactly the processes it started (each
+in its own process group). With ``keep_running=True`` the portal stays up after the job (the
+URL and the sign-in are printed) until ``stop()`` or the end of the Python process.
+
+Workspace (default ``<tmp>/fedportal-poc/<time>``): ``db.sqlite3``, ``media/``, ``logs/``
+(portal, worker, one per agent), ``sites/<site>/`` (each agent's folder), ``runs/<job>/``,
+``credentials.json`` (portal URL, API token, project, user and password: a ``ProdEnv``
+credentials file).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.envs.portal import PortalRun, ProdEnv
+
+if TYPE_CHECKING:
+    from jobs.recipes import Recipe
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REDIS = "redis://127.0.0.1:6379"
+
+
+class PocEnvError(RuntimeError):
+    """PocEnv could not start something; the message says what and where its log is."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _redis_answers(url: str, timeout: float = 1.0) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or 6379), timeout
+        ) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+def _migrations_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(PROJECT_ROOT.glob("*/migrations/*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    import django  # noqa: PLC0415
+
+    digest.update(django.get_version().encode())
+    return digest.hexdigest()[:16]
+
+
+class PocEnv:
+    """A proof of concept on this machine with real processes; see the module docstring."""
+
+    def __init__(
+        self,
+        num_clients: int | None = None,
+        *,
+        clients: Sequence[str] | None = None,
+        workspace: str | Path | None = None,
+        redis_url: str | None = None,
+        redis_db: int = 2,
+        port: int | None = None,
+        keep_running: bool = False,
+        show_progress: bool = True,
+        round_timeout_seconds: int | None = None,
+        python: str = sys.executable,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        if clients is not None:
+            clients = list(clients)
+            if not clients or len(set(clients)) != len(clients):
+                raise ValueError("clients: must be a non-empty list of unique site names")
+            if num_clients is not None and num_clients != len(clients):
+                raise ValueError(
+                    f"num_clients: {num_clients} but clients names {len(clients)} sites"
+                )
+            num_clients = len(clients)
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"num_clients: must be an integer of at least 1, got {num_clients!r}")
+        self.clients = clients or [f"site-{i}" for i in range(1, num_clients + 1)]
+        self.workspace = (
+            Path(workspace).resolve()
+            if workspace is not None
+            else Path(tempfile.gettempdir()) / "fedportal-poc" / time.strftime("%Y%m%d-%H%M%S")
+        )
+        base = (redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS).rstrip("/")
+        parts = urllib.parse.urlsplit(base)
+        self.redis_url = f"{parts.scheme}://{parts.netloc}/{redis_db}"
+        self.port = port
+        self.keep_running = keep_running
+        self.show_progress = show_progress
+        self.round_timeout_seconds = round_timeout_seconds
+        self.python = python
+        self.extra_env = dict(extra_env or {})
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.url = ""
+        self.credentials: dict[str, Any] = {}
+
+    # -- the env protocol -------------------------------------------------------------------
+
+    def run(self, recipe: Recipe) -> PortalRun:
+        self.start()
+        try:
+            env = ProdEnv(
+                self.url,
+                token=self.credentials["api_token"],
+                project=self.credentials["project"],
+                sites=self.clients,
+                round_timeout_seconds=self.round_timeout_seconds,
+                show_progress=self.show_progress,
+                workspace=self.workspace / "runs",
+                wait=True,
+            )
+            run = env.run(recipe)
+        finally:
+            if not self.keep_running:
+                self.stop()
+        if self.keep_running:
+            self._say(
+                f"the portal stays up at {self.url} (user {self.credentials['username']}, "
+                f"password {self.credentials['password']}); job page {run.url}"
+            )
+        return run
+
+    # -- start ------------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if self.show_progress:
+            print(f"[poc] {text}", flush=True)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
+                "FEDPORTAL_DATA_DIR": str(self.workspace),
+                "DATABASE_URL": f"sqlite:///{self.workspace / 'db.sqlite3'}",
+                "REDIS_URL": self.redis_url,
+                "CELERY_BROKER_URL": self.redis_url,
+                "CELERY_RESULT_BACKEND": self.redis_url,
+                "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": self._secret("ca-key"),
+                "DJANGO_SECRET_KEY": self._secret("secret-key"),
+                "FEDPORTAL_PUBLIC_URL": self.url,
+                "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": os.pathsep.join(
+                    p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
+                ),
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _secret(self, name: str) -> str:
+        path = self.workspace / f".{name}"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text()
+
+    def _spawn(
+        self, name: str, args: list[str], log_name: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        log_path = self.workspace / "logs" / f"{log_name or name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                args,
+                cwd=PROJECT_ROOT,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() ends it and its children
+            )
+        self.processes[name] = proc
+        return proc
+
+    def _manage(self, *args: str) -> str:
+        result = subprocess.run(
+            [self.python, "manage.py", *args],
+            cwd=PROJECT_ROOT,
+            env=self._env(),
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise PocEnvError(f"manage.py {args[0]} failed:\n{result.stderr[-3000:]}")
+        return result.stdout
+
+    def start(self) -> PocEnv:
+        """Start portal, worker and agents (once); returns self. Raises PocEnvError."""
+        if self.processes:
+            return self
+        if not _redis_answers(self.redis_url):
+            raise PocEnvError(
+                f"no Redis answers at {self.redis_url}: PocEnv needs one for the Celery broker "
+                "and the WebSocket channel layer. Start one with `redis-server --daemonize yes` "
+                "(Debian: apt-get install redis-server) or `docker run -p 6379:6379 redis`, or "
+                "point REDIS_URL at yours."
+            )
+        started = time.perf_counter()
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        (self.workspace / "logs").mkdir(exist_ok=True)
+        self.port = self.port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        atexit.register(self.stop)
+        try:
+            self._database()
+            self._launch_services()
+            setup = json.loads(self._manage("poc_setup", "--sites", ",".join(self.clients)))
+            self.credentials = {"portal": self.url, "token": setup["api_token"], **setup}
+            credentials = self.workspace / "credentials.json"
+            credentials.write_text(json.dumps(self.credentials, indent=2))
+            credentials.chmod(0o600)
+            self._wait_for_portal()
+            self._start_agents(setup["enrolment_tokens"])
+        except BaseException:
+            self.stop()
+            raise
+        self._say(
+            f"portal {self.url}, worker and {len(self.clients)} agents up in "
+            f"{time.perf_counter() - started:.1f} s; workspace {self.workspace}"
+        )
+        return self
+
+    def _database(self) -> None:
+        """A migrated database: a copy of the cached template, made once per migrations set."""
+        db = self.workspace / "db.sqlite3"
+        if db.exists():
+            return
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedportal"
+        template = cache / f"poc-db-{_migrations_digest()}.sqlite3"
+        if not template.exists():
+            self._say("preparing the database (once)")
+            self._manage("migrate", "--noinput")
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = template.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(db, tmp)
+            os.replace(tmp, template)
+        else:
+            shutil.copyfile(template, db)
+
+    def _launch_services(self) -> None:
+        py = self.python
+        # Daphne's runserver: HTTP and WebSockets, and the dashboard's static files (DEBUG).
+        self._spawn(
+            "portal",
+            [py, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload"],
+        )
+        # One solo worker: one process, no pool to fork; the round work is short and serial.
+        self._spawn(
+            "worker",
+            [py, "-m", "celery", "-A", "fedportal", "worker", "-P", "solo", "--loglevel=INFO"],
+        )
+
+    def _wait_for_portal(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name in ("portal", "worker"):
+                if self.processes[name].poll() is not None:
+                    raise PocEnvError(
+                        f"the {name} exited at start; see {self.workspace / 'logs' / name}.log"
+                    )
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise PocEnvError(f"the portal did not answer within {timeout:.0f} s; see logs/portal.log")
+
+    def _start_agents(self, tokens: dict[str, str]) -> None:
+        enrols = {
+            site: subprocess.Popen(
+                [
+                    self.python,
+                    "-m",
+                    "client_agent",
+                    "enrol",
+                    "--portal",
+                    self.url,
+                    "--token",
+                    tokens[site],
+                    "--dir",
+                    str(self.site_dir(site)),
+                ],
+                cwd=PROJECT_ROOT,
+                env=self._env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for site in self.clients
+        }
+        for site, proc in enrols.items():
+            out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise PocEnvError(f"{site} could not enrol:\n{out.decode(errors='replace')}")
+        for site in self.clients:
+            self.start_agent(site)
+
+    def site_dir(self, site: str) -> Path:
+        return self.workspace / "sites" / site
+
+    def start_agent(self, site: str) -> subprocess.Popen[bytes]:
+        """Start (or start again) ``site``'s agent."""
+        return self._spawn(
+            f"agent:{site}",
+            [self.python, "-m", "client_agent", "run", "--dir", str(self.site_dir(site)), "-v"],
+            log_name=f"agent-{site}",
+        )
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a started process's group: ``portal``, ``worker``, ``agent:<site>``."""
+        proc = self.processes[name]
+        with _suppress_lookup():
+            os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        """Start one stopped process again, as it was first started."""
+        if name.startswith("agent:"):
+            self.start_agent(name.split(":", 1)[1])
+        elif name in ("portal", "worker"):
+            old = self.processes.pop(name)
+            args = old.args if isinstance(old.args, list) else [str(old.args)]
+            self._spawn(name, [str(a) for a in args])
+        else:
+            raise ValueError(f"no process named {name!r}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """End every process this env started: agents first, then worker and portal."""
+        order = sorted(self.processes, key=lambda n: (not n.startswith("agent:"), n))
+        for name in order:
+            proc = self.processes[name]
+            if proc.poll() is None:
+                with _suppress_lookup():
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name in order:
+            proc = self.processes[name]
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with _suppress_lookup():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> PocEnv:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _suppress_lookup:
+    """``contextlib.suppress(ProcessLookupError)``: a process that is gone already is fine."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        return kind is not None and issubclass(kind, ProcessLookupError)
