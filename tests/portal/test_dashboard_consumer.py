@@ -1,0 +1,106 @@
+"""The dashboard's WebSocket: who may listen to a job's or project's events, through the real
+routes (session cookie, Origin check), and that the events published by the services arrive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+
+from dashboard.consumers import CLOSE_NOT_FOUND
+from fedportal.celery import app as celery_app
+from fedportal.routing import websocket_urlpatterns
+from jobs.services.sites import metrics_record
+from tests.portal import jobs_api_world as jw
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+APP = URLRouter(websocket_urlpatterns)
+
+
+@pytest.fixture
+def world(tmp_path: Path, settings) -> jw.World:
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    celery_app.conf.task_always_eager = True
+    try:
+        yield jw.build_world(tmp_path)
+    finally:
+        celery_app.conf.task_always_eager = False
+
+
+# The Origin validator reads ALLOWED_HOSTS when the routes are built, before the test setup adds
+# "testserver"; localhost is in the default ALLOWED_HOSTS.
+def headers_for(user, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
+    headers = [(b"origin", origin.encode())]
+    if user is not None:
+        client = Client()
+        client.force_login(user)
+        cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
+        headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
+    return headers
+
+
+async def _open(path: str, headers) -> tuple[WebsocketCommunicator, bool, object]:
+    communicator = WebsocketCommunicator(APP, path, headers=headers)
+    connected, code = await communicator.connect()
+    return communicator, connected, code
+
+
+def try_connect(path: str, user, **kwargs) -> tuple[bool, object]:
+    headers = headers_for(user, **kwargs)
+
+    async def run():
+        communicator, connected, code = await _open(path, headers)
+        await communicator.disconnect()
+        return connected, code
+
+    return async_to_sync(run)()
+
+
+def test_people_of_the_project_listen_to_its_jobs_and_others_are_refused(world) -> None:
+    job_path = f"/ws/dashboard/jobs/{world.job.uid}/"
+    project_path = f"/ws/dashboard/projects/{world.project.slug}/"
+    for persona in (jw.ADMIN, jw.LEAD, jw.MEMBER, jw.ORG_ADMIN):
+        assert try_connect(job_path, world.users[persona])[0], persona
+        assert try_connect(project_path, world.users[persona])[0], persona
+    # Another project's admin, and nobody signed in: refused, as the page would be 404.
+    assert try_connect(job_path, world.users[jw.OUTSIDER]) == (False, CLOSE_NOT_FOUND)
+    assert try_connect(project_path, world.users[jw.OUTSIDER]) == (False, CLOSE_NOT_FOUND)
+    assert try_connect(job_path, None) == (False, CLOSE_NOT_FOUND)
+    assert try_connect("/ws/dashboard/projects/no-such-project/", world.users[jw.ADMIN])[0] is False
+    # A page of another site may not open a socket with the person's cookie.
+    assert not try_connect(job_path, world.users[jw.LEAD], origin="http://evil.example")[0]
+
+
+def test_a_metric_posted_by_a_site_reaches_the_jobs_socket(world) -> None:
+    job = world.job
+    site = world.sites[0].site
+    headers = headers_for(world.users[jw.MEMBER])
+
+    async def run():
+        communicator, connected, _ = await _open(f"/ws/dashboard/jobs/{job.uid}/", headers)
+        assert connected
+        hello = await communicator.receive_json_from()
+        assert hello == {"kind": "hello", "group": f"job.{job.pk}"}
+        stored = await database_sync_to_async(metrics_record)(
+            job=job, site=site, points=[{"key": "loss", "value": 0.25, "step": 7}]
+        )
+        assert stored == 1
+        event = await communicator.receive_json_from(timeout=2)
+        await communicator.disconnect()
+        return event
+
+    event = async_to_sync(run)()
+    assert event["kind"] == "metric" and event["job_id"] == job.pk
+    assert (event["site"], event["key"], event["value"], event["step"]) == (
+        "site-1",
+        "loss",
+        0.25,
+        7,
+    )
