@@ -11,8 +11,8 @@ one epoch is 4 optimizer steps and a round of 2 epochs is 8.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -565,17 +565,18 @@ def test_with_two_processes_only_rank_0_talks_to_the_runtime(tmp_path: Path) -> 
 
 def test_hello_lightning_learns(tmp_path: Path) -> None:
     example = ROOT / "examples" / "hello-lightning"
-    sys.path.insert(0, str(example))
-    try:
-        from model import LitNet  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(example))
+    # Loaded under its own name: a plain ``import model`` would leave hello-lightning's model
+    # in sys.modules["model"] for the other examples' tests.
+    spec = importlib.util.spec_from_file_location("hello_lightning_model", example / "model.py")
+    assert spec is not None and spec.loader is not None
+    model_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_module)
     torch.manual_seed(0)
     recipe = FedAvgRecipe(
         name="hello-lightning",
         min_clients=3,
         num_rounds=5,
-        model=LitNet(),
+        model=model_module.LitNet(),
         train_script=str(example / "client.py"),
         train_args="--epochs 2",
     )
