@@ -1,0 +1,221 @@
+"""The dashboard in a real Chromium: enrolment request → approval → token, a job submitted
+with an invalid field then corrected, a running job's page updating live (a metric point within
+2 seconds, a log line) and aborted, and a member who sees no abort button and whom the API
+refuses too. Every page visited is screenshotted (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from django.db import connection, connections
+from playwright.sync_api import expect
+
+from fedportal.celery import app as celery_app
+from jobs.models import Job, JobState
+from jobs.services.sites import log_lines_record
+from sites.models import Certificate, Site, SiteState
+from sites.services import enrolment_token_check
+from tests.browser.conftest import CHROMIUM, Pages
+from tests.portal import api_world as sw
+from tests.portal import jobs_api_world as jw
+
+pytestmark = [
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(),
+        reason=f"needs Debian's Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)",
+    ),
+    pytest.mark.skipif(
+        connection.vendor != "postgresql",
+        reason="needs PostgreSQL: the portal process shares the test database",
+    ),
+    pytest.mark.django_db(transaction=True),
+]
+
+
+T = TypeVar("T")
+
+
+def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` in another thread. Playwright's event loop runs in this one, where the
+    channel layer's ``async_to_sync`` sends (events after commit) cannot run."""
+
+    def run() -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
+
+
+@pytest.fixture(autouse=True)
+def eager_celery():
+    celery_app.conf.task_always_eager = True
+    yield
+    celery_app.conf.task_always_eager = False
+
+
+def test_site_request_approval_and_one_time_token(pages: Pages) -> None:
+    world = in_thread(sw.build_world)
+    slug = world.project.slug
+    page = pages.new_page()
+    pages.sign_in(page, world.users[sw.ORG_ADMIN_A].username)
+    page.get_by_role("link", name="Hospital Net").click()
+    pages.shot(page, "project")
+    page.get_by_role("navigation", name="Project Hospital Net").get_by_role(
+        "link", name="Sites"
+    ).click()
+    page.get_by_role("link", name="Request a site").click()
+    page.get_by_label("Name").fill("Bad Name!")
+    page.get_by_label("Contact email").fill("ops@new.example.org")
+    page.get_by_role("button", name="Request site").click()
+    expect(page.locator("#id_name-error")).to_contain_text("lowercase letters")
+    expect(page.locator("#id_name")).to_be_focused()  # focus goes to the field at fault
+    pages.shot(page, "request-error")
+    assert not Site.objects.filter(name="Bad Name!").exists()
+    page.get_by_label("Name").fill("site-new")
+    page.get_by_label("Contact email").fill("ops@new.example.org")
+    page.get_by_role("button", name="Request site").click()
+    expect(page.get_by_role("status").first).to_contain_text("Site site-new was requested")
+    pages.shot(page, "requested")
+    assert Site.objects.get(name="site-new").state == SiteState.REQUESTED
+
+    admin = pages.new_page()
+    pages.sign_in(admin, world.users[sw.ADMIN].username)
+    pages.visit(admin, f"/projects/{slug}/sites/", "approval-queue")
+    admin.get_by_role("button", name="Approve site-new").click()
+    command = admin.get_by_label("At the site, run").input_value()
+    pages.shot(admin, "token-shown-once")
+    match = re.fullmatch(
+        rf"python -m client_agent enrol --portal {re.escape(pages.base)} --token (fpe_\S+)",
+        command,
+    )
+    assert match, command
+    assert enrolment_token_check(token=match.group(1)).name == "site-new"
+
+    # Revoking a certificate asks for a reason, and the page is the confirmation.
+    pages.visit(admin, f"/projects/{slug}/sites/", "sites-after-approval")
+    admin.get_by_role("link", name="Revoke the certificate of site-a").click()
+    admin.get_by_label("Reason").fill("key left on a laptop")
+    pages.shot(admin, "revoke-confirm")
+    admin.get_by_role("button", name="Revoke certificate").click()
+    expect(admin.get_by_role("status").first).to_contain_text("was revoked")
+    pages.shot(admin, "revoked")
+    cert = Certificate.objects.get(pk=world.site_a.certificate.pk)
+    assert cert.revocation_reason == "key left on a laptop"
+
+
+def test_job_submitted_with_an_invalid_field_then_corrected(pages: Pages, tmp_path: Path) -> None:
+    world = in_thread(jw.build_world, tmp_path, start=False, submit=False)
+    bundle = jw.make_bundle(tmp_path)
+    app = tmp_path / "app.zip"
+    app.write_bytes(bundle.app)
+    model = tmp_path / "initial_model.safetensors"
+    model.write_bytes(bundle.model)
+    page = pages.new_page()
+    pages.sign_in(page, world.users[jw.LEAD].username)
+    pages.visit(page, f"/projects/{world.project.slug}/jobs/new/", "submit-form")
+
+    def fill(min_clients: str) -> None:
+        page.get_by_label("Name (required)", exact=True).fill("browser-job")
+        page.get_by_label("Min clients").fill(min_clients)
+        page.get_by_label("Num rounds").fill("2")
+        page.get_by_label("App folder (zip)").set_input_files(str(app))
+        page.get_by_label("Initial weights (.safetensors)").set_input_files(str(model))
+        page.get_by_role("button", name="Submit job").click()
+
+    fill("9")
+    error = page.locator("#id_fedavg__min_clients-error")
+    expect(error).to_contain_text("the job needs 9 sites")
+    expect(page.locator("#id_fedavg__min_clients")).to_have_attribute("aria-invalid", "true")
+    pages.shot(page, "submit-error")
+    assert not Job.objects.exists()
+
+    fill("2")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Job browser-job")
+    job = Job.objects.get()
+    expect(page.locator("#job-state")).to_have_text(job.state)
+    pages.shot(page, "submitted-job")
+    assert job.min_clients == 2 and job.submitted_by == world.users[jw.LEAD]
+
+
+def _post_metric(base: str, world: jw.World, point: dict) -> None:
+    """A site's agent posts a metric point to the portal process: a signed HTTP request."""
+    assert world.job is not None
+    path = f"/api/v1/agent/jobs/{world.job.uid}/metrics/"
+    body = json.dumps({"points": [point]}).encode()
+    headers = {"Content-Type": "application/json", **world.sites[0].headers("POST", path, body)}
+    request = urllib.request.Request(base + path, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert json.load(response)["stored"] == 1
+
+
+def test_running_job_page_updates_live_and_is_aborted(pages: Pages, tmp_path: Path) -> None:
+    world = in_thread(jw.build_world, tmp_path)
+    job = world.job
+    assert job is not None and job.state == JobState.RUNNING
+    page = pages.new_page()
+    pages.sign_in(page, world.users[jw.LEAD].username)
+    pages.visit(page, f"/jobs/{job.uid}/", "job-running")
+    expect(page.locator("[data-live-status]")).to_contain_text("Live")
+    expect(page.locator('#task-grid tr[data-site="site-1"]')).to_contain_text("assigned")
+    page.evaluate("window.notReloaded = true")
+
+    started = time.monotonic()
+    _post_metric(pages.base, world, {"key": "loss", "value": 0.4242, "step": 5})
+    latest = page.locator('figure[data-chart="loss · by step"] tr[data-series="site-1"]')
+    expect(latest).to_contain_text("0.4242", timeout=2000)
+    assert time.monotonic() - started < 2.0
+    points = page.evaluate("window.FedPortalJob.charts()['loss · by step'].series['site-1']")
+    assert points == [[5, 0.4242]]
+    pages.shot(page, "metric-arrived")
+
+    # A log line recorded in this process crosses the Redis channel layer to the page.
+    in_thread(
+        log_lines_record, job=job, site=world.sites[1].site, lines=[{"text": "epoch 1: loss 0.42"}]
+    )
+    expect(page.locator('.log[data-site="site-2"] pre')).to_contain_text("epoch 1: loss 0.42")
+    assert page.evaluate("window.notReloaded") is True
+    pages.shot(page, "log-arrived")
+
+    page.get_by_label("Reason for aborting (optional)").fill("wrong learning rate")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Abort job").click()
+    expect(page.locator("#job-state")).to_have_text("aborted")
+    expect(page.get_by_role("button", name="Abort job")).to_have_count(0)
+    pages.shot(page, "aborted")
+    aborted = Job.objects.get(pk=job.pk)
+    assert aborted.state == JobState.ABORTED and aborted.failure_reason == "wrong learning rate"
+
+
+def test_member_sees_no_abort_button_and_the_api_refuses(pages: Pages, tmp_path: Path) -> None:
+    world = in_thread(jw.build_world, tmp_path)
+    job = world.job
+    assert job is not None
+    page = pages.new_page()
+    pages.sign_in(page, world.users[jw.MEMBER].username)
+    pages.visit(page, f"/jobs/{job.uid}/", "job-as-member")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Job api-job")
+    expect(page.get_by_role("button", name="Abort job")).to_have_count(0)
+    csrf = next(c["value"] for c in page.context.cookies() if c["name"] == "csrftoken")
+    response = page.request.post(
+        f"{pages.base}/api/v1/jobs/{job.uid}/abort/",
+        headers={"X-CSRFToken": csrf, "Content-Type": "application/json"},
+        data="{}",
+    )
+    assert response.status == 403, response.text()
+    assert response.json()["code"] == "permission_denied"
+    assert Job.objects.get(pk=job.pk).state == JobState.RUNNING
+
+    # Another project's job is "not found", with a page that says what went wrong.
+    pages.visit(page, f"/projects/{world.other.slug}/", "other-project-404")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Page not found")
