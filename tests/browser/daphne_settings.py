@@ -11,7 +11,9 @@ BROWSER_REDIS_URL = os.environ.get("BROWSER_TEST_REDIS_URL") or "redis://127.0.0
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [BROWSER_REDIS_URL]},
+        # As fedportal.settings.base: redis-py 8's default 5 s read timeout would tear down the
+        # layer's blocking pops (django/channels_redis#422).
+        "CONFIG": {"hosts": [{"address": BROWSER_REDIS_URL, "socket_timeout": 30}]},
     }
 }
 CELERY_TASK_ALWAYS_EAGER = True
