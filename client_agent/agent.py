@@ -29,15 +29,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import secrets
 import shlex
 import shutil
 import signal
+import struct
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import websockets
@@ -51,6 +54,7 @@ from client_agent.portal import (
     PortalError,
     PortalUnreachable,
     _record,
+    record_outgoing,
 )
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.site_dir import SiteDir
@@ -68,6 +72,31 @@ EXIT_REFUSED = 3
 METRICS_PER_MESSAGE = 500
 LOG_LINES_PER_MESSAGE = 500
 FLUSH_SECONDS = 0.25
+
+
+WIRE_LOG_ENV = "FEDPORTAL_AGENT_WIRE_LOG"
+
+
+class _WireLog:
+    """Appends one JSON line per thing the agent sends (``--wire-log``): channel, method,
+    path, size, and the body itself when it is JSON, or the tensor names and shapes when it
+    is a model update. For a site admin who wants to see exactly what leaves the site."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+
+    def __call__(self, channel: str, method: str, path: str, body: bytes) -> None:
+        entry: dict[str, Any] = {"channel": channel, "method": method, "path": path}
+        entry["bytes"] = len(body)
+        if body[:1] == b"{":
+            entry["json"] = json.loads(body)
+        elif body:
+            (length,) = struct.unpack("<Q", body[:8])
+            header = json.loads(body[8 : 8 + length])
+            entry["safetensors"] = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        with self.lock, open(self.path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
 
 
 class Refused(RuntimeError):
@@ -106,6 +135,9 @@ class Agent:
         self.ws: Any = None
         self.refused: str | None = None
         self._announced: set[str] = set()
+        wire_log = os.environ.get(WIRE_LOG_ENV)
+        if wire_log:
+            record_outgoing(_WireLog(Path(wire_log)))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -338,7 +370,8 @@ class Agent:
             if job["decision"] == "pending" and uid not in self._announced:
                 self._announced.add(uid)
                 self.say(
-                    f"job {job['name']} ({uid}) waits for the site admin's decision on the portal"
+                    f"job {job['name']} ({uid}) offered; it runs here once the site accepts it "
+                    "(automatically, if the site's setting says so, or by its admin on the portal)"
                 )
             if job["decision"] != "accepted" or job["state"] != "running":
                 continue

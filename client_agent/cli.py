@@ -12,6 +12,7 @@ import datetime as dt
 import email.utils
 import http.client
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="look for work at least this often even without a signal (default 10)",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log more")
+    run.add_argument(
+        "--wire-log",
+        metavar="FILE",
+        help="append a JSON line to FILE for everything the agent sends (bodies of JSON "
+        "messages; tensor names and shapes of updates), to audit what leaves the site",
+    )
     status = commands.add_parser("status", help="who this site is and its jobs on the portal")
     _dir_arg(status)
     doctor = commands.add_parser(
@@ -84,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 level=logging.INFO if args.verbose else logging.WARNING,
                 format="%(asctime)s %(name)s %(levelname)s %(message)s",
             )
-            from client_agent.agent import Agent  # noqa: PLC0415 - websockets only when running
+            # websockets only when running
+            from client_agent.agent import WIRE_LOG_ENV, Agent  # noqa: PLC0415
 
+            if args.wire_log:
+                os.environ[WIRE_LOG_ENV] = os.path.abspath(args.wire_log)
             agent = Agent(site_dir, poll_seconds=args.poll_seconds)
             return asyncio.run(agent.run())
         if args.command == "status":

@@ -25,8 +25,8 @@ CHUNK = 1 << 20
 HEADER_CONTENT_SHA256 = "X-Content-SHA256"
 HEADER_AGENT_VERSION = "X-FedPortal-Agent-Version"
 
-# Every byte the agent sends goes through PortalClient or the WebSocket; tests install a
-# recorder here to check that nothing but updates, metrics and log lines leaves the site.
+# Every byte the agent sends goes through PortalClient or the WebSocket; `run --wire-log`
+# installs a recorder here, so a site admin (and the tests) can see all that leaves the site.
 WireRecorder = Callable[[str, str, str, bytes], None]
 _recorder: WireRecorder | None = None
 
@@ -34,7 +34,8 @@ _recorder: WireRecorder | None = None
 def record_outgoing(recorder: WireRecorder | None) -> None:
     """Call ``recorder(channel, method, path, body)`` for everything sent (tests only).
 
-    Streamed uploads are passed as the file's bytes. ``channel`` is ``http`` or ``ws``."""
+    A streamed update is passed as its safetensors header (the tensor names, dtypes and
+    shapes), not its whole body. ``channel`` is ``http`` or ``ws``."""
     global _recorder
     _recorder = recorder
 
@@ -281,7 +282,10 @@ class PortalClient:
                 digest.update(chunk)
         hexdigest = digest.hexdigest()
         if _recorder is not None:
-            _record("http", "PUT", path, file.read_bytes())
+            with open(file, "rb") as fh:  # the safetensors header: what the tensors are
+                head = fh.read(8)
+                head += fh.read(int.from_bytes(head, "little"))
+            _record("http", "PUT", path, head)
         connection, response = self._send(
             "PUT",
             path,

@@ -108,7 +108,9 @@ def round_state(rnd: Any) -> None:
             round=rnd.number,
             state=rnd.state,
             metrics=dict(rnd.metrics or {}),
-        )
+        ),
+        # A round that opens has just given these sites a task.
+        site_ids=list(rnd.tasks.values_list("site_id", flat=True)),
     )
 
 

@@ -146,7 +146,11 @@ CELERY_TIMEZONE = TIME_ZONE
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        # redis-py 8 reads with a 5 s socket timeout by default, which tears down every
+        # consumer waiting in the layer's blocking pop (also 5 s) about every 5 s
+        # (django/channels_redis#422). Reads may block longer than the pop; a dead Redis is
+        # still noticed through the connect timeout and the next write.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
     },
 }
 

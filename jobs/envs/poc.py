@@ -18,7 +18,8 @@ URL and the sign-in are printed) until ``stop()`` or the end of the Python proce
 Workspace (default ``<tmp>/fedportal-poc/<time>``): ``db.sqlite3``, ``media/``, ``logs/``
 (portal, worker, one per agent), ``sites/<site>/`` (each agent's folder), ``runs/<job>/``,
 ``credentials.json`` (portal URL, API token, project, user and password: a ``ProdEnv``
-credentials file).
+credentials file). ``wire_log=True`` makes each agent log everything it sends to
+``sites/<site>/wire.jsonl`` (``client_agent run --wire-log``).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class PocEnv:
         round_timeout_seconds: int | None = None,
         python: str = sys.executable,
         extra_env: dict[str, str] | None = None,
+        wire_log: bool = False,
     ) -> None:
         if clients is not None:
             clients = list(clients)
@@ -127,6 +129,7 @@ class PocEnv:
         self.round_timeout_seconds = round_timeout_seconds
         self.python = python
         self.extra_env = dict(extra_env or {})
+        self.wire_log = wire_log
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.url = ""
         self.credentials: dict[str, Any] = {}
@@ -340,7 +343,16 @@ class PocEnv:
         """Start (or start again) ``site``'s agent."""
         return self._spawn(
             f"agent:{site}",
-            [self.python, "-m", "client_agent", "run", "--dir", str(self.site_dir(site)), "-v"],
+            [
+                self.python,
+                "-m",
+                "client_agent",
+                "run",
+                "--dir",
+                str(self.site_dir(site)),
+                "-v",
+                *(["--wire-log", str(self.site_dir(site) / "wire.jsonl")] if self.wire_log else []),
+            ],
             log_name=f"agent-{site}",
         )
 

@@ -107,15 +107,29 @@ class PortalRun(Run):
     def fetch_results(self) -> None:
         """Rounds, metrics and every global model, into the run and its workspace."""
         rounds = self.client.get_all(self._path("rounds/"))
-        self.rounds = [
-            RoundRecord(
-                round=int(r["number"]),
-                accepted=list(r.get("participants") or []),
-                metrics=dict(r.get("metrics") or {}),
+        answers: dict[int, dict[str, tuple[str, str]]] = {}
+        for participant in self.client.get_all(self._path("sites/")):
+            for task in participant.get("tasks") or []:
+                answers.setdefault(int(task["round"]), {})[participant["site"]] = (
+                    task["state"],
+                    task.get("reason") or "",
+                )
+        self.rounds = []
+        for r in rounds:
+            if r["state"] != "closed":
+                continue
+            number = int(r["number"])
+            tasks = answers.get(number, {})
+            self.rounds.append(
+                RoundRecord(
+                    round=number,
+                    accepted=sorted(s for s, (state, _) in tasks.items() if state == "accepted"),
+                    rejected={
+                        s: why or state for s, (state, why) in tasks.items() if state != "accepted"
+                    },
+                    metrics=dict(r.get("metrics") or {}),
+                )
             )
-            for r in rounds
-            if r["state"] == "closed"
-        ]
         points = self.client.get_all(self._path("metrics/?limit=1000"))
         self.metrics = Metrics(
             MetricPoint(

@@ -379,6 +379,8 @@ def test_an_agent_sees_its_active_jobs_with_its_decision_and_current_task(world:
         "state": "assigned",
         "reason": "",
         "deadline": entry["current_task"]["deadline"],
+        # What the client script's FLModel gets: FedAvg's round 1 of 2 is a train task.
+        "task": {"task_name": "train", "total_rounds": 2, "start_round": 0, "meta": {}},
         "model_url": f"{world.a}/rounds/0/model/",
         "status_url": f"{world.a}/rounds/0/status/",
         "update_url": f"{world.a}/rounds/0/update/",

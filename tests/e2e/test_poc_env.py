@@ -1,0 +1,228 @@
+"""PocEnv end to end: a real portal (Daphne), a real Celery worker on Redis, and three site
+agents as real processes, enrolled with one-time tokens. One PocEnv serves every test here,
+one job after another, so the platform starts once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from client_agent.portal import PortalClient
+from jobs.envs import PocEnv, ProdEnv, RunStatus, SimEnv
+from jobs.envs.poc import _redis_answers
+from jobs.recipes import FedAvgRecipe
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(
+        not _redis_answers("redis://127.0.0.1:6379/0"),
+        reason="needs Redis at 127.0.0.1:6379 (make test and CI start one)",
+    ),
+]
+
+SITES = ["site-1", "site-2", "site-3"]
+CANARY = "PATIENT-RECORD-7f3a91"  # a site's private data: must never cross the wire
+
+# Deterministic: every site adds (its round + 1) to every parameter and logs LOGS points a round.
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import client_agent.api as flare
+
+    LOGS = 4
+    private = open(sys.argv[1]).read() if len(sys.argv) > 1 else ""  # stays here
+    flare.init()
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0)
+        for step in range(LOGS):
+            flare.log("loss", 1.0 / (step + 1), step=step)
+        print(f"round {model.current_round} done", flush=True)
+        params = {k: v + (model.current_round + 1) for k, v in model.params.items()}
+        flare.send(flare.FLModel(params=params, metrics={"accuracy": 0.5},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    """
+)
+
+
+def recipe(
+    app: Path, *, rounds: int, min_clients: int = 3, name: str = "echo", delay: float = 0
+) -> FedAvgRecipe:
+    torch.manual_seed(0)
+    return FedAvgRecipe(
+        name=name,
+        min_clients=min_clients,
+        num_rounds=rounds,
+        model=torch.nn.Linear(3, 2),
+        train_script=str(app / "client.py"),
+        train_args=f"{app / 'private.txt'} {delay}",
+        key_metric="accuracy",
+    )
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("app")
+    (folder / "client.py").write_text(SCRIPT)
+    (folder / "private.txt").write_text(CANARY)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    env = PocEnv(
+        clients=SITES,
+        workspace=tmp_path_factory.mktemp("poc"),
+        redis_db=11,  # not the tests' worker db (15), nor a developer's (0)
+        round_timeout_seconds=8,
+        show_progress=False,
+        wire_log=True,
+    )
+    env.start()
+    yield env
+    env.stop()
+
+
+def prod(poc: PocEnv, *, wait: bool = True, round_timeout: int | None = None) -> ProdEnv:
+    return ProdEnv(
+        poc.url,
+        token=poc.credentials["api_token"],
+        project=poc.credentials["project"],
+        round_timeout_seconds=round_timeout or poc.round_timeout_seconds,
+        workspace=poc.workspace / "runs",
+        show_progress=False,
+        wait=wait,
+    )
+
+
+def people(poc: PocEnv) -> PortalClient:
+    return PortalClient(poc.url, api_token=poc.credentials["api_token"])
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_the_same_job_gives_the_same_model_in_simenv_and_pocenv(
+    poc: PocEnv, app: Path, tmp_path: Path
+) -> None:
+    sim = recipe(app, rounds=3).execute(
+        SimEnv(clients=SITES, workspace=tmp_path, show_progress=False)
+    )
+    run = recipe(app, rounds=3).execute(prod(poc))
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert sim.status == RunStatus.COMPLETED
+    final, expected = run.global_model, sim.global_model
+    assert final is not None and expected is not None
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), key
+    # Every site added 1, 2, 3 over the rounds: by hand, the initial weights plus 6.
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(3, 2).state_dict()
+    assert torch.allclose(final["weight"], initial["weight"] + 6)
+    # Every flare.log point is stored once: 3 sites x 3 rounds x 4 points.
+    assert len(run.metrics.logged("loss")) == len(SITES) * 3 * 4
+    assert sorted({p.site for p in run.metrics.logged()}) == SITES
+    assert [r.round for r in run.rounds] == [0, 1, 2]
+
+
+def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: PocEnv) -> None:
+    # Runs after the job above; every agent logged all it sent.
+    allowed_ws = {"heartbeat", "metrics", "log"}
+    for site in SITES:
+        entries = [json.loads(line) for line in (poc.site_dir(site) / "wire.jsonl").open()]
+        assert entries, site
+        kinds = set()
+        for entry in entries:
+            text = json.dumps(entry)
+            assert CANARY not in text
+            if entry["channel"] == "ws" and entry["method"] == "SEND":
+                kinds.add(entry["json"]["type"])
+                assert entry["json"]["type"] in allowed_ws
+                assert set(entry["json"]) <= {"type", "id", "job", "points", "lines"}
+            elif entry["method"] == "PUT":
+                assert entry["path"].endswith("/update/")
+                assert entry["safetensors"] == {"bias": [2], "weight": [2, 3]}
+            elif entry["method"] == "POST":
+                assert entry["path"].endswith("/status/")
+                assert set(entry["json"]) <= {"state", "reason"}
+            else:
+                assert entry["method"] == "GET" and entry["bytes"] == 0
+        assert {"metrics", "log"} <= kinds
+
+
+def job_sites(poc: PocEnv, uid: str) -> list[dict[str, Any]]:
+    return people(poc).get_all(f"/api/v1/jobs/{uid}/sites/")
+
+
+def test_a_killed_agent_misses_a_round_then_rejoins(poc: PocEnv, app: Path) -> None:
+    job = recipe(app, rounds=4, min_clients=2, name="rejoin", delay=1.5)
+    run = job.execute(prod(poc, wait=False))
+
+    def site3_training() -> bool:
+        (site3,) = [p for p in job_sites(poc, run.job_id) if p["site"] == "site-3"]
+        return any(t["state"] == "training" for t in site3["tasks"])
+
+    wait_for(site3_training, 60, "site-3 to train in round 1")
+    poc.kill("agent:site-3")  # mid-round: its script sleeps 1.5 s before it answers
+    # The round closes on the other two at its deadline; the job goes on.
+    wait_for(lambda: run.refresh().completed_rounds >= 1, 60, "a round to close without site-3")
+    poc.restart("agent:site-3")
+    run.wait(timeout=120)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert run.rounds[0].accepted == ["site-1", "site-2"]
+    assert "site-3" in run.rounds[0].rejected  # late: no update before the deadline
+    assert "site-3" in run.rounds[-1].accepted  # it rejoined
+
+
+def test_the_job_finishes_when_the_portal_restarts_mid_job(poc: PocEnv, app: Path) -> None:
+    # A deadline the restart cannot eat (the 8 s of the other tests could).
+    run = recipe(app, rounds=4, name="restart").execute(prod(poc, wait=False, round_timeout=120))
+    wait_for(lambda: run.refresh().completed_rounds >= 1, 60, "round 1 to close")
+    poc.kill("portal")
+    time.sleep(1.0)
+    poc.restart("portal")
+    poc._wait_for_portal()
+    run.wait(timeout=120)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert len(run.rounds) == 4
+
+
+def test_a_revoked_site_is_refused_and_its_agent_stops(poc: PocEnv) -> None:
+    client = people(poc)
+    project = poc.credentials["project"]
+    certificates = client.get_all(f"/api/v1/projects/{project}/certificates/")
+    live = [c for c in certificates if c["site_name"] == "site-2" and not c.get("revoked_at")]
+    assert live, certificates
+    client.post(
+        f"/api/v1/projects/{project}/certificates/{live[0]['id']}/revoke/", {"reason": "test"}
+    )
+    agent = poc.processes["agent:site-2"]
+    assert agent.wait(timeout=30) == 3  # refused for good: it stops, saying why
+    log = (poc.workspace / "logs" / "agent-site-2.log").read_text()
+    assert "revoked" in log
+    status = subprocess.run(
+        [sys.executable, "-m", "client_agent", "status", "--dir", str(poc.site_dir("site-2"))],
+        capture_output=True,
+        text=True,
+        env=poc._env(),
+    )
+    assert status.returncode == 3
+    assert "revoked" in status.stderr
