@@ -7,7 +7,7 @@ PYTHON := $(BIN)/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
-.PHONY: help venv install assets test lint format demo sim bench portal worker clean
+.PHONY: help venv install assets test lint format demo sim lightning bench portal worker clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,11 +48,14 @@ format: install ## Fix imports and lint autofixes, then format with ruff
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-demo: install ## Run the hello-pt example in SimEnv
+demo: install ## Run hello-pt in PocEnv (portal, worker, 3 agents here); the portal stays up
+	cd examples/hello-pt && ../../$(PYTHON) job.py --env poc
+
+sim: install ## Run hello-pt in SimEnv (simulation, no portal)
 	cd examples/hello-pt && ../../$(PYTHON) job.py
 
-sim: install ## Run the hello-pt example in SimEnv (same as demo for now)
-	cd examples/hello-pt && ../../$(PYTHON) job.py
+lightning: install ## Run the hello-lightning example in SimEnv
+	cd examples/hello-lightning && ../../$(PYTHON) job.py
 
 bench: install ## Run every bench/*.py and print its figures
 	@set -e; for f in bench/*.py; do \

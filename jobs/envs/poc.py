@@ -356,6 +356,23 @@ class PocEnv:
             log_name=f"agent-{site}",
         )
 
+    def serve_until_interrupted(self) -> None:
+        """Keep the portal, worker and agents up until Ctrl-C, then stop them."""
+        self._say(f"open {self.url} (Ctrl-C stops the portal, worker and agents)")
+
+        def interrupt(*_: object) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)  # `kill` too, not only Ctrl-C
+        try:
+            while all(p.poll() is None for n, p in self.processes.items() if n == "portal"):
+                time.sleep(0.5)
+            self._say("the portal exited")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
     # -- stop -------------------------------------------------------------------------------
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

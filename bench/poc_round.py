@@ -1,0 +1,165 @@
+"""PocEnv's cost per round, with real processes: portal (Daphne), Celery worker, site agents.
+
+Workloads, all FedAvg with an "echo" client that sends the received model straight back:
+
+* 3 agents, LeNet-5 (61,706 float32 parameters), 20 rounds: the fixed overhead of a round,
+  ``execute()`` → the first site's script receiving its model, and the peak memory (PSS) of
+  every process PocEnv started (portal, worker, agents, their fork servers and scripts).
+* 50 agents, a tiny model, 3 rounds (``--agents50``, on by default; ``--quick`` skips it).
+
+A round's time is the portal's own record: round n+1 opened minus round n opened (download,
+script, upload, update check, aggregation, next round's open, and the agents learning of it).
+Round 1 includes the scripts' start, so it is reported apart.
+
+    .venv/bin/python bench/poc_round.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import benchlib
+import torch
+from benchlib import median
+
+from client_agent.portal import PortalClient
+from jobs.envs import PocEnv, RunStatus
+from jobs.recipes import FedAvgRecipe
+
+ECHO = textwrap.dedent(
+    """
+    import sys, time
+    import client_agent.api as flare
+
+    flare.init()
+    first = True
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        if first:
+            with open(sys.argv[1], "a") as fh:
+                fh.write(f"{time.time()}\\n")
+            first = False
+        flare.send(flare.FLModel(params=model.params, metrics={"accuracy": 0.5},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    """
+)
+
+
+class LeNet5(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 6, 5)
+        self.conv2 = torch.nn.Conv2d(6, 16, 5)
+        self.fc1 = torch.nn.Linear(16 * 4 * 4, 120)
+        self.fc2 = torch.nn.Linear(120, 84)
+        self.fc3 = torch.nn.Linear(84, 10)
+
+
+def run_echo(agents: int, rounds: int, model: torch.nn.Module, workdir: Path) -> dict[str, float]:
+    app = workdir / f"app-{agents}"
+    app.mkdir(parents=True)
+    (app / "client.py").write_text(ECHO)
+    marks = workdir / f"first-receive-{agents}.txt"
+    recipe = FedAvgRecipe(
+        name=f"echo-{agents}",
+        min_clients=agents,
+        num_rounds=rounds,
+        model=model,
+        train_script=str(app / "client.py"),
+        train_args=str(marks),
+    )
+    env = PocEnv(
+        num_clients=agents,
+        workspace=workdir / f"poc-{agents}",
+        redis_db=13,
+        show_progress=False,
+        keep_running=True,
+    )
+    sampler = benchlib.TreeMemorySampler(interval=0.25)
+    sampler.start()
+    started = time.time()
+    try:
+        run = recipe.execute(env)
+        ended = time.time()
+        client = PortalClient(env.url, api_token=env.credentials["api_token"])
+        opened = [
+            dt.datetime.fromisoformat(r["opened_at"]).timestamp()
+            for r in client.get_all(f"/api/v1/jobs/{run.job_id}/rounds/")
+        ]
+        job = client.get(f"/api/v1/jobs/{run.job_id}/")
+        finished = dt.datetime.fromisoformat(job["finished_at"]).timestamp()
+    finally:
+        env.stop()
+        sampler.stop()
+    assert run.status == RunStatus.COMPLETED, run.error
+    opened.sort()
+    cycles = [b - a for a, b in zip(opened, [*opened[1:], finished], strict=True)]
+    first_receive = min(float(line) for line in marks.read_text().split())
+    return {
+        "round_1": cycles[0],
+        "round_median": median(cycles[1:]),
+        "round_max": max(cycles[1:]),
+        "execute_to_first_training": first_receive - started,
+        "whole": ended - started,
+        "peak_pss_gb": sampler.peak_pss_gb,
+        "peak_rss_gb": sampler.peak_rss_gb,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="skip the 50-agent run")
+    args = parser.parse_args()
+    benchlib.print_header("PocEnv round overhead", "portal + worker + agents, echo clients")
+    with tempfile.TemporaryDirectory(prefix="poc-bench-") as tmp:
+        workdir = Path(tmp)
+        torch.manual_seed(0)
+        three = run_echo(3, 20, LeNet5(), workdir)
+        rows = [
+            ("3 agents, LeNet-5 (61,706 params), 20 rounds", three),
+        ]
+        if not args.quick:
+            rows.append(
+                (
+                    "50 agents, Linear(4, 2), 3 rounds",
+                    run_echo(50, 3, torch.nn.Linear(4, 2), workdir),
+                )
+            )
+    print(
+        benchlib.md_table(
+            [
+                "workload",
+                "round median (s)",
+                "round max (s)",
+                "round 1 (s)",
+                "execute() → first script receives (s)",
+                "whole run incl. start/stop (s)",
+                "peak PSS, all processes (GB)",
+                "peak RSS summed (GB)",
+            ],
+            [
+                (
+                    name,
+                    f"{r['round_median']:.3f}",
+                    f"{r['round_max']:.3f}",
+                    f"{r['round_1']:.2f}",
+                    f"{r['execute_to_first_training']:.2f}",
+                    f"{r['whole']:.1f}",
+                    f"{r['peak_pss_gb']:.2f}",
+                    f"{r['peak_rss_gb']:.2f}",
+                )
+                for name, r in rows
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
