@@ -122,4 +122,4 @@ def test_settings_come_from_the_environment(tmp_path: Path) -> None:
     assert got["debug"] is False
     assert got["hosts"] == ["portal.example", "localhost"]
     assert got["broker"] == "redis://redis.example:6390/3"
-    assert got["channels"] == ["redis://redis.example:6390/3"]
+    assert got["channels"] == [{"address": "redis://redis.example:6390/3", "socket_timeout": 30}]
