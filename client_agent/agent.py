@@ -429,7 +429,8 @@ class JobRunner:
             models = self.workspace / "models"
             model_path = models / f"round-{number:03d}.safetensors"
             await asyncio.to_thread(self.client.download, task["model_url"], model_path)
-            await asyncio.to_thread(self.client.post, task["status_url"], {"state": "training"})
+            # Told while the script already works: progress for people, not a gate.
+            training = asyncio.create_task(self._report_training(task["status_url"]))
             spec = task.get("task") or {}
             result_path = self.workspace / "updates" / f"round-{number + 1:03d}.safetensors"
             result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,6 +447,7 @@ class JobRunner:
             assert self.proc is not None
             proc = self.proc
             path = await asyncio.to_thread(proc.run_task, script_task, on_log=self._on_log)
+            await training  # before the upload, so the states arrive in order
             # Metrics first: all of the round's points are stored before its update counts.
             ids = self.flush()
             if ids and self.agent.ws is not None:
@@ -471,6 +473,10 @@ class JobRunner:
                 self.agent.say(f"job {self.name}: round {number + 1}: {exc}")
         finally:
             self.flush()
+
+    async def _report_training(self, status_url: str) -> None:
+        with contextlib.suppress(PortalError, PortalUnreachable):
+            await asyncio.to_thread(self.client.post, status_url, {"state": "training"})
 
     async def _fail(self, task: dict[str, Any], reason: str, log_tail: str) -> None:
         self.agent.say(f"job {self.name}: round {int(task['round']) + 1} failed: {reason}")

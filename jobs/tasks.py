@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 @shared_task(acks_late=True, reject_on_worker_lost=True, max_retries=5, default_retry_delay=2)
 def job_advance_task(job_id: int) -> str:
     """Do the job's next due step (see ``jobs.services.rounds.job_advance``)."""
-    outcome = rounds.job_advance(job_id=job_id)
+    outcome = rounds.job_advance_while_due(job_id=job_id)
     log.info("job %s: %s", job_id, outcome)
     return outcome
 

@@ -181,7 +181,7 @@ class ProjectJobListView(PersonView):
         ref = str(self.kwargs["project"])
         visible = site_selectors.projects_visible_to(self.request.user)
         project = visible.filter(slug=ref).first()
-        if project is None and ref.isdigit():
+        if project is None and ref.isascii() and ref.isdigit():
             project = visible.filter(pk=int(ref)).first()
         if project is None:
             # The same answer for a project that exists elsewhere as for none at all.
@@ -543,7 +543,7 @@ class AgentRoundUpdateView(AgentView):
 
 def _content_length(request: Request) -> int:
     raw = request.META.get("CONTENT_LENGTH") or ""
-    if not raw.isdigit() or int(raw) == 0:
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:
         raise ValidationFailed(
             "send the update as the body, with its length in Content-Length",
             field="Content-Length",

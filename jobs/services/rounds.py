@@ -150,6 +150,22 @@ def job_advance(*, job_id: int) -> str:
     return _round_aggregate(round_id)
 
 
+def job_advance_while_due(*, job_id: int, max_steps: int = 4) -> str:
+    """:func:`job_advance` again while its last step made another one due; the outcomes joined.
+
+    Saves a trip through the broker between closing a round and opening the next (about a
+    tenth of a second a round on one machine). Each step is still its own transaction, so a
+    worker killed between them leaves the job where a lone ``job_advance`` would have.
+    """
+    outcomes = []
+    for _ in range(max_steps):
+        outcome = job_advance(job_id=job_id)
+        outcomes.append(outcome)
+        if not (outcome.startswith("closed round") or outcome == "waiting"):
+            break
+    return "; ".join(outcomes)
+
+
 def _start_if_ready(job: Job) -> str:
     now = timezone.now()
     links = list(job.participants.select_related("site"))

@@ -403,6 +403,8 @@ def test_jobs_are_listed_by_state_and_submitter(world: World, tmp_path: Path) ->
     assert names("?state=completed") == []
     by_id = world.call(MEMBER, "GET", f"/api/v1/projects/{world.project.pk}/jobs/")
     assert by_id.json()["count"] == 2
+    # A "digit" that int() refuses (found by schemathesis): an unknown project, not a 500.
+    assert world.call(MEMBER, "GET", "/api/v1/projects/%C2%B2/jobs/").status_code == 404
     bad = world.call(MEMBER, "GET", f"{world.p}/jobs/?state=sleeping")
     assert bad.status_code == 400 and bad.json()["field"] == "state"
     assert (
