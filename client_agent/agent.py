@@ -104,6 +104,14 @@ class Refused(RuntimeError):
     enrolled): retrying cannot help, so the agent stops."""
 
 
+def _brings_work(event: dict[str, Any]) -> bool:
+    """Whether an event may mean new work: a round opened, or a job changed state (offered,
+    started, ended). Task events echo what this agent itself just did, and listing the jobs
+    after each would only load the portal."""
+    kind = event.get("kind")
+    return kind == "job.state" or (kind == "round.state" and event.get("state") == "open")
+
+
 class Agent:
     def __init__(
         self,
@@ -155,9 +163,9 @@ class Agent:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self.loop.add_signal_handler(sig, self.stopping.set)
         if self.python == sys.executable:
-            # Warm now (torch imports in the fork server while we connect), so the first
-            # round's script starts in a fork rather than a cold interpreter.
-            await asyncio.to_thread(forkserver.get_server)
+            # Warm now, beside connecting (torch imports in the fork server meanwhile), so the
+            # first round's script starts in a fork rather than a cold interpreter.
+            warming = asyncio.create_task(asyncio.to_thread(forkserver.get_server))
         self.say(
             f"agent {AGENT_VERSION} for project {self.identity.project}, portal {self.client.url}"
         )
@@ -167,6 +175,9 @@ class Agent:
             asyncio.create_task(self._flush_loop(), name="flush"),
         ]
         await self.stopping.wait()
+        if self.python == sys.executable:
+            with contextlib.suppress(Exception):
+                await warming
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -309,7 +320,11 @@ class Agent:
             message = json.loads(raw)
             kind = message.get("type")
             if kind == "event":
-                self.wake.set()
+                event = message.get("event") or {}
+                if self._start_round_from(event):
+                    continue
+                if _brings_work(event):
+                    self.wake.set()
             elif kind == "ack":
                 sent = self.pending.pop(str(message.get("id")), None)
                 if sent is not None and "error" in message:
@@ -322,6 +337,37 @@ class Agent:
                     self.acked.notify_all()
             elif kind == "error":
                 log.info("portal says: %s", message)
+
+    def _start_round_from(self, event: dict[str, Any]) -> bool:
+        """A round opened for a job this agent already runs: start its task from the event,
+        without listing the jobs first (a round trip on every round's critical path).
+
+        The event reaches only sites with a task in the round. Whatever the event lacks, the
+        regular listing (wake, or the poll) finds.
+        """
+        runner = self.runners.get(str(event.get("job_uid")))
+        task = event.get("task")
+        if (
+            event.get("kind") != "round.state"
+            or event.get("state") != "open"
+            or runner is None
+            or not isinstance(task, dict)
+            or not isinstance(event.get("round"), int)
+        ):
+            return False
+        number = event["round"]
+        base = f"{JOBS_PATH}{runner.uid}/rounds/{number}/"
+        runner.offer(
+            {
+                "round": number,
+                "state": "assigned",
+                "task": task,
+                "model_url": f"{base}model/",
+                "status_url": f"{base}status/",
+                "update_url": f"{base}update/",
+            }
+        )
+        return True
 
     async def _writer(self, ws: Any) -> None:
         while True:
@@ -429,8 +475,10 @@ class JobRunner:
             models = self.workspace / "models"
             model_path = models / f"round-{number:03d}.safetensors"
             await asyncio.to_thread(self.client.download, task["model_url"], model_path)
-            # Told while the script already works: progress for people, not a gate.
-            training = asyncio.create_task(self._report_training(task["status_url"]))
+            # Progress for people, not a gate: through the outbox, while the script works.
+            self.agent.enqueue(
+                {"type": "task", "job": self.uid, "round": number, "state": "training"}
+            )
             spec = task.get("task") or {}
             result_path = self.workspace / "updates" / f"round-{number + 1:03d}.safetensors"
             result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,7 +495,6 @@ class JobRunner:
             assert self.proc is not None
             proc = self.proc
             path = await asyncio.to_thread(proc.run_task, script_task, on_log=self._on_log)
-            await training  # before the upload, so the states arrive in order
             # Metrics first: all of the round's points are stored before its update counts.
             ids = self.flush()
             if ids and self.agent.ws is not None:
@@ -473,10 +520,6 @@ class JobRunner:
                 self.agent.say(f"job {self.name}: round {number + 1}: {exc}")
         finally:
             self.flush()
-
-    async def _report_training(self, status_url: str) -> None:
-        with contextlib.suppress(PortalError, PortalUnreachable):
-            await asyncio.to_thread(self.client.post, status_url, {"state": "training"})
 
     async def _fail(self, task: dict[str, Any], reason: str, log_tail: str) -> None:
         self.agent.say(f"job {self.name}: round {int(task['round']) + 1} failed: {reason}")

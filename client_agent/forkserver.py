@@ -8,6 +8,9 @@ child per site. It never runs a torch operation, so it has no threads to lose in
 the sites share the imported pages copy-on-write.
 
 Requests and replies are JSON lines on the server's stdin and stdout; nothing is pickled.
+With ``--listen PATH`` the server instead takes connections on a Unix socket (mode 0600) and
+serves each the same way: PocEnv runs one for all its agents, so one machine imports torch
+once rather than once per site (agents find it through ``FEDPORTAL_FORKSERVER_SOCKET``).
 
     → {"op": "preload", "modules": [...]}
     → {"op": "spawn", "id": 7, "script": …, "args": […], "workdir": …, "log": …, "env": {…}}
@@ -29,6 +32,7 @@ import os
 import runpy
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -102,59 +106,115 @@ def _child_main(request: dict[str, Any]) -> None:
     os._exit(code)
 
 
-def _reply(message: dict[str, Any]) -> None:
-    sys.__stdout__.write(json.dumps(message) + "\n")  # type: ignore[union-attr]
-    sys.__stdout__.flush()  # type: ignore[union-attr]
+class _Channel:
+    """One parent's requests and replies: the server's stdin/stdout, or a Unix-socket
+    connection when the server is shared (``--listen``)."""
 
+    def __init__(self, read_fd: int, write: Any) -> None:
+        self.read_fd = read_fd
+        self._write = write
+        self.buffered = b""
+        self.open = True
 
-def _reap() -> None:
-    while True:
+    def reply(self, message: dict[str, Any]) -> None:
+        if not self.open:
+            return
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        _reply({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+            self._write((json.dumps(message) + "\n").encode())
+        except OSError:
+            self.open = False  # that parent went away; its children end on their own
 
 
-def serve() -> None:
-    for module in BASE_PRELOAD:
-        importlib.import_module(module)
+def _stdout_write(data: bytes) -> None:
+    out = sys.__stdout__.buffer  # type: ignore[union-attr]
+    out.write(data)
+    out.flush()
+
+
+def serve(listen: str | None = None) -> None:
+    """Serve spawn requests from the parent on stdin, or, with ``listen`` (a Unix socket
+    path), from every process that connects: one server, and one torch import, for all the
+    agents PocEnv runs on one machine. The stdin server exits when its stdin closes; a
+    shared one when it is terminated."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select() through the wakeup fd
-    stdin = sys.stdin.buffer
-    buffered = b""
+    channels: dict[int, _Channel] = {}
+    owners: dict[int, _Channel] = {}  # child pid → the parent to tell when it exits
+    listener: socket.socket | None = None
+    if listen:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listen)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(listen)
+        os.chmod(listen, 0o600)
+        listener.listen(64)
+    else:
+        stdin_fd = sys.stdin.buffer.fileno()
+        channels[stdin_fd] = _Channel(stdin_fd, _stdout_write)
+    connections: dict[int, socket.socket] = {}
+    # After binding: agents may connect while torch imports; their requests wait in the socket.
+    for module in BASE_PRELOAD:
+        importlib.import_module(module)
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            owner = owners.pop(pid, None)
+            if owner is not None:
+                owner.reply({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
     while True:
-        ready, _, _ = select.select([stdin, wake_r], [], [], 1.0)
+        watched: list[int] = [wake_r, *channels, *([listener.fileno()] if listener else [])]
+        ready, _, _ = select.select(watched, [], [], 1.0)
         if wake_r in ready:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 512)
-        _reap()
-        if stdin not in ready:
-            continue
-        chunk = os.read(stdin.fileno(), 65536)
-        if not chunk:
-            return  # the parent went away
-        buffered += chunk
-        while b"\n" in buffered:
-            line, buffered = buffered.split(b"\n", 1)
-            request = json.loads(line)
-            if request["op"] == "preload":
-                for module in request["modules"]:
-                    # A module that fails here fails again, with its real error, in the site.
-                    with contextlib.suppress(Exception):
-                        importlib.import_module(module)
-            elif request["op"] == "spawn":
-                pid = os.fork()
-                if pid == 0:
-                    os.close(wake_r)
-                    os.close(wake_w)
-                    signal.set_wakeup_fd(-1)
-                    _child_main(request)
-                _reply({"op": "spawned", "id": request["id"], "pid": pid})
+        reap()
+        if listener is not None and listener.fileno() in ready:
+            conn, _ = listener.accept()
+            connections[conn.fileno()] = conn
+            channels[conn.fileno()] = _Channel(conn.fileno(), conn.sendall)
+        for fd in [fd for fd in ready if fd in channels]:
+            channel = channels[fd]
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                channel.open = False
+                del channels[fd]
+                if listener is None:
+                    return  # the parent went away
+                connections.pop(fd).close()
+                continue
+            channel.buffered += chunk
+            while b"\n" in channel.buffered:
+                line, channel.buffered = channel.buffered.split(b"\n", 1)
+                request = json.loads(line)
+                if request["op"] == "preload":
+                    for module in request["modules"]:
+                        # A module that fails here fails again, with its real error, in the site.
+                        with contextlib.suppress(Exception):
+                            importlib.import_module(module)
+                elif request["op"] == "spawn":
+                    pid = os.fork()
+                    if pid == 0:
+                        os.close(wake_r)
+                        os.close(wake_w)
+                        signal.set_wakeup_fd(-1)
+                        for inherited in (listener, *connections.values()):
+                            if inherited is not None:
+                                inherited.close()
+                        _child_main(request)
+                    owners[pid] = channel
+                    channel.reply({"op": "spawned", "id": request["id"], "pid": pid})
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,32 +291,46 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The parent's handle on one fork server process; thread-safe."""
+    """The parent's handle on a fork server; thread-safe.
 
-    def __init__(self) -> None:
+    Its own child process by default; with ``address``, a connection to a shared server
+    that another process started (``python -m client_agent.forkserver --listen PATH``).
+    """
+
+    def __init__(self, address: str | None = None) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._exits: dict[int, int] = {}
         self._spawned: dict[int, int] = {}
         self._next_id = 0
         self._preloaded: set[str] = set()
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "client_agent.forkserver"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": _pythonpath()},
-            start_new_session=True,
-        )
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._stdin: IO[bytes] = self._proc.stdin
-        self._reader = threading.Thread(
-            target=self._read_replies, args=(self._proc.stdout,), daemon=True
-        )
+        self._proc: subprocess.Popen[bytes] | None = None
+        replies: IO[bytes]
+        if address:
+            self._socket: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._socket.connect(address)
+            self._stdin: IO[bytes] = self._socket.makefile("wb")
+            replies = self._socket.makefile("rb")
+        else:
+            self._socket = None
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "client_agent.forkserver"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": _pythonpath()},
+                start_new_session=True,
+            )
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._stdin = self._proc.stdin
+            replies = self._proc.stdout
+        self._reader = threading.Thread(target=self._read_replies, args=(replies,), daemon=True)
         self._reader.start()
 
     @property
     def alive(self) -> bool:
-        return self._proc.poll() is None
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._reader.is_alive()
 
     def _read_replies(self, stdout: IO[bytes]) -> None:
         for line in stdout:
@@ -323,14 +397,18 @@ _server: ForkServer | None = None
 _server_lock = threading.Lock()
 
 
+ENV_SHARED_SERVER = "FEDPORTAL_FORKSERVER_SOCKET"
+
+
 def get_server() -> ForkServer:
-    """This process's fork server, started on first use (and again if it died)."""
+    """This process's fork server, started on first use (and again if it died); or, when
+    ``FEDPORTAL_FORKSERVER_SOCKET`` names one, a connection to a shared server."""
     global _server
     with _server_lock:
         if _server is None or not _server.alive:
-            _server = ForkServer()
+            _server = ForkServer(os.environ.get(ENV_SHARED_SERVER) or None)
         return _server
 
 
 if __name__ == "__main__":
-    serve()
+    serve(sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--listen" else None)

@@ -1,4 +1,14 @@
+from typing import Any
+
 from django.apps import AppConfig
+
+
+def _on_site_heartbeat(**kwargs: Any) -> None:
+    # Imported when a heartbeat comes, not at start-up: the rounds service imports torch
+    # (~1 s), which commands such as `migrate` or PocEnv's `poc_setup` never need.
+    from jobs.services.rounds import on_site_heartbeat  # noqa: PLC0415
+
+    on_site_heartbeat(**kwargs)
 
 
 class JobsConfig(AppConfig):
@@ -7,7 +17,6 @@ class JobsConfig(AppConfig):
     verbose_name = "Jobs"
 
     def ready(self) -> None:
-        from jobs.services.rounds import on_site_heartbeat
         from sites.authentication import site_heartbeat
 
-        site_heartbeat.connect(on_site_heartbeat, dispatch_uid="jobs.site_heartbeat")
+        site_heartbeat.connect(_on_site_heartbeat, dispatch_uid="jobs.site_heartbeat")

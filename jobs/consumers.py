@@ -7,24 +7,33 @@ enrolled site's agent gets in. Then:
   every job or task change that concerns the site (the agent takes any as a sign to look for
   work, and fetches what it needs over signed HTTP); ``{"type": "ack", "id", ...}`` for each
   batch it sent; ``{"type": "error", "code", "message"}`` just before a close.
-- agent → portal: ``heartbeat``, ``metrics`` (``flare.log`` points) and ``log`` (the script's
-  output lines) — nothing else is accepted. Model updates travel over HTTP, streamed.
+- agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``training``),
+  ``metrics`` (``flare.log`` points) and ``log`` (the script's output lines) — nothing else
+  is accepted. Model updates travel over HTTP, streamed.
 
-Every message re-checks the certificate, and a revocation closes the socket at once (close code
-4403); a handshake that fails verification is closed with 4401. The consumer only parses and
+A revocation closes the socket at once (close code 4403), and messages re-check the certificate
+in the database at least every 5 s besides; a handshake that fails verification is closed with
+4401. The consumer only parses and
 calls services.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from fedportal.events import site_group
-from jobs.services.sites import job_for_site, log_lines_record, metrics_record
+from jobs.services.sites import (
+    job_for_site,
+    log_lines_record,
+    metrics_record,
+    task_for_site,
+    task_mark,
+)
 from sites import services as site_services
 from sites.authentication import SiteIdentity, identity_recheck, verify_signed_handshake
 from sites.exceptions import AuthenticationError, DomainError
@@ -34,18 +43,34 @@ log = logging.getLogger(__name__)
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_REVOKED = 4403
 HEARTBEAT_SECONDS = 15
+# A revocation closes the socket at once (the site.revoked event); the certificate is also
+# read again from the database on a message at most this often, in case that event was lost.
+RECHECK_SECONDS = 5.0
 AGENT_VERSION_HEADER = b"x-fedportal-agent-version"
 
 
-def _handle(identity: SiteIdentity, content: dict[str, Any]) -> tuple[SiteIdentity, dict[str, Any]]:
-    """One agent message, in a worker thread: re-check the certificate, call the service,
-    return the fresh identity and the acknowledgement to send."""
-    identity = identity_recheck(identity)
+def _handle(
+    identity: SiteIdentity, content: dict[str, Any], recheck: bool
+) -> tuple[SiteIdentity, dict[str, Any]]:
+    """One agent message, in a worker thread: re-check the certificate (``recheck``), call the
+    service, return the fresh identity and the acknowledgement to send."""
+    if recheck:
+        identity = identity_recheck(identity)
     site = identity.site
     kind = content.get("type")
     if kind == "heartbeat":
         site_services.site_agent_heartbeat(site=site)
         return identity, {}
+    if kind == "task":  # progress on a round's task: {"job", "round", "state"}
+        job = job_for_site(job_uid=content.get("job"), site=site)
+        number = content.get("round")
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise _Unexpected("round must be an integer", field="round")
+        task = task_for_site(job=job, site=site, round_number=number)
+        task = task_mark(
+            task=task, state=str(content.get("state")), reason=str(content.get("reason") or "")
+        )
+        return identity, {"state": task.state}
     if kind in ("metrics", "log"):
         job = job_for_site(job_uid=content.get("job"), site=site)
         if kind == "metrics":
@@ -53,7 +78,7 @@ def _handle(identity: SiteIdentity, content: dict[str, Any]) -> tuple[SiteIdenti
         else:
             stored = log_lines_record(job=job, site=site, lines=content.get("lines") or [])
         return identity, {"stored": stored}
-    raise _Unexpected(f"unknown message type {kind!r}; send heartbeat, metrics or log")
+    raise _Unexpected(f"unknown message type {kind!r}; send heartbeat, task, metrics or log")
 
 
 class _Unexpected(DomainError):
@@ -64,6 +89,7 @@ class _Unexpected(DomainError):
 class AgentConsumer(AsyncJsonWebsocketConsumer):
     identity: SiteIdentity | None = None
     group: str | None = None
+    checked_at = 0.0
 
     async def connect(self) -> None:
         try:
@@ -103,7 +129,13 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             )
             return
         try:
-            self.identity, ack = await database_sync_to_async(_handle)(self.identity, content)
+            now = time.monotonic()
+            recheck = now - self.checked_at >= RECHECK_SECONDS
+            self.identity, ack = await database_sync_to_async(_handle)(
+                self.identity, content, recheck
+            )
+            if recheck:
+                self.checked_at = now
         except AuthenticationError as exc:
             await self._refuse(exc.as_dict())
             return

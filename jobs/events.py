@@ -2,9 +2,10 @@
 
 Every state change of a job, round or site task, every metric point and every batch of log
 lines goes to the Channels groups ``job.<id>`` and ``project.<id>`` through :func:`publish`
-(which uses :func:`fedportal.events.send_after_commit`, the one sender). Job and task state
-changes also go to the groups of the sites they concern (``site.<id>``), where a connected
-agent takes any event as a sign to look for work.
+(which uses :func:`fedportal.events.send_after_commit`, the one sender). Job state changes and
+round openings also go to the groups of the sites they concern (``site.<id>``), where a
+connected agent learns that there is work; a task's own changes echo what its agent did, so
+they are not sent back to it.
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ class JobStateChanged(Event):
 
 @dataclass(frozen=True)
 class RoundStateChanged(Event):
+    """``task`` (when the round opens): what the workflow asks of every site's script, as the
+    agent API's ``current_task.task``; with ``job_uid`` an agent can start at once."""
+
+    job_uid: str
     round: int
     state: str
     metrics: dict[str, float]
+    task: dict[str, Any] | None = None
     kind: str = field(init=False, default="round.state")
 
 
@@ -100,14 +106,16 @@ def job_state(job: Any) -> None:
     )
 
 
-def round_state(rnd: Any) -> None:
+def round_state(rnd: Any, *, task: dict[str, Any] | None = None) -> None:
     publish(
         RoundStateChanged(
             job_id=rnd.job_id,
             project_id=rnd.job.project_id,
+            job_uid=str(rnd.job.uid),
             round=rnd.number,
             state=rnd.state,
             metrics=dict(rnd.metrics or {}),
+            task=task,
         ),
         # A round that opens has just given these sites a task.
         site_ids=list(rnd.tasks.values_list("site_id", flat=True)),
@@ -123,8 +131,7 @@ def task_state(task: Any) -> None:
             site=task.site.name,
             state=task.state,
             reason=task.reason,
-        ),
-        site_ids=[task.site_id],
+        )
     )
 
 

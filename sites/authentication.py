@@ -111,6 +111,9 @@ MAX_SIGNATURE_B64 = 1024  # RSA-4096 is 684 base64 characters; anything longer i
 NONCE_PRUNE_EVERY = 64
 # last_used_at is informational; writing it at most this often spares a write per request.
 API_TOKEN_TOUCH_INTERVAL = dt.timedelta(seconds=60)
+# A busy agent makes several signed requests a second; its heartbeat is written at most this
+# often (a site counts as online for FEDPORTAL_SITE_ONLINE_SECONDS, 90 by default).
+HEARTBEAT_WRITE_INTERVAL = dt.timedelta(seconds=2)
 
 
 site_heartbeat = Signal()
@@ -281,6 +284,8 @@ def site_heartbeat_record(site: Site, *, now: dt.datetime | None = None) -> None
     """The site was heard from now: store it and tell the listeners of ``site_heartbeat``."""
     now = now or timezone.now()
     previous = site.last_heartbeat
+    if previous is not None and dt.timedelta(0) <= now - previous < HEARTBEAT_WRITE_INTERVAL:
+        return  # heard from a moment ago: nothing a reader could tell apart, and no write
     Site.objects.filter(pk=site.pk).update(last_heartbeat=now)
     site.last_heartbeat = now
     site_heartbeat.send(sender=Site, site=site, previous=previous)

@@ -140,6 +140,9 @@ CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or REDIS_URL
 # JSON only: nothing a worker receives is ever unpickled.
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
+# The queue the portal enqueues to and its workers consume; deployments sharing a broker keep
+# apart by name (PocEnv gives each run its own).
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("FEDPORTAL_CELERY_QUEUE", "celery")
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TIMEZONE = TIME_ZONE
 
@@ -150,7 +153,11 @@ CHANNEL_LAYERS = {
         # consumer waiting in the layer's blocking pop (also 5 s) about every 5 s
         # (django/channels_redis#422). Reads may block longer than the pop; a dead Redis is
         # still noticed through the connect timeout and the next write.
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+        "CONFIG": {
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+            # Deployments (or PocEnvs) sharing one Redis database keep apart by prefix.
+            "prefix": os.environ.get("FEDPORTAL_CHANNELS_PREFIX", "asgi"),
+        },
     },
 }
 

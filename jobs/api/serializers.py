@@ -30,7 +30,7 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
-from jobs.services.rounds import site_is_online, workflow_of
+from jobs.services.rounds import site_is_online, task_spec_payload, workflow_of
 
 # job.json is a few hundred bytes; this bound only keeps absurd input out before parsing.
 SPEC_MAX_BYTES = 1024 * 1024
@@ -345,13 +345,7 @@ class AgentTaskSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.DictField())
     def get_task(self, task: SiteTask) -> dict[str, Any]:
-        spec = workflow_of(task.round.job).round_task(task.round.number)
-        return {
-            "task_name": spec.task_name,
-            "total_rounds": spec.total_rounds,
-            "start_round": spec.start_round,
-            "meta": dict(spec.meta),
-        }
+        return task_spec_payload(workflow_of(task.round.job).round_task(task.round.number))
 
     def _url(self, task: SiteTask, name: str) -> str:
         return reverse(

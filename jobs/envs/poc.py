@@ -131,6 +131,12 @@ class PocEnv:
         self.extra_env = dict(extra_env or {})
         self.wire_log = wire_log
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # Its own Celery queue and channel-layer prefix: PocEnvs sharing a Redis database (a
+        # test run beside a demo) never take each other's tasks, and groups left behind by an
+        # earlier run's portal are not this run's.
+        self.run_tag = f"poc-{secrets.token_hex(4)}"
+        self.fork_server_socket = ""
+        self._socket_dir = ""
         self.url = ""
         self.credentials: dict[str, Any] = {}
 
@@ -176,16 +182,24 @@ class PocEnv:
                 "REDIS_URL": self.redis_url,
                 "CELERY_BROKER_URL": self.redis_url,
                 "CELERY_RESULT_BACKEND": self.redis_url,
+                "FEDPORTAL_CELERY_QUEUE": self.run_tag,
+                "FEDPORTAL_CHANNELS_PREFIX": self.run_tag,
                 "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": self._secret("ca-key"),
                 "DJANGO_SECRET_KEY": self._secret("secret-key"),
                 "FEDPORTAL_PUBLIC_URL": self.url,
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+                # No debug bookkeeping (every SQL query kept) in a portal that runs a job; the
+                # connection to SQLite is kept rather than opened for every request.
+                "DJANGO_DEBUG": "false",
+                "DATABASE_CONN_MAX_AGE": "600",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(
                     p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
                 ),
             }
         )
+        if self.fork_server_socket:
+            env["FEDPORTAL_FORKSERVER_SOCKET"] = self.fork_server_socket
         env.update(self.extra_env)
         return env
 
@@ -243,6 +257,7 @@ class PocEnv:
         self.url = f"http://127.0.0.1:{self.port}"
         atexit.register(self.stop)
         try:
+            self._start_fork_server()
             self._database()
             self._launch_services()
             setup = json.loads(self._manage("poc_setup", "--sites", ",".join(self.clients)))
@@ -260,6 +275,24 @@ class PocEnv:
             f"{time.perf_counter() - started:.1f} s; workspace {self.workspace}"
         )
         return self
+
+    def _start_fork_server(self) -> None:
+        """One fork server for every agent here: torch is imported once for all the sites'
+        scripts, not once per site (client_agent.forkserver). Agents elsewhere run their own."""
+        if self.python != sys.executable:
+            return
+        # Unix socket paths are short (~108 bytes): a private folder in /tmp, not the workspace.
+        self._socket_dir = tempfile.mkdtemp(prefix="fedportal-poc-")
+        self.fork_server_socket = os.path.join(self._socket_dir, "forkserver.sock")
+        self._spawn(
+            "forkserver",
+            [self.python, "-m", "client_agent.forkserver", "--listen", self.fork_server_socket],
+        )
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.fork_server_socket):
+            if self.processes["forkserver"].poll() is not None or time.monotonic() > deadline:
+                raise PocEnvError("the fork server did not start; see logs/forkserver.log")
+            time.sleep(0.01)
 
     def _database(self) -> None:
         """A migrated database: a copy of the cached template, made once per migrations set."""
@@ -280,10 +313,14 @@ class PocEnv:
 
     def _launch_services(self) -> None:
         py = self.python
-        # Daphne's runserver: HTTP and WebSockets, and the dashboard's static files (DEBUG).
+        # Daphne's runserver: HTTP and WebSockets, and (--insecure: without DEBUG) the
+        # dashboard's static files; the checks already ran when the template was migrated.
         self._spawn(
             "portal",
-            [py, "manage.py", "runserver", f"127.0.0.1:{self.port}", "--noreload"],
+            [
+                py, "manage.py", "runserver", f"127.0.0.1:{self.port}",
+                "--noreload", "--insecure", "--skip-checks",
+            ],
         )
         # One solo worker: one process, no pool to fork; the round work is short and serial.
         self._spawn(
@@ -411,6 +448,9 @@ class PocEnv:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.processes.clear()
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = self.fork_server_socket = ""
 
     def __enter__(self) -> PocEnv:
         return self.start()

@@ -63,6 +63,16 @@ def heartbeat_is_recent(heartbeat: Any, now: Any = None) -> bool:
     return bool(now - heartbeat <= timedelta(seconds=settings.FEDPORTAL_SITE_ONLINE_SECONDS))
 
 
+def task_spec_payload(spec: Any) -> dict[str, Any]:
+    """A round's task as agents get it (the script's FLModel fields), in events and the API."""
+    return {
+        "task_name": spec.task_name,
+        "total_rounds": spec.total_rounds,
+        "start_round": spec.start_round,
+        "meta": dict(spec.meta),
+    }
+
+
 def site_is_online(site: Any, now: Any = None) -> bool:
     """A site is online when it made a signed request in the last FEDPORTAL_SITE_ONLINE_SECONDS."""
     return heartbeat_is_recent(site.last_heartbeat, now)
@@ -199,7 +209,7 @@ def _round_open(job: Job, number: int) -> Round:
     if created:
         accepted = job.participants.filter(decision=JobSite.Decision.ACCEPTED)
         SiteTask.objects.bulk_create(SiteTask(round=rnd, site_id=link.site_id) for link in accepted)
-        events.round_state(rnd)
+        events.round_state(rnd, task=task_spec_payload(workflow_of(job).round_task(number)))
         from jobs.tasks import job_advance_task  # noqa: PLC0415
 
         job_id = job.pk

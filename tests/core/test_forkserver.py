@@ -101,3 +101,41 @@ def test_a_job_script_without_a_main_guard_runs(tmp_path: Path) -> None:
     )
 
     assert "STATUS COMPLETED None" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_shared_server_serves_several_parents_and_tells_each_its_own_exits(
+    tmp_path: Path,
+) -> None:
+    import os
+    import tempfile
+    import time
+
+    from client_agent.forkserver import ForkServer
+
+    sock_dir = tempfile.mkdtemp(prefix="fs-test-")
+    address = os.path.join(sock_dir, "fs.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "client_agent.forkserver", "--listen", address],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(address):
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert os.stat(address).st_mode & 0o777 == 0o600  # only this user may ask for forks
+        script = tmp_path / "code.py"
+        script.write_text("import sys; print(sys.argv[1]); sys.exit(int(sys.argv[1]))\n")
+        first, second = ForkServer(address), ForkServer(address)
+        a = first.spawn(script=script, args=["4"], workdir=tmp_path, log=tmp_path / "a", env={})
+        b = second.spawn(script=script, args=["5"], workdir=tmp_path, log=tmp_path / "b", env={})
+
+        assert a.wait(timeout=60) == 4
+        assert b.wait(timeout=60) == 5
+        # Each parent hears only of its own children.
+        assert second.exit_code(a.pid) is None and first.exit_code(b.pid) is None
+        assert (tmp_path / "a").read_text().strip() == "4"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

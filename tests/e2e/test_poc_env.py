@@ -145,7 +145,7 @@ def test_the_same_job_gives_the_same_model_in_simenv_and_pocenv(
 
 def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: PocEnv) -> None:
     # Runs after the job above; every agent logged all it sent.
-    allowed_ws = {"heartbeat", "metrics", "log"}
+    allowed_ws = {"heartbeat", "task", "metrics", "log"}
     for site in SITES:
         entries = [json.loads(line) for line in (poc.site_dir(site) / "wire.jsonl").open()]
         assert entries, site
@@ -156,7 +156,9 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
             if entry["channel"] == "ws" and entry["method"] == "SEND":
                 kinds.add(entry["json"]["type"])
                 assert entry["json"]["type"] in allowed_ws
-                assert set(entry["json"]) <= {"type", "id", "job", "points", "lines"}
+                assert set(entry["json"]) <= {
+                    "type", "id", "job", "points", "lines", "round", "state", "reason"
+                }
             elif entry["method"] == "PUT":
                 assert entry["path"].endswith("/update/")
                 assert entry["safetensors"] == {"bias": [2], "weight": [2, 3]}
