@@ -318,8 +318,13 @@ class PocEnv:
         self._spawn(
             "portal",
             [
-                py, "manage.py", "runserver", f"127.0.0.1:{self.port}",
-                "--noreload", "--insecure", "--skip-checks",
+                py,
+                "manage.py",
+                "runserver",
+                f"127.0.0.1:{self.port}",
+                "--noreload",
+                "--insecure",
+                "--skip-checks",
             ],
         )
         # One solo worker: one process, no pool to fork; the round work is short and serial.

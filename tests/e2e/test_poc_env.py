@@ -157,7 +157,14 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
                 kinds.add(entry["json"]["type"])
                 assert entry["json"]["type"] in allowed_ws
                 assert set(entry["json"]) <= {
-                    "type", "id", "job", "points", "lines", "round", "state", "reason"
+                    "type",
+                    "id",
+                    "job",
+                    "points",
+                    "lines",
+                    "round",
+                    "state",
+                    "reason",
                 }
             elif entry["method"] == "PUT":
                 assert entry["path"].endswith("/update/")
