@@ -393,8 +393,11 @@ class Agent:
 
     async def _work_loop(self) -> None:
         while True:
+            # Connected, the portal says when there is work; the listing every few polls is
+            # only a safety net then (50 agents polling every 10 s keep a portal busy).
+            wait = self.poll_seconds * (1 if self.ws is None else 3)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.poll_seconds)
+                await asyncio.wait_for(self.wake.wait(), wait)
             self.wake.clear()
             try:
                 await self.sync()
@@ -474,11 +477,10 @@ class JobRunner:
             await asyncio.to_thread(self._prepare)
             models = self.workspace / "models"
             model_path = models / f"round-{number:03d}.safetensors"
-            await asyncio.to_thread(self.client.download, task["model_url"], model_path)
-            # Progress for people, not a gate: through the outbox, while the script works.
-            self.agent.enqueue(
-                {"type": "task", "job": self.uid, "round": number, "state": "training"}
-            )
+            # The script gets its task as soon as the model is in: the portal marks the task
+            # training with the download (one report fewer a round).
+            model_url = task["model_url"] + "?then=training"
+            await asyncio.to_thread(self.client.download, model_url, model_path)
             spec = task.get("task") or {}
             result_path = self.workspace / "updates" / f"round-{number + 1:03d}.safetensors"
             result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -585,7 +587,7 @@ class JobRunner:
     def _agent_line(self, text: str) -> None:
         line = {"stream": "agent", "text": text, "round": self.current_round}
         self.agent.loop.call_soon_threadsafe(
-            self.agent.enqueue, {"type": "log", "job": self.uid, "lines": [line]}
+            self.agent.enqueue, {"type": "report", "job": self.uid, "lines": [line]}
         )
 
     def flush(self) -> list[str]:
@@ -593,13 +595,19 @@ class JobRunner:
         ids: list[str] = []
         with self.points_lock:
             points, self.points = self.points, []
-        for start in range(0, len(points), METRICS_PER_MESSAGE):
-            batch = points[start : start + METRICS_PER_MESSAGE]
-            ids.append(self.agent.enqueue({"type": "metrics", "job": self.uid, "points": batch}))
         lines = self._new_log_lines()
-        for start in range(0, len(lines), LOG_LINES_PER_MESSAGE):
-            batch = lines[start : start + LOG_LINES_PER_MESSAGE]
-            self.agent.enqueue({"type": "log", "job": self.uid, "lines": batch})
+        # One "report" per batch of points and lines: a round's usually fits in one message.
+        while points or lines:
+            batch_points, points = points[:METRICS_PER_MESSAGE], points[METRICS_PER_MESSAGE:]
+            batch_lines, lines = lines[:LOG_LINES_PER_MESSAGE], lines[LOG_LINES_PER_MESSAGE:]
+            message: dict[str, Any] = {"type": "report", "job": self.uid}
+            if batch_points:
+                message["points"] = batch_points
+            if batch_lines:
+                message["lines"] = batch_lines
+            message_id = self.agent.enqueue(message)
+            if batch_points:
+                ids.append(message_id)
         return ids
 
     def _new_log_lines(self) -> list[dict[str, Any]]:

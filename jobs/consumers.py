@@ -7,9 +7,10 @@ enrolled site's agent gets in. Then:
   every job or task change that concerns the site (the agent takes any as a sign to look for
   work, and fetches what it needs over signed HTTP); ``{"type": "ack", "id", ...}`` for each
   batch it sent; ``{"type": "error", "code", "message"}`` just before a close.
-- agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``training``),
-  ``metrics`` (``flare.log`` points) and ``log`` (the script's output lines) — nothing else
-  is accepted. Model updates travel over HTTP, streamed.
+- agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``failed``) and
+  ``report`` (``flare.log`` points and the script's output lines; ``metrics`` and ``log`` are
+  accepted as reports with only one of them) — nothing else. Model updates travel over HTTP,
+  streamed.
 
 A revocation closes the socket at once (close code 4403), and messages re-check the certificate
 in the database at least every 5 s besides; a handshake that fails verification is closed with
@@ -25,6 +26,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.db import transaction
 
 from fedportal.events import site_group
 from jobs.services.sites import (
@@ -71,14 +73,18 @@ def _handle(
             task=task, state=str(content.get("state")), reason=str(content.get("reason") or "")
         )
         return identity, {"state": task.state}
-    if kind in ("metrics", "log"):
+    if kind in ("report", "metrics", "log"):
+        # A report carries flare.log points and output lines, either or both; "metrics" and
+        # "log" are the same with one of them.
         job = job_for_site(job_uid=content.get("job"), site=site)
-        if kind == "metrics":
-            stored = metrics_record(job=job, site=site, points=content.get("points") or [])
-        else:
-            stored = log_lines_record(job=job, site=site, lines=content.get("lines") or [])
+        stored = 0
+        with transaction.atomic():
+            if content.get("points"):
+                stored += metrics_record(job=job, site=site, points=content["points"])
+            if content.get("lines"):
+                stored += log_lines_record(job=job, site=site, lines=content["lines"])
         return identity, {"stored": stored}
-    raise _Unexpected(f"unknown message type {kind!r}; send heartbeat, task, metrics or log")
+    raise _Unexpected(f"unknown message type {kind!r}; send heartbeat, task or report")
 
 
 class _Unexpected(DomainError):

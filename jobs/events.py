@@ -1,11 +1,12 @@
 """Typed events for the dashboard and agents, published after the transaction commits.
 
 Every state change of a job, round or site task, every metric point and every batch of log
-lines goes to the Channels groups ``job.<id>`` and ``project.<id>`` through :func:`publish`
-(which uses :func:`fedportal.events.send_after_commit`, the one sender). Job state changes and
-round openings also go to the groups of the sites they concern (``site.<id>``), where a
-connected agent learns that there is work; a task's own changes echo what its agent did, so
-they are not sent back to it.
+lines goes to the Channels group ``job.<id>``, and job and round changes also to
+``project.<id>``, through :func:`publish` (which uses
+:func:`fedportal.events.send_after_commit`, the one sender). Job state changes and round
+openings also go to the groups of the sites they concern (``site.<id>``), where a connected
+agent learns that there is work; a task's own changes echo what its agent did, so they are
+not sent back to it.
 """
 
 from __future__ import annotations
@@ -83,8 +84,15 @@ class MetricRecorded(Event):
     kind: str = field(init=False, default="metric")
 
 
-def groups(event: Event) -> tuple[str, str]:
-    return job_group(event.job_id), project_group(event.project_id)
+# What a project's page follows: which jobs run and how far they are. Metric points, log
+# lines and task states go to the job's page only (fifty sites send hundreds a round).
+PROJECT_KINDS = frozenset({"job.state", "round.state"})
+
+
+def groups(event: Event) -> tuple[str, ...]:
+    if event.kind in PROJECT_KINDS:
+        return job_group(event.job_id), project_group(event.project_id)
+    return (job_group(event.job_id),)
 
 
 def publish(event: Event, *, site_ids: Iterable[int] = ()) -> None:

@@ -55,7 +55,7 @@ from jobs.api import schema as _schema  # noqa: F401  (registers the streamed-up
 from jobs.api import serializers as s
 from jobs.api.authentication import HEADER_CONTENT_SHA256, StreamedBodySignatureAuthentication
 from jobs.api.permissions import ONLY_MANAGERS, ONLY_SITE_ADMINS, ONLY_SUBMITTERS
-from jobs.models import Job, MetricPoint, ModelVersion, Round
+from jobs.models import Job, MetricPoint, ModelVersion, Round, TaskState
 from jobs.services.sites import (
     job_abort,
     job_for_site,
@@ -463,7 +463,8 @@ class AgentJobBundleView(AgentView):
 
 
 class AgentRoundModelView(AgentView):
-    """The global model round n starts from, streamed; the task becomes ``downloaded``."""
+    """The global model round n starts from, streamed; the task becomes ``downloaded``, or
+    ``training`` with ``?then=training``."""
 
     renderer_classes = [JSONRenderer]
     content_negotiation_class = FileNegotiation
@@ -471,11 +472,22 @@ class AgentRoundModelView(AgentView):
     @extend_schema(
         tags=["agent"],
         summary="Download the global model round n starts from; marks the task downloaded",
-        responses=file_responses(404),
+        parameters=[
+            OpenApiParameter(
+                "then",
+                str,
+                enum=[TaskState.DOWNLOADED.value, TaskState.TRAINING.value],
+                description="The task's state once the model is fetched (default downloaded).",
+            )
+        ],
+        responses=file_responses(400, 404),
     )
     def get(self, request: Request, uid: Any, number: int) -> FileResponse:
         job = self.get_job()
-        version = round_model_fetch(job=job, site=self.site, round_number=number)
+        then = request.query_params.get("then", TaskState.DOWNLOADED)
+        if then not in (TaskState.DOWNLOADED, TaskState.TRAINING):
+            raise ValidationFailed("then must be downloaded or training", field="then")
+        version = round_model_fetch(job=job, site=self.site, round_number=number, then=then)
         return stream_file(
             version.file,
             filename=f"{job.name}-round-{number:03d}.safetensors",

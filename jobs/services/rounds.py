@@ -298,26 +298,52 @@ def _file_digest(path: Path) -> tuple[str, int]:
 
 
 def update_check(*, task_id: int) -> str:
-    """Check an uploaded update against the round's global model: accepted or rejected."""
+    """Check an uploaded update against the round's global model: accepted or rejected.
+
+    Other updates of the round that are waiting for their check are checked too, with the
+    global model opened once: when fifty sites upload at once, the first task does most of
+    the work and the others find theirs done. Each check claims its task with a conditional
+    update, so two workers never decide one task twice. Returns this task's outcome.
+    """
     task = SiteTask.objects.select_related("round__job", "site").get(pk=task_id)
     if task.state != TaskState.UPLOADED:
         return "nothing: task is " + task.state
     rnd = task.round
     start = ModelVersion.objects.get(job=rnd.job, round_number=rnd.number)
     global_source = FileTensorSource(storage_path(start.file.name))
+    try:
+        specs = global_source.specs()
+        outcome = _update_check_one(task, rnd, specs)
+        others = (
+            SiteTask.objects.select_related("site")
+            .filter(round=rnd, state=TaskState.UPLOADED)
+            .exclude(pk=task.pk)
+            .order_by("pk")
+        )
+        for other in others:
+            other.round = rnd
+            _update_check_one(other, rnd, specs)
+    finally:
+        global_source.close()
+    return outcome
+
+
+def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
     update: SiteUpdate | None = None
     try:
         update = SiteUpdate.from_file(task.site.name, storage_path(task.update.name))
-        check_update(global_source.specs(), update)
+        check_update(specs, update)
     except (UpdateRejected, WireFormatError) as exc:
         state, reason = TaskState.REJECTED, getattr(exc, "reason", str(exc))
     else:
         state, reason = TaskState.ACCEPTED, ""
     finally:
-        global_source.close()
         if update is not None:
             update.source.close()
     with transaction.atomic():
+        # The round's row lock orders concurrent checks, so the count of unanswered tasks
+        # below sees every check that finished before this one.
+        Round.objects.select_for_update().filter(pk=rnd.pk).first()
         changed = SiteTask.objects.filter(pk=task.pk, state=TaskState.UPLOADED).update(
             state=state,
             reason=reason,
@@ -338,9 +364,13 @@ def update_check(*, task_id: int) -> str:
                             "source": MetricPoint.Source.RESULT,
                         },
                     )
-        if changed:
-            task.state, task.reason = state, reason
-            events.task_state(task)
+        if not changed:
+            return "nothing: checked meanwhile"
+        task.state, task.reason = state, reason
+        events.task_state(task)
+        # The round closes when every site answered (or at its deadline, which has its own
+        # countdown): only the last answer needs the job advanced, not all fifty.
+        if not rnd.tasks.exclude(state__in=TASK_ANSWERED).exists():
             job_kick_after_commit(rnd.job)
     return state
 

@@ -33,7 +33,8 @@ from sites.exceptions import Conflict, NotFound, ValidationFailed
 
 def job_for_site(*, job_uid: Any, site: Any) -> Job:
     """The job, if ``site`` takes part in it; otherwise NotFound (existence must not leak)."""
-    job = Job.objects.filter(uid=job_uid, participants__site=site).first()
+    # At most one row: no ordering (the model's would sort, and this runs on every agent call).
+    job = Job.objects.filter(uid=job_uid, participants__site=site).order_by().first()
     if job is None:
         raise NotFound("no such job for this site")
     return job
@@ -70,6 +71,7 @@ def task_for_site(*, job: Job, site: Any, round_number: int) -> SiteTask:
     task = (
         SiteTask.objects.select_related("round__job", "site")
         .filter(round__job=job, round__number=round_number, site=site)
+        .order_by()  # one row; the model's ordering would join the sites to sort it
         .first()
     )
     if task is None:
@@ -77,14 +79,17 @@ def task_for_site(*, job: Job, site: Any, round_number: int) -> SiteTask:
     return task
 
 
-def round_model_fetch(*, job: Job, site: Any, round_number: int) -> ModelVersion:
+def round_model_fetch(
+    *, job: Job, site: Any, round_number: int, then: str = TaskState.DOWNLOADED
+) -> ModelVersion:
     """The global model that round ``round_number`` starts from, for a site with a task in it.
 
     Marks the task ``downloaded`` (when it was only ``assigned`` and the round is open), so
-    the job's per-site status shows who has started.
+    the job's per-site status shows who has started; ``then="training"`` for an agent that
+    starts the script as soon as the model is in (one report fewer a round).
     """
     task = task_for_site(job=job, site=site, round_number=round_number)
-    task_mark(task=task, state=TaskState.DOWNLOADED)
+    task_mark(task=task, state=then)
     version = ModelVersion.objects.filter(job=job, round_number=round_number).first()
     if version is None:  # a round always opens after its start model was stored
         raise NotFound(f"no global model for round number {round_number}")
