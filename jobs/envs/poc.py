@@ -319,22 +319,6 @@ class PocEnv:
             "portal",
             [
                 py,
-                "-m",
-                "uvicorn",
-                "fedportal.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--no-access-log",
-                "--ws",
-                "websockets",
-                "--lifespan",
-                "off",
-            ]
-            if os.environ.get("POC_UVICORN")
-            else [
-                py,
                 "manage.py",
                 "runserver",
                 f"127.0.0.1:{self.port}",
