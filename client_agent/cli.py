@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from client_agent import signing
 from client_agent.portal import PortalClient, PortalError, PortalUnreachable, split_url
@@ -115,7 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- enrol --------------------------------------------------------------------------------------
 
 
-def enrol(site_dir: SiteDir, *, portal: str, token: str, force: bool = False) -> int:
+def enrol(
+    site_dir: SiteDir,
+    *,
+    portal: str,
+    token: str,
+    force: bool = False,
+    say: Callable[[str], None] = print,
+) -> int:
     """Make the key here, send only a CSR with the token, keep the certificate."""
     try:
         split_url(portal)
@@ -145,18 +152,18 @@ def enrol(site_dir: SiteDir, *, portal: str, token: str, force: bool = False) ->
     site_dir.save(
         identity, key=key, cert_pem=issued["certificate_pem"], ca_pem=issued["ca_certificate_pem"]
     )
-    print(
+    say(
         f"enrolled site {identity.site!r} ({identity.organization}) in project "
         f"{identity.project_name!r} at {identity.portal}"
     )
-    print(f"  key          {site_dir.key_path} (made here, mode 0600, never sent)")
-    print(
+    say(f"  key          {site_dir.key_path} (made here, mode 0600, never sent)")
+    say(
         f"  certificate  {site_dir.cert_path} (serial {identity.serial}, "
         f"valid until {identity.not_after})"
     )
-    print(f"  project CA   {site_dir.ca_path}")
-    print(f"  identity     {site_dir.config_path}")
-    print(f"next: python -m client_agent run --dir {site_dir.path}")
+    say(f"  project CA   {site_dir.ca_path}")
+    say(f"  identity     {site_dir.config_path}")
+    say(f"next: python -m client_agent run --dir {site_dir.path}")
     return 0
 
 

@@ -19,6 +19,9 @@ from jobs.recipes import FedAvgRecipe
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
+    parser.add_argument(
+        "--no-serve", action="store_true", help="poc: stop the portal when the job ends"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)  # the same initial model every run, so runs can be compared
     recipe = FedAvgRecipe(
@@ -33,7 +36,7 @@ if __name__ == "__main__":
     if args.env == "sim":
         env = SimEnv(num_clients=3)
     elif args.env == "poc":
-        env = PocEnv(num_clients=3, keep_running=True)  # the portal stays up to look at
+        env = PocEnv(num_clients=3, keep_running=not args.no_serve)  # stays up to look at
     else:
         env = ProdEnv()
     run = recipe.execute(env)
@@ -53,5 +56,5 @@ if __name__ == "__main__":
         final.load_state_dict(run.global_model)
         *_, x_test, y_test = load_data("site-1")
         print(f"final global model: accuracy {evaluate(final, x_test, y_test):.3f}")
-    if isinstance(env, PocEnv):
+    if isinstance(env, PocEnv) and not args.no_serve:
         env.serve_until_interrupted()

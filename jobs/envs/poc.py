@@ -39,6 +39,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -200,6 +201,10 @@ class PocEnv:
         )
         if self.fork_server_socket:
             env["FEDPORTAL_FORKSERVER_SOCKET"] = self.fork_server_socket
+        if "OMP_NUM_THREADS" not in os.environ:
+            # As SimEnv: the sites share this machine's cores, so each script's torch gets its
+            # share; more threads than cores spin against each other (a round took 5x longer).
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(self.clients)))
         env.update(self.extra_env)
         return env
 
@@ -328,9 +333,13 @@ class PocEnv:
             ],
         )
         # One solo worker: one process, no pool to fork; the round work is short and serial.
+        # It is alone on its queue, so it need not wait to meet other workers (mingle) at start.
         self._spawn(
             "worker",
-            [py, "-m", "celery", "-A", "fedportal", "worker", "-P", "solo", "--loglevel=INFO"],
+            [
+                *(py, "-m", "celery", "-A", "fedportal", "worker", "-P", "solo"),
+                *("--without-mingle", "--without-gossip", "--loglevel=INFO"),
+            ],
         )
 
     def _wait_for_portal(self, timeout: float = 60.0) -> None:
@@ -350,31 +359,20 @@ class PocEnv:
         raise PocEnvError(f"the portal did not answer within {timeout:.0f} s; see logs/portal.log")
 
     def _start_agents(self, tokens: dict[str, str]) -> None:
-        enrols = {
-            site: subprocess.Popen(
-                [
-                    self.python,
-                    "-m",
-                    "client_agent",
-                    "enrol",
-                    "--portal",
-                    self.url,
-                    "--token",
-                    tokens[site],
-                    "--dir",
-                    str(self.site_dir(site)),
-                ],
-                cwd=PROJECT_ROOT,
-                env=self._env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            for site in self.clients
-        }
-        for site, proc in enrols.items():
-            out, _ = proc.communicate()
-            if proc.returncode != 0:
-                raise PocEnvError(f"{site} could not enrol:\n{out.decode(errors='replace')}")
+        """Enrol every site as ``python -m client_agent enrol`` does (the same function, run
+        here in threads rather than as one more Python start per site), then start its agent."""
+        from client_agent import cli  # noqa: PLC0415
+        from client_agent.site_dir import SiteDir  # noqa: PLC0415
+
+        def enrol(site: str) -> None:
+            try:
+                folder = SiteDir(self.site_dir(site))
+                cli.enrol(folder, portal=self.url, token=tokens[site], say=lambda _: None)
+            except Exception as exc:
+                raise PocEnvError(f"{site} could not enrol: {exc}") from exc
+
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            list(pool.map(enrol, self.clients))
         for site in self.clients:
             self.start_agent(site)
 

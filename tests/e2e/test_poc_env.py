@@ -214,6 +214,48 @@ def test_the_job_finishes_when_the_portal_restarts_mid_job(poc: PocEnv, app: Pat
     assert len(run.rounds) == 4
 
 
+def test_a_site_admin_enrols_with_the_command_line_and_doctor_passes(
+    poc: PocEnv, tmp_path: Path
+) -> None:
+    client = people(poc)
+    p = f"/api/v1/projects/{poc.credentials['project']}"
+    (org,) = [o for o in client.get_all(f"{p}/organizations/") if o["name"] == "PoC sites"]
+    requested = client.post(
+        f"{p}/sites/",
+        {"organization": org["id"], "name": "site-cli", "contact_email": "ops@cli.example"},
+    )
+    approval = client.post(f"{p}/sites/{requested['id']}/approve/", {})
+    command = approval["enrolment"]["command"]
+    assert command.startswith(f"python -m client_agent enrol --portal {poc.url} --token fpe_")
+    folder = tmp_path / "site-cli"
+    agent = [sys.executable, "-m", "client_agent"]
+
+    enrol = subprocess.run(
+        [*agent, *command.split()[3:], "--dir", str(folder)],
+        capture_output=True,
+        text=True,
+        env=poc._env(),
+    )
+
+    assert enrol.returncode == 0, enrol.stderr
+    assert "enrolled site 'site-cli'" in enrol.stdout
+    assert (folder / "site.key").stat().st_mode & 0o777 == 0o600
+    again = subprocess.run(
+        [*agent, *command.split()[3:], "--dir", str(folder)],
+        capture_output=True,
+        text=True,
+        env=poc._env(),
+    )
+    assert again.returncode == 1 and "already holds site 'site-cli'" in again.stderr
+    doctor = subprocess.run(
+        [*agent, "doctor", "--dir", str(folder)], capture_output=True, text=True, env=poc._env()
+    )
+    assert doctor.returncode == 0, doctor.stdout
+    for check in ("site folder", "private key", "certificate dates", "portal reachable", "clock"):
+        assert f"[ok] {check}" in doctor.stdout
+    assert "[ok] certificate accepted" in doctor.stdout
+
+
 def test_a_revoked_site_is_refused_and_its_agent_stops(poc: PocEnv) -> None:
     client = people(poc)
     project = poc.credentials["project"]
