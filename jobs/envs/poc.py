@@ -2,13 +2,15 @@
 
 ``recipe.execute(PocEnv(num_clients=3))`` starts, in order:
 
-1. a fresh SQLite database in the workspace (migrated once per set of migrations, then
-   copied from a cached template, so later starts skip ``migrate``);
-2. ``manage.py poc_setup``: a superuser, a project, and the sites, approved, accepting jobs
-   automatically, with one-time enrolment tokens and an API token;
-3. the portal (Daphne, ASGI: HTTP and WebSockets) on a free port, and a Celery worker; both
-   use the Redis at ``REDIS_URL`` (default ``redis://127.0.0.1:6379``), database ``redis_db``;
-4. one ``python -m client_agent enrol`` then ``… run`` per site, each with its own folder;
+1. a SQLite database in the workspace holding what ``manage.py poc_setup`` makes: a
+   superuser, a project, and the sites, approved, accepting jobs automatically, with
+   one-time enrolment tokens and an API token (made with ``migrate`` and ``poc_setup`` once
+   a day per list of sites, then copied from ``~/.cache/fedportal``);
+2. one fork server for all the sites' scripts (torch imported once), the portal (Daphne,
+   ASGI: HTTP and WebSockets) on a free port, and a Celery worker; both use the Redis at
+   ``REDIS_URL`` (default ``redis://127.0.0.1:6379``), database ``redis_db``;
+3. per site, enrolment with its one-time token (``python -m client_agent enrol``'s code: a new
+   key, a CSR) and ``python -m client_agent run``, each with its own folder;
 
 then submits the job over the REST API exactly as ``ProdEnv`` does and returns its
 :class:`~jobs.envs.portal.PortalRun`. ``stop()`` ends exactly the processes it started (each
@@ -25,6 +27,7 @@ credentials file). ``wire_log=True`` makes each agent log everything it sends to
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +53,9 @@ if TYPE_CHECKING:
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
+# Enrolment tokens live 72 h (FEDPORTAL_ENROLMENT_TOKEN_TTL_HOURS): a cached set-up whose
+# tokens would expire soon is made again.
+TEMPLATE_MAX_AGE_SECONDS = 24 * 3600
 
 
 class PocEnvError(RuntimeError):
@@ -262,10 +268,9 @@ class PocEnv:
         self.url = f"http://127.0.0.1:{self.port}"
         atexit.register(self.stop)
         try:
+            setup = self._database_and_setup()
             self._start_fork_server()
-            self._database()
             self._launch_services()
-            setup = json.loads(self._manage("poc_setup", "--sites", ",".join(self.clients)))
             self.credentials = {"portal": self.url, "token": setup["api_token"], **setup}
             credentials = self.workspace / "credentials.json"
             credentials.write_text(json.dumps(self.credentials, indent=2))
@@ -299,22 +304,43 @@ class PocEnv:
                 raise PocEnvError("the fork server did not start; see logs/forkserver.log")
             time.sleep(0.01)
 
-    def _database(self) -> None:
-        """A migrated database: a copy of the cached template, made once per migrations set."""
-        db = self.workspace / "db.sqlite3"
-        if db.exists():
-            return
+    def _database_and_setup(self) -> dict[str, Any]:
+        """A migrated database holding the PoC's project and approved sites, and what
+        ``poc_setup`` printed (API token, password, one-time enrolment tokens).
+
+        Made once a day per list of sites and kept in ``~/.cache/fedportal`` (mode 0700) with
+        the secrets it was made with; later starts copy it, which spares ``migrate`` and
+        ``poc_setup`` (three Django start-ups) on the way to the first round. The sites still
+        enrol on every start: the copied tokens are unused, and each agent makes a new key.
+        """
+        setup_file = self.workspace / "poc_setup.json"
+        if (self.workspace / "db.sqlite3").exists() and setup_file.exists():
+            return dict(json.loads(setup_file.read_text()))  # started before: the same PoC
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedportal"
-        template = cache / f"poc-db-{_migrations_digest()}.sqlite3"
-        if not template.exists():
-            self._say("preparing the database (once)")
-            self._manage("migrate", "--noinput")
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = template.with_suffix(f".{os.getpid()}.tmp")
-            shutil.copyfile(db, tmp)
-            os.replace(tmp, template)
+        sites_key = hashlib.sha256(",".join(self.clients).encode()).hexdigest()[:12]
+        template = cache / f"poc-{_migrations_digest()}-{sites_key}"
+        files = ("db.sqlite3", "poc_setup.json", ".ca-key", ".secret-key")
+        made = template / "made"
+        fresh = made.exists() and time.time() - made.stat().st_mtime < TEMPLATE_MAX_AGE_SECONDS
+        if fresh:
+            for name in files:
+                shutil.copyfile(template / name, self.workspace / name)
+                (self.workspace / name).chmod(0o600)
         else:
-            shutil.copyfile(template, db)
+            self._say("preparing the database and the project (kept for a day)")
+            self._manage("migrate", "--noinput")
+            setup_file.write_text(self._manage("poc_setup", "--sites", ",".join(self.clients)))
+            cache.mkdir(parents=True, exist_ok=True)
+            cache.chmod(0o700)
+            building = Path(tempfile.mkdtemp(prefix=".poc-", dir=cache))
+            for name in files:
+                shutil.copyfile(self.workspace / name, building / name)
+            (building / "made").touch()
+            shutil.rmtree(template, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another PocEnv made it meanwhile: keep theirs
+                os.replace(building, template)
+            shutil.rmtree(building, ignore_errors=True)
+        return dict(json.loads(setup_file.read_text()))
 
     def _launch_services(self) -> None:
         py = self.python
@@ -365,8 +391,10 @@ class PocEnv:
         from client_agent.site_dir import SiteDir  # noqa: PLC0415
 
         def enrol(site: str) -> None:
+            folder = SiteDir(self.site_dir(site))
+            if folder.is_enrolled():
+                return  # this PoC was started before: the site keeps its identity
             try:
-                folder = SiteDir(self.site_dir(site))
                 cli.enrol(folder, portal=self.url, token=tokens[site], say=lambda _: None)
             except Exception as exc:
                 raise PocEnvError(f"{site} could not enrol: {exc}") from exc
