@@ -150,6 +150,11 @@ class PocEnv:
     # -- the env protocol -------------------------------------------------------------------
 
     def run(self, recipe: Recipe) -> PortalRun:
+        if recipe.min_clients > len(self.clients):
+            raise ValueError(
+                f"min_clients: the recipe needs {recipe.min_clients} sites but PocEnv has "
+                f"{len(self.clients)}"
+            )
         self.start()
         try:
             env = ProdEnv(
