@@ -72,6 +72,7 @@ EXIT_REFUSED = 3
 METRICS_PER_MESSAGE = 500
 LOG_LINES_PER_MESSAGE = 500
 FLUSH_SECONDS = 0.25
+MAX_PENDING_LINES = 20_000
 
 
 WIRE_LOG_ENV = "FEDPORTAL_AGENT_WIRE_LOG"
@@ -140,6 +141,8 @@ class Agent:
         # Outbox: every message with an id stays in ``pending`` until acknowledged.
         self.pending: dict[str, dict[str, Any]] = {}
         self.unsent: deque[str] = deque()
+        self.pending_lines = 0  # output lines queued in ``pending``
+        self.dropped_lines = 0
         self.ws: Any = None
         self.refused: str | None = None
         self._announced: set[str] = set()
@@ -206,12 +209,34 @@ class Agent:
         return f"{prefix}:{self.session}:{self._seq}"
 
     def enqueue(self, message: dict[str, Any]) -> str:
-        """Queue a message for the portal (loop thread only); returns its id."""
+        """Queue a message for the portal (loop thread only); returns its id.
+
+        While the portal is away the outbox grows; past ``MAX_PENDING_LINES`` output lines the
+        oldest reports that hold only lines are dropped (metrics never are) and the agent's log
+        says how many went, so a chatty script cannot fill the site's memory.
+        """
         message_id = str(message.setdefault("id", self.next_id(message["type"])))
         self.pending[message_id] = message
         self.unsent.append(message_id)
+        self.pending_lines += len(message.get("lines") or ())
+        if self.pending_lines > MAX_PENDING_LINES:
+            self._drop_oldest_lines()
         self.outbox_ready.set()
         return message_id
+
+    def _drop_oldest_lines(self) -> None:
+        dropped = 0
+        for old_id in list(self.pending):
+            if self.pending_lines <= MAX_PENDING_LINES // 2:
+                break
+            old = self.pending[old_id]
+            if old.get("type") == "report" and not old.get("points") and old.get("lines"):
+                del self.pending[old_id]
+                dropped += len(old["lines"])
+                self.pending_lines -= len(old["lines"])
+        if dropped:
+            self.dropped_lines += dropped
+            log.warning("portal unreachable: dropped %s queued output lines", dropped)
 
     async def wait_acked(self, ids: list[str], timeout: float) -> bool:
         """Wait until the portal acknowledged ``ids`` (True), or ``timeout`` passed (False)."""
@@ -327,6 +352,8 @@ class Agent:
                     self.wake.set()
             elif kind == "ack":
                 sent = self.pending.pop(str(message.get("id")), None)
+                if sent is not None:
+                    self.pending_lines -= len(sent.get("lines") or ())
                 if sent is not None and "error" in message:
                     error = message["error"]
                     self.say(
