@@ -17,13 +17,12 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from client_agent.fl_model import FLModel, ParamsType
 
@@ -37,25 +36,34 @@ from client_agent.frames import encode_frame as encode_frame
 from client_agent.frames import recv_frame as recv_frame
 from client_agent.frames import send_frame as send_frame
 
+if TYPE_CHECKING:
+    import torch
+
 METADATA_KEY = "fedportal.flmodel"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
-# safetensors dtype names → torch dtypes we accept. Anything else is refused.
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# The safetensors dtypes we accept; anything else is refused. Checking a file's header needs
+# only these names, so the portal checks uploads without importing torch (~1 s at start-up).
+SAFETENSORS_DTYPE_NAMES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 
-_SUPPORTED_DTYPES = tuple(SAFETENSORS_DTYPES.values())
+@cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name → torch dtype, for the names we accept."""
+    import torch  # noqa: PLC0415 - only where tensors are made
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,8 +77,11 @@ def to_tensor_dict(params: Mapping[str, Any], *, what: str = "params") -> dict[s
     Tensors that share storage (tied weights) are cloned, because safetensors refuses shared
     storage and the receiver loads each name on its own anyway.
     """
+    import torch  # noqa: PLC0415
+
     if not isinstance(params, Mapping):
         raise TypeError(f"{what} must be a mapping of name to tensor, got {type(params).__name__}")
+    supported = tuple(torch_dtypes().values())
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int]] = set()
     for name, value in params.items():
@@ -84,10 +95,10 @@ def to_tensor_dict(params: Mapping[str, Any], *, what: str = "params") -> dict[s
                 f"{what}[{name!r}] must be a torch.Tensor or numpy array, "
                 f"got {type(value).__name__}"
             )
-        if value.dtype not in _SUPPORTED_DTYPES:
+        if value.dtype not in supported:
             raise TypeError(
                 f"{what}[{name!r}] has dtype {value.dtype}, which the wire format does not "
-                f"carry (supported: {', '.join(str(d) for d in _SUPPORTED_DTYPES)})"
+                f"carry (supported: {', '.join(str(d) for d in supported)})"
             )
         tensor = value.detach()
         if tensor.device.type != "cpu":
@@ -121,6 +132,8 @@ def write_model_file(path: str | os.PathLike[str], model: FLModel) -> Path:
         raise TypeError(f"FLModel metrics/meta must be JSON values: {exc}") from None
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from safetensors.torch import save_file  # noqa: PLC0415 - imports torch
+
     save_file(tensors, str(tmp), metadata={METADATA_KEY: header_json})
     os.replace(tmp, path)
     return path
@@ -160,7 +173,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]]
     data_len = size - 8 - header_len
     for name, info in header.items():
         dtype = info.get("dtype") if isinstance(info, dict) else None
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_NAMES:
             raise WireFormatError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
@@ -183,6 +196,8 @@ def read_model_file(path: str | os.PathLike[str]) -> FLModel:
     """
     _, metadata = read_header(path)
     fields = model_fields(metadata, Path(path).name)
+    from safetensors.torch import load_file  # noqa: PLC0415 - imports torch
+
     try:
         params = load_file(str(path))
     except SafetensorError as exc:

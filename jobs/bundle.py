@@ -21,9 +21,7 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 # The archive checks live with the agent, which runs them too; re-exported for the portal.
 from client_agent.app_archive import MAX_APP_BYTES as MAX_APP_BYTES
@@ -33,6 +31,9 @@ from client_agent.app_archive import check_app_archive as check_app_archive
 from client_agent.app_archive import extract_app as extract_app
 from client_agent.wire import WireFormatError, load_state_dict, read_header, save_state_dict
 from jobs.workflows import Workflow, workflow_from_spec
+
+if TYPE_CHECKING:
+    import torch
 
 BUNDLE_FORMAT = 1
 SPEC_FILE = "job.json"

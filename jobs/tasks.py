@@ -9,6 +9,8 @@ worker killed with SIGKILL in the middle leaves it to be delivered again.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 from celery import shared_task
@@ -47,9 +49,14 @@ def _limit_torch_threads(**_: Any) -> None:
     # torch's default of one thread per core, every chunk is a parallel section whose idle
     # thread spins whenever another process (the portal, PostgreSQL, an upload) holds a core:
     # measured 1.6 s per 8 × 25M round on 2 busy cores, 0.3 s with one thread.
-    import torch
-
-    torch.set_num_threads(settings.FEDPORTAL_WORKER_TORCH_THREADS)
+    threads = settings.FEDPORTAL_WORKER_TORCH_THREADS
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    else:
+        # torch is imported by the first update check, not at start (~1 s a worker need not
+        # spend before there is work); it takes its thread count from here when it is.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @worker_ready.connect

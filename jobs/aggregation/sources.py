@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from client_agent.wire import SAFETENSORS_DTYPES, WireFormatError, read_header
+from client_agent.wire import WireFormatError, read_header, torch_dtypes
 
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -70,7 +70,7 @@ class FileTensorSource:
         self._specs: dict[str, TensorSpec] = {}
         self._offsets: dict[str, int] = {}
         for name, info in header.items():
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = torch_dtypes()[info["dtype"]]
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
             numel = 1

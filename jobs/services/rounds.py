@@ -32,8 +32,6 @@ from django.utils import timezone
 
 from client_agent.wire import WireFormatError, save_state_dict
 from jobs import events
-from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
-from jobs.aggregation.sources import FileTensorSource
 from jobs.models import (
     TASK_ANSWERED,
     Job,
@@ -221,6 +219,8 @@ def _round_open(job: Job, number: int) -> Round:
 
 
 def _round_aggregate(round_id: int) -> str:
+    from jobs.aggregation import FileTensorSource, SiteUpdate  # noqa: PLC0415 - torch
+
     rnd = Round.objects.select_related("job").get(pk=round_id)
     job = rnd.job
     workflow = workflow_of(job)
@@ -305,6 +305,8 @@ def update_check(*, task_id: int) -> str:
     the work and the others find theirs done. Each check claims its task with a conditional
     update, so two workers never decide one task twice. Returns this task's outcome.
     """
+    from jobs.aggregation import FileTensorSource  # noqa: PLC0415 - torch: the worker's side
+
     task = SiteTask.objects.select_related("round__job", "site").get(pk=task_id)
     if task.state != TaskState.UPLOADED:
         return "nothing: task is " + task.state
@@ -329,6 +331,8 @@ def update_check(*, task_id: int) -> str:
 
 
 def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
+    from jobs.aggregation import SiteUpdate, UpdateRejected, check_update  # noqa: PLC0415
+
     update: SiteUpdate | None = None
     try:
         update = SiteUpdate.from_file(task.site.name, storage_path(task.update.name))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import torch
+if TYPE_CHECKING:  # the portal reads workflows' parameters and tasks without torch
+    import torch
 
-from jobs.aggregation import SiteUpdate, TensorSource
+    from jobs.aggregation import SiteUpdate, TensorSource
 
 
 class QuorumNotMet(RuntimeError):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from client_agent.runtime import TASK_TRAIN
-from jobs.aggregation import SiteUpdate, TensorSource, fedavg, weighted_metrics
 from jobs.workflows.base import QuorumNotMet, RoundOutcome, TaskSpec
+
+if TYPE_CHECKING:  # the aggregation (torch) is imported where a round is aggregated
+    import torch
+
+    from jobs.aggregation import SiteUpdate, TensorSource
 
 KEY_METRIC_MODES = ("max", "min")
 
@@ -88,6 +90,8 @@ class FedAvg:
         updates: list[SiteUpdate],
     ) -> RoundOutcome:
         """Fold the round's accepted updates, in site-name order so the bits are repeatable."""
+        from jobs.aggregation import fedavg, weighted_metrics  # noqa: PLC0415
+
         if len(updates) < self.min_clients:
             raise QuorumNotMet(
                 f"round {round_number + 1}: {len(updates)} acceptable update(s), "

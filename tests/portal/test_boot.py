@@ -123,3 +123,21 @@ def test_settings_come_from_the_environment(tmp_path: Path) -> None:
     assert got["hosts"] == ["portal.example", "localhost"]
     assert got["broker"] == "redis://redis.example:6390/3"
     assert got["channels"] == [{"address": "redis://redis.example:6390/3", "socket_timeout": 30}]
+
+
+def test_the_portal_serves_its_urls_without_importing_torch(tmp_path: Path) -> None:
+    # torch costs ~1 s and ~300 MB at start; only the worker's aggregation needs it.
+    code = (
+        "import sys, django; django.setup(); "
+        "from django.urls import get_resolver; import fedportal.asgi, fedportal.routing; "
+        "get_resolver().url_patterns; import jobs.tasks; print('torch' in sys.modules)"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
+        "FEDPORTAL_DATA_DIR": str(tmp_path / "data"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "False"
