@@ -59,17 +59,7 @@ ECHO = textwrap.dedent(
 )
 
 
-class LeNet5(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 6, 5)
-        self.conv2 = torch.nn.Conv2d(6, 16, 5)
-        self.fc1 = torch.nn.Linear(16 * 4 * 4, 120)
-        self.fc2 = torch.nn.Linear(120, 84)
-        self.fc3 = torch.nn.Linear(84, 10)
-
-
-def run_echo(agents: int, rounds: int, model: torch.nn.Module, workdir: Path) -> dict[str, float]:
+def run_echo(agents: int, rounds: int, model: object, workdir: Path) -> dict[str, float]:
     app = workdir / f"app-{agents}"
     app.mkdir(parents=True)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +134,8 @@ def main() -> None:
         workdir = Path(tmp)
         runs = []
         for attempt in range(repeats):
-            torch.manual_seed(0)
-            runs.append(run_echo(3, 20, LeNet5(), workdir / str(attempt)))
+            lenet = benchlib.random_params(benchlib.LENET5_SHAPES)
+            runs.append(run_echo(3, 20, lenet, workdir / str(attempt)))
         three = {
             key: (max if key in ("round_max", "peak_pss_gb", "peak_rss_gb") else median)(
                 [r[key] for r in runs]

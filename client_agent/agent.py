@@ -163,12 +163,16 @@ class Agent:
         self.outbox_ready = asyncio.Event()
         self.acked = asyncio.Condition()
         for sig in (signal.SIGINT, signal.SIGTERM):
+            # Not on every platform, nor outside the main thread (tests): Ctrl-C still ends it.
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 self.loop.add_signal_handler(sig, self.stopping.set)
-        if self.python == sys.executable:
-            # Warm now, beside connecting (torch imports in the fork server meanwhile), so the
-            # first round's script starts in a fork rather than a cold interpreter.
-            warming = asyncio.create_task(asyncio.to_thread(forkserver.get_server))
+        # Warm the fork server beside connecting (torch imports meanwhile), so the first
+        # round's script starts in a fork rather than a cold interpreter.
+        warming = (
+            asyncio.create_task(asyncio.to_thread(forkserver.get_server))
+            if self.python == sys.executable
+            else None
+        )
         self.say(
             f"agent {AGENT_VERSION} for project {self.identity.project}, portal {self.client.url}"
         )
@@ -178,8 +182,8 @@ class Agent:
             asyncio.create_task(self._flush_loop(), name="flush"),
         ]
         await self.stopping.wait()
-        if self.python == sys.executable:
-            with contextlib.suppress(Exception):
+        if warming is not None:
+            with contextlib.suppress(Exception):  # a failed start shows when a script runs
                 await warming
         for task in tasks:
             task.cancel()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from client_agent import signing
-from client_agent.portal import PortalClient, PortalError, PortalUnreachable, split_url
+from client_agent.portal import PortalClient, PortalError, PortalUnreachable
 from client_agent.site_dir import NotEnrolled, SiteDir, SiteIdentity, default_dir
 
 ENROL_CHECK_PATH = "/api/v1/enrol/check/"
@@ -125,7 +125,7 @@ def enrol(
 ) -> int:
     """Make the key here, send only a CSR with the token, keep the certificate."""
     try:
-        split_url(portal)
+        client = PortalClient(portal)
     except ValueError as exc:
         raise CommandError(f"--portal: {exc}") from None
     if site_dir.is_enrolled() and not force:
@@ -134,7 +134,6 @@ def enrol(
             f"{site_dir.path} already holds site {who.site!r} of project {who.project!r}; pass "
             "--force to enrol again with a new token, or --dir for another folder"
         )
-    client = PortalClient(portal)
     who = client.post(ENROL_CHECK_PATH, {"token": token})
     key = signing.generate_key()
     csr = signing.make_csr(key, who["site"], who["project_name"])

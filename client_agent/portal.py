@@ -195,6 +195,16 @@ class PortalClient:
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         _record("http", method, path, body)
         connection, response = self._send(method, path, body=body, headers=headers)
+        return self._json_reply(method, path, connection, response)
+
+    def _json_reply(
+        self,
+        method: str,
+        path: str,
+        connection: http.client.HTTPConnection,
+        response: http.client.HTTPResponse,
+    ) -> Any:
+        """Read a JSON answer whole and close; a 4xx/5xx becomes PortalError."""
         try:
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -247,15 +257,7 @@ class PortalClient:
         connection, response = self._send(
             "POST", path, headers={"Content-Type": content_type}, file=file
         )
-        try:
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise PortalUnreachable(f"POST {self.url}{path}: {exc}") from exc
-        finally:
-            connection.close()
-        if response.status >= 400:
-            raise _error_from(response.status, data)
-        return json.loads(data) if data else None
+        return self._json_reply("POST", path, connection, response)
 
     def get_all(self, path: str) -> list[Any]:
         """Every item of a paginated list (``{"results", "next"}``), following ``next``."""
@@ -293,15 +295,7 @@ class PortalClient:
             file=file,
             digest=hexdigest,
         )
-        try:
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise PortalUnreachable(f"PUT {self.url}{path}: {exc}") from exc
-        finally:
-            connection.close()
-        if response.status >= 400:
-            raise _error_from(response.status, data)
-        return json.loads(data) if data else None
+        return self._json_reply("PUT", path, connection, response)
 
     def websocket_url(self, path: str) -> str:
         scheme = "wss" if self.scheme == "https" else "ws"

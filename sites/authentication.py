@@ -295,12 +295,12 @@ def canonical_string_for_digest(
     *, method: str, path: str, timestamp: int, nonce: str, digest: str
 ) -> bytes:
     """``client_agent.signing.canonical_string`` with the body's SHA-256 hex in place of the
-    body. The digest is that string's last line, so everything before it is taken from the one
-    definition rather than written out again."""
+    body (what the agent signs for a streamed upload), once the digest's shape is checked."""
     if not _FINGERPRINT.fullmatch(digest):  # the same shape: 64 lowercase hex digits
         raise SignatureMalformed("the body digest must be 64 lowercase hexadecimal digits")
-    head = canonical_string(method=method, path=path, timestamp=timestamp, nonce=nonce, body=b"")
-    return head[: head.rindex(b"\n") + 1] + digest.encode("ascii")
+    return canonical_string(
+        method=method, path=path, timestamp=timestamp, nonce=nonce, body=b"", digest=digest
+    )
 
 
 def _scope_path(scope: Mapping[str, Any]) -> str:

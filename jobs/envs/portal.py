@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -212,8 +213,6 @@ class ProdEnv:
             where = f" ({exc.field})" if exc.field else ""
             raise ValueError(f"the portal refused the job{where}: {exc.message}") from exc
         finally:
-            import shutil  # noqa: PLC0415
-
             shutil.rmtree(staging, ignore_errors=True)
         run = PortalRun(
             client=self.client,
