@@ -13,6 +13,7 @@ reason instead of a library panic.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -42,9 +43,26 @@ if TYPE_CHECKING:
 METADATA_KEY = "fedportal.flmodel"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 
-# The safetensors dtypes we accept; anything else is refused. Checking a file's header needs
-# only these names, so the portal checks uploads without importing torch (~1 s at start-up).
-SAFETENSORS_DTYPE_NAMES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+# The safetensors dtypes we accept, with their sizes in bytes; anything else is refused.
+# Checking a file needs only these names, so the portal checks uploads without importing torch
+# (~1 s at start-up).
+DTYPE_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+SAFETENSORS_DTYPE_NAMES = tuple(DTYPE_ITEMSIZE)
+# Half-precision floats as their bits: a value is NaN or Inf exactly when every exponent bit is
+# set. numpy has no bfloat16, and its float16 arithmetic is emulated (20× slower than this).
+_HALF_EXPONENT_MASK = {"F16": 0x7C00, "BF16": 0x7F80}
+_NUMPY_FLOATS = {"F64": np.float64, "F32": np.float32}
 
 
 @cache
@@ -161,31 +179,114 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, dict[str, Any]]
             raw = fh.read(header_len)
     except OSError as exc:
         raise WireFormatError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireFormatError(f"{path.name}: not a safetensors file (header is not JSON)") from None
+    header = _json_object(raw, f"{path.name}: not a safetensors file (header is not JSON)")
     if not isinstance(header, dict):
         raise WireFormatError(f"{path.name}: safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WireFormatError(f"{path.name}: __metadata__ must map strings to strings")
-    data_len = size - 8 - header_len
+    _check_layout(path.name, header, size - 8 - header_len)
+    return header, metadata
+
+
+def _check_layout(filename: str, header: dict[str, Any], data_len: int) -> None:
+    """Each tensor's bytes match its dtype and shape, and the tensors tile the data exactly.
+
+    As the safetensors format requires (and its library checks on load): no two tensors share
+    bytes, no byte is left over, none lies outside the file. Readers that seek to offsets
+    themselves (aggregation) rely on it.
+    """
+    spans = []
     for name, info in header.items():
         dtype = info.get("dtype") if isinstance(info, dict) else None
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_NAMES:
-            raise WireFormatError(f"{path.name}: tensor {name!r} has unsupported dtype {dtype!r}")
+            raise WireFormatError(f"{filename}: tensor {name!r} has unsupported dtype {dtype!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise WireFormatError(f"{path.name}: tensor {name!r} has an invalid shape {shape!r}")
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise WireFormatError(f"{filename}: tensor {name!r} has an invalid shape {shape!r}")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_len
         ):
-            raise WireFormatError(f"{path.name}: tensor {name!r} lies outside the file")
-    return header, metadata
+            raise WireFormatError(f"{filename}: tensor {name!r} lies outside the file")
+        needed = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != needed:
+            raise WireFormatError(
+                f"{filename}: tensor {name!r} holds {offsets[1] - offsets[0]} bytes, its "
+                f"shape {shape} of {dtype} needs {needed}"
+            )
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            problem = "overlaps another tensor" if begin < end else "leaves a gap before it"
+            raise WireFormatError(f"{filename}: tensor {name!r} {problem}")
+        end = stop
+    if end != data_len:
+        raise WireFormatError(
+            f"{filename}: {data_len - end} bytes after the last tensor belong to none"
+        )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_object(raw: bytes | str, error: str) -> Any:
+    """Strict JSON: no NaN or Infinity (which Python's json takes by default), no nesting deep
+    enough to exhaust the parser, no integer past Python's conversion limit."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        detail = str(exc) if "JSON number" in str(exc) else ""
+        raise WireFormatError(f"{error}{f': {detail}' if detail else ''}") from None
+
+
+def all_finite(values: np.ndarray[Any, Any], dtype: str) -> bool:
+    """Whether every value of a chunk of a floating tensor is finite (no NaN, no Inf).
+
+    ``values`` holds the tensor's bytes as its numpy dtype, or as unsigned integers of the same
+    width for the half-precision types (``F16``, ``BF16``) that numpy cannot compute in.
+    Integer and bool tensors are always finite. The one rule for the initial model (checked in
+    the portal, without torch) and for every update (``jobs.aggregation.check_update``).
+    """
+    mask = _HALF_EXPONENT_MASK.get(dtype)
+    if mask is not None:
+        bits = values.view(np.uint16)
+        return not bool(np.any((bits & mask) == mask))
+    if dtype in _NUMPY_FLOATS:
+        return bool(np.isfinite(values).all())
+    return True
+
+
+def first_nonfinite_tensor(
+    path: str | os.PathLike[str], *, chunk_bytes: int = 4 << 20
+) -> str | None:
+    """The name of the first floating tensor holding NaN or Inf in a checked model file, or
+    None. Reads the file once, a chunk at a time (memory stays at ``chunk_bytes``)."""
+    header, _ = read_header(path)
+    with open(path, "rb") as fh:
+        header_len = struct.unpack("<Q", fh.read(8))[0]
+        data_start = 8 + header_len
+        for name, info in header.items():
+            dtype = info["dtype"]
+            if dtype not in _HALF_EXPONENT_MASK and dtype not in _NUMPY_FLOATS:
+                continue
+            itemsize = DTYPE_ITEMSIZE[dtype]
+            as_numpy = _NUMPY_FLOATS.get(dtype, np.uint16)
+            begin, end = info["data_offsets"]
+            step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
+            for offset in range(begin, end, step):
+                fh.seek(data_start + offset)
+                raw = fh.read(min(step, end - offset))
+                if not all_finite(np.frombuffer(raw, dtype=as_numpy), dtype):
+                    return str(name)
+    return None
 
 
 def read_model_file(path: str | os.PathLike[str]) -> FLModel:
@@ -210,10 +311,7 @@ def model_fields(metadata: Mapping[str, str], filename: str) -> dict[str, Any]:
     raw = metadata.get(METADATA_KEY)
     if raw is None:
         return {"params_type": None, "metrics": None, "meta": {}}
-    try:
-        fields = json.loads(raw)
-    except json.JSONDecodeError:
-        raise WireFormatError(f"{filename}: {METADATA_KEY} is not JSON") from None
+    fields = _json_object(raw, f"{filename}: {METADATA_KEY} is not JSON")
     if not isinstance(fields, dict):
         raise WireFormatError(f"{filename}: {METADATA_KEY} must be a JSON object")
     params_type = fields.get("params_type")

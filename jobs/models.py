@@ -140,6 +140,11 @@ class Round(models.Model):
     deadline = models.DateTimeField()
     closed_at = models.DateTimeField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    aggregation_attempts = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="times a worker started aggregating this round; past "
+        "FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS the round fails instead of starting again",
+    )
 
     class Meta:
         ordering: ClassVar = ["job", "number"]

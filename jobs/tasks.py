@@ -22,7 +22,20 @@ from jobs.services import rounds
 log = logging.getLogger(__name__)
 
 
-@shared_task(acks_late=True, reject_on_worker_lost=True, max_retries=5, default_retry_delay=2)
+# A database that went away for a moment (restart, failover) is waited out: retried with
+# backoff from 1 s up to 30 s between tries, about ten minutes in all. Every other error is
+# handled inside the services (a round that cannot close fails with its reason), so it is not
+# retried here: it would only fail again.
+RETRY_ON_TRANSIENT: dict[str, Any] = {
+    "autoretry_for": rounds.TRANSIENT_ERRORS,
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 25,
+}
+
+
+@shared_task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
 def job_advance_task(job_id: int) -> str:
     """Do the job's next due step (see ``jobs.services.rounds.job_advance``)."""
     outcome = rounds.job_advance_while_due(job_id=job_id)
@@ -30,7 +43,7 @@ def job_advance_task(job_id: int) -> str:
     return outcome
 
 
-@shared_task(acks_late=True, reject_on_worker_lost=True)
+@shared_task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
 def update_check_task(task_id: int) -> str:
     """Check one uploaded update; the service enqueues job_advance when it changed state."""
     return rounds.update_check(task_id=task_id)

@@ -229,6 +229,12 @@ LOGGING = {
 # --- Jobs (jobs app) ---------------------------------------------------------------------------
 # A round closes when every site answered, or at this deadline if min_clients sites did.
 FEDPORTAL_ROUND_TIMEOUT_SECONDS = int(os.environ.get("FEDPORTAL_ROUND_TIMEOUT_SECONDS", "3600"))
+# A worker that dies while aggregating a round (out of memory, killed) leaves it to the next
+# worker; a round whose aggregation was started this many times without finishing fails, with
+# the reason, instead of taking down every worker that tries it.
+FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS = int(
+    os.environ.get("FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS", "3")
+)
 # A site is online when it made a signed request (a heartbeat) this recently.
 FEDPORTAL_SITE_ONLINE_SECONDS = int(os.environ.get("FEDPORTAL_SITE_ONLINE_SECONDS", "90"))
 # Upload limits: a model file (initial model or a site's update), and a zipped app folder.

@@ -137,15 +137,30 @@ def fedavg(
 
 
 def weighted_metrics(updates: Sequence[SiteUpdate]) -> dict[str, float]:
-    """Each numeric metric's mean over the sites that sent it, weighted like the params."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
+    """Each numeric metric's mean over the sites that sent it, weighted like the params.
+
+    Computed as a convex combination (weights normalised first, summed exactly with
+    ``math.fsum``), so the mean lies between the smallest and largest value folded in and cannot
+    overflow, whatever the weights; a key whose mean is still not finite is left out rather
+    than failing the round.
+    """
+    values: dict[str, list[tuple[float, float]]] = {}
     for update in updates:
         for key, value in update.metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if not math.isfinite(value):
                 continue
-            sums[key] = sums.get(key, 0.0) + float(update.weight) * value
-            weights[key] = weights.get(key, 0.0) + float(update.weight)
-    return {key: sums[key] / weights[key] for key in sums if weights[key] > 0}
+            values.setdefault(key, []).append((float(update.weight), float(value)))
+    means: dict[str, float] = {}
+    for key, pairs in values.items():
+        total = math.fsum(weight for weight, _ in pairs)
+        if not (total > 0 and math.isfinite(total)):
+            continue
+        try:
+            mean = math.fsum((weight / total) * value for weight, value in pairs)
+        except OverflowError:
+            continue
+        if math.isfinite(mean):
+            means[key] = mean
+    return means

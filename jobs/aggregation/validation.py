@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from client_agent.wire import all_finite, torch_dtypes
 from jobs.aggregation.fedavg import CHUNK_ELEMENTS, SiteUpdate
 from jobs.aggregation.sources import TensorSpec
+from jobs.numbers import NumberRejected, check_result_metrics, check_update_weight
 
 
 class UpdateRejected(ValueError):
@@ -29,20 +30,17 @@ def _names(names: set[str], limit: int = 5) -> str:
 def check_update(global_specs: dict[str, TensorSpec], update: SiteUpdate) -> None:
     """Raise :class:`UpdateRejected` unless ``update`` matches the global model exactly.
 
-    Checked: the weight is a positive finite number; the tensor names, shapes and dtypes are
-    the global model's; every floating-point value is finite (reads the data once, in chunks).
+    Checked: the weight and the metrics are within ``jobs.numbers``' bounds (afterwards
+    ``update.weight`` is a float and ``update.metrics`` maps names to floats); the tensor
+    names, shapes and dtypes are the global model's; every floating-point value is finite
+    (reads the data once, in chunks).
     """
     site = update.site
-    weight = update.weight
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, numbers.Real)
-        or not math.isfinite(weight)
-        or weight <= 0
-    ):
-        raise UpdateRejected(
-            site, f"NUM_STEPS_CURRENT_ROUND must be a positive number, got {weight!r}"
-        )
+    try:
+        update.weight = check_update_weight(update.weight)
+        update.metrics = check_result_metrics(update.metrics)
+    except NumberRejected as exc:
+        raise UpdateRejected(site, str(exc)) from None
     specs = update.source.specs()
     missing = set(global_specs) - set(specs)
     extra = set(specs) - set(global_specs)
@@ -58,6 +56,7 @@ def check_update(global_specs: dict[str, TensorSpec], update: SiteUpdate) -> Non
             )
         if got_dtype != dtype:
             raise UpdateRejected(site, f"tensor {name!r} has dtype {got_dtype}, expected {dtype}")
+    names = {torch_dtype: name for name, torch_dtype in torch_dtypes().items()}
     buffers: dict[torch.dtype, torch.Tensor] = {}
     for name, (dtype, shape) in global_specs.items():
         if not dtype.is_floating_point:
@@ -68,11 +67,8 @@ def check_update(global_specs: dict[str, TensorSpec], update: SiteUpdate) -> Non
             buf = buffers[dtype] = torch.empty(min(numel, CHUNK_ELEMENTS), dtype=dtype)
         for start in range(0, numel, CHUNK_ELEMENTS):
             chunk = update.source.read(name, start, min(start + CHUNK_ELEMENTS, numel), buf)
-            # NaN and Inf survive a sum, so a finite sum (cheap) clears the chunk; a sum that
-            # overflowed from large finite values falls through to the exact test.
-            total = chunk.sum(dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-            if bool(torch.isfinite(total)):
-                continue
-            if not bool(torch.isfinite(chunk).all()):
+            # numpy sees the same memory; half precision as its bits (numpy has no bfloat16).
+            raw = chunk.view(torch.int16) if chunk.element_size() == 2 else chunk
+            if not all_finite(raw.numpy(), names[dtype]):
                 bad = "NaN" if bool(torch.isnan(chunk).any()) else "Inf"
                 raise UpdateRejected(site, f"tensor {name!r} holds {bad} values")

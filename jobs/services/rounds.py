@@ -18,16 +18,21 @@ name order from files in storage), so a re-run writes the same bits.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.files.storage import default_storage
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from client_agent.wire import WireFormatError, save_state_dict
@@ -218,7 +223,115 @@ def _round_open(job: Job, number: int) -> Round:
     return rnd
 
 
+# Errors that say the database or its connection went away for a moment (a restart, a
+# failover): the task is retried later (``jobs.tasks``). Any other error while closing a round
+# would happen again on every retry, so the round fails with it instead.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+
+# Advisory lock keys of round aggregations: this prefix in the high bits, the round's id below.
+_AGGREGATION_LOCK_PREFIX = 0x4650 << 48
+
+
+@contextmanager
+def _aggregation_claim(round_id: int) -> Iterator[bool]:
+    """Whether this worker may aggregate the round now: no other worker is doing it.
+
+    Two workers racing on one job (a redelivered task, a deadline kick during a long
+    aggregation) would otherwise both read every update. On PostgreSQL a session advisory
+    lock, released when its connection ends, so a worker that dies frees the round at once; on
+    SQLite (one machine: PocEnv, ``make demo``) an exclusive ``flock`` on a file beside the
+    models, released by the kernel when the process dies.
+    """
+    if connection.vendor == "postgresql":
+        key = _AGGREGATION_LOCK_PREFIX | round_id
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+            claimed = bool(cursor.fetchone()[0])
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                # A connection that broke took the lock with it.
+                with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+        return
+    path = storage_path(f"locks/round-{round_id}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _round_aggregate(round_id: int) -> str:
+    with _aggregation_claim(round_id) as claimed:
+        if not claimed:
+            return "nothing: another worker is aggregating the round"
+        attempts = _aggregation_attempt(round_id)
+        if attempts is None:
+            return "nothing: round no longer aggregating"
+        limit = settings.FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS
+        if attempts > limit:
+            return _round_fail(
+                round_id,
+                f"aggregation was started {limit} times and never finished (each worker "
+                "stopped in the middle: out of memory, or killed)",
+            )
+        try:
+            return _round_aggregate_claimed(round_id)
+        except TRANSIENT_ERRORS:
+            # Not a death: this start does not count against the round (when the database
+            # takes the correction; if it is still away, the start stays counted).
+            with contextlib.suppress(DatabaseError):
+                Round.objects.filter(pk=round_id, aggregation_attempts__gt=0).update(
+                    aggregation_attempts=F("aggregation_attempts") - 1
+                )
+            raise
+        except Exception as exc:
+            log.exception("round %s: aggregation failed", round_id)
+            return _round_fail(round_id, f"the new global model could not be made: {exc}")
+
+
+def _aggregation_attempt(round_id: int) -> int | None:
+    """Count a start of the round's aggregation (committed at once, so a worker that dies
+    next still counted); the count, or None when the round is not aggregating any more."""
+    with transaction.atomic():
+        changed = Round.objects.filter(pk=round_id, state=RoundState.AGGREGATING).update(
+            aggregation_attempts=F("aggregation_attempts") + 1
+        )
+        if not changed:
+            return None
+        return int(
+            Round.objects.filter(pk=round_id).values_list("aggregation_attempts", flat=True)[0]
+        )
+
+
+def _round_fail(round_id: int, why: str) -> str:
+    """The round cannot close: it fails, and the job with it, naming the round and ``why``."""
+    with transaction.atomic():
+        rnd = Round.objects.select_related("job").get(pk=round_id)
+        job = Job.objects.select_for_update().get(pk=rnd.job_id)
+        rnd = Round.objects.select_for_update().get(pk=round_id)
+        if rnd.state != RoundState.AGGREGATING or job.state != JobState.RUNNING:
+            return "nothing: round already " + rnd.state
+        rnd.state = RoundState.FAILED
+        rnd.closed_at = timezone.now()
+        rnd.save(update_fields=["state", "closed_at"])
+        job.move_to(JobState.FAILED, f"round {rnd.number + 1}: {why}"[:4000])
+        job.save(update_fields=["state", "finished_at", "failure_reason"])
+        events.round_state(rnd)
+        events.job_state(job)
+    return f"failed: round {rnd.number + 1} cannot close"
+
+
+def _round_aggregate_claimed(round_id: int) -> str:
+    """Aggregate the round, store the new global model and close the round (claim held)."""
     from jobs.aggregation import FileTensorSource, SiteUpdate  # noqa: PLC0415 - torch
 
     rnd = Round.objects.select_related("job").get(pk=round_id)
@@ -229,6 +342,9 @@ def _round_aggregate(round_id: int) -> str:
     )
     start_version = ModelVersion.objects.get(job=job, round_number=rnd.number)
     updates = [SiteUpdate.from_file(t.site.name, storage_path(t.update.name)) for t in tasks]
+    for task, update in zip(tasks, updates, strict=True):
+        # The values the update check accepted and stored: checked numbers, not the file's.
+        update.weight, update.metrics = float(task.weight or 0.0), dict(task.metrics or {})
     global_source = FileTensorSource(storage_path(start_version.file.name))
     # Quorum was checked under the job lock when the round was claimed; accepted tasks cannot
     # change once the round is AGGREGATING (uploads to it are late).
@@ -339,6 +455,11 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
         check_update(specs, update)
     except (UpdateRejected, WireFormatError) as exc:
         state, reason = TaskState.REJECTED, getattr(exc, "reason", str(exc))
+    except Exception as exc:
+        # Whatever else a site's file makes the check trip over, the task is answered: left
+        # ``uploaded``, it would hold the round until its deadline on every retry.
+        log.exception("round %s: the update of %s could not be checked", rnd.pk, task.site.name)
+        state, reason = TaskState.REJECTED, f"the update could not be checked: {exc}"
     else:
         state, reason = TaskState.ACCEPTED, ""
     finally:
@@ -350,24 +471,26 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
         Round.objects.select_for_update().filter(pk=rnd.pk).first()
         changed = SiteTask.objects.filter(pk=task.pk, state=TaskState.UPLOADED).update(
             state=state,
-            reason=reason,
+            reason=reason[:2000],
             weight=float(update.weight) if state == TaskState.ACCEPTED and update else None,
-            metrics=update.metrics if update else {},
+            # Only an accepted update's metrics were checked: a rejected one's may hold values
+            # no database column takes (NaN, Infinity).
+            metrics=update.metrics if state == TaskState.ACCEPTED and update else {},
         )
         if changed and state == TaskState.ACCEPTED and update is not None:
+            # check_update left only finite floats in update.metrics.
             for key, value in update.metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    MetricPoint.objects.get_or_create(
-                        job=rnd.job,
-                        site=task.site,
-                        client_id=f"result:{rnd.number}:{key}"[:64],
-                        defaults={
-                            "round_number": rnd.number,
-                            "key": key,
-                            "value": float(value),
-                            "source": MetricPoint.Source.RESULT,
-                        },
-                    )
+                MetricPoint.objects.get_or_create(
+                    job=rnd.job,
+                    site=task.site,
+                    client_id=f"result:{rnd.number}:{key}"[:64],
+                    defaults={
+                        "round_number": rnd.number,
+                        "key": key,
+                        "value": float(value),
+                        "source": MetricPoint.Source.RESULT,
+                    },
+                )
         if not changed:
             return "nothing: checked meanwhile"
         task.state, task.reason = state, reason

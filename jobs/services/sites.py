@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
@@ -26,6 +24,13 @@ from jobs.models import (
     RoundState,
     SiteTask,
     TaskState,
+)
+from jobs.numbers import (
+    MAX_METRIC_KEY_LENGTH,
+    NumberRejected,
+    check_finite_number,
+    check_optional_round,
+    check_optional_step,
 )
 from jobs.services.rounds import job_kick_after_commit
 from sites.exceptions import Conflict, NotFound, ValidationFailed
@@ -220,21 +225,18 @@ def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) 
         field = f"points[{index}]"
         if not isinstance(point, Mapping):
             raise ValidationFailed("must be an object", field=field)
-        key, value = point.get("key"), point.get("value")
-        if not isinstance(key, str) or not key or len(key) > 200:
+        key = point.get("key")
+        if not isinstance(key, str) or not key or len(key) > MAX_METRIC_KEY_LENGTH:
             raise ValidationFailed(
-                "key must be a string of 1 to 200 characters", field=f"{field}.key"
+                f"key must be a string of 1 to {MAX_METRIC_KEY_LENGTH} characters",
+                field=f"{field}.key",
             )
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not math.isfinite(value)
-        ):
-            raise ValidationFailed("value must be a finite number", field=f"{field}.value")
-        for name in ("step", "round"):
-            extra = point.get(name)
-            if extra is not None and (isinstance(extra, bool) or not isinstance(extra, int)):
-                raise ValidationFailed(f"{name} must be an integer", field=f"{field}.{name}")
+        try:
+            value = check_finite_number(f"{field}.value", point.get("value"))
+            step = check_optional_step(f"{field}.step", point.get("step"))
+            round_number = check_optional_round(f"{field}.round", point.get("round"))
+        except NumberRejected as exc:
+            raise ValidationFailed(exc.reason, field=exc.field) from None
         client_id = point.get("id") or ""
         if not isinstance(client_id, str) or len(client_id) > 64:
             raise ValidationFailed(
@@ -245,9 +247,9 @@ def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) 
                 job=job,
                 site=site,
                 key=key,
-                value=float(value),
-                step=point.get("step"),
-                round_number=point.get("round"),
+                value=value,
+                step=step,
+                round_number=round_number,
                 client_id=client_id,
                 source=MetricPoint.Source.LOG,
             )

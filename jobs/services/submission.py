@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core.files import File
 from django.db import transaction
 
-from client_agent.wire import WireFormatError, read_header
+from client_agent.wire import WireFormatError, first_nonfinite_tensor, read_header
 from jobs.bundle import BundleError, check_app_archive, check_spec
 from jobs.models import Job, JobSite, ModelVersion
 from sites.exceptions import ValidationFailed
@@ -34,6 +34,20 @@ def _copy_limited(src: IO[bytes], dest: Path, *, limit: int, field: str) -> str:
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
+
+
+def _check_initial_model(path: Path) -> None:
+    """The initial model passes the checks every update passes (``client_agent.wire``): a
+    well-formed safetensors file whose tensors tile its data exactly, with finite values."""
+    try:
+        tensors, _ = read_header(path)
+        bad = first_nonfinite_tensor(path)
+    except WireFormatError as exc:
+        raise ValidationFailed(str(exc).split(": ", 1)[-1], field="initial_model") from None
+    if not tensors:
+        raise ValidationFailed("holds no tensors", field="initial_model")
+    if bad is not None:
+        raise ValidationFailed(f"tensor {bad!r} holds NaN or Inf values", field="initial_model")
 
 
 def job_submit(
@@ -97,12 +111,7 @@ def job_submit(
             limit=settings.FEDPORTAL_MAX_MODEL_BYTES,
             field="initial_model",
         )
-        try:
-            tensors, _ = read_header(model_path)
-        except WireFormatError as exc:
-            raise ValidationFailed(str(exc).split(": ", 1)[-1], field="initial_model") from None
-        if not tensors:
-            raise ValidationFailed("holds no tensors", field="initial_model")
+        _check_initial_model(model_path)
         app_path = Path(tmp) / "app.zip"
         app_sha = _copy_limited(
             app_archive, app_path, limit=settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES, field="app"

@@ -355,6 +355,77 @@ def test_check_update_rejects_a_weight_that_is_not_a_positive_number(weight: obj
     assert "NUM_STEPS_CURRENT_ROUND" in info.value.reason
 
 
+@pytest.mark.parametrize(
+    "weight", [1e308, 2.0**53 + 2, 10**400], ids=["1e308", "2**53+2", "10**400"]
+)
+def test_check_update_rejects_a_weight_too_large_to_count(weight: object) -> None:
+    # 1e308 from one site made every aggregate metric infinite, which no database stores.
+    with pytest.raises(UpdateRejected) as info:
+        check_update(GLOBAL_SPECS, update("site-3", good_params(), weight=weight))  # type: ignore[arg-type]
+
+    assert "NUM_STEPS_CURRENT_ROUND" in info.value.reason
+    assert "2**53" in info.value.reason
+
+
+def test_check_update_takes_the_largest_weight_and_makes_it_a_float() -> None:
+    checked = update("site-3", good_params(), weight=2**53, metrics={"n": 3})
+    check_update(GLOBAL_SPECS, checked)
+
+    assert (checked.weight, checked.metrics) == (float(2**53), {"n": 3.0})
+    assert type(checked.weight) is float and type(checked.metrics["n"]) is float
+
+
+@pytest.mark.parametrize(
+    ("metrics", "named"),
+    [
+        ({"loss": math.inf}, "metrics['loss']"),
+        ({"loss": math.nan}, "metrics['loss']"),
+        ({"loss": 10**400}, "metrics['loss']"),
+        ({"loss": "low"}, "metrics['loss']"),
+        ({"loss": True}, "metrics['loss']"),
+        ({"loss": {"train": 1.0}}, "metrics['loss']"),
+        ({"": 1.0}, "metric names"),
+        ({"x" * 201: 1.0}, "metric names"),
+        ({f"m{i}": 1.0 for i in range(1001)}, "at most 1000"),
+        ([1.0, 2.0], "metrics"),
+    ],
+    ids=[
+        "inf",
+        "nan",
+        "int past float64",
+        "a string",
+        "a bool",
+        "nested",
+        "empty name",
+        "long name",
+        "too many",
+        "not an object",
+    ],
+)
+def test_check_update_rejects_metrics_that_are_not_finite_numbers(
+    metrics: object, named: str
+) -> None:
+    sent = update("site-5", good_params())
+    sent.metrics = metrics  # type: ignore[assignment]  # as read from a site's file
+    with pytest.raises(UpdateRejected) as info:
+        check_update(GLOBAL_SPECS, sent)
+
+    assert named in info.value.reason
+
+
+def test_weighted_metrics_of_extreme_values_stay_finite() -> None:
+    # The largest weights and values a site may send: a convex combination, never an overflow.
+    a = update("a", {}, weight=2.0**53, metrics={"perplexity": 1.5e308, "acc": 1.0})
+    b = update("b", {}, weight=2.0**53, metrics={"perplexity": 1.5e308, "acc": 0.0})
+    c = update("c", {}, weight=1.0, metrics={"perplexity": -1.5e308})
+
+    means = weighted_metrics([a, b, c])
+
+    assert all(math.isfinite(v) for v in means.values()), means
+    assert means["acc"] == 0.5
+    assert 1.4e308 < means["perplexity"] <= 1.5e308
+
+
 def test_check_update_rejects_a_string_weight_read_from_a_model_file(tmp_path: Path) -> None:
     path = write_model_file(
         tmp_path / "u.safetensors",

@@ -21,8 +21,10 @@ from client_agent.fl_model import FLModel, ParamsType
 from client_agent.wire import (
     MAX_FRAME_BYTES,
     WireFormatError,
+    all_finite,
     decode_frame_body,
     encode_frame,
+    first_nonfinite_tensor,
     load_state_dict,
     open_tensors,
     read_header,
@@ -348,6 +350,102 @@ def test_tensor_bytes_that_do_not_match_the_shape_are_refused(tmp_path: Path) ->
         read_model_file(path)
     with pytest.raises(WireFormatError, match="short.safetensors"):
         FileTensorSource(path)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "data", "problem"),
+    [
+        (  # the same bytes read as two tensors
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            8,
+            "overlaps",
+        ),
+        (  # bytes between tensors that belong to none
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+            },
+            12,
+            "gap",
+        ),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 12, "belong to none"),
+        ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, 4, "invalid shape"),
+    ],
+    ids=["overlapping", "gap", "trailing bytes", "bool dimension"],
+)
+def test_tensors_must_tile_the_data_exactly(
+    tmp_path: Path, tensors: dict[str, Any], data: int, problem: str
+) -> None:
+    # Aggregation seeks to each tensor's offsets itself: two names sharing bytes, or bytes no
+    # tensor owns, are refused as the safetensors format requires, for every reader.
+    path = write_raw(tmp_path / "tiles.safetensors", tensors, b"\0" * data)
+
+    with pytest.raises(WireFormatError, match=problem):
+        read_header(path)
+    with pytest.raises(WireFormatError, match="tiles.safetensors"):
+        FileTensorSource(path)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        '{"metrics": {"loss": Infinity}}',
+        '{"metrics": {"loss": NaN}}',
+        '{"meta": {"NUM_STEPS_CURRENT_ROUND": -Infinity}}',
+        '{"meta": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"current_round": ' + "9" * 5000 + "}",
+    ],
+    ids=["Infinity", "NaN", "-Infinity", "nested 100,000 deep", "5000 digits"],
+)
+def test_metadata_json_is_strict(tmp_path: Path, fields: str) -> None:
+    # Python's json takes NaN and Infinity, which no database column stores, and gives up on
+    # deep nesting with a RecursionError: each is a WireFormatError naming the file instead.
+    path = write_raw(
+        tmp_path / "strict.safetensors",
+        {
+            "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "__metadata__": {"fedportal.flmodel": fields},
+        },
+        b"\0" * 4,
+    )
+
+    with pytest.raises(WireFormatError, match="strict.safetensors"):
+        SiteUpdate.from_file("site-1", path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_first_nonfinite_tensor_names_the_tensor_in_every_float_dtype(
+    tmp_path: Path, dtype: torch.dtype, bad: float
+) -> None:
+    clean = torch.arange(10, dtype=dtype)
+    dirty = torch.zeros(3000, dtype=dtype)
+    dirty[2999] = bad  # in the last chunk of the tensor
+    path = save_state_dict(
+        tmp_path / "m.safetensors", {"clean": clean, "dirty": dirty, "n": torch.tensor(7)}
+    )
+
+    assert first_nonfinite_tensor(path, chunk_bytes=1024) == "dirty"
+    assert (
+        first_nonfinite_tensor(save_state_dict(tmp_path / "ok.safetensors", {"c": clean})) is None
+    )
+
+
+def test_all_finite_reads_half_precision_as_bits() -> None:
+    halves = torch.tensor([1.0, -2.0, 65504.0], dtype=torch.float16)
+    assert all_finite(halves.view(torch.int16).numpy(), "F16")
+    assert not all_finite(
+        torch.tensor([1.0, float("inf")], dtype=torch.float16).view(torch.int16).numpy(), "F16"
+    )
+    brains = torch.tensor([3.0e38, -1.0], dtype=torch.bfloat16)
+    assert all_finite(brains.view(torch.int16).numpy(), "BF16")
+    assert not all_finite(
+        torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.int16).numpy(), "BF16"
+    )
+    assert all_finite(np.array([1, 2**62], dtype=np.int64), "I64")
 
 
 def test_bad_flmodel_metadata_is_refused(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import stat
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,18 @@ def symlink_member() -> zipfile.ZipInfo:
     info = zipfile.ZipInfo("data")
     info.external_attr = (stat.S_IFLNK | 0o777) << 16
     return info
+
+
+def raw_model(tensors: dict[str, Any], data: bytes) -> bytes:
+    """Bytes in safetensors layout with any tensor table: what a careless or hostile submitter
+    can send, which safetensors' own writer would never make."""
+    header = json.dumps(tensors).encode()
+    return struct.pack("<Q", len(header)) + header + data
+
+
+def model_with_nan() -> bytes:
+    values = torch.tensor([0.0, float("nan")]).numpy().tobytes()
+    return raw_model({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, values)
 
 
 def pickled_model() -> bytes:
@@ -170,6 +183,38 @@ BAD_SUBMISSIONS = {
         "invalid",
     ),
     "no initial_model": (lambda b: {"initial_model": None}, "initial_model", "invalid"),
+    # The initial model passes the checks every update passes.
+    "an initial model holding NaN": (
+        lambda b: {"initial_model": file("initial_model.safetensors", model_with_nan())},
+        "initial_model",
+        "invalid",
+    ),
+    "an initial model whose tensors overlap": (
+        lambda b: {
+            "initial_model": file(
+                "initial_model.safetensors",
+                raw_model(
+                    {
+                        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                        "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                    },
+                    b"\0" * 8,
+                ),
+            )
+        },
+        "initial_model",
+        "invalid",
+    ),
+    "an initial model whose bytes do not fit its shape": (
+        lambda b: {
+            "initial_model": file(
+                "initial_model.safetensors",
+                raw_model({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8),
+            )
+        },
+        "initial_model",
+        "invalid",
+    ),
     "app is not a zip": (lambda b: {"app": file("app.zip", b.model)}, "app", "invalid"),
     "a zip with ../evil": (
         lambda b: {"app": file("app.zip", zip_bytes({TRAIN_SCRIPT: b"", "../evil": b"x"}))},

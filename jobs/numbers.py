@@ -1,0 +1,128 @@
+"""The bounds on every number a site sends, and the small named checks that apply them.
+
+A federation's sites are run by other organisations, so nothing a site reports is trusted: an
+update's weight and metrics, a ``flare.log`` point's value, step and round, a reported round
+number. Each is checked here, where it enters (the update check, the metrics and log-line
+services, the agent's socket), so that what is stored always fits the database and what is
+aggregated cannot overflow. The checks raise :class:`NumberRejected` naming the field and the
+reason; callers turn it into their own error (an update rejected for the site and round, or a
+4xx naming the field).
+
+Pure: no Django, no torch; the portal, its workers and ``SimEnv`` share it.
+
+Bounds chosen, and why:
+
+- an update's weight (``NUM_STEPS_CURRENT_ROUND``) is a count: a positive finite number up to
+  2**53, the largest integer a float64 still counts exactly. The sum of a million sites'
+  weights stays finite, so FedAvg's normalisation cannot overflow;
+- a metric value is any finite float64 (a diverged model's perplexity may be 1e40; that is
+  still a number to show). Aggregates are convex combinations with normalised weights, which
+  cannot exceed the largest value folded in;
+- an update carries at most :data:`MAX_RESULT_METRICS` metrics, named by strings of at most
+  :data:`MAX_METRIC_KEY_LENGTH` characters, each value a number (``bool`` is not one);
+- a step is a signed 64-bit integer (the database column), a round number a non-negative
+  32-bit one.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+MAX_UPDATE_WEIGHT = float(2**53)
+MAX_RESULT_METRICS = 1000
+MAX_METRIC_KEY_LENGTH = 200
+STEP_MIN, STEP_MAX = -(2**63), 2**63 - 1
+ROUND_MAX = 2**31 - 1
+
+
+class NumberRejected(ValueError):
+    """A number a site sent is out of bounds; ``field`` names it, ``reason`` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_finite_number(field: str, value: Any) -> float:
+    """``value`` as a float, if it is a finite real number (not a bool)."""
+    if not _is_number(value):
+        raise NumberRejected(field, f"must be a number, got {_shown(value)}")
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float64
+        raise NumberRejected(field, f"must be a finite number, got {_shown(value)}") from None
+    if not math.isfinite(as_float):
+        raise NumberRejected(field, f"must be a finite number, got {as_float!r}")
+    return as_float
+
+
+def check_int_range(field: str, value: Any, *, low: int, high: int) -> int:
+    """``value`` if it is an integer (not a bool) with ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NumberRejected(field, f"must be an integer, got {_shown(value)}")
+    if not low <= value <= high:
+        raise NumberRejected(field, f"must be between {low} and {high}, got {_shown(value)}")
+    return value
+
+
+def check_optional_step(field: str, value: Any) -> int | None:
+    return None if value is None else check_int_range(field, value, low=STEP_MIN, high=STEP_MAX)
+
+
+def check_optional_round(field: str, value: Any) -> int | None:
+    return None if value is None else check_int_range(field, value, low=0, high=ROUND_MAX)
+
+
+def check_update_weight(value: Any, *, field: str = "NUM_STEPS_CURRENT_ROUND") -> float:
+    """An update's FedAvg weight: a positive finite number up to :data:`MAX_UPDATE_WEIGHT`."""
+    if not _is_number(value):
+        raise NumberRejected(field, f"must be a number, got {_shown(value)}")
+    try:
+        weight = float(value)
+    except OverflowError:  # an int beyond float64: too large, like any other past the bound
+        weight = math.inf
+    if not (math.isfinite(weight) and 0 < weight <= MAX_UPDATE_WEIGHT):
+        raise NumberRejected(
+            field, f"must be a positive number of at most 2**53, got {_shown(value)}"
+        )
+    return weight
+
+
+def check_result_metrics(metrics: Any, *, field: str = "metrics") -> dict[str, float]:
+    """A result's metrics as ``{name: float}``: a flat mapping of names to finite numbers."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise NumberRejected(
+            field, f"must be an object of metric names to numbers, got {_shown(metrics)}"
+        )
+    if len(metrics) > MAX_RESULT_METRICS:
+        raise NumberRejected(
+            field, f"holds {len(metrics)} metrics; at most {MAX_RESULT_METRICS} are taken"
+        )
+    checked: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_KEY_LENGTH:
+            raise NumberRejected(
+                field,
+                f"metric names must be 1 to {MAX_METRIC_KEY_LENGTH} characters, got {_shown(key)}",
+            )
+        checked[key] = check_finite_number(f"{field}[{key!r}]", value)
+    return checked
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, cut short: a site may send a megabyte of digits."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        return "an integer of thousands of digits"
+    return text if len(text) <= 60 else f"{text[:40]}…({len(text)} characters)"
