@@ -7,7 +7,7 @@ PYTHON := $(BIN)/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 .DEFAULT_GOAL := help
-.PHONY: help venv install assets test lint format demo sim lightning bench portal worker clean
+.PHONY: help venv install assets test chaos lint format demo sim lightning bench portal worker clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -37,6 +37,9 @@ assets: $(ASSETS_STAMP) ## Install the dashboard's front-end libraries with npm 
 
 test: install ## Run the test suite (PYTEST_ARGS=... to pass more)
 	DATABASE_URL="$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" $(BIN)/pytest $(PYTEST_ARGS)
+
+chaos: install ## Only the chaos suite: Redis, PostgreSQL, disk, network and workers broken mid-round
+	$(BIN)/pytest tests/chaos $(PYTEST_ARGS)
 
 lint: install ## ruff, ruff format --check, mypy on the pure core, missing migrations
 	$(BIN)/ruff check .

@@ -7,6 +7,8 @@ maps them to HTTP like every other domain failure. A job's invalid state change 
 
 from __future__ import annotations
 
+import errno
+
 from sites.exceptions import DomainError
 
 
@@ -22,3 +24,22 @@ class DecisionNotDelegated(DomainError):
     default_message = (
         "this site does not accept jobs automatically, so its admin decides, not its agent"
     )
+
+
+class StorageFull(DomainError):
+    """The portal's file storage has no room left (``ENOSPC``, a quota): nothing was kept.
+
+    Not the sender's fault, and not for good: a site retries its upload later, and a worker
+    retries storing a round's model (``jobs.services.rounds.TRANSIENT_ERRORS``).
+    """
+
+    code = "storage_full"
+    status = 507
+    default_message = "the portal's storage is full; nothing was kept: try again later"
+
+
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS

@@ -247,6 +247,14 @@ FEDPORTAL_MAX_APP_ARCHIVE_BYTES = int(
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "300"))
 }
+# Every this many seconds the beat (`celery worker -B`, or a `celery beat` of its own)
+# re-enqueues the next step of every active job: the safety net for round kicks and deadline
+# countdowns lost with the broker (Redis keeps nothing on disk: a restart empties its queues).
+# Idempotent, so an extra beat does no harm but load.
+FEDPORTAL_RESUME_SECONDS = float(os.environ.get("FEDPORTAL_RESUME_SECONDS", "60"))
+CELERY_BEAT_SCHEDULE = {
+    "jobs-resume": {"task": "jobs.tasks.jobs_resume_task", "schedule": FEDPORTAL_RESUME_SECONDS}
+}
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Torch threads in a Celery worker (see jobs.tasks); one is fastest on a shared machine.

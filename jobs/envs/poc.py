@@ -17,6 +17,9 @@ then submits the job over the REST API exactly as ``ProdEnv`` does and returns i
 in its own process group). With ``keep_running=True`` the portal stays up after the job (the
 URL and the sign-in are printed) until ``stop()`` or the end of the Python process.
 
+``database_url`` puts the portal on a database of yours (PostgreSQL) instead of a SQLite file
+in the workspace; it is migrated and set up in place.
+
 Workspace (default ``<tmp>/fedportal-poc/<time>``): ``db.sqlite3``, ``media/``, ``logs/``
 (portal, worker, one per agent), ``sites/<site>/`` (each agent's folder), ``runs/<job>/``,
 ``credentials.json`` (portal URL, API token, project, user and password: a ``ProdEnv``
@@ -38,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -109,6 +113,7 @@ class PocEnv:
         python: str = sys.executable,
         extra_env: dict[str, str] | None = None,
         wire_log: bool = False,
+        database_url: str | None = None,
     ) -> None:
         if clients is not None:
             clients = list(clients)
@@ -137,7 +142,12 @@ class PocEnv:
         self.python = python
         self.extra_env = dict(extra_env or {})
         self.wire_log = wire_log
+        self.database_url = database_url
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # Processes ended on purpose (kill, stop): the supervisor leaves those alone.
+        self._stopped_on_purpose: set[str] = set()
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
         # Its own Celery queue and channel-layer prefix: PocEnvs sharing a Redis database (a
         # test run beside a demo) never take each other's tasks, and groups left behind by an
         # earlier run's portal are not this run's.
@@ -190,7 +200,7 @@ class PocEnv:
             {
                 "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
                 "FEDPORTAL_DATA_DIR": str(self.workspace),
-                "DATABASE_URL": f"sqlite:///{self.workspace / 'db.sqlite3'}",
+                "DATABASE_URL": self.database_url or f"sqlite:///{self.workspace / 'db.sqlite3'}",
                 "REDIS_URL": self.redis_url,
                 "CELERY_BROKER_URL": self.redis_url,
                 "CELERY_RESULT_BACKEND": self.redis_url,
@@ -285,6 +295,9 @@ class PocEnv:
         except BaseException:
             self.stop()
             raise
+        self._stopping.clear()
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="poc")
+        self._supervisor.start()
         self._say(
             f"portal {self.url}, worker and {len(self.clients)} agents up in "
             f"{time.perf_counter() - started:.1f} s; workspace {self.workspace}"
@@ -319,8 +332,14 @@ class PocEnv:
         enrol on every start: the copied tokens are unused, and each agent makes a new key.
         """
         setup_file = self.workspace / "poc_setup.json"
-        if (self.workspace / "db.sqlite3").exists() and setup_file.exists():
+        if setup_file.exists() and (self.database_url or (self.workspace / "db.sqlite3").exists()):
             return dict(json.loads(setup_file.read_text()))  # started before: the same PoC
+        if self.database_url:
+            # A database of the caller's (PostgreSQL): set up in place, nothing cached.
+            self._manage("migrate", "--noinput")
+            setup_file.write_text(self._manage("poc_setup", "--sites", ",".join(self.clients)))
+            setup_file.chmod(0o600)
+            return dict(json.loads(setup_file.read_text()))
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedportal"
         sites_key = hashlib.sha256(",".join(self.clients).encode()).hexdigest()[:12]
         template = cache / f"poc-{_migrations_digest()}-{sites_key}"
@@ -365,13 +384,37 @@ class PocEnv:
         )
         # One solo worker: one process, no pool to fork; the round work is short and serial.
         # It is alone on its queue, so it need not wait to meet other workers (mingle) at start.
-        self._spawn(
-            "worker",
-            [
-                *(py, "-m", "celery", "-A", "fedportal", "worker", "-P", "solo"),
-                *("--without-mingle", "--without-gossip", "--loglevel=INFO"),
-            ],
-        )
+        # With the periodic resume (-B: beat in a child process), the safety net for round
+        # kicks and deadline countdowns lost with the broker.
+        self._spawn("worker", self.worker_args(beat=True))
+
+    def worker_args(self, *, beat: bool = False) -> list[str]:
+        """The command of a Celery worker for this PoC (``beat``: with the periodic resume;
+        one worker only should run it)."""
+        schedule = ["-B", "--schedule", str(self.workspace / "celerybeat-schedule")]
+        return [
+            *(self.python, "-m", "celery", "-A", "fedportal", "worker", "-P", "solo"),
+            *("--without-mingle", "--without-gossip", "--loglevel=INFO"),
+            *(schedule if beat else []),
+        ]
+
+    def _supervise(self) -> None:
+        """Start a worker that exited on its own again, as a service manager (systemd, the
+        compose file's restart policy) does in a deployment.
+
+        A Celery worker on Redis can exit when the broker goes away: kombu fails while it
+        gives back its unacknowledged tasks (``Unrecoverable error: AttributeError …
+        'hostname'``). Every task is safe to run again and a starting worker resumes every
+        active job, so starting it again loses nothing.
+        """
+        while not self._stopping.wait(0.5):
+            for name in [n for n in self.processes if n == "worker"]:
+                proc = self.processes.get(name)
+                if proc is None or proc.poll() is None or name in self._stopped_on_purpose:
+                    continue
+                self._say(f"the {name} exited (code {proc.returncode}); starting it again")
+                with contextlib.suppress(OSError, ValueError):
+                    self.restart(name)
 
     def _wait_for_portal(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -451,12 +494,14 @@ class PocEnv:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a started process's group: ``portal``, ``worker``, ``agent:<site>``."""
         proc = self.processes[name]
+        self._stopped_on_purpose.add(name)
         with _suppress_lookup():
             os.killpg(proc.pid, sig)
         proc.wait(timeout=30)
 
     def restart(self, name: str) -> None:
         """Start one stopped process again, as it was first started."""
+        self._stopped_on_purpose.discard(name)
         if name.startswith("agent:"):
             self.start_agent(name.split(":", 1)[1])
         elif name in ("portal", "worker"):
@@ -468,6 +513,10 @@ class PocEnv:
 
     def stop(self, grace: float = 10.0) -> None:
         """End every process this env started: agents first, then worker and portal."""
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(5)
+        self._supervisor = None
         order = sorted(self.processes, key=lambda n: (not n.startswith("agent:"), n))
         for name in order:
             proc = self.processes[name]

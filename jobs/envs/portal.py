@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client_agent.portal import PortalClient, PortalError
+from client_agent.portal import PortalClient, PortalError, PortalUnreachable
 from jobs.bundle import MODEL_FILE, SPEC_FILE, pack_app
 from jobs.envs.base import MetricPoint, Metrics, RoundRecord, Run, RunStatus, _Progress
 
@@ -81,8 +81,28 @@ class PortalRun(Run):
         """Follow the job until it ends (or ``timeout`` seconds); then fetch its results."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last_state = ""
+        away_since: float | None = None
         while True:
-            self.refresh()
+            try:
+                self.refresh()
+            except (PortalUnreachable, PortalError) as exc:
+                # A portal being restarted or redeployed (or a proxy answering 502/503 for
+                # it meanwhile) is waited for; the job goes on without us.
+                if isinstance(exc, PortalError) and exc.status < 500:
+                    raise
+                if away_since is None:
+                    away_since = time.monotonic()
+                    self.progress.say(f"the portal does not answer ({exc}); still waiting")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"job {self.job_id}: the portal has not answered for "
+                        f"{time.monotonic() - away_since:.0f} s"
+                    ) from exc
+                time.sleep(min(2.0, self.poll_seconds * 4))
+                continue
+            if away_since is not None:
+                away_since = None
+                self.progress.say("the portal answers again")
             if self.state != last_state:
                 last_state = self.state
                 self.progress.say(f"{self.name} ({self.job_id}): {self.state}")

@@ -37,6 +37,7 @@ from django.utils import timezone
 
 from client_agent.wire import WireFormatError, save_state_dict
 from jobs import events
+from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import (
     TASK_ANSWERED,
     Job,
@@ -226,7 +227,8 @@ def _round_open(job: Job, number: int) -> Round:
 # Errors that say the database or its connection went away for a moment (a restart, a
 # failover): the task is retried later (``jobs.tasks``). Any other error while closing a round
 # would happen again on every retry, so the round fails with it instead.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+# A full disk is waited out too: an operator frees space, and nothing is lost meanwhile.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, StorageFull)
 
 # Advisory lock keys of round aggregations: this prefix in the high bits, the round's id below.
 _AGGREGATION_LOCK_PREFIX = 0x4650 << 48
@@ -286,16 +288,27 @@ def _round_aggregate(round_id: int) -> str:
         try:
             return _round_aggregate_claimed(round_id)
         except TRANSIENT_ERRORS:
-            # Not a death: this start does not count against the round (when the database
-            # takes the correction; if it is still away, the start stays counted).
-            with contextlib.suppress(DatabaseError):
-                Round.objects.filter(pk=round_id, aggregation_attempts__gt=0).update(
-                    aggregation_attempts=F("aggregation_attempts") - 1
-                )
+            _aggregation_not_counted(round_id)
             raise
         except Exception as exc:
+            if is_storage_full(exc):
+                log.error("round %s: storage full; the new global model waits for room", round_id)
+                _aggregation_not_counted(round_id)
+                raise StorageFull(
+                    "the portal's storage is full: the round closes once there is room"
+                ) from exc
             log.exception("round %s: aggregation failed", round_id)
             return _round_fail(round_id, f"the new global model could not be made: {exc}")
+
+
+def _aggregation_not_counted(round_id: int) -> None:
+    """A start that ended in a transient error was no death: it does not count against the
+    round (when the database takes the correction; if it is still away, the start stays
+    counted)."""
+    with contextlib.suppress(DatabaseError):
+        Round.objects.filter(pk=round_id, aggregation_attempts__gt=0).update(
+            aggregation_attempts=F("aggregation_attempts") - 1
+        )
 
 
 def _aggregation_attempt(round_id: int) -> int | None:

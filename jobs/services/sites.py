@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
@@ -12,7 +13,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from jobs import events
-from jobs.exceptions import DecisionNotDelegated
+from jobs.exceptions import DecisionNotDelegated, StorageFull, is_storage_full
 from jobs.models import (
     JOB_ACTIVE,
     Job,
@@ -34,6 +35,8 @@ from jobs.numbers import (
 )
 from jobs.services.rounds import job_kick_after_commit
 from sites.exceptions import Conflict, NotFound, ValidationFailed
+
+log = logging.getLogger(__name__)
 
 
 def job_for_site(*, job_uid: Any, site: Any) -> Job:
@@ -164,7 +167,12 @@ def update_upload(
     name = f"{task.site.name}.safetensors"
     # Write to storage as it arrives; the file is deleted again on any refusal below.
     storage_file = task.update
-    storage_file.save(name, ContentFile(b""), save=False)
+    try:
+        storage_file.save(name, ContentFile(b""), save=False)
+    except OSError as exc:
+        if is_storage_full(exc):
+            raise _update_not_kept(task) from exc
+        raise
     path = storage_file.path
     try:
         with open(path, "wb") as out:
@@ -207,9 +215,16 @@ def update_upload(
                 task_id = locked.pk
                 transaction.on_commit(lambda: update_check_task.delay(task_id))
         return locked
-    except BaseException:
+    except BaseException as exc:
         storage_file.storage.delete(storage_file.name)
+        if is_storage_full(exc):
+            raise _update_not_kept(task) from exc
         raise
+
+
+def _update_not_kept(task: SiteTask) -> StorageFull:
+    log.error("storage full: the update of %s was not kept", task.site.name)
+    return StorageFull("the portal's storage is full; the update was not kept: send it again later")
 
 
 def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) -> int:

@@ -16,6 +16,7 @@ from django.db import transaction
 
 from client_agent.wire import WireFormatError, first_nonfinite_tensor, read_header
 from jobs.bundle import BundleError, check_app_archive, check_spec
+from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Job, JobSite, ModelVersion
 from sites.exceptions import ValidationFailed
 
@@ -103,6 +104,36 @@ def job_submit(
             field="spec.params.min_clients",
         )
 
+    try:
+        return _check_and_store(
+            project=project,
+            submitted_by=submitted_by,
+            spec=spec,
+            checked=checked,
+            timeout=timeout,
+            participants=participants,
+            initial_model=initial_model,
+            app_archive=app_archive,
+        )
+    except OSError as exc:
+        if is_storage_full(exc):
+            raise StorageFull(
+                "the portal's storage is full; the job was not submitted: try again later"
+            ) from exc
+        raise
+
+
+def _check_and_store(
+    *,
+    project: Any,
+    submitted_by: Any,
+    spec: Any,
+    checked: Any,
+    timeout: int,
+    participants: list[Any],
+    initial_model: IO[bytes],
+    app_archive: IO[bytes],
+) -> Job:
     with tempfile.TemporaryDirectory(prefix="fedportal-submit-") as tmp:
         model_path = Path(tmp) / "initial_model.safetensors"
         model_sha = _copy_limited(

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.envs import ProdEnv
+from client_agent.portal import PortalError, PortalUnreachable
+from jobs.envs import ProdEnv, RunStatus
+from jobs.envs.portal import PortalRun
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +49,51 @@ def test_an_unreadable_credentials_file_is_an_error_naming_it(tmp_path: Path) ->
 def test_a_portal_url_that_is_not_http_is_refused() -> None:
     with pytest.raises(ValueError, match="portal URL must look like https://"):
         ProdEnv("fl.example.org", token="fpt_x", project="p")
+
+
+class FlakyPortal:
+    """A portal that is away (connection refused, then a proxy's 503) before it answers."""
+
+    url = "https://portal.example"
+
+    def __init__(self, outages: list[Exception], final_state: str = "completed") -> None:
+        self.outages = list(outages)
+        self.final_state = final_state
+
+    def get(self, path: str) -> dict[str, object]:
+        if self.outages:
+            raise self.outages.pop(0)
+        return {"uid": "u-1", "name": "job", "num_rounds": 1, "state": self.final_state}
+
+    def get_all(self, path: str) -> list[object]:
+        return []
+
+
+def test_waiting_rides_out_a_portal_that_is_restarted(tmp_path: Path) -> None:
+    portal = FlakyPortal(
+        [PortalUnreachable("connection refused"), PortalError(503, "unavailable", "restarting")]
+    )
+    run = PortalRun(
+        client=portal,  # type: ignore[arg-type]
+        job={"uid": "u-1", "name": "job", "num_rounds": 1, "state": "running"},
+        workspace=tmp_path,
+        show_progress=False,
+        poll_seconds=0.01,
+    )
+
+    assert run.wait(timeout=30).status == RunStatus.COMPLETED
+    assert portal.outages == []
+
+
+def test_waiting_stops_at_an_error_that_is_not_the_portal_being_away(tmp_path: Path) -> None:
+    portal = FlakyPortal([PortalError(403, "permission_denied", "not yours")])
+    run = PortalRun(
+        client=portal,  # type: ignore[arg-type]
+        job={"uid": "u-1", "name": "job", "num_rounds": 1, "state": "running"},
+        workspace=tmp_path,
+        show_progress=False,
+        poll_seconds=0.01,
+    )
+
+    with pytest.raises(PortalError, match="not yours"):
+        run.wait(timeout=30)

@@ -1,0 +1,455 @@
+"""Faults in the middle of a round, on real processes: the job loses nothing.
+
+Each test runs a PocEnv — a real portal, Celery worker (with its periodic resume) and three
+site agents — on a PostgreSQL and a Redis of its own (``services``), breaks something while
+a job runs, and checks that the job ends with exactly the final model of an undisturbed run
+(the same bits), or fails with a reason that names what happened where no quorum is left.
+
+The sites run one deterministic script: site k adds k to every weight and reports weight k,
+so an undisturbed job's result is also known by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import torch
+from celery import Celery
+
+from client_agent.portal import PortalClient, PortalError, PortalUnreachable
+from client_agent.wire import load_state_dict
+from jobs.envs import PocEnv, ProdEnv, RunStatus, SimEnv
+from jobs.envs.portal import PortalRun
+from jobs.recipes import FedAvgRecipe
+from tests.chaos.services import (
+    PrivatePostgres,
+    PrivateRedis,
+    TcpProxy,
+    can_mount_tmpfs,
+    mounted_tmpfs,
+    postgres_available,
+    wait_until,
+)
+
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not postgres_available(), reason="needs PostgreSQL's server binaries"),
+]
+
+SITES = ["site-1", "site-2", "site-3"]
+ROUNDS = 3
+
+SCRIPT = textwrap.dedent(
+    """
+    import client_agent.api as flare
+
+    flare.init()
+    k = int(flare.get_site_name().rsplit("-", 1)[1])
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        print(f"round {model.current_round}: adding {k}", flush=True)
+        params = {name: value + k for name, value in model.params.items()}
+        flare.send(flare.FLModel(params=params, metrics={"score": float(k)},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": k}))
+    """
+)
+
+
+def make_recipe(app: Path, *, min_clients: int = 3, size: int = 1000) -> FedAvgRecipe:
+    return FedAvgRecipe(
+        name=f"chaos-{size}",
+        min_clients=min_clients,
+        num_rounds=ROUNDS,
+        model={"w": torch.linspace(-1.0, 1.0, size), "steps": torch.tensor(0)},
+        train_script=str(app / "client.py"),
+        key_metric="score",
+    )
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("chaos-app")
+    (folder / "client.py").write_text(SCRIPT)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[PrivateRedis]:
+    server = PrivateRedis()
+    server.start()
+    yield server
+    server.close()
+
+
+_reference_models: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def undisturbed(app: Path, tmp_path: Path, size: int = 1000) -> dict[str, torch.Tensor]:
+    """The final model of the same job with nothing broken (SimEnv gives PocEnv's bits)."""
+    if size not in _reference_models:
+        run = make_recipe(app, size=size).execute(
+            SimEnv(clients=SITES, workspace=tmp_path / f"sim-{size}", show_progress=False)
+        )
+        assert run.status == RunStatus.COMPLETED, run.error
+        assert run.global_model is not None
+        _reference_models[size] = run.global_model
+    return _reference_models[size]
+
+
+def by_hand(size: int = 1000) -> dict[str, torch.Tensor]:
+    # Sites 1, 2, 3 add 1, 2, 3 with weights 1, 2, 3: (1 + 4 + 9) / 6 = 7/3 a round.
+    w = torch.linspace(-1.0, 1.0, size, dtype=torch.float64) + ROUNDS * 7 / 3
+    return {"w": w.float(), "steps": torch.tensor(ROUNDS * 2)}
+
+
+@dataclass
+class Chaos:
+    """A PocEnv on the private services, and what a test needs to watch and break it."""
+
+    env: PocEnv
+    postgres: PrivatePostgres
+    redis: PrivateRedis
+    database: str
+    people: PortalClient
+
+    def submit(self, recipe: FedAvgRecipe) -> PortalRun:
+        prod = ProdEnv(
+            self.env.url,
+            token=self.env.credentials["api_token"],
+            project=self.env.credentials["project"],
+            round_timeout_seconds=self.env.round_timeout_seconds,
+            workspace=self.env.workspace / "runs",
+            show_progress=False,
+            wait=False,
+        )
+        run = recipe.execute(prod)
+        assert isinstance(run, PortalRun)
+        return run
+
+    def get(self, path: str) -> Any:
+        """A people's API call that rides out a portal restart."""
+        for _ in range(100):
+            try:
+                return self.people.get(path)
+            except PortalUnreachable:
+                time.sleep(0.2)
+            except PortalError as exc:
+                if exc.status < 500:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError(f"the portal did not answer {path}")
+
+    def rounds(self, run: PortalRun) -> list[dict[str, Any]]:
+        return list(self.get(f"/api/v1/jobs/{run.job_id}/rounds/")["results"])
+
+    def tasks(self, run: PortalRun, number: int) -> dict[str, str]:
+        """Each site's task state in round ``number``."""
+        states = {}
+        for participant in self.get(f"/api/v1/jobs/{run.job_id}/sites/")["results"]:
+            for task in participant.get("tasks") or []:
+                if int(task["round"]) == number:
+                    states[participant["site"]] = task["state"]
+        return states
+
+    def round_is(self, run: PortalRun, number: int, state: str) -> bool:
+        return any(r["number"] == number and r["state"] == state for r in self.rounds(run))
+
+    def job_id(self, run: PortalRun) -> int:
+        return int(
+            self.postgres.sql(self.database, f"SELECT id FROM jobs_job WHERE uid='{run.job_id}'")
+        )
+
+    def finish(self, run: PortalRun, timeout: float = 240) -> PortalRun:
+        """Follow the job to its end (riding out a portal restart) and fetch its results."""
+        return run.wait(timeout=timeout)
+
+    def final_model(self, run: PortalRun) -> dict[str, torch.Tensor]:
+        path = run.workspace / "models" / f"round-{ROUNDS:03d}.safetensors"
+        return load_state_dict(path)
+
+    def logs(self, name: str) -> str:
+        path = self.env.workspace / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def put_site_behind(self, site: str, proxy: TcpProxy) -> None:
+        """Send ``site``'s agent through ``proxy`` from now on (restarts the agent)."""
+        config = self.env.site_dir(site) / "site.json"
+        identity = json.loads(config.read_text())
+        identity["portal"] = proxy.url
+        config.write_text(json.dumps(identity))
+        self.env.kill(f"agent:{site}", signal.SIGTERM)
+        self.env.start_agent(site)
+
+
+_databases = iter(range(1, 1000))
+
+
+@contextlib.contextmanager
+def started(
+    postgres: PrivatePostgres, redis: PrivateRedis, tmp_path: Path, options: dict[str, Any]
+) -> Iterator[Chaos]:
+    """A PocEnv on a new database of the private PostgreSQL; stopped on leaving."""
+    database = f"chaos_{next(_databases)}"
+    url = postgres.create_database(database)
+    env = PocEnv(
+        clients=SITES,
+        workspace=tmp_path / "poc",
+        redis_url=redis.url,
+        redis_db=0,
+        database_url=url,
+        round_timeout_seconds=options.get("round_timeout", 120),
+        show_progress=False,
+        extra_env={"FEDPORTAL_RESUME_SECONDS": "2", **options.get("env", {})},
+    )
+    env.start()
+    try:
+        yield Chaos(
+            env=env,
+            postgres=postgres,
+            redis=redis,
+            database=database,
+            people=PortalClient(env.url, api_token=env.credentials["api_token"]),
+        )
+    finally:
+        env.stop()
+
+
+@pytest.fixture
+def chaos(
+    postgres: PrivatePostgres, redis: PrivateRedis, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Chaos]:
+    with started(postgres, redis, tmp_path, getattr(request, "param", {}) or {}) as running:
+        yield running
+
+
+def assert_same_bits(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def test_an_undisturbed_run_is_the_hand_computed_model(app: Path, tmp_path: Path) -> None:
+    reference = undisturbed(app, tmp_path)
+    expected = by_hand()
+    assert torch.allclose(reference["w"], expected["w"], atol=1e-6)
+    assert torch.equal(reference["steps"], expected["steps"])
+
+
+def test_redis_restarted_mid_round(chaos: Chaos, app: Path, tmp_path: Path) -> None:
+    # Redis keeps nothing on disk: the restart loses the queued tasks (the next round's kick,
+    # deadline countdowns) and every channel-layer group the agents listened on.
+    run = chaos.submit(make_recipe(app))
+    wait_until(lambda: chaos.round_is(run, 1, "open"), 120, "round 2 to open")
+
+    chaos.redis.restart()
+
+    run = chaos.finish(run)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert_same_bits(chaos.final_model(run), undisturbed(app, tmp_path))
+
+
+def test_postgres_restarted_mid_aggregation(chaos: Chaos, app: Path, tmp_path: Path) -> None:
+    run = chaos.submit(make_recipe(app))
+    job_id = chaos.job_id(run)
+    # Hold the worker in the middle of closing round 2: an uncommitted row in the way of the
+    # new global model it stores last (the models' unique index makes it wait on us).
+    blocker = psycopg.connect(chaos.postgres.url(chaos.database))
+    blocker.execute(
+        "INSERT INTO jobs_modelversion (job_id, round_number, file, sha256, size, metrics, "
+        "is_best, created_at) VALUES (%s, 2, 'held', 'held', 0, '{}', false, now())",
+        [job_id],
+    )
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query LIKE '%jobs_modelversion%'"
+    )
+    wait_until(
+        lambda: chaos.postgres.sql(chaos.database, waiting) == "1",
+        120,
+        "the worker to wait on the held round",
+    )
+
+    chaos.postgres.restart(mode="immediate")  # a crash: every session cut, nothing committed
+    with contextlib.suppress(Exception):
+        blocker.close()
+
+    run = chaos.finish(run)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert_same_bits(chaos.final_model(run), undisturbed(app, tmp_path))
+    assert "OperationalError" in chaos.logs("worker")  # it did see the database go
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount a small filesystem")
+def test_disk_full_during_update_uploads(
+    postgres: PrivatePostgres, redis: PrivateRedis, app: Path, tmp_path: Path
+) -> None:
+    media = tmp_path / "media"
+    with mounted_tmpfs(media, 8 << 20):
+        options = {"env": {"DJANGO_MEDIA_ROOT": str(media)}}
+        with started(postgres, redis, tmp_path, options) as chaos:
+            run = chaos.submit(make_recipe(app))
+            wait_until(lambda: chaos.round_is(run, 0, "closed"), 120, "round 1 to close")
+            filler = media / "filler"
+            # Round 2 is open and its model stored: fill what is left of the disk.
+            _fill(filler)
+            wait_until(
+                lambda: "storage" in "".join(chaos.logs(f"agent-{s}") for s in SITES).lower(),
+                120,
+                "an agent to be told the portal's storage is full",
+            )
+            # Nothing half-stored: no update file of round 2 was kept.
+            updates = list(media.glob("jobs/*/*/updates/round-002/*"))
+            assert updates == [], updates
+            assert set(chaos.tasks(run, 1).values()) <= {"assigned", "downloaded", "training"}
+
+            filler.unlink()
+
+            run = chaos.finish(run)
+            assert run.status == RunStatus.COMPLETED, run.error
+            assert_same_bits(chaos.final_model(run), undisturbed(app, tmp_path))
+
+
+@pytest.mark.parametrize("chaos", [{"round_timeout": 12}], indirect=True)
+def test_an_agent_cut_off_past_the_deadline_fails_a_job_that_needs_every_site(
+    chaos: Chaos, app: Path
+) -> None:
+    proxy = TcpProxy(chaos.env.port or 0)
+    try:
+        chaos.put_site_behind("site-3", proxy)
+        run = chaos.submit(make_recipe(app, min_clients=3))
+        wait_until(lambda: chaos.round_is(run, 0, "closed"), 120, "round 1 to close")
+
+        proxy.cut()
+        run = chaos.finish(run)
+        proxy.restore()
+    finally:
+        proxy.close()
+
+    assert run.status == RunStatus.FAILED
+    assert "round 2" in (run.error or "") and "site-3" in (run.error or ""), run.error
+    assert "min_clients is 3" in (run.error or "")
+
+
+@pytest.mark.parametrize("chaos", [{"round_timeout": 12}], indirect=True)
+def test_an_agent_cut_off_past_the_deadline_rejoins_the_next_round(chaos: Chaos, app: Path) -> None:
+    proxy = TcpProxy(chaos.env.port or 0)
+    try:
+        chaos.put_site_behind("site-3", proxy)
+        run = chaos.submit(make_recipe(app, min_clients=2))
+        wait_until(lambda: chaos.round_is(run, 0, "closed"), 120, "round 1 to close")
+
+        proxy.cut()
+        wait_until(lambda: chaos.round_is(run, 1, "closed"), 120, "round 2 to close without it")
+        proxy.restore()
+
+        run = chaos.finish(run)
+    finally:
+        proxy.close()
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert [r.accepted for r in run.rounds] == [SITES, ["site-1", "site-2"], SITES]
+    # By hand: round 2 adds (1 + 4) / 3 = 5/3 instead of 7/3.
+    final = chaos.final_model(run)
+    expected = torch.linspace(-1.0, 1.0, 1000, dtype=torch.float64) + 7 / 3 + 5 / 3 + 7 / 3
+    assert torch.allclose(final["w"].double(), expected, atol=1e-5)
+
+
+def test_two_workers_racing_on_one_job(chaos: Chaos, app: Path, tmp_path: Path) -> None:
+    env = chaos.env
+    env._spawn("worker-2", env.worker_args(beat=False))
+    run = chaos.submit(make_recipe(app))
+    job_id = chaos.job_id(run)
+    # Both workers are kicked for the job many times a second: duplicate deliveries, as a
+    # redelivery after a visibility timeout or two events at once would make.
+    kicker = Celery("chaos-kicker", broker=f"{chaos.redis.url}/0")
+    kicker.conf.task_serializer = "json"
+    stop = threading.Event()
+
+    def kick() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                kicker.send_task("jobs.tasks.job_advance_task", args=[job_id], queue=env.run_tag)
+            time.sleep(0.2)
+
+    kickers = [threading.Thread(target=kick, daemon=True) for _ in range(2)]
+    for thread in kickers:
+        thread.start()
+    try:
+        run = chaos.finish(run)
+    finally:
+        stop.set()
+        for thread in kickers:
+            thread.join(5)
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert_same_bits(chaos.final_model(run), undisturbed(app, tmp_path))
+    # Each round was aggregated once, by one worker, and stored one model.
+    attempts = chaos.postgres.sql(
+        chaos.database,
+        f"SELECT string_agg(aggregation_attempts::text, ',' ORDER BY number) FROM jobs_round "
+        f"WHERE job_id = {job_id}",
+    )
+    assert attempts == "1,1,1"
+    assert "succeeded" in chaos.logs("worker-2")  # the second worker did take work
+
+
+def test_portal_restarted_with_three_uploads_in_flight(
+    chaos: Chaos, app: Path, tmp_path: Path
+) -> None:
+    size = 1_000_000  # 4 MB updates, throttled to take seconds each
+    proxy = TcpProxy(chaos.env.port or 0)
+    try:
+        for site in SITES:
+            chaos.put_site_behind(site, proxy)
+        run = chaos.submit(make_recipe(app, size=size))
+        wait_until(lambda: chaos.round_is(run, 0, "closed"), 180, "round 1 to close")
+        proxy.throttle(1_000_000)
+        wait_until(lambda: proxy.uploads_in_flight() == 3, 120, "three uploads in flight")
+
+        chaos.env.kill("portal")
+        proxy.throttle(None)
+        chaos.env.restart("portal")
+
+        run = chaos.finish(run, timeout=300)
+    finally:
+        proxy.close()
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert_same_bits(chaos.final_model(run), undisturbed(app, tmp_path, size=size))
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _fill(path: Path) -> None:
+    """Write to ``path`` until its filesystem is full."""
+    block = b"\0" * (64 * 1024)
+    with open(path, "wb") as out, contextlib.suppress(OSError):
+        while True:
+            out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+    assert os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize < 64 * 1024
