@@ -169,6 +169,7 @@ def _start_if_ready(job: Job) -> str:
             link.decision = JobSite.Decision.ACCEPTED
             link.decided_at = now
             link.save(update_fields=["decision", "decided_at"])
+            events.decision(link)
     ready = [
         link
         for link in links
