@@ -81,7 +81,7 @@ def test_the_job_page_catches_up_after_its_socket_connects(pages: Pages, tmp_pat
     page.evaluate("window.notReloaded = true")
 
     held[0].continue_()
-    expect(page.locator("[data-live-status]")).to_contain_text("Live")
+    expect(page.locator("[data-live-status]")).to_contain_text("Live:")
     expect(page.locator("#job-state")).to_have_text("aborted")
     expect(page.locator("#job-failure")).to_have_text(": stopped early")
     expect(page.locator("#job-progress-text")).to_have_text("1 of 2 rounds")
@@ -156,7 +156,7 @@ def test_decisions_and_agent_liveness_show_live_on_the_job_page(
     page: Any = pages.new_page()
     pages.sign_in(page, world.users[jw.MEMBER].username)
     pages.visit(page, f"/jobs/{job.uid}/", "job-waiting")
-    expect(page.locator("[data-live-status]")).to_contain_text("Live")
+    expect(page.locator("[data-live-status]")).to_contain_text("Live:")
     row_1 = page.locator('#task-grid tr[data-site="site-1"]')
     row_2 = page.locator('#task-grid tr[data-site="site-2"]')
     expect(row_1.locator('[data-field="online"]')).to_have_text("offline")

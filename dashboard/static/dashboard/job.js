@@ -165,7 +165,7 @@
       series.splice(at, 0, [x, value]);
       chart.counts[name] = (chart.counts[name] || series.length - 1) + 1;
     }
-    if (series.length > 2 * MAX_POINTS) reloadMetrics();
+    if (series.length > 2 * MAX_POINTS || metricsInflight) reloadMetrics();
     schedule(id);
   }
 
@@ -177,11 +177,21 @@
     addPoint(event.key, axis, event.site || AGGREGATE, x, event.value);
   }
 
+  // The charts' data fetched again (downsampled by the server); a point that arrives while
+  // the answer is on its way may be missing from it, so it is fetched once more after.
   let reloading = null;
+  let metricsInflight = false;
+  let metricsAgain = false;
   function reloadMetrics() {
+    if (metricsInflight) {
+      metricsAgain = true;
+      return;
+    }
     if (reloading) return;
     reloading = setTimeout(() => {
       reloading = null;
+      metricsInflight = true;
+      metricsAgain = false;
       fetch(chartsEl.dataset.source, { credentials: "same-origin" })
         .then((r) => (r.ok ? r.json() : null))
         .then((body) => {
@@ -189,7 +199,11 @@
           data = body.charts;
           Object.keys(data).forEach(schedule);
         })
-        .catch(() => {});
+        .catch(() => {})
+        .finally(() => {
+          metricsInflight = false;
+          if (metricsAgain) reloadMetrics();
+        });
     }, 300);
   }
 
@@ -206,6 +220,7 @@
       box.querySelector("h3").textContent = event.site;
       logs.appendChild(box);
     }
+    live.touched(logs);
     const pre = box.querySelector("pre");
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     for (const line of event.lines) {
@@ -230,6 +245,7 @@
     if (!cell) {
       live.refresh(rounds);
     } else {
+      live.touched(rounds);
       cell.dataset.state = event.state;
       cell.innerHTML = '<span class="badge task-' + event.state + '"></span>';
       cell.firstChild.textContent = event.state;
@@ -256,6 +272,7 @@
   function onSiteStatus(event) {
     const row = document.querySelector('#task-grid tr[data-site="' + CSS.escape(event.site) + '"]');
     if (!row) return; // not a site of this job
+    live.touched(document.getElementById("rounds"));
     const online = event.online && event.state === "enrolled";
     row.querySelector('[data-field="online"]').innerHTML = online
       ? '<span class="badge online">online</span>'
@@ -269,6 +286,7 @@
       live.refresh(document.getElementById("rounds"));
       return;
     }
+    live.touched(document.getElementById("rounds"));
     const cell = row.querySelector('[data-field="decision"]');
     cell.textContent = event.decision;
     if (event.decided_by) {
@@ -299,16 +317,34 @@
     if (event.state !== before) live.announce("job-announce", "The job is now " + event.state + ".");
   }
 
-  // The socket has just connected (the first time, or again): fetch everything the page
-  // shows, since events sent before it joined were not heard.
-  function onSynced() {
+  // The job's state fetched again; a job.state event while the answer is on its way may be
+  // newer than the answer, so the state is fetched once more after.
+  let stateInflight = false;
+  let stateAgain = false;
+  function reloadState() {
+    if (stateInflight) {
+      stateAgain = true;
+      return;
+    }
+    stateInflight = true;
+    stateAgain = false;
     const badge = document.getElementById("job-state");
     fetch(badge.dataset.source, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then((r) => (r.ok ? r.json() : null))
       .then((job) => {
-        if (job) onJob(job);
+        if (job && !stateAgain) onJob(job);
       })
-      .catch(() => {});
+      .catch(() => {})
+      .finally(() => {
+        stateInflight = false;
+        if (stateAgain) reloadState();
+      });
+  }
+
+  // The socket has just connected (the first time, or again): fetch everything the page
+  // shows, since events sent before it joined were not heard.
+  function onSynced() {
+    reloadState();
     live.refresh(document.getElementById("rounds"));
     live.refresh(document.getElementById("models"));
     live.refresh(document.getElementById("logs"));
@@ -322,6 +358,7 @@
     else if (event.kind === "task.state") onTask(event);
     else if (event.kind === "round.state") onRound(event);
     else if (event.kind === "job.state") {
+      if (stateInflight) stateAgain = true;
       onJob(event);
       live.refresh(document.getElementById("rounds"));
       live.refresh(document.getElementById("models"));

@@ -62,19 +62,37 @@
   }
 
   // Fetch a server-rendered fragment again and put it in place; calls within `wait` ms are
-  // folded into one request.
+  // folded into one request. A fetch that was on its way when the element changed in place
+  // (touched, below) may have been rendered before that change: it is fetched once more.
   const pending = new Map();
+  const inflight = new Map(); // element -> whether to fetch again once this answer is in
   function refresh(el, wait) {
-    if (!el || pending.has(el)) return;
+    if (!el) return;
+    if (inflight.has(el)) {
+      inflight.set(el, true);
+      return;
+    }
+    if (pending.has(el)) return;
     pending.set(el, setTimeout(() => {
       pending.delete(el);
+      inflight.set(el, false);
       fetch(el.dataset.refresh, { credentials: "same-origin", headers: { Accept: "text/html" } })
         .then((r) => (r.ok ? r.text() : null))
         .then((html) => {
           if (html !== null) el.innerHTML = html;
         })
-        .catch(() => {});
+        .catch(() => {})
+        .finally(() => {
+          const again = inflight.get(el);
+          inflight.delete(el);
+          if (again) refresh(el, 0);
+        });
     }, wait === undefined ? 150 : wait));
+  }
+
+  // An event changed `el` in place: an answer already on its way could undo that.
+  function touched(el) {
+    if (el && inflight.has(el)) inflight.set(el, true);
   }
 
   function announce(id, text) {
@@ -86,5 +104,5 @@
     return document.currentScript ? document.currentScript.dataset[name] : undefined;
   }
 
-  window.FedPortalLive = { connect, refresh, announce, scriptData };
+  window.FedPortalLive = { connect, refresh, touched, announce, scriptData };
 })();

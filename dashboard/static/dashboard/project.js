@@ -12,6 +12,7 @@
       live.refresh(siteRows); // a new site, or one revoked: its row changes more than this
       return;
     }
+    live.touched(siteRows);
     const online = row.querySelector('[data-field="online"]');
     online.innerHTML = event.online
       ? '<span class="badge online">online</span>'
