@@ -57,8 +57,8 @@ def models_context(job: Job) -> dict[str, Any]:
 
 
 def logs_of(job: Job, sites: list[Site]) -> list[tuple[Site, list[Any]]]:
-    tails = selectors.log_tails_of(job, limit=LOG_LINES)
-    return [(site, tails.get(site.pk, [])) for site in sites]
+    tails = selectors.log_tails_of(job, sites, limit=LOG_LINES)
+    return [(site, tails[site.pk]) for site in sites]
 
 
 @login_required
