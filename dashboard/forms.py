@@ -7,6 +7,7 @@ from typing import Any
 
 from django import forms
 
+from jobs.models import JobState
 from sites.models import SITE_NAME_HELP, Organization
 
 REASON_HELP = "Recorded in the audit log."
@@ -43,6 +44,18 @@ class ReasonForm(forms.Form):
 class AbortForm(forms.Form):
     reason = forms.CharField(
         max_length=1000, required=False, help_text="Optional; recorded as the job's reason."
+    )
+
+
+class JobFilterForm(forms.Form):
+    """The project page's jobs filter (a GET form, kept in the URL with the page number)."""
+
+    state = forms.ChoiceField(required=False, choices=[("", "Any state"), *JobState.choices])
+    name = forms.CharField(
+        required=False, max_length=100, help_text="A part of the job's name, in any case."
+    )
+    submitter = forms.CharField(
+        required=False, max_length=150, label="Submitted by", help_text="A username."
     )
 
 

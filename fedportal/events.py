@@ -7,6 +7,7 @@ dict of a ``fedportal.event`` message to its WebSocket as is.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,23 @@ def job_group(job_id: int) -> str:
 def site_group(site_id: int) -> str:
     """Where a site's connected agent listens: any event here makes it look for work."""
     return f"site.{site_id}"
+
+
+def sites_group(project_id: int) -> str:
+    """Where the pages that show a project's sites listen (its overview and its jobs' pages):
+    ``site.status`` only."""
+    return f"project.{project_id}.sites"
+
+
+def user_group(user_id: int) -> str:
+    """Every dashboard socket of one person: told when their access may have changed."""
+    return f"user.{user_id}"
+
+
+def session_group(session_key: str) -> str:
+    """Every dashboard socket opened with one sign-in session: told when it ends. Named by a
+    digest, so that the session key (a bearer secret) is never written to the channel layer."""
+    return "session." + hashlib.sha256(session_key.encode()).hexdigest()[:40]
 
 
 def send_after_commit(groups: Iterable[str], payload: dict[str, Any]) -> None:

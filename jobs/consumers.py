@@ -12,14 +12,20 @@ enrolled site's agent gets in. Then:
   accepted as reports with only one of them) — nothing else. Model updates travel over HTTP,
   streamed.
 
-A revocation closes the socket at once (close code 4403), and messages re-check the certificate
-in the database at least every 5 s besides; a handshake that fails verification is closed with
-4401. The consumer only parses and
-calls services.
+A revocation or a re-enrolment closes the socket of the agent signing with the old
+certificate at once (the ``site.revoked`` event names the certificate's serial; close code 4403);
+the certificate is also read again from the database on every heartbeat, before a message or an
+event when its last check is older than 5 s, and every ``FEDPORTAL_SOCKET_RECHECK_SECONDS``
+while the socket is idle, in case that event was lost. A site has one live socket: a newer
+connection of the site replaces the older one, which is closed with 4409 (see
+``sites.services.agents``). A handshake that fails verification is closed with 4401. The
+consumer only parses and calls services.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -28,6 +34,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import transaction
 
+from fedportal import sockets
 from fedportal.events import site_group
 from jobs.services.sites import (
     job_for_site,
@@ -42,12 +49,15 @@ from sites.exceptions import AuthenticationError, DomainError
 
 log = logging.getLogger(__name__)
 
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_REVOKED = 4403
+CLOSE_UNAUTHENTICATED = sockets.CLOSE_UNAUTHENTICATED
+CLOSE_REVOKED = sockets.CLOSE_REVOKED
+CLOSE_REPLACED = sockets.CLOSE_REPLACED
 HEARTBEAT_SECONDS = 15
 # A revocation closes the socket at once (the site.revoked event); the certificate is also
-# read again from the database on a message at most this often, in case that event was lost.
-RECHECK_SECONDS = 5.0
+# read again from the database before a message or event at most this often, in case that
+# event was lost (and on every heartbeat, which is what keeps the site online).
+RECHECK_SECONDS = sockets.EVENT_RECHECK_SECONDS
+REPLACED = "agent.replaced"
 AGENT_VERSION_HEADER = b"x-fedportal-agent-version"
 
 
@@ -56,10 +66,10 @@ def _handle(
 ) -> tuple[SiteIdentity, dict[str, Any]]:
     """One agent message, in a worker thread: re-check the certificate (``recheck``), call the
     service, return the fresh identity and the acknowledgement to send."""
-    if recheck:
+    kind = content.get("type")
+    if recheck or kind == "heartbeat":
         identity = identity_recheck(identity)
     site = identity.site
-    kind = content.get("type")
     if kind == "heartbeat":
         site_services.site_agent_heartbeat(site=site)
         return identity, {}
@@ -96,6 +106,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     identity: SiteIdentity | None = None
     group: str | None = None
     checked_at = 0.0
+    watch: asyncio.Task[None] | None = None
+    closing = False
 
     async def connect(self) -> None:
         try:
@@ -106,14 +118,17 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "error", **exc.as_dict()})
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
+        self.checked_at = time.monotonic()
         site = self.identity.site
         headers = dict(self.scope.get("headers", []))
         version = headers.get(AGENT_VERSION_HEADER, b"").decode("latin-1")[:64]
-        await database_sync_to_async(site_services.site_agent_connect)(
-            site=site, agent_version=version
-        )
         self.group = site_group(site.pk)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        replaced = await database_sync_to_async(site_services.site_agent_connect)(
+            site=site, agent_version=version, channel=self.channel_name
+        )
+        if replaced:
+            await self.channel_layer.send(replaced, {"type": REPLACED})
         await self.accept()
         await self.send_json(
             {
@@ -123,10 +138,11 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 "heartbeat_seconds": HEARTBEAT_SECONDS,
             }
         )
+        self.watch = asyncio.create_task(self._watch())
         log.info("agent connected: site=%s version=%s", site.name, version or "?")
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        if self.identity is None:
+        if self.identity is None or self.closing:
             return
         message_id = content.get("id") if isinstance(content, dict) else None
         if not isinstance(content, dict):
@@ -155,26 +171,74 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "ack", "id": message_id, **ack})
 
     async def fedportal_event(self, message: dict[str, Any]) -> None:
+        if self.identity is None or self.closing:
+            return
         event = message["event"]
         if event.get("kind") == "site.revoked":
-            await self._refuse(
-                {
-                    "code": "certificate_revoked",
-                    "message": f"certificate {event['serial']} was revoked: {event['reason']}",
-                }
-            )
+            # The site's group hears every certificate's revocation: a re-enrolment supersedes
+            # the old certificate while the agent with the new one may be connected already.
+            if event.get("serial") == self.identity.certificate.serial:
+                await self._refuse(
+                    {
+                        "code": "certificate_revoked",
+                        "message": f"certificate {event['serial']} was revoked: {event['reason']}",
+                    }
+                )
+            return
+        if time.monotonic() - self.checked_at >= RECHECK_SECONDS and not await self._recheck():
             return
         await self.send_json({"type": "event", "event": event})
 
+    async def agent_replaced(self, message: dict[str, Any]) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        site = self.identity.site.name if self.identity else "?"
+        await self.send_json(
+            {
+                "type": "error",
+                "code": "connection_replaced",
+                "message": f"a newer connection of site {site!r} replaced this one",
+            }
+        )
+        await self.close(code=CLOSE_REPLACED)
+
+    async def _recheck(self) -> bool:
+        """Read the certificate again; refuse the socket (and return False) when it is gone."""
+        assert self.identity is not None
+        self.checked_at = time.monotonic()
+        try:
+            self.identity = await database_sync_to_async(identity_recheck)(self.identity)
+        except AuthenticationError as exc:
+            await self._refuse(exc.as_dict())
+            return False
+        return True
+
+    async def _watch(self) -> None:
+        """The idle socket's safety net: its certificate is read again every
+        ``FEDPORTAL_SOCKET_RECHECK_SECONDS``."""
+        while not self.closing:
+            await asyncio.sleep(sockets.recheck_seconds())
+            if not self.closing and not await self._recheck():
+                return
+
     async def _refuse(self, error: dict[str, Any]) -> None:
+        if self.closing:
+            return
+        self.closing = True
         await self.send_json({"type": "error", **error})
         await self.close(code=CLOSE_REVOKED)
 
     async def disconnect(self, code: int) -> None:
+        self.closing = True
+        if self.watch is not None and self.watch is not asyncio.current_task():
+            self.watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watch
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
         if self.identity is not None:
             await database_sync_to_async(site_services.site_agent_disconnect)(
-                site=self.identity.site
+                site=self.identity.site, channel=self.channel_name
             )
             log.info("agent disconnected: site=%s code=%s", self.identity.site.name, code)

@@ -1,8 +1,8 @@
 """Typed events for the dashboard and agents, published after the transaction commits.
 
-Every state change of a job, round or site task, every metric point and every batch of log
-lines goes to the Channels group ``job.<id>``, and job and round changes also to
-``project.<id>``, through :func:`publish` (which uses
+Every state change of a job, round or site task, every site's decision to run the job or not,
+every metric point and every batch of log lines goes to the Channels group ``job.<id>``, and
+job and round changes also to ``project.<id>``, through :func:`publish` (which uses
 :func:`fedportal.events.send_after_commit`, the one sender). Job state changes and round
 openings also go to the groups of the sites they concern (``site.<id>``), where a connected
 agent learns that there is work; a task's own changes echo what its agent did, so they are
@@ -61,6 +61,16 @@ class TaskStateChanged(Event):
     state: str
     reason: str
     kind: str = field(init=False, default="task.state")
+
+
+@dataclass(frozen=True)
+class DecisionChanged(Event):
+    """A site accepted or declined the job (its admin, its agent, or automatically)."""
+
+    site: str
+    decision: str
+    decided_by: str | None
+    kind: str = field(init=False, default="job.decision")
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,18 @@ def task_state(task: Any) -> None:
             site=task.site.name,
             state=task.state,
             reason=task.reason,
+        )
+    )
+
+
+def decision(link: Any) -> None:
+    publish(
+        DecisionChanged(
+            job_id=link.job_id,
+            project_id=link.job.project_id,
+            site=link.site.name,
+            decision=link.decision,
+            decided_by=link.decided_by.get_username() if link.decided_by_id else None,
         )
     )
 

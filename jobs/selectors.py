@@ -66,8 +66,10 @@ def jobs_visible_to(
     project: Project | None = None,
     state: str | None = None,
     submitter: str | None = None,
+    name: str | None = None,
 ) -> QuerySet[Job]:
-    """Jobs of the projects ``user`` belongs to, newest first; ``submitter`` is a username."""
+    """Jobs of the projects ``user`` belongs to, newest first; ``submitter`` is a username,
+    ``name`` a part of the job's name in any letter case."""
     qs = Job.objects.filter(project__in=site_selectors.projects_visible_to(user))
     if project is not None:
         qs = qs.filter(project=project)
@@ -75,6 +77,8 @@ def jobs_visible_to(
         qs = qs.filter(state=state)
     if submitter:
         qs = qs.filter(submitted_by__username=submitter)
+    if name:
+        qs = qs.filter(name__icontains=name)
     return qs.select_related("project", "submitted_by")
 
 
@@ -131,12 +135,35 @@ def metric_points_of(
     return qs
 
 
-def log_tail_of(job: Job, *, site: Site | None = None, limit: int = 200) -> list[LogLine]:
-    """The last ``limit`` log lines of the job (of one site, if given), oldest first."""
-    lines = LogLine.objects.filter(job=job).select_related("site")
-    if site is not None:
-        lines = lines.filter(site=site)
-    return list(reversed(lines.order_by("-id")[:limit]))
+def task_grid_of(job: Job) -> tuple[list[Round], list[tuple[JobSite, list[SiteTask | None]]]]:
+    """The job's rounds by number, and each participant (by site name) with its task in each
+    of them (None where it had none): the job page's grid, in three queries whatever the
+    number of rounds and sites."""
+    rounds = list(job.rounds.order_by("number"))
+    column = {rnd.pk: i for i, rnd in enumerate(rounds)}
+    links = list(job.participants.select_related("site", "decided_by").order_by("site__name"))
+    cells: dict[int, list[SiteTask | None]] = {link.site_id: [None] * len(rounds) for link in links}
+    tasks = SiteTask.objects.filter(round__job=job).only("round_id", "site_id", "state", "reason")
+    for task in tasks:
+        row, i = cells.get(task.site_id), column.get(task.round_id)
+        if row is not None and i is not None:
+            row[i] = task
+    return rounds, [(link, cells[link.site_id]) for link in links]
+
+
+def log_tails_of(job: Job, sites: list[Site], *, limit: int = 200) -> dict[int, list[LogLine]]:
+    """The last ``limit`` log lines of each of ``sites`` in the job, oldest first, by site id.
+    One query a site, each reading only its tail through the (job, site, id) index, however
+    many lines the job has."""
+    tails: dict[int, list[LogLine]] = {}
+    for site in sites:
+        newest = (
+            LogLine.objects.filter(job=job, site=site)
+            .order_by("-id")
+            .only("site_id", "stream", "round_number", "text")[:limit]
+        )
+        tails[site.pk] = list(reversed(newest))
+    return tails
 
 
 def model_versions_of(job: Job) -> QuerySet[ModelVersion]:

@@ -7,4 +7,19 @@ class SitesConfig(AppConfig):
     verbose_name = "Projects and sites"
 
     def ready(self) -> None:
-        from sites import checks  # noqa: F401  (registers the system checks)
+        from django.contrib.auth import get_user_model
+        from django.contrib.auth.signals import user_logged_out
+        from django.db.models.signals import post_delete, post_save
+
+        from sites import checks, receivers  # noqa: F401  (checks registers system checks)
+        from sites.models import Project
+
+        user = get_user_model()
+        user_logged_out.connect(receivers.on_logged_out, dispatch_uid="sites.logged_out")
+        post_save.connect(receivers.on_user_saved, sender=user, dispatch_uid="sites.user_saved")
+        post_delete.connect(
+            receivers.on_user_deleted, sender=user, dispatch_uid="sites.user_deleted"
+        )
+        post_delete.connect(
+            receivers.on_project_deleted, sender=Project, dispatch_uid="sites.project_deleted"
+        )

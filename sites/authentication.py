@@ -78,7 +78,7 @@ from client_agent.signing import (
     canonical_string,
     verify_signature,
 )
-from sites import ca, conf
+from sites import ca, conf, events
 from sites.exceptions import (
     ApiTokenInvalid,
     AuthenticationError,
@@ -95,6 +95,7 @@ from sites.exceptions import (
 )
 from sites.models import ApiToken, Certificate, Project, Site, SiteState, UsedNonce
 from sites.secret_tokens import API_TOKEN_PREFIX, hash_secret
+from sites.selectors import site_is_online
 from sites.services.enrolment import used_nonces_prune
 
 if TYPE_CHECKING:
@@ -117,8 +118,9 @@ HEARTBEAT_WRITE_INTERVAL = dt.timedelta(seconds=2)
 
 
 site_heartbeat = Signal()
-"""Sent after every verified site request with ``site`` and ``previous`` (the heartbeat
-before this one, or None). The jobs app listens: a site coming online may let a job start."""
+"""Sent after every recorded heartbeat with ``site``, ``previous`` (the heartbeat before this
+one, or None) and ``was_online`` (whether the site counted as online just before). The jobs
+app listens: a site coming online may let a job start."""
 
 
 @dataclass(frozen=True)
@@ -280,15 +282,30 @@ def identity_recheck(identity: SiteIdentity, *, now: dt.datetime | None = None) 
     return SiteIdentity(site=row.site, certificate=row)
 
 
-def site_heartbeat_record(site: Site, *, now: dt.datetime | None = None) -> None:
-    """The site was heard from now: store it and tell the listeners of ``site_heartbeat``."""
+def site_heartbeat_record(
+    site: Site, *, now: dt.datetime | None = None, notify: bool = True
+) -> bool:
+    """The site was heard from now: store it and tell the listeners of ``site_heartbeat``.
+
+    Returns whether the site came online with it (it was offline: never heard, heard too long
+    ago, or cut off since); then the pages showing the site are told too, unless ``notify`` is
+    off (the caller sends its own ``site.status``).
+    """
     now = now or timezone.now()
     previous = site.last_heartbeat
-    if previous is not None and dt.timedelta(0) <= now - previous < HEARTBEAT_WRITE_INTERVAL:
-        return  # heard from a moment ago: nothing a reader could tell apart, and no write
+    was_online = site_is_online(site, now)
+    if was_online and previous is not None and now - previous < HEARTBEAT_WRITE_INTERVAL:
+        return False  # heard from a moment ago: nothing a reader could tell apart, and no write
+    gone = site.agent_disconnected_at
+    if gone is not None and now <= gone:
+        # Heard after being cut off, within the clock's resolution: still later than the cut.
+        now = gone + dt.timedelta(microseconds=1)
     Site.objects.filter(pk=site.pk).update(last_heartbeat=now)
     site.last_heartbeat = now
-    site_heartbeat.send(sender=Site, site=site, previous=previous)
+    site_heartbeat.send(sender=Site, site=site, previous=previous, was_online=was_online)
+    if not was_online and notify:
+        events.site_status(site, online=True)
+    return not was_online
 
 
 def canonical_string_for_digest(

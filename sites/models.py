@@ -237,6 +237,11 @@ class Site(models.Model):
     agent_version = models.CharField(max_length=64, blank=True)
     # Every verified signed request from the site's agent updates this.
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # The agent's open WebSocket (its Channels name): one per site, a newer one replaces it.
+    agent_channel = models.CharField(max_length=200, blank=True, editable=False)
+    # When the site's agent was last cut off: its WebSocket closed, or its certificate was
+    # revoked or superseded. The site is offline from then until it is heard from again.
+    agent_disconnected_at = models.DateTimeField(null=True, blank=True, editable=False)
     auto_accept_jobs = models.BooleanField(
         default=False, help_text="Run the project's jobs without asking the site admin each time."
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -41,6 +42,7 @@ from sites.models import (
     Project,
     Role,
     Site,
+    SiteState,
 )
 
 if TYPE_CHECKING:
@@ -352,3 +354,32 @@ def site_current_certificate(site: Site, *, now: dt.datetime | None = None) -> C
         .order_by("-created_at", "-pk")
         .first()
     )
+
+
+# --- liveness -------------------------------------------------------------------------------
+
+
+def heartbeat_is_recent(heartbeat: dt.datetime | None, now: dt.datetime | None = None) -> bool:
+    """Whether a heartbeat (a verified signed request) lies within
+    ``FEDPORTAL_SITE_ONLINE_SECONDS``."""
+    if heartbeat is None:
+        return False
+    now = now or timezone.now()
+    return now - heartbeat <= dt.timedelta(seconds=settings.FEDPORTAL_SITE_ONLINE_SECONDS)
+
+
+def site_is_online(site: Site, now: dt.datetime | None = None) -> bool:
+    """The one rule for "online", for the pages, the API and the round controller alike.
+
+    A site is online when it is enrolled, its agent was heard from (a verified signed request
+    or a heartbeat on its WebSocket) within ``FEDPORTAL_SITE_ONLINE_SECONDS``, and not cut off
+    since: an agent whose WebSocket closed, or whose certificate was revoked or superseded, is
+    offline at once rather than when its last heartbeat grows old, until it is heard again.
+    """
+    if site.state != SiteState.ENROLLED:
+        return False
+    heartbeat = site.last_heartbeat
+    if heartbeat is None or not heartbeat_is_recent(heartbeat, now):
+        return False
+    gone = site.agent_disconnected_at
+    return gone is None or heartbeat > gone

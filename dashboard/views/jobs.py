@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from dashboard.appfiles import app_files
 from dashboard.forms import AbortForm
-from dashboard.metrics import AGGREGATE, metric_charts
+from dashboard.metrics import (
+    AGGREGATE,
+    MAX_CHART_POINTS,
+    metric_charts,
+    metric_points_csv,
+    metric_points_csv_async,
+)
 from dashboard.submission import JobSubmitForm
 from dashboard.views._common import job_for, project_for, require
 from dashboard.views.projects import project_context
 from jobs import selectors
 from jobs.models import Job
-from jobs.services.rounds import site_is_online
 from jobs.services.sites import job_abort
 from jobs.services.submission import job_submit
 from sites.exceptions import DomainError
 from sites.models import Site, SiteState
+from sites.selectors import site_is_online
 
 ONLY_MANAGERS = "Only a project admin, or the lead who submitted this job, may abort it."
 ONLY_SUBMITTERS = "Only a project admin or a lead of this project may submit jobs."
@@ -32,13 +40,9 @@ LOG_LINES = 200
 
 def rounds_context(job: Job) -> dict[str, Any]:
     """The round timeline and the site × round grid of task states."""
-    rounds = list(selectors.rounds_of(job))
-    participants = list(selectors.participants_of(job))
-    grid = []
-    for link in participants:
-        by_round = {task.round.number: task for task in link.site.job_tasks}
+    rounds, grid = selectors.task_grid_of(job)
+    for link, _ in grid:
         link.site.online = site_is_online(link.site)
-        grid.append((link, [by_round.get(rnd.number) for rnd in rounds]))
     return {"job": job, "rounds": rounds, "grid": grid}
 
 
@@ -53,7 +57,8 @@ def models_context(job: Job) -> dict[str, Any]:
 
 
 def logs_of(job: Job, sites: list[Site]) -> list[tuple[Site, list[Any]]]:
-    return [(site, selectors.log_tail_of(job, site=site, limit=LOG_LINES)) for site in sites]
+    tails = selectors.log_tails_of(job, sites, limit=LOG_LINES)
+    return [(site, tails[site.pk]) for site in sites]
 
 
 @login_required
@@ -69,6 +74,7 @@ def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
         abort_form=AbortForm(),
         logs=logs_of(job, sites),
         charts=metric_charts(job),
+        chart_points=MAX_CHART_POINTS,
         aggregate_name=AGGREGATE,
         files=app_files(job),
         log_limit=LOG_LINES,
@@ -92,12 +98,37 @@ def job_models_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
 
 @login_required
 @require_safe
-def job_metrics(request: HttpRequest, uid: Any) -> JsonResponse:
-    """The charts' data, fetched again when a round closes or a site's result is accepted
-    (those points are stored by the round controller, which publishes the round, not each
-    point)."""
+def job_logs_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
+    """Each site's log tail alone: the page fetches it again once its socket is connected."""
     job = job_for(request, uid)
-    return JsonResponse({"charts": metric_charts(job)})
+    sites = [link.site for link in job.participants.select_related("site").order_by("site__name")]
+    return render(request, "dashboard/_job_logs.html", {"logs": logs_of(job, sites)})
+
+
+@login_required
+@require_safe
+def job_metrics(request: HttpRequest, uid: Any) -> JsonResponse:
+    """The charts' data (downsampled, see ``dashboard.metrics``), fetched again when a round
+    closes or a site's result is accepted (those points are stored by the round controller,
+    which publishes the round, not each point)."""
+    job = job_for(request, uid)
+    return JsonResponse({"charts": metric_charts(job), "max_points": MAX_CHART_POINTS})
+
+
+@login_required
+@require_safe
+def job_metrics_csv(request: HttpRequest, uid: Any) -> StreamingHttpResponse:
+    """Every metric point of the job as CSV, streamed: what the charts downsample."""
+    job = job_for(request, uid)
+    # Under ASGI a plain iterator would be read to its end before the first byte is sent.
+    content = (
+        metric_points_csv_async(job) if isinstance(request, ASGIRequest) else metric_points_csv(job)
+    )
+    response = StreamingHttpResponse(content, content_type="text/csv; charset=utf-8")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", job.name).strip("-") or "job"
+    response["Content-Disposition"] = f'attachment; filename="{name}-{job.uid}-metrics.csv"'
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @login_required

@@ -5,18 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
+from dashboard.forms import JobFilterForm
 from dashboard.views._common import project_for
 from jobs import selectors as job_selectors
-from jobs.models import JOB_ACTIVE, Job, JobSite
-from jobs.services.rounds import site_is_online
+from jobs.models import JOB_ACTIVE, JobSite
 from sites import selectors
 from sites.models import Project, Site, SiteState
+from sites.selectors import site_is_online
 
-RECENT_JOBS = 50
+JOBS_PAGE = 50
 
 
 @require_safe
@@ -41,8 +43,25 @@ def with_status(sites: Any) -> list[Site]:
     return listed
 
 
-def project_jobs(request: HttpRequest, project: Project) -> list[Job]:
-    return list(job_selectors.jobs_visible_to(request.user, project=project)[:RECENT_JOBS])
+def project_jobs(request: HttpRequest, project: Project) -> dict[str, Any]:
+    """One page of the project's jobs, newest first, filtered by the GET form: ``jobs_form``,
+    ``jobs_page`` and ``jobs_query`` (the filters, for links to other pages)."""
+    form = JobFilterForm(request.GET or None)
+    filters: dict[str, Any] = {}
+    if form.is_valid():
+        filters = {k: v for k, v in form.cleaned_data.items() if v}
+    jobs = job_selectors.jobs_visible_to(request.user, project=project, **filters)
+    if form.is_bound and not form.is_valid():
+        jobs = jobs.none()
+    page = Paginator(jobs, JOBS_PAGE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return {
+        "jobs_form": form,
+        "jobs_page": page,
+        "jobs": list(page),
+        "jobs_query": query.urlencode(),
+    }
 
 
 def pending_decisions(request: HttpRequest, project: Project) -> list[JobSite]:
@@ -88,8 +107,8 @@ def project_detail(request: HttpRequest, slug: str) -> HttpResponse:
     context = project_context(request, project)
     context.update(
         sites=with_status(selectors.sites_visible_to(request.user, project=project)),
-        jobs=project_jobs(request, project),
         pending=pending_decisions(request, project),
+        **project_jobs(request, project),
     )
     return render(request, "dashboard/project.html", context)
 
@@ -106,6 +125,7 @@ def project_sites_fragment(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 @require_safe
 def project_jobs_fragment(request: HttpRequest, slug: str) -> HttpResponse:
-    """The jobs table alone: the page fetches it again when a job of the project changes."""
+    """The jobs table alone (the same page and filters): the page fetches it again when a job
+    of the project changes."""
     project = project_for(request, slug)
-    return render(request, "dashboard/_job_rows.html", {"jobs": project_jobs(request, project)})
+    return render(request, "dashboard/_job_rows.html", project_jobs(request, project))

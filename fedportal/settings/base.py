@@ -237,6 +237,16 @@ FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS = int(
 )
 # A site is online when it made a signed request (a heartbeat) this recently.
 FEDPORTAL_SITE_ONLINE_SECONDS = int(os.environ.get("FEDPORTAL_SITE_ONLINE_SECONDS", "90"))
+# --- WebSockets (fedportal.sockets) -------------------------------------------------------------
+# Open dashboard sockets one person may hold (a browser tab holds one per live page); the next
+# is closed with code 4429. Counted in Redis across portal processes.
+FEDPORTAL_MAX_SOCKETS_PER_USER = int(os.environ.get("FEDPORTAL_MAX_SOCKETS_PER_USER", "20"))
+# How often an open socket checks again that its person (or agent's certificate) may still
+# listen, in case the event that ends a grant was lost; a socket's count lapses after 3 times.
+FEDPORTAL_SOCKET_RECHECK_SECONDS = float(os.environ.get("FEDPORTAL_SOCKET_RECHECK_SECONDS", "30"))
+FEDPORTAL_SOCKETS_REDIS_URL = os.environ.get("FEDPORTAL_SOCKETS_REDIS_URL") or REDIS_URL
+FEDPORTAL_SOCKETS_KEY_PREFIX = os.environ.get("FEDPORTAL_CHANNELS_PREFIX", "asgi")
+
 # Upload limits: a model file (initial model or a site's update), and a zipped app folder.
 FEDPORTAL_MAX_MODEL_BYTES = int(os.environ.get("FEDPORTAL_MAX_MODEL_BYTES", str(4 * 1024**3)))
 FEDPORTAL_MAX_APP_ARCHIVE_BYTES = int(

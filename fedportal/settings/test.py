@@ -1,6 +1,7 @@
 """Test settings: base settings plus only what the test suite needs."""
 
 import os
+import uuid
 
 from .base import *  # noqa: F403
 
@@ -17,3 +18,8 @@ FEDPORTAL_CA_KEY_ENCRYPTION_KEY = "test-only-ca-key-encryption-key"
 CELERY_BROKER_URL = os.environ.get("TEST_CELERY_BROKER_URL") or "redis://127.0.0.1:6379/15"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
+
+# Dashboard sockets are counted in the tests' own Redis database, under a prefix of this run's
+# own, so that runs side by side never share a count.
+FEDPORTAL_SOCKETS_REDIS_URL = CELERY_BROKER_URL
+FEDPORTAL_SOCKETS_KEY_PREFIX = f"test-{uuid.uuid4().hex[:12]}"

@@ -30,7 +30,8 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
-from jobs.services.rounds import site_is_online, task_spec_payload, workflow_of
+from jobs.services.rounds import task_spec_payload, workflow_of
+from sites.selectors import site_is_online
 
 # job.json is a few hundred bytes; this bound only keeps absurd input out before parsing.
 SPEC_MAX_BYTES = 1024 * 1024
@@ -108,6 +109,11 @@ class JobSubmitSerializer(serializers.Serializer):
 class JobQuerySerializer(serializers.Serializer):
     state = serializers.ChoiceField(JobState.choices, required=False)
     submitter = serializers.CharField(required=False, max_length=150, help_text="A username.")
+    name = serializers.CharField(
+        required=False,
+        max_length=100,
+        help_text="Jobs whose name contains this, in any letter case.",
+    )
 
 
 class DecisionSerializer(serializers.Serializer):

@@ -201,6 +201,7 @@ class ProjectJobListView(PersonView):
             project=self.get_project(),
             state=q.get("state"),
             submitter=q.get("submitter"),
+            name=q.get("name"),
         )
         page = self.paginate_queryset(jobs)
         return self.get_paginated_response(s.JobSerializer(page, many=True).data)

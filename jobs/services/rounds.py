@@ -51,20 +51,13 @@ from jobs.models import (
     TaskState,
 )
 from jobs.workflows import Workflow, workflow_from_spec
+from sites.selectors import site_is_online
 
 log = logging.getLogger(__name__)
 
 
 def workflow_of(job: Job) -> Workflow:
     return workflow_from_spec(job.workflow, job.params)
-
-
-def heartbeat_is_recent(heartbeat: Any, now: Any = None) -> bool:
-    """Whether a heartbeat (a signed request) lies within FEDPORTAL_SITE_ONLINE_SECONDS."""
-    if heartbeat is None:
-        return False
-    now = now or timezone.now()
-    return bool(now - heartbeat <= timedelta(seconds=settings.FEDPORTAL_SITE_ONLINE_SECONDS))
 
 
 def task_spec_payload(spec: Any) -> dict[str, Any]:
@@ -75,11 +68,6 @@ def task_spec_payload(spec: Any) -> dict[str, Any]:
         "start_round": spec.start_round,
         "meta": dict(spec.meta),
     }
-
-
-def site_is_online(site: Any, now: Any = None) -> bool:
-    """A site is online when it made a signed request in the last FEDPORTAL_SITE_ONLINE_SECONDS."""
-    return heartbeat_is_recent(site.last_heartbeat, now)
 
 
 def storage_path(name: str) -> Path:
@@ -188,6 +176,7 @@ def _start_if_ready(job: Job) -> str:
             link.decision = JobSite.Decision.ACCEPTED
             link.decided_at = now
             link.save(update_fields=["decision", "decided_at"])
+            events.decision(link)
     ready = [
         link
         for link in links
@@ -531,10 +520,10 @@ def jobs_resume() -> int:
     return len(ids)
 
 
-def on_site_heartbeat(*, site: Any, previous: Any, **_: Any) -> None:
+def on_site_heartbeat(*, site: Any, was_online: bool, **_: Any) -> None:
     """A site that comes online may complete the quorum of jobs waiting to start."""
-    if heartbeat_is_recent(previous):
-        return  # it was online already: nothing changed for waiting jobs
+    if was_online:
+        return  # nothing changed for waiting jobs
     from jobs.tasks import job_advance_task  # noqa: PLC0415
 
     waiting = Job.objects.filter(state=JobState.WAITING, participants__site=site)

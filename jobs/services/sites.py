@@ -71,6 +71,7 @@ def site_job_decide(
         link.decided_at = timezone.now()
         link.decided_by = decided_by
         link.save(update_fields=["decision", "decided_at", "decided_by"])
+        events.decision(link)
         job_kick_after_commit(link.job)
     return link
 

@@ -393,12 +393,16 @@ def site_enrol(
             old.revoked_at = now
             old.revocation_reason = f"superseded by certificate {issued.serial}"
             old.save(update_fields=["revoked_at", "revocation_reason"])
+            # The agent still connected with the old key is closed, as on a revocation.
+            events.certificate_revoked(old, old.revocation_reason)
             audit_event_record(
                 action=AuditAction.CERTIFICATE_REVOKED,
                 target=old,
                 details={"serial": old.serial, "reason": old.revocation_reason},
                 **common,
             )
+        if superseded:
+            _agent_cut_off(site, now)
         audit_event_record(
             action=AuditAction.SITE_ENROLLED,
             target=site,
@@ -410,6 +414,17 @@ def site_enrol(
 
 
 # --- revocation -----------------------------------------------------------------------------
+
+
+def _agent_cut_off(site: Site, now: dt.datetime) -> None:
+    """The site's agent can no longer be connected (its certificate was revoked or
+    superseded): the site is offline from ``now`` until an agent with a valid certificate is
+    heard, and the pages showing it are told. The socket itself is closed by the
+    ``site.revoked`` event sent with the revocation."""
+    Site.objects.filter(pk=site.pk).update(agent_channel="", agent_disconnected_at=now)
+    site.agent_channel = ""
+    site.agent_disconnected_at = now
+    events.site_status(site, online=False)
 
 
 def _revoke_certificate(
@@ -459,14 +474,16 @@ def certificate_revoke(
                 f"certificate {certificate.serial} was already revoked at "
                 f"{certificate.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
             )
+        now = timezone.now()
         _revoke_certificate(
             certificate,
             reason=reason,
-            now=timezone.now(),
+            now=now,
             actor=revoked_by,
             project=certificate.site.project,
             source_address=source_address,
         )
+        _agent_cut_off(certificate.site, now)
     return certificate
 
 
@@ -499,6 +516,7 @@ def site_revoke(
                 project=site.project,
                 source_address=source_address,
             )
+        _agent_cut_off(site, now)
         voided = _void_tokens(site, now)
         audit_event_record(
             action=AuditAction.SITE_REVOKED,

@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
-from sites import ca, conf
+from sites import ca, conf, events
 from sites.exceptions import (
     AlreadyExists,
     InvalidTransition,
@@ -311,6 +311,8 @@ def membership_update_role(
             source_address=source_address,
             details={**_membership_details(membership), "previous_role": old},
         )
+        # The person's open pages check whether they may still see them.
+        events.access_changed(reason=events.MEMBERSHIP_CHANGED, user_ids=[membership.user_id])
     return membership
 
 
@@ -334,7 +336,10 @@ def membership_remove(
             source_address=source_address,
             details=details,
         )
+        user_id = membership.user_id
         membership.delete()
+        # The person's open pages of the project close unless another membership keeps it.
+        events.access_changed(reason=events.MEMBERSHIP_CHANGED, user_ids=[user_id])
 
 
 # --- invitations ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from django.test import Client
 from dashboard.consumers import CLOSE_NOT_FOUND
 from fedportal.celery import app as celery_app
 from fedportal.routing import websocket_urlpatterns
-from jobs.services.sites import metrics_record
+from jobs.services.sites import metrics_record, site_job_decide
 from tests.portal import jobs_api_world as jw
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -104,3 +104,31 @@ def test_a_metric_posted_by_a_site_reaches_the_jobs_socket(world) -> None:
         0.25,
         7,
     )
+
+
+def test_a_sites_decision_reaches_the_jobs_page(tmp_path: Path, settings) -> None:
+    settings.MEDIA_ROOT = str(tmp_path / "media")
+    world = jw.build_world(tmp_path, start=False)  # waiting for sites 2 and 3 to decide
+    job = world.job
+    headers = headers_for(world.users[jw.MEMBER])
+
+    async def run():
+        communicator, connected, _ = await _open(f"/ws/dashboard/jobs/{job.uid}/", headers)
+        assert connected
+        assert (await communicator.receive_json_from())["kind"] == "hello"
+        await database_sync_to_async(site_job_decide)(
+            job=job, site=world.sites[1].site, accept=False, decided_by=world.users[jw.ORG_ADMIN]
+        )
+        event = await communicator.receive_json_from(timeout=2)
+        await communicator.disconnect()
+        return event
+
+    event = async_to_sync(run)()
+    assert event == {
+        "kind": "job.decision",
+        "job_id": job.pk,
+        "project_id": job.project_id,
+        "site": "site-2",
+        "decision": "declined",
+        "decided_by": jw.ORG_ADMIN,
+    }

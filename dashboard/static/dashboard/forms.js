@@ -8,19 +8,36 @@
     (firstInvalid || errors).focus();
   }
 
+  // Copy buttons say "Copied." only once the clipboard took the text. Where it cannot be
+  // written (no navigator.clipboard on a plain-http origin, or the browser refused), the text
+  // is left selected and the person is told to copy it themselves.
   document.querySelectorAll("[data-copy]").forEach((button) => {
     button.addEventListener("click", () => {
       const input = document.getElementById(button.dataset.copy);
       const status = button.parentElement.querySelector("[data-copy-status]");
-      input.select();
-      const done = () => status && (status.textContent = "Copied.");
-      if (navigator.clipboard) {
-        navigator.clipboard.writeText(input.value).then(done, () => {
-          if (status) status.textContent = "Select the text and copy it with Ctrl+C.";
-        });
-      } else {
-        done();
+      const say = (text) => {
+        if (status) status.textContent = text;
+      };
+      const selectIt = () => {
+        input.focus();
+        input.select();
+        say("Not copied: the text is selected, press Ctrl+C (⌘C on a Mac) to copy it.");
+      };
+      say("");
+      let writing = null;
+      try {
+        writing = navigator.clipboard && navigator.clipboard.writeText(input.value);
+      } catch (error) {
+        writing = null;
       }
+      if (!writing) {
+        selectIt();
+        return;
+      }
+      writing.then(() => {
+        input.select();
+        say("Copied.");
+      }, selectIt);
     });
   });
 

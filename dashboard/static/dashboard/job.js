@@ -1,14 +1,18 @@
-// A job's page, live: state and progress, the round timeline and task grid, one chart per
-// metric (Chart.js) with a table of each series' latest value, and each site's log tail.
+// A job's page, live: state and progress, the round timeline and task grid (with each site's
+// decision and whether its agent is online), one chart per metric (Chart.js) with a table of
+// each series' latest value, and each site's log tail.
 // Points are placed as dashboard/metrics.py places them: a point with a step goes on its key's
 // "by step" chart, a point with a round (and no step) on its "by round" chart (rounds from 1),
-// any other one after the largest x of its series.
+// any other one after the largest x of its series. The server sends each series downsampled to
+// at most MAX_POINTS points; live points are added to it, and once a series holds twice that
+// the charts are fetched again (downsampled again), so the page stays bounded.
 "use strict";
 (function () {
   const socketPath = document.currentScript.dataset.socket;
   const live = window.FedPortalLive;
   const chartsEl = document.getElementById("charts");
   const AGGREGATE = chartsEl.dataset.aggregate;
+  const MAX_POINTS = Number(chartsEl.dataset.maxPoints) || 1000;
   const TERMINAL = ["completed", "failed", "aborted"];
   const PALETTE = ["#0b57d0", "#b3261e", "#146c2e", "#8a4b00", "#6f2da8", "#00696f", "#9c1c6b", "#4a5a00"];
   let data = JSON.parse(document.getElementById("chart-data").textContent);
@@ -33,6 +37,7 @@
     figure.innerHTML =
       '<figcaption><h3 id="' + headingId + '"></h3></figcaption>' +
       '<div class="canvas-box"><canvas role="img"></canvas></div>' +
+      '<p class="help downsampled" hidden></p>' +
       '<table class="latest"><caption></caption><thead><tr><th scope="col">Series</th>' +
       '<th scope="col"></th><th scope="col">Latest value</th></tr></thead><tbody></tbody></table>';
     figure.querySelector("h3").textContent = chart.key + " (by " + chart.axis + ")";
@@ -74,6 +79,32 @@
     }
   }
 
+  // The series a chart drew from fewer points than it has, and how many it has.
+  function noteDownsampled(figure, chart) {
+    const counts = chart.counts || {};
+    const cut = Object.keys(chart.series).filter((name) => (counts[name] || 0) > chart.series[name].length);
+    const note = figure.querySelector(".downsampled");
+    note.hidden = cut.length === 0;
+    note.textContent = cut.length === 0 ? "" :
+      "Downsampled: " + cut.map((name) => name + " drawn from " + chart.series[name].length + " of its " +
+      counts[name] + " points").join("; ") + " (the lowest and highest of each stretch). The CSV download has every point.";
+  }
+
+  // Draws are folded into one per chart and animation frame: a burst of points redraws once.
+  const dirty = new Set();
+  let frame = null;
+  function schedule(id) {
+    dirty.add(id);
+    if (frame === null) {
+      frame = requestAnimationFrame(() => {
+        frame = null;
+        const ids = Array.from(dirty);
+        dirty.clear();
+        ids.forEach(draw);
+      });
+    }
+  }
+
   function draw(id) {
     const chart = data[id];
     let entry = charts[id];
@@ -106,21 +137,36 @@
       entry.graph.update("none");
     }
     fillTable(entry.figure, chart);
+    noteDownsampled(entry.figure, chart);
     document.getElementById("no-metrics").hidden = true;
+  }
+
+  // The first index whose x is greater than x (series are sorted by x).
+  function insertionIndex(series, x) {
+    let lo = 0;
+    let hi = series.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (series[mid][0] <= x) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
   }
 
   function addPoint(key, axis, name, x, value) {
     const id = key + " · by " + axis;
-    const chart = (data[id] = data[id] || { key, axis, series: {} });
+    const chart = (data[id] = data[id] || { key, axis, series: {}, counts: {} });
+    chart.counts = chart.counts || {};
     const series = (chart.series[name] = chart.series[name] || []);
-    if (x === null) x = series.reduce((max, [px]) => Math.max(max, px), 0) + 1;
-    const same = series.findIndex(([px]) => px === x);
-    if (same >= 0 && name === AGGREGATE) series[same] = [x, value];
+    if (x === null) x = (series.length ? series[series.length - 1][0] : 0) + 1;
+    const at = insertionIndex(series, x);
+    if (name === AGGREGATE && at > 0 && series[at - 1][0] === x) series[at - 1] = [x, value];
     else {
-      series.push([x, value]);
-      series.sort((a, b) => a[0] - b[0]);
+      series.splice(at, 0, [x, value]);
+      chart.counts[name] = (chart.counts[name] || series.length - 1) + 1;
     }
-    draw(id);
+    if (series.length > 2 * MAX_POINTS || metricsInflight) reloadMetrics();
+    schedule(id);
   }
 
   function onMetric(event) {
@@ -131,19 +177,33 @@
     addPoint(event.key, axis, event.site || AGGREGATE, x, event.value);
   }
 
+  // The charts' data fetched again (downsampled by the server); a point that arrives while
+  // the answer is on its way may be missing from it, so it is fetched once more after.
   let reloading = null;
+  let metricsInflight = false;
+  let metricsAgain = false;
   function reloadMetrics() {
+    if (metricsInflight) {
+      metricsAgain = true;
+      return;
+    }
     if (reloading) return;
     reloading = setTimeout(() => {
       reloading = null;
+      metricsInflight = true;
+      metricsAgain = false;
       fetch(chartsEl.dataset.source, { credentials: "same-origin" })
         .then((r) => (r.ok ? r.json() : null))
         .then((body) => {
           if (!body) return;
           data = body.charts;
-          Object.keys(data).forEach(draw);
+          Object.keys(data).forEach(schedule);
         })
-        .catch(() => {});
+        .catch(() => {})
+        .finally(() => {
+          metricsInflight = false;
+          if (metricsAgain) reloadMetrics();
+        });
     }, 300);
   }
 
@@ -160,6 +220,7 @@
       box.querySelector("h3").textContent = event.site;
       logs.appendChild(box);
     }
+    live.touched(logs);
     const pre = box.querySelector("pre");
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     for (const line of event.lines) {
@@ -184,6 +245,7 @@
     if (!cell) {
       live.refresh(rounds);
     } else {
+      live.touched(rounds);
       cell.dataset.state = event.state;
       cell.innerHTML = '<span class="badge task-' + event.state + '"></span>';
       cell.firstChild.textContent = event.state;
@@ -207,7 +269,35 @@
     }
   }
 
-  function onJob(event) {
+  function onSiteStatus(event) {
+    const row = document.querySelector('#task-grid tr[data-site="' + CSS.escape(event.site) + '"]');
+    if (!row) return; // not a site of this job
+    live.touched(document.getElementById("rounds"));
+    const online = event.online && event.state === "enrolled";
+    row.querySelector('[data-field="online"]').innerHTML = online
+      ? '<span class="badge online">online</span>'
+      : '<span class="badge offline">offline</span>';
+    live.announce("job-announce", "Site " + event.site + " is " + (online ? "online" : "offline") + ".");
+  }
+
+  function onDecision(event) {
+    const row = document.querySelector('#task-grid tr[data-site="' + CSS.escape(event.site) + '"]');
+    if (!row) {
+      live.refresh(document.getElementById("rounds"));
+      return;
+    }
+    live.touched(document.getElementById("rounds"));
+    const cell = row.querySelector('[data-field="decision"]');
+    cell.textContent = event.decision;
+    if (event.decided_by) {
+      const small = document.createElement("small");
+      small.textContent = "by " + event.decided_by;
+      cell.append(" ", small);
+    }
+    live.announce("job-announce", "Site " + event.site + " " + event.decision + " the job.");
+  }
+
+  function showJob(event) {
     const badge = document.getElementById("job-state");
     badge.textContent = event.state;
     badge.dataset.state = event.state;
@@ -219,9 +309,46 @@
       event.completed_rounds + " of " + progress.max + " rounds";
     const abort = document.getElementById("abort-form");
     if (abort && TERMINAL.includes(event.state)) abort.hidden = true;
-    live.announce("job-announce", "The job is now " + event.state + ".");
+  }
+
+  function onJob(event) {
+    const before = document.getElementById("job-state").dataset.state;
+    showJob(event);
+    if (event.state !== before) live.announce("job-announce", "The job is now " + event.state + ".");
+  }
+
+  // The job's state fetched again; a job.state event while the answer is on its way may be
+  // newer than the answer, so the state is fetched once more after.
+  let stateInflight = false;
+  let stateAgain = false;
+  function reloadState() {
+    if (stateInflight) {
+      stateAgain = true;
+      return;
+    }
+    stateInflight = true;
+    stateAgain = false;
+    const badge = document.getElementById("job-state");
+    fetch(badge.dataset.source, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((job) => {
+        if (job && !stateAgain) onJob(job);
+      })
+      .catch(() => {})
+      .finally(() => {
+        stateInflight = false;
+        if (stateAgain) reloadState();
+      });
+  }
+
+  // The socket has just connected (the first time, or again): fetch everything the page
+  // shows, since events sent before it joined were not heard.
+  function onSynced() {
+    reloadState();
     live.refresh(document.getElementById("rounds"));
     live.refresh(document.getElementById("models"));
+    live.refresh(document.getElementById("logs"));
+    reloadMetrics();
   }
 
   Object.keys(data).forEach(draw);
@@ -230,12 +357,14 @@
     else if (event.kind === "log") onLog(event);
     else if (event.kind === "task.state") onTask(event);
     else if (event.kind === "round.state") onRound(event);
-    else if (event.kind === "job.state") onJob(event);
-    else if (event.kind === "reconnected") {
+    else if (event.kind === "job.state") {
+      if (stateInflight) stateAgain = true;
+      onJob(event);
       live.refresh(document.getElementById("rounds"));
       live.refresh(document.getElementById("models"));
-      reloadMetrics();
-    }
+    } else if (event.kind === "job.decision") onDecision(event);
+    else if (event.kind === "site.status") onSiteStatus(event);
+    else if (event.kind === "synced") onSynced();
   });
   window.FedPortalJob = { charts: () => data };
 })();

@@ -1,4 +1,4 @@
-// A project's overview: site status and the jobs table, live.
+// A project's overview: site status and the jobs table (one page of it, filtered), live.
 "use strict";
 (function () {
   const socketPath = document.currentScript.dataset.socket;
@@ -8,10 +8,11 @@
 
   function onSiteStatus(event) {
     const row = siteRows.querySelector('tr[data-site="' + CSS.escape(event.site) + '"]');
-    if (!row) {
-      live.refresh(siteRows);
+    if (!row || row.dataset.state !== event.state) {
+      live.refresh(siteRows); // a new site, or one revoked: its row changes more than this
       return;
     }
+    live.touched(siteRows);
     const online = row.querySelector('[data-field="online"]');
     online.innerHTML = event.online
       ? '<span class="badge online">online</span>'
@@ -34,7 +35,7 @@
       live.refresh(jobRows);
       live.announce("jobs-announce", "A job is now " + event.state + ".");
     } else if (event.kind === "round.state") live.refresh(jobRows);
-    else if (event.kind === "reconnected") {
+    else if (event.kind === "synced") {
       live.refresh(jobRows);
       live.refresh(siteRows);
     }

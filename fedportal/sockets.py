@@ -1,0 +1,117 @@
+"""What every WebSocket of the portal shares: its close codes, how often an open socket checks
+its access again, and the per-person cap on open dashboard sockets.
+
+Close codes (4000-4999 are the application's own, RFC 6455 §7.4.2):
+
+====  ===================  =====================================================================
+code  who                  why
+====  ===================  =====================================================================
+4401  agent, dashboard     not (or no longer) authenticated: a refused handshake, a session that
+                           ended (signed out, expired, password changed, account deactivated)
+4403  agent                its certificate was revoked or superseded (re-enrolment)
+4404  dashboard            the job or project is not (or no longer) visible to the person: the
+                           page would be 404
+4409  agent                a newer connection of the same site replaced this one
+4429  dashboard            the person already holds ``FEDPORTAL_MAX_SOCKETS_PER_USER`` sockets
+====  ===================  =====================================================================
+
+**Checking again.** A socket is authorised at its handshake; the services that end a grant
+send an event that closes it at once (``sites.events``). In case such an event is lost (a
+channel layer hiccup, a portal process that was down), every open socket checks again from the
+database every ``FEDPORTAL_SOCKET_RECHECK_SECONDS`` (default 30) while idle, and before
+forwarding an event when its last check is older than :data:`EVENT_RECHECK_SECONDS`.
+
+**The cap.** Each open dashboard socket holds a claim in the Redis sorted set
+``<prefix>:sockets:user:<id>`` (``FEDPORTAL_SOCKETS_REDIS_URL``, default ``REDIS_URL``; the
+prefix is ``FEDPORTAL_CHANNELS_PREFIX``), scored with the time the claim lapses. The socket
+renews its claim at every idle check and removes it when it closes; a claim of a portal process
+that died lapses after :func:`claim_seconds` (three checks), so no count stays stuck after a
+restart. Claiming is one Lua script (drop lapsed claims, count, add), so two sockets opening at
+once cannot both take the last place. When Redis cannot be reached the socket is refused (the
+channel layer lives there too, so live updates would not work anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_REVOKED = 4403
+CLOSE_NOT_FOUND = 4404
+CLOSE_REPLACED = 4409
+CLOSE_TOO_MANY = 4429
+
+# Before forwarding an event, a socket whose last check is older than this checks again: a
+# lost "access changed" event leaks at most this long while events flow.
+EVENT_RECHECK_SECONDS = 5.0
+
+# KEYS[1]: the person's set. ARGV: member, limit, lifetime (s). Returns 1 when claimed.
+_CLAIM = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', t)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+end
+redis.call('ZADD', KEYS[1], t + tonumber(ARGV[3]), ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+return 1
+"""
+
+
+def recheck_seconds() -> float:
+    return float(settings.FEDPORTAL_SOCKET_RECHECK_SECONDS)
+
+
+def claim_seconds() -> float:
+    """How long a claim lives without being renewed."""
+    return 3 * recheck_seconds()
+
+
+def max_sockets_per_user() -> int:
+    return int(settings.FEDPORTAL_MAX_SOCKETS_PER_USER)
+
+
+def _key(user_id: int) -> str:
+    return f"{settings.FEDPORTAL_SOCKETS_KEY_PREFIX}:sockets:user:{user_id}"
+
+
+def _client() -> aioredis.Redis:
+    # One short-lived connection per call: a claim is taken, renewed every half minute and
+    # dropped, so a pool tied to one event loop would buy nothing and break under tests'
+    # per-call event loops.
+    return aioredis.Redis.from_url(settings.FEDPORTAL_SOCKETS_REDIS_URL, socket_timeout=5)
+
+
+async def socket_claim(user_id: int, channel: str) -> bool:
+    """Take (or renew) the claim of ``channel`` among ``user_id``'s open sockets; False when
+    the person holds the maximum already, or Redis cannot be reached."""
+    try:
+        async with _client() as client:
+            claimed = await client.eval(  # type: ignore[misc]
+                _CLAIM, 1, _key(user_id), channel, max_sockets_per_user(), claim_seconds()
+            )
+    except (aioredis.RedisError, OSError) as exc:
+        log.warning("socket count unavailable, refusing user=%s: %s", user_id, exc)
+        return False
+    return bool(claimed)
+
+
+async def socket_release(user_id: int, channel: str) -> None:
+    try:
+        async with _client() as client:
+            await client.zrem(_key(user_id), channel)
+    except (aioredis.RedisError, OSError) as exc:  # the claim lapses by itself
+        log.warning("could not release socket claim user=%s: %s", user_id, exc)
+
+
+async def socket_count(user_id: int) -> int:
+    """The person's claims that have not lapsed (for tests and diagnostics)."""
+    async with _client() as client:
+        now = await client.time()
+        return int(await client.zcount(_key(user_id), now[0] + now[1] / 1e6, "+inf"))
