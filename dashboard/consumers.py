@@ -14,6 +14,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from client_agent import jsonlimits
 from fedportal.events import job_group, project_group
 from jobs.selectors import jobs_visible_to
 from sites.selectors import projects_visible_to
@@ -34,6 +35,15 @@ def group_for(user: Any, kwargs: dict[str, Any]) -> str | None:
 
 class DashboardConsumer(AsyncJsonWebsocketConsumer):
     group: str | None = None
+
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
+        """The message, or None (answered as not a JSON object) when it is not JSON or is
+        nested too deeply (``client_agent.jsonlimits``)."""
+        try:
+            return jsonlimits.loads(text_data)
+        except ValueError:
+            return None
 
     async def connect(self) -> None:
         kwargs = self.scope.get("url_route", {}).get("kwargs", {})

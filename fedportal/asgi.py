@@ -1,4 +1,7 @@
-"""ASGI entry point: HTTP through Django, WebSocket through Channels (see fedportal.routing)."""
+"""ASGI entry point: HTTP through Django, WebSocket through Channels (see fedportal.routing).
+
+With ``FEDPORTAL_SERVE_STATIC`` (development mode) the portal serves /static/ itself.
+"""
 
 import os
 
@@ -9,13 +12,20 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedportal.settings.base")
 # Set up Django before importing anything that may touch models (consumers do).
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 
-from fedportal.routing import websocket_urlpatterns  # noqa: E402
+from fedportal.routing import websocket_application  # noqa: E402
+
+http_app = django_asgi_app
+if settings.FEDPORTAL_SERVE_STATIC:
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    http_app = ASGIStaticFilesHandler(http_app)
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
-        "websocket": URLRouter(websocket_urlpatterns),
+        "http": http_app,
+        "websocket": websocket_application,
     }
 )

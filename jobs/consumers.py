@@ -28,6 +28,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import transaction
 
+from client_agent import jsonlimits
 from fedportal.events import site_group
 from jobs.services.sites import (
     job_for_site,
@@ -96,6 +97,15 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     identity: SiteIdentity | None = None
     group: str | None = None
     checked_at = 0.0
+
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
+        """The message, or None (answered as not a JSON object) when it is not JSON or is
+        nested too deeply (``client_agent.jsonlimits``)."""
+        try:
+            return jsonlimits.loads(text_data)
+        except ValueError:
+            return None
 
     async def connect(self) -> None:
         try:

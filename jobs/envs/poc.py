@@ -200,8 +200,11 @@ class PocEnv:
                 "DJANGO_SECRET_KEY": self._secret("secret-key"),
                 "FEDPORTAL_PUBLIC_URL": self.url,
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-                # No debug bookkeeping (every SQL query kept) in a portal that runs a job; the
-                # connection to SQLite is kept rather than opened for every request.
+                # Development mode (plain HTTP on 127.0.0.1: cookies not Secure; the portal
+                # serves its static files), with the secrets above, but no debug bookkeeping
+                # (every SQL query kept) in a portal that runs a job; the connection to SQLite
+                # is kept rather than opened for every request.
+                "FEDPORTAL_DEV": "1",
                 "DJANGO_DEBUG": "false",
                 "DATABASE_CONN_MAX_AGE": "600",
                 "PYTHONUNBUFFERED": "1",

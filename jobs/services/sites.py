@@ -28,6 +28,7 @@ from jobs.models import (
     TaskState,
 )
 from jobs.services.rounds import job_kick_after_commit
+from jobs.workflows.base import MAX_ROUNDS
 from sites.exceptions import Conflict, NotFound, ValidationFailed
 
 
@@ -207,6 +208,11 @@ def update_upload(
         raise
 
 
+# A metric point's integers, as the database stores them: its step (any 64-bit integer) and
+# its round (counted from 0).
+POINT_INTEGER_RANGES = {"step": (-(2**63), 2**63 - 1), "round": (0, MAX_ROUNDS)}
+
+
 def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) -> int:
     """Store ``flare.log`` points from a site; returns how many were new.
 
@@ -231,10 +237,17 @@ def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) 
             or not math.isfinite(value)
         ):
             raise ValidationFailed("value must be a finite number", field=f"{field}.value")
-        for name in ("step", "round"):
+        for name, (lowest, highest) in POINT_INTEGER_RANGES.items():
             extra = point.get(name)
-            if extra is not None and (isinstance(extra, bool) or not isinstance(extra, int)):
-                raise ValidationFailed(f"{name} must be an integer", field=f"{field}.{name}")
+            if extra is not None and (
+                isinstance(extra, bool)
+                or not isinstance(extra, int)
+                or not lowest <= extra <= highest
+            ):
+                raise ValidationFailed(
+                    f"{name} must be an integer from {lowest} to {highest}",
+                    field=f"{field}.{name}",
+                )
         client_id = point.get("id") or ""
         if not isinstance(client_id, str) or len(client_id) > 64:
             raise ValidationFailed(

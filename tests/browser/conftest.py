@@ -68,6 +68,9 @@ def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
         "DJANGO_SETTINGS_MODULE": "tests.browser.daphne_settings",
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         "DJANGO_MEDIA_ROOT": str(media_root),
+        # Development mode: plain HTTP on 127.0.0.1 (cookies not Secure), and the portal
+        # serves its own static files; DEBUG stays off, as in a deployment.
+        "FEDPORTAL_DEV": "1",
         "DJANGO_DEBUG": "false",
         "BROWSER_TEST_REDIS_URL": REDIS_URL,
         "PYTHONPATH": str(ROOT),
