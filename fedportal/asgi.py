@@ -1,6 +1,8 @@
 """ASGI entry point: HTTP through Django, WebSocket through Channels (see fedportal.routing).
 
-With ``FEDPORTAL_SERVE_STATIC`` (development mode) the portal serves /static/ itself.
+HTTP bodies are bounded per route (``fedportal.bodylimits.BodyLimitMiddleware``); served by
+``python -m fedportal.serve`` they are bounded before the server even stores them. With
+``FEDPORTAL_SERVE_STATIC`` (development mode) the portal serves /static/ itself.
 """
 
 import os
@@ -15,6 +17,7 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from fedportal.bodylimits import BodyLimitMiddleware  # noqa: E402
 from fedportal.routing import websocket_application  # noqa: E402
 
 http_app = django_asgi_app
@@ -25,7 +28,7 @@ if settings.FEDPORTAL_SERVE_STATIC:
 
 application = ProtocolTypeRouter(
     {
-        "http": http_app,
+        "http": BodyLimitMiddleware(http_app),
         "websocket": websocket_application,
     }
 )

@@ -352,19 +352,10 @@ class PocEnv:
 
     def _launch_services(self) -> None:
         py = self.python
-        # Daphne's runserver: HTTP and WebSockets, and (--insecure: without DEBUG) the
-        # dashboard's static files; the checks already ran when the template was migrated.
+        # The portal's server (Daphne with bounded bodies): HTTP, WebSockets and, in
+        # development mode, the dashboard's static files.
         self._spawn(
-            "portal",
-            [
-                py,
-                "manage.py",
-                "runserver",
-                f"127.0.0.1:{self.port}",
-                "--noreload",
-                "--insecure",
-                "--skip-checks",
-            ],
+            "portal", [py, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(self.port)]
         )
         # One solo worker: one process, no pool to fork; the round work is short and serial.
         # It is alone on its queue, so it need not wait to meet other workers (mingle) at start.

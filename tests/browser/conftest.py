@@ -55,8 +55,8 @@ def async_unsafe_allowed() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
-    """Daphne serving the portal on a free port, on the test database; its log is printed
-    when it fails to start."""
+    """The portal's server (``python -m fedportal.serve``, Daphne) on a free port, on the test
+    database; its log is printed when it fails to start."""
     import redis
     from django.db import connection
 
@@ -79,8 +79,7 @@ def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
     log = media_root.parent / "daphne.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            + ["tests.browser.asgi:application"],
+            [sys.executable, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port)],
             cwd=ROOT,
             env=env,
             stdout=out,
