@@ -6,6 +6,9 @@ own TMPDIR, then sends, each on its own connection:
 1. an anonymous ``POST /api/v1/projects/`` announcing and streaming 1 GB;
 2. ``PUT /api/v1/agent/jobs/<uid>/rounds/0/update/`` streaming 1 GB, signed with a certificate
    the portal does not know (well-formed headers, wrong signer);
+3. for comparison, what a known sender may do: a person with a valid API token submitting a
+   1 GB multipart job bundle (to a project they cannot see: the view answers 404 once Django
+   has read the body);
 
 and samples the server's RSS and what it holds in its TMPDIR (files there, and files it keeps
 open there: Twisted's temporary files are unlinked at once) while each runs. The client stops
@@ -110,9 +113,9 @@ class Outcome:
     tmp_after: float
 
 
-def flood(port: int, head: bytes, size: int) -> tuple[str, int, float]:
-    """Send ``head`` then ``size`` bytes, stopping at the first answer or close; returns the
-    status line (or what ended it), the body bytes sent and the seconds taken."""
+def flood(port: int, head: bytes, size: int, tail: bytes = b"") -> tuple[str, int, float]:
+    """Send ``head``, ``size`` zero bytes and ``tail``, stopping at the first answer or close;
+    returns the status line (or what ended it), the bytes sent and the seconds taken."""
     started = time.monotonic()
     sent = 0
     block = b"\0" * CHUNK
@@ -126,6 +129,8 @@ def flood(port: int, head: bytes, size: int) -> tuple[str, int, float]:
                     break
                 if writable:
                     sent += sock.send(block[: min(CHUNK, size - sent)])
+            if sent == size:
+                sock.sendall(tail)
             sock.settimeout(600)  # everything sent (or answered): wait for the answer
             answer = sock.recv(65536)
         except (BrokenPipeError, ConnectionResetError) as exc:
@@ -134,16 +139,29 @@ def flood(port: int, head: bytes, size: int) -> tuple[str, int, float]:
     return status, sent, time.monotonic() - started
 
 
-def migrated_database(workspace: Path, env: dict[str, str]) -> None:
+def migrated_database(workspace: Path, env: dict[str, str]) -> str:
+    """Migrate, and make a person with an API token; returns the token."""
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
         cwd=ROOT,
         env=env,
         check=True,
     )
+    code = (
+        "import django; django.setup(); from django.contrib.auth import get_user_model; "
+        "from sites.services import api_token_create; "
+        "user = get_user_model().objects.create_user('bench', password=None); "
+        "print(api_token_create(user=user, name='bench')[1])"
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
+    return made.stdout.strip().splitlines()[-1]
 
 
-def run_server(label: str, command: list[str], env: dict[str, str], size: int) -> list[tuple]:
+def run_server(
+    label: str, command: list[str], env: dict[str, str], size: int, key: str
+) -> list[tuple]:
     tmpdir = Path(env["TMPDIR"])
     port = free_port()
     log = open(Path(env["FEDPORTAL_DATA_DIR"]) / f"{label}.log", "wb")  # noqa: SIM115
@@ -165,11 +183,11 @@ def run_server(label: str, command: list[str], env: dict[str, str], size: int) -
                     raise RuntimeError(f"{label} did not start") from None
                 time.sleep(0.1)
         rows = []
-        for name, head in requests(size):
+        for name, head, tail in requests(size, key):
             time.sleep(1)
             before = benchlib.proc_status_kib("VmRSS", proc.pid)
             with Sampler(proc.pid, tmpdir) as sampler:
-                answer, sent, seconds = flood(port, head, size)
+                answer, sent, seconds = flood(port, head, size, tail)
                 time.sleep(2)  # the server finishes with the request (or its linger ends)
             outcome = Outcome(
                 answer=answer,
@@ -202,7 +220,7 @@ def run_server(label: str, command: list[str], env: dict[str, str], size: int) -
         log.close()
 
 
-def requests(size: int) -> list[tuple[str, bytes]]:
+def requests(size: int, key: str) -> list[tuple[str, bytes, bytes]]:
     anonymous = (
         b"POST /api/v1/projects/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % size
@@ -217,9 +235,20 @@ def requests(size: int) -> list[tuple[str, bytes]]:
         f"X-FedPortal-Nonce: {uuid.uuid4().hex}\r\n"
         "X-FedPortal-Signature: c2lnbmVk\r\n\r\n"
     ).encode()
+    part = (
+        b'--x\r\nContent-Disposition: form-data; name="initial_model"; filename="m"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    tail = b"\r\n--x--\r\n"
+    submission = (
+        b"POST /api/v1/projects/elsewhere/jobs/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Authorization: Bearer %s\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (key.encode(), len(part) + size + len(tail), part)
+    )
     return [
-        ("anonymous POST /api/v1/projects/", anonymous),
-        ("PUT …/update/, unknown signer", badly_signed),
+        ("anonymous POST /api/v1/projects/", anonymous, b""),
+        ("PUT …/update/, unknown signer", badly_signed, b""),
+        ("job submission, valid API token", submission, tail),
     ]
 
 
@@ -250,7 +279,7 @@ def main() -> None:
             "PYTHONPATH": str(ROOT),
         }
         env.pop("FEDPORTAL_DEV", None)
-        migrated_database(workspace, env)
+        key = migrated_database(workspace, env)
         servers = [("fedportal.serve", [sys.executable, "-m", "fedportal.serve"])]
         if args.compare_daphne:
             servers.append(
@@ -258,7 +287,7 @@ def main() -> None:
             )
         rows = []
         for label, command in servers:
-            rows += run_server(label, command, env, size)
+            rows += run_server(label, command, env, size, key)
         print(
             benchlib.md_table(
                 [

@@ -41,6 +41,10 @@ from django.conf import settings
 ASGIApp = Callable[..., Awaitable[None]]
 Message = MutableMapping[str, Any]
 
+# The key under which fedportal.server offers the stored body, with its first chunk, to an
+# application that can take it as a file (fedportal.asgi.PortalASGIHandler).
+STORED_BODY = "fedportal.stored_body"
+
 SIGN_IN_MAX_BYTES = 16 * 1024
 ENROL_MAX_BYTES = 64 * 1024
 # A job submission carries, besides its two files, job.json (at most 1 MiB,

@@ -24,7 +24,9 @@ Daphne with them):
 - **Streamed to the application**: the stored body is handed to the application in chunks as
   it reads them, rather than queued whole in memory, and Twisted does not parse a form body
   itself (it read a multipart body whole into memory to fill ``request.args``, which Daphne
-  never uses): an upload costs the server a bounded amount of memory.
+  never uses): an upload costs the server a bounded amount of memory. The portal's Django
+  handler (``fedportal.asgi``) takes the stored file itself instead of copying it into a
+  second temporary file, so an accepted upload is written to disk once.
 
 A refused request is answered, then the connection stops sending and reads (discarding)
 what the client still sends for up to ``LINGER_SECONDS`` before it is closed, so that the
@@ -33,6 +35,8 @@ client reads the answer instead of a reset (what nginx calls a lingering close).
 HTTP/2 (Twisted's, only with TLS and the ``h2`` package) is not used by the portal: a TLS
 proxy in front speaks HTTP/1.1 to it.
 """
+
+from __future__ import annotations
 
 # daphne.server installs Twisted's asyncio reactor; it must be imported before anything that
 # imports twisted.internet.reactor.
@@ -230,6 +234,22 @@ class _BodyHandle:
             self.stored.close()
 
 
+class StoredBody:
+    """The stored body, offered to the application with its first chunk: an application that
+    can read a file (``fedportal.asgi``'s Django handler) takes it instead of copying it chunk
+    by chunk into a second temporary file; any other reads the chunks."""
+
+    def __init__(self, queue: BodyQueue, stored: Any) -> None:
+        self.queue = queue
+        self.stored = stored
+
+    def take(self) -> Any:
+        """The whole body as a file at its start; the queue sends no more of it."""
+        self.queue.body_done = True
+        self.stored.seek(0)
+        return self.stored
+
+
 class BodyQueue(asyncio.Queue):  # type: ignore[type-arg]
     """The application's receive queue: the body is read from the stored file, a chunk per
     ``get()``, instead of being queued whole (WebRequest.process's ``http.request`` messages
@@ -240,6 +260,7 @@ class BodyQueue(asyncio.Queue):  # type: ignore[type-arg]
         self.request = request
         self.chunk_size = chunk_size
         self.body_done = False
+        self.offered = False
 
     def put_nowait(self, item: Any) -> None:
         if item.get("type") == "http.request":
@@ -257,7 +278,11 @@ class BodyQueue(asyncio.Queue):  # type: ignore[type-arg]
             chunk = stored.read(self.chunk_size)
             more = len(chunk) == self.chunk_size
             self.body_done = not more
-            return {"type": "http.request", "body": chunk, "more_body": more}
+            message = {"type": "http.request", "body": chunk, "more_body": more}
+            if more and not self.offered:
+                self.offered = True
+                message[bodylimits.STORED_BODY] = StoredBody(self, stored)
+            return message
         return await super().get()
 
 

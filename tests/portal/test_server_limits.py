@@ -22,15 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from jobs.api.authentication import HEADER_CONTENT_SHA256
-from jobs.models import SiteTask, TaskState
+from jobs.models import Job, SiteTask, TaskState
 from tests.portal.jobs_api_world import (
     INITIAL,
     LEAD,
     SITE_IN,
+    TRAIN_SCRIPT,
     build_world,
+    make_bundle,
     update_bytes,
+    zip_bytes,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,16 +262,27 @@ def test_a_badly_signed_upload_is_refused_before_its_body_is_stored(
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("expect_continue", [False, True])
+@pytest.mark.parametrize(
+    ("expect_continue", "large"),
+    [(False, False), (True, False), (False, True)],
+    ids=["small", "expect-continue", "large"],
+)
 def test_a_correctly_signed_upload_is_stored(
-    portal: Portal, tmp_path: Path, settings: Any, eager_celery: None, expect_continue: bool
+    portal: Portal,
+    tmp_path: Path,
+    settings: Any,
+    eager_celery: None,
+    expect_continue: bool,
+    large: bool,
 ) -> None:
     settings.MEDIA_ROOT = portal.media
     world = build_world(tmp_path)
     assert world.job is not None
     path = f"/api/v1/agent/jobs/{world.job.uid}/rounds/0/update/"
     site = world.agents[SITE_IN]
-    data = update_bytes(INITIAL, tmp_path)
+    # Large: stored in a file by the server, which Django's handler then reads in place.
+    params = {"w": torch.arange(300_000, dtype=torch.float32)} if large else INITIAL
+    data = update_bytes(params, tmp_path)
     headers = site.headers("PUT", path, data)
     headers[HEADER_CONTENT_SHA256] = hashlib.sha256(data).hexdigest()
     headers["Content-Type"] = "application/octet-stream"
@@ -321,6 +336,42 @@ def test_a_job_submission_needs_a_known_person_before_its_body_is_read(
     assert answer.status == 400
     assert json.loads(answer.read())["code"] == "invalid"
     assert portal.files_in_tmpdir() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_large_job_bundle_from_a_known_person_is_submitted(
+    portal: Portal, tmp_path: Path, settings: Any
+) -> None:
+    settings.MEDIA_ROOT = portal.media
+    world = build_world(tmp_path, submit=False)
+    bundle = make_bundle(tmp_path)
+    bundle.app = zip_bytes({TRAIN_SCRIPT: b"print(1)\n", "data.bin": os.urandom(400_000)})
+    fields = {name: (value.name, value.read()) for name, value in bundle.form().items()}
+    boundary = "fedportal-test-boundary"
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+            for name, (filename, data) in fields.items()
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    connection = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=30)
+    connection.request(
+        "POST",
+        f"/api/v1/projects/{world.project.slug}/jobs/",
+        body=body,
+        headers={
+            "Authorization": f"Bearer {world.keys[LEAD]}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+    )
+    answer = connection.getresponse()
+    assert answer.status == 201, answer.read()
+    job = Job.objects.get(uid=json.loads(answer.read())["uid"])
+    assert job.app_sha256 == hashlib.sha256(bundle.app).hexdigest()
 
 
 # --- slow clients ------------------------------------------------------------------------------
