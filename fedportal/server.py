@@ -59,7 +59,12 @@ from fedportal import bodylimits
 log = logging.getLogger(__name__)
 
 LINGER_SECONDS = 5.0
-_REASONS = {401: b"Unauthorized", 408: b"Request Timeout", 413: b"Content Too Large"}
+_REASONS = {
+    401: b"Unauthorized",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    503: b"Service Unavailable",
+}
 
 
 def _target_path(target: bytes) -> tuple[str, bytes]:
@@ -209,8 +214,17 @@ class GuardedRequest(WebRequest):
         if isinstance(exc, bodylimits.SenderUnknown):
             self.refuse(401, exc.as_dict())
             return
-        log.error("checking an upload's sender failed", exc_info=failure.getTracebackObject())
-        self.refuse(401, {"code": "authentication_failed", "message": "could not be checked"})
+        log.error(
+            "checking an upload's sender failed",
+            exc_info=(failure.type, exc, failure.getTracebackObject()),
+        )
+        self.refuse(
+            503,
+            {
+                "code": "unavailable",
+                "message": "the portal could not check who sent this upload; try again later",
+            },
+        )
 
 
 class _BodyHandle:
@@ -294,6 +308,7 @@ class GuardedChannel(http.HTTPChannel):
     upload_min_rate = 64 * 1024
     _header_call: Any = None
     _body_call: Any = None
+    _linger_call: Any = None
     _body_started = 0.0
     _body_bytes = 0
 
@@ -323,6 +338,7 @@ class GuardedChannel(http.HTTPChannel):
     def connectionLost(self, reason: Any) -> None:
         self._cancel("_header_call")
         self._cancel("_body_call")
+        self._cancel("_linger_call")
         super().connectionLost(reason)
 
     # -- used by GuardedRequest ----------------------------------------------------------------
@@ -362,7 +378,7 @@ class GuardedChannel(http.HTTPChannel):
             lose_write()
         else:
             transport.loseConnection()
-        self.callLater(LINGER_SECONDS, transport.abortConnection)
+        self._linger_call = self.callLater(LINGER_SECONDS, transport.abortConnection)
 
     # -- timers --------------------------------------------------------------------------------
 

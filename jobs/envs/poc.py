@@ -206,6 +206,8 @@ class PocEnv:
                 # is kept rather than opened for every request.
                 "FEDPORTAL_DEV": "1",
                 "DJANGO_DEBUG": "false",
+                # Every site enrols from this machine's address, a hundred sites at once.
+                "FEDPORTAL_THROTTLE_ENROL": "10000/minute",
                 "DATABASE_CONN_MAX_AGE": "600",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(
