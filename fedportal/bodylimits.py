@@ -205,24 +205,33 @@ class BodyLimitMiddleware:
 
 
 class SenderUnknown(Exception):
-    """An upload's sender could not be told from its headers (HTTP 401)."""
+    """An upload's sender could not be told from its headers (HTTP 401), or its address sent
+    too many wrong credentials (429)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int = 401) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
 
 async def sender_check(
-    sender: Sender, *, method: str, path: str, query: bytes, headers: Mapping[str, str]
+    sender: Sender,
+    *,
+    method: str,
+    path: str,
+    query: bytes,
+    headers: Mapping[str, str],
+    address: str | None = None,
 ) -> None:
     """Check, from the headers alone, that an upload comes from a known sender; raise
-    :class:`SenderUnknown` otherwise. ``path`` is decoded, ``query`` raw, as in the request.
-    Records nothing (no nonce, no heartbeat, no session change): the view authenticates the
-    request again, fully, once the body is in."""
+    :class:`SenderUnknown` otherwise. ``path`` is decoded, ``query`` raw, as in the request;
+    ``address`` is the client's. Records nothing (no nonce, no heartbeat, no session change)
+    but a wrong API token, which counts against the address as it would in the view: the view
+    authenticates the request again, fully, once the body is in."""
     from channels.db import database_sync_to_async  # noqa: PLC0415 - Django is set up by now
 
     if sender is Sender.SITE:
@@ -230,7 +239,7 @@ async def sender_check(
             method=method, path=path, query=query, headers=headers
         )
     elif sender is Sender.PERSON:
-        await database_sync_to_async(_person_check)(headers=headers)
+        await database_sync_to_async(_person_check)(headers=headers, address=address)
 
 
 def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, str]) -> None:
@@ -246,13 +255,15 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
         raise SenderUnknown(exc.code, exc.message) from None
 
 
-def _person_check(*, headers: Mapping[str, str]) -> None:
+def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:
     from importlib import import_module  # noqa: PLC0415
     from types import SimpleNamespace  # noqa: PLC0415
 
     from django.contrib.auth import get_user  # noqa: PLC0415
     from django.http.cookie import parse_cookie  # noqa: PLC0415
+    from rest_framework.exceptions import Throttled  # noqa: PLC0415
 
+    from fedportal.throttling import CredentialFailures  # noqa: PLC0415
     from sites.authentication import api_token_authenticate  # noqa: PLC0415
     from sites.exceptions import AuthenticationError  # noqa: PLC0415
     from sites.secret_tokens import API_TOKEN_PREFIX  # noqa: PLC0415
@@ -261,9 +272,19 @@ def _person_check(*, headers: Mapping[str, str]) -> None:
     parts = lowered.get("authorization", "").split()
     bearer = len(parts) == 2 and parts[0].lower() in {"bearer", "token"}
     if bearer and parts[1].startswith(API_TOKEN_PREFIX):
+        client = SimpleNamespace(META={"REMOTE_ADDR": address})
+        failures = CredentialFailures()
+        try:
+            failures.refuse_if_over(client)  # type: ignore[arg-type]
+        except Throttled as exc:
+            wait = int(exc.wait or 0) + 1
+            raise SenderUnknown(
+                "throttled", f"{exc.detail} Try again in {wait} s.", status=429
+            ) from None
         try:
             api_token_authenticate(parts[1])
         except AuthenticationError as exc:
+            failures.record(client)  # type: ignore[arg-type]
             raise SenderUnknown(exc.code, exc.message) from None
         return
     session_key = parse_cookie(lowered.get("cookie", "")).get(settings.SESSION_COOKIE_NAME)

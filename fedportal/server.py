@@ -51,6 +51,7 @@ from urllib.parse import unquote, urlsplit
 
 from daphne.cli import CommandLineInterface
 from daphne.http_protocol import HTTPFactory, WebRequest
+from daphne.utils import parse_x_forwarded_for
 from twisted.internet import defer
 from twisted.web import http
 
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 LINGER_SECONDS = 5.0
 _REASONS = {
     401: b"Unauthorized",
+    429: b"Too Many Requests",
     408: b"Request Timeout",
     413: b"Content Too Large",
     503: b"Service Unavailable",
@@ -187,10 +189,32 @@ class GuardedRequest(WebRequest):
             for name, values in self.requestHeaders.getAllRawHeaders()
         }
         check = bodylimits.sender_check(
-            self._rule.sender, method=method, path=path, query=query, headers=headers
+            self._rule.sender,
+            method=method,
+            path=path,
+            query=query,
+            headers=headers,
+            address=self._client_address(),
         )
         deferred = defer.Deferred.fromFuture(asyncio.ensure_future(check))
         deferred.addCallbacks(self._sender_known, self._sender_refused)
+
+    def _client_address(self) -> str | None:
+        """The client's address as the application will see it (Daphne works it out only
+        later, in ``process``): the peer's, or the proxy's X-Forwarded-For with
+        ``--proxy-headers``."""
+        peer = self.getClientAddress()
+        address = [str(getattr(peer, "host", "")), getattr(peer, "port", 0)]
+        if self.server.proxy_forwarded_address_header:
+            address, _ = parse_x_forwarded_for(
+                self.requestHeaders,
+                self.server.proxy_forwarded_address_header,
+                self.server.proxy_forwarded_port_header,
+                self.server.proxy_forwarded_proto_header,
+                address,
+                None,
+            )
+        return str(address[0]) if address and address[0] else None
 
     def _sender_known(self, _: object) -> None:
         if self._refused or self.channel is None or self._disconnected:
@@ -212,7 +236,7 @@ class GuardedRequest(WebRequest):
     def _sender_refused(self, failure: Any) -> None:
         exc = failure.value
         if isinstance(exc, bodylimits.SenderUnknown):
-            self.refuse(401, exc.as_dict())
+            self.refuse(exc.status, exc.as_dict())
             return
         log.error(
             "checking an upload's sender failed",

@@ -7,13 +7,9 @@ pages get the HTML templates (``templates/404.html`` …).
 
 from __future__ import annotations
 
-import logging
-
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 from django.views.decorators.http import require_safe
-
-log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/"
 

@@ -7,6 +7,7 @@ unlinked at once, so the test also looks at the process's open files)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -36,6 +37,10 @@ from tests.portal.jobs_api_world import (
     update_bytes,
     zip_bytes,
 )
+
+# Every test needs the test database set up (the server uses it); the ones that create
+# objects for the server to see commit them (transaction=True).
+pytestmark = pytest.mark.django_db
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 2  # the server's header and body timeouts in these tests, in seconds
@@ -73,15 +78,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def portal(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Portal]:
+@contextlib.contextmanager
+def running_portal(base: Path) -> Iterator[Portal]:
+    """The portal's server on a free port, on the test database, with TMPDIR and media
+    folders under ``base``; its log is printed when it fails to start."""
     from django.db import connection
 
-    base = tmp_path_factory.mktemp("server")
     tmpdir, media = base / "tmp", base / "media"
+    base.mkdir(exist_ok=True)
     tmpdir.mkdir()
     media.mkdir()
     db = connection.settings_dict
+    assert db["NAME"].startswith("test_"), "the server must use the test database"
     port = _free_port()
     env = {
         **os.environ,
@@ -115,12 +123,22 @@ def portal(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> I
             proc.kill()
             raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.1)
-    yield Portal(url=url, port=port, pid=proc.pid, tmpdir=tmpdir, media=media, log=log)
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield Portal(url=url, port=port, pid=proc.pid, tmpdir=tmpdir, media=media, log=log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def portal(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Portal]:
+    with django_db_blocker.unblock(), running_portal(tmp_path_factory.mktemp("server")) as running:
+        yield running
 
 
 @pytest.fixture
@@ -408,3 +426,32 @@ def test_a_body_sent_too_slowly_is_answered_408(portal: Portal) -> None:
         status, _, body = read_response(sock)
         assert status == 408
         assert json.loads(body)["code"] == "request_timeout"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_wrong_api_tokens_on_the_upload_route_count_against_the_address(tmp_path: Path) -> None:
+    world = build_world(tmp_path, submit=False)
+    path = f"/api/v1/projects/{world.project.slug}/jobs/"
+    # A server of its own: this test leaves its address throttled.
+    with running_portal(tmp_path / "own-server") as portal:
+
+        def answer(token: str) -> tuple[int, dict[str, Any]]:
+            with portal.connect() as sock:
+                sock.sendall(
+                    (
+                        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        "Content-Length: 100000000\r\n"
+                        "Content-Type: multipart/form-data; boundary=x\r\n"
+                        f"Authorization: Bearer {token}\r\n\r\n"
+                    ).encode()
+                )
+                status, _, body = read_response(sock)
+                return status, json.loads(body)
+
+        statuses = [answer(f"fpt_guess-{index}")[0] for index in range(21)]
+        # The same limit as the API's: 20 wrong tokens in 10 minutes.
+        assert statuses == [401] * 20 + [429]
+        status, body = answer(world.keys[LEAD])
+        assert status == 429  # from this address, even the right token, for a while
+        assert body["code"] == "throttled"
+        assert "Try again in" in body["message"]
