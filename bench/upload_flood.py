@@ -16,6 +16,10 @@ sending once an answer arrives (as curl does). With ``--compare-daphne`` it does
 against plain Daphne serving the same application (the server before this guard: it stores a
 body before the application sees it).
 
+Then it opens ``--slow`` connections (600) that each send a request line and one more header
+byte every second, never the end of the headers, and counts how many the server still holds
+open after ``--slow-seconds`` (20; the header timeout is 10 s).
+
     .venv/bin/python bench/upload_flood.py [--size-mib 1024] [--compare-daphne]
 """
 
@@ -139,6 +143,37 @@ def flood(port: int, head: bytes, size: int, tail: bytes = b"") -> tuple[str, in
     return status, sent, time.monotonic() - started
 
 
+def slow_headers(port: int, count: int, seconds: float) -> int:
+    """Open ``count`` connections that never finish their headers; how many are still open
+    after ``seconds``."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        socks.append(sock)
+    open_socks = set(range(count))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for index in list(open_socks):
+            try:
+                socks[index].sendall(b"X")
+            except OSError:
+                open_socks.discard(index)
+        time.sleep(1)
+    for index in list(open_socks):
+        socks[index].setblocking(False)
+        try:
+            if socks[index].recv(1) == b"":
+                open_socks.discard(index)
+        except BlockingIOError:
+            pass  # nothing to read: still open
+        except OSError:
+            open_socks.discard(index)
+    for sock in socks:
+        sock.close()
+    return len(open_socks)
+
+
 def migrated_database(workspace: Path, env: dict[str, str]) -> str:
     """Migrate, and make a person with an API token; returns the token."""
     subprocess.run(
@@ -160,8 +195,13 @@ def migrated_database(workspace: Path, env: dict[str, str]) -> str:
 
 
 def run_server(
-    label: str, command: list[str], env: dict[str, str], size: int, key: str
-) -> list[tuple]:
+    label: str,
+    command: list[str],
+    env: dict[str, str],
+    size: int,
+    key: str,
+    slow: tuple[int, float],
+) -> tuple[list[tuple], int]:
     tmpdir = Path(env["TMPDIR"])
     port = free_port()
     log = open(Path(env["FEDPORTAL_DATA_DIR"]) / f"{label}.log", "wb")  # noqa: SIM115
@@ -210,7 +250,7 @@ def run_server(
                     f"{outcome.tmp_peak:.0f} / {outcome.tmp_after:.0f}",
                 )
             )
-        return rows
+        return rows, slow_headers(port, *slow)
     finally:
         proc.terminate()
         try:
@@ -256,6 +296,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--compare-daphne", action="store_true")
+    parser.add_argument("--slow", type=int, default=600)
+    parser.add_argument("--slow-seconds", type=float, default=20)
     args = parser.parse_args()
     size = args.size_mib * 2**20
 
@@ -286,8 +328,13 @@ def main() -> None:
                 ("plain Daphne", [sys.executable, "-m", "daphne", "fedportal.asgi:application"])
             )
         rows = []
+        still_open = []
         for label, command in servers:
-            rows += run_server(label, command, env, size, key)
+            measured, held = run_server(
+                label, command, env, size, key, (args.slow, args.slow_seconds)
+            )
+            rows += measured
+            still_open.append((label, f"{held} of {args.slow}"))
         print(
             benchlib.md_table(
                 [
@@ -302,7 +349,13 @@ def main() -> None:
                 rows,
             )
         )
-        print(f"\nTMPDIR on {benchlib.filesystem(workspace)}")
+        print(f"\nTMPDIR on {benchlib.filesystem(workspace)}\n")
+        print(
+            benchlib.md_table(
+                ["server", f"half-sent requests still open after {args.slow_seconds:g} s"],
+                still_open,
+            )
+        )
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
 
