@@ -6,6 +6,10 @@ PYTHON := $(BIN)/python
 # Touched after a successful install; pip runs again only when pyproject.toml is newer.
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make's targets run on a developer's machine: development mode (the built-in development
+# secrets, DEBUG on, static files served by the portal). A deployment never uses make; see
+# README.md, "Security settings".
+export FEDPORTAL_DEV ?= 1
 .DEFAULT_GOAL := help
 .PHONY: help venv install assets test chaos lint format demo sim lightning bench portal worker clean
 
@@ -68,7 +72,7 @@ bench: install ## Run every bench/*.py and print its figures
 
 portal: install ## Migrate, then serve the portal (Daphne, ASGI) on 127.0.0.1:8000
 	$(PYTHON) manage.py migrate
-	$(PYTHON) manage.py runserver 127.0.0.1:8000
+	$(PYTHON) -m fedportal.serve -b 127.0.0.1 -p 8000
 
 worker: install ## Run a Celery worker
 	$(BIN)/celery -A fedportal worker --loglevel=INFO

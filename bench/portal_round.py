@@ -274,6 +274,7 @@ def portal_env(tmp: Path, db_name: str) -> dict[str, str]:
         "CELERY_RESULT_BACKEND": REDIS_URL,
         "DJANGO_MEDIA_ROOT": str(tmp / "media"),
         "FEDPORTAL_DATA_DIR": str(tmp / "data"),
+        "DJANGO_SECRET_KEY": "bench-only-secret-key-" + "b" * 40,
         "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": "bench-only-ca-key-encryption-key",
         "DJANGO_DEBUG": "false",
     }

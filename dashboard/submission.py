@@ -16,6 +16,7 @@ from django.db.models import QuerySet
 
 from jobs.bundle import BUNDLE_FORMAT
 from jobs.models import Job
+from jobs.services.submission import MAX_ROUND_TIMEOUT_SECONDS
 from jobs.workflows.base import _registry as workflow_registry
 
 # A service error's field → the form field it belongs beside.
@@ -46,14 +47,11 @@ def _field_for(schema: Mapping[str, Any], *, label: str) -> forms.Field:
         return forms.ChoiceField(choices=choices, required=False, label=label, help_text=help_text)
     kinds = schema.get("type")
     kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    bounds = {"min_value": schema.get("minimum"), "max_value": schema.get("maximum")}
     if "integer" in kinds:
-        return forms.IntegerField(
-            required=False, min_value=schema.get("minimum"), label=label, help_text=help_text
-        )
+        return forms.IntegerField(required=False, label=label, help_text=help_text, **bounds)
     if "number" in kinds:
-        return forms.FloatField(
-            required=False, min_value=schema.get("minimum"), label=label, help_text=help_text
-        )
+        return forms.FloatField(required=False, label=label, help_text=help_text, **bounds)
     if "boolean" in kinds:
         return forms.BooleanField(required=False, label=label, help_text=help_text)
     return forms.CharField(required=False, label=label, help_text=help_text)
@@ -100,6 +98,7 @@ class JobSubmitForm(forms.Form):
     round_timeout_seconds = forms.IntegerField(
         required=False,
         min_value=1,
+        max_value=MAX_ROUND_TIMEOUT_SECONDS,
         label="Round timeout (seconds)",
         help_text="A round closes at this deadline if enough sites answered (default: the "
         "portal's FEDPORTAL_ROUND_TIMEOUT_SECONDS).",

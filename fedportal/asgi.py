@@ -1,21 +1,60 @@
-"""ASGI entry point: HTTP through Django, WebSocket through Channels (see fedportal.routing)."""
+"""ASGI entry point: HTTP through Django, WebSocket through Channels (see fedportal.routing).
+
+HTTP bodies are bounded per route (``fedportal.bodylimits.BodyLimitMiddleware``); served by
+``python -m fedportal.serve`` they are bounded before the server even stores them. With
+``FEDPORTAL_SERVE_STATIC`` (development mode) the portal serves /static/ itself.
+"""
 
 import os
+from typing import Any
 
-from django.core.asgi import get_asgi_application
+import django
+from django.core.handlers.asgi import ASGIHandler
+
+from fedportal.bodylimits import STORED_BODY
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedportal.settings.base")
 
+
+class PortalASGIHandler(ASGIHandler):
+    """Django's ASGI handler, which takes the body as the file ``fedportal.server`` already
+    stored, when offered, instead of copying it into a temporary file of its own."""
+
+    async def read_body(self, receive: Any) -> Any:
+        first = await receive()
+        stored = first.get(STORED_BODY)
+        if stored is not None:
+            return stored.take()
+
+        async def replay() -> Any:
+            nonlocal first
+            if first is not None:
+                message, first = first, None
+                return message
+            return await receive()
+
+        return await super().read_body(replay)
+
+
 # Set up Django before importing anything that may touch models (consumers do).
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
+django_asgi_app = PortalASGIHandler()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 
-from fedportal.routing import websocket_urlpatterns  # noqa: E402
+from fedportal.bodylimits import BodyLimitMiddleware  # noqa: E402
+from fedportal.routing import websocket_application  # noqa: E402
+
+http_app = django_asgi_app
+if settings.FEDPORTAL_SERVE_STATIC:
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+    http_app = ASGIStaticFilesHandler(http_app)
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
-        "websocket": URLRouter(websocket_urlpatterns),
+        "http": BodyLimitMiddleware(http_app),
+        "websocket": websocket_application,
     }
 )

@@ -2,10 +2,16 @@
 
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from dashboard.views.projects import home
 from fedportal.views import healthz
+
+# Under /api/ errors are JSON; elsewhere the templates' pages (fedportal.views).
+handler400 = "fedportal.views.bad_request"
+handler403 = "fedportal.views.permission_denied"
+handler404 = "fedportal.views.page_not_found"
+handler500 = "fedportal.views.server_error"
 
 urlpatterns = [
     path("", home, name="home"),
@@ -14,6 +20,14 @@ urlpatterns = [
     path("api/v1/", include("sites.api.urls")),
     path("api/v1/", include("jobs.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # Swagger UI from the portal's own static files; its set-up script is a file too (?script),
+    # so that the Content-Security-Policy needs no inline script.
+    path(
+        "api/docs/",
+        SpectacularSwaggerSplitView.as_view(
+            url_name="schema", template_name="fedportal/swagger_ui.html"
+        ),
+        name="api-docs",
+    ),
     path("", include("dashboard.urls")),
 ]

@@ -34,6 +34,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import transaction
 
+from client_agent import jsonlimits
 from fedportal import sockets
 from fedportal.events import site_group
 from jobs.services.sites import (
@@ -108,6 +109,15 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     checked_at = 0.0
     watch: asyncio.Task[None] | None = None
     closing = False
+
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
+        """The message, or None (answered as not a JSON object) when it is not JSON or is
+        nested too deeply (``client_agent.jsonlimits``)."""
+        try:
+            return jsonlimits.loads(text_data)
+        except ValueError:
+            return None
 
     async def connect(self) -> None:
         try:

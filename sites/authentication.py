@@ -78,6 +78,7 @@ from client_agent.signing import (
     canonical_string,
     verify_signature,
 )
+from fedportal.throttling import CredentialFailures
 from sites import ca, conf, events
 from sites.exceptions import (
     ApiTokenInvalid,
@@ -151,12 +152,18 @@ def verify_signed_request(
     body: bytes = b"",
     body_sha256: str | None = None,
     now: dt.datetime | None = None,
+    record: bool = True,
 ) -> SiteIdentity:
     """Check a signed agent request (see the module docstring) and return who sent it.
 
     ``path`` is the request target as signed: path plus ``?query``. ``headers`` may use any
     letter case. Records the nonce and the site's heartbeat; raises an
     ``AuthenticationError`` subclass naming the cause otherwise.
+
+    ``record=False`` checks everything, the nonce's being unused included, but records
+    neither the nonce nor a heartbeat: the server's look at an upload's headers before it
+    reads the body (``fedportal.server``), which the view's own authentication then repeats
+    and records.
 
     ``body_sha256`` (lowercase hex), given instead of ``body``, is the digest the request
     *claims* for a body that is streamed to storage rather than read here (a model update):
@@ -217,6 +224,13 @@ def verify_signed_request(
             "nonce differ from what was signed, or it was not made with the certificate's key"
         )
 
+    if not record:
+        if UsedNonce.objects.filter(fingerprint=fingerprint, nonce=nonce).exists():
+            raise ReplayDetected(
+                f"nonce {nonce} was already used with this certificate: a replayed request "
+                "(every request needs a fresh nonce)"
+            )
+        return SiteIdentity(site=site, certificate=row)
     try:
         with transaction.atomic():
             UsedNonce.objects.create(
@@ -320,12 +334,17 @@ def canonical_string_for_digest(
     )
 
 
+def signed_target(path: str, query: bytes) -> str:
+    """The request target a signature covers, from a decoded path and a raw query: the same
+    string Django's ``request.get_full_path()`` gives, so that one signing rule serves HTTP
+    requests, WebSocket handshakes and the server's look at an upload's headers."""
+    target = escape_uri_path(path)
+    raw_query = query.decode("latin-1")
+    return f"{target}?{iri_to_uri(raw_query)}" if raw_query else target
+
+
 def _scope_path(scope: Mapping[str, Any]) -> str:
-    # The same target Django's request.get_full_path() gives an HTTP request, so that one
-    # signing rule serves both.
-    path = escape_uri_path(scope.get("path", "/"))
-    query = scope.get("query_string", b"").decode("latin-1")
-    return f"{path}?{iri_to_uri(query)}" if query else path
+    return signed_target(scope.get("path", "/"), scope.get("query_string", b""))
 
 
 async def verify_signed_handshake(scope: Mapping[str, Any]) -> SiteIdentity:
@@ -383,7 +402,12 @@ def api_token_authenticate(key: str, *, now: dt.datetime | None = None) -> tuple
 
 
 class ApiTokenAuthentication(BaseAuthentication):
-    """DRF authentication for people's API tokens: ``Authorization: Bearer fpt_…``."""
+    """DRF authentication for people's API tokens: ``Authorization: Bearer fpt_…``.
+
+    A wrong token (unknown, revoked, expired) counts against the client address's
+    ``credential_failures`` throttle; an address over it is refused (429) before its token is
+    looked at (``fedportal.throttling``).
+    """
 
     def authenticate(self, request: Request) -> tuple[Any, ApiToken] | None:
         parts = request.META.get("HTTP_AUTHORIZATION", "").split()
@@ -395,9 +419,12 @@ class ApiTokenAuthentication(BaseAuthentication):
             )
         if not parts[1].startswith(API_TOKEN_PREFIX):
             return None  # someone else's bearer token scheme; let another class try
+        failures = CredentialFailures()
+        failures.refuse_if_over(request)
         try:
             return api_token_authenticate(parts[1])
         except AuthenticationError as exc:
+            failures.record(request)
             raise exceptions.AuthenticationFailed(detail=exc.message, code=exc.code) from exc
 
     def authenticate_header(self, request: Request) -> str:

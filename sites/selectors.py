@@ -227,6 +227,17 @@ def memberships_visible_to(
     return qs.select_related("user", "organization")
 
 
+def people_of_project(project: Project) -> QuerySet[User]:
+    """Active accounts with a role in some organisation of ``project``: the only people who
+    may be given a role directly (anyone else is invited, and joins by accepting)."""
+    from django.contrib.auth import get_user_model  # noqa: PLC0415
+
+    model: Any = get_user_model()
+    in_project = Membership.objects.filter(organization__project=project).values("user_id")
+    people: QuerySet[User] = model.objects.filter(is_active=True, pk__in=in_project)
+    return people
+
+
 def invitations_visible_to(
     user: UserLike | None,
     *,

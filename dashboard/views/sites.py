@@ -7,8 +7,6 @@ the same service.
 
 from __future__ import annotations
 
-import shlex
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
@@ -24,14 +22,6 @@ from sites.models import Certificate, Project, Site, SiteState
 
 ONLY_PROJECT_ADMIN = "Only a project admin of this project may do this."
 ONLY_ORG_ADMIN = "Only an org admin of an organisation of this project may request a site."
-
-
-def enrol_command(request: HttpRequest, token: str) -> str:
-    """The exact line a site admin runs to enrol: the portal as sites reach it, and the token."""
-    portal = conf.public_url() or request.build_absolute_uri("/").rstrip("/")
-    return (
-        f"python -m client_agent enrol --portal {shlex.quote(portal)} --token {shlex.quote(token)}"
-    )
 
 
 def _site(request: HttpRequest, project: Project, pk: int) -> Site:
@@ -136,7 +126,7 @@ def _show_token(
         site=site,
         token=token,
         expires_at=row.expires_at if row else None,
-        command=enrol_command(request, token),
+        command=conf.enrol_command(request, token),
         approved=approved,
     )
     return render_once(request, "dashboard/site_token.html", context)

@@ -3,12 +3,19 @@
 Every setting comes from the environment, with a default that works on one machine:
 SQLite and file storage under FEDPORTAL_DATA_DIR (default: <project root>/data) and
 Redis at redis://127.0.0.1:6379/0.
+
+The portal fails closed. Without ``FEDPORTAL_DEV=1`` (a developer's machine, ``make portal``,
+PocEnv, the browser tests) it refuses to start unless ``DJANGO_SECRET_KEY`` and
+``FEDPORTAL_CA_KEY_ENCRYPTION_KEY`` are set, DEBUG is off unless ``DJANGO_DEBUG=true`` says
+otherwise, and cookies are ``Secure``. README.md ("Security settings") lists every variable.
 """
 
+import datetime as dt
 import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -22,19 +29,88 @@ def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}") from None
+
+
+# A developer's own machine (make portal, make demo's PocEnv, the browser tests): the built-in
+# development secrets are allowed, DEBUG defaults to on, cookies are not Secure (plain HTTP on
+# 127.0.0.1) and the portal serves its own static files. Never set it on a reachable host.
+FEDPORTAL_DEV = env_bool("FEDPORTAL_DEV", False)
+
+
+def env_secret(name: str, dev_default: str) -> str:
+    """A secret the portal cannot run without, except in development mode."""
+    value = os.environ.get(name, "")
+    if value:
+        return value
+    if FEDPORTAL_DEV:
+        return dev_default
+    raise ImproperlyConfigured(
+        f'{name} is not set. Set it to a long random secret (python -c "import secrets; '
+        f'print(secrets.token_urlsafe(50))"), or FEDPORTAL_DEV=1 on a development machine.'
+    )
+
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 DATA_DIR = Path(os.environ.get("FEDPORTAL_DATA_DIR") or BASE_DIR / "data")
 # SQLite and file storage write here; create it so a fresh checkout works without a setup step.
 DATA_DIR.mkdir(parents=True, exist_ok=True)
 
-# DEVELOPMENT DEFAULT ONLY: anyone who knows it can forge sessions. Set DJANGO_SECRET_KEY
-# (and DJANGO_DEBUG=false) anywhere other than your own machine.
-SECRET_KEY = os.environ.get(
+# Signs sessions, CSRF tokens and password reset links. The development default is public:
+# anyone who knows it can forge sessions, so it exists only with FEDPORTAL_DEV=1.
+SECRET_KEY = env_secret(
     "DJANGO_SECRET_KEY", "dev-only-insecure-secret-key-set-DJANGO_SECRET_KEY-in-production"
 )
-DEBUG = env_bool("DJANGO_DEBUG", True)
+DEBUG = env_bool("DJANGO_DEBUG", FEDPORTAL_DEV)
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+# --- HTTPS and security headers ---------------------------------------------------------------
+# Behind a reverse proxy that terminates TLS, name the header it sets to the request's scheme
+# (DJANGO_SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto): the portal then treats a request as HTTPS
+# when that header says "https" (secure redirects, the enrol command's address). Opt-in only: a
+# portal reached directly would otherwise believe any client that sends the header.
+_proxy_ssl_header = os.environ.get("DJANGO_SECURE_PROXY_SSL_HEADER", "").strip()
+if _proxy_ssl_header:
+    SECURE_PROXY_SSL_HEADER = (
+        "HTTP_" + _proxy_ssl_header.upper().replace("-", "_"),
+        os.environ.get("DJANGO_SECURE_PROXY_SSL_VALUE", "https"),
+    )
+# The Host the proxy received, from X-Forwarded-Host (again only when the proxy sets it).
+USE_X_FORWARDED_HOST = env_bool("DJANGO_USE_X_FORWARDED_HOST", False)
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+# /healthz answers over plain HTTP, for load balancers and container health checks.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+# Cookies go only over HTTPS, except on a developer's machine (plain HTTP on 127.0.0.1).
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", not FEDPORTAL_DEV)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", not FEDPORTAL_DEV)
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+# A session ends after this many seconds (default two weeks, Django's) and at browser close
+# when DJANGO_SESSION_EXPIRE_AT_BROWSER_CLOSE is true.
+SESSION_COOKIE_AGE = env_int("DJANGO_SESSION_COOKIE_AGE", 14 * 24 * 3600)
+SESSION_EXPIRE_AT_BROWSER_CLOSE = env_bool("DJANGO_SESSION_EXPIRE_AT_BROWSER_CLOSE", False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = os.environ.get("DJANGO_SECURE_REFERRER_POLICY", "same-origin")
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# Sent with every response (fedportal.middleware). The pages load scripts, styles and images
+# from the portal only and hold no inline script or style; Swagger UI's icons are data: URLs.
+FEDPORTAL_CONTENT_SECURITY_POLICY = os.environ.get(
+    "FEDPORTAL_CONTENT_SECURITY_POLICY",
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'self'; "
+    "form-action 'self'; frame-ancestors 'none'",
+)
 
 INSTALLED_APPS = [
     # daphne first: its runserver serves HTTP and WebSocket through fedportal.asgi.
@@ -48,6 +124,10 @@ INSTALLED_APPS = [
     "channels",
     "rest_framework",
     "drf_spectacular",
+    # Swagger UI's files, served from /static/ by the portal (no CDN).
+    "drf_spectacular_sidecar",
+    # Sign-in throttling by account and address (see the AXES_* settings below).
+    "axes",
     "sites",
     "jobs",
     "dashboard",
@@ -55,12 +135,21 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "fedportal.middleware.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out sign-in into the lockout page.
+    "axes.middleware.AxesMiddleware",
+]
+
+# django-axes first: a locked-out account or address is refused before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "fedportal.urls"
@@ -134,6 +223,18 @@ STORAGES = {
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
+# Django's cache holds the request throttles' counters (REST_FRAMEWORK below): on Redis, so that
+# every portal process counts together. Deployments sharing a Redis database keep apart by
+# prefix, as the channel layer does (default: the channel layer's prefix).
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": os.environ.get("FEDPORTAL_CACHE_URL") or REDIS_URL,
+        "KEY_PREFIX": os.environ.get("FEDPORTAL_CACHE_PREFIX")
+        or os.environ.get("FEDPORTAL_CHANNELS_PREFIX", "asgi"),
+    }
+}
+
 # Celery reads the CELERY_* names below (see fedportal/celery.py).
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or REDIS_URL
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or REDIS_URL
@@ -171,15 +272,52 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "EXCEPTION_HANDLER": "fedportal.api.exception_handler",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "fedportal.api.Pagination",
     "PAGE_SIZE": 100,
+    # JSON only: no browsable API (its forms would list related objects, such as every user).
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # JSON bodies are bounded in depth and size before they are parsed (fedportal.jsonlimits).
+    "DEFAULT_PARSER_CLASSES": [
+        "fedportal.api.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
+    # Rates per client address (see fedportal.throttling): the anonymous enrolment endpoints,
+    # and failed attempts at a credential (an enrolment token, an API token).
+    "DEFAULT_THROTTLE_RATES": {
+        "enrol": os.environ.get("FEDPORTAL_THROTTLE_ENROL", "120/minute"),
+        "credential_failures": os.environ.get(
+            "FEDPORTAL_THROTTLE_CREDENTIAL_FAILURES", "20/10minute"
+        ),
+    },
 }
+
+# --- Sign-in throttling (django-axes: /login/ and /admin/login/) ---------------------------------
+# An account is locked after FEDPORTAL_SIGNIN_ACCOUNT_FAILURES wrong passwords, and an address
+# after FEDPORTAL_SIGNIN_ADDRESS_FAILURES (many accounts tried from one place), until
+# FEDPORTAL_SIGNIN_COOLOFF_MINUTES passed since the last failure; meanwhile even the right
+# password is refused (429, a page saying when to try again). Counted in the database, so every
+# portal process shares them.
+FEDPORTAL_SIGNIN_ACCOUNT_FAILURES = env_int("FEDPORTAL_SIGNIN_ACCOUNT_FAILURES", 5)
+FEDPORTAL_SIGNIN_ADDRESS_FAILURES = env_int("FEDPORTAL_SIGNIN_ADDRESS_FAILURES", 20)
+AXES_HANDLER = "fedportal.signin.SignInAttemptHandler"
+AXES_FAILURE_LIMIT = FEDPORTAL_SIGNIN_ACCOUNT_FAILURES
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_COOLOFF_TIME = dt.timedelta(minutes=env_int("FEDPORTAL_SIGNIN_COOLOFF_MINUTES", 15))
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "fedportal.signin.locked_out"
+AXES_CLIENT_IP_CALLABLE = "fedportal.signin.client_address"
+AXES_HTTP_RESPONSE_CODE = 429
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "FedPortal",
     "DESCRIPTION": "Federated learning across organisations whose data may not move.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from drf-spectacular-sidecar's pinned copy, served by the portal.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # Several models have a field named `state`; name each enum after its own choices.
     "ENUM_NAME_OVERRIDES": {
         "JobStateEnum": "jobs.models.JobState",
@@ -194,9 +332,9 @@ SPECTACULAR_SETTINGS = {
 # Each project's CA private key is stored encrypted with a key derived from this secret. Give a
 # long random string (python -c "import secrets; print(secrets.token_urlsafe(32))"). To rotate,
 # put the new secret first and keep the old one after a comma until every CA key was re-saved.
-# Unset with DEBUG on, a key derived from SECRET_KEY is used (see sites.conf); unset with DEBUG
-# off, creating a project or enrolling a site fails with a message saying to set it.
-FEDPORTAL_CA_KEY_ENCRYPTION_KEY = os.environ.get("FEDPORTAL_CA_KEY_ENCRYPTION_KEY", "")
+# Required: the portal does not start without it, except with FEDPORTAL_DEV=1, where a key
+# derived from SECRET_KEY is used (see sites.conf).
+FEDPORTAL_CA_KEY_ENCRYPTION_KEY = env_secret("FEDPORTAL_CA_KEY_ENCRYPTION_KEY", "")
 FEDPORTAL_CA_VALIDITY_DAYS = int(os.environ.get("FEDPORTAL_CA_VALIDITY_DAYS", "3650"))
 FEDPORTAL_SITE_CERT_VALIDITY_DAYS = int(os.environ.get("FEDPORTAL_SITE_CERT_VALIDITY_DAYS", "365"))
 FEDPORTAL_ENROLMENT_TOKEN_TTL_HOURS = int(
@@ -252,6 +390,23 @@ FEDPORTAL_MAX_MODEL_BYTES = int(os.environ.get("FEDPORTAL_MAX_MODEL_BYTES", str(
 FEDPORTAL_MAX_APP_ARCHIVE_BYTES = int(
     os.environ.get("FEDPORTAL_MAX_APP_ARCHIVE_BYTES", str(50 * 1024**2))
 )
+
+# --- Request bodies and slow clients (fedportal.bodylimits, fedportal.server) -----------------
+# Every route's body is bounded before it is read: the uploads by the limits above, the sign-in
+# pages and the anonymous enrolment endpoints by small limits of their own, every other route
+# by this one.
+FEDPORTAL_MAX_REQUEST_BYTES = env_int("FEDPORTAL_MAX_REQUEST_BYTES", 1024**2)
+# The request line and headers must arrive within this many seconds of the connection opening
+# (or of the previous response, on a kept-alive connection).
+FEDPORTAL_HTTP_HEADER_TIMEOUT_SECONDS = env_int("FEDPORTAL_HTTP_HEADER_TIMEOUT_SECONDS", 10)
+# A body must arrive within this many seconds of its headers; an upload's deadline grows by a
+# second for every FEDPORTAL_HTTP_UPLOAD_MIN_RATE bytes received (at least that many bytes a
+# second on average, after the first FEDPORTAL_HTTP_BODY_TIMEOUT_SECONDS).
+FEDPORTAL_HTTP_BODY_TIMEOUT_SECONDS = env_int("FEDPORTAL_HTTP_BODY_TIMEOUT_SECONDS", 30)
+FEDPORTAL_HTTP_UPLOAD_MIN_RATE = env_int("FEDPORTAL_HTTP_UPLOAD_MIN_RATE", 64 * 1024)
+# The portal process serves /static/ itself (Django's static files handler): on in development
+# mode; a deployment serves collectstatic's folder from its reverse proxy instead.
+FEDPORTAL_SERVE_STATIC = env_bool("FEDPORTAL_SERVE_STATIC", FEDPORTAL_DEV)
 # Redis redelivers a task whose worker died once this many seconds passed; every task is
 # idempotent, so a task running longer than this and delivered twice does no harm.
 CELERY_BROKER_TRANSPORT_OPTIONS = {

@@ -3,15 +3,22 @@
 import os
 import uuid
 
-from .base import *  # noqa: F403
+# The base settings refuse to start without these secrets (they fail closed); tests are not a
+# deployment. Set in the environment rather than here, so that the portal, worker and agent
+# processes the tests start read the same ones.
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-" + "t" * 40)
+os.environ.setdefault("FEDPORTAL_CA_KEY_ENCRYPTION_KEY", "test-only-ca-key-encryption-key")
+
+from .base import *  # noqa: E402, F403
 
 # Hashing passwords properly is slow on purpose; tests create many users.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-# pytest-django runs with DEBUG off, where the CA key encryption key has no fallback.
-FEDPORTAL_CA_KEY_ENCRYPTION_KEY = "test-only-ca-key-encryption-key"
+# Each test process counts its own throttles (tests/conftest.py empties the cache per test):
+# helpers running the suite at the same time share the Redis server.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # Tests that start a real Celery worker use their own Redis database, so a developer's own
 # worker on the default database never takes their tasks. Results are not needed.

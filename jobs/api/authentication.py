@@ -22,19 +22,41 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 
 from django.contrib.auth.models import AnonymousUser
 from rest_framework import exceptions
 from rest_framework.request import Request
 
-from client_agent.signing import HEADER_FINGERPRINT, HEADER_SIGNATURE
+from client_agent.signing import HEADER_FINGERPRINT, HEADER_SIGNATURE, SIGNATURE_HEADERS
 from sites.authentication import SiteIdentity, SiteSignatureAuthentication, verify_signed_request
-from sites.exceptions import AuthenticationError
+from sites.exceptions import AuthenticationError, SignatureMalformed, SignatureMissing
 
 logger = logging.getLogger(__name__)
 
 HEADER_CONTENT_SHA256 = "X-Content-SHA256"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def streamed_upload_verify(
+    *, method: str, path: str, headers: Mapping[str, str], record: bool = True
+) -> SiteIdentity:
+    """:func:`~sites.authentication.verify_signed_request` for a streamed upload: over the
+    digest in ``X-Content-SHA256``, which must be there. ``record=False``: the server's check
+    before it reads the body (``fedportal.bodylimits``)."""
+    lowered = {str(name).lower(): str(value) for name, value in headers.items()}
+    missing = [name for name in SIGNATURE_HEADERS if name.lower() not in lowered]
+    if missing:
+        raise SignatureMissing(f"the request lacks the header(s) {', '.join(missing)}")
+    digest = lowered.get(HEADER_CONTENT_SHA256.lower(), "").strip().lower()
+    if not _SHA256.fullmatch(digest):
+        raise SignatureMalformed(
+            f"a streamed upload is signed over its {HEADER_CONTENT_SHA256} header "
+            "(the body's SHA-256, 64 hexadecimal digits), which is missing or malformed"
+        )
+    return verify_signed_request(
+        method=method, path=path, headers=lowered, body_sha256=digest, record=record
+    )
 
 
 class StreamedBodySignatureAuthentication(SiteSignatureAuthentication):
@@ -44,19 +66,9 @@ class StreamedBodySignatureAuthentication(SiteSignatureAuthentication):
         headers = request.headers
         if HEADER_SIGNATURE not in headers and HEADER_FINGERPRINT not in headers:
             return None
-        digest = headers.get(HEADER_CONTENT_SHA256, "").strip().lower()
-        if not _SHA256.fullmatch(digest):
-            raise exceptions.AuthenticationFailed(
-                detail=f"a streamed upload is signed over its {HEADER_CONTENT_SHA256} header "
-                "(the body's SHA-256, 64 hexadecimal digits), which is missing or malformed",
-                code="signature_malformed",
-            )
         try:
-            identity = verify_signed_request(
-                method=request.method or "PUT",
-                path=request.get_full_path(),
-                headers=headers,
-                body_sha256=digest,
+            identity = streamed_upload_verify(
+                method=request.method or "PUT", path=request.get_full_path(), headers=headers
             )
         except AuthenticationError as exc:
             logger.info("signed upload refused: %s %s: %s", request.method, request.path, exc)

@@ -12,7 +12,6 @@ the initial one).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.core.files.uploadedfile import UploadedFile
@@ -20,6 +19,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from client_agent import jsonlimits
 from jobs.models import (
     Job,
     JobSite,
@@ -31,6 +31,8 @@ from jobs.models import (
     TaskState,
 )
 from jobs.services.rounds import task_spec_payload, workflow_of
+from jobs.services.submission import MAX_ROUND_TIMEOUT_SECONDS
+from jobs.workflows.base import MAX_ROUNDS
 from sites.selectors import site_is_online
 
 # job.json is a few hundred bytes; this bound only keeps absurd input out before parsing.
@@ -72,8 +74,8 @@ class SpecField(serializers.Field):
         if len(raw) > SPEC_MAX_BYTES:
             self.fail("too_large")
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return jsonlimits.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
             self.fail("not_json", error=str(exc))
 
     def to_representation(self, value: Any) -> Any:
@@ -101,6 +103,8 @@ class JobSubmitSerializer(serializers.Serializer):
     )
     round_timeout_seconds = serializers.IntegerField(
         required=False,
+        min_value=1,
+        max_value=MAX_ROUND_TIMEOUT_SECONDS,
         help_text="A round closes at this deadline if min_clients sites answered "
         "(default: FEDPORTAL_ROUND_TIMEOUT_SECONDS).",
     )
@@ -144,8 +148,12 @@ class MetricPointInSerializer(serializers.Serializer):
 
     key = serializers.CharField(help_text="The metric's name, 1 to 200 characters.")
     value = serializers.FloatField(help_text="A finite number.")
-    step = serializers.IntegerField(required=False, allow_null=True)
-    round = serializers.IntegerField(required=False, allow_null=True, help_text="From 0.")
+    step = serializers.IntegerField(
+        required=False, allow_null=True, min_value=-(2**63), max_value=2**63 - 1
+    )
+    round = serializers.IntegerField(
+        required=False, allow_null=True, min_value=0, max_value=MAX_ROUNDS, help_text="From 0."
+    )
     id = serializers.CharField(
         required=False,
         allow_blank=True,
@@ -174,7 +182,7 @@ class MetricsPostedSerializer(serializers.Serializer):
 class MetricQuerySerializer(serializers.Serializer):
     key = serializers.CharField(required=False, max_length=200)
     site = serializers.CharField(required=False, max_length=SITE_NAME_MAX, help_text="A name.")
-    round = serializers.IntegerField(required=False, min_value=0)
+    round = serializers.IntegerField(required=False, min_value=0, max_value=MAX_ROUNDS)
     source = serializers.ChoiceField(MetricPoint.Source.choices, required=False)
 
 

@@ -37,19 +37,20 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from django.conf import settings
 from django.db.models import QuerySet
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics, status
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import JSONParser, MultiPartParser
+from rest_framework.parsers import MultiPartParser
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
+from fedportal import bodylimits
+from fedportal.api import JSONParser
 from jobs import selectors
 from jobs.api import schema as _schema  # noqa: F401  (registers the streamed-upload scheme)
 from jobs.api import serializers as s
@@ -80,8 +81,6 @@ PROJECT = OpenApiParameter(
     OpenApiParameter.PATH,
     description="The project's slug, as in the sites API, or its numeric id.",
 )
-# A multipart submission carries the two files plus job.json and a few small fields.
-SUBMISSION_OVERHEAD_BYTES = s.SPEC_MAX_BYTES + 64 * 1024
 
 
 def errors(*codes: int) -> dict[int, OpenApiResponse]:
@@ -214,7 +213,7 @@ class ProjectJobListView(PersonView):
         "stored; a failure is a 4xx naming the field, and stores nothing.",
         parameters=[PROJECT],
         request={"multipart/form-data": s.JobSubmitSerializer},
-        responses={201: s.JobSerializer, **errors(400, 403, 404)},
+        responses={201: s.JobSerializer, **errors(400, 403, 404, 413)},
     )
     def post(self, request: Request, project: str) -> Response:
         found = self.get_project()
@@ -234,13 +233,10 @@ class ProjectJobListView(PersonView):
 
     @staticmethod
     def _refuse_oversized(request: Request) -> None:
-        # Before the multipart body is parsed (and spooled to disk): a body bigger than the two
-        # files' limits together cannot be a valid bundle. The service checks each file.
-        limit = (
-            settings.FEDPORTAL_MAX_MODEL_BYTES
-            + settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES
-            + SUBMISSION_OVERHEAD_BYTES
-        )
+        # Before the multipart body is parsed: a body bigger than the two files' limits
+        # together cannot be a valid bundle (the server refuses it before reading it; this is
+        # the same rule for any other server). The service checks each file.
+        limit = bodylimits.submission_max_bytes()
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
@@ -250,6 +246,7 @@ class ProjectJobListView(PersonView):
                 f"the request is {length} bytes; a job bundle is at most {limit}",
                 field="body",
                 code="too_large",
+                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
             )
 
 

@@ -210,9 +210,14 @@ class PocEnv:
                 "DJANGO_SECRET_KEY": self._secret("secret-key"),
                 "FEDPORTAL_PUBLIC_URL": self.url,
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-                # No debug bookkeeping (every SQL query kept) in a portal that runs a job; the
-                # connection to SQLite is kept rather than opened for every request.
+                # Development mode (plain HTTP on 127.0.0.1: cookies not Secure; the portal
+                # serves its static files), with the secrets above, but no debug bookkeeping
+                # (every SQL query kept) in a portal that runs a job; the connection to SQLite
+                # is kept rather than opened for every request.
+                "FEDPORTAL_DEV": "1",
                 "DJANGO_DEBUG": "false",
+                # Every site enrols from this machine's address, a hundred sites at once.
+                "FEDPORTAL_THROTTLE_ENROL": "10000/minute",
                 "DATABASE_CONN_MAX_AGE": "600",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(
@@ -368,19 +373,10 @@ class PocEnv:
 
     def _launch_services(self) -> None:
         py = self.python
-        # Daphne's runserver: HTTP and WebSockets, and (--insecure: without DEBUG) the
-        # dashboard's static files; the checks already ran when the template was migrated.
+        # The portal's server (Daphne with bounded bodies): HTTP, WebSockets and, in
+        # development mode, the dashboard's static files.
         self._spawn(
-            "portal",
-            [
-                py,
-                "manage.py",
-                "runserver",
-                f"127.0.0.1:{self.port}",
-                "--noreload",
-                "--insecure",
-                "--skip-checks",
-            ],
+            "portal", [py, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(self.port)]
         )
         # One solo worker: one process, no pool to fork; the round work is short and serial.
         # It is alone on its queue, so it need not wait to meet other workers (mingle) at start.

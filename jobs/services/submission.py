@@ -20,6 +20,10 @@ from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Job, JobSite, ModelVersion
 from sites.exceptions import ValidationFailed
 
+# A round may wait for its sites at most 30 days (and the database column holds no more than
+# 2**31 - 1 seconds anyway).
+MAX_ROUND_TIMEOUT_SECONDS = 30 * 24 * 3600
+
 
 def _copy_limited(src: IO[bytes], dest: Path, *, limit: int, field: str) -> str:
     """Copy an upload to ``dest`` in chunks, refusing more than ``limit`` bytes; sha256 hex."""
@@ -80,9 +84,14 @@ def job_submit(
         if round_timeout_seconds is None
         else round_timeout_seconds
     )
-    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
+    if (
+        not isinstance(timeout, int)
+        or isinstance(timeout, bool)
+        or not 1 <= timeout <= MAX_ROUND_TIMEOUT_SECONDS
+    ):
         raise ValidationFailed(
-            "must be a positive number of seconds", field="round_timeout_seconds"
+            f"must be a whole number of seconds from 1 to {MAX_ROUND_TIMEOUT_SECONDS}",
+            field="round_timeout_seconds",
         )
 
     enrolled = Site.objects.filter(project=project, state=Site.State.ENROLLED)

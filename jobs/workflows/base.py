@@ -12,6 +12,12 @@ if TYPE_CHECKING:  # the portal reads workflows' parameters and tasks without to
     from jobs.aggregation import SiteUpdate, TensorSource
 
 
+# Bounds of every workflow's round and site counts: far beyond any federation, and inside the
+# portal database's integer columns (a job's num_rounds and min_clients).
+MAX_ROUNDS = 100_000
+MAX_CLIENTS = 10_000
+
+
 class QuorumNotMet(RuntimeError):
     """Fewer sites answered a round acceptably than the workflow needs."""
 

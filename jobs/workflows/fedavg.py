@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from client_agent.runtime import TASK_TRAIN
-from jobs.workflows.base import QuorumNotMet, RoundOutcome, TaskSpec
+from jobs.workflows.base import MAX_CLIENTS, MAX_ROUNDS, QuorumNotMet, RoundOutcome, TaskSpec
 
 if TYPE_CHECKING:  # the aggregation (torch) is imported where a round is aggregated
     import torch
@@ -38,8 +38,18 @@ class FedAvg:
         "required": ["min_clients", "num_rounds"],
         "additionalProperties": False,
         "properties": {
-            "min_clients": {"type": "integer", "minimum": 1, "description": "sites a round needs"},
-            "num_rounds": {"type": "integer", "minimum": 1, "description": "rounds to run"},
+            "min_clients": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_CLIENTS,
+                "description": "sites a round needs",
+            },
+            "num_rounds": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_ROUNDS,
+                "description": "rounds to run",
+            },
             "key_metric": {
                 "type": ["string", "null"],
                 "description": "metric that selects the best model",
@@ -49,10 +59,12 @@ class FedAvg:
     }
 
     def __post_init__(self) -> None:
-        for field_name in ("min_clients", "num_rounds"):
+        for field_name, highest in (("min_clients", MAX_CLIENTS), ("num_rounds", MAX_ROUNDS)):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field_name}: must be an integer of at least 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= highest:
+                raise ValueError(
+                    f"{field_name}: must be an integer from 1 to {highest}, got {value!r}"
+                )
         if self.key_metric is not None and (
             not isinstance(self.key_metric, str) or not self.key_metric
         ):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.db.models import QuerySet
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -72,13 +71,6 @@ class ProjectOrganizationField(serializers.PrimaryKeyRelatedField):
 
     def get_queryset(self) -> QuerySet[Organization]:
         return Organization.objects.filter(project=self.context["project"])
-
-
-class UsernameField(serializers.SlugRelatedField):
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("slug_field", "username")
-        kwargs.setdefault("queryset", get_user_model().objects.filter(is_active=True))
-        super().__init__(**kwargs)
 
 
 # --- projects and organisations ----------------------------------------------------------------
@@ -151,9 +143,33 @@ class MembershipSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+@extend_schema_field(OpenApiTypes.STR)
+class ProjectPersonField(serializers.SlugRelatedField):
+    """A person who already has a role in the project in the serializer's context (by
+    username). Anyone else gets the same answer as a name nobody has: adding people from
+    outside the project goes through an invitation they accept, and no answer tells whether
+    an account exists."""
+
+    default_error_messages = {
+        "does_not_exist": "nobody in this project is named {value}; invite people from outside "
+        "it (POST …/invitations/), who join by accepting",
+        "invalid": "must be a username",
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("slug_field", "username")
+        super().__init__(**kwargs)
+
+    def get_queryset(self) -> QuerySet[Any]:
+        return selectors.people_of_project(self.context["project"])
+
+
 class MembershipCreateSerializer(serializers.Serializer):
     organization = ProjectOrganizationField()
-    username = UsernameField(help_text="An existing user; invite people who have no account.")
+    username = ProjectPersonField(
+        help_text="Someone who already has a role in this project (in another organisation, "
+        "say); invite anyone else."
+    )
     role = serializers.ChoiceField(Role.choices)
 
 

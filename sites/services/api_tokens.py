@@ -27,15 +27,31 @@ def api_token_create(
     user: User,
     name: str,
     expires_at: dt.datetime | None = None,
+    created_with: ApiToken | None = None,
     source_address: str | None = None,
 ) -> tuple[ApiToken, str]:
     """A new API token for ``user``; returns the row and the plaintext key, shown once.
 
-    Raises ``ValidationFailed`` (blank name, or ``expires_at`` not in the future).
+    ``created_with`` is the API token the request was made with, if any: a token made with an
+    expiring token expires no later than it (at the same time when ``expires_at`` is not
+    given), so a short-lived token cannot mint a lasting one. A session may make any token.
+
+    Raises ``ValidationFailed`` (blank name, or ``expires_at`` not in the future or past the
+    expiry of ``created_with``).
     """
     name = clean_name(name, field="name", max_length=100)
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationFailed("expires_at must be in the future", field="expires_at")
+    ceiling = created_with.expires_at if created_with is not None else None
+    if ceiling is not None:
+        if expires_at is None:
+            expires_at = ceiling
+        elif expires_at > ceiling:
+            raise ValidationFailed(
+                f"a token made with API token {created_with.prefix}… must expire no later than "
+                f"it does ({ceiling:%Y-%m-%d %H:%M:%S} UTC)",
+                field="expires_at",
+            )
     plaintext, digest = new_secret(API_TOKEN_PREFIX)
     with transaction.atomic():
         token = ApiToken.objects.create(

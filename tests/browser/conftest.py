@@ -55,8 +55,8 @@ def async_unsafe_allowed() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
-    """Daphne serving the portal on a free port, on the test database; its log is printed
-    when it fails to start."""
+    """The portal's server (``python -m fedportal.serve``, Daphne) on a free port, on the test
+    database; its log is printed when it fails to start."""
     import redis
     from django.db import connection
 
@@ -68,6 +68,9 @@ def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
         "DJANGO_SETTINGS_MODULE": "tests.browser.daphne_settings",
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
         "DJANGO_MEDIA_ROOT": str(media_root),
+        # Development mode: plain HTTP on 127.0.0.1 (cookies not Secure), and the portal
+        # serves its own static files; DEBUG stays off, as in a deployment.
+        "FEDPORTAL_DEV": "1",
         "DJANGO_DEBUG": "false",
         "BROWSER_TEST_REDIS_URL": REDIS_URL,
         "PYTHONPATH": str(ROOT),
@@ -76,8 +79,7 @@ def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
     log = media_root.parent / "daphne.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            + ["tests.browser.asgi:application"],
+            [sys.executable, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port)],
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -219,3 +219,49 @@ def test_member_sees_no_abort_button_and_the_api_refuses(pages: Pages, tmp_path:
     # Another project's job is "not found", with a page that says what went wrong.
     pages.visit(page, f"/projects/{world.other.slug}/", "other-project-404")
     expect(page.get_by_role("heading", level=1)).to_have_text("Page not found")
+
+
+def test_no_page_breaks_the_content_security_policy(pages: Pages, tmp_path: Path) -> None:
+    """Every page works under ``default-src 'self'`` with no inline script or style: the
+    browser reports no violation, and the API docs (Swagger UI, served by the portal itself)
+    render the schema."""
+    world = in_thread(jw.build_world, tmp_path)
+    assert world.job is not None
+    page = pages.new_page()
+    violations: list[str] = []
+    page.on(
+        "console",
+        lambda message: (
+            violations.append(message.text)
+            if "Content Security Policy" in message.text
+            or "Content-Security-Policy" in message.text
+            else None
+        ),
+    )
+    failed: list[str] = []
+    # A live page's own fetches that the next navigation cancels (net::ERR_ABORTED) are not
+    # refusals; anything else that failed (blocked by the policy, a missing file) is.
+    page.on(
+        "requestfailed",
+        lambda request: (
+            None if "ERR_ABORTED" in (request.failure or "") else failed.append(request.url)
+        ),
+    )
+    pages.visit(page, "/api/docs/", "api-docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("FedPortal")
+    expect(page.locator(".opblock-tag").first).to_be_visible()
+    pages.shot(page, "api-docs-rendered")
+    pages.visit(page, "/admin/login/", "admin-login")
+    pages.sign_in(page, world.users[jw.LEAD].username)
+    for path, name in [
+        (f"/projects/{world.project.slug}/", "project"),
+        (f"/jobs/{world.job.uid}/", "job"),
+        (f"/projects/{world.project.slug}/jobs/new/", "job-submit"),
+        (f"/projects/{world.project.slug}/sites/", "sites"),
+        ("/api-tokens/", "api-tokens"),
+        ("/audit/", "audit"),
+    ]:
+        pages.visit(page, path, f"csp-{name}")
+    expect(page.locator("h1")).to_be_visible()
+    assert violations == []
+    assert [url for url in failed if "/ws/" not in url] == []

@@ -80,6 +80,8 @@ class World:
             "invitation": self.invitation_a.pk,
             "admin_token": self.api_tokens[ADMIN].pk,
             "newcomer": self.newcomer.username,
+            # In the project (org B), so that org A's admins may give them a role in org A.
+            "colleague": self.users[ORG_ADMIN_B].username,
         }
 
     def call(self, persona: str, method: str, path: str, body: Any = None, **headers: str) -> Any:

@@ -102,7 +102,7 @@ CHANGES = [
             ORG_ADMIN_A,
             "POST",
             "{p}/memberships/",
-            {"organization": "{org_a}", "username": "{newcomer}", "role": "lead"},
+            {"organization": "{org_a}", "username": "{colleague}", "role": "lead"},
         ),
         ("membership.added",),
         "membership",

@@ -223,7 +223,7 @@ def test_an_invitation_needs_an_addressee(world: World) -> None:
 
 
 def test_an_org_admin_cannot_make_a_project_admin_nor_act_in_another_org(world: World) -> None:
-    body = {"organization": world.org_a.pk, "username": "newcomer", "role": "project_admin"}
+    body = {"organization": world.org_a.pk, "username": ORG_ADMIN_B, "role": "project_admin"}
     assert error(world.call(ORG_ADMIN_A, "POST", f"{p(world)}/memberships/", body))[0] == 403
     # The project admin may, but only in the host organisation.
     assert error(world.call(ADMIN, "POST", f"{p(world)}/memberships/", body)) == (
@@ -234,7 +234,7 @@ def test_an_org_admin_cannot_make_a_project_admin_nor_act_in_another_org(world: 
     in_host = {**body, "organization": world.host.pk}
     assert world.call(ADMIN, "POST", f"{p(world)}/memberships/", in_host).status_code == 201
 
-    in_b = {"organization": world.org_b.pk, "username": "newcomer", "role": "member"}
+    in_b = {"organization": world.org_b.pk, "username": LEAD, "role": "member"}
     assert error(world.call(ORG_ADMIN_A, "POST", f"{p(world)}/memberships/", in_b))[0] == 403
     host_admin = Membership.objects.get(user=world.users[ADMIN])
     path = f"{p(world)}/memberships/{host_admin.pk}/"
@@ -264,6 +264,39 @@ def test_adding_someone_twice_or_an_unknown_user(world: World) -> None:
     assert error(world.call(ADMIN, "POST", path, unknown)) == (400, "invalid", "username")
     refused = world.call(ADMIN, "POST", path, {**other_org, "role": "member"})
     assert error(refused) == (400, "invalid", "organization")
+
+
+@pytest.mark.parametrize("adder", [ORG_ADMIN_A, ADMIN])
+def test_people_outside_the_project_are_invited_not_added(world: World, adder: str) -> None:
+    """An account outside the project (here: the other project's owner, and one in no
+    project) cannot be given a role directly, and the answer is the one a name nobody has
+    gets: the API does not tell which accounts exist."""
+    path = f"{p(world)}/memberships/"
+    answers = []
+    for username in (OUTSIDER, "newcomer", "nobody-at-all"):
+        body = {"organization": world.org_a.pk, "username": username, "role": "member"}
+        response = world.call(adder, "POST", path, body)
+        assert error(response) == (400, "invalid", "username")
+        answers.append(response.json()["message"].replace(username, "<name>"))
+    assert len(set(answers)) == 1
+    assert "invite" in answers[0]
+    assert (
+        not Membership.objects.filter(user__username__in=[OUTSIDER, "newcomer"])
+        .filter(organization__project=world.project)
+        .exists()
+    )
+    # Someone already in the project (org B) may be given a role in org A.
+    colleague = {"organization": world.org_a.pk, "username": ORG_ADMIN_B, "role": "member"}
+    assert world.call(adder, "POST", path, colleague).status_code == 201
+
+
+def test_no_endpoint_lists_accounts_outside_the_callers_projects(world: World) -> None:
+    """The API renders JSON only (a browsable form would list every account in a select)."""
+    for path in (f"{p(world)}/memberships/", f"{p(world)}/invitations/"):
+        for accept in ("text/html", "application/json"):
+            response = world.call(ORG_ADMIN_A, "GET", path, Accept=accept)
+            assert response["Content-Type"].startswith("application/json"), path
+            assert OUTSIDER.encode() not in response.content
 
 
 # --- sites ---------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ ROWS: list[Row] = [
         "POST",
         "{p}/memberships/",
         org_a_admins(201),
-        {"organization": "{org_a}", "username": "{newcomer}", "role": "member"},
+        {"organization": "{org_a}", "username": "{colleague}", "role": "member"},
     ),
     Row("GET", "{p}/memberships/{membership}/", everyone_in_p(200)),
     Row("PATCH", "{p}/memberships/{membership}/", org_a_admins(200), {"role": "lead"}),

@@ -135,3 +135,42 @@ def test_nobody_sees_another_persons_tokens(signed_in: APIClient) -> None:
     assert bob.get(f"{TOKENS}{made['id']}/").status_code == 404
     assert bob.post(f"{TOKENS}{made['id']}/revoke/").status_code == 404
     assert ApiToken.objects.get(pk=made["id"]).revoked_at is None
+
+
+def test_a_short_lived_token_cannot_mint_a_longer_lived_one(signed_in: APIClient) -> None:
+    soon = timezone.now() + dt.timedelta(hours=1)
+    short = signed_in.post(TOKENS, {"name": "short", "expires_at": soon.isoformat()}, format="json")
+    script = APIClient()
+    script.credentials(HTTP_AUTHORIZATION=f"Bearer {short.json()['key']}")
+
+    forever = script.post(TOKENS, {"name": "forever"}, format="json")
+    later = (soon + dt.timedelta(days=365)).isoformat()
+    longer = script.post(TOKENS, {"name": "longer", "expires_at": later}, format="json")
+    explicit_none = script.post(TOKENS, {"name": "none", "expires_at": None}, format="json")
+    shorter = script.post(
+        TOKENS,
+        {"name": "shorter", "expires_at": (soon - dt.timedelta(minutes=5)).isoformat()},
+        format="json",
+    )
+
+    # Without an expiry, the new token expires with the one that made it.
+    assert forever.status_code == 201
+    made = ApiToken.objects.get(pk=forever.json()["id"])
+    assert made.expires_at == ApiToken.objects.get(name="short").expires_at
+    assert explicit_none.status_code == 201
+    assert ApiToken.objects.get(pk=explicit_none.json()["id"]).expires_at == made.expires_at
+    assert longer.status_code == 400
+    assert (longer.json()["code"], longer.json()["field"]) == ("invalid", "expires_at")
+    assert not ApiToken.objects.filter(name="longer").exists()
+    assert shorter.status_code == 201
+
+
+def test_a_session_or_a_lasting_token_may_make_a_lasting_token(signed_in: APIClient) -> None:
+    lasting = signed_in.post(TOKENS, {"name": "lasting"}, format="json")
+    assert lasting.status_code == 201
+    assert ApiToken.objects.get(pk=lasting.json()["id"]).expires_at is None
+    script = APIClient()
+    script.credentials(HTTP_AUTHORIZATION=f"Bearer {lasting.json()['key']}")
+    again = script.post(TOKENS, {"name": "again"}, format="json")
+    assert again.status_code == 201
+    assert ApiToken.objects.get(pk=again.json()["id"]).expires_at is None

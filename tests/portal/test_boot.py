@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.staticfiles import finders
 from django.core.management import call_command
 from django.db import connection
 from django.test import Client
@@ -40,11 +42,25 @@ def test_api_schema_is_an_openapi_document(client: Client) -> None:
     assert "paths" in schema
 
 
-def test_api_docs_page_points_at_the_schema(client: Client) -> None:
+def test_api_docs_page_is_served_by_the_portal_and_points_at_the_schema(client: Client) -> None:
     response = client.get("/api/docs/")
 
     assert response.status_code == 200
-    assert b"/api/schema/" in response.content
+    html = response.content.decode()
+    scripts = re.findall(r"<script([^>]*)>", html)
+    sources = [re.search(r'src="([^"]+)"', attrs) for attrs in scripts]
+    # Every script and style from the portal itself (no CDN), none inline (the CSP allows none).
+    assert sources and all(found is not None for found in sources)
+    paths = [found.group(1) for found in sources if found is not None]
+    assert all(path.startswith("/static/") or path.startswith("/api/docs/") for path in paths)
+    assert "<style" not in html and "//cdn" not in html
+    for path in paths:
+        if path.startswith("/static/"):
+            assert finders.find(path.removeprefix("/static/")), path
+    setup = client.get("/api/docs/?script=")
+    assert setup.status_code == 200
+    assert setup["Content-Type"].startswith("application/javascript")
+    assert b"/api/schema/" in setup.content
 
 
 def test_home_page_renders_with_links(client: Client) -> None:
@@ -77,6 +93,22 @@ def test_celery_app_uses_settings() -> None:
 
 def test_system_check_passes() -> None:
     call_command("check", fail_level="WARNING")
+
+
+@pytest.mark.parametrize("first", ["fedportal.api", "jobs.tasks"])
+def test_the_api_module_imports_first_in_a_fresh_process(first: str) -> None:
+    # DRF's settings name fedportal.api's parser and paginator, and rest_framework.views reads
+    # those settings when it is imported: fedportal.api must not need rest_framework.views
+    # while it loads. A Celery worker imports it first (through its tasks), and the cycle made
+    # every worker exit at start.
+    code = f"import django; django.setup(); import {first}; print('imported')"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "fedportal.settings.test"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "imported"
 
 
 @pytest.mark.django_db

@@ -126,18 +126,23 @@ def test_project_stores_its_ca_key_encrypted_at_rest() -> None:
 
 
 @pytest.mark.django_db
-def test_no_encryption_key_and_no_debug_refuses_a_project(settings: SettingsWrapper) -> None:
+def test_no_encryption_key_outside_development_refuses_a_project(
+    settings: SettingsWrapper,
+) -> None:
     settings.FEDPORTAL_CA_KEY_ENCRYPTION_KEY = ""
-    settings.DEBUG = False
+    settings.FEDPORTAL_DEV = False
+    settings.DEBUG = True  # DEBUG alone is no development mode
 
     with pytest.raises(CAKeyUnavailable, match="FEDPORTAL_CA_KEY_ENCRYPTION_KEY is not set"):
         ProjectFactory()
     assert Project.objects.count() == 0
 
 
-def test_no_encryption_key_in_debug_uses_secret_key(settings: SettingsWrapper) -> None:
+def test_no_encryption_key_in_development_mode_uses_secret_key(
+    settings: SettingsWrapper,
+) -> None:
     settings.FEDPORTAL_CA_KEY_ENCRYPTION_KEY = ""
-    settings.DEBUG = True
+    settings.FEDPORTAL_DEV = True
     settings.SECRET_KEY = "s3cret"
 
     assert conf.ca_key_encryption_keys() == ["django-secret-key:s3cret"]

@@ -301,11 +301,11 @@ def test_a_request_bigger_than_any_bundle_is_refused_before_it_is_parsed(
 ) -> None:
     settings.FEDPORTAL_MAX_MODEL_BYTES = 1
     settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES = 1
-    monkeypatch.setattr("jobs.api.views.SUBMISSION_OVERHEAD_BYTES", 100)
+    monkeypatch.setattr("fedportal.bodylimits.SUBMISSION_OVERHEAD_BYTES", 100)
 
     refused = submit(world, bundle.form())
 
-    assert refused.status_code == 400
+    assert refused.status_code == 413
     assert (refused.json()["field"], refused.json()["code"]) == ("body", "too_large")
     assert_nothing_stored()
 

@@ -134,6 +134,30 @@ def test_replayed_request_is_refused(agent: EnrolledSite) -> None:
     assert headers["X-FedPortal-Nonce"] in message
 
 
+def test_a_look_without_recording_uses_up_no_nonce_and_is_no_heartbeat(
+    agent: EnrolledSite,
+) -> None:
+    """What the server does with an upload's headers before it reads the body: the request
+    is checked (a replay included), and the view's authentication can still record it."""
+    headers = agent.headers("POST", PATH, b"{}")
+    identity = verify_signed_request(
+        method="POST", path=PATH, headers=headers, body=b"{}", record=False
+    )
+    assert identity.site == agent.site
+    assert not UsedNonce.objects.exists()
+    assert Site.objects.get(pk=agent.site.pk).last_heartbeat is None
+
+    assert call("POST", PATH, headers, b"{}")[0] == 200  # the same nonce, recorded now
+    with pytest.raises(ReplayDetected):
+        verify_signed_request(method="POST", path=PATH, headers=headers, body=b"{}", record=False)
+    bad = {
+        **headers,
+        "X-FedPortal-Signature": agent.headers("POST", PATH, b"[]")["X-FedPortal-Signature"],
+    }
+    with pytest.raises(SignatureInvalid):
+        verify_signed_request(method="POST", path=PATH, headers=bad, body=b"{}", record=False)
+
+
 @pytest.mark.parametrize(("offset", "direction"), [(-400, "behind"), (400, "ahead of")])
 def test_clock_skew_beyond_the_window_is_refused(
     agent: EnrolledSite, offset: int, direction: str

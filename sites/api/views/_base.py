@@ -11,6 +11,7 @@ from rest_framework import generics
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
+from fedportal.throttling import client_address
 from sites import selectors
 from sites.api import serializers as s
 from sites.api.permissions import IsPerson, require
@@ -53,8 +54,7 @@ class PersonView(generics.GenericAPIView):
 
     @property
     def source_address(self) -> str | None:
-        address: str | None = self.request.META.get("REMOTE_ADDR")
-        return address
+        return client_address(self.request)
 
 
 class ProjectScopedView(PersonView):

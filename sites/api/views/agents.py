@@ -8,25 +8,39 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fedportal.throttling import CredentialFailures, EnrolThrottle, client_address
 from sites import services
 from sites.api import serializers as s
 from sites.api.permissions import IsSiteAgent
 from sites.api.views._base import errors, parse
 from sites.authentication import SiteIdentity, SiteSignatureAuthentication
+from sites.exceptions import TokenInvalid
 from sites.models import Project
 
 
-@extend_schema(tags=["agent"])
-class EnrolView(generics.GenericAPIView):
-    """The CSR exchange. No credentials but the one-time token, which the service checks."""
+class EnrolmentTokenView(generics.GenericAPIView):
+    """An anonymous endpoint that takes a one-time enrolment token: throttled per client
+    address, for every request and, more tightly, for unknown tokens (guesses)."""
 
     authentication_classes: list[type] = []
     permission_classes = [AllowAny]
+    throttle_classes = [EnrolThrottle, CredentialFailures]
+
+    def handle_exception(self, exc: Exception) -> Response:
+        if isinstance(exc, TokenInvalid):
+            CredentialFailures().record(self.request)
+        return super().handle_exception(exc)
+
+
+@extend_schema(tags=["agent"])
+class EnrolView(EnrolmentTokenView):
+    """The CSR exchange. No credentials but the one-time token, which the service checks."""
+
     serializer_class = s.EnrolRequestSerializer
 
     @extend_schema(
         request=s.EnrolRequestSerializer,
-        responses={201: s.EnrolResponseSerializer, **errors(400, 409, 410)},
+        responses={201: s.EnrolResponseSerializer, **errors(400, 409, 410, 429)},
         auth=[],
         description="The site's agent sends its one-time enrolment token and a CSR made with "
         "its own key; it gets its certificate and the project CA's certificate. A reused, "
@@ -45,23 +59,21 @@ class EnrolView(generics.GenericAPIView):
             token=data["token"],
             csr_pem=data["csr_pem"],
             project=project,
-            source_address=request.META.get("REMOTE_ADDR"),
+            source_address=client_address(request),
         )
         body = s.EnrolResponseSerializer(enrolment).data
         return Response(body, status=status.HTTP_201_CREATED)
 
 
 @extend_schema(tags=["agent"])
-class EnrolCheckView(generics.GenericAPIView):
+class EnrolCheckView(EnrolmentTokenView):
     """Which site a one-time enrolment token is for, without using it up."""
 
-    authentication_classes: list[type] = []
-    permission_classes = [AllowAny]
     serializer_class = s.EnrolCheckRequestSerializer
 
     @extend_schema(
         request=s.EnrolCheckRequestSerializer,
-        responses={200: s.EnrolCheckResponseSerializer, **errors(400, 409, 410)},
+        responses={200: s.EnrolCheckResponseSerializer, **errors(400, 409, 410, 429)},
         auth=[],
         description="The agent's first step of `enrol`: it learns the site's and project's "
         "names, which its CSR's subject must carry. The token stays usable; an unknown, used, "

@@ -26,12 +26,17 @@ class ApiTokenListView(ApiTokenScopedView, generics.ListAPIView):
     @extend_schema(
         request=s.ApiTokenCreateSerializer,
         responses={201: s.ApiTokenCreatedSerializer, **errors(400)},
-        description="A token acting as the caller, with their roles. The key is shown once.",
+        description="A token acting as the caller, with their roles. The key is shown once. "
+        "Made with an expiring API token, it expires no later than that token (at the same "
+        "time by default).",
     )
     def post(self, request: Request) -> Response:
         data = parse(s.ApiTokenCreateSerializer, request.data)
         token, key = services.api_token_create(
-            user=request.user, source_address=self.source_address, **data
+            user=request.user,
+            created_with=request.auth if isinstance(request.auth, ApiToken) else None,
+            source_address=self.source_address,
+            **data,
         )
         token.key = key  # type: ignore[attr-defined]  # shown this once
         body = s.ApiTokenCreatedSerializer(token).data

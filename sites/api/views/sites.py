@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from django.db.models import QuerySet
@@ -30,10 +29,7 @@ from sites.secret_tokens import hash_secret
 
 def _enrolment(request: Request, site: Site, token: str, expires_at: Any) -> dict[str, Any]:
     """The one-time token with the exact command that enrols the site with it."""
-    portal = conf.public_url() or request.build_absolute_uri("/").rstrip("/")
-    command = (
-        f"python -m client_agent enrol --portal {shlex.quote(portal)} --token {shlex.quote(token)}"
-    )
+    command = conf.enrol_command(request, token)
     return {
         "site": site,
         "enrolment": {"token": token, "expires_at": expires_at, "command": command},

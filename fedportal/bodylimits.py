@@ -1,0 +1,326 @@
+"""How large a request body may be on each route, and who must be known before it is read.
+
+One table, used twice:
+
+- by the server (``fedportal.server``, Daphne's HTTP parser), which answers 413 as soon as
+  the headers announce a body over the route's limit, counts a chunked body as it arrives, and
+  on an upload route checks the sender's credentials from the headers alone *before* it reads
+  a byte of the body; nothing over a limit, and nothing from an unknown sender on an upload
+  route, is ever written to disk;
+- by :class:`BodyLimitMiddleware` around the Django HTTP application, so that any other ASGI
+  server (and the tests) is bounded too.
+
+Routes are matched on the method and the decoded path (no query). Anything not in the table
+gets ``FEDPORTAL_MAX_REQUEST_BYTES`` (1 MiB): every JSON and form endpoint fits in it.
+
+- ``PUT /api/v1/agent/jobs/<uid>/rounds/<n>/update/``: ``FEDPORTAL_MAX_MODEL_BYTES``; the
+  sender must be a site (its request signature, over ``X-Content-SHA256``);
+- ``POST /api/v1/projects/<project>/jobs/`` and the dashboard's ``POST
+  /projects/<slug>/jobs/new/``: the model and app archive limits plus 1.06 MiB; the sender
+  must be a person (an API token or a signed-in session);
+- ``POST /login/``, ``/admin/login/``: 16 KiB;
+- ``POST /api/v1/enrol/``, ``/api/v1/enrol/check/``: 64 KiB;
+- anything else: ``FEDPORTAL_MAX_REQUEST_BYTES``.
+
+"Known first" checks only that the credentials are valid (the view still checks the role, and
+records the signature's nonce): it keeps anonymous gigabytes off the disk, it is not the
+permission check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from django.conf import settings
+
+ASGIApp = Callable[..., Awaitable[None]]
+Message = MutableMapping[str, Any]
+
+# The key under which fedportal.server offers the stored body, with its first chunk, to an
+# application that can take it as a file (fedportal.asgi.PortalASGIHandler).
+STORED_BODY = "fedportal.stored_body"
+
+SIGN_IN_MAX_BYTES = 16 * 1024
+ENROL_MAX_BYTES = 64 * 1024
+# A job submission carries, besides its two files, job.json (at most 1 MiB,
+# jobs.api.serializers.SPEC_MAX_BYTES) and a few small form fields.
+SUBMISSION_OVERHEAD_BYTES = 1024 * 1024 + 64 * 1024
+
+_UUID = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+
+
+class Sender(Enum):
+    """Who must be known, from the headers, before an upload's body is read."""
+
+    ANYONE = "anyone"
+    SITE = "site"  # a site agent's signature (sites.authentication), over X-Content-SHA256
+    PERSON = "person"  # an API token, or a signed-in session
+
+
+def submission_max_bytes() -> int:
+    """A job bundle: the initial model, the app archive and the overhead, at most."""
+    return (
+        int(settings.FEDPORTAL_MAX_MODEL_BYTES)
+        + int(settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES)
+        + SUBMISSION_OVERHEAD_BYTES
+    )
+
+
+@dataclass(frozen=True)
+class BodyRule:
+    name: str
+    methods: frozenset[str]
+    pattern: re.Pattern[str]
+    limit: Callable[[], int]
+    sender: Sender = Sender.ANYONE
+
+    @property
+    def is_upload(self) -> bool:
+        """An upload's body may be large and slow: it is paced by a minimum rate instead of a
+        whole-body deadline (``fedportal.server``)."""
+        return self.sender is not Sender.ANYONE
+
+
+def _default_limit() -> int:
+    return int(settings.FEDPORTAL_MAX_REQUEST_BYTES)
+
+
+RULES: tuple[BodyRule, ...] = (
+    BodyRule(
+        "a site's update",
+        frozenset({"PUT"}),
+        re.compile(rf"^/api/v1/agent/jobs/{_UUID}/rounds/[0-9]+/update/$"),
+        lambda: int(settings.FEDPORTAL_MAX_MODEL_BYTES),
+        Sender.SITE,
+    ),
+    BodyRule(
+        "a job submission",
+        frozenset({"POST"}),
+        re.compile(r"^/api/v1/projects/[^/]+/jobs/$"),
+        submission_max_bytes,
+        Sender.PERSON,
+    ),
+    BodyRule(
+        "a job submission",
+        frozenset({"POST"}),
+        re.compile(r"^/projects/[^/]+/jobs/new/$"),
+        submission_max_bytes,
+        Sender.PERSON,
+    ),
+    BodyRule(
+        "a sign-in",
+        frozenset({"POST"}),
+        re.compile(r"^/(admin/)?login/$"),
+        lambda: SIGN_IN_MAX_BYTES,
+    ),
+    BodyRule(
+        "an enrolment",
+        frozenset({"POST"}),
+        re.compile(r"^/api/v1/enrol/(check/)?$"),
+        lambda: ENROL_MAX_BYTES,
+    ),
+)
+DEFAULT_RULE = BodyRule("a request", frozenset(), re.compile(""), _default_limit)
+
+
+def rule_for(method: str, path: str) -> BodyRule:
+    """The rule for a request: ``method`` as sent (any case), ``path`` decoded, no query."""
+    method = method.upper()
+    for rule in RULES:
+        if method in rule.methods and rule.pattern.match(path):
+            return rule
+    return DEFAULT_RULE
+
+
+def too_large_body(limit: int, rule: BodyRule, length: int | None = None) -> dict[str, str]:
+    """The API's error body for a request over its route's limit (HTTP 413)."""
+    size = f"{length} bytes" if length is not None else "more than that"
+    return {
+        "code": "too_large",
+        "field": "body",
+        "message": f"the body of {rule.name} may be at most {limit} bytes; this one is {size}",
+    }
+
+
+def json_bytes(body: dict[str, str]) -> bytes:
+    return json.dumps(body).encode()
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware around an HTTP application: a request whose ``Content-Length`` is over
+    its route's limit is answered 413 before the application runs; a body that grows past the
+    limit as it streams is answered 413 and the application sees the client disconnect."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rule = rule_for(scope.get("method", "GET"), scope.get("path", "/"))
+        limit = rule.limit()
+        length = _content_length(scope)
+        if length is not None and length > limit:
+            await _send_413(send, too_large_body(limit, rule, length))
+            return
+
+        received = 0
+        refused = False
+        started = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    if not started:
+                        await _send_413(send, too_large_body(limit, rule))
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 was the answer; the application's is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)
+
+
+class SenderUnknown(Exception):
+    """An upload's sender could not be told from its headers (HTTP 401), or its address sent
+    too many wrong credentials (429)."""
+
+    def __init__(self, code: str, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+async def sender_check(
+    sender: Sender,
+    *,
+    method: str,
+    path: str,
+    query: bytes,
+    headers: Mapping[str, str],
+    address: str | None = None,
+) -> None:
+    """Check, from the headers alone, that an upload comes from a known sender; raise
+    :class:`SenderUnknown` otherwise. ``path`` is decoded, ``query`` raw, as in the request;
+    ``address`` is the client's. Records nothing (no nonce, no heartbeat, no session change)
+    but a wrong API token, which counts against the address as it would in the view: the view
+    authenticates the request again, fully, once the body is in."""
+    from channels.db import database_sync_to_async  # noqa: PLC0415 - Django is set up by now
+
+    if sender is Sender.SITE:
+        await database_sync_to_async(_site_check)(
+            method=method, path=path, query=query, headers=headers
+        )
+    elif sender is Sender.PERSON:
+        await database_sync_to_async(_person_check)(headers=headers, address=address)
+
+
+def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, str]) -> None:
+    from jobs.api.authentication import streamed_upload_verify  # noqa: PLC0415
+    from sites.authentication import signed_target  # noqa: PLC0415
+    from sites.exceptions import AuthenticationError  # noqa: PLC0415
+
+    try:
+        streamed_upload_verify(
+            method=method, path=signed_target(path, query), headers=headers, record=False
+        )
+    except AuthenticationError as exc:
+        raise SenderUnknown(exc.code, exc.message) from None
+
+
+def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:
+    from importlib import import_module  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from django.contrib.auth import get_user  # noqa: PLC0415
+    from django.http.cookie import parse_cookie  # noqa: PLC0415
+    from rest_framework.exceptions import Throttled  # noqa: PLC0415
+
+    from fedportal.throttling import CredentialFailures  # noqa: PLC0415
+    from sites.authentication import api_token_authenticate  # noqa: PLC0415
+    from sites.exceptions import AuthenticationError  # noqa: PLC0415
+    from sites.secret_tokens import API_TOKEN_PREFIX  # noqa: PLC0415
+
+    lowered = {name.lower(): value for name, value in headers.items()}
+    parts = lowered.get("authorization", "").split()
+    bearer = len(parts) == 2 and parts[0].lower() in {"bearer", "token"}
+    if bearer and parts[1].startswith(API_TOKEN_PREFIX):
+        client = SimpleNamespace(META={"REMOTE_ADDR": address})
+        failures = CredentialFailures()
+        try:
+            failures.refuse_if_over(client)  # type: ignore[arg-type]
+        except Throttled as exc:
+            wait = int(exc.wait or 0) + 1
+            raise SenderUnknown(
+                "throttled", f"{exc.detail} Try again in {wait} s.", status=429
+            ) from None
+        try:
+            api_token_authenticate(parts[1])
+        except AuthenticationError as exc:
+            failures.record(client)  # type: ignore[arg-type]
+            raise SenderUnknown(exc.code, exc.message) from None
+        return
+    session_key = parse_cookie(lowered.get("cookie", "")).get(settings.SESSION_COOKIE_NAME)
+    if session_key:
+        engine = import_module(settings.SESSION_ENGINE)
+        # django.contrib.auth.get_user reads only request.session (and checks the session's
+        # password hash, as the view's authentication will).
+        user = get_user(SimpleNamespace(session=engine.SessionStore(session_key)))  # type: ignore[arg-type]
+        if user.is_authenticated:
+            return
+    raise SenderUnknown(
+        "not_authenticated",
+        "an upload needs an API token (Authorization: Bearer fpt_…) or a signed-in session, "
+        "sent with its headers",
+    )
+
+
+def _content_length(scope: MutableMapping[str, Any]) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length":
+            raw = value.strip()
+            return int(raw) if raw.isdigit() else None
+    return None
+
+
+async def _send_413(send: Callable[[Message], Awaitable[None]], body: dict[str, str]) -> None:
+    payload = json_bytes(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
