@@ -73,6 +73,8 @@ METRICS_PER_MESSAGE = 500
 LOG_LINES_PER_MESSAGE = 500
 FLUSH_SECONDS = 0.25
 MAX_PENDING_LINES = 20_000
+# In a job's workspace: the SHA-256 of an app archive this agent refused, and why.
+REJECTED_APP_FILE = "app-rejected.json"
 
 
 WIRE_LOG_ENV = "FEDPORTAL_AGENT_WIRE_LOG"
@@ -551,6 +553,11 @@ class JobRunner:
                 self.finished_round = number
             else:
                 self.agent.say(f"job {self.name}: round {number + 1}: {exc}")
+        except Exception as exc:
+            # Anything else is a fault at this site: the round fails here, once, with the
+            # reason, rather than the task being offered (and failing) again on every poll.
+            log.exception("job %s: round %s", self.uid, number + 1)
+            await self._fail(task, f"the agent failed: {type(exc).__name__}: {exc}", "")
         finally:
             self.flush()
 
@@ -567,9 +574,17 @@ class JobRunner:
         self.finished_round = int(task["round"])
 
     def _prepare(self) -> None:
-        """First round of the job here (or after a restart): fetch the app, start the script."""
+        """First round of the job here (or after a restart): fetch the app, start the script.
+
+        An archive this agent refused (``BundleError``: it lies about its contents, or cannot
+        be unpacked safely) is remembered in the job's workspace with its SHA-256, so every
+        later round of the job fails at once with the same reason instead of fetching it again.
+        """
         if self.proc is not None:
             return
+        rejected = self.workspace / REJECTED_APP_FILE
+        if rejected.exists():
+            raise BundleError(json.loads(rejected.read_text())["reason"])
         app = self.workspace / "app"
         spec_path = self.workspace / "spec.json"
         if not (app.is_dir() and spec_path.exists()):
@@ -581,8 +596,13 @@ class JobRunner:
             if info.get("app_sha256") and digest != info["app_sha256"]:
                 raise PortalUnreachable("the app archive does not match its SHA-256")
             shutil.rmtree(app, ignore_errors=True)
-            extract_app(archive, app, spec["train_script"])
-            archive.unlink()
+            try:
+                extract_app(archive, app, str(spec["train_script"]))
+            except BundleError as exc:
+                rejected.write_text(json.dumps({"sha256": digest, "reason": str(exc)}))
+                raise
+            finally:
+                archive.unlink(missing_ok=True)
             spec_path.write_text(json.dumps(spec, indent=2))
         spec = json.loads(spec_path.read_text())
         work = self.workspace / "work"

@@ -11,7 +11,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from dashboard.appfiles import app_files
+from dashboard.appfiles import app_listing
 from dashboard.forms import AbortForm
 from dashboard.metrics import AGGREGATE, metric_charts
 from dashboard.submission import JobSubmitForm
@@ -64,13 +64,15 @@ def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
     context.update(rounds_context(job))
     context.update(models_context(job))
     sites = [link.site for link, _ in context["grid"]]
+    files, archive_error = app_listing(job)
     context.update(
         can_manage=selectors.can_manage_job(request.user, job),
         abort_form=AbortForm(),
         logs=logs_of(job, sites),
         charts=metric_charts(job),
         aggregate_name=AGGREGATE,
-        files=app_files(job),
+        files=files,
+        archive_error=archive_error,
         log_limit=LOG_LINES,
     )
     return render(request, "dashboard/job.html", context)
