@@ -6,7 +6,8 @@ Layout (``--dir``, default ``$FEDPORTAL_SITE_DIR`` or ``./fedportal-site``)::
     site.key      the private key, mode 0600; made here, never sent anywhere
     site.crt      the site's certificate, issued by the project's CA
     ca.crt        the project CA's certificate
-    jobs/<uid>/   one workspace per job: app/ (the client script), models/, log.txt, state.json
+    jobs/<uid>/   one workspace per job: app/ (the client script), models/, updates/, work/,
+                  log.txt, spec.json, and app-rejected.json when its app archive was refused
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ class SiteIdentity:
 
 
 class SiteDir:
+    """A site's folder. Its path is made absolute once, here: everything derived from it (a
+    job's model files, handed to a script that runs in another directory) must not depend on
+    the directory the agent was started in."""
+
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.path = Path(path) if path is not None else default_dir()
+        self.path = (Path(path) if path is not None else default_dir()).resolve()
 
     @property
     def config_path(self) -> Path:

@@ -5,6 +5,7 @@ one job after another, so the platform starts once."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import torch
 
 from client_agent.portal import PortalClient
 from jobs.envs import PocEnv, ProdEnv, RunStatus, SimEnv
-from jobs.envs.poc import _redis_answers
+from jobs.envs.poc import PROJECT_ROOT, _redis_answers
 from jobs.recipes import FedAvgRecipe
 
 pytestmark = [
@@ -175,6 +176,24 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
             else:
                 assert entry["method"] == "GET" and entry["bytes"] == 0
         assert "report" in kinds
+
+
+def test_an_agent_started_with_a_relative_dir_runs_jobs(poc: PocEnv, app: Path) -> None:
+    # What `enrol` prints and the default (./fedportal-site) are relative: the agent's folder
+    # is given relative to its working directory, which is not the script's.
+    poc.kill("agent:site-1")
+    relative = os.path.relpath(poc.site_dir("site-1"), PROJECT_ROOT)
+    assert not os.path.isabs(relative)
+    poc._spawn(
+        "agent:site-1",
+        [sys.executable, "-m", "client_agent", "run", "--dir", relative, "-v"],
+        log_name="agent-site-1",
+    )
+
+    run = recipe(app, rounds=2, name="relative").execute(prod(poc))
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert all("site-1" in r.accepted for r in run.rounds), run.rounds
 
 
 def job_sites(poc: PocEnv, uid: str) -> list[dict[str, Any]]:
