@@ -124,6 +124,7 @@ class Agent:
         reconnect_max_seconds: float = 30.0,
         python: str = sys.executable,
         say: Callable[[str], None] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.site_dir = site_dir
         self.identity = site_dir.identity()
@@ -132,6 +133,7 @@ class Agent:
             key=site_dir.key(),
             fingerprint=self.identity.fingerprint,
             agent_version=AGENT_VERSION,
+            insecure=insecure,
         )
         self.poll_seconds = poll_seconds
         self.reconnect_max_seconds = reconnect_max_seconds

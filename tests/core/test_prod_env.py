@@ -12,7 +12,7 @@ from jobs.envs import ProdEnv
 
 @pytest.fixture(autouse=True)
 def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("FEDPORTAL_URL", "FEDPORTAL_TOKEN", "FEDPORTAL_PROJECT"):
+    for name in ("FEDPORTAL_URL", "FEDPORTAL_TOKEN", "FEDPORTAL_PROJECT", "FEDPORTAL_INSECURE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
@@ -47,3 +47,15 @@ def test_an_unreadable_credentials_file_is_an_error_naming_it(tmp_path: Path) ->
 def test_a_portal_url_that_is_not_http_is_refused() -> None:
     with pytest.raises(ValueError, match="portal URL must look like https://"):
         ProdEnv("fl.example.org", token="fpt_x", project="p")
+
+
+def test_plain_http_to_another_machine_needs_insecure(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="clear text.*insecure=True .or set FEDPORTAL_INSECURE=1"):
+        ProdEnv("http://fl.example.org", token="fpt_x", project="p")
+
+    assert ProdEnv("http://fl.example.org", token="fpt_x", project="p", insecure=True)
+    monkeypatch.setenv("FEDPORTAL_INSECURE", "1")
+    assert ProdEnv("http://fl.example.org", token="fpt_x", project="p").client.insecure
+    assert not ProdEnv(
+        "http://127.0.0.1:8000", token="fpt_x", project="p", insecure=False
+    ).client.insecure
