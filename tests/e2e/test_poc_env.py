@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -118,6 +119,21 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_nothing_in_its_workspace_is_readable_by_others(poc: PocEnv) -> None:
+    # First in the module: the workspace as PocEnv started it, secrets and all.
+    assert (poc.workspace / "credentials.json").exists()
+    assert any((poc.workspace / "logs").iterdir()) and any((poc.workspace / "sites").iterdir())
+    seen = 0
+    for folder, dirs, files in os.walk(poc.workspace):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            assert not mode & 0o077, f"{path} is mode {mode:o}"
+            seen += 1
+    assert not stat.S_IMODE(poc.workspace.stat().st_mode) & 0o077
+    assert seen > 20  # the database, logs, every site's key and certificate, ...
 
 
 def test_the_same_job_gives_the_same_model_in_simenv_and_pocenv(
