@@ -7,6 +7,9 @@ maps them to HTTP like every other domain failure. A job's invalid state change 
 
 from __future__ import annotations
 
+from typing import Any
+
+from client_agent.protocol import ERROR_SLOW_DOWN
 from sites.exceptions import DomainError
 
 
@@ -22,3 +25,19 @@ class DecisionNotDelegated(DomainError):
     default_message = (
         "this site does not accept jobs automatically, so its admin decides, not its agent"
     )
+
+
+class SlowDown(DomainError):
+    """A site sends output lines faster than its rate allows; nothing of the batch was stored.
+    ``retry_after`` says in how many seconds the same batch would be taken."""
+
+    code = ERROR_SLOW_DOWN
+    status = 429
+    default_message = "output lines arrive faster than this site may send them"
+
+    def __init__(self, message: str | None = None, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "retry_after": round(self.retry_after, 2)}

@@ -64,6 +64,8 @@ def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
     context.update(rounds_context(job))
     context.update(models_context(job))
     sites = [link.site for link, _ in context["grid"]]
+    for link, _ in context["grid"]:
+        link.site.log_lines_dropped = link.log_lines_dropped  # shown beside its log
     files, archive_error = app_listing(job)
     context.update(
         can_manage=selectors.can_manage_job(request.user, job),
