@@ -66,8 +66,6 @@ def site_folder(path: Path, enrolled: EnrolledSite, portal: str) -> SiteDir:
 
 async def one_sync(agent: Agent) -> None:
     """What the agent's work loop does on a wake-up: list the jobs, run what is due."""
-    agent.loop = asyncio.get_running_loop()
-    agent.outbox_ready = asyncio.Event()
     await agent.sync()
     for runner in agent.runners.values():
         if runner.current is not None:
