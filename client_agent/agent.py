@@ -170,7 +170,7 @@ class Agent:
         # the portal, or too large for any message.
         self.dropped_lines = 0
         self.dropped_points = 0
-        self.refused_messages = 0
+        self.refused_messages = 0  # refused by the portal, or too large to send
         self.message_budget = MAX_MESSAGE_BYTES
         self.in_flight: set[str] = set()  # sent on this socket, not yet acknowledged
         self.hold_lines_until = 0.0  # loop time; the portal asked for line reports to wait
@@ -324,7 +324,7 @@ class Agent:
         what waits is split to fit."""
         sizes = [len(encode(self.pending[i])) for i in self.in_flight if i in self.pending]
         largest = max(sizes, default=0)
-        if code == CLOSE_MESSAGE_TOO_BIG or (code in (None, 1006) and largest > MIN_MESSAGE_BYTES):
+        if code == CLOSE_MESSAGE_TOO_BIG or (code is None and largest > MIN_MESSAGE_BYTES):
             self.large_losses += 1
             if code == CLOSE_MESSAGE_TOO_BIG or self.large_losses >= 2:
                 self.large_losses = 0
@@ -503,6 +503,12 @@ class Agent:
             self.unsent = deque(i for i in self.pending if i in queued)
             self.outbox_ready.set()
             return
+        self._drop(
+            message_id, f"the portal refused it ({error.get('code')}: {error.get('message')})"
+        )
+
+    def _drop(self, message_id: str, why: str) -> None:
+        """Drop a message for good: counted, and said, since what it held never arrives."""
         sent = self._forget(message_id)
         if sent is None:
             return
@@ -510,9 +516,8 @@ class Agent:
         for key in ("points", "lines"):
             self._count_dropped(key, len(sent.get(key) or ()))
         self.say(
-            f"the portal refused a {sent['type']} for job {sent.get('job')} "
-            f"({error.get('code')}: {error.get('message')}); dropped it "
-            f"({self.refused_messages} refused so far)"
+            f"a {sent['type']} for job {sent.get('job')} is dropped: {why} "
+            f"({self.refused_messages} dropped so far)"
         )
 
     def _start_round_from(self, event: dict[str, Any]) -> bool:
@@ -563,9 +568,7 @@ class Agent:
                     continue
                 data = encode(message)
                 if len(data) > self.message_budget:  # never made so; a last guard
-                    self._acknowledged(
-                        message_id, {"code": "too_large", "message": f"{len(data)} bytes"}
-                    )
+                    self._drop(message_id, f"{len(data)} bytes, over {self.message_budget}")
                     continue
                 _record("ws", "SEND", WS_PATH, data.encode())
                 self.in_flight.add(message_id)

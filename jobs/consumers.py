@@ -154,7 +154,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         size = len(text_data.encode("utf-8", "replace"))
         try:
             content = json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             await self._error("bad_message", "not JSON")
             return
         if not isinstance(content, dict):

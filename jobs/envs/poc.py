@@ -247,6 +247,7 @@ class PocEnv:
                 self.workspace.mkdir(mode=0o700)
             except FileExistsError:
                 raise PocEnvError(f"{self.workspace} exists already; not using it") from None
+            self._workspace_given = True  # ours now: a later start() uses it again
         for folder in ("logs", "sites", "runs"):
             (self.workspace / folder).mkdir(mode=0o700, exist_ok=True)
 

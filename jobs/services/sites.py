@@ -40,7 +40,7 @@ def job_for_site(*, job_uid: Any, site: Any) -> Job:
     try:
         uid = uuid.UUID(str(job_uid)) if not isinstance(job_uid, uuid.UUID) else job_uid
     except ValueError:
-        raise NotFound("no such job for this site", field="job") from None
+        raise NotFound("no such job for this site") from None
     # At most one row: no ordering (the model's would sort, and this runs on every agent call).
     job = Job.objects.filter(uid=uid, participants__site=site).order_by().first()
     if job is None:

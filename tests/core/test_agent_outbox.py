@@ -118,7 +118,7 @@ def test_a_report_the_portal_refuses_is_dropped_and_counted_not_resent(tmp_path:
     asyncio.run(refuse())
 
     assert (agent.refused_messages, agent.dropped_lines, agent.pending_lines) == (1, 7, 0)
-    assert "too_large" in said[-1] and "dropped it" in said[-1]
+    assert "too_large" in said[-1] and "is dropped" in said[-1]
 
 
 def test_told_to_slow_down_line_reports_wait_in_order_while_points_go(tmp_path: Path) -> None:

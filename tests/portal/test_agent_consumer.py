@@ -106,6 +106,7 @@ def test_a_message_over_the_bound_is_refused_with_an_ack_and_the_socket_stays(
 BAD = {
     "a binary frame": (b"\x00\x01", "error", "bad_message"),
     "not JSON": ("{'type': 'report'", "error", "bad_message"),
+    "JSON nested too deep": ("[" * 100_000 + "]" * 100_000, "error", "bad_message"),
     "not an object": ("[1, 2]", "error", "bad_message"),
     "an unknown type": ({"type": "upload", "id": "m"}, "ack", "unknown_message"),
     "lines that are no list": ({"type": "report", "id": "m", "lines": "x"}, "ack", "invalid"),

@@ -118,7 +118,7 @@ def test_a_report_the_portal_refuses_for_size_is_dropped_counted_and_never_resen
     assert too_big not in agent.pending and later not in agent.pending
     assert stored(world) == ["o400", "o401"]  # the later report arrived
     assert agent.refused_messages == 1 and agent.dropped_lines == 400
-    assert any("too_large" in s and "dropped it" in s for s in said), said
+    assert any("too_large" in s and "is dropped" in s for s in said), said
     assert len([s for s in said if "connected to" in s]) == 1
     assert len([size for size in sent if size > MAX_MESSAGE_BYTES]) == 1  # sent once
 
