@@ -7,6 +7,14 @@ One asyncio loop does three things at once:
   portal or the network goes away. What the agent must deliver — ``flare.log`` points and the
   script's output lines — waits in an outbox until the portal acknowledges it, and is sent
   again after a reconnect; the portal stores a resent item once (ids).
+- **bounds**: every message fits ``client_agent.protocol.MAX_MESSAGE_BYTES`` (points and lines
+  travel in separate reports, packed by size), and an output line is cut to its start and a
+  marker however long it is. A report the portal refuses (an acknowledgement with an error) is
+  dropped, logged and counted, never sent again, except ``slow_down``: the portal takes this
+  site's output lines at a bounded rate, so line reports wait ``retry_after`` seconds (points
+  go on) while the outbox's bound drops the oldest lines. A proxy that closes the socket on a
+  message it finds too large (1009, or Daphne's dropped connection) halves the agent's budget
+  instead of meeting the same message after every reconnect.
 - **work**: whenever the portal says something changed (any event on the socket), on
   connecting, and every ``poll_seconds`` in any case, the agent lists its site's jobs over
   signed HTTP and starts what is due: a round task of an accepted, running job. Everything it
@@ -56,6 +64,14 @@ from client_agent.portal import (
     _record,
     record_outgoing,
 )
+from client_agent.protocol import (
+    CLOSE_MESSAGE_TOO_BIG,
+    ERROR_SLOW_DOWN,
+    MAX_MESSAGE_BYTES,
+    cut_line,
+    encode,
+)
+from client_agent.reports import OutputTail, pack
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.site_dir import SiteDir
 
@@ -73,6 +89,13 @@ METRICS_PER_MESSAGE = 500
 LOG_LINES_PER_MESSAGE = 500
 FLUSH_SECONDS = 0.25
 MAX_PENDING_LINES = 20_000
+UPLOAD_RETRY_MAX_SECONDS = 30.0
+# A server or proxy that closes on messages smaller than the agent's budget halves it, down to
+# this (a cut line encodes to at most ~24 KB); a single item larger than the budget is dropped.
+MIN_MESSAGE_BYTES = 64 * 1024
+MAX_SLOW_DOWN_SECONDS = 60.0
+# In a job's workspace: the SHA-256 of an app archive this agent refused, and why.
+REJECTED_APP_FILE = "app-rejected.json"
 
 
 WIRE_LOG_ENV = "FEDPORTAL_AGENT_WIRE_LOG"
@@ -122,6 +145,7 @@ class Agent:
         reconnect_max_seconds: float = 30.0,
         python: str = sys.executable,
         say: Callable[[str], None] | None = None,
+        insecure: bool = False,
     ) -> None:
         self.site_dir = site_dir
         self.identity = site_dir.identity()
@@ -130,6 +154,7 @@ class Agent:
             key=site_dir.key(),
             fingerprint=self.identity.fingerprint,
             agent_version=AGENT_VERSION,
+            insecure=insecure,
         )
         self.poll_seconds = poll_seconds
         self.reconnect_max_seconds = reconnect_max_seconds
@@ -142,10 +167,23 @@ class Agent:
         self.pending: dict[str, dict[str, Any]] = {}
         self.unsent: deque[str] = deque()
         self.pending_lines = 0  # output lines queued in ``pending``
+        # What never reached the portal: dropped from the outbox past its bound, refused by
+        # the portal, or too large for any message.
         self.dropped_lines = 0
+        self.dropped_points = 0
+        self.refused_messages = 0  # refused by the portal, or too large to send
+        self.message_budget = MAX_MESSAGE_BYTES
+        self.in_flight: set[str] = set()  # sent on this socket, not yet acknowledged
+        self.hold_lines_until = 0.0  # loop time; the portal asked for line reports to wait
+        self.large_losses = 0  # sockets lost with a large message in flight, since a shrink
         self.ws: Any = None
         self.refused: str | None = None
         self._announced: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.outbox_ready = asyncio.Event()
+        self.acked = asyncio.Condition()
         wire_log = os.environ.get(WIRE_LOG_ENV)
         if wire_log:
             record_outgoing(_WireLog(Path(wire_log)))
@@ -157,11 +195,7 @@ class Agent:
 
     async def run(self) -> int:
         """Run until SIGINT/SIGTERM (exit 0) or until the portal refuses the site (exit 3)."""
-        self.loop = asyncio.get_running_loop()
-        self.stopping = asyncio.Event()
-        self.wake = asyncio.Event()
-        self.outbox_ready = asyncio.Event()
-        self.acked = asyncio.Condition()
+        self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # Not on every platform, nor outside the main thread (tests): Ctrl-C still ends it.
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -194,6 +228,14 @@ class Agent:
             return EXIT_REFUSED
         self.say("stopped")
         return 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the agent runs in: :meth:`run`'s, or that of its first caller. Threads
+        that run a round's blocking work hand messages to it."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def stop(self) -> None:
         self.stopping.set()
@@ -235,12 +277,91 @@ class Agent:
                 break
             old = self.pending[old_id]
             if old.get("type") == "report" and not old.get("points") and old.get("lines"):
-                del self.pending[old_id]
+                self._forget(old_id)
                 dropped += len(old["lines"])
-                self.pending_lines -= len(old["lines"])
         if dropped:
             self.dropped_lines += dropped
-            log.warning("portal unreachable: dropped %s queued output lines", dropped)
+            log.warning("the portal is away or slow: dropped %s queued output lines", dropped)
+
+    def enqueue_report(self, job: str, key: str, items: list[Any], most: int) -> list[str]:
+        """Queue ``items`` (``points`` or ``lines``) of ``job`` as reports, each message within
+        the budget; returns their ids. An item too large for any message is dropped, counted
+        and logged."""
+        envelope = {"type": "report", "job": job}
+        batches, too_large = pack(
+            items, envelope=envelope, key=key, most=most, budget=self.message_budget
+        )
+        if too_large:
+            self._count_dropped(key, len(too_large))
+            log.warning(
+                "job %s: %s %s too large for a message of %s bytes; dropped",
+                job,
+                len(too_large),
+                key,
+                self.message_budget,
+            )
+        return [self.enqueue({**envelope, key: batch}) for batch in batches]
+
+    def _count_dropped(self, key: str, n: int) -> None:
+        if key == "points":
+            self.dropped_points += n
+        else:
+            self.dropped_lines += n
+
+    def _forget(self, message_id: str) -> dict[str, Any] | None:
+        """Take a message out of the outbox (acknowledged, or dropped)."""
+        self.in_flight.discard(message_id)
+        sent = self.pending.pop(message_id, None)
+        if sent is not None:
+            self.pending_lines -= len(sent.get("lines") or ())
+        return sent
+
+    def _connection_lost(self, code: int | None) -> None:
+        """The socket closed with messages sent and not answered. A server closes on a message
+        over its size cap, with code 1009 or (Daphne: autobahn's ``failByDrop``) by dropping
+        the connection with no close frame at all; sending the same message after every
+        reconnect would loop for ever. So: on 1009, or on the second drop with a message over
+        ``MIN_MESSAGE_BYTES`` in flight, the budget goes below the largest such message and
+        what waits is split to fit."""
+        sizes = [len(encode(self.pending[i])) for i in self.in_flight if i in self.pending]
+        largest = max(sizes, default=0)
+        if code == CLOSE_MESSAGE_TOO_BIG or (code is None and largest > MIN_MESSAGE_BYTES):
+            self.large_losses += 1
+            if code == CLOSE_MESSAGE_TOO_BIG or self.large_losses >= 2:
+                self.large_losses = 0
+                self._shrink_messages(below=largest or self.message_budget)
+
+    def _shrink_messages(self, below: int) -> None:
+        """Halve the budget (and keep it under ``below`` bytes, the message that failed), then
+        split every waiting report to fit. An item too large even then is dropped and counted.
+
+        A split report gets new ids; whoever waits for the old one's acknowledgement stops
+        waiting, as for a dropped one."""
+        self.message_budget = max(
+            MIN_MESSAGE_BYTES, min(self.message_budget // 2, below // 2, MAX_MESSAGE_BYTES)
+        )
+        log.warning(
+            "the portal dropped the socket on a large message; messages now at most %s bytes",
+            self.message_budget,
+        )
+        pending: dict[str, dict[str, Any]] = {}
+        for message_id, message in self.pending.items():
+            key = "lines" if message.get("lines") else "points"
+            items = message.get(key) or []
+            if not items or len(encode(message)) <= self.message_budget:
+                pending[message_id] = message
+                continue
+            envelope = {"type": message["type"], "job": message.get("job")}
+            batches, too_large = pack(
+                items, envelope=envelope, key=key, most=len(items), budget=self.message_budget
+            )
+            self._count_dropped(key, len(too_large))
+            if key == "lines":
+                self.pending_lines -= len(too_large)
+            for batch in batches:
+                new_id = self.next_id("report")
+                pending[new_id] = {**envelope, "id": new_id, key: batch}
+        self.pending = pending
 
     async def wait_acked(self, ids: list[str], timeout: float) -> bool:
         """Wait until the portal acknowledged ``ids`` (True), or ``timeout`` passed (False)."""
@@ -290,6 +411,7 @@ class Agent:
                 raise
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd else None
+                self._connection_lost(code)
                 if code in (CLOSE_REVOKED, CLOSE_UNAUTHENTICATED):
                     await self._check_credentials(exc.rcvd.reason if exc.rcvd else "")
                     if self.refused:
@@ -328,6 +450,7 @@ class Agent:
         self.ws = ws
         # Everything not acknowledged goes again, in order: the portal stores it once.
         self.unsent = deque(self.pending)
+        self.in_flight.clear()
         self.outbox_ready.set()
         self.wake.set()
         reader = asyncio.create_task(self._reader(ws))
@@ -355,19 +478,48 @@ class Agent:
                 if _brings_work(event):
                     self.wake.set()
             elif kind == "ack":
-                sent = self.pending.pop(str(message.get("id")), None)
-                if sent is not None:
-                    self.pending_lines -= len(sent.get("lines") or ())
-                if sent is not None and "error" in message:
-                    error = message["error"]
-                    self.say(
-                        f"the portal refused {sent['type']} for job {sent.get('job')}: "
-                        f"{error.get('message')}"
-                    )
+                self._acknowledged(str(message.get("id")), message.get("error"))
                 async with self.acked:
                     self.acked.notify_all()
             elif kind == "error":
                 log.info("portal says: %s", message)
+
+    def _acknowledged(self, message_id: str, error: Any) -> None:
+        """The portal answered a message: stored (no error), to be sent again later
+        (``slow_down``), or refused for good: then it is dropped, counted and logged, and never
+        sent again."""
+        if not isinstance(error, dict):
+            self._forget(message_id)
+            return
+        if error.get("code") == ERROR_SLOW_DOWN and message_id in self.pending:
+            try:
+                wait = min(float(error.get("retry_after") or 1.0), MAX_SLOW_DOWN_SECONDS)
+            except (TypeError, ValueError):
+                wait = 1.0
+            self.hold_lines_until = max(self.hold_lines_until, self.loop.time() + wait)
+            log.info("the portal asks output lines to wait %.1f s (sent too fast)", wait)
+            self.in_flight.discard(message_id)
+            # Back in the queue, in its place: the outbox's order is the order lines were read.
+            queued = set(self.unsent) | {message_id}
+            self.unsent = deque(i for i in self.pending if i in queued)
+            self.outbox_ready.set()
+            return
+        self._drop(
+            message_id, f"the portal refused it ({error.get('code')}: {error.get('message')})"
+        )
+
+    def _drop(self, message_id: str, why: str) -> None:
+        """Drop a message for good: counted, and said, since what it held never arrives."""
+        sent = self._forget(message_id)
+        if sent is None:
+            return
+        self.refused_messages += 1
+        for key in ("points", "lines"):
+            self._count_dropped(key, len(sent.get(key) or ()))
+        self.say(
+            f"a {sent['type']} for job {sent.get('job')} is dropped: {why} "
+            f"({self.refused_messages} dropped so far)"
+        )
 
     def _start_round_from(self, event: dict[str, Any]) -> bool:
         """A round opened for a job this agent already runs: start its task from the event,
@@ -405,13 +557,35 @@ class Agent:
             await self.outbox_ready.wait()
             self.outbox_ready.clear()
             while self.unsent:
-                message_id = self.unsent.popleft()
+                message_id = self._next_to_send()
+                if message_id is None:  # only output lines wait, and the portal asked to wait
+                    with contextlib.suppress(TimeoutError):
+                        held = self.hold_lines_until - self.loop.time()
+                        await asyncio.wait_for(self.outbox_ready.wait(), held)
+                    self.outbox_ready.clear()
+                    continue
                 message = self.pending.get(message_id)
                 if message is None:
                     continue
-                data = json.dumps(message)
+                data = encode(message)
+                if len(data) > self.message_budget:  # never made so; a last guard
+                    self._drop(message_id, f"{len(data)} bytes, over {self.message_budget}")
+                    continue
                 _record("ws", "SEND", WS_PATH, data.encode())
+                self.in_flight.add(message_id)
                 await ws.send(data)
+
+    def _next_to_send(self) -> str | None:
+        """The next message to send: the oldest, or while the portal asked line reports to
+        wait, the oldest other one (None if there is none)."""
+        if self.loop.time() >= self.hold_lines_until:
+            return self.unsent.popleft()
+        for index, message_id in enumerate(self.unsent):
+            message = self.pending.get(message_id)
+            if message is None or not message.get("lines"):
+                del self.unsent[index]
+                return message_id
+        return None
 
     async def _heartbeat(self, ws: Any, seconds: float) -> None:
         while True:
@@ -484,8 +658,9 @@ class JobRunner:
         self.points: list[dict[str, Any]] = []
         self.points_lock = threading.Lock()
         self.point_seq = 0
-        self.log_offset = 0
-        self.log_partial = b""
+        # The script's output: each line's id is its byte offset in the log, so lines sent
+        # again after a restart are stored once.
+        self.output = OutputTail(self.workspace / "log.txt")
 
     @property
     def client(self) -> PortalClient:
@@ -532,7 +707,7 @@ class JobRunner:
             ids = self.flush()
             if ids and self.agent.ws is not None:
                 await self.agent.wait_acked(ids, timeout=10.0)
-            await asyncio.to_thread(self.client.upload, task["update_url"], path)
+            await self._upload(task["update_url"], path, number)
             self.finished_round = number
             self.agent.say(f"job {self.name}: round {number + 1}/{self.num_rounds} update sent")
             model_path.unlink(missing_ok=True)
@@ -551,8 +726,40 @@ class JobRunner:
                 self.finished_round = number
             else:
                 self.agent.say(f"job {self.name}: round {number + 1}: {exc}")
+        except Exception as exc:
+            # Anything else is a fault at this site: the round fails here, once, with the
+            # reason, rather than the task being offered (and failing) again on every poll.
+            log.exception("job %s: round %s", self.uid, number + 1)
+            await self._fail(task, f"the agent failed: {type(exc).__name__}: {exc}", "")
         finally:
             self.flush()
+
+    async def _upload(self, url: str, path: Path, number: int) -> None:
+        """Send the round's update until the portal takes it (or refuses it for good).
+
+        A portal that is away (restarting, unreachable) or cannot keep it now (507: its disk is
+        full; 5xx; 429) gets the same file again after a pause (1 s, doubling to 30 s): the
+        script's work is not redone, and the task is still open for it. A 4xx other than 429
+        (409 included: answered already, or the round closed) ends the tries; the caller
+        handles it. Cancelled with the round when the job ends.
+        """
+        pause = 1.0
+        while True:
+            try:
+                await asyncio.to_thread(self.client.upload, url, path)
+                return
+            except PortalUnreachable as exc:
+                why = f"portal unreachable ({exc})"
+            except PortalError as exc:
+                if exc.status < 500 and exc.status != 429:
+                    raise
+                why = str(exc)
+            self.agent.say(
+                f"job {self.name}: round {number + 1}: update not taken: {why}; "
+                f"sending it again in {pause:.0f} s"
+            )
+            await asyncio.sleep(pause * random.uniform(0.8, 1.2))
+            pause = min(pause * 2, UPLOAD_RETRY_MAX_SECONDS)
 
     async def _fail(self, task: dict[str, Any], reason: str, log_tail: str) -> None:
         self.agent.say(f"job {self.name}: round {int(task['round']) + 1} failed: {reason}")
@@ -567,9 +774,17 @@ class JobRunner:
         self.finished_round = int(task["round"])
 
     def _prepare(self) -> None:
-        """First round of the job here (or after a restart): fetch the app, start the script."""
+        """First round of the job here (or after a restart): fetch the app, start the script.
+
+        An archive this agent refused (``BundleError``: it lies about its contents, or cannot
+        be unpacked safely) is remembered in the job's workspace with its SHA-256, so every
+        later round of the job fails at once with the same reason instead of fetching it again.
+        """
         if self.proc is not None:
             return
+        rejected = self.workspace / REJECTED_APP_FILE
+        if rejected.exists():
+            raise BundleError(json.loads(rejected.read_text())["reason"])
         app = self.workspace / "app"
         spec_path = self.workspace / "spec.json"
         if not (app.is_dir() and spec_path.exists()):
@@ -581,8 +796,13 @@ class JobRunner:
             if info.get("app_sha256") and digest != info["app_sha256"]:
                 raise PortalUnreachable("the app archive does not match its SHA-256")
             shutil.rmtree(app, ignore_errors=True)
-            extract_app(archive, app, spec["train_script"])
-            archive.unlink()
+            try:
+                extract_app(archive, app, str(spec["train_script"]))
+            except BundleError as exc:
+                rejected.write_text(json.dumps({"sha256": digest, "reason": str(exc)}))
+                raise
+            finally:
+                archive.unlink(missing_ok=True)
             spec_path.write_text(json.dumps(spec, indent=2))
         spec = json.loads(spec_path.read_text())
         work = self.workspace / "work"
@@ -616,59 +836,27 @@ class JobRunner:
             self.points.append(point)
 
     def _agent_line(self, text: str) -> None:
-        line = {"stream": "agent", "text": text, "round": self.current_round}
+        line = {"stream": "agent", "text": cut_line(text), "round": self.current_round}
         self.agent.loop.call_soon_threadsafe(
             self.agent.enqueue, {"type": "report", "job": self.uid, "lines": [line]}
         )
 
-    def flush(self) -> list[str]:
-        """Queue the points and new output lines gathered so far (loop thread); their ids."""
-        ids: list[str] = []
+    def flush(self, final: bool = False) -> list[str]:
+        """Queue the points and new output lines gathered so far (loop thread); the ids of
+        the reports holding points.
+
+        Points and lines travel in separate reports: the portal may ask line reports to wait
+        (``slow_down``), and a round's points must not wait behind them. ``final``: the
+        script has ended, so a last line without a newline is sent too."""
         with self.points_lock:
             points, self.points = self.points, []
-        lines = self._new_log_lines()
-        # One "report" per batch of points and lines: a round's usually fits in one message.
-        while points or lines:
-            batch_points, points = points[:METRICS_PER_MESSAGE], points[METRICS_PER_MESSAGE:]
-            batch_lines, lines = lines[:LOG_LINES_PER_MESSAGE], lines[LOG_LINES_PER_MESSAGE:]
-            message: dict[str, Any] = {"type": "report", "job": self.uid}
-            if batch_points:
-                message["points"] = batch_points
-            if batch_lines:
-                message["lines"] = batch_lines
-            message_id = self.agent.enqueue(message)
-            if batch_points:
-                ids.append(message_id)
+        ids = self.agent.enqueue_report(self.uid, "points", points, METRICS_PER_MESSAGE)
+        lines = [
+            {"id": f"o{start}", "stream": "script", "text": text, "round": self.current_round}
+            for start, text in self.output.read(final=final)
+        ]
+        self.agent.enqueue_report(self.uid, "lines", lines, LOG_LINES_PER_MESSAGE)
         return ids
-
-    def _new_log_lines(self) -> list[dict[str, Any]]:
-        """Complete lines appended to the script's log since the last call. Each line's id is
-        its byte offset in the log, so lines sent again after a restart are stored once."""
-        path = self.workspace / "log.txt"
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(self.log_offset)
-                data = fh.read(1 << 20)
-        except OSError:
-            return []
-        if not data:
-            return []
-        start = self.log_offset - len(self.log_partial)
-        data = self.log_partial + data
-        self.log_offset += len(data) - len(self.log_partial)
-        *complete, self.log_partial = data.split(b"\n")
-        lines = []
-        for raw in complete:
-            lines.append(
-                {
-                    "id": f"o{start}",
-                    "stream": "script",
-                    "text": raw.decode("utf-8", "replace").rstrip("\r"),
-                    "round": self.current_round,
-                }
-            )
-            start += len(raw) + 1
-        return lines
 
     async def finish(self, grace: float) -> None:
         """The job ended (or the agent stops): end the script, send its last lines."""
@@ -678,4 +866,9 @@ class JobRunner:
         if proc is not None:
             await asyncio.to_thread(proc.stop, grace=grace)
             self.agent.say(f"job {self.name}: finished; script stopped")
-        self.flush()
+        # All of its output, not the next read's worth: this runner reads no more after this.
+        while True:
+            read = self.output.offset
+            self.flush(final=True)
+            if self.output.offset == read:
+                break

@@ -2,6 +2,10 @@
 
 Exit codes: 0 done; 1 a check failed or bad input (the message says which); 2 usage;
 3 the portal refuses this site (revoked, unknown certificate, not enrolled).
+
+Every command refuses a plain ``http://`` portal on another machine (the enrolment token and
+every signed request would cross the network in clear text) unless given ``--insecure``; a
+portal on this machine (localhost, 127.0.0.0/8, ::1) needs no flag.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ import time
 from collections.abc import Callable, Sequence
 
 from client_agent import signing
-from client_agent.portal import PortalClient, PortalError, PortalUnreachable
+from client_agent.portal import (
+    InsecurePortal,
+    PortalClient,
+    PortalError,
+    PortalUnreachable,
+    require_secure_transport,
+)
 from client_agent.site_dir import NotEnrolled, SiteDir, SiteIdentity, default_dir
 
 ENROL_CHECK_PATH = "/api/v1/enrol/check/"
@@ -36,6 +46,12 @@ def _dir_arg(parser: argparse.ArgumentParser) -> None:
         "--dir",
         default=None,
         help=f"the site's folder (default: $FEDPORTAL_SITE_DIR or ./{default_dir()})",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a plain http:// portal on another machine (tokens and requests then "
+        "cross the network in clear text); a portal on this machine needs no flag",
     )
 
 
@@ -85,7 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     site_dir = SiteDir(args.dir)
     try:
         if args.command == "enrol":
-            return enrol(site_dir, portal=args.portal, token=args.token, force=args.force)
+            return enrol(
+                site_dir,
+                portal=args.portal,
+                token=args.token,
+                force=args.force,
+                insecure=args.insecure,
+            )
         if args.command == "run":
             logging.basicConfig(
                 level=logging.INFO if args.verbose else logging.WARNING,
@@ -96,12 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if args.wire_log:
                 os.environ[WIRE_LOG_ENV] = os.path.abspath(args.wire_log)
-            agent = Agent(site_dir, poll_seconds=args.poll_seconds)
+            agent = Agent(site_dir, poll_seconds=args.poll_seconds, insecure=args.insecure)
             return asyncio.run(agent.run())
         if args.command == "status":
-            return status(site_dir)
-        return doctor(site_dir)
-    except (CommandError, NotEnrolled, PermissionError) as exc:
+            return status(site_dir, insecure=args.insecure)
+        return doctor(site_dir, insecure=args.insecure)
+    except (CommandError, NotEnrolled, PermissionError, InsecurePortal) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except PortalUnreachable as exc:
@@ -121,11 +143,14 @@ def enrol(
     portal: str,
     token: str,
     force: bool = False,
+    insecure: bool = False,
     say: Callable[[str], None] = print,
 ) -> int:
-    """Make the key here, send only a CSR with the token, keep the certificate."""
+    """Make the key here, send only a CSR with the token, keep the certificate. The token is
+    sent in clear text over plain HTTP, which is refused to another machine unless
+    ``insecure``."""
     try:
-        client = PortalClient(portal)
+        client = PortalClient(portal, insecure=insecure)
     except ValueError as exc:
         raise CommandError(f"--portal: {exc}") from None
     if site_dir.is_enrolled() and not force:
@@ -162,14 +187,16 @@ def enrol(
     )
     say(f"  project CA   {site_dir.ca_path}")
     say(f"  identity     {site_dir.config_path}")
-    say(f"next: python -m client_agent run --dir {site_dir.path}")
+    say(
+        f"next: python -m client_agent run --dir {site_dir.path}{' --insecure' if insecure else ''}"
+    )
     return 0
 
 
 # -- status -------------------------------------------------------------------------------------
 
 
-def _signed_client(site_dir: SiteDir) -> tuple[SiteIdentity, PortalClient]:
+def _signed_client(site_dir: SiteDir, *, insecure: bool) -> tuple[SiteIdentity, PortalClient]:
     identity = site_dir.identity()
     from client_agent.agent import AGENT_VERSION  # noqa: PLC0415
 
@@ -179,12 +206,13 @@ def _signed_client(site_dir: SiteDir) -> tuple[SiteIdentity, PortalClient]:
         fingerprint=identity.fingerprint,
         agent_version=AGENT_VERSION,
         timeout=15,
+        insecure=insecure,
     )
     return identity, client
 
 
-def status(site_dir: SiteDir) -> int:
-    identity, client = _signed_client(site_dir)
+def status(site_dir: SiteDir, *, insecure: bool = False) -> int:
+    identity, client = _signed_client(site_dir, insecure=insecure)
     me = client.get("/api/v1/agent/whoami/")
     print(
         f"site {me['site']} ({me['organization']}), project {me['project_name']}, "
@@ -210,7 +238,7 @@ def status(site_dir: SiteDir) -> int:
 # -- doctor -------------------------------------------------------------------------------------
 
 
-def doctor(site_dir: SiteDir) -> int:
+def doctor(site_dir: SiteDir, *, insecure: bool = False) -> int:
     """Each check prints ok or FAIL with what to do; exit 1 if any failed."""
     failures = 0
 
@@ -239,7 +267,12 @@ def doctor(site_dir: SiteDir) -> int:
         return 1
     cert_ok, cert_detail = _certificate_dates(site_dir)
     report(cert_ok, "certificate dates", cert_detail)
-    skew = _portal_clock(identity.portal)
+    try:
+        require_secure_transport(identity.portal, insecure=insecure)
+    except InsecurePortal as exc:
+        report(False, "portal address", str(exc))
+        return 1
+    skew = _portal_clock(identity.portal, insecure=insecure)
     if isinstance(skew, str):
         report(False, "portal reachable", skew)
         return 1
@@ -254,7 +287,7 @@ def doctor(site_dir: SiteDir) -> int:
             else "; signed requests fail beyond ±300 s: synchronise this machine's clock (NTP)"
         ),
     )
-    _, client = _signed_client(site_dir)
+    _, client = _signed_client(site_dir, insecure=insecure)
     try:
         me = client.get("/api/v1/agent/whoami/")
         report(True, "certificate accepted", f"serial {me['certificate_serial']}, not revoked")
@@ -281,9 +314,9 @@ def _certificate_dates(site_dir: SiteDir) -> tuple[bool, str]:
     return True, f"valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days} days)"
 
 
-def _portal_clock(portal: str) -> float | str:
+def _portal_clock(portal: str, *, insecure: bool) -> float | str:
     """Seconds this machine's clock is ahead of the portal's, or why it cannot be told."""
-    client = PortalClient(portal, timeout=10)
+    client = PortalClient(portal, timeout=10, insecure=insecure)
     connection = client._connection()
     try:
         sent = time.time()

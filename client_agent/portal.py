@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import ssl
@@ -72,6 +73,34 @@ class PortalError(RuntimeError):
         }
 
 
+class InsecurePortal(ValueError):
+    """Plain HTTP to a portal that is not on this machine: refused unless asked for."""
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_secure_transport(url: str, *, insecure: bool, flag: str = "--insecure") -> None:
+    """Refuse plain HTTP to a non-loopback portal unless ``insecure``: enrolment tokens, API
+    tokens and signed requests would cross the network in clear text (a TLS proxy in front of
+    the portal does not help a client that talks HTTP to it). ``flag`` is how the caller's user
+    says "insecure", named in the error."""
+    scheme, host, _, _ = split_url(url)
+    if scheme == "http" and not insecure and not is_loopback(host):
+        raise InsecurePortal(
+            f"{url} is plain HTTP to another machine: tokens and requests would cross the "
+            f"network in clear text. Use https://, or pass {flag} if the network between here "
+            "and the portal is trusted"
+        )
+
+
 def split_url(url: str) -> tuple[str, str, int, str]:
     """``(scheme, host, port, base path)`` of a portal URL; raises ValueError naming the fault."""
     parsed = urllib.parse.urlsplit(url.strip())
@@ -101,7 +130,8 @@ class PortalClient:
     person with ``api_token`` (``Authorization: Bearer``; what ``ProdEnv`` uses).
 
     One connection per call: agents make a few requests per round, and a fresh connection
-    is what survives a portal restart without bookkeeping.
+    is what survives a portal restart without bookkeeping. Plain HTTP is refused
+    (:class:`InsecurePortal`) unless the portal is on this machine or ``insecure`` is set.
     """
 
     def __init__(
@@ -113,9 +143,13 @@ class PortalClient:
         agent_version: str = "",
         api_token: str | None = None,
         timeout: float = 60.0,
+        insecure: bool = False,
+        insecure_flag: str = "--insecure",
     ) -> None:
         self.url = portal_url.rstrip("/")
         self.scheme, self.host, self.port, self.base = split_url(portal_url)
+        require_secure_transport(self.url, insecure=insecure, flag=insecure_flag)
+        self.insecure = insecure
         self.key = key
         self.fingerprint = fingerprint
         self.agent_version = agent_version

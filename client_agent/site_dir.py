@@ -6,13 +6,16 @@ Layout (``--dir``, default ``$FEDPORTAL_SITE_DIR`` or ``./fedportal-site``)::
     site.key      the private key, mode 0600; made here, never sent anywhere
     site.crt      the site's certificate, issued by the project's CA
     ca.crt        the project CA's certificate
-    jobs/<uid>/   one workspace per job: app/ (the client script), models/, log.txt, state.json
+    jobs/<uid>/   one workspace per job: app/ (the client script), models/, updates/, work/,
+                  log.txt, spec.json, and app-rejected.json when its app archive was refused
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,8 +45,12 @@ class SiteIdentity:
 
 
 class SiteDir:
+    """A site's folder. Its path is made absolute once, here: everything derived from it (a
+    job's model files, handed to a script that runs in another directory) must not depend on
+    the directory the agent was started in."""
+
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self.path = Path(path) if path is not None else default_dir()
+        self.path = (Path(path) if path is not None else default_dir()).resolve()
 
     @property
     def config_path(self) -> Path:
@@ -95,12 +102,26 @@ class SiteDir:
     def save(
         self, identity: SiteIdentity, *, key: signing.PrivateKey, cert_pem: str, ca_pem: str
     ) -> None:
-        """Write the identity; the key first, 0600 from the moment it exists."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Write the identity into a private folder (0700); the key first. Every file is the
+        owner's only (0600) from the moment it exists, not after a chmod."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
         signing.save_key(self.key_path, key)
-        self.cert_path.write_text(cert_pem)
-        self.ca_path.write_text(ca_pem)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(identity), indent=2) + "\n")
-        os.replace(tmp, self.config_path)
+        write_private(self.cert_path, cert_pem.encode())
+        write_private(self.ca_path, ca_pem.encode())
+        write_private(self.config_path, (json.dumps(asdict(identity), indent=2) + "\n").encode())
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (0600) from the start, under a
+    temporary name renamed over ``path``: no other user sees it, even for a moment, and a
+    crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -12,7 +12,6 @@ reason instead of a library panic.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from client_agent import jsonlimits
 from client_agent.fl_model import FLModel, ParamsType
 
 # The frame functions live in client_agent.frames (no torch, for the agent); they are
@@ -233,18 +233,14 @@ def _check_layout(filename: str, header: dict[str, Any], data_len: int) -> None:
         )
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def _json_object(raw: bytes | str, error: str) -> Any:
-    """Strict JSON: no NaN or Infinity (which Python's json takes by default), no nesting deep
-    enough to exhaust the parser, no integer past Python's conversion limit."""
+    """Strict JSON (``client_agent.jsonlimits``): no NaN or Infinity (which Python's json takes
+    by default), no nesting deep enough to exhaust the parser, no integer past Python's
+    conversion limit. Anything else is a WireFormatError starting with ``error``."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        detail = str(exc) if "JSON number" in str(exc) else ""
-        raise WireFormatError(f"{error}{f': {detail}' if detail else ''}") from None
+        return jsonlimits.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireFormatError(f"{error}: {exc}") from None
 
 
 def all_finite(values: np.ndarray[Any, Any], dtype: str) -> bool:

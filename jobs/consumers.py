@@ -12,6 +12,15 @@ enrolled site's agent gets in. Then:
   accepted as reports with only one of them) — nothing else. Model updates travel over HTTP,
   streamed.
 
+Whatever an agent sends, the socket stays open: a message over
+``client_agent.protocol.MAX_MESSAGE_BYTES``, one that is not a JSON object, a binary frame, a
+report that fails validation or meets an unexpected error is answered with an error
+(an ``ack`` with ``error`` when it has an id: the agent then drops it, never resends it), not
+with a close that the agent would answer by reconnecting and sending the same again. Output
+lines sent faster than the site's rate get ``slow_down`` with ``retry_after``; until then the
+consumer answers line reports so without a database query.
+
+
 A revocation or a re-enrolment closes the socket of the agent signing with the old
 certificate at once (the ``site.revoked`` event names the certificate's serial; close code 4403);
 the certificate is also read again from the database on every heartbeat, before a message or an
@@ -35,8 +44,10 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import transaction
 
 from client_agent import jsonlimits
+from client_agent.protocol import ERROR_TOO_LARGE, MAX_MESSAGE_BYTES
 from fedportal import sockets
 from fedportal.events import site_group
+from jobs.exceptions import SlowDown
 from jobs.services.sites import (
     job_for_site,
     log_lines_record,
@@ -46,7 +57,7 @@ from jobs.services.sites import (
 )
 from sites import services as site_services
 from sites.authentication import SiteIdentity, identity_recheck, verify_signed_handshake
-from sites.exceptions import AuthenticationError, DomainError
+from sites.exceptions import AuthenticationError, DomainError, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +98,17 @@ def _handle(
     if kind in ("report", "metrics", "log"):
         # A report carries flare.log points and output lines, either or both; "metrics" and
         # "log" are the same with one of them.
+        points, lines = content.get("points"), content.get("lines")
+        for name, value in (("points", points), ("lines", lines)):
+            if value is not None and not isinstance(value, list):
+                raise ValidationFailed(f"{name} must be a list", field=name)
         job = job_for_site(job_uid=content.get("job"), site=site)
         stored = 0
         with transaction.atomic():
-            if content.get("points"):
-                stored += metrics_record(job=job, site=site, points=content["points"])
-            if content.get("lines"):
-                stored += log_lines_record(job=job, site=site, lines=content["lines"])
+            if points:
+                stored += metrics_record(job=job, site=site, points=points)
+            if lines:
+                stored += log_lines_record(job=job, site=site, lines=lines)
         return identity, {"stored": stored}
     raise _Unexpected(f"unknown message type {kind!r}; send heartbeat, task or report")
 
@@ -109,15 +124,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     checked_at = 0.0
     watch: asyncio.Task[None] | None = None
     closing = False
-
-    @classmethod
-    async def decode_json(cls, text_data: str) -> Any:
-        """The message, or None (answered as not a JSON object) when it is not JSON or is
-        nested too deeply (``client_agent.jsonlimits``)."""
-        try:
-            return jsonlimits.loads(text_data)
-        except ValueError:
-            return None
+    lines_held_until = 0.0  # monotonic; the site was told to slow down its line reports
 
     async def connect(self) -> None:
         try:
@@ -151,14 +158,48 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         self.watch = asyncio.create_task(self._watch())
         log.info("agent connected: site=%s version=%s", site.name, version or "?")
 
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
+        """The message, or None (answered as not a JSON object) when it is not JSON or is
+        nested too deeply (``client_agent.jsonlimits``)."""
+        try:
+            return jsonlimits.loads(text_data)
+        except ValueError:
+            return None
+
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        """Parse a frame, answering what cannot be parsed with an error instead of failing
+        the connection (Daphne has bounded the frame at 1 MiB before this runs)."""
         if self.identity is None or self.closing:
             return
-        message_id = content.get("id") if isinstance(content, dict) else None
+        if text_data is None:
+            await self._error("bad_message", "send JSON text frames, not binary ones")
+            return
+        size = len(text_data.encode("utf-8", "replace"))
+        content = await self.decode_json(text_data)
         if not isinstance(content, dict):
-            await self.send_json(
-                {"type": "error", "code": "bad_message", "message": "not a JSON object"}
+            await self._error("bad_message", "not a JSON object")
+            return
+        if size > MAX_MESSAGE_BYTES:
+            await self._answer(
+                content.get("id"),
+                error={
+                    "code": ERROR_TOO_LARGE,
+                    "message": f"a message of {size} bytes; at most {MAX_MESSAGE_BYTES}",
+                },
             )
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if self.identity is None or self.closing or not isinstance(content, dict):
+            return
+        message_id = content.get("id")
+        held = self.lines_held_until - time.monotonic()
+        if held > 0 and content.get("lines"):
+            await self._answer(message_id, error=SlowDown(retry_after=held).as_dict())
             return
         try:
             now = time.monotonic()
@@ -171,14 +212,35 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         except AuthenticationError as exc:
             await self._refuse(exc.as_dict())
             return
+        except SlowDown as exc:
+            self.lines_held_until = time.monotonic() + exc.retry_after
+            await self._answer(message_id, error=exc.as_dict())
+            return
         except DomainError as exc:
             # Refused for good (bad data, a job that ended): acknowledged with the error, so the
             # agent drops the batch instead of sending it again.
-            if message_id is not None:
-                await self.send_json({"type": "ack", "id": message_id, "error": exc.as_dict()})
+            await self._answer(message_id, error=exc.as_dict())
             return
-        if message_id is not None:
-            await self.send_json({"type": "ack", "id": message_id, **ack})
+        except Exception:
+            # A fault of ours, not of the message's form: the agent still gets an answer, and
+            # the socket (the site's other jobs) stays up.
+            log.exception("agent message failed: site=%s", self.identity.site.name)
+            await self._answer(
+                message_id, error={"code": "server_error", "message": "the portal failed"}
+            )
+            return
+        await self._answer(message_id, **ack)
+
+    async def _answer(self, message_id: Any, **body: Any) -> None:
+        """Acknowledge message ``message_id``; a message without an id gets no answer, except
+        an error."""
+        if isinstance(message_id, str | int) and not isinstance(message_id, bool):
+            await self.send_json({"type": "ack", "id": message_id, **body})
+        elif "error" in body:
+            await self.send_json({"type": "error", **body["error"]})
+
+    async def _error(self, code: str, message: str) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message})
 
     async def fedportal_event(self, message: dict[str, Any]) -> None:
         if self.identity is None or self.closing:

@@ -8,7 +8,9 @@ maps them to HTTP like every other domain failure. A job's invalid state change 
 from __future__ import annotations
 
 import errno
+from typing import Any
 
+from client_agent.protocol import ERROR_SLOW_DOWN
 from sites.exceptions import DomainError
 
 
@@ -43,3 +45,19 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 def is_storage_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
+
+
+class SlowDown(DomainError):
+    """A site sends output lines faster than its rate allows; nothing of the batch was stored.
+    ``retry_after`` says in how many seconds the same batch would be taken."""
+
+    code = ERROR_SLOW_DOWN
+    status = 429
+    default_message = "output lines arrive faster than this site may send them"
+
+    def __init__(self, message: str | None = None, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "retry_after": round(self.retry_after, 2)}

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+from client_agent.protocol import MAX_LINE_CHARS
 from sites.exceptions import InvalidTransition
 
 
@@ -115,6 +116,13 @@ class JobSite(models.Model):
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
+    # The site's output lines in this job (jobs.services.sites.log_lines_record): how many are
+    # kept and their size, how many were dropped past the quota, and the rate's token bucket.
+    log_lines = models.PositiveIntegerField(default=0)
+    log_bytes = models.PositiveBigIntegerField(default=0)
+    log_lines_dropped = models.PositiveBigIntegerField(default=0)
+    log_allowance = models.FloatField(null=True, blank=True, help_text="bytes; null: full")
+    log_allowance_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints: ClassVar = [
@@ -258,10 +266,11 @@ class LogLine(models.Model):
     """A line a site's client script printed, or one its agent wrote about the job.
 
     Only what the script itself chose to print leaves the site, and only the tail is worth
-    keeping: the service truncates each line to ``MAX_LENGTH`` characters.
+    keeping: the service cuts each line to ``MAX_LENGTH`` characters (with a marker), and keeps
+    each site's newest lines within a quota.
     """
 
-    MAX_LENGTH = 2000
+    MAX_LENGTH = MAX_LINE_CHARS
 
     class Stream(models.TextChoices):
         SCRIPT = "script"  # the client script's stdout and stderr, interleaved as printed
@@ -272,6 +281,7 @@ class LogLine(models.Model):
     round_number = models.PositiveIntegerField(null=True, blank=True)
     stream = models.CharField(max_length=10, choices=Stream.choices, default=Stream.SCRIPT)
     text = models.TextField()
+    size = models.PositiveIntegerField(default=0, help_text="bytes of the text, UTF-8")
     client_id = models.CharField(
         max_length=64, blank=True, help_text="the sender's id for the line: a resend is ignored"
     )

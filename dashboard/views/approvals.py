@@ -11,7 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST, require_safe
 
-from dashboard.appfiles import app_file_text, app_files
+from dashboard.appfiles import AppArchiveUnreadable, app_file_text, app_files
 from dashboard.views._common import job_for, project_for, require
 from dashboard.views.projects import pending_decisions, project_context
 from jobs import selectors
@@ -48,11 +48,17 @@ def approval_review(request: HttpRequest, uid: Any, site_name: str) -> HttpRespo
     job = link.job
     context = project_context(request, job.project)
     shown = request.GET.get("file")
-    text = app_file_text(job, shown) if shown else None
+    files, text, archive_error = [], None, ""
+    try:
+        files = app_files(job)
+        text = app_file_text(job, shown) if shown else None
+    except AppArchiveUnreadable as exc:
+        archive_error = str(exc)
     context.update(
         link=link,
         job=job,
-        files=app_files(job),
+        files=files,
+        archive_error=archive_error,
         shown=shown,
         shown_text=text,
         pending=link.decision == JobSite.Decision.PENDING,

@@ -13,7 +13,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
-from dashboard.appfiles import app_files
+from dashboard.appfiles import app_listing
 from dashboard.forms import AbortForm
 from dashboard.metrics import (
     AGGREGATE,
@@ -57,7 +57,11 @@ def models_context(job: Job) -> dict[str, Any]:
 
 
 def logs_of(job: Job, sites: list[Site]) -> list[tuple[Site, list[Any]]]:
+    """Each site's log tail, the site carrying how many older lines its quota dropped."""
     tails = selectors.log_tails_of(job, sites, limit=LOG_LINES)
+    dropped = dict(job.participants.values_list("site_id", "log_lines_dropped"))
+    for site in sites:
+        site.log_lines_dropped = dropped.get(site.pk, 0)  # type: ignore[attr-defined]
     return [(site, tails[site.pk]) for site in sites]
 
 
@@ -69,6 +73,7 @@ def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
     context.update(rounds_context(job))
     context.update(models_context(job))
     sites = [link.site for link, _ in context["grid"]]
+    files, archive_error = app_listing(job)
     context.update(
         can_manage=selectors.can_manage_job(request.user, job),
         abort_form=AbortForm(),
@@ -76,7 +81,8 @@ def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
         charts=metric_charts(job),
         chart_points=MAX_CHART_POINTS,
         aggregate_name=AGGREGATE,
-        files=app_files(job),
+        files=files,
+        archive_error=archive_error,
         log_limit=LOG_LINES,
     )
     return render(request, "dashboard/job.html", context)

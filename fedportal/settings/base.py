@@ -407,6 +407,20 @@ FEDPORTAL_HTTP_UPLOAD_MIN_RATE = env_int("FEDPORTAL_HTTP_UPLOAD_MIN_RATE", 64 * 
 # The portal process serves /static/ itself (Django's static files handler): on in development
 # mode; a deployment serves collectstatic's folder from its reverse proxy instead.
 FEDPORTAL_SERVE_STATIC = env_bool("FEDPORTAL_SERVE_STATIC", FEDPORTAL_DEV)
+
+# Output lines a site's script prints, per job and site (jobs.services.sites.log_lines_record):
+# the newest are kept within these bounds, older ones are deleted and counted as dropped; a
+# site may send them at this rate in bytes per second, after a first burst (more waits: the
+# agent is told to slow down); lines of a finished job are taken for its grace period only.
+FEDPORTAL_LOG_MAX_LINES_PER_SITE = env_int("FEDPORTAL_LOG_MAX_LINES_PER_SITE", 20000)
+FEDPORTAL_LOG_MAX_BYTES_PER_SITE = int(
+    os.environ.get("FEDPORTAL_LOG_MAX_BYTES_PER_SITE", str(16 * 1024**2))
+)
+FEDPORTAL_LOG_BYTES_PER_SECOND = int(
+    os.environ.get("FEDPORTAL_LOG_BYTES_PER_SECOND", str(256 * 1024))
+)
+FEDPORTAL_LOG_BURST_BYTES = int(os.environ.get("FEDPORTAL_LOG_BURST_BYTES", str(4 * 1024**2)))
+FEDPORTAL_LOG_GRACE_SECONDS = int(os.environ.get("FEDPORTAL_LOG_GRACE_SECONDS", "60"))
 # Redis redelivers a task whose worker died once this many seconds passed; every task is
 # idempotent, so a task running longer than this and delivered twice does no harm.
 CELERY_BROKER_TRANSPORT_OPTIONS = {

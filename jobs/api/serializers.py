@@ -261,6 +261,12 @@ class ParticipantSerializer(serializers.ModelSerializer):
     last_heartbeat = serializers.DateTimeField(source="site.last_heartbeat", read_only=True)
     online = serializers.SerializerMethodField()
     tasks = serializers.SerializerMethodField()
+    log_lines = serializers.IntegerField(
+        read_only=True, help_text="output lines of the site kept for this job"
+    )
+    log_lines_dropped = serializers.IntegerField(
+        read_only=True, help_text="older output lines deleted past the site's quota"
+    )
 
     class Meta:
         model = JobSite
@@ -274,6 +280,8 @@ class ParticipantSerializer(serializers.ModelSerializer):
             "last_heartbeat",
             "online",
             "tasks",
+            "log_lines",
+            "log_lines_dropped",
         ]
         read_only_fields = fields
 

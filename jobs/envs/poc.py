@@ -20,11 +20,17 @@ URL and the sign-in are printed) until ``stop()`` or the end of the Python proce
 ``database_url`` puts the portal on a database of yours (PostgreSQL) instead of a SQLite file
 in the workspace; it is migrated and set up in place.
 
-Workspace (default ``<tmp>/fedportal-poc/<time>``): ``db.sqlite3``, ``media/``, ``logs/``
-(portal, worker, one per agent), ``sites/<site>/`` (each agent's folder), ``runs/<job>/``,
-``credentials.json`` (portal URL, API token, project, user and password: a ``ProdEnv``
-credentials file). ``wire_log=True`` makes each agent log everything it sends to
+Workspace (default ``<tmp>/fedportal-poc-<time>-<random>``): ``db.sqlite3``, ``media/``,
+``logs/`` (portal, worker, one per agent), ``sites/<site>/`` (each agent's folder),
+``runs/<job>/``, ``credentials.json`` (portal URL, API token, project, user and password: a
+``ProdEnv`` credentials file). ``wire_log=True`` makes each agent log everything it sends to
 ``sites/<site>/wire.jsonl`` (``client_agent run --wire-log``).
+
+The workspace holds a superuser's password, an API token, enrolment tokens, the portal's
+secret keys and the sites' private keys, so it is private: its default name cannot be guessed
+(and is created, never reused), the folder is 0700, and every file PocEnv writes is 0600 from
+the moment it exists. The processes it starts run with umask 077, so what they write (the
+database, logs, media, the agents' folders) is private too.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client_agent.site_dir import write_private
 from jobs.envs.portal import PortalRun, ProdEnv
 
 if TYPE_CHECKING:
@@ -60,6 +67,8 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379"
 # Enrolment tokens live 72 h (FEDPORTAL_ENROLMENT_TOKEN_TTL_HOURS): a cached set-up whose
 # tokens would expire soon is made again.
 TEMPLATE_MAX_AGE_SECONDS = 24 * 3600
+# What the processes PocEnv starts create is their owner's only: files 0600, folders 0700.
+PRIVATE_UMASK = 0o077
 
 
 class PocEnvError(RuntimeError):
@@ -127,10 +136,12 @@ class PocEnv:
         if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
             raise ValueError(f"num_clients: must be an integer of at least 1, got {num_clients!r}")
         self.clients = clients or [f"site-{i}" for i in range(1, num_clients + 1)]
+        self._workspace_given = workspace is not None
         self.workspace = (
             Path(workspace).resolve()
             if workspace is not None
-            else Path(tempfile.gettempdir()) / "fedportal-poc" / time.strftime("%Y%m%d-%H%M%S")
+            else Path(tempfile.gettempdir())
+            / f"fedportal-poc-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
         )
         base = (redis_url or os.environ.get("REDIS_URL") or DEFAULT_REDIS).rstrip("/")
         parts = urllib.parse.urlsplit(base)
@@ -237,15 +248,31 @@ class PocEnv:
     def _secret(self, name: str) -> str:
         path = self.workspace / f".{name}"
         if not path.exists():
-            path.write_text(secrets.token_urlsafe(32))
-            path.chmod(0o600)
+            write_private(path, secrets.token_urlsafe(32).encode())
         return path.read_text()
+
+    def _make_workspace(self) -> None:
+        """The private workspace (0700). The default one is new: a folder already at its
+        (unguessable) name is not ours, and is refused rather than used."""
+        if self._workspace_given:
+            self.workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.workspace.chmod(0o700)
+        else:
+            try:
+                self.workspace.mkdir(mode=0o700)
+            except FileExistsError:
+                raise PocEnvError(f"{self.workspace} exists already; not using it") from None
+            self._workspace_given = True  # ours now: a later start() uses it again
+        for folder in ("logs", "sites", "runs"):
+            (self.workspace / folder).mkdir(mode=0o700, exist_ok=True)
 
     def _spawn(
         self, name: str, args: list[str], log_name: str | None = None
     ) -> subprocess.Popen[bytes]:
         log_path = self.workspace / "logs" / f"{log_name or name}.log"
-        with open(log_path, "ab") as log_file:
+        # Logs hold what the processes print, tokens included: the owner's only.
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with open(fd, "ab") as log_file:
             proc = subprocess.Popen(
                 args,
                 cwd=PROJECT_ROOT,
@@ -254,6 +281,7 @@ class PocEnv:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() ends it and its children
+                umask=PRIVATE_UMASK,
             )
         self.processes[name] = proc
         return proc
@@ -265,6 +293,7 @@ class PocEnv:
             env=self._env(),
             capture_output=True,
             text=True,
+            umask=PRIVATE_UMASK,
         )
         if result.returncode != 0:
             raise PocEnvError(f"manage.py {args[0]} failed:\n{result.stderr[-3000:]}")
@@ -282,8 +311,7 @@ class PocEnv:
                 "point REDIS_URL at yours."
             )
         started = time.perf_counter()
-        self.workspace.mkdir(parents=True, exist_ok=True)
-        (self.workspace / "logs").mkdir(exist_ok=True)
+        self._make_workspace()
         self.port = self.port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         atexit.register(self.stop)
@@ -292,9 +320,9 @@ class PocEnv:
             self._start_fork_server()
             self._launch_services()
             self.credentials = {"portal": self.url, "token": setup["api_token"], **setup}
-            credentials = self.workspace / "credentials.json"
-            credentials.write_text(json.dumps(self.credentials, indent=2))
-            credentials.chmod(0o600)
+            write_private(
+                self.workspace / "credentials.json", json.dumps(self.credentials, indent=2).encode()
+            )
             self._wait_for_portal()
             self._start_agents(setup["enrolment_tokens"])
         except BaseException:
@@ -342,9 +370,9 @@ class PocEnv:
         if self.database_url:
             # A database of the caller's (PostgreSQL): set up in place, nothing cached.
             self._manage("migrate", "--noinput")
-            setup_file.write_text(self._manage("poc_setup", "--sites", ",".join(self.clients)))
-            setup_file.chmod(0o600)
-            return dict(json.loads(setup_file.read_text()))
+            setup = self._manage("poc_setup", "--sites", ",".join(self.clients))
+            write_private(setup_file, setup.encode())
+            return dict(json.loads(setup))
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedportal"
         sites_key = hashlib.sha256(",".join(self.clients).encode()).hexdigest()[:12]
         template = cache / f"poc-{_migrations_digest()}-{sites_key}"
@@ -353,17 +381,17 @@ class PocEnv:
         fresh = made.exists() and time.time() - made.stat().st_mtime < TEMPLATE_MAX_AGE_SECONDS
         if fresh:
             for name in files:
-                shutil.copyfile(template / name, self.workspace / name)
-                (self.workspace / name).chmod(0o600)
+                _copy_private(template / name, self.workspace / name)
         else:
             self._say("preparing the database and the project (kept for a day)")
             self._manage("migrate", "--noinput")
-            setup_file.write_text(self._manage("poc_setup", "--sites", ",".join(self.clients)))
-            cache.mkdir(parents=True, exist_ok=True)
+            setup = self._manage("poc_setup", "--sites", ",".join(self.clients))
+            write_private(setup_file, setup.encode())
+            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
             cache.chmod(0o700)
             building = Path(tempfile.mkdtemp(prefix=".poc-", dir=cache))
             for name in files:
-                shutil.copyfile(self.workspace / name, building / name)
+                _copy_private(self.workspace / name, building / name)
             (building / "made").touch()
             shutil.rmtree(template, ignore_errors=True)
             with contextlib.suppress(OSError):  # another PocEnv made it meanwhile: keep theirs
@@ -538,6 +566,12 @@ class PocEnv:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _copy_private(source: Path, dest: Path) -> None:
+    """Copy ``source`` to ``dest``, which is the owner's only (0600) from the moment it exists."""
+    with open(source, "rb") as src:
+        write_private(dest, src.read())
 
 
 class _suppress_lookup:

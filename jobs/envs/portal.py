@@ -3,7 +3,9 @@
 ``ProdEnv`` needs the portal's URL, an API token (made on the portal: API tokens) and the
 project's slug, from its arguments, or from ``FEDPORTAL_URL`` / ``FEDPORTAL_TOKEN`` /
 ``FEDPORTAL_PROJECT``, or from a credentials file (JSON with ``portal``, ``token``,
-``project``; default ``~/.fedportal/credentials.json``). It exports the recipe to a bundle,
+``project``; default ``~/.fedportal/credentials.json``). A plain ``http://`` portal on another
+machine is refused (the API token would cross the network in clear text) unless
+``insecure=True`` or ``FEDPORTAL_INSECURE=1``. It exports the recipe to a bundle,
 submits it over the REST API, and (unless ``wait=False``) follows the job until it ends,
 printing progress like SimEnv. The run's models and metrics are fetched from the portal.
 """
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from jobs.recipes import Recipe
 
 DEFAULT_CREDENTIALS = Path("~/.fedportal/credentials.json")
+INSECURE_ENV = "FEDPORTAL_INSECURE"
 _TERMINAL = {
     "completed": RunStatus.COMPLETED,
     "failed": RunStatus.FAILED,
@@ -190,6 +193,7 @@ class ProdEnv:
         wait: bool = True,
         show_progress: bool = True,
         workspace: str | Path | None = None,
+        insecure: bool | None = None,
     ) -> None:
         stored: dict[str, Any] = {}
         path = Path(credentials or DEFAULT_CREDENTIALS).expanduser()
@@ -216,7 +220,14 @@ class ProdEnv:
         self.wait = wait
         self.show_progress = show_progress
         self.workspace = Path(workspace).resolve() if workspace is not None else None
-        self.client = PortalClient(str(self.portal_url), api_token=str(self.token))
+        if insecure is None:
+            insecure = os.environ.get(INSECURE_ENV, "").strip().lower() in ("1", "true", "yes")
+        self.client = PortalClient(
+            str(self.portal_url),
+            api_token=str(self.token),
+            insecure=insecure,
+            insecure_flag=f"insecure=True (or set {INSECURE_ENV}=1)",
+        )
 
     def run(self, recipe: Recipe) -> PortalRun:
         workspace = self.workspace or Path(tempfile.gettempdir()) / "fedportal-runs"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
@@ -12,8 +14,9 @@ from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from client_agent.protocol import MAX_LINES_PER_REPORT, MAX_MESSAGE_BYTES, cut_line
 from jobs import events
-from jobs.exceptions import DecisionNotDelegated, StorageFull, is_storage_full
+from jobs.exceptions import DecisionNotDelegated, SlowDown, StorageFull, is_storage_full
 from jobs.models import (
     JOB_ACTIVE,
     Job,
@@ -40,9 +43,14 @@ log = logging.getLogger(__name__)
 
 
 def job_for_site(*, job_uid: Any, site: Any) -> Job:
-    """The job, if ``site`` takes part in it; otherwise NotFound (existence must not leak)."""
+    """The job, if ``site`` takes part in it; otherwise NotFound (existence must not leak),
+    also for a ``job_uid`` that is no job id at all."""
+    try:
+        uid = uuid.UUID(str(job_uid)) if not isinstance(job_uid, uuid.UUID) else job_uid
+    except ValueError:
+        raise NotFound("no such job for this site") from None
     # At most one row: no ordering (the model's would sort, and this runs on every agent call).
-    job = Job.objects.filter(uid=job_uid, participants__site=site).order_by().first()
+    job = Job.objects.filter(uid=uid, participants__site=site).order_by().first()
     if job is None:
         raise NotFound("no such job for this site")
     return job
@@ -283,22 +291,89 @@ def metrics_record(*, job: Job, site: Any, points: Iterable[Mapping[str, Any]]) 
     return created
 
 
-MAX_LOG_LINES_PER_BATCH = 1000
-
-
-def log_lines_record(*, job: Job, site: Any, lines: Iterable[Mapping[str, Any]]) -> int:
+def log_lines_record(
+    *,
+    job: Job,
+    site: Any,
+    lines: Iterable[Mapping[str, Any]],
+    now: dt.datetime | None = None,
+) -> int:
     """Store lines a site's script printed (or its agent wrote); returns how many were new.
 
-    Each line: ``text`` (str, cut to ``LogLine.MAX_LENGTH`` characters), optional ``stream``
-    (``script`` or ``agent``), ``round`` (int) and ``id`` (the sender's id: a line sent twice is
-    stored once). Lines of a finished job are still taken: a script's last words arrive after
-    its last update.
+    Each line: ``text`` (str, cut to ``LogLine.MAX_LENGTH`` characters with a marker), optional
+    ``stream`` (``script`` or ``agent``), ``round`` (int) and ``id`` (the sender's id: a line
+    sent twice is stored once). At most ``MAX_LINES_PER_REPORT`` lines at a time.
+
+    Bounds, per job and site (``FEDPORTAL_LOG_*`` settings):
+
+    - **quota**: the newest ``MAX_LINES_PER_SITE`` lines and ``MAX_BYTES_PER_SITE`` bytes are
+      kept; older ones are deleted, oldest first (as the agent's outbox drops them), and
+      counted in ``JobSite.log_lines_dropped``, which the API and the job page show.
+    - **rate**: a token bucket of ``BURST_BYTES`` refilled at ``BYTES_PER_SECOND``. A batch
+      that does not fit raises :class:`SlowDown` with the seconds until it would, and nothing
+      is stored; the agent sends it again then. The quota alone bounds storage, but not the
+      work: a site sending 8 MB/s would make the portal insert and delete 8 MB/s for ever.
+    - **time**: lines of a finished job are taken for ``GRACE_SECONDS`` after it ended (a
+      script's last words arrive after its last update), then refused with a Conflict.
+
+    Holds the job-site row's lock (``select_for_update``) while it counts, so a site's reports
+    are stored one at a time and the counters are exact.
     """
+    now = now or timezone.now()
     lines = list(lines)
-    if len(lines) > MAX_LOG_LINES_PER_BATCH:
+    if len(lines) > MAX_LINES_PER_REPORT:
         raise ValidationFailed(
-            f"at most {MAX_LOG_LINES_PER_BATCH} lines at a time, got {len(lines)}", field="lines"
+            f"at most {MAX_LINES_PER_REPORT} lines at a time, got {len(lines)}", field="lines"
         )
+    _check_job_takes_lines(job, now)
+    rows = _log_rows(job, site, lines)
+    with transaction.atomic():
+        link = JobSite.objects.select_for_update().filter(job=job, site=site).first()
+        if link is None:
+            raise NotFound("no such job for this site")
+        fresh = rows
+        ids = [row.client_id for row in rows if row.client_id]
+        if ids:
+            seen = set(
+                LogLine.objects.filter(job=job, site=site, client_id__in=ids).values_list(
+                    "client_id", flat=True
+                )
+            )
+            fresh = [row for row in rows if not row.client_id or row.client_id not in seen]
+        if not fresh:
+            return 0
+        _take_log_allowance(link, sum(row.size for row in fresh), now)
+        fresh, dropped = _newest_within_quota(fresh)
+        LogLine.objects.bulk_create(fresh)
+        link.log_lines += len(fresh)
+        link.log_bytes += sum(row.size for row in fresh)
+        dropped += _drop_oldest_lines(link)
+        link.log_lines_dropped += dropped
+        link.save(
+            update_fields=[
+                "log_lines",
+                "log_bytes",
+                "log_lines_dropped",
+                "log_allowance",
+                "log_allowance_at",
+            ]
+        )
+        events.log_lines(job, site, fresh)
+    return len(fresh)
+
+
+def _check_job_takes_lines(job: Job, now: dt.datetime) -> None:
+    if job.state in JOB_ACTIVE:
+        return
+    grace = settings.FEDPORTAL_LOG_GRACE_SECONDS
+    if job.finished_at is not None and (now - job.finished_at).total_seconds() <= grace:
+        return
+    raise Conflict(
+        f"the job is {job.state}; its output lines are taken until {grace} s after it ended"
+    )
+
+
+def _log_rows(job: Job, site: Any, lines: list[Any]) -> list[LogLine]:
     streams = set(LogLine.Stream.values)
     rows = []
     for index, line in enumerate(lines):
@@ -320,31 +395,80 @@ def log_lines_record(*, job: Job, site: Any, lines: Iterable[Mapping[str, Any]])
             raise ValidationFailed(
                 "id must be a string of at most 64 characters", field=f"{field}.id"
             )
+        # What a database text column holds: no NUL, no lone surrogate (JSON allows both).
+        text = cut_line(text).replace("\x00", "\ufffd")
+        data = text.encode("utf-8", "replace")
         rows.append(
             LogLine(
                 job=job,
                 site=site,
                 round_number=rnd,
                 stream=stream,
-                text=text[: LogLine.MAX_LENGTH],
+                text=data.decode("utf-8"),
+                size=len(data),
                 client_id=client_id,
             )
         )
-    with transaction.atomic():
-        fresh = rows
-        ids = [row.client_id for row in rows if row.client_id]
-        if ids:
-            seen = set(
-                LogLine.objects.filter(job=job, site=site, client_id__in=ids).values_list(
-                    "client_id", flat=True
-                )
-            )
-            fresh = [row for row in rows if not row.client_id or row.client_id not in seen]
-        # ignore_conflicts: a resend racing the first send is still stored once.
-        LogLine.objects.bulk_create(fresh, ignore_conflicts=True)
-        if fresh:
-            events.log_lines(job, site, fresh)
-    return len(fresh)
+    return rows
+
+
+def _take_log_allowance(link: JobSite, cost: int, now: dt.datetime) -> None:
+    """Spend ``cost`` bytes of the job-site's token bucket, or raise SlowDown (locked row)."""
+    rate = settings.FEDPORTAL_LOG_BYTES_PER_SECOND
+    # A bucket smaller than one message could never take a full one.
+    burst = max(settings.FEDPORTAL_LOG_BURST_BYTES, MAX_MESSAGE_BYTES)
+    allowance = float(burst)
+    if link.log_allowance is not None and link.log_allowance_at is not None:
+        elapsed = max(0.0, (now - link.log_allowance_at).total_seconds())
+        allowance = min(allowance, link.log_allowance + rate * elapsed)
+    # A batch larger than the bucket (never one message of an agent) waits for a full one.
+    cost = min(cost, burst)
+    if cost > allowance:
+        wait = (cost - allowance) / rate if rate > 0 else 60.0
+        raise SlowDown(
+            f"this site sends output lines faster than {rate} bytes a second; send these "
+            f"again in {wait:.1f} s",
+            retry_after=wait,
+        )
+    link.log_allowance = allowance - cost
+    link.log_allowance_at = now
+
+
+def _newest_within_quota(rows: list[LogLine]) -> tuple[list[LogLine], int]:
+    """The newest of ``rows`` that the quota could hold on their own, and how many did not fit."""
+    max_lines = settings.FEDPORTAL_LOG_MAX_LINES_PER_SITE
+    max_bytes = settings.FEDPORTAL_LOG_MAX_BYTES_PER_SITE
+    kept, size = 0, 0
+    for row in reversed(rows):
+        if kept + 1 > max_lines or size + row.size > max_bytes:
+            break
+        kept += 1
+        size += row.size
+    return rows[len(rows) - kept :], len(rows) - kept
+
+
+def _drop_oldest_lines(link: JobSite) -> int:
+    """Delete the job-site's oldest lines until its counts are within the quota; how many."""
+    excess_lines = link.log_lines - settings.FEDPORTAL_LOG_MAX_LINES_PER_SITE
+    excess_bytes = link.log_bytes - settings.FEDPORTAL_LOG_MAX_BYTES_PER_SITE
+    if excess_lines <= 0 and excess_bytes <= 0:
+        return 0
+    oldest = (
+        LogLine.objects.filter(job_id=link.job_id, site_id=link.site_id)
+        .order_by("id")
+        .values_list("id", "size")
+    )
+    ids: list[int] = []
+    freed = 0
+    for pk, size in oldest.iterator(chunk_size=1000):
+        if len(ids) >= excess_lines and freed >= excess_bytes:
+            break
+        ids.append(pk)
+        freed += size
+    LogLine.objects.filter(pk__in=ids).delete()
+    link.log_lines -= len(ids)
+    link.log_bytes -= freed
+    return len(ids)
 
 
 def job_abort(*, job: Job, reason: str = "aborted") -> Job:

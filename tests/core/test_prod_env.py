@@ -14,7 +14,7 @@ from jobs.envs.portal import PortalRun
 
 @pytest.fixture(autouse=True)
 def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("FEDPORTAL_URL", "FEDPORTAL_TOKEN", "FEDPORTAL_PROJECT"):
+    for name in ("FEDPORTAL_URL", "FEDPORTAL_TOKEN", "FEDPORTAL_PROJECT", "FEDPORTAL_INSECURE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
@@ -97,3 +97,15 @@ def test_waiting_stops_at_an_error_that_is_not_the_portal_being_away(tmp_path: P
 
     with pytest.raises(PortalError, match="not yours"):
         run.wait(timeout=30)
+
+
+def test_plain_http_to_another_machine_needs_insecure(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="clear text.*insecure=True .or set FEDPORTAL_INSECURE=1"):
+        ProdEnv("http://fl.example.org", token="fpt_x", project="p")
+
+    assert ProdEnv("http://fl.example.org", token="fpt_x", project="p", insecure=True)
+    monkeypatch.setenv("FEDPORTAL_INSECURE", "1")
+    assert ProdEnv("http://fl.example.org", token="fpt_x", project="p").client.insecure
+    assert not ProdEnv(
+        "http://127.0.0.1:8000", token="fpt_x", project="p", insecure=False
+    ).client.insecure

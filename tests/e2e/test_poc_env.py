@@ -5,6 +5,9 @@ one job after another, so the platform starts once."""
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -17,7 +20,7 @@ import torch
 
 from client_agent.portal import PortalClient
 from jobs.envs import PocEnv, ProdEnv, RunStatus, SimEnv
-from jobs.envs.poc import _redis_answers
+from jobs.envs.poc import PROJECT_ROOT, _redis_answers
 from jobs.recipes import FedAvgRecipe
 
 pytestmark = [
@@ -119,6 +122,21 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def test_nothing_in_its_workspace_is_readable_by_others(poc: PocEnv) -> None:
+    # First in the module: the workspace as PocEnv started it, secrets and all.
+    assert (poc.workspace / "credentials.json").exists()
+    assert any((poc.workspace / "logs").iterdir()) and any((poc.workspace / "sites").iterdir())
+    seen = 0
+    for folder, dirs, files in os.walk(poc.workspace):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            assert not mode & 0o077, f"{path} is mode {mode:o}"
+            seen += 1
+    assert not stat.S_IMODE(poc.workspace.stat().st_mode) & 0o077
+    assert seen > 20  # the database, logs, every site's key and certificate, ...
+
+
 def test_the_same_job_gives_the_same_model_in_simenv_and_pocenv(
     poc: PocEnv, app: Path, tmp_path: Path
 ) -> None:
@@ -177,8 +195,96 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
         assert "report" in kinds
 
 
+def test_an_agent_started_with_a_relative_dir_runs_jobs(poc: PocEnv, app: Path) -> None:
+    # What `enrol` prints and the default (./fedportal-site) are relative: the agent's folder
+    # is given relative to its working directory, which is not the script's.
+    poc.kill("agent:site-1")
+    relative = os.path.relpath(poc.site_dir("site-1"), PROJECT_ROOT)
+    assert not os.path.isabs(relative)
+    poc._spawn(
+        "agent:site-1",
+        [sys.executable, "-m", "client_agent", "run", "--dir", relative, "-v"],
+        log_name="agent-site-1",
+    )
+
+    run = recipe(app, rounds=2, name="relative").execute(prod(poc))
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert all("site-1" in r.accepted for r in run.rounds), run.rounds
+
+
 def job_sites(poc: PocEnv, uid: str) -> list[dict[str, Any]]:
     return people(poc).get_all(f"/api/v1/jobs/{uid}/sites/")
+
+
+# Prints 10,000 lines of 500 characters (5 MB: past the portal's burst for a site's output,
+# so the rest comes at the site's rate) and one line of 3 MB, then logs a point and answers.
+FLOOD = textwrap.dedent(
+    """
+    import client_agent.api as flare
+
+    flare.init()
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        for i in range(10_000):
+            print(f"{i:05d} " + "y" * 500)
+        print("x" * 3_000_000)
+        print("after the flood", flush=True)
+        flare.log("loss", 0.5, step=0)
+        flare.send(flare.FLModel(params=model.params, metrics={"accuracy": 0.5},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    """
+)
+
+
+def test_a_flood_of_output_arrives_whole_and_cut_without_the_agent_reconnecting(
+    poc: PocEnv, tmp_path: Path
+) -> None:
+    (tmp_path / "client.py").write_text(FLOOD)
+    agent_log = poc.workspace / "logs" / "agent-site-1.log"
+    connects = wait_for(
+        lambda: agent_log.read_text().count("connected to"), 30, "site-1's agent to connect"
+    )
+    torch.manual_seed(0)
+    job = FedAvgRecipe(
+        name="flood",
+        min_clients=1,
+        num_rounds=1,
+        model=torch.nn.Linear(3, 2),
+        train_script=str(tmp_path / "client.py"),
+    )
+    env = prod(poc, round_timeout=120)
+    env.sites = ["site-1"]
+
+    run = job.execute(env)
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert len(run.metrics.logged("loss")) == 1  # reports after the flood still arrive
+
+    def site1() -> dict[str, Any]:
+        (mine,) = job_sites(poc, run.job_id)
+        return mine
+
+    # The script's 10,002 lines and the agent's own line about starting it.
+    wait_for(lambda: site1()["log_lines"] >= 10_003, 120, "every output line to arrive")
+    assert site1()["log_lines_dropped"] == 0
+    with sqlite3.connect(f"file:{poc.workspace / 'db.sqlite3'}?mode=ro", uri=True) as db:
+        texts = [
+            text
+            for (text,) in db.execute(
+                "SELECT text FROM jobs_logline l JOIN jobs_job j ON l.job_id = j.id "
+                "WHERE j.uid = ? AND stream = 'script' ORDER BY l.id",
+                (run.job_id.replace("-", ""),),
+            )
+        ]
+    assert len(texts) == 10_002
+    assert texts[0] == "00000 " + "y" * 500 and texts[9_999] == "09999 " + "y" * 500
+    assert texts[10_000].startswith("xxx")
+    assert texts[10_000].endswith(" … [line cut: 3000000 bytes in all]")
+    assert texts[10_001] == "after the flood"
+    assert agent_log.read_text().count("connected to") == connects  # one socket all along
 
 
 def test_a_killed_agent_misses_a_round_then_rejoins(poc: PocEnv, app: Path) -> None:

@@ -18,6 +18,7 @@ from jobs.models import Job, JobSite, JobState
 from jobs.services.sites import log_lines_record, metrics_record
 from sites.models import ApiToken, AuditEvent, Certificate, Site, SiteState
 from sites.services import enrolment_token_check
+from tests.archives import lying_crc
 from tests.portal import api_world as sw
 from tests.portal import jobs_api_world as jw
 
@@ -360,6 +361,32 @@ def test_approvals_list_review_files_and_decide(media: Path) -> None:
     assert (
         link.decision == JobSite.Decision.ACCEPTED and link.decided_by == world.users[jw.ORG_ADMIN]
     )
+
+
+@jobs_db
+@pytest.mark.parametrize(
+    ("stored", "shown", "listed"),
+    [(lying_crc(), "util.py", True), (b"not a zip at all", "client.py", False)],
+)
+def test_a_damaged_app_archive_is_reported_on_the_pages_not_a_server_error(
+    media: Path, stored: bytes, shown: str, listed: bool
+) -> None:
+    world = jw.build_world(media, start=False)
+    job = world.job
+    # A stored archive damaged after its check (or from before it): only storage holds it.
+    with open(job.app_archive.path, "wb") as fh:
+        fh.write(stored)
+    org_admin = as_user(world.users[jw.ORG_ADMIN])
+
+    review = org_admin.get(f"/jobs/{job.uid}/sites/site-2/review/", {"file": shown})
+    page = org_admin.get(f"/jobs/{job.uid}/")
+
+    assert review.status_code == 200 and page.status_code == 200
+    assert "The app archive cannot be read" in text(review)
+    assert review.context["shown_text"] is None
+    # The job page lists what the central directory says; only an unlistable archive is an error.
+    assert ("The app archive cannot be read" in text(page)) is not listed
+    assert ("util.py" in text(page)) is listed
 
 
 @jobs_db

@@ -17,6 +17,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from fedportal.celery import app as celery_app
 from jobs.models import Job, JobSite, JobState, ModelVersion
+from tests.archives import lying_crc, lying_small_size, zip_bomb
 from tests.portal.jobs_api_world import (
     ADMIN,
     LEAD,
@@ -231,6 +232,13 @@ BAD_SUBMISSIONS = {
         "app",
         "invalid",
     ),
+    "a zip whose CRC lies": (lambda b: {"app": file("app.zip", lying_crc())}, "app", "invalid"),
+    "a zip whose declared size lies": (
+        lambda b: {"app": file("app.zip", lying_small_size())},
+        "app",
+        "invalid",
+    ),
+    "a zip bomb": (lambda b: {"app": file("app.zip", zip_bomb())}, "app", "invalid"),
     "a zip without the train script": (
         lambda b: {"app": file("app.zip", zip_bytes({"other.py": b"print()"}))},
         "app",
@@ -266,6 +274,19 @@ def test_a_bad_submission_names_the_field_and_stores_nothing(
 
     assert refused.status_code == 400, refused.json()
     assert (refused.json()["field"], refused.json()["code"]) == (field, code), refused.json()
+    assert_nothing_stored()
+
+
+def test_names_that_differ_only_in_case_are_refused_naming_both(
+    world: World, bundle: Bundle
+) -> None:
+    app = zip_bytes({TRAIN_SCRIPT: b"import util", "util.py": b"", "Util.py": b""})
+
+    refused = submit(world, bundle.form(app=file("app.zip", app)))
+
+    assert refused.status_code == 400
+    assert refused.json()["field"] == "app"
+    assert "'util.py' and 'Util.py'" in refused.json()["message"]
     assert_nothing_stored()
 
 
