@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,3 +15,21 @@ def _fresh_throttles() -> Iterator[None]:
 
     cache.clear()
     yield
+
+
+@pytest.fixture
+def eager_celery() -> Iterator[None]:
+    """Celery tasks run inline, in the test's process and transaction: a job moves on as far
+    as it can at once (what a worker would do, step by step)."""
+    from fedportal.celery import app
+
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = False
+
+
+@pytest.fixture
+def media(settings: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """File storage (models, bundles, updates) in the test's own folder."""
+    settings.MEDIA_ROOT = tmp_path / "media"  # type: ignore[attr-defined]
+    return Path(settings.MEDIA_ROOT)  # type: ignore[attr-defined]

@@ -18,7 +18,6 @@ import pytest
 from django.db import connection, connections
 from playwright.sync_api import expect
 
-from fedportal.celery import app as celery_app
 from jobs.models import Job, JobState
 from jobs.services.sites import log_lines_record
 from sites.models import Certificate, Site, SiteState
@@ -28,6 +27,7 @@ from tests.portal import api_world as sw
 from tests.portal import jobs_api_world as jw
 
 pytestmark = [
+    pytest.mark.usefixtures("eager_celery"),
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(),
         reason=f"needs Debian's Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)",
@@ -55,13 +55,6 @@ def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(run).result()
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
 
 
 def test_site_request_approval_and_one_time_token(pages: Pages) -> None:

@@ -17,11 +17,12 @@ from jobs.models import Job, JobState
 from jobs.services.sites import job_abort, log_lines_record, metrics_record, site_job_decide
 from sites.services import certificate_revoke
 from tests.browser.conftest import CHROMIUM, Pages
-from tests.browser.test_dashboard_browser import eager_celery, in_thread  # noqa: F401
+from tests.browser.test_dashboard_browser import in_thread
 from tests.portal import jobs_api_world as jw
 from tests.portal.test_job_rounds import upload
 
 pytestmark = [
+    pytest.mark.usefixtures("eager_celery"),
     pytest.mark.skipif(
         not Path(CHROMIUM).exists(),
         reason=f"needs Debian's Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)",

@@ -13,7 +13,6 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from fedportal.celery import app as celery_app
 from jobs.models import Job, JobSite, JobState
 from jobs.services.sites import log_lines_record, metrics_record
 from sites.models import ApiToken, AuditEvent, Certificate, Site, SiteState
@@ -22,14 +21,7 @@ from tests.archives import lying_crc
 from tests.portal import api_world as sw
 from tests.portal import jobs_api_world as jw
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("eager_celery")]
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from django.test import AsyncClient, Client
 from django.utils import timezone
 
 from dashboard.metrics import MAX_CHART_POINTS, downsample, metric_charts
-from fedportal.celery import app as celery_app
 from jobs.models import Job, MetricPoint
 from jobs.services.sites import job_abort, log_lines_record, metrics_record
 from jobs.services.submission import job_submit
@@ -25,14 +24,7 @@ from sites import services
 from sites.models import Site
 from tests.portal import jobs_api_world as jw
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
 
 @pytest.fixture

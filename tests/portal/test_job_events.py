@@ -13,9 +13,9 @@ from django.db import transaction
 
 from jobs import events
 from jobs.models import Job
-from tests.portal.test_job_rounds import eager_celery, submit, three_sites, upload  # noqa: F401
+from tests.portal.test_job_rounds import submit, three_sites, upload
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
 
 def subscribe(group: str) -> str:

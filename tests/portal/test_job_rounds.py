@@ -16,7 +16,6 @@ from django.utils import timezone
 
 from client_agent.fl_model import FLModel
 from client_agent.wire import load_state_dict, write_model_file
-from fedportal.celery import app as celery_app
 from jobs.bundle import pack_app
 from jobs.models import Job, JobState, MetricPoint, ModelVersion, RoundState, TaskState
 from jobs.recipes import FedAvgRecipe
@@ -26,14 +25,7 @@ from jobs.services.submission import job_submit
 from sites.exceptions import ValidationFailed
 from tests.portal.factories import OrganizationFactory, enrolled_site
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
 
 def make_bundle(tmp_path: Path, *, min_clients: int = 3, num_rounds: int = 2):

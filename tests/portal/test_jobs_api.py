@@ -17,7 +17,6 @@ import torch
 from django.utils import timezone
 
 from client_agent.signing import canonical_string
-from fedportal.celery import app as celery_app
 from jobs.api.authentication import HEADER_CONTENT_SHA256
 from jobs.models import Job, JobSite, JobState, MetricPoint, SiteTask, TaskState
 from jobs.services import rounds
@@ -44,20 +43,10 @@ from tests.portal.jobs_api_world import (
     update_bytes,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
-
-
-@pytest.fixture(autouse=True)
-def media(settings, tmp_path: Path) -> Path:
-    settings.MEDIA_ROOT = tmp_path / "media"
-    return settings.MEDIA_ROOT
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("eager_celery", "media"),
+]
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import torch
 
-from fedportal.celery import app as celery_app
 from jobs.models import JobState
 from tests.portal.jobs_api_world import (
     AGENTS,
@@ -40,19 +39,7 @@ from tests.portal.jobs_api_world import (
     update_bytes,
 )
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
-
-
-@pytest.fixture(autouse=True)
-def media(settings, tmp_path: Path) -> None:
-    settings.MEDIA_ROOT = tmp_path / "media"
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("eager_celery", "media")]
 
 
 def people(ok: int, **others: int) -> dict[str, int]:

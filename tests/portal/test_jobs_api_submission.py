@@ -15,7 +15,6 @@ import pytest
 import torch
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from fedportal.celery import app as celery_app
 from jobs.models import Job, JobSite, JobState, ModelVersion
 from tests.archives import lying_crc, lying_small_size, zip_bomb
 from tests.portal.jobs_api_world import (
@@ -30,20 +29,10 @@ from tests.portal.jobs_api_world import (
     zip_bytes,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
-
-
-@pytest.fixture(autouse=True)
-def media(settings, tmp_path: Path) -> Path:
-    settings.MEDIA_ROOT = tmp_path / "media"
-    return settings.MEDIA_ROOT
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("eager_celery", "media"),
+]
 
 
 @pytest.fixture

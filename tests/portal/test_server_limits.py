@@ -141,16 +141,6 @@ def portal(
         yield running
 
 
-@pytest.fixture
-def eager_celery() -> Iterator[None]:
-    """Round 0 opens as the job is submitted (the world's job must be running)."""
-    from fedportal.celery import app
-
-    app.conf.task_always_eager = True
-    yield
-    app.conf.task_always_eager = False
-
-
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One HTTP response from a raw socket: status, headers (lowercase names), body."""
     data = b""

@@ -34,9 +34,9 @@ from jobs.services import rounds
 from jobs.services.sites import metrics_record, task_for_site, update_upload
 from jobs.workflows.fedavg import FedAvg
 from sites.exceptions import ValidationFailed
-from tests.portal.test_job_rounds import eager_celery, submit, three_sites, upload  # noqa: F401
+from tests.portal.test_job_rounds import submit, three_sites, upload
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
 ONE = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(1)}
 

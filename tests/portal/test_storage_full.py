@@ -17,7 +17,6 @@ import torch
 
 import jobs.services.rounds as rounds_module
 import jobs.services.sites as sites_module
-from fedportal.celery import app as celery_app
 from jobs.exceptions import StorageFull
 from jobs.models import JobState, Round, RoundState, SiteTask, TaskState
 from jobs.services import rounds
@@ -30,20 +29,10 @@ from tests.portal.jobs_api_world import (
     update_bytes,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def eager_celery():
-    celery_app.conf.task_always_eager = True
-    yield
-    celery_app.conf.task_always_eager = False
-
-
-@pytest.fixture(autouse=True)
-def media(settings, tmp_path: Path) -> Path:
-    settings.MEDIA_ROOT = tmp_path / "media"
-    return settings.MEDIA_ROOT
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("eager_celery", "media"),
+]
 
 
 def disk_full(*args: Any, **kwargs: Any) -> Any:
