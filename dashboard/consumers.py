@@ -35,7 +35,6 @@ from django.conf import settings
 from django.contrib import auth
 from django.utils.crypto import constant_time_compare
 
-from client_agent import jsonlimits
 from fedportal import sockets
 from fedportal.events import job_group, project_group, session_group, sites_group, user_group
 from jobs.selectors import jobs_visible_to
@@ -107,7 +106,7 @@ def access_recheck(session_key: str | None, user_id: int, kwargs: dict[str, Any]
     return None
 
 
-class DashboardConsumer(AsyncJsonWebsocketConsumer):
+class DashboardConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
     joined: list[str]
     user_id: int | None = None
     session_key: str | None = None
@@ -115,15 +114,6 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
     closing = False
     checked_at = 0.0
     watch: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def decode_json(cls, text_data: str) -> Any:
-        """The message, or None (answered as not a JSON object) when it is not JSON or is
-        nested too deeply (``client_agent.jsonlimits``)."""
-        try:
-            return jsonlimits.loads(text_data)
-        except ValueError:
-            return None
 
     async def connect(self) -> None:
         self.joined = []

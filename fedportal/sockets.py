@@ -34,9 +34,12 @@ channel layer lives there too, so live updates would not work anyway).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 from django.conf import settings
+
+from client_agent import jsonlimits
 
 log = logging.getLogger(__name__)
 
@@ -115,3 +118,17 @@ async def socket_count(user_id: int) -> int:
     async with _client() as client:
         now = await client.time()
         return int(await client.zcount(_key(user_id), now[0] + now[1] / 1e6, "+inf"))
+
+
+class BoundedJSONMixin:
+    """For a Channels JSON consumer: messages are parsed by ``client_agent.jsonlimits``, so
+    JSON nested deeper than any of ours is refused before Python's parser recurses into it.
+    A message that is not JSON, or is too deep, decodes to None: the consumer answers it as
+    "not a JSON object" instead of failing the connection."""
+
+    @classmethod
+    async def decode_json(cls, text_data: str) -> Any:
+        try:
+            return jsonlimits.loads(text_data)
+        except ValueError:
+            return None

@@ -43,7 +43,6 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import transaction
 
-from client_agent import jsonlimits
 from client_agent.protocol import ERROR_TOO_LARGE, MAX_MESSAGE_BYTES
 from fedportal import sockets
 from fedportal.events import site_group
@@ -118,7 +117,7 @@ class _Unexpected(DomainError):
     status = 400
 
 
-class AgentConsumer(AsyncJsonWebsocketConsumer):
+class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
     identity: SiteIdentity | None = None
     group: str | None = None
     checked_at = 0.0
@@ -157,15 +156,6 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         )
         self.watch = asyncio.create_task(self._watch())
         log.info("agent connected: site=%s version=%s", site.name, version or "?")
-
-    @classmethod
-    async def decode_json(cls, text_data: str) -> Any:
-        """The message, or None (answered as not a JSON object) when it is not JSON or is
-        nested too deeply (``client_agent.jsonlimits``)."""
-        try:
-            return jsonlimits.loads(text_data)
-        except ValueError:
-            return None
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any

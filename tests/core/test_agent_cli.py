@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from client_agent import cli, signing
+from client_agent import cli
 from client_agent.agent import Agent
 from client_agent.portal import InsecurePortal, PortalClient, record_outgoing
-from client_agent.site_dir import SiteDir, SiteIdentity
+from client_agent.site_dir import SiteDir
+from tests.site_folders import enrolled_folder
 
 # Not loopback, yet connecting to it fails at once (the kernel treats it as this host).
 REMOTE_HTTP = "http://0.0.0.0:9"
@@ -26,19 +27,7 @@ def sent() -> list[tuple[str, str, str]]:
 
 
 def enrolled_at(path: Path, portal: str) -> SiteDir:
-    folder = SiteDir(path)
-    identity = SiteIdentity(
-        portal=portal,
-        site="site-1",
-        project="p",
-        project_name="P",
-        organization="O",
-        serial="1",
-        fingerprint="ab" * 32,
-        not_after="2030-01-01T00:00:00Z",
-    )
-    folder.save(identity, key=signing.generate_key(), cert_pem="unused", ca_pem="unused")
-    return folder
+    return enrolled_folder(path, portal)
 
 
 @pytest.mark.parametrize(

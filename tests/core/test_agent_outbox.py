@@ -7,29 +7,11 @@ import asyncio
 from pathlib import Path
 
 from client_agent import agent as agent_module
-from client_agent import signing
 from client_agent.agent import Agent, JobRunner
 from client_agent.portal import PortalError, PortalUnreachable
 from client_agent.protocol import MAX_LINE_BYTES, MAX_LINE_CHARS, MAX_MESSAGE_BYTES, encode
 from client_agent.reports import OutputTail, pack
-from client_agent.site_dir import SiteDir, SiteIdentity
-
-
-def enrolled_folder(path: Path) -> SiteDir:
-    """A site folder as `enrol` leaves it (no portal needed: nothing here is sent)."""
-    folder = SiteDir(path)
-    identity = SiteIdentity(
-        portal="http://127.0.0.1:9",
-        site="site-1",
-        project="p",
-        project_name="P",
-        organization="O",
-        serial="1",
-        fingerprint="ab" * 32,
-        not_after="2030-01-01T00:00:00Z",
-    )
-    folder.save(identity, key=signing.generate_key(), cert_pem="unused", ca_pem="unused")
-    return folder
+from tests.site_folders import enrolled_folder
 
 
 def report(lines: int = 0, points: int = 0) -> dict:

@@ -9,18 +9,10 @@ from pathlib import Path
 import pytest
 
 from client_agent import signing
-from client_agent.site_dir import SiteDir, SiteIdentity
+from client_agent.site_dir import SiteDir
+from tests.site_folders import identity
 
-IDENTITY = SiteIdentity(
-    portal="https://fl.example.org",
-    site="site-1",
-    project="p",
-    project_name="P",
-    organization="O",
-    serial="1",
-    fingerprint="ab" * 32,
-    not_after="2030-01-01T00:00:00Z",
-)
+IDENTITY = identity("https://fl.example.org")
 
 
 def test_a_relative_site_folder_is_made_absolute_once(
