@@ -22,9 +22,10 @@ gets ``FEDPORTAL_MAX_REQUEST_BYTES`` (1 MiB): every JSON and form endpoint fits 
 - ``POST /api/v1/enrol/``, ``/api/v1/enrol/check/``: 64 KiB;
 - anything else: ``FEDPORTAL_MAX_REQUEST_BYTES``.
 
-"Known first" checks only that the credentials are valid (the view still checks the role, and
-records the signature's nonce): it keeps anonymous gigabytes off the disk, it is not the
-permission check.
+"Known first" checks that the credentials are valid (the view still checks the role, and
+records the signature's nonce), and for a site's update that the site has a task in that round
+which can take it: it keeps anonymous gigabytes, and a site's gigabytes that would be refused,
+off the disk; it is not the permission check.
 """
 
 from __future__ import annotations
@@ -90,11 +91,15 @@ def _default_limit() -> int:
     return int(settings.FEDPORTAL_MAX_REQUEST_BYTES)
 
 
+_UPDATE_PATH = re.compile(
+    rf"^/api/v1/agent/jobs/(?P<uid>{_UUID})/rounds/(?P<round>[0-9]{{1,9}})/update/$"
+)
+
 RULES: tuple[BodyRule, ...] = (
     BodyRule(
         "a site's update",
         frozenset({"PUT"}),
-        re.compile(rf"^/api/v1/agent/jobs/{_UUID}/rounds/[0-9]+/update/$"),
+        _UPDATE_PATH,
         lambda: int(settings.FEDPORTAL_MAX_MODEL_BYTES),
         Sender.SITE,
     ),
@@ -205,8 +210,9 @@ class BodyLimitMiddleware:
 
 
 class SenderUnknown(Exception):
-    """An upload's sender could not be told from its headers (HTTP 401), or its address sent
-    too many wrong credentials (429)."""
+    """An upload refused from its headers alone: its sender could not be told (HTTP 401), its
+    address sent too many wrong credentials (429), or a known site sends an update that no task
+    of its can take (404: not its job or round; 409: already sent, or the round is over)."""
 
     def __init__(self, code: str, message: str, status: int = 401) -> None:
         super().__init__(message)
@@ -243,16 +249,31 @@ async def sender_check(
 
 
 def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, str]) -> None:
+    """The signature, and then the task: an enrolled site, too, may fill the disk only with an
+    update the portal will keep (one for an open task of its own), not with gigabytes for a job
+    it is not in, or for a task it has already answered, which the view would refuse after
+    reading them."""
     from jobs.api.authentication import streamed_upload_verify  # noqa: PLC0415
+    from jobs.services.sites import job_for_site, task_for_site, task_takes_update  # noqa: PLC0415
     from sites.authentication import signed_target  # noqa: PLC0415
-    from sites.exceptions import AuthenticationError  # noqa: PLC0415
+    from sites.exceptions import AuthenticationError, DomainError  # noqa: PLC0415
 
     try:
-        streamed_upload_verify(
+        identity = streamed_upload_verify(
             method=method, path=signed_target(path, query), headers=headers, record=False
         )
     except AuthenticationError as exc:
         raise SenderUnknown(exc.code, exc.message) from None
+    match = _UPDATE_PATH.match(path)
+    if match is None:
+        return
+    try:
+        job = job_for_site(job_uid=match["uid"], site=identity.site)
+        task = task_for_site(job=job, site=identity.site, round_number=int(match["round"]))
+    except DomainError as exc:
+        raise SenderUnknown(exc.code, exc.message, status=exc.status) from None
+    if not task_takes_update(task):
+        raise SenderUnknown("conflict", f"this task is already {task.state}", status=409)
 
 
 def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:

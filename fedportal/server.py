@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 LINGER_SECONDS = 5.0
 _REASONS = {
     401: b"Unauthorized",
+    404: b"Not Found",
+    409: b"Conflict",
     429: b"Too Many Requests",
     408: b"Request Timeout",
     413: b"Content Too Large",

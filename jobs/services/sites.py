@@ -146,7 +146,7 @@ def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
 _OPEN_TASK_STATES = (TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING)
 
 
-def _can_upload(task: SiteTask) -> bool:
+def task_takes_update(task: SiteTask) -> bool:
     """One update per task: while it is open, or once, late, after its round closed."""
     return task.state in _OPEN_TASK_STATES or (task.state == TaskState.LATE and not task.update)
 
@@ -169,7 +169,7 @@ def update_upload(
         raise ValidationFailed(
             f"larger than the limit of {limit} bytes", field="body", code="too_large"
         )
-    if not _can_upload(task):
+    if not task_takes_update(task):
         raise Conflict(f"this task is already {task.state}")
     digest = hashlib.sha256()
     size = 0
@@ -199,7 +199,7 @@ def update_upload(
             )
         with transaction.atomic():
             locked = SiteTask.objects.select_for_update().select_related("round").get(pk=task.pk)
-            if not _can_upload(locked):
+            if not task_takes_update(locked):
                 raise Conflict(f"this task is already {locked.state}")
             late = locked.round.state != RoundState.OPEN
             locked.state = TaskState.LATE if late else TaskState.UPLOADED

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,6 +268,44 @@ def test_a_badly_signed_upload_is_refused_before_its_body_is_stored(
         assert portal.files_in_tmpdir() == []
     task = SiteTask.objects.get(round__job=world.job, site=site.site)
     assert task.state != TaskState.UPLOADED
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("target", "status", "code"),
+    [
+        ("a job it is not in", 404, "not_found"),
+        ("a round it has no task in", 404, "not_found"),
+        ("a task it has answered", 409, "conflict"),
+    ],
+)
+def test_a_known_sites_update_no_task_can_take_is_refused_before_its_body_is_read(
+    portal: Portal, tmp_path: Path, eager_celery: None, target: str, status: int, code: str
+) -> None:
+    """The signature is right, but the view would refuse the update after reading it: the
+    server refuses it from its headers instead, so an enrolled site cannot spool gigabytes to
+    the portal's disk for nothing (found by bench/attacks.py)."""
+    world = build_world(tmp_path)
+    assert world.job is not None
+    site = world.agents[SITE_IN]
+    uid, number = world.job.uid, 0
+    if target == "a job it is not in":
+        uid = uuid.uuid4()
+    elif target == "a round it has no task in":
+        number = 7
+    else:
+        SiteTask.objects.filter(round__job=world.job, site=site.site).update(
+            state=TaskState.ACCEPTED
+        )
+    path = f"/api/v1/agent/jobs/{uid}/rounds/{number}/update/"
+    signed = b"an update"
+    headers = site.headers("PUT", path, signed)
+    headers[HEADER_CONTENT_SHA256] = hashlib.sha256(signed).hexdigest()
+    with portal.connect() as sock:
+        sock.sendall(upload_head(path, 300_000_000, headers))  # the headers alone
+        answer, _, body = read_response(sock)
+    assert (answer, json.loads(body)["code"]) == (status, code), body
+    assert portal.files_in_tmpdir() == []
 
 
 @pytest.mark.django_db(transaction=True)
