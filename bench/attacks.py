@@ -43,6 +43,7 @@ import io
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -1149,8 +1150,6 @@ def announced(method: str, path: str, size: int, headers: dict[str, str] | None 
 
 def chunked_flood(port: int, head: bytes, size: int) -> tuple[str, int]:
     """Send a chunked body of ``size`` bytes (no Content-Length) until the server answers."""
-    import select  # noqa: PLC0415
-
     block = b"%x\r\n" % MIB + b"\0" * MIB + b"\r\n"
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
@@ -1215,14 +1214,14 @@ def flood_unsigned_update(world: World) -> Outcome:
     return refused_early(answer, sent, ("401", "403"))
 
 
-@attack(2, "300 MB PUT signed with a key the portal never certified: refused before spooling")
-def flood_unknown_signer(world: World) -> Outcome:
+def signed_update_flood(world: World, key: signing.PrivateKey, fingerprint: str) -> tuple[str, int]:
+    """300 MB of update to a job that does not exist, signed (over a made-up digest) with
+    ``key`` as the certificate ``fingerprint``."""
     path = f"/api/v1/agent/jobs/{uuid.uuid4()}/rounds/0/update/"
-    key = signing.generate_key()
     digest = "0" * 64
     headers = signing.sign_request(
         key=key,
-        cert_pem_or_fingerprint="ab" * 32,
+        cert_pem_or_fingerprint=fingerprint,
         method="PUT",
         path=path,
         body=b"",
@@ -1230,23 +1229,18 @@ def flood_unknown_signer(world: World) -> Outcome:
     )
     headers["X-Content-SHA256"] = digest
     answer, sent, _ = upload_flood.flood(world.port, announced("PUT", path, FLOOD, headers), FLOOD)
+    return answer, sent
+
+
+@attack(2, "300 MB PUT signed with a key the portal never certified: refused before spooling")
+def flood_unknown_signer(world: World) -> Outcome:
+    answer, sent = signed_update_flood(world, signing.generate_key(), "ab" * 32)
     return refused_early(answer, sent, ("401", "403"))
 
 
 @attack(2, "an enrolled site's 300 MB PUT for a job it is not in: refused before reading")
 def flood_site_wrong_job(world: World) -> Outcome:
-    path = f"/api/v1/agent/jobs/{uuid.uuid4()}/rounds/0/update/"
-    digest = "0" * 64
-    headers = signing.sign_request(
-        key=world.evil.key,
-        cert_pem_or_fingerprint=world.evil.identity.fingerprint,
-        method="PUT",
-        path=path,
-        body=b"",
-        body_digest=digest,
-    )
-    headers["X-Content-SHA256"] = digest
-    answer, sent, _ = upload_flood.flood(world.port, announced("PUT", path, FLOOD, headers), FLOOD)
+    answer, sent = signed_update_flood(world, world.evil.key, world.evil.identity.fingerprint)
     return refused_early(answer, sent, ("404", "403"))
 
 
