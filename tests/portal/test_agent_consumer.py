@@ -5,7 +5,6 @@ signed handshake: every message gets an answer, and nothing an agent sends close
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +13,6 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from client_agent.protocol import MAX_MESSAGE_BYTES
-from fedportal.celery import app as celery_app
 from fedportal.routing import websocket_urlpatterns
 from jobs.models import LogLine, MetricPoint
 from jobs.services import sites as site_services
@@ -24,16 +22,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 APP = URLRouter(websocket_urlpatterns)
 PATH = "/ws/agent/"
-
-
-@pytest.fixture
-def world(tmp_path: Path, settings) -> Any:
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    celery_app.conf.task_always_eager = True
-    try:
-        yield jw.build_world(tmp_path)
-    finally:
-        celery_app.conf.task_always_eager = False
 
 
 def talk(world: jw.World, frames: list[Any]) -> tuple[list[dict[str, Any]], bool]:

@@ -14,7 +14,6 @@ from client_agent import agent as agent_module
 from client_agent.agent import Agent
 from client_agent.portal import record_outgoing
 from client_agent.protocol import MAX_MESSAGE_BYTES, encode
-from fedportal.celery import app as celery_app
 from jobs.envs.poc import _redis_answers
 from jobs.models import LogLine
 from tests.browser import conftest as browser
@@ -30,16 +29,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(not _redis_answers(REDIS_URL), reason=f"needs Redis at {REDIS_URL}"),
 ]
-
-
-@pytest.fixture
-def world(tmp_path: Path, settings) -> Any:
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    celery_app.conf.task_always_eager = True
-    try:
-        yield jw.build_world(tmp_path)
-    finally:
-        celery_app.conf.task_always_eager = False
 
 
 @pytest.fixture

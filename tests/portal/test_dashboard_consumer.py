@@ -14,7 +14,6 @@ from django.conf import settings
 from django.test import Client
 
 from dashboard.consumers import CLOSE_NOT_FOUND
-from fedportal.celery import app as celery_app
 from fedportal.routing import websocket_urlpatterns
 from jobs.services.sites import metrics_record, site_job_decide
 from tests.portal import jobs_api_world as jw
@@ -22,16 +21,6 @@ from tests.portal import jobs_api_world as jw
 pytestmark = pytest.mark.django_db(transaction=True)
 
 APP = URLRouter(websocket_urlpatterns)
-
-
-@pytest.fixture
-def world(tmp_path: Path, settings) -> jw.World:
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    celery_app.conf.task_always_eager = True
-    try:
-        yield jw.build_world(tmp_path)
-    finally:
-        celery_app.conf.task_always_eager = False
 
 
 # The Origin validator reads ALLOWED_HOSTS when the routes are built, before the test setup adds

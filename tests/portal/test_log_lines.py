@@ -5,13 +5,11 @@ at a bounded rate, and not at all once a finished job's grace period is over."""
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
 from django.test import Client
 from django.utils import timezone
 
-from fedportal.celery import app as celery_app
 from jobs.exceptions import SlowDown
 from jobs.models import JobSite, JobState, LogLine
 from jobs.services import sites as site_services
@@ -20,16 +18,6 @@ from sites.exceptions import Conflict
 from tests.portal import jobs_api_world as jw
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def world(tmp_path: Path, settings) -> jw.World:
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    celery_app.conf.task_always_eager = True
-    try:
-        yield jw.build_world(tmp_path)
-    finally:
-        celery_app.conf.task_always_eager = False
 
 
 def lines(*texts: str) -> list[dict]:

@@ -7,8 +7,6 @@ the older one; and a person holds at most FEDPORTAL_MAX_SOCKETS_PER_USER dashboa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +21,6 @@ from django.utils import timezone
 from client_agent import signing
 from dashboard.consumers import CLOSE_NOT_FOUND, CLOSE_SIGNED_OUT, CLOSE_TOO_MANY
 from fedportal import sockets
-from fedportal.celery import app as celery_app
 from fedportal.routing import websocket_urlpatterns
 from jobs import consumers as agent_consumers
 from jobs.consumers import CLOSE_REPLACED, CLOSE_REVOKED
@@ -38,16 +35,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 APP = URLRouter(websocket_urlpatterns)
 AGENT_PATH = "/ws/agent/"
-
-
-@pytest.fixture
-def world(tmp_path: Path, settings: Any) -> Iterator[jw.World]:
-    settings.MEDIA_ROOT = str(tmp_path / "media")
-    celery_app.conf.task_always_eager = True
-    try:
-        yield jw.build_world(tmp_path)
-    finally:
-        celery_app.conf.task_always_eager = False
 
 
 def signed_in(user: Any) -> tuple[Client, list[tuple[bytes, bytes]]]:
@@ -66,6 +53,13 @@ async def open_socket(path: str, headers: list[tuple[bytes, bytes]]) -> Websocke
     socket = WebsocketCommunicator(APP, path, headers=headers)
     connected, code = await socket.connect()
     assert connected, code
+    return socket
+
+
+async def greeted(path: str, headers: list[tuple[bytes, bytes]]) -> WebsocketCommunicator:
+    """A dashboard socket, open, past its ``hello``."""
+    socket = await open_socket(path, headers)
+    assert (await socket.receive_json_from())["kind"] == "hello"
     return socket
 
 
@@ -98,10 +92,8 @@ def test_signing_out_closes_the_sockets_of_that_session_only(world: jw.World) ->
     _, other_headers = signed_in(lead)  # the same person signed in on another machine
 
     async def run() -> None:
-        socket = await open_socket(job_path(world), headers)
-        other = await open_socket(job_path(world), other_headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
-        assert (await other.receive_json_from())["kind"] == "hello"
+        socket = await greeted(job_path(world), headers)
+        other = await greeted(job_path(world), other_headers)
 
         response = await sync_to_async(browser.post)("/logout/")
         assert response.status_code == 302
@@ -123,8 +115,7 @@ def test_removed_from_the_project_the_socket_closes_and_hears_nothing_more(
     membership = Membership.objects.get(user=member)
 
     async def run() -> None:
-        socket = await open_socket(job_path(world), headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
+        socket = await greeted(job_path(world), headers)
         await database_sync_to_async(services.membership_remove)(
             membership=membership, removed_by=world.users[jw.ADMIN]
         )
@@ -142,8 +133,7 @@ def test_a_role_change_that_keeps_the_project_visible_keeps_the_socket(world: jw
     membership = Membership.objects.get(user=member)
 
     async def run() -> None:
-        socket = await open_socket(job_path(world), headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
+        socket = await greeted(job_path(world), headers)
         await database_sync_to_async(services.membership_update_role)(
             membership=membership, role="lead", updated_by=world.users[jw.ADMIN]
         )
@@ -161,8 +151,7 @@ def test_a_superuser_who_loses_the_status_that_let_them_see_the_job_is_closed(
     _, headers = signed_in(root)
 
     async def run() -> None:
-        socket = await open_socket(job_path(world), headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
+        socket = await greeted(job_path(world), headers)
 
         def demote() -> None:  # as the admin's user form saves it
             root.is_superuser = False
@@ -180,8 +169,7 @@ def test_a_deactivated_account_is_signed_out_of_its_sockets(world: jw.World) -> 
     _, headers = signed_in(lead)
 
     async def run() -> None:
-        socket = await open_socket(f"/ws/dashboard/projects/{world.project.slug}/", headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
+        socket = await greeted(f"/ws/dashboard/projects/{world.project.slug}/", headers)
 
         def deactivate() -> None:
             lead.is_active = False
@@ -204,8 +192,7 @@ def test_access_lost_without_an_event_stops_the_stream_at_the_next_check(
     _, headers = signed_in(member)
 
     async def run() -> None:
-        socket = await open_socket(job_path(world), headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
+        socket = await greeted(job_path(world), headers)
         await database_sync_to_async(Membership.objects.filter(user=member).delete)()
         await post_metric(world, 0.5)
         said, code = await closed_with(socket)
@@ -220,8 +207,7 @@ def test_an_idle_socket_checks_again_on_its_own(world: jw.World, settings: Any) 
     _, headers = signed_in(member)
 
     async def run() -> None:
-        socket = await open_socket(job_path(world), headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
+        socket = await greeted(job_path(world), headers)
         await database_sync_to_async(Membership.objects.filter(user=member).delete)()
         said, code = await closed_with(socket)
         assert code == CLOSE_NOT_FOUND
@@ -238,21 +224,17 @@ def test_a_person_holds_at_most_the_configured_number_of_sockets(
     _, admin_headers = signed_in(world.users[jw.ADMIN])
 
     async def run() -> None:
-        first = await open_socket(job_path(world), headers)
-        second = await open_socket(f"/ws/dashboard/projects/{world.project.slug}/", headers)
-        for socket in (first, second):
-            assert (await socket.receive_json_from())["kind"] == "hello"
+        first = await greeted(job_path(world), headers)
+        second = await greeted(f"/ws/dashboard/projects/{world.project.slug}/", headers)
 
         third = await open_socket(job_path(world), headers)
         said, code = await closed_with(third)
         assert code == CLOSE_TOO_MANY and said["code"] == "too_many_sockets"
         # Someone else is not counted against the lead.
-        admins = await open_socket(job_path(world), admin_headers)
-        assert (await admins.receive_json_from())["kind"] == "hello"
+        admins = await greeted(job_path(world), admin_headers)
 
         await first.disconnect()
-        again = await open_socket(job_path(world), headers)
-        assert (await again.receive_json_from())["kind"] == "hello"
+        again = await greeted(job_path(world), headers)
         for socket in (second, admins, again):
             await socket.disconnect()
         assert await sockets.socket_count(lead.pk) == 0
@@ -273,8 +255,7 @@ def test_claims_of_a_portal_process_that_died_lapse(world: jw.World, settings: A
         refused = await open_socket(job_path(world), headers)
         assert (await closed_with(refused))[1] == CLOSE_TOO_MANY
         await asyncio.sleep(0.4)
-        socket = await open_socket(job_path(world), headers)
-        assert (await socket.receive_json_from())["kind"] == "hello"
+        socket = await greeted(job_path(world), headers)
         await socket.disconnect()
 
     async_to_sync(run)()
@@ -345,8 +326,7 @@ def test_a_revoked_certificate_closes_the_socket_and_the_site_is_offline_at_once
     _, headers = signed_in(world.users[jw.MEMBER])
 
     async def run() -> None:
-        page = await open_socket(job_path(world), headers)
-        assert (await page.receive_json_from())["kind"] == "hello"
+        page = await greeted(job_path(world), headers)
         socket = await open_agent(agent)
         online = await page.receive_json_from(timeout=3)
         assert (online["kind"], online["site"], online["online"]) == ("site.status", "site-1", True)
@@ -375,8 +355,7 @@ def test_an_agent_that_disconnects_is_offline_at_once_and_its_job_page_is_told(
     _, headers = signed_in(world.users[jw.LEAD])
 
     async def run() -> None:
-        page = await open_socket(job_path(world), headers)
-        assert (await page.receive_json_from())["kind"] == "hello"
+        page = await greeted(job_path(world), headers)
         socket = await open_agent(agent)
         assert (await page.receive_json_from(timeout=3))["online"] is True
         await socket.disconnect()
