@@ -43,7 +43,6 @@ import io
 import json
 import os
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -1148,28 +1147,6 @@ def announced(method: str, path: str, size: int, headers: dict[str, str] | None 
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def chunked_flood(port: int, head: bytes, size: int) -> tuple[str, int]:
-    """Send a chunked body of ``size`` bytes (no Content-Length) until the server answers."""
-    block = b"%x\r\n" % MIB + b"\0" * MIB + b"\r\n"
-    sent = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(head)
-        try:
-            while sent < size:
-                readable, writable, _ = select.select([sock], [sock], [], 60)
-                if readable:
-                    break
-                if writable:
-                    sock.sendall(block)
-                    sent += MIB
-            if sent >= size:
-                sock.sendall(b"0\r\n\r\n")
-            answer = sock.recv(65536)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            return f"connection closed ({type(exc).__name__})", sent
-    return answer.split(b"\r\n", 1)[0].decode("latin-1") or "closed without an answer", sent
-
-
 def refused_early(answer: str, sent: int, statuses: tuple[str, ...]) -> Outcome:
     """Answered before the body was sent. ``sent`` counts what the client handed to its socket:
     the loopback's socket buffers take a few MiB before the server reads any of it, so "early"
@@ -1203,7 +1180,8 @@ def flood_chunked(world: World) -> Outcome:
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     return refused_early(
-        *chunked_flood(world.port, head, FLOOD), ("413", "401", "403", "400", "411")
+        *upload_flood.flood(world.port, head, FLOOD, chunked=True)[:2],
+        ("413", "401", "403", "400", "411"),
     )
 
 

@@ -117,9 +117,12 @@ class Outcome:
     tmp_after: float
 
 
-def flood(port: int, head: bytes, size: int, tail: bytes = b"") -> tuple[str, int, float]:
+def flood(
+    port: int, head: bytes, size: int, tail: bytes = b"", *, chunked: bool = False
+) -> tuple[str, int, float]:
     """Send ``head``, ``size`` zero bytes and ``tail``, stopping at the first answer or close;
-    returns the status line (or what ended it), the bytes sent and the seconds taken."""
+    returns the status line (or what ended it), the bytes sent and the seconds taken.
+    ``chunked``: the body in chunked transfer coding, 1 MiB a chunk, then the last chunk."""
     started = time.monotonic()
     sent = 0
     block = b"\0" * CHUNK
@@ -131,10 +134,16 @@ def flood(port: int, head: bytes, size: int, tail: bytes = b"") -> tuple[str, in
                 readable, writable, _ = select.select([sock], [sock], [], 60)
                 if readable:
                     break
-                if writable:
-                    sent += sock.send(block[: min(CHUNK, size - sent)])
+                if not writable:
+                    continue
+                length = min(CHUNK, size - sent)
+                if chunked:
+                    sock.sendall(b"%x\r\n" % length + block[:length] + b"\r\n")
+                    sent += length
+                else:
+                    sent += sock.send(block[:length])
             if sent == size:
-                sock.sendall(tail)
+                sock.sendall(b"0\r\n\r\n" + tail if chunked else tail)
             sock.settimeout(600)  # everything sent (or answered): wait for the answer
             answer = sock.recv(65536)
         except (BrokenPipeError, ConnectionResetError) as exc:

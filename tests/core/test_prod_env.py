@@ -69,17 +69,22 @@ class FlakyPortal:
         return []
 
 
-def test_waiting_rides_out_a_portal_that_is_restarted(tmp_path: Path) -> None:
-    portal = FlakyPortal(
-        [PortalUnreachable("connection refused"), PortalError(503, "unavailable", "restarting")]
-    )
-    run = PortalRun(
+def running_job_on(portal: FlakyPortal, tmp_path: Path) -> PortalRun:
+    """A one-round job's run, followed through ``portal``, polling every 10 ms."""
+    return PortalRun(
         client=portal,  # type: ignore[arg-type]
         job={"uid": "u-1", "name": "job", "num_rounds": 1, "state": "running"},
         workspace=tmp_path,
         show_progress=False,
         poll_seconds=0.01,
     )
+
+
+def test_waiting_rides_out_a_portal_that_is_restarted(tmp_path: Path) -> None:
+    portal = FlakyPortal(
+        [PortalUnreachable("connection refused"), PortalError(503, "unavailable", "restarting")]
+    )
+    run = running_job_on(portal, tmp_path)
 
     assert run.wait(timeout=30).status == RunStatus.COMPLETED
     assert portal.outages == []
@@ -87,13 +92,7 @@ def test_waiting_rides_out_a_portal_that_is_restarted(tmp_path: Path) -> None:
 
 def test_waiting_stops_at_an_error_that_is_not_the_portal_being_away(tmp_path: Path) -> None:
     portal = FlakyPortal([PortalError(403, "permission_denied", "not yours")])
-    run = PortalRun(
-        client=portal,  # type: ignore[arg-type]
-        job={"uid": "u-1", "name": "job", "num_rounds": 1, "state": "running"},
-        workspace=tmp_path,
-        show_progress=False,
-        poll_seconds=0.01,
-    )
+    run = running_job_on(portal, tmp_path)
 
     with pytest.raises(PortalError, match="not yours"):
         run.wait(timeout=30)
