@@ -438,7 +438,7 @@ SETUP = textwrap.dedent(
     project = Project.objects.get(slug="poc")
     poc = Organization.objects.get(project=project, name="PoC sites")
     other = services.organization_create(project=project, name="Org B", created_by=admin)
-    out = {"users": {}, "tokens": {}, "org_b": other.pk, "poc_org": poc.pk}
+    out = {"users": {}, "tokens": {}, "org_b": other.pk}
     def person(name, org, role):
         password = secrets.token_urlsafe(12)
         user = User.objects.create_user(username=name, password=password)
@@ -477,7 +477,6 @@ class World:
     admin_password: str
     people: dict[str, dict[str, str]]
     org_b: int
-    poc_org: int
     evil: HostileSite
     started: list[subprocess.Popen[bytes]]
     rel_agent: subprocess.Popen[bytes] | None = None
@@ -599,7 +598,6 @@ def deployment(database_url: str) -> Iterator[World]:
             admin_password=env.credentials["password"],
             people=data["users"],
             org_b=data["org_b"],
-            poc_org=data["poc_org"],
             evil=HostileSite(env.url, work / "evil"),
             started=started,
         )
