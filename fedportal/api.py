@@ -1,7 +1,7 @@
 """What every API view shares: the one place domain errors and DRF errors become JSON.
 
 Every error body is ``{"code": "...", "message": "...", "field": "..."}`` (``field`` when one
-input is at fault). Views raise ``sites.exceptions.DomainError`` subclasses (through the
+input is at fault). Views raise ``common.exceptions.DomainError`` subclasses (through the
 services) or DRF's own exceptions; neither builds an error response itself.
 """
 
@@ -18,7 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from client_agent import jsonlimits
-from sites.exceptions import DomainError, ValidationFailed
+from common.exceptions import DomainError, ValidationFailed
 
 # Positions in a list the API pages through: a page starts at most here (the database's
 # integer range), and holds at most MAX_PAGE_SIZE items.

@@ -253,10 +253,10 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
     update the portal will keep (one for an open task of its own), not with gigabytes for a job
     it is not in, or for a task it has already answered, which the view would refuse after
     reading them."""
+    from common.exceptions import AuthenticationError, DomainError  # noqa: PLC0415
     from jobs.api.authentication import streamed_upload_verify  # noqa: PLC0415
     from jobs.services.sites import job_for_site, task_for_site, task_takes_update  # noqa: PLC0415
     from sites.authentication import signed_target  # noqa: PLC0415
-    from sites.exceptions import AuthenticationError, DomainError  # noqa: PLC0415
 
     try:
         identity = streamed_upload_verify(
@@ -284,9 +284,9 @@ def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:
     from django.http.cookie import parse_cookie  # noqa: PLC0415
     from rest_framework.exceptions import Throttled  # noqa: PLC0415
 
+    from common.exceptions import AuthenticationError  # noqa: PLC0415
     from fedportal.throttling import CredentialFailures  # noqa: PLC0415
     from sites.authentication import api_token_authenticate  # noqa: PLC0415
-    from sites.exceptions import AuthenticationError  # noqa: PLC0415
     from sites.secret_tokens import API_TOKEN_PREFIX  # noqa: PLC0415
 
     lowered = {name.lower(): value for name, value in headers.items()}

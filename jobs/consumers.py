@@ -44,6 +44,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import transaction
 
 from client_agent.protocol import ERROR_TOO_LARGE, MAX_MESSAGE_BYTES
+from common.exceptions import AuthenticationError, DomainError, ValidationFailed
 from fedportal import sockets
 from fedportal.events import site_group
 from jobs.exceptions import SlowDown
@@ -56,7 +57,6 @@ from jobs.services.sites import (
 )
 from sites import services as site_services
 from sites.authentication import SiteIdentity, identity_recheck, verify_signed_handshake
-from sites.exceptions import AuthenticationError, DomainError, ValidationFailed
 
 log = logging.getLogger(__name__)
 

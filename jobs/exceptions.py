@@ -1,6 +1,6 @@
-"""Domain exceptions of the jobs app that ``sites.exceptions`` has no class for.
+"""The jobs app's own domain errors.
 
-They subclass :class:`sites.exceptions.DomainError`, so ``fedportal.api.exception_handler``
+They subclass :class:`common.exceptions.DomainError`, so ``fedportal.api.exception_handler``
 maps them to HTTP like every other domain failure. A job's invalid state change is
 ``jobs.models.InvalidJobTransition`` (409).
 """
@@ -11,7 +11,7 @@ import errno
 from typing import Any
 
 from client_agent.protocol import ERROR_SLOW_DOWN
-from sites.exceptions import DomainError
+from common.exceptions import DomainError
 
 
 class DecisionNotDelegated(DomainError):

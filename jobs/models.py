@@ -17,7 +17,7 @@ from django.db import models
 from django.utils import timezone
 
 from client_agent.protocol import MAX_LINE_CHARS
-from sites.exceptions import InvalidTransition
+from common.exceptions import InvalidTransition
 
 
 class InvalidJobTransition(InvalidTransition):

@@ -18,6 +18,7 @@ from typing import Any
 
 from django.db.models import Prefetch, QuerySet
 
+from common.exceptions import NotFound
 from jobs.models import (
     JOB_ACTIVE,
     Job,
@@ -30,7 +31,6 @@ from jobs.models import (
     SiteTask,
 )
 from sites import selectors as site_selectors
-from sites.exceptions import NotFound
 from sites.models import Project, Role, Site
 
 SUBMITTER_ROLES = frozenset({Role.PROJECT_ADMIN, Role.LEAD})

@@ -16,8 +16,8 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
+from common.exceptions import DomainError
 from sites import services
-from sites.exceptions import DomainError
 from sites.models import (
     ApiToken,
     AuditEvent,

@@ -3,7 +3,7 @@
 **Site agents.** Every agent request carries the ``X-FedPortal-*`` headers made by
 ``client_agent.signing.sign_request`` (see that module for the exact canonical string).
 :func:`verify_signed_request` checks, in this order, and refuses with a specific
-:class:`~sites.exceptions.AuthenticationError` (HTTP 401) whose message names the cause:
+:class:`~common.exceptions.AuthenticationError` (HTTP 401) whose message names the cause:
 
 1. all four headers present and well-formed (``SignatureMissing``, ``SignatureMalformed``);
 2. the timestamp within ± ``FEDPORTAL_SIGNATURE_WINDOW_SECONDS`` (``SignatureExpired``);
@@ -78,11 +78,11 @@ from client_agent.signing import (
     canonical_string,
     verify_signature,
 )
+from common.exceptions import AuthenticationError
 from fedportal.throttling import CredentialFailures
 from sites import ca, conf, events
 from sites.exceptions import (
     ApiTokenInvalid,
-    AuthenticationError,
     CertificateExpired,
     CertificateRevoked,
     CertificateUntrusted,

@@ -43,7 +43,7 @@ from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 
-from sites.exceptions import InvalidTransition
+from common.exceptions import InvalidTransition
 
 SITE_NAME_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 SITE_NAME_HELP = (

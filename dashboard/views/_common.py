@@ -13,10 +13,10 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from common.exceptions import DomainError, NotFound
 from jobs import selectors as job_selectors
 from jobs.models import Job
 from sites import selectors
-from sites.exceptions import DomainError, NotFound
 from sites.models import Project
 
 _SLUG = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")

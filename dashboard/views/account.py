@@ -13,10 +13,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
+from common.exceptions import DomainError
 from dashboard.forms import ApiTokenForm, AuditFilterForm
 from dashboard.views._common import form_error, render_once, source_address
 from sites import selectors, services
-from sites.exceptions import DomainError
 
 AUDIT_PAGE = 50
 

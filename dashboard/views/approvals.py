@@ -11,13 +11,13 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST, require_safe
 
+from common.exceptions import DomainError, NotFound
 from dashboard.appfiles import AppArchiveUnreadable, app_file_text, app_files
 from dashboard.views._common import job_for, project_for, require
 from dashboard.views.projects import pending_decisions, project_context
 from jobs import selectors
 from jobs.models import JobSite
 from jobs.services.sites import site_job_decide
-from sites.exceptions import DomainError, NotFound
 
 ONLY_SITE_ADMINS = "Only the site's org admins (or a project admin) decide which jobs it runs."
 

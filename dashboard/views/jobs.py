@@ -13,6 +13,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
+from common.exceptions import DomainError
 from dashboard.appfiles import app_listing
 from dashboard.forms import AbortForm
 from dashboard.metrics import (
@@ -29,7 +30,6 @@ from jobs import selectors
 from jobs.models import Job
 from jobs.services.sites import job_abort
 from jobs.services.submission import job_submit
-from sites.exceptions import DomainError
 from sites.models import Site, SiteState
 from sites.selectors import site_is_online
 

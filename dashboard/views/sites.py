@@ -13,11 +13,11 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
+from common.exceptions import DomainError
 from dashboard.forms import ReasonForm, SiteRequestForm
 from dashboard.views._common import form_error, project_for, render_once, require, source_address
 from dashboard.views.projects import project_context, with_status
 from sites import conf, selectors, services
-from sites.exceptions import DomainError
 from sites.models import Certificate, Project, Site, SiteState
 
 ONLY_PROJECT_ADMIN = "Only a project admin of this project may do this."

@@ -29,8 +29,9 @@ from rest_framework import exceptions
 from rest_framework.request import Request
 
 from client_agent.signing import HEADER_FINGERPRINT, HEADER_SIGNATURE, SIGNATURE_HEADERS
+from common.exceptions import AuthenticationError
 from sites.authentication import SiteIdentity, SiteSignatureAuthentication, verify_signed_request
-from sites.exceptions import AuthenticationError, SignatureMalformed, SignatureMissing
+from sites.exceptions import SignatureMalformed, SignatureMissing
 
 logger = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
+from common.exceptions import NotFound, ValidationFailed
 from fedportal import bodylimits
 from fedportal.api import JSONParser
 from jobs import selectors
@@ -72,7 +73,6 @@ from sites import selectors as site_selectors
 from sites.api.permissions import IsPerson, IsSiteAgent, require
 from sites.api.serializers import ErrorSerializer  # the one error body (fedportal.api)
 from sites.authentication import SiteIdentity, SiteSignatureAuthentication
-from sites.exceptions import NotFound, ValidationFailed
 from sites.models import Project, Site
 
 PROJECT = OpenApiParameter(

@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from client_agent.protocol import MAX_LINES_PER_REPORT, MAX_MESSAGE_BYTES, cut_line
+from common.exceptions import Conflict, NotFound, ValidationFailed
 from jobs import events
 from jobs.exceptions import DecisionNotDelegated, SlowDown, StorageFull, is_storage_full
 from jobs.models import (
@@ -37,7 +38,6 @@ from jobs.numbers import (
     check_optional_step,
 )
 from jobs.services.rounds import job_kick_after_commit
-from sites.exceptions import Conflict, NotFound, ValidationFailed
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from django.core.files import File
 from django.db import transaction
 
 from client_agent.wire import WireFormatError, first_nonfinite_tensor, read_header
+from common.exceptions import ValidationFailed
 from jobs.bundle import BundleError, check_app_archive, check_spec
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Job, JobSite, ModelVersion
-from sites.exceptions import ValidationFailed
 
 # A round may wait for its sites at most 30 days (and the database column holds no more than
 # 2**31 - 1 seconds anyway).

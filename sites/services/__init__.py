@@ -6,8 +6,8 @@ Conventions every function follows, so that the API layer can be thin:
 - The acting person is passed in (``created_by``, ``approved_by``…), or the acting site for
   agent calls, together with ``source_address`` (the client IP, or None); each state change
   appends an :class:`~sites.models.AuditEvent` in the same transaction.
-- Input is checked first; a bad value raises :class:`~sites.exceptions.ValidationFailed` with
-  ``field`` set. Every failure is a :class:`~sites.exceptions.DomainError` raised inside the
+- Input is checked first; a bad value raises :class:`~common.exceptions.ValidationFailed` with
+  ``field`` set. Every failure is a :class:`~common.exceptions.DomainError` raised inside the
   transaction, so after one *nothing* was written.
 - **No permission checks here.** Who may call what is the API layer's decision, made with the
   helpers in :mod:`sites.selectors` (``is_project_admin``, ``is_org_admin``,

@@ -10,7 +10,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
-from sites.exceptions import ValidationFailed
+from common.exceptions import ValidationFailed
 from sites.models import SITE_NAME_HELP, SITE_NAME_PATTERN, Role
 
 MAX_REASON_LENGTH = 2000

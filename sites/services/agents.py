@@ -16,9 +16,9 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
+from common.exceptions import ValidationFailed
 from sites import events
 from sites.authentication import site_heartbeat_record
-from sites.exceptions import ValidationFailed
 from sites.models import Site
 from sites.selectors import site_is_online
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from django.db import transaction
 from django.utils import timezone
 
-from sites.exceptions import InvalidTransition, ValidationFailed
+from common.exceptions import InvalidTransition, ValidationFailed
 from sites.models import ApiToken, AuditAction
 from sites.secret_tokens import API_TOKEN_PREFIX, new_secret
 from sites.services._validation import clean_name

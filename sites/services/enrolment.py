@@ -22,15 +22,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from common.exceptions import AlreadyExists, InvalidTransition, ValidationFailed
 from sites import ca, conf, events
 from sites.exceptions import (
-    AlreadyExists,
-    InvalidTransition,
     SiteNotApproved,
     TokenAlreadyUsed,
     TokenExpired,
     TokenInvalid,
-    ValidationFailed,
     WrongProject,
 )
 from sites.models import (

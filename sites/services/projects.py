@@ -9,16 +9,14 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
+from common.exceptions import AlreadyExists, InvalidTransition, ValidationFailed
 from sites import ca, conf, events
 from sites.exceptions import (
-    AlreadyExists,
-    InvalidTransition,
     InvitationNotForYou,
     LastProjectAdmin,
     TokenAlreadyUsed,
     TokenExpired,
     TokenInvalid,
-    ValidationFailed,
 )
 from sites.models import AuditAction, Invitation, Membership, Organization, Project, Role
 from sites.secret_tokens import INVITATION_TOKEN_PREFIX, hash_secret, new_secret

@@ -13,10 +13,10 @@ from django.utils import timezone
 from pytest_django.fixtures import Settings
 
 from client_agent import signing
+from common.exceptions import DomainError
 from sites import ca, selectors, services
 from sites.exceptions import (
     CAKeyUnavailable,
-    DomainError,
     InvalidCSR,
     SiteNotApproved,
     SubjectMismatch,
@@ -259,7 +259,7 @@ def test_unusable_ca_key_changes_nothing(settings: Settings) -> None:
 
 def test_site_names_must_be_dns_labels_and_unique_in_the_project() -> None:
     site = SiteFactory(name="hospital-a")
-    from sites.exceptions import AlreadyExists, ValidationFailed
+    from common.exceptions import AlreadyExists, ValidationFailed
 
     for bad in ["Hospital-A", "-a", "a-", "a_b", "", "x" * 64]:
         with pytest.raises(ValidationFailed) as caught:

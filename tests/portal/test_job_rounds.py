@@ -16,13 +16,13 @@ from django.utils import timezone
 
 from client_agent.fl_model import FLModel
 from client_agent.wire import load_state_dict, write_model_file
+from common.exceptions import ValidationFailed
 from jobs.bundle import pack_app
 from jobs.models import Job, JobState, MetricPoint, ModelVersion, RoundState, TaskState
 from jobs.recipes import FedAvgRecipe
 from jobs.services import rounds
 from jobs.services.sites import job_abort, task_for_site, update_upload
 from jobs.services.submission import job_submit
-from sites.exceptions import ValidationFailed
 from tests.portal.factories import OrganizationFactory, enrolled_site
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]

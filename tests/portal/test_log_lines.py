@@ -10,11 +10,11 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
+from common.exceptions import Conflict
 from jobs.exceptions import SlowDown
 from jobs.models import JobSite, JobState, LogLine
 from jobs.services import sites as site_services
 from jobs.services.sites import job_abort, log_lines_record
-from sites.exceptions import Conflict
 from tests.portal import jobs_api_world as jw
 
 pytestmark = pytest.mark.django_db

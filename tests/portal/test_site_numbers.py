@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import OperationalError, connection
 from safetensors.torch import save_file
 
+from common.exceptions import ValidationFailed
 from jobs.models import (
     Job,
     JobState,
@@ -33,7 +34,6 @@ from jobs.models import (
 from jobs.services import rounds
 from jobs.services.sites import metrics_record, task_for_site, update_upload
 from jobs.workflows.fedavg import FedAvg
-from sites.exceptions import ValidationFailed
 from tests.portal.test_job_rounds import submit, three_sites, upload
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]

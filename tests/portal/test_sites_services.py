@@ -16,17 +16,15 @@ from rest_framework.request import Request
 from rest_framework.test import APIRequestFactory
 
 from client_agent import signing
+from common.exceptions import AlreadyExists, InvalidTransition, ValidationFailed
 from sites import selectors, services
 from sites.authentication import ApiTokenAuthentication
 from sites.exceptions import (
-    AlreadyExists,
-    InvalidTransition,
     InvitationNotForYou,
     LastProjectAdmin,
     TokenAlreadyUsed,
     TokenExpired,
     TokenInvalid,
-    ValidationFailed,
 )
 from sites.models import (
     ApiToken,

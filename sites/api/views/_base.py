@@ -11,11 +11,11 @@ from rest_framework import generics
 from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
+from common.exceptions import NotFound
 from fedportal.throttling import client_address
 from sites import selectors
 from sites.api import serializers as s
 from sites.api.permissions import IsPerson, require
-from sites.exceptions import NotFound
 from sites.models import Project, Role
 
 _SLUG = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")

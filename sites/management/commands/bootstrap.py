@@ -16,8 +16,8 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
+from common.exceptions import DomainError
 from sites import services
-from sites.exceptions import DomainError
 from sites.models import Membership, Project, Role
 
 PASSWORD_ENV = "FEDPORTAL_BOOTSTRAP_PASSWORD"

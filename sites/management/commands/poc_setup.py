@@ -17,8 +17,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
+from common.exceptions import DomainError
 from sites import services
-from sites.exceptions import DomainError
 
 
 class Command(BaseCommand):
