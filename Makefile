@@ -45,10 +45,11 @@ test: install ## Run the test suite (PYTEST_ARGS=... to pass more)
 chaos: install ## Only the chaos suite: Redis, PostgreSQL, disk, network and workers broken mid-round
 	$(BIN)/pytest tests/chaos $(PYTEST_ARGS)
 
-lint: install ## ruff, ruff format --check, mypy on the pure core, missing migrations
+lint: install ## ruff, ruff format --check, mypy on the whole project, import contracts, missing migrations
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy  # the pure core: files listed in pyproject.toml
+	$(BIN)/mypy  # the whole project, with the Django and DRF plugins: see pyproject.toml
+	$(BIN)/lint-imports --no-logo  # the layers: [tool.importlinter] in pyproject.toml
 	$(PYTHON) manage.py makemigrations --check --dry-run
 
 format: install ## Fix imports and lint autofixes, then format with ruff

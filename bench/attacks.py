@@ -1,4 +1,4 @@
-"""The attacks of the hardening issue, replayed against a running deployment: which still get in.
+"""Attacks on a running deployment, class by class: which still get in.
 
 Starts a deployment as production runs it, on this machine: the portal's own server
 (``python -m fedportal.serve``) **without** ``FEDPORTAL_DEV`` (DEBUG off, secrets required,
@@ -7,7 +7,7 @@ Redis (database 14, a prefix of its own), a Celery worker with its beat, and rea
 agents (``site-1``, ``site-2``, and ``rel``, started as a new user would: ``--dir`` relative).
 PocEnv starts it, with ``FEDPORTAL_DEV=0``. Then it attacks it as an outsider, a member, an
 organisation admin and a hostile enrolled site (``evil``: a real key and certificate, with
-its own code instead of the agent), class by class, the 12 of the issue:
+its own code instead of the agent), class by class, these 12:
 
  1. a site wedges a job (its numbers)          7. a quadratic job page
  2. anonymous disk filling (request bodies)    8. secrets in predictable places
@@ -68,6 +68,7 @@ import upload_flood
 from safetensors.torch import save_file
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Origin
 
 from client_agent import cli, signing
 from client_agent.portal import PortalClient, PortalError
@@ -296,7 +297,7 @@ class Http:
         return connect(
             f"ws://127.0.0.1:{self.port}{path}",
             additional_headers={"Cookie": self.headers()["Cookie"]} if self.cookies else {},
-            origin=f"http://127.0.0.1:{self.port}",  # type: ignore[arg-type]
+            origin=Origin(f"http://127.0.0.1:{self.port}"),
             open_timeout=10,
             max_size=None,
         )
@@ -704,7 +705,7 @@ def planted_workspace_refused(world: World) -> Outcome:
     poc.workspace.mkdir(mode=0o777)
     try:
         poc.start()
-    except Exception as exc:  # noqa: BLE001 - what it raises is what we report
+    except Exception as exc:  # what it raises is what we report
         return held_if("exists already" in str(exc), f"{type(exc).__name__}: {exc}")
     finally:
         with contextlib.suppress(Exception):
@@ -1300,7 +1301,8 @@ HOSTILE_ROUNDS: list[
 def play_job_a(world: World) -> dict[str, Any]:
     """Submit job A (site-1, site-2, rel and evil; 3 needed) and play evil's rounds."""
     if "job_a" in world.notes:
-        return world.notes["job_a"]
+        played: dict[str, Any] = world.notes["job_a"]
+        return played
     world.notes["job_a"] = {"failed": "job A did not run (see the first of its attacks)"}
     start_relative_agent(world)
     uid = world.submit(
@@ -1355,7 +1357,7 @@ def job_a(world: World) -> dict[str, Any]:
 
 def evil_task(world: World, number: int) -> dict[str, Any]:
     result = job_a(world)
-    tasks = {t["round"]: t for t in result["sites"]["evil"]["tasks"]}
+    tasks: dict[int, dict[str, Any]] = {t["round"]: t for t in result["sites"]["evil"]["tasks"]}
     return tasks.get(number, {"state": "no task", "reason": ""})
 
 
@@ -1522,9 +1524,10 @@ def offline_after_disconnect(world: World) -> Outcome:
 def start_job_b(world: World) -> dict[str, Any]:
     """Submit job B, with the admin's job page socket open, and have evil accept it."""
     if "job_b" in world.notes:
-        if "failed" in world.notes["job_b"]:
-            raise RuntimeError(world.notes["job_b"]["failed"])
-        return world.notes["job_b"]
+        started: dict[str, Any] = world.notes["job_b"]
+        if "failed" in started:
+            raise RuntimeError(started["failed"])
+        return started
     world.notes["job_b"] = {"failed": "job B did not start (see the first of its attacks)"}
     uid = world.submit("attacks-b", ["site-1", "evil"], min_clients=2, num_rounds=1, timeout=3600)
     admin = world.browser_admin()
@@ -1535,8 +1538,9 @@ def start_job_b(world: World) -> dict[str, Any]:
         ws, 10, lambda m: m.get("kind") == "job.decision" and m.get("site") == "evil"
     )
     ws.close()
-    world.notes["job_b"] = {"uid": uid, "pushed": pushed}
-    return world.notes["job_b"]
+    started = {"uid": uid, "pushed": pushed}
+    world.notes["job_b"] = started
+    return started
 
 
 @attack(12, "a site's decision reaches an open job page at once (pushed, not polled)")
@@ -1605,7 +1609,7 @@ def fill_points(world: World) -> str:
     """100,000 points of evil's, without step or round, in job B: the first 10,000 through the
     API (the rate is reported), the rest written to the database directly (storing them one
     by one through the API takes minutes here; it is the page that is attacked)."""
-    uid = start_job_b(world)["uid"]
+    uid: str = start_job_b(world)["uid"]
     if not world.notes.get("filled"):
         started = time.monotonic()
         for start in range(0, 10_000, 1000):
@@ -1622,11 +1626,14 @@ def fill_points(world: World) -> str:
                 raise RuntimeError(f"the points were refused: {reply.short()}")
         world.notes["ingest_rate"] = 10_000 / (time.monotonic() - started)
         with psycopg.connect(world.notes["database_url"]) as conn:
-            job_id, site_id = conn.execute(
+            found = conn.execute(
                 "SELECT j.id, s.id FROM jobs_job j, sites_site s "
                 "WHERE j.uid = %s AND s.name = 'evil'",
                 (uuid.UUID(uid),),
             ).fetchone()
+            if found is None:
+                raise RuntimeError(f"job {uid} or site evil is not in the database")
+            job_id, site_id = found
             with conn.cursor().copy(
                 "COPY jobs_metricpoint "
                 "(job_id, site_id, key, value, source, client_id, created_at) FROM STDIN"
@@ -2056,7 +2063,7 @@ def main() -> None:
             began = time.monotonic()
             try:
                 item.outcome = item.run(world)
-            except Exception as exc:  # noqa: BLE001 - the bench reports it and goes on
+            except Exception as exc:  # the bench reports it and goes on
                 traceback.print_exc(limit=3)
                 item.outcome = Outcome(
                     False, f"the attack itself failed: {type(exc).__name__}: {exc}"

@@ -13,7 +13,9 @@ to make the charts quadratic), each site's train results by round and the rounds
 * ``GET /jobs/<uid>/metrics.csv`` (every point, streamed; read to the end);
 
 and, to show the former worst case on its own, the charts' JSON of a second job whose
-20,000 points have no step and no round.
+20,000 points have no step and no round. Last, how fast a site's points are stored: 5,000
+``flare.log`` points in reports of 100, as an agent sends them, through ``metrics_record`` (the
+service behind the socket and the API: checks, de-duplication, insert, the live event).
 
 Everything is the bench's own and removed at the end: a PostgreSQL database
 ``fedportal_bench_job_page_<pid>`` (server from BENCH_POSTGRES_URL, default
@@ -52,6 +54,7 @@ UNPLACED = 500  # per site: lr, logged without step or round
 STEPS = (TOTAL - SITES * UNPLACED - (SITES + 1) * 2 * ROUNDS) // (SITES * 2)
 LOG_LINES = 200  # per site
 WORST_CASE = 20_000
+INGESTED, PER_REPORT = 5_000, 100
 TARGET_SECONDS = 0.5
 
 
@@ -189,6 +192,24 @@ def fill_worst_case(job: Any, site: Any) -> None:
     )
 
 
+def ingest_rate(admin: Any, site: Any, tmp: Path) -> tuple[float, float]:
+    """Points per second, and seconds in all, for INGESTED points in reports of PER_REPORT."""
+    from jobs.services.telemetry import metrics_record
+
+    job = submit_job(admin, "ingest", tmp)
+    metrics_record(job=job, site=site, points=[{"key": "warm-up", "value": 1.0, "id": "w"}])
+    started = time.perf_counter()
+    for first in range(0, INGESTED, PER_REPORT):
+        points = [
+            {"key": "loss", "value": 0.5, "step": i, "round": 0, "id": f"p:{i}"}
+            for i in range(first, first + PER_REPORT)
+        ]
+        stored = metrics_record(job=job, site=site, points=points)
+        assert stored == PER_REPORT, stored
+    seconds = time.perf_counter() - started
+    return INGESTED / seconds, seconds
+
+
 def timed(runs: int, call: Callable[[], int]) -> tuple[list[float], int]:
     """Seconds of each run (after one warm-up), and the size of the last answer."""
     size = call()
@@ -200,7 +221,8 @@ def timed(runs: int, call: Callable[[], int]) -> tuple[list[float], int]:
     return times, size
 
 
-def measure(runs: int, tmp: Path) -> list[list[str]]:
+def measure(runs: int, tmp: Path) -> tuple[list[list[str]], str]:
+    from django.http import StreamingHttpResponse
     from django.test import Client
 
     from jobs.models import MetricPoint
@@ -219,7 +241,7 @@ def measure(runs: int, tmp: Path) -> list[list[str]]:
         def call() -> int:
             response = client.get(path, secure=True)
             assert response.status_code == 200, (path, response.status_code)
-            if response.streaming:
+            if isinstance(response, StreamingHttpResponse):
                 return sum(len(chunk) for chunk in response.streaming_content)
             return len(response.content)
 
@@ -243,7 +265,12 @@ def measure(runs: int, tmp: Path) -> list[list[str]]:
                 f"{size / 1e6:.2f} MB",
             ]
         )
-    return rows
+    rate, seconds = ingest_rate(admin, sites[0], tmp)
+    ingest = (
+        f"points stored through metrics_record: **{rate:,.0f} points/s** "
+        f"({INGESTED:,} points in reports of {PER_REPORT} took {seconds:.2f} s)"
+    )
+    return rows, ingest
 
 
 def main() -> None:
@@ -271,7 +298,7 @@ def main() -> None:
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0)
-        rows = measure(args.runs, tmp)
+        rows, ingest = measure(args.runs, tmp)
     finally:
         if "django" in sys.modules:
             from django.db import connections
@@ -281,6 +308,7 @@ def main() -> None:
         admin.close()
         shutil.rmtree(tmp, ignore_errors=True)
     print(md_table(["request", "points", "median", "range", "answer"], rows))
+    print(f"\n{ingest}")
     print(f"\nload average before: {load_before}; after: {benchlib.load_average()}")
 
 

@@ -1,6 +1,6 @@
 """Portal round turnaround and worker memory, 8 sites × a 25M float32 model, beside SimEnv.
 
-Issue 4, item 8. On the portal, for a FedAvg job of 3 rounds run by a real Celery worker
+On the portal, for a FedAvg job of 3 rounds run by a real Celery worker
 process (``celery -A fedportal worker --pool=solo``) on PostgreSQL and Redis:
 
 * **turnaround**: from the moment the last site's update is committed (``update_upload``
@@ -11,7 +11,7 @@ process (``celery -A fedportal worker --pool=solo``) on PostgreSQL and Redis:
   ``/proc/<pid>/clear_refs`` just before the last update of the round), both as MB above the
   worker's idle RSS (measured before the job) and as a multiple of the model size.
 
-Updates are uploaded through ``jobs.services.sites.update_upload`` called in this process, not
+Updates are uploaded through ``jobs.services.tasks.update_upload`` called in this process, not
 over HTTP. Before the last update of a round the bench waits until the worker has checked the
 other seven (as when sites finish at different times), so a round's figure is the cost of its
 last update alone. Then the worker's own functions are replayed in this process on the job's
@@ -366,7 +366,8 @@ def submit(tmp: Path, project: Any, user: Any) -> Any:
 
 def upload(job: Any, site: Any, number: int, update: tuple[Path, str, int]) -> float:
     """One site's update through the service, in this process; returns the seconds it took."""
-    from jobs.services.sites import task_for_site, update_upload
+    from jobs.selectors import task_for_site
+    from jobs.services.tasks import update_upload
 
     path, sha, size = update
     started = time.perf_counter()
@@ -402,14 +403,11 @@ def run_job(
     transitions: list[Transition] = []
     upload_seconds: list[float] = []
     for number in range(NUM_ROUNDS):
-        wait_until(
-            f"round {number + 1} to open",
-            lambda n=number: Round.objects.filter(
-                job=job, number=n, state=RoundState.OPEN
-            ).exists(),
-            worker,
-            timeout=120,
-        )
+
+        def round_open(n: int = number) -> bool:
+            return Round.objects.filter(job=job, number=n, state=RoundState.OPEN).exists()
+
+        wait_until(f"round {number + 1} to open", round_open, worker, timeout=120)
         for site, update in zip(sites[:-1], updates[:-1], strict=True):
             upload_seconds.append(upload(job, site, number, update))
 
@@ -421,15 +419,13 @@ def run_job(
             return tasks.filter(state=TaskState.ACCEPTED).count() >= NUM_SITES - 1
 
         wait_until("the worker to check the other sites' updates", others_checked, worker, 60)
+
         # ... and to run the job_advance that the last of those checks enqueued.
-        wait_until(
-            "the worker's job_advance after the 7th update",
-            lambda n=number: (
-                sum(r.value == "waiting for 1 site(s)" for r in parse_worker_log(worker.text())) > n
-            ),
-            worker,
-            timeout=30,
-        )
+        def advanced(n: int = number) -> bool:
+            runs = parse_worker_log(worker.text())
+            return sum(r.value == "waiting for 1 site(s)" for r in runs) > n
+
+        wait_until("the worker's job_advance after the 7th update", advanced, worker, timeout=30)
         time.sleep(0.1)
         rss_before = benchlib.proc_status_kib("VmRSS", pid)
         benchlib.reset_peak_rss(pid)
@@ -438,12 +434,11 @@ def run_job(
         upload_seconds.append(upload(job, sites[-1], number, updates[-1]))
         t0 = time.time()
         if number + 1 < NUM_ROUNDS:
-            t1 = wait_until(
-                f"round {number + 2} to open",
-                lambda n=number: Round.objects.filter(job=job, number=n + 1).exists(),
-                worker,
-                timeout=120,
-            )
+
+            def next_round(n: int = number) -> bool:
+                return Round.objects.filter(job=job, number=n + 1).exists()
+
+            t1 = wait_until(f"round {number + 2} to open", next_round, worker, timeout=120)
         else:
             t1 = wait_until(
                 "the job to finish",
@@ -473,8 +468,10 @@ def run_job(
 
     runs = parse_worker_log(worker.text())
     for tr in transitions:
-        closing = Round.objects.get(job=job, number=tr.number)
-        tr.closed_at = closing.closed_at.timestamp()
+        closed_at = Round.objects.get(job=job, number=tr.number).closed_at
+        if closed_at is None:
+            raise RuntimeError(f"round {tr.number} of a completed job has no closing time")
+        tr.closed_at = closed_at.timestamp()
         opening = Round.objects.filter(job=job, number=tr.number + 1).first()
         tr.opened_at = opening.opened_at.timestamp() if opening else NAN
         model = Path(ModelVersion.objects.get(job=job, round_number=tr.number + 1).file.path)
@@ -1115,7 +1112,7 @@ def report(portal: PortalResult, sim: SimResult) -> None:
         f"{portal.storage}, the worker idle.\n"
     )
     print(
-        "Notes: the updates are uploaded through `jobs.services.sites.update_upload` called "
+        "Notes: the updates are uploaded through `jobs.services.tasks.update_upload` called "
         "in the bench process, not over HTTP (no request parsing, signature check or "
         "network in these figures); before the last update of a round the bench waits until "
         "the worker has checked the other 7. Every file is in the page cache (just written), "

@@ -210,7 +210,7 @@ def run_server(
     size: int,
     key: str,
     slow: tuple[int, float],
-) -> tuple[list[tuple], int]:
+) -> tuple[list[tuple[str, ...]], int]:
     tmpdir = Path(env["TMPDIR"])
     port = free_port()
     log = open(Path(env["FEDPORTAL_DATA_DIR"]) / f"{label}.log", "wb")  # noqa: SIM115
@@ -231,7 +231,7 @@ def run_server(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{label} did not start") from None
                 time.sleep(0.1)
-        rows = []
+        rows: list[tuple[str, ...]] = []
         for name, head, tail in requests(size, key):
             time.sleep(1)
             before = benchlib.proc_status_kib("VmRSS", proc.pid)

@@ -5,8 +5,9 @@ One asyncio loop does three things at once:
 - **connection**: a WebSocket to the portal (``/ws/agent/``, signed handshake), kept open with
   heartbeats and reopened with backoff (0.5 s doubling to 30 s, with jitter) whenever the
   portal or the network goes away. What the agent must deliver — ``flare.log`` points and the
-  script's output lines — waits in an outbox until the portal acknowledges it, and is sent
-  again after a reconnect; the portal stores a resent item once (ids).
+  script's output lines — waits in an outbox (``client_agent.outbox``) until the portal
+  acknowledges it, and is sent again after a reconnect; the portal stores a resent item once
+  (ids). The messages themselves are typed in ``client_agent.protocol``.
 - **bounds**: every message fits ``client_agent.protocol.MAX_MESSAGE_BYTES`` (points and lines
   travel in separate reports, packed by size), and an output line is cut to its start and a
   marker however long it is. A report the portal refuses (an acknowledgement with an error) is
@@ -37,16 +38,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import secrets
 import shlex
 import shutil
 import signal
-import struct
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,76 +54,49 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from client_agent import __version__, forkserver
 from client_agent.app_archive import BundleError, extract_app
+from client_agent.outbox import Outbox
 from client_agent.portal import (
-    HEADER_AGENT_VERSION,
+    AppArchiveMismatch,
     PortalClient,
     PortalError,
     PortalUnreachable,
-    _record,
-    record_outgoing,
+    RoundClosed,
+    WireRecorder,
 )
 from client_agent.protocol import (
-    CLOSE_MESSAGE_TOO_BIG,
-    ERROR_SLOW_DOWN,
-    MAX_MESSAGE_BYTES,
+    CLOSE_REVOKED,
+    CLOSE_UNAUTHENTICATED,
+    HEADER_AGENT_VERSION,
+    WS_PATH,
+    Ack,
+    ErrorBody,
+    ErrorMessage,
+    Event,
+    Heartbeat,
+    PortalMessage,
+    Report,
+    Welcome,
     cut_line,
-    encode,
+    parse_portal_message,
 )
-from client_agent.reports import OutputTail, pack
+from client_agent.reports import OutputTail
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.site_dir import SiteDir
+from common.rounds import round_for_people
 
 log = logging.getLogger("client_agent")
 
 AGENT_VERSION = f"fedportal-agent/{__version__}"
-WS_PATH = "/ws/agent/"
 JOBS_PATH = "/api/v1/agent/jobs/"
 WHOAMI_PATH = "/api/v1/agent/whoami/"
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_REVOKED = 4403
 OPEN_TASK_STATES = ("assigned", "downloaded", "training")
 EXIT_REFUSED = 3
 METRICS_PER_MESSAGE = 500
 LOG_LINES_PER_MESSAGE = 500
 FLUSH_SECONDS = 0.25
-MAX_PENDING_LINES = 20_000
 UPLOAD_RETRY_MAX_SECONDS = 30.0
-# A server or proxy that closes on messages smaller than the agent's budget halves it, down to
-# this (a cut line encodes to at most ~24 KB); a single item larger than the budget is dropped.
-MIN_MESSAGE_BYTES = 64 * 1024
-MAX_SLOW_DOWN_SECONDS = 60.0
 # In a job's workspace: the SHA-256 of an app archive this agent refused, and why.
 REJECTED_APP_FILE = "app-rejected.json"
-
-
-WIRE_LOG_ENV = "FEDPORTAL_AGENT_WIRE_LOG"
-
-
-class _WireLog:
-    """Appends one JSON line per thing the agent sends (``--wire-log``): channel, method,
-    path, size, and the body itself when it is JSON, or the tensor names and shapes when it
-    is a model update. For a site admin who wants to see exactly what leaves the site."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lock = threading.Lock()
-
-    def __call__(self, channel: str, method: str, path: str, body: bytes) -> None:
-        entry: dict[str, Any] = {"channel": channel, "method": method, "path": path}
-        entry["bytes"] = len(body)
-        if body[:1] == b"{":
-            entry["json"] = json.loads(body)
-        elif body:
-            (length,) = struct.unpack("<Q", body[:8])
-            header = json.loads(body[8 : 8 + length])
-            entry["safetensors"] = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-        with self.lock, open(self.path, "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
-
-
-class Refused(RuntimeError):
-    """The portal will not take this site's credentials again (revoked, unknown, not
-    enrolled): retrying cannot help, so the agent stops."""
 
 
 def _brings_work(event: dict[str, Any]) -> bool:
@@ -146,7 +117,9 @@ class Agent:
         python: str = sys.executable,
         say: Callable[[str], None] | None = None,
         insecure: bool = False,
+        wire: WireRecorder | None = None,
     ) -> None:
+        """``wire``: shown everything the agent sends (``run --wire-log``, tests)."""
         self.site_dir = site_dir
         self.identity = site_dir.identity()
         self.client = PortalClient(
@@ -155,6 +128,7 @@ class Agent:
             fingerprint=self.identity.fingerprint,
             agent_version=AGENT_VERSION,
             insecure=insecure,
+            wire=wire,
         )
         self.poll_seconds = poll_seconds
         self.reconnect_max_seconds = reconnect_max_seconds
@@ -162,20 +136,7 @@ class Agent:
         self._say = say or (lambda text: print(text, flush=True))
         self.runners: dict[str, JobRunner] = {}
         self.session = secrets.token_hex(4)
-        self._seq = 0
-        # Outbox: every message with an id stays in ``pending`` until acknowledged.
-        self.pending: dict[str, dict[str, Any]] = {}
-        self.unsent: deque[str] = deque()
-        self.pending_lines = 0  # output lines queued in ``pending``
-        # What never reached the portal: dropped from the outbox past its bound, refused by
-        # the portal, or too large for any message.
-        self.dropped_lines = 0
-        self.dropped_points = 0
-        self.refused_messages = 0  # refused by the portal, or too large to send
-        self.message_budget = MAX_MESSAGE_BYTES
-        self.in_flight: set[str] = set()  # sent on this socket, not yet acknowledged
-        self.hold_lines_until = 0.0  # loop time; the portal asked for line reports to wait
-        self.large_losses = 0  # sockets lost with a large message in flight, since a shrink
+        self.outbox = Outbox(session=self.session, say=self.say)
         self.ws: Any = None
         self.refused: str | None = None
         self._announced: set[str] = set()
@@ -184,9 +145,6 @@ class Agent:
         self.wake = asyncio.Event()
         self.outbox_ready = asyncio.Event()
         self.acked = asyncio.Condition()
-        wire_log = os.environ.get(WIRE_LOG_ENV)
-        if wire_log:
-            record_outgoing(_WireLog(Path(wire_log)))
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -250,128 +208,27 @@ class Agent:
 
     # -- outbox -----------------------------------------------------------------------------
 
-    def next_id(self, prefix: str) -> str:
-        self._seq += 1
-        return f"{prefix}:{self.session}:{self._seq}"
-
-    def enqueue(self, message: dict[str, Any]) -> str:
-        """Queue a message for the portal (loop thread only); returns its id.
-
-        While the portal is away the outbox grows; past ``MAX_PENDING_LINES`` output lines the
-        oldest reports that hold only lines are dropped (metrics never are) and the agent's log
-        says how many went, so a chatty script cannot fill the site's memory.
-        """
-        message_id = str(message.setdefault("id", self.next_id(message["type"])))
-        self.pending[message_id] = message
-        self.unsent.append(message_id)
-        self.pending_lines += len(message.get("lines") or ())
-        if self.pending_lines > MAX_PENDING_LINES:
-            self._drop_oldest_lines()
+    def enqueue(self, report: Report) -> str:
+        """Queue a report for the portal (loop thread only); returns its id."""
+        report_id = self.outbox.enqueue(report)
         self.outbox_ready.set()
-        return message_id
-
-    def _drop_oldest_lines(self) -> None:
-        dropped = 0
-        for old_id in list(self.pending):
-            if self.pending_lines <= MAX_PENDING_LINES // 2:
-                break
-            old = self.pending[old_id]
-            if old.get("type") == "report" and not old.get("points") and old.get("lines"):
-                self._forget(old_id)
-                dropped += len(old["lines"])
-        if dropped:
-            self.dropped_lines += dropped
-            log.warning("the portal is away or slow: dropped %s queued output lines", dropped)
+        return report_id
 
     def enqueue_report(self, job: str, key: str, items: list[Any], most: int) -> list[str]:
-        """Queue ``items`` (``points`` or ``lines``) of ``job`` as reports, each message within
-        the budget; returns their ids. An item too large for any message is dropped, counted
-        and logged."""
-        envelope = {"type": "report", "job": job}
-        batches, too_large = pack(
-            items, envelope=envelope, key=key, most=most, budget=self.message_budget
-        )
-        if too_large:
-            self._count_dropped(key, len(too_large))
-            log.warning(
-                "job %s: %s %s too large for a message of %s bytes; dropped",
-                job,
-                len(too_large),
-                key,
-                self.message_budget,
-            )
-        return [self.enqueue({**envelope, key: batch}) for batch in batches]
-
-    def _count_dropped(self, key: str, n: int) -> None:
-        if key == "points":
-            self.dropped_points += n
-        else:
-            self.dropped_lines += n
-
-    def _forget(self, message_id: str) -> dict[str, Any] | None:
-        """Take a message out of the outbox (acknowledged, or dropped)."""
-        self.in_flight.discard(message_id)
-        sent = self.pending.pop(message_id, None)
-        if sent is not None:
-            self.pending_lines -= len(sent.get("lines") or ())
-        return sent
-
-    def _connection_lost(self, code: int | None) -> None:
-        """The socket closed with messages sent and not answered. A server closes on a message
-        over its size cap, with code 1009 or (Daphne: autobahn's ``failByDrop``) by dropping
-        the connection with no close frame at all; sending the same message after every
-        reconnect would loop for ever. So: on 1009, or on the second drop with a message over
-        ``MIN_MESSAGE_BYTES`` in flight, the budget goes below the largest such message and
-        what waits is split to fit."""
-        sizes = [len(encode(self.pending[i])) for i in self.in_flight if i in self.pending]
-        largest = max(sizes, default=0)
-        if code == CLOSE_MESSAGE_TOO_BIG or (code is None and largest > MIN_MESSAGE_BYTES):
-            self.large_losses += 1
-            if code == CLOSE_MESSAGE_TOO_BIG or self.large_losses >= 2:
-                self.large_losses = 0
-                self._shrink_messages(below=largest or self.message_budget)
-
-    def _shrink_messages(self, below: int) -> None:
-        """Halve the budget (and keep it under ``below`` bytes, the message that failed), then
-        split every waiting report to fit. An item too large even then is dropped and counted.
-
-        A split report gets new ids; whoever waits for the old one's acknowledgement stops
-        waiting, as for a dropped one."""
-        self.message_budget = max(
-            MIN_MESSAGE_BYTES, min(self.message_budget // 2, below // 2, MAX_MESSAGE_BYTES)
-        )
-        log.warning(
-            "the portal dropped the socket on a large message; messages now at most %s bytes",
-            self.message_budget,
-        )
-        pending: dict[str, dict[str, Any]] = {}
-        for message_id, message in self.pending.items():
-            key = "lines" if message.get("lines") else "points"
-            items = message.get(key) or []
-            if not items or len(encode(message)) <= self.message_budget:
-                pending[message_id] = message
-                continue
-            envelope = {"type": message["type"], "job": message.get("job")}
-            batches, too_large = pack(
-                items, envelope=envelope, key=key, most=len(items), budget=self.message_budget
-            )
-            self._count_dropped(key, len(too_large))
-            if key == "lines":
-                self.pending_lines -= len(too_large)
-            for batch in batches:
-                new_id = self.next_id("report")
-                pending[new_id] = {**envelope, "id": new_id, key: batch}
-        self.pending = pending
+        """Queue ``items`` (``points`` or ``lines``) of ``job`` as reports within the message
+        budget (:meth:`Outbox.enqueue_items`); returns their ids."""
+        ids = self.outbox.enqueue_items(job, key, items, most)
+        if ids:
+            self.outbox_ready.set()
+        return ids
 
     async def wait_acked(self, ids: list[str], timeout: float) -> bool:
         """Wait until the portal acknowledged ``ids`` (True), or ``timeout`` passed (False)."""
-
-        def done() -> bool:
-            return not any(i in self.pending for i in ids)
-
         async with self.acked:
             try:
-                await asyncio.wait_for(self.acked.wait_for(done), timeout)
+                await asyncio.wait_for(
+                    self.acked.wait_for(lambda: self.outbox.delivered(ids)), timeout
+                )
             except TimeoutError:
                 return False
         return True
@@ -390,7 +247,7 @@ class Agent:
             url = self.client.websocket_url(WS_PATH)
             headers = self.client.signed_headers("GET", WS_PATH)
             headers[HEADER_AGENT_VERSION] = AGENT_VERSION
-            _record("ws", "GET", WS_PATH, b"")
+            self.client.record("ws", "GET", WS_PATH, b"")
             try:
                 async with websockets.connect(
                     url,
@@ -400,18 +257,18 @@ class Agent:
                     ping_timeout=20,
                     max_size=1 << 22,
                 ) as ws:
-                    first = json.loads(await ws.recv())
-                    if first.get("type") != "welcome":
+                    first = parse_portal_message(await ws.recv())
+                    if not isinstance(first, Welcome):
                         await self._refused_at_handshake(first)
                         return
                     delay = 0.5
-                    self.say(f"connected to {self.client.url} as site {first.get('site')}")
-                    await self._session(ws, float(first.get("heartbeat_seconds") or 15))
+                    self.say(f"connected to {self.client.url} as site {first.site}")
+                    await self._session(ws, first.heartbeat_seconds)
             except asyncio.CancelledError:
                 raise
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd else None
-                self._connection_lost(code)
+                self.outbox.connection_lost(code)
                 if code in (CLOSE_REVOKED, CLOSE_UNAUTHENTICATED):
                     await self._check_credentials(exc.rcvd.reason if exc.rcvd else "")
                     if self.refused:
@@ -426,8 +283,9 @@ class Agent:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.reconnect_max_seconds)
 
-    async def _refused_at_handshake(self, first: dict[str, Any]) -> None:
-        code, message = first.get("code", "?"), first.get("message", "")
+    async def _refused_at_handshake(self, first: PortalMessage | None) -> None:
+        error = first.error if isinstance(first, ErrorMessage) else ErrorBody("?", "")
+        code, message = error.code, error.message
         if code in ("signature_expired",):
             raise ValueError(f"refused: {message} (check this machine's clock)")
         await self._check_credentials(f"{code}: {message}")
@@ -449,8 +307,7 @@ class Agent:
     async def _session(self, ws: Any, heartbeat_seconds: float) -> None:
         self.ws = ws
         # Everything not acknowledged goes again, in order: the portal stores it once.
-        self.unsent = deque(self.pending)
-        self.in_flight.clear()
+        self.outbox.resend_all()
         self.outbox_ready.set()
         self.wake.set()
         reader = asyncio.create_task(self._reader(ws))
@@ -469,57 +326,19 @@ class Agent:
 
     async def _reader(self, ws: Any) -> None:
         async for raw in ws:
-            message = json.loads(raw)
-            kind = message.get("type")
-            if kind == "event":
-                event = message.get("event") or {}
-                if self._start_round_from(event):
+            message = parse_portal_message(raw)
+            if isinstance(message, Event):
+                if self._start_round_from(message.event):
                     continue
-                if _brings_work(event):
+                if _brings_work(message.event):
                     self.wake.set()
-            elif kind == "ack":
-                self._acknowledged(str(message.get("id")), message.get("error"))
+            elif isinstance(message, Ack):
+                if self.outbox.acknowledged(message):
+                    self.outbox_ready.set()  # back in the queue
                 async with self.acked:
                     self.acked.notify_all()
-            elif kind == "error":
-                log.info("portal says: %s", message)
-
-    def _acknowledged(self, message_id: str, error: Any) -> None:
-        """The portal answered a message: stored (no error), to be sent again later
-        (``slow_down``), or refused for good: then it is dropped, counted and logged, and never
-        sent again."""
-        if not isinstance(error, dict):
-            self._forget(message_id)
-            return
-        if error.get("code") == ERROR_SLOW_DOWN and message_id in self.pending:
-            try:
-                wait = min(float(error.get("retry_after") or 1.0), MAX_SLOW_DOWN_SECONDS)
-            except (TypeError, ValueError):
-                wait = 1.0
-            self.hold_lines_until = max(self.hold_lines_until, self.loop.time() + wait)
-            log.info("the portal asks output lines to wait %.1f s (sent too fast)", wait)
-            self.in_flight.discard(message_id)
-            # Back in the queue, in its place: the outbox's order is the order lines were read.
-            queued = set(self.unsent) | {message_id}
-            self.unsent = deque(i for i in self.pending if i in queued)
-            self.outbox_ready.set()
-            return
-        self._drop(
-            message_id, f"the portal refused it ({error.get('code')}: {error.get('message')})"
-        )
-
-    def _drop(self, message_id: str, why: str) -> None:
-        """Drop a message for good: counted, and said, since what it held never arrives."""
-        sent = self._forget(message_id)
-        if sent is None:
-            return
-        self.refused_messages += 1
-        for key in ("points", "lines"):
-            self._count_dropped(key, len(sent.get(key) or ()))
-        self.say(
-            f"a {sent['type']} for job {sent.get('job')} is dropped: {why} "
-            f"({self.refused_messages} dropped so far)"
-        )
+            elif isinstance(message, ErrorMessage):
+                log.info("portal says: %s", message.to_json())
 
     def _start_round_from(self, event: dict[str, Any]) -> bool:
         """A round opened for a job this agent already runs: start its task from the event,
@@ -556,42 +375,25 @@ class Agent:
         while True:
             await self.outbox_ready.wait()
             self.outbox_ready.clear()
-            while self.unsent:
-                message_id = self._next_to_send()
-                if message_id is None:  # only output lines wait, and the portal asked to wait
+            while self.outbox.unsent:
+                report_id = self.outbox.next_to_send()
+                if report_id is None:  # only output lines wait, and the portal asked to wait
                     with contextlib.suppress(TimeoutError):
-                        held = self.hold_lines_until - self.loop.time()
+                        held = self.outbox.lines_held_for()
                         await asyncio.wait_for(self.outbox_ready.wait(), held)
                     self.outbox_ready.clear()
                     continue
-                message = self.pending.get(message_id)
-                if message is None:
+                data = self.outbox.send(report_id)
+                if data is None:
                     continue
-                data = encode(message)
-                if len(data) > self.message_budget:  # never made so; a last guard
-                    self._drop(message_id, f"{len(data)} bytes, over {self.message_budget}")
-                    continue
-                _record("ws", "SEND", WS_PATH, data.encode())
-                self.in_flight.add(message_id)
+                self.client.record("ws", "SEND", WS_PATH, data.encode())
                 await ws.send(data)
-
-    def _next_to_send(self) -> str | None:
-        """The next message to send: the oldest, or while the portal asked line reports to
-        wait, the oldest other one (None if there is none)."""
-        if self.loop.time() >= self.hold_lines_until:
-            return self.unsent.popleft()
-        for index, message_id in enumerate(self.unsent):
-            message = self.pending.get(message_id)
-            if message is None or not message.get("lines"):
-                del self.unsent[index]
-                return message_id
-        return None
 
     async def _heartbeat(self, ws: Any, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            data = json.dumps({"type": "heartbeat"})
-            _record("ws", "SEND", WS_PATH, data.encode())
+            data = json.dumps(Heartbeat().to_json())
+            self.client.record("ws", "SEND", WS_PATH, data.encode())
             await ws.send(data)
 
     # -- work -------------------------------------------------------------------------------
@@ -677,93 +479,112 @@ class JobRunner:
     # -- one round --------------------------------------------------------------------------
 
     async def _round(self, task: dict[str, Any]) -> None:
+        """One round's task, step by step: the app and script (first round), the model, the
+        script's work, its points, the update. What ends it early decides what follows: a fault
+        at this site fails the round here, once, with the reason; a portal that is away is
+        tried again on the next offer; a round that closed meanwhile is over for this site."""
         number = int(task["round"])
+        shown = round_for_people(number)
         self.current_round = number
         try:
             await asyncio.to_thread(self._prepare)
-            models = self.workspace / "models"
-            model_path = models / f"round-{number:03d}.safetensors"
-            # The script gets its task as soon as the model is in: the portal marks the task
-            # training with the download (one report fewer a round).
-            model_url = task["model_url"] + "?then=training"
-            await asyncio.to_thread(self.client.download, model_url, model_path)
-            spec = task.get("task") or {}
-            result_path = self.workspace / "updates" / f"round-{number + 1:03d}.safetensors"
-            result_path.parent.mkdir(parents=True, exist_ok=True)
-            script_task = Task(
-                task_id=f"{self.uid}:{number}",
-                task_name=str(spec.get("task_name", "train")),
-                model_path=str(model_path),
-                result_path=str(result_path),
-                current_round=number,
-                total_rounds=int(spec.get("total_rounds", self.num_rounds)),
-                start_round=int(spec.get("start_round", 0)),
-                meta=dict(spec.get("meta") or {}),
-            )
-            assert self.proc is not None
-            proc = self.proc
-            path = await asyncio.to_thread(proc.run_task, script_task, on_log=self._on_log)
-            # Metrics first: all of the round's points are stored before its update counts.
-            ids = self.flush()
-            if ids and self.agent.ws is not None:
-                await self.agent.wait_acked(ids, timeout=10.0)
-            await self._upload(task["update_url"], path, number)
+            model_path = await self._fetch_model(task, number)
+            update_path = await self._train(task, number, model_path)
+            await self._deliver_points()
+            await self._upload(task["update_url"], update_path, number)
             self.finished_round = number
-            self.agent.say(f"job {self.name}: round {number + 1}/{self.num_rounds} update sent")
+            self.agent.say(f"job {self.name}: round {shown}/{self.num_rounds} update sent")
             model_path.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+            update_path.unlink(missing_ok=True)
         except ScriptFailed as exc:
             await self._fail(task, f"client script {exc.reason}", exc.log_tail)
         except BundleError as exc:
             await self._fail(task, f"the job's app cannot run here: {exc}", "")
+        except AppArchiveMismatch as exc:
+            # Fetching it again brings the same bytes: the round fails here, it is not retried.
+            await self._fail(task, f"the job's app arrived damaged: {exc}", "")
         except PortalUnreachable as exc:
             self.agent.say(
-                f"job {self.name}: round {number + 1}: portal unreachable ({exc}); will retry"
+                f"job {self.name}: round {shown}: portal unreachable ({exc}); will retry"
             )
+        except RoundClosed as exc:  # answered already, or the round closed meanwhile
+            self.agent.say(f"job {self.name}: round {shown}: {exc.message}")
+            self.finished_round = number
         except PortalError as exc:
-            if exc.status == 409:  # answered already, or the round closed meanwhile
-                self.agent.say(f"job {self.name}: round {number + 1}: {exc.message}")
-                self.finished_round = number
-            else:
-                self.agent.say(f"job {self.name}: round {number + 1}: {exc}")
+            self.agent.say(f"job {self.name}: round {shown}: {exc}")
         except Exception as exc:
             # Anything else is a fault at this site: the round fails here, once, with the
             # reason, rather than the task being offered (and failing) again on every poll.
-            log.exception("job %s: round %s", self.uid, number + 1)
+            log.exception("job %s: round %s", self.uid, shown)
             await self._fail(task, f"the agent failed: {type(exc).__name__}: {exc}", "")
         finally:
             self.flush()
+
+    async def _fetch_model(self, task: dict[str, Any], number: int) -> Path:
+        """The model round ``number`` starts from, in the workspace. The portal marks the task
+        training with the download (one report fewer a round): the script gets its task as
+        soon as the model is in."""
+        model_path = self.workspace / "models" / f"round-{number:03d}.safetensors"
+        model_url = task["model_url"] + "?then=training"
+        await asyncio.to_thread(self.client.round_model, model_url, model_path)
+        return model_path
+
+    async def _train(self, task: dict[str, Any], number: int, model_path: Path) -> Path:
+        """Hand the script its task (train, validate, submit_model); the update it made."""
+        spec = task.get("task") or {}
+        result_path = self.workspace / "updates" / f"round-{number:03d}.safetensors"
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        script_task = Task(
+            task_id=f"{self.uid}:{number}",
+            task_name=str(spec.get("task_name", "train")),
+            model_path=str(model_path),
+            result_path=str(result_path),
+            current_round=number,
+            total_rounds=int(spec.get("total_rounds", self.num_rounds)),
+            start_round=int(spec.get("start_round", 0)),
+            meta=dict(spec.get("meta") or {}),
+        )
+        assert self.proc is not None  # _prepare started it
+        proc = self.proc
+        return await asyncio.to_thread(proc.run_task, script_task, on_log=self._on_log)
+
+    async def _deliver_points(self) -> None:
+        """Metrics first: all of the round's points are stored before its update counts."""
+        ids = self.flush()
+        if ids and self.agent.ws is not None:
+            await self.agent.wait_acked(ids, timeout=10.0)
 
     async def _upload(self, url: str, path: Path, number: int) -> None:
         """Send the round's update until the portal takes it (or refuses it for good).
 
         A portal that is away (restarting, unreachable) or cannot keep it now (507: its disk is
         full; 5xx; 429) gets the same file again after a pause (1 s, doubling to 30 s): the
-        script's work is not redone, and the task is still open for it. A 4xx other than 429
-        (409 included: answered already, or the round closed) ends the tries; the caller
-        handles it. Cancelled with the round when the job ends.
+        script's work is not redone, and the task is still open for it. Any other refusal
+        (:class:`RoundClosed` included: answered already, or the round closed) ends the tries;
+        the caller handles it. Cancelled with the round when the job ends.
         """
         pause = 1.0
         while True:
             try:
-                await asyncio.to_thread(self.client.upload, url, path)
+                await asyncio.to_thread(self.client.round_update, url, path)
                 return
             except PortalUnreachable as exc:
                 why = f"portal unreachable ({exc})"
             except PortalError as exc:
-                if exc.status < 500 and exc.status != 429:
+                if not exc.transient:
                     raise
                 why = str(exc)
             self.agent.say(
-                f"job {self.name}: round {number + 1}: update not taken: {why}; "
+                f"job {self.name}: round {round_for_people(number)}: update not taken: {why}; "
                 f"sending it again in {pause:.0f} s"
             )
             await asyncio.sleep(pause * random.uniform(0.8, 1.2))
             pause = min(pause * 2, UPLOAD_RETRY_MAX_SECONDS)
 
     async def _fail(self, task: dict[str, Any], reason: str, log_tail: str) -> None:
-        self.agent.say(f"job {self.name}: round {int(task['round']) + 1} failed: {reason}")
-        self._agent_line(f"round {int(task['round']) + 1} failed: {reason}")
+        number = int(task["round"])
+        self.agent.say(f"job {self.name}: round {round_for_people(number)} failed: {reason}")
+        self._agent_line(f"round {round_for_people(number)} failed: {reason}")
         proc, self.proc = self.proc, None  # a new script process next round
         if proc is not None:
             await asyncio.to_thread(proc.stop, grace=0)
@@ -771,7 +592,7 @@ class JobRunner:
             await asyncio.to_thread(
                 self.client.post, task["status_url"], {"state": "failed", "reason": reason}
             )
-        self.finished_round = int(task["round"])
+        self.finished_round = number
 
     def _prepare(self) -> None:
         """First round of the job here (or after a restart): fetch the app, start the script.
@@ -784,7 +605,8 @@ class JobRunner:
             return
         rejected = self.workspace / REJECTED_APP_FILE
         if rejected.exists():
-            raise BundleError(json.loads(rejected.read_text())["reason"])
+            refused = json.loads(rejected.read_text())
+            raise BundleError(refused.get("field", "app"), refused["reason"])
         app = self.workspace / "app"
         spec_path = self.workspace / "spec.json"
         if not (app.is_dir() and spec_path.exists()):
@@ -792,14 +614,15 @@ class JobRunner:
             spec = info["spec"]
             archive = self.workspace / "app.zip"
             self.workspace.mkdir(parents=True, exist_ok=True)
-            digest = self.client.download(self.bundle_url, archive)
-            if info.get("app_sha256") and digest != info["app_sha256"]:
-                raise PortalUnreachable("the app archive does not match its SHA-256")
+            digest = self.client.download_app(
+                self.bundle_url, archive, sha256=str(info.get("app_sha256") or "")
+            )
             shutil.rmtree(app, ignore_errors=True)
             try:
                 extract_app(archive, app, str(spec["train_script"]))
             except BundleError as exc:
-                rejected.write_text(json.dumps({"sha256": digest, "reason": str(exc)}))
+                record = {"sha256": digest, "field": exc.field, "reason": exc.reason}
+                rejected.write_text(json.dumps(record))
                 raise
             finally:
                 archive.unlink(missing_ok=True)
@@ -837,9 +660,7 @@ class JobRunner:
 
     def _agent_line(self, text: str) -> None:
         line = {"stream": "agent", "text": cut_line(text), "round": self.current_round}
-        self.agent.loop.call_soon_threadsafe(
-            self.agent.enqueue, {"type": "report", "job": self.uid, "lines": [line]}
-        )
+        self.agent.loop.call_soon_threadsafe(self.agent.enqueue, Report(job=self.uid, lines=[line]))
 
     def flush(self, final: bool = False) -> list[str]:
         """Queue the points and new output lines gathered so far (loop thread); the ids of

@@ -36,6 +36,7 @@ from client_agent.runtime import (
     TASK_TRAIN,
     TASK_VALIDATE,
 )
+from common.validators import is_number
 
 __all__ = [
     "FLMetaKey",
@@ -232,7 +233,7 @@ def log(
         raise ValueError(f"flare.log(): key must be a non-empty string, got {key!r}")
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_number(value):
         raise TypeError(
             f"flare.log({key!r}, …): value must be a number, got {type(value).__name__}"
         )

@@ -20,13 +20,16 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from common.validators import FieldError
+
 MAX_APP_BYTES = 50 * 1024 * 1024
 MAX_ARCHIVE_MEMBERS = 10_000
 _CHUNK = 1 << 16
 
 
-class BundleError(ValueError):
-    """A bundle that cannot run; the message names the file or field."""
+class BundleError(FieldError):
+    """A bundle that cannot run: ``field`` names the file or field at fault (``app`` for the
+    archive), ``reason`` says why."""
 
 
 def _fold(name: str) -> str:
@@ -39,7 +42,7 @@ def _members(zf: zipfile.ZipFile, train_script: str) -> list[zipfile.ZipInfo]:
     """The file members, after the checks that read only the central directory."""
     infos = zf.infolist()
     if len(infos) > MAX_ARCHIVE_MEMBERS:
-        raise BundleError(f"app: {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS}")
+        raise BundleError("app", f"{len(infos)} members; at most {MAX_ARCHIVE_MEMBERS}")
     declared = 0
     files: list[zipfile.ZipInfo] = []
     file_keys: dict[str, str] = {}
@@ -48,10 +51,10 @@ def _members(zf: zipfile.ZipFile, train_script: str) -> list[zipfile.ZipInfo]:
         name = info.filename
         parts = PurePosixPath(name).parts
         if name.startswith(("/", "\\")) or (parts and ":" in parts[0]) or ".." in parts:
-            raise BundleError(f"app: member {name!r} has an unsafe path")
+            raise BundleError("app", f"member {name!r} has an unsafe path")
         mode = info.external_attr >> 16
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise BundleError(f"app: member {name!r} is not a regular file (a link?)")
+            raise BundleError("app", f"member {name!r} is not a regular file (a link?)")
         if info.is_dir():
             folder_keys.setdefault(_fold(name.rstrip("/")), name)
             continue
@@ -59,26 +62,28 @@ def _members(zf: zipfile.ZipFile, train_script: str) -> list[zipfile.ZipInfo]:
         if key in file_keys:
             other = file_keys[key]
             if other == name:
-                raise BundleError(f"app: member {name!r} appears twice")
+                raise BundleError("app", f"member {name!r} appears twice")
             raise BundleError(
-                f"app: members {other!r} and {name!r} differ only in case or Unicode form; "
-                "they would be one file on some systems"
+                "app",
+                f"members {other!r} and {name!r} differ only in case or Unicode form; "
+                "they would be one file on some systems",
             )
         file_keys[key] = name
         for parent in list(PurePosixPath(name).parents)[:-1]:
             folder_keys.setdefault(_fold(parent.as_posix()), parent.as_posix())
         declared += info.file_size
         if declared > MAX_APP_BYTES:
-            raise BundleError(f"app: more than {MAX_APP_BYTES // 10**6} MB uncompressed")
+            raise BundleError("app", f"more than {MAX_APP_BYTES // 10**6} MB uncompressed")
         files.append(info)
     for key, name in file_keys.items():
         if key in folder_keys:
             raise BundleError(
-                f"app: member {name!r} is a file, and {folder_keys[key]!r} a folder, of the "
-                "same name on some systems"
+                "app",
+                f"member {name!r} is a file, and {folder_keys[key]!r} a folder, of the "
+                "same name on some systems",
             )
     if train_script not in {info.filename for info in files}:
-        raise BundleError(f"app: train_script {train_script!r} is not in the archive")
+        raise BundleError("app", f"train_script {train_script!r} is not in the archive")
     return files
 
 
@@ -95,11 +100,12 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: BinaryIO | Non
                     out.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
         # RuntimeError: encrypted; NotImplementedError: a compression zipfile cannot read.
-        raise BundleError(f"app: member {info.filename!r} cannot be read: {exc}") from None
+        raise BundleError("app", f"member {info.filename!r} cannot be read: {exc}") from None
     if size != info.file_size:
         raise BundleError(
-            f"app: member {info.filename!r} declares {info.file_size} bytes but holds "
-            f"{'more' if size > info.file_size else size}"
+            "app",
+            f"member {info.filename!r} declares {info.file_size} bytes but holds "
+            f"{'more' if size > info.file_size else size}",
         )
     return size
 
@@ -108,7 +114,7 @@ def _open(archive: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise BundleError(f"app: not a zip archive ({exc})") from None
+        raise BundleError("app", f"not a zip archive ({exc})") from None
 
 
 def check_app_archive(archive: Path, train_script: str) -> list[str]:

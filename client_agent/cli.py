@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from client_agent import signing
 from client_agent.portal import (
@@ -27,9 +28,12 @@ from client_agent.portal import (
     PortalClient,
     PortalError,
     PortalUnreachable,
+    WireLog,
+    WireRecorder,
     require_secure_transport,
 )
 from client_agent.site_dir import NotEnrolled, SiteDir, SiteIdentity, default_dir
+from common.rounds import round_for_people
 
 ENROL_CHECK_PATH = "/api/v1/enrol/check/"
 ENROL_PATH = "/api/v1/enrol/"
@@ -96,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, wire: WireRecorder | None = None) -> int:
+    """Run one command; ``wire`` is shown everything it sends (``run --wire-log`` writes
+    it to a file instead)."""
     args = build_parser().parse_args(argv)
     site_dir = SiteDir(args.dir)
     try:
@@ -107,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 token=args.token,
                 force=args.force,
                 insecure=args.insecure,
+                wire=wire,
             )
         if args.command == "run":
             logging.basicConfig(
@@ -114,15 +121,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 format="%(asctime)s %(name)s %(levelname)s %(message)s",
             )
             # websockets only when running
-            from client_agent.agent import WIRE_LOG_ENV, Agent  # noqa: PLC0415
+            from client_agent.agent import Agent
 
             if args.wire_log:
-                os.environ[WIRE_LOG_ENV] = os.path.abspath(args.wire_log)
-            agent = Agent(site_dir, poll_seconds=args.poll_seconds, insecure=args.insecure)
+                wire = WireLog(Path(os.path.abspath(args.wire_log)))
+            agent = Agent(
+                site_dir, poll_seconds=args.poll_seconds, insecure=args.insecure, wire=wire
+            )
             return asyncio.run(agent.run())
         if args.command == "status":
-            return status(site_dir, insecure=args.insecure)
-        return doctor(site_dir, insecure=args.insecure)
+            return status(site_dir, insecure=args.insecure, wire=wire)
+        return doctor(site_dir, insecure=args.insecure, wire=wire)
     except (CommandError, NotEnrolled, PermissionError, InsecurePortal) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -145,12 +154,13 @@ def enrol(
     force: bool = False,
     insecure: bool = False,
     say: Callable[[str], None] = print,
+    wire: WireRecorder | None = None,
 ) -> int:
     """Make the key here, send only a CSR with the token, keep the certificate. The token is
     sent in clear text over plain HTTP, which is refused to another machine unless
     ``insecure``."""
     try:
-        client = PortalClient(portal, insecure=insecure)
+        client = PortalClient(portal, insecure=insecure, wire=wire)
     except ValueError as exc:
         raise CommandError(f"--portal: {exc}") from None
     if site_dir.is_enrolled() and not force:
@@ -196,9 +206,11 @@ def enrol(
 # -- status -------------------------------------------------------------------------------------
 
 
-def _signed_client(site_dir: SiteDir, *, insecure: bool) -> tuple[SiteIdentity, PortalClient]:
+def _signed_client(
+    site_dir: SiteDir, *, insecure: bool, wire: WireRecorder | None = None
+) -> tuple[SiteIdentity, PortalClient]:
     identity = site_dir.identity()
-    from client_agent.agent import AGENT_VERSION  # noqa: PLC0415
+    from client_agent.agent import AGENT_VERSION
 
     client = PortalClient(
         identity.portal,
@@ -207,12 +219,13 @@ def _signed_client(site_dir: SiteDir, *, insecure: bool) -> tuple[SiteIdentity, 
         agent_version=AGENT_VERSION,
         timeout=15,
         insecure=insecure,
+        wire=wire,
     )
     return identity, client
 
 
-def status(site_dir: SiteDir, *, insecure: bool = False) -> int:
-    identity, client = _signed_client(site_dir, insecure=insecure)
+def status(site_dir: SiteDir, *, insecure: bool = False, wire: WireRecorder | None = None) -> int:
+    identity, client = _signed_client(site_dir, insecure=insecure, wire=wire)
     me = client.get("/api/v1/agent/whoami/")
     print(
         f"site {me['site']} ({me['organization']}), project {me['project_name']}, "
@@ -225,7 +238,7 @@ def status(site_dir: SiteDir, *, insecure: bool = False) -> int:
     for job in jobs:
         task = job.get("current_task")
         where = (
-            f"round {task['round'] + 1}/{job['num_rounds']}: {task['state']}"
+            f"round {round_for_people(task['round'])}/{job['num_rounds']}: {task['state']}"
             if task
             else f"{job['completed_rounds']}/{job['num_rounds']} rounds done"
         )
@@ -238,7 +251,7 @@ def status(site_dir: SiteDir, *, insecure: bool = False) -> int:
 # -- doctor -------------------------------------------------------------------------------------
 
 
-def doctor(site_dir: SiteDir, *, insecure: bool = False) -> int:
+def doctor(site_dir: SiteDir, *, insecure: bool = False, wire: WireRecorder | None = None) -> int:
     """Each check prints ok or FAIL with what to do; exit 1 if any failed."""
     failures = 0
 
@@ -287,7 +300,7 @@ def doctor(site_dir: SiteDir, *, insecure: bool = False) -> int:
             else "; signed requests fail beyond ±300 s: synchronise this machine's clock (NTP)"
         ),
     )
-    _, client = _signed_client(site_dir, insecure=insecure)
+    _, client = _signed_client(site_dir, insecure=insecure, wire=wire)
     try:
         me = client.get("/api/v1/agent/whoami/")
         report(True, "certificate accepted", f"serial {me['certificate_serial']}, not revoked")
@@ -299,7 +312,7 @@ def doctor(site_dir: SiteDir, *, insecure: bool = False) -> int:
 
 
 def _certificate_dates(site_dir: SiteDir) -> tuple[bool, str]:
-    from cryptography import x509  # noqa: PLC0415
+    from cryptography import x509
 
     try:
         cert = x509.load_pem_x509_certificate(site_dir.cert_path.read_bytes())

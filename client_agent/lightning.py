@@ -82,7 +82,6 @@ Differences from NVFlare's adapter, as far as a user can see them:
 from __future__ import annotations
 
 import importlib
-import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -108,6 +107,7 @@ from client_agent.api import (
     system_info,
 )
 from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
+from common.validators import is_int, is_number
 
 __all__ = [
     "ClientAPIError",
@@ -201,7 +201,7 @@ def _scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             if value.numel() != 1:
                 continue
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if not is_number(value):
             continue
         out[str(key)] = float(value)
     return out
@@ -268,7 +268,7 @@ class _FLCallbackHooks:
 
     def remember_limits(self, trainer: Any) -> None:
         max_epochs = trainer.fit_loop.max_epochs
-        self.max_epochs = max_epochs if isinstance(max_epochs, int) and max_epochs >= 0 else None
+        self.max_epochs = max_epochs if is_int(max_epochs) and max_epochs >= 0 else None
         self.max_steps = int(trainer.fit_loop.epoch_loop.max_steps)
 
     def begin_round(self, trainer: Any, pl_module: Any) -> None:

@@ -4,7 +4,9 @@ Standard library only (``http.client``), so a site needs nothing but the agent e
 request is signed afresh (a nonce may be used once), so retrying means calling again. Errors
 from the portal arrive as ``{"code", "message", "field"}`` and are raised as
 :class:`PortalError` with those; a portal that cannot be reached raises
-:class:`PortalUnreachable`.
+:class:`PortalUnreachable`. A round's calls raise :class:`RoundClosed` when the round's task
+takes nothing more, and an app archive that is not what the portal said raises
+:class:`AppArchiveMismatch`: the caller decides on kinds of failure, not HTTP statuses.
 """
 
 from __future__ import annotations
@@ -15,35 +17,47 @@ import ipaddress
 import json
 import os
 import ssl
+import struct
+import threading
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from client_agent import signing
+from client_agent.protocol import HEADER_AGENT_VERSION, HEADER_CONTENT_SHA256
 
 CHUNK = 1 << 20
-HEADER_CONTENT_SHA256 = "X-Content-SHA256"
-HEADER_AGENT_VERSION = "X-FedPortal-Agent-Version"
 
-# Every byte the agent sends goes through PortalClient or the WebSocket; `run --wire-log`
-# installs a recorder here, so a site admin (and the tests) can see all that leaves the site.
+# Every byte the agent sends goes through PortalClient or the WebSocket. Given a recorder,
+# PortalClient (and the agent, for its socket) calls ``recorder(channel, method, path, body)``
+# for everything it sends: ``channel`` is ``http`` or ``ws``, and a streamed update is passed
+# as its safetensors header (the tensor names, dtypes and shapes), not its whole body.
 WireRecorder = Callable[[str, str, str, bytes], None]
-_recorder: WireRecorder | None = None
 
 
-def record_outgoing(recorder: WireRecorder | None) -> None:
-    """Call ``recorder(channel, method, path, body)`` for everything sent (tests only).
+class WireLog:
+    """A :data:`WireRecorder` that appends one JSON line per thing sent to a file
+    (``run --wire-log``): channel, method, path, size, and the body itself when it is JSON, or
+    the tensor names and shapes when it is a model update. For a site admin who wants to see
+    exactly what leaves the site."""
 
-    A streamed update is passed as its safetensors header (the tensor names, dtypes and
-    shapes), not its whole body. ``channel`` is ``http`` or ``ws``."""
-    global _recorder
-    _recorder = recorder
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()  # the socket's loop and a round's thread both send
 
-
-def _record(channel: str, method: str, path: str, body: bytes) -> None:
-    if _recorder is not None:
-        _recorder(channel, method, path, body)
+    def __call__(self, channel: str, method: str, path: str, body: bytes) -> None:
+        entry: dict[str, Any] = {"channel": channel, "method": method, "path": path}
+        entry["bytes"] = len(body)
+        if body[:1] == b"{":
+            entry["json"] = json.loads(body)
+        elif body:
+            (length,) = struct.unpack("<Q", body[:8])
+            header = json.loads(body[8 : 8 + length])
+            entry["safetensors"] = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+        with self.lock, open(self.path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
 
 
 class PortalUnreachable(ConnectionError):
@@ -62,6 +76,12 @@ class PortalError(RuntimeError):
         super().__init__(f"HTTP {status} {code}{where}: {message}")
 
     @property
+    def transient(self) -> bool:
+        """The portal cannot take it now (5xx: restarting, its disk full; 429: throttled): the
+        same request may succeed later."""
+        return self.status >= 500 or self.status == 429
+
+    @property
     def refused_for_good(self) -> bool:
         """The site's credentials will not work again: revoked, unknown or not enrolled."""
         return self.code in {
@@ -71,6 +91,28 @@ class PortalError(RuntimeError):
             "certificate_untrusted",
             "site_not_enrolled",
         }
+
+
+class RoundClosed(PortalError):
+    """A round's task takes nothing more (HTTP 409): answered already, or the round closed
+    meanwhile. Nothing to retry; the portal moves on without this site's answer."""
+
+
+class AppArchiveMismatch(Exception):
+    """The app archive that arrived is not the one the job was submitted with: its SHA-256
+    differs from the job's. Corruption, not a network hiccup: fetching it again brings the
+    same bytes."""
+
+
+@contextmanager
+def _round_call() -> Iterator[None]:
+    """A call about a round's task: its 409 becomes :class:`RoundClosed`."""
+    try:
+        yield
+    except PortalError as exc:
+        if exc.status == 409 and not isinstance(exc, RoundClosed):
+            raise RoundClosed(exc.status, exc.code, exc.message, exc.field) from exc
+        raise
 
 
 class InsecurePortal(ValueError):
@@ -145,6 +187,7 @@ class PortalClient:
         timeout: float = 60.0,
         insecure: bool = False,
         insecure_flag: str = "--insecure",
+        wire: WireRecorder | None = None,
     ) -> None:
         self.url = portal_url.rstrip("/")
         self.scheme, self.host, self.port, self.base = split_url(portal_url)
@@ -155,6 +198,12 @@ class PortalClient:
         self.agent_version = agent_version
         self.api_token = api_token
         self.timeout = timeout
+        self.wire = wire
+
+    def record(self, channel: str, method: str, path: str, body: bytes) -> None:
+        """Show ``body``, about to be sent, to the wire recorder, if there is one."""
+        if self.wire is not None:
+            self.wire(channel, method, path, body)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -227,7 +276,7 @@ class PortalClient:
     def _json_call(self, method: str, path: str, payload: Any = None) -> Any:
         body = b"" if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        _record("http", method, path, body)
+        self.record("http", method, path, body)
         connection, response = self._send(method, path, body=body, headers=headers)
         return self._json_reply(method, path, connection, response)
 
@@ -262,7 +311,7 @@ class PortalClient:
 
         The portal's X-Content-SHA256, when sent, must match what arrived.
         """
-        _record("http", "GET", path, b"")
+        self.record("http", "GET", path, b"")
         connection, response = self._send("GET", path)
         partial = dest.with_name(dest.name + ".part")
         digest = hashlib.sha256()
@@ -285,6 +334,30 @@ class PortalClient:
             raise PortalUnreachable(f"GET {self.url}{path}: the download was cut short or damaged")
         os.replace(partial, dest)
         return digest.hexdigest()
+
+    def download_app(self, path: str, dest: Path, *, sha256: str) -> str:
+        """:meth:`download` a job's app archive, which must hash to ``sha256`` (the job's; no
+        check when empty); otherwise it is deleted and :class:`AppArchiveMismatch` raised."""
+        digest = self.download(path, dest)
+        if sha256 and digest != sha256:
+            dest.unlink(missing_ok=True)
+            raise AppArchiveMismatch(
+                f"the app archive does not match its SHA-256: the job's is {sha256}, "
+                f"the portal sent {digest}"
+            )
+        return digest
+
+    def round_model(self, path: str, dest: Path) -> str:
+        """:meth:`download` the model a round starts from; :class:`RoundClosed` when the
+        round's task takes nothing more."""
+        with _round_call():
+            return self.download(path, dest)
+
+    def round_update(self, path: str, file: Path) -> Any:
+        """:meth:`upload` a round's update; :class:`RoundClosed` when the round's task takes
+        nothing more (answered already, or the round closed)."""
+        with _round_call():
+            return self.upload(path, file)
 
     def post_file(self, path: str, file: Path, content_type: str) -> Any:
         """POST ``file`` as the body (a multipart form written to disk), streamed."""
@@ -317,11 +390,11 @@ class PortalClient:
             while chunk := fh.read(CHUNK):
                 digest.update(chunk)
         hexdigest = digest.hexdigest()
-        if _recorder is not None:
+        if self.wire is not None:
             with open(file, "rb") as fh:  # the safetensors header: what the tensors are
                 head = fh.read(8)
                 head += fh.read(int.from_bytes(head, "little"))
-            _record("http", "PUT", path, head)
+            self.record("http", "PUT", path, head)
         connection, response = self._send(
             "PUT",
             path,

@@ -7,7 +7,9 @@ Layout (``--dir``, default ``$FEDPORTAL_SITE_DIR`` or ``./fedportal-site``)::
     site.crt      the site's certificate, issued by the project's CA
     ca.crt        the project CA's certificate
     jobs/<uid>/   one workspace per job: app/ (the client script), models/, updates/, work/,
-                  log.txt, spec.json, and app-rejected.json when its app archive was refused
+                  log.txt, spec.json, and app-rejected.json when its app archive was refused;
+                  models/round-NNN.safetensors is the model round NNN starts from, and
+                  updates/round-NNN.safetensors its update (rounds counted from 0)
 """
 
 from __future__ import annotations

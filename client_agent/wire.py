@@ -36,6 +36,7 @@ from client_agent.frames import dumps as dumps
 from client_agent.frames import encode_frame as encode_frame
 from client_agent.frames import recv_frame as recv_frame
 from client_agent.frames import send_frame as send_frame
+from common.validators import is_int
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ _NUMPY_FLOATS = {"F64": np.float64, "F32": np.float32}
 @cache
 def torch_dtypes() -> dict[str, torch.dtype]:
     """safetensors dtype name → torch dtype, for the names we accept."""
-    import torch  # noqa: PLC0415 - only where tensors are made
+    import torch  # only where tensors are made
 
     return {
         "F64": torch.float64,
@@ -95,7 +96,7 @@ def to_tensor_dict(params: Mapping[str, Any], *, what: str = "params") -> dict[s
     Tensors that share storage (tied weights) are cloned, because safetensors refuses shared
     storage and the receiver loads each name on its own anyway.
     """
-    import torch  # noqa: PLC0415
+    import torch
 
     if not isinstance(params, Mapping):
         raise TypeError(f"{what} must be a mapping of name to tensor, got {type(params).__name__}")
@@ -150,7 +151,7 @@ def write_model_file(path: str | os.PathLike[str], model: FLModel) -> Path:
         raise TypeError(f"FLModel metrics/meta must be JSON values: {exc}") from None
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    from safetensors.torch import save_file  # noqa: PLC0415 - imports torch
+    from safetensors.torch import save_file  # imports torch
 
     save_file(tensors, str(tmp), metadata={METADATA_KEY: header_json})
     os.replace(tmp, path)
@@ -202,15 +203,12 @@ def _check_layout(filename: str, header: dict[str, Any], data_len: int) -> None:
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_NAMES:
             raise WireFormatError(f"{filename}: tensor {name!r} has unsupported dtype {dtype!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (
-            isinstance(shape, list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
+        if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
             raise WireFormatError(f"{filename}: tensor {name!r} has an invalid shape {shape!r}")
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and all(is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise WireFormatError(f"{filename}: tensor {name!r} lies outside the file")
@@ -293,7 +291,7 @@ def read_model_file(path: str | os.PathLike[str]) -> FLModel:
     """
     _, metadata = read_header(path)
     fields = model_fields(metadata, Path(path).name)
-    from safetensors.torch import load_file  # noqa: PLC0415 - imports torch
+    from safetensors.torch import load_file  # imports torch
 
     try:
         params = load_file(str(path))
@@ -318,7 +316,7 @@ def model_fields(metadata: Mapping[str, str], filename: str) -> dict[str, Any]:
             raise WireFormatError(f"{filename}: {name} must be a JSON object")
     for name in ("current_round", "total_rounds", "start_round"):
         value = fields.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and not is_int(value):
             raise WireFormatError(f"{filename}: {name} must be an integer, got {value!r}")
     return {
         "params_type": params_type,

@@ -37,9 +37,12 @@ class AppFile:
 
 @contextmanager
 def _archive(job: Job) -> Iterator[zipfile.ZipFile]:
+    name = job.app_archive.name
+    if name is None:  # only an unsaved job's; the column is required
+        raise AppArchiveUnreadable("The job has no app archive.")
     try:
         with (
-            job.app_archive.storage.open(job.app_archive.name, "rb") as fh,
+            job.app_archive.storage.open(name, "rb") as fh,
             zipfile.ZipFile(fh) as zf,
         ):
             yield zf

@@ -2,7 +2,7 @@
 
 A signed-in person who may see the job (or project) joins its Channels groups and receives
 every event published there (``job.state``, ``job.decision``, ``round.state``, ``task.state``,
-``metric``, ``log``, and ``site.status`` of the project's sites) as the JSON object
+``metrics``, ``log``, and ``site.status`` of the project's sites) as the JSON object
 ``jobs.events`` / ``sites.events`` built. Anyone else is refused at the handshake (close code
 4404, as the page would be 404): the same selectors as the API decide. The socket is one-way;
 messages from the browser are ignored.
@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -39,7 +40,10 @@ from fedportal import sockets
 from fedportal.events import job_group, project_group, session_group, sites_group, user_group
 from jobs.selectors import jobs_visible_to
 from sites.events import SIGNED_OUT
-from sites.selectors import projects_visible_to
+from sites.selectors import UserLike, project_visible_to
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 CLOSE_NOT_FOUND = sockets.CLOSE_NOT_FOUND
 CLOSE_SIGNED_OUT = sockets.CLOSE_UNAUTHENTICATED
@@ -51,18 +55,18 @@ _GONE = {
 }
 
 
-def groups_for(user: Any, kwargs: dict[str, Any]) -> list[str] | None:
+def groups_for(user: UserLike | None, kwargs: dict[str, Any]) -> list[str] | None:
     """The groups ``user`` may listen to for the URL's job or project; None when they may not
     see it (or it does not exist: the same answer). The first is the page's own group."""
     if "uid" in kwargs:
         job = jobs_visible_to(user).filter(uid=kwargs["uid"]).values_list("pk", "project_id")
         found = job.first()
         return [job_group(found[0]), sites_group(found[1])] if found is not None else None
-    project = projects_visible_to(user).filter(slug=kwargs.get("slug", "")).first()
+    project = project_visible_to(user, str(kwargs.get("slug", "")))
     return [project_group(project.pk), sites_group(project.pk)] if project is not None else None
 
 
-def session_user(session_key: str | None) -> Any:
+def session_user(session_key: str | None) -> User | None:
     """The person signed in with ``session_key`` now, read from the session store and the
     database as :func:`django.contrib.auth.get_user` reads them for a request, or None: the
     session ended or expired, its backend is no longer configured, the account is inactive
@@ -86,11 +90,9 @@ def session_user(session_key: str | None) -> Any:
     )
     if user is None:
         return None
-    secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
-    if not any(
-        constant_time_compare(session_hash, user._get_session_auth_hash(secret=secret))
-        for secret in secrets
-    ):
+    # The current secret key's hash, then each fallback key's, as get_user tries them.
+    hashes = itertools.chain([user.get_session_auth_hash()], user.get_session_auth_fallback_hash())
+    if not any(constant_time_compare(session_hash, known) for known in hashes):
         return None
     return user
 
@@ -106,7 +108,8 @@ def access_recheck(session_key: str | None, user_id: int, kwargs: dict[str, Any]
     return None
 
 
-class DashboardConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
+# Channels ships no type information: to mypy its consumer base is Any.
+class DashboardConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     joined: list[str]
     user_id: int | None = None
     session_key: str | None = None

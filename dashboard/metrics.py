@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from asgiref.sync import sync_to_async
 
+from common.rounds import round_for_people
 from jobs.models import Job, MetricPoint
 from sites.models import Site
 
@@ -92,9 +93,11 @@ def metric_charts(job: Job, *, limit: int = MAX_CHART_POINTS) -> dict[str, Any]:
     # One pass in the order the points were recorded, a few cheap statements a point
     # (measured: ~0.2 µs); placing, sorting and cutting each series is numpy's.
     series: dict[tuple[str, int | None, bool], tuple[list[Any], list[float]]] = {}
+    site_id: int | None  # None: the round's aggregate
+    x: int | None
     for key, value, step, round_number, site_id in rows:
         if step is None and round_number is not None:
-            ref, x = (key, site_id, True), round_number + 1
+            ref, x = (key, site_id, True), round_for_people(round_number)
         else:
             ref, x = (key, site_id, False), step  # None: placed once the series is complete
         entry = series.get(ref)
@@ -149,7 +152,7 @@ def _csv_batch(job_id: int, names: dict[int, str], after_id: int) -> tuple[str, 
     csv.writer(out, lineterminator="\n").writerows(
         (
             AGGREGATE if site_id is None else names.get(site_id, ""),
-            "" if round_number is None else round_number + 1,
+            "" if round_number is None else round_for_people(round_number),
             "" if step is None else step,
             _cell(key),
             repr(value),

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 from django import forms
+from django.core.files.uploadedfile import UploadedFile
 from django.db.models import QuerySet
 
 from jobs.bundle import BUNDLE_FORMAT
@@ -19,7 +20,9 @@ from jobs.models import Job
 from jobs.services.submission import MAX_ROUND_TIMEOUT_SECONDS
 from jobs.workflows.base import _registry as workflow_registry
 
-# A service error's field → the form field it belongs beside.
+# A service error's field → the form field it belongs beside; ``spec.params.<name>`` goes beside
+# the chosen workflow's parameter <name>.
+PARAMS = "spec.params."
 SERVICE_FIELDS = {
     "spec.name": "name",
     "spec.workflow": "workflow",
@@ -47,11 +50,15 @@ def _field_for(schema: Mapping[str, Any], *, label: str) -> forms.Field:
         return forms.ChoiceField(choices=choices, required=False, label=label, help_text=help_text)
     kinds = schema.get("type")
     kinds = set(kinds) if isinstance(kinds, list) else {kinds}
-    bounds = {"min_value": schema.get("minimum"), "max_value": schema.get("maximum")}
+    low, high = schema.get("minimum"), schema.get("maximum")
     if "integer" in kinds:
-        return forms.IntegerField(required=False, label=label, help_text=help_text, **bounds)
+        return forms.IntegerField(
+            required=False, label=label, help_text=help_text, min_value=low, max_value=high
+        )
     if "number" in kinds:
-        return forms.FloatField(required=False, label=label, help_text=help_text, **bounds)
+        return forms.FloatField(
+            required=False, label=label, help_text=help_text, min_value=low, max_value=high
+        )
     if "boolean" in kinds:
         return forms.BooleanField(required=False, label=label, help_text=help_text)
     return forms.CharField(required=False, label=label, help_text=help_text)
@@ -144,7 +151,8 @@ class JobSubmitForm(forms.Form):
         return [(name, [self[f] for f in fields]) for name, fields in self.workflow_params.items()]
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        super().clean()
+        data = self.cleaned_data
         chosen = data.get("workflow")
         if chosen in self.workflow_params:
             required = workflows()[chosen].PARAMETERS.get("required", ())
@@ -181,14 +189,16 @@ class JobSubmitForm(forms.Form):
         """The form field a service error's ``field`` belongs beside."""
         if not field:
             return None
-        if field.startswith("spec.params."):
-            return param_field_name(self.cleaned_data.get("workflow", ""), field.split(".")[2])
+        if field.startswith(PARAMS):
+            workflow = self.cleaned_data.get("workflow", "")
+            return param_field_name(workflow, field.removeprefix(PARAMS))
         return SERVICE_FIELDS.get(field)
 
     def app_archive(self) -> IO[bytes]:
         """The uploaded zip, or the chosen earlier job's stored archive (opened for reading)."""
-        upload = self.cleaned_data.get("app")
+        upload: UploadedFile[bytes] | None = self.cleaned_data.get("app")
         if upload:
-            return upload  # type: ignore[no-any-return]
-        job = self.earlier[self.cleaned_data["earlier_app"]]
-        return job.app_archive.storage.open(job.app_archive.name, "rb")  # type: ignore[no-any-return]
+            return upload
+        archive = self.earlier[self.cleaned_data["earlier_app"]].app_archive
+        assert archive.name is not None  # a submitted job always stored its archive
+        return archive.storage.open(archive.name, "rb")

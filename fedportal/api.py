@@ -2,12 +2,14 @@
 
 Every error body is ``{"code": "...", "message": "...", "field": "..."}`` (``field`` when one
 input is at fault). Views raise ``common.exceptions.DomainError`` subclasses (through the
-services) or DRF's own exceptions; neither builds an error response itself.
+services) or DRF's own exceptions; neither builds an error response itself. The view bases
+and the input and schema helpers they share are in :mod:`fedportal.api_views`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import IO, Any
 
 from django.conf import settings
@@ -35,7 +37,7 @@ class JSONParser(parsers.JSONParser):
         self,
         stream: IO[bytes] | None,
         media_type: str | None = None,
-        parser_context: dict[str, Any] | None = None,
+        parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
         if stream is None:
             return None
@@ -88,7 +90,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     # Imported here, not at the top: DRF's settings name this module's parser and paginator,
     # and rest_framework.views reads those settings when it is imported, so importing it while
     # this module loads is a cycle (it broke Celery's start-up checks).
-    from rest_framework.views import exception_handler as drf_exception_handler  # noqa: PLC0415
+    from rest_framework.views import exception_handler as drf_exception_handler
 
     if isinstance(exc, DomainError):
         return Response(exc.as_dict(), status=exc.status)
@@ -115,8 +117,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         response.data = {"code": code, "message": str(exc.detail)}
         if isinstance(exc, exceptions.ParseError):
             response.data["field"] = "body"
-        if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
-            wait = max(1, math.ceil(exc.wait))
-            response.data["message"] = f"{exc.detail} Try again in {wait} s."
-            response.data["retry_after_seconds"] = wait
+        if isinstance(exc, exceptions.Throttled):
+            # Set by DRF's __init__ (seconds, or None); its stubs do not declare it.
+            wait_s: float | None = getattr(exc, "wait", None)
+            if wait_s is not None:
+                wait = max(1, math.ceil(wait_s))
+                response.data["message"] = f"{exc.detail} Try again in {wait} s."
+                response.data["retry_after_seconds"] = wait
     return response

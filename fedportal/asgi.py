@@ -46,7 +46,7 @@ from django.conf import settings  # noqa: E402
 from fedportal.bodylimits import BodyLimitMiddleware  # noqa: E402
 from fedportal.routing import websocket_application  # noqa: E402
 
-http_app = django_asgi_app
+http_app: ASGIHandler = django_asgi_app
 if settings.FEDPORTAL_SERVE_STATIC:
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 

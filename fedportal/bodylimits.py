@@ -238,7 +238,7 @@ async def sender_check(
     ``address`` is the client's. Records nothing (no nonce, no heartbeat, no session change)
     but a wrong API token, which counts against the address as it would in the view: the view
     authenticates the request again, fully, once the body is in."""
-    from channels.db import database_sync_to_async  # noqa: PLC0415 - Django is set up by now
+    from channels.db import database_sync_to_async  # Django is set up by now
 
     if sender is Sender.SITE:
         await database_sync_to_async(_site_check)(
@@ -253,10 +253,10 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
     update the portal will keep (one for an open task of its own), not with gigabytes for a job
     it is not in, or for a task it has already answered, which the view would refuse after
     reading them."""
-    from common.exceptions import AuthenticationError, DomainError  # noqa: PLC0415
-    from jobs.api.authentication import streamed_upload_verify  # noqa: PLC0415
-    from jobs.services.sites import job_for_site, task_for_site, task_takes_update  # noqa: PLC0415
-    from sites.authentication import signed_target  # noqa: PLC0415
+    from common.exceptions import AuthenticationError, DomainError
+    from jobs.api.authentication import streamed_upload_verify
+    from jobs.selectors import job_for_site, task_for_site, task_takes_update
+    from sites.authentication import signed_target
 
     try:
         identity = streamed_upload_verify(
@@ -277,17 +277,17 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
 
 
 def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:
-    from importlib import import_module  # noqa: PLC0415
-    from types import SimpleNamespace  # noqa: PLC0415
+    from importlib import import_module
+    from types import SimpleNamespace
 
-    from django.contrib.auth import get_user  # noqa: PLC0415
-    from django.http.cookie import parse_cookie  # noqa: PLC0415
-    from rest_framework.exceptions import Throttled  # noqa: PLC0415
+    from django.contrib.auth import get_user
+    from django.http.cookie import parse_cookie
+    from rest_framework.exceptions import Throttled
 
-    from common.exceptions import AuthenticationError  # noqa: PLC0415
-    from fedportal.throttling import CredentialFailures  # noqa: PLC0415
-    from sites.authentication import api_token_authenticate  # noqa: PLC0415
-    from sites.secret_tokens import API_TOKEN_PREFIX  # noqa: PLC0415
+    from common.exceptions import AuthenticationError
+    from fedportal.throttling import CredentialFailures
+    from sites.authentication import api_token_authenticate
+    from sites.secret_tokens import API_TOKEN_PREFIX
 
     lowered = {name.lower(): value for name, value in headers.items()}
     parts = lowered.get("authorization", "").split()
@@ -298,7 +298,8 @@ def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:
         try:
             failures.refuse_if_over(client)  # type: ignore[arg-type]
         except Throttled as exc:
-            wait = int(exc.wait or 0) + 1
+            # DRF sets Throttled.wait (seconds, or None); its stubs do not declare it.
+            wait = int(exc.wait or 0) + 1  # type: ignore[attr-defined]
             raise SenderUnknown(
                 "throttled", f"{exc.detail} Try again in {wait} s.", status=429
             ) from None

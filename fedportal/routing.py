@@ -31,7 +31,7 @@ websocket_urlpatterns: list[URLPattern] = [
 CLOSE_NO_ROUTE = 4404
 
 
-class WebSocketRouter(URLRouter):
+class WebSocketRouter(URLRouter):  # type: ignore[misc]  # Channels ships no type information
     """Channels' ``URLRouter`` that refuses a path it has no route for with close code 4404
     instead of raising ``ValueError``."""
 

@@ -15,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedportal.settings.base")
-    from fedportal.server import PortalCommandLine  # noqa: PLC0415 - installs the reactor
+    from fedportal.server import PortalCommandLine  # installs the reactor
 
     PortalCommandLine().run(sys.argv[1:] if argv is None else argv)
 

@@ -46,13 +46,16 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from daphne.cli import CommandLineInterface
 from daphne.http_protocol import HTTPFactory, WebRequest
 from daphne.utils import parse_x_forwarded_for
 from twisted.internet import defer
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http
 
 from fedportal import bodylimits
@@ -93,6 +96,9 @@ class GuardedRequest(WebRequest):
     _held: list[bytes] | None = None
     _held_request: tuple[bytes, bytes, bytes] | None = None
     _expect_continue = False
+    # Twisted's file of the body (BytesIO or a temporary file), until process() swaps in a
+    # _BodyHandle.
+    content: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -361,7 +367,7 @@ class GuardedChannel(http.HTTPChannel):
             self._arm_header_timer()
         super().requestDone(request)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel("_header_call")
         self._cancel("_body_call")
         self._cancel("_linger_call")
@@ -389,15 +395,20 @@ class GuardedChannel(http.HTTPChannel):
         self._cancel("_body_call")
         self.setTimeout(None)
 
-        def discard(*args: Any) -> None:
+        def discard(data: bytes) -> None:
             return None
 
         self.dataReceived = discard  # type: ignore[method-assign]
         self.lineReceived = discard  # type: ignore[method-assign]
         self.rawDataReceived = discard  # type: ignore[method-assign]
 
+    def _connection(self) -> ITCPTransport:
+        """The transport: set from connectionMade until connectionLost, which cancels the
+        timers that call this; a TCP (or TLS) connection, which can be aborted."""
+        return cast(ITCPTransport, self.transport)
+
     def linger_close(self) -> None:
-        transport = self.transport
+        transport = self._connection()
         self._networkProducer.resumeProducing()
         lose_write = getattr(transport, "loseWriteConnection", None)
         if lose_write is not None:
@@ -411,7 +422,7 @@ class GuardedChannel(http.HTTPChannel):
     def _now(self) -> float:
         from twisted.internet import reactor
 
-        return float(reactor.seconds())  # type: ignore[attr-defined]
+        return float(reactor.seconds())
 
     def _cancel(self, name: str) -> None:
         call = getattr(self, name)
@@ -427,13 +438,13 @@ class GuardedChannel(http.HTTPChannel):
         self._header_call = None
         log.info("closed a connection whose request headers did not arrive in time")
         self.stop_reading_requests()
-        self.transport.loseConnection()
+        self._connection().loseConnection()
 
     def _body_timed_out(self) -> None:
         self._body_call = None
         request = self.requests[-1] if self.requests else None
         if request is None:
-            self.transport.loseConnection()
+            self._connection().loseConnection()
             return
         request.refuse(
             408,

@@ -35,6 +35,7 @@ def client_address(request: HttpRequest) -> str | None:
     return _client_address(request)
 
 
+# Ignored: axes ships no type information, so its handler is Any to mypy.
 class SignInAttemptHandler(AxesDatabaseHandler):  # type: ignore[misc]
     """Axes' database handler with a limit per account and a larger one per address.
 

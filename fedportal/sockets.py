@@ -39,14 +39,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from django.conf import settings
 
-from client_agent import jsonlimits
+from client_agent import jsonlimits, protocol
 
 log = logging.getLogger(__name__)
 
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_REVOKED = 4403
+# The codes an agent also meets are defined where the agent reads them.
+CLOSE_UNAUTHENTICATED = protocol.CLOSE_UNAUTHENTICATED
+CLOSE_REVOKED = protocol.CLOSE_REVOKED
 CLOSE_NOT_FOUND = 4404
-CLOSE_REPLACED = 4409
+CLOSE_REPLACED = protocol.CLOSE_REPLACED
 CLOSE_TOO_MANY = 4429
 
 # Before forwarding an event, a socket whose last check is older than this checks again: a
@@ -96,7 +97,7 @@ async def socket_claim(user_id: int, channel: str) -> bool:
     the person holds the maximum already, or Redis cannot be reached."""
     try:
         async with _client() as client:
-            claimed = await client.eval(  # type: ignore[misc]
+            claimed = await client.eval(
                 _CLAIM, 1, _key(user_id), channel, max_sockets_per_user(), claim_seconds()
             )
     except (aioredis.RedisError, OSError) as exc:

@@ -45,6 +45,10 @@ class _AddressThrottle(SimpleRateThrottle):
     """A DRF throttle per client address, whose rate may name a multiple of its unit
     (``"20/10minute"``: 20 in ten minutes) besides DRF's ``"20/minute"``."""
 
+    # Set by SimpleRateThrottle.__init__ from parse_rate; DRF's stubs do not declare them.
+    num_requests: int | None
+    duration: int | None
+
     def get_cache_key(self, request: Request, view: Any) -> str:
         ident = client_address(request) or "unknown"
         return self.cache_format % {"scope": self.scope, "ident": ident}

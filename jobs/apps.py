@@ -13,7 +13,7 @@ def _on_job_deleted(*, instance: Any, **_: Any) -> None:
 def _on_site_heartbeat(**kwargs: Any) -> None:
     # Imported when a heartbeat comes, not at start-up: the rounds service imports torch
     # (~1 s), which commands such as `migrate` or PocEnv's `poc_setup` never need.
-    from jobs.services.rounds import on_site_heartbeat  # noqa: PLC0415
+    from jobs.services.rounds import on_site_heartbeat
 
     on_site_heartbeat(**kwargs)
 

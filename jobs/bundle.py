@@ -30,6 +30,7 @@ from client_agent.app_archive import BundleError as BundleError
 from client_agent.app_archive import check_app_archive as check_app_archive
 from client_agent.app_archive import extract_app as extract_app
 from client_agent.wire import WireFormatError, load_state_dict, read_header, save_state_dict
+from common.validators import FieldError
 from jobs.workflows import Workflow, workflow_from_spec
 
 if TYPE_CHECKING:
@@ -85,8 +86,9 @@ def copy_app(source: Path, dest: Path, exclude: Iterable[Path] = ()) -> None:
     total = sum(f.stat().st_size for f in files)
     if total > MAX_APP_BYTES:
         raise BundleError(
-            f"train_script: its folder {source} holds {total / 1e6:.0f} MB; the app is limited "
-            f"to {MAX_APP_BYTES / 1e6:.0f} MB (keep data and checkpoints outside it)"
+            "train_script",
+            f"its folder {source} holds {total / 1e6:.0f} MB; the app is limited "
+            f"to {MAX_APP_BYTES / 1e6:.0f} MB (keep data and checkpoints outside it)",
         )
     dest.mkdir(parents=True)
     for file in files:
@@ -137,20 +139,20 @@ class JobBundle:
         try:
             spec = json.loads(spec_path.read_text())
         except FileNotFoundError:
-            raise BundleError(f"{SPEC_FILE}: missing from {root}") from None
+            raise BundleError(SPEC_FILE, f"missing from {root}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{SPEC_FILE}: not JSON ({exc})") from None
+            raise BundleError(SPEC_FILE, f"not JSON ({exc})") from None
         checked = check_spec(spec)
         if not (root / APP_DIR / checked.train_script).is_file():
             raise BundleError(
-                f"train_script: {checked.train_script!r} is not in the bundle's app folder"
+                "train_script", f"{checked.train_script!r} is not in the bundle's app folder"
             )
         try:
             tensors, _ = read_header(root / MODEL_FILE)
         except WireFormatError as exc:
-            raise BundleError(f"{MODEL_FILE}: {exc}") from None
+            raise BundleError(MODEL_FILE, str(exc)) from None
         if not tensors:
-            raise BundleError(f"{MODEL_FILE}: holds no tensors")
+            raise BundleError(MODEL_FILE, "holds no tensors")
         return cls(
             root=root,
             name=checked.name,
@@ -171,29 +173,31 @@ class CheckedSpec:
 def check_spec(spec: Any) -> CheckedSpec:
     """Check a job spec (``job.json``); :class:`BundleError` names the field that is wrong."""
     if not isinstance(spec, dict):
-        raise BundleError(f"{SPEC_FILE}: must be a JSON object")
+        raise BundleError(SPEC_FILE, "must be a JSON object")
     if spec.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"format: expected {BUNDLE_FORMAT}, got {spec.get('format')!r}")
+        raise BundleError("format", f"expected {BUNDLE_FORMAT}, got {spec.get('format')!r}")
     name = spec.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise BundleError(f"name: {name!r} is not a job name (letters, digits, . _ -)")
+        raise BundleError("name", f"{name!r} is not a job name (letters, digits, . _ -)")
     try:
         workflow = workflow_from_spec(str(spec.get("workflow")), spec.get("params") or {})
-    except (TypeError, ValueError) as exc:
-        raise BundleError(str(exc)) from None
+    except FieldError as exc:
+        raise BundleError(exc.field, exc.reason) from None
+    except (TypeError, ValueError) as exc:  # a workflow that names no field: its params are wrong
+        raise BundleError("params", str(exc)) from None
     script = spec.get("train_script")
     if not isinstance(script, str) or not script:
-        raise BundleError("train_script: missing")
+        raise BundleError("train_script", "missing")
     script_rel = PurePosixPath(script)
     if script_rel.is_absolute() or ".." in script_rel.parts or "\\" in script:
-        raise BundleError(f"train_script: {script!r} must be a path inside the app folder")
+        raise BundleError("train_script", f"{script!r} must be a path inside the app folder")
     args = spec.get("train_args", "")
     if not isinstance(args, str):
-        raise BundleError("train_args: must be a string")
+        raise BundleError("train_args", "must be a string")
     try:
         shlex.split(args)
     except ValueError as exc:
-        raise BundleError(f"train_args: {exc}") from None
+        raise BundleError("train_args", str(exc)) from None
     return CheckedSpec(name=name, workflow=workflow, train_script=script, train_args=args)
 
 
@@ -220,7 +224,7 @@ def write_bundle(
 ) -> Path:
     """Write a bundle folder at ``dest``, which must not exist yet; see :func:`copy_app`."""
     if dest.exists():
-        raise BundleError(f"export: {dest} already exists")
+        raise BundleError("export", f"{dest} already exists")
     dest.mkdir(parents=True)
     try:
         copy_app(app_source, dest / APP_DIR, exclude=[dest, *exclude])

@@ -3,14 +3,16 @@
 The handshake is a signed GET (the same signature as the agent's HTTP requests), so only an
 enrolled site's agent gets in. Then:
 
-- portal → agent: ``{"type": "welcome", ...}`` once; ``{"type": "event", "event": {...}}`` for
-  every job or task change that concerns the site (the agent takes any as a sign to look for
-  work, and fetches what it needs over signed HTTP); ``{"type": "ack", "id", ...}`` for each
-  batch it sent; ``{"type": "error", "code", "message"}`` just before a close.
+- portal → agent: a ``welcome`` once; an ``event`` for every job or task change that concerns
+  the site (the agent takes any as a sign to look for work, and fetches what it needs over
+  signed HTTP); an ``ack`` for each message with an id; an ``error`` just before a close.
 - agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``failed``) and
   ``report`` (``flare.log`` points and the script's output lines; ``metrics`` and ``log`` are
   accepted as reports with only one of them) — nothing else. Model updates travel over HTTP,
   streamed.
+
+The messages, their close codes and headers are typed in ``client_agent.protocol``, which the
+agent imports too.
 
 Whatever an agent sends, the socket stays open: a message over
 ``client_agent.protocol.MAX_MESSAGE_BYTES``, one that is not a JSON object, a binary frame, a
@@ -43,81 +45,105 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import transaction
 
-from client_agent.protocol import ERROR_TOO_LARGE, MAX_MESSAGE_BYTES
+from client_agent.protocol import (
+    CLOSE_REPLACED,
+    CLOSE_REVOKED,
+    CLOSE_UNAUTHENTICATED,
+    ERROR_BAD_MESSAGE,
+    ERROR_CONNECTION_REPLACED,
+    ERROR_SERVER,
+    ERROR_TOO_LARGE,
+    ERROR_UNKNOWN_MESSAGE,
+    HEADER_AGENT_VERSION,
+    HEARTBEAT,
+    HEARTBEAT_SECONDS,
+    MAX_MESSAGE_BYTES,
+    REPORT_TYPES,
+    TASK,
+    Ack,
+    ErrorBody,
+    ErrorMessage,
+    Event,
+    InvalidReport,
+    Report,
+    TaskProgress,
+    UnknownMessage,
+    Welcome,
+    message_id,
+    unknown_type,
+)
 from common.exceptions import AuthenticationError, DomainError, ValidationFailed
 from fedportal import sockets
 from fedportal.events import site_group
 from jobs.exceptions import SlowDown
-from jobs.services.sites import (
-    job_for_site,
-    log_lines_record,
-    metrics_record,
-    task_for_site,
-    task_mark,
-)
+from jobs.selectors import job_for_site, task_for_site
+from jobs.services.tasks import task_mark
+from jobs.services.telemetry import log_lines_record, metrics_record
 from sites import services as site_services
 from sites.authentication import SiteIdentity, identity_recheck, verify_signed_handshake
+from sites.exceptions import CertificateRevoked
 
 log = logging.getLogger(__name__)
 
-CLOSE_UNAUTHENTICATED = sockets.CLOSE_UNAUTHENTICATED
-CLOSE_REVOKED = sockets.CLOSE_REVOKED
-CLOSE_REPLACED = sockets.CLOSE_REPLACED
-HEARTBEAT_SECONDS = 15
 # A revocation closes the socket at once (the site.revoked event); the certificate is also
 # read again from the database before a message or event at most this often, in case that
 # event was lost (and on every heartbeat, which is what keeps the site online).
 RECHECK_SECONDS = sockets.EVENT_RECHECK_SECONDS
 REPLACED = "agent.replaced"
-AGENT_VERSION_HEADER = b"x-fedportal-agent-version"
+AGENT_VERSION_HEADER = HEADER_AGENT_VERSION.lower().encode()  # as ASGI hands headers over
 
 
 def _handle(
     identity: SiteIdentity, content: dict[str, Any], recheck: bool
-) -> tuple[SiteIdentity, dict[str, Any]]:
+) -> tuple[SiteIdentity, Ack | None]:
     """One agent message, in a worker thread: re-check the certificate (``recheck``), call the
-    service, return the fresh identity and the acknowledgement to send."""
+    service, return the fresh identity and the acknowledgement to send (None: the message has
+    no id to acknowledge)."""
     kind = content.get("type")
-    if recheck or kind == "heartbeat":
+    if recheck or kind == HEARTBEAT:
         identity = identity_recheck(identity)
     site = identity.site
-    if kind == "heartbeat":
-        site_services.site_agent_heartbeat(site=site)
-        return identity, {}
-    if kind == "task":  # progress on a round's task: {"job", "round", "state"}
-        job = job_for_site(job_uid=content.get("job"), site=site)
-        number = content.get("round")
-        if isinstance(number, bool) or not isinstance(number, int):
-            raise _Unexpected("round must be an integer", field="round")
-        task = task_for_site(job=job, site=site, round_number=number)
-        task = task_mark(
-            task=task, state=str(content.get("state")), reason=str(content.get("reason") or "")
-        )
-        return identity, {"state": task.state}
-    if kind in ("report", "metrics", "log"):
-        # A report carries flare.log points and output lines, either or both; "metrics" and
-        # "log" are the same with one of them.
-        points, lines = content.get("points"), content.get("lines")
-        for name, value in (("points", points), ("lines", lines)):
-            if value is not None and not isinstance(value, list):
-                raise ValidationFailed(f"{name} must be a list", field=name)
-        job = job_for_site(job_uid=content.get("job"), site=site)
-        stored = 0
-        with transaction.atomic():
-            if points:
-                stored += metrics_record(job=job, site=site, points=points)
-            if lines:
-                stored += log_lines_record(job=job, site=site, lines=lines)
-        return identity, {"stored": stored}
-    raise _Unexpected(f"unknown message type {kind!r}; send heartbeat, task or report")
+    answer_to = message_id(content)
+    try:
+        if kind == HEARTBEAT:
+            site_services.site_agent_heartbeat(site=site)
+            return identity, None if answer_to is None else Ack(id=answer_to)
+        if kind == TASK:
+            # The job first: an agent naming a job that is not its own hears that, whatever
+            # else the message holds.
+            job = job_for_site(job_uid=content.get("job"), site=site)
+            progress = TaskProgress.parse(content)
+            task = task_for_site(job=job, site=site, round_number=progress.round)
+            task = task_mark(task=task, state=progress.state, reason=progress.reason)
+            return identity, None if answer_to is None else Ack(id=answer_to, state=task.state)
+        if kind in REPORT_TYPES:
+            report = Report.parse(content)
+            job = job_for_site(job_uid=report.job, site=site)
+            stored = 0
+            with transaction.atomic():
+                if report.points:
+                    stored += metrics_record(job=job, site=site, points=report.points)
+                if report.lines:
+                    stored += log_lines_record(job=job, site=site, lines=report.lines)
+            return identity, None if answer_to is None else Ack(id=answer_to, stored=stored)
+        raise unknown_type(kind)
+    except UnknownMessage as exc:
+        raise _Unexpected(exc.message, field=exc.field) from None
+    except InvalidReport as exc:
+        raise ValidationFailed(exc.message, field=exc.field) from None
 
 
 class _Unexpected(DomainError):
-    code = "unknown_message"
+    code = ERROR_UNKNOWN_MESSAGE
     status = 400
 
 
-class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
+def _error_body(exc: DomainError) -> ErrorBody:
+    """A domain error as the agent reads it (``retry_after`` too, for ``slow_down``)."""
+    return ErrorBody.parse(exc.as_dict())
+
+
+class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     identity: SiteIdentity | None = None
     group: str | None = None
     checked_at = 0.0
@@ -131,7 +157,7 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
         except AuthenticationError as exc:
             log.info("agent handshake refused: %s", exc.message)
             await self.accept()
-            await self.send_json({"type": "error", **exc.as_dict()})
+            await self._send(ErrorMessage(_error_body(exc)))
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.checked_at = time.monotonic()
@@ -146,13 +172,8 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
         if replaced:
             await self.channel_layer.send(replaced, {"type": REPLACED})
         await self.accept()
-        await self.send_json(
-            {
-                "type": "welcome",
-                "site": site.name,
-                "project": site.project.slug,
-                "heartbeat_seconds": HEARTBEAT_SECONDS,
-            }
+        await self._send(
+            Welcome(site=site.name, project=site.project.slug, heartbeat_seconds=HEARTBEAT_SECONDS)
         )
         self.watch = asyncio.create_task(self._watch())
         log.info("agent connected: site=%s version=%s", site.name, version or "?")
@@ -165,20 +186,19 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
         if self.identity is None or self.closing:
             return
         if text_data is None:
-            await self._error("bad_message", "send JSON text frames, not binary ones")
+            await self._error(ERROR_BAD_MESSAGE, "send JSON text frames, not binary ones")
             return
         size = len(text_data.encode("utf-8", "replace"))
         content = await self.decode_json(text_data)
         if not isinstance(content, dict):
-            await self._error("bad_message", "not a JSON object")
+            await self._error(ERROR_BAD_MESSAGE, "not a JSON object")
             return
         if size > MAX_MESSAGE_BYTES:
-            await self._answer(
-                content.get("id"),
-                error={
-                    "code": ERROR_TOO_LARGE,
-                    "message": f"a message of {size} bytes; at most {MAX_MESSAGE_BYTES}",
-                },
+            await self._refuse_message(
+                message_id(content),
+                ErrorBody(
+                    ERROR_TOO_LARGE, f"a message of {size} bytes; at most {MAX_MESSAGE_BYTES}"
+                ),
             )
             return
         await self.receive_json(content)
@@ -186,10 +206,10 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if self.identity is None or self.closing or not isinstance(content, dict):
             return
-        message_id = content.get("id")
+        answer_to = message_id(content)
         held = self.lines_held_until - time.monotonic()
         if held > 0 and content.get("lines"):
-            await self._answer(message_id, error=SlowDown(retry_after=held).as_dict())
+            await self._refuse_message(answer_to, _error_body(SlowDown(retry_after=held)))
             return
         try:
             now = time.monotonic()
@@ -200,37 +220,39 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
             if recheck:
                 self.checked_at = now
         except AuthenticationError as exc:
-            await self._refuse(exc.as_dict())
+            await self._refuse(_error_body(exc))
             return
         except SlowDown as exc:
             self.lines_held_until = time.monotonic() + exc.retry_after
-            await self._answer(message_id, error=exc.as_dict())
+            await self._refuse_message(answer_to, _error_body(exc))
             return
         except DomainError as exc:
             # Refused for good (bad data, a job that ended): acknowledged with the error, so the
             # agent drops the batch instead of sending it again.
-            await self._answer(message_id, error=exc.as_dict())
+            await self._refuse_message(answer_to, _error_body(exc))
             return
         except Exception:
             # A fault of ours, not of the message's form: the agent still gets an answer, and
             # the socket (the site's other jobs) stays up.
             log.exception("agent message failed: site=%s", self.identity.site.name)
-            await self._answer(
-                message_id, error={"code": "server_error", "message": "the portal failed"}
-            )
+            await self._refuse_message(answer_to, ErrorBody(ERROR_SERVER, "the portal failed"))
             return
-        await self._answer(message_id, **ack)
+        if ack is not None:
+            await self._send(ack)
 
-    async def _answer(self, message_id: Any, **body: Any) -> None:
-        """Acknowledge message ``message_id``; a message without an id gets no answer, except
-        an error."""
-        if isinstance(message_id, str | int) and not isinstance(message_id, bool):
-            await self.send_json({"type": "ack", "id": message_id, **body})
-        elif "error" in body:
-            await self.send_json({"type": "error", **body["error"]})
+    async def _send(self, message: Welcome | Event | Ack | ErrorMessage) -> None:
+        await self.send_json(message.to_json())
+
+    async def _refuse_message(self, answer_to: str | int | None, error: ErrorBody) -> None:
+        """Acknowledge message ``answer_to`` with ``error``; a message without an id gets the
+        error alone."""
+        if answer_to is not None:
+            await self._send(Ack(id=answer_to, error=error))
+        else:
+            await self._send(ErrorMessage(error))
 
     async def _error(self, code: str, message: str) -> None:
-        await self.send_json({"type": "error", "code": code, "message": message})
+        await self._send(ErrorMessage(ErrorBody(code, message)))
 
     async def fedportal_event(self, message: dict[str, Any]) -> None:
         if self.identity is None or self.closing:
@@ -241,27 +263,23 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
             # the old certificate while the agent with the new one may be connected already.
             if event.get("serial") == self.identity.certificate.serial:
                 await self._refuse(
-                    {
-                        "code": "certificate_revoked",
-                        "message": f"certificate {event['serial']} was revoked: {event['reason']}",
-                    }
+                    ErrorBody(
+                        CertificateRevoked.code,
+                        f"certificate {event['serial']} was revoked: {event['reason']}",
+                    )
                 )
             return
         if time.monotonic() - self.checked_at >= RECHECK_SECONDS and not await self._recheck():
             return
-        await self.send_json({"type": "event", "event": event})
+        await self._send(Event(event))
 
     async def agent_replaced(self, message: dict[str, Any]) -> None:
         if self.closing:
             return
         self.closing = True
         site = self.identity.site.name if self.identity else "?"
-        await self.send_json(
-            {
-                "type": "error",
-                "code": "connection_replaced",
-                "message": f"a newer connection of site {site!r} replaced this one",
-            }
+        await self._error(
+            ERROR_CONNECTION_REPLACED, f"a newer connection of site {site!r} replaced this one"
         )
         await self.close(code=CLOSE_REPLACED)
 
@@ -272,7 +290,7 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
         try:
             self.identity = await database_sync_to_async(identity_recheck)(self.identity)
         except AuthenticationError as exc:
-            await self._refuse(exc.as_dict())
+            await self._refuse(_error_body(exc))
             return False
         return True
 
@@ -284,11 +302,11 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):
             if not self.closing and not await self._recheck():
                 return
 
-    async def _refuse(self, error: dict[str, Any]) -> None:
+    async def _refuse(self, error: ErrorBody) -> None:
         if self.closing:
             return
         self.closing = True
-        await self.send_json({"type": "error", **error})
+        await self._send(ErrorMessage(error))
         await self.close(code=CLOSE_REVOKED)
 
     async def disconnect(self, code: int) -> None:

@@ -1,8 +1,8 @@
 """Typed events for the dashboard and agents, published after the transaction commits.
 
 Every state change of a job, round or site task, every site's decision to run the job or not,
-every metric point and every batch of log lines goes to the Channels group ``job.<id>``, and
-job and round changes also to ``project.<id>``, through :func:`publish` (which uses
+every batch of metric points and of log lines goes to the Channels group ``job.<id>``, and job
+and round changes also to ``project.<id>``, through :func:`publish` (which uses
 :func:`fedportal.events.send_after_commit`, the one sender). Job state changes and round
 openings also go to the groups of the sites they concern (``site.<id>``), where a connected
 agent learns that there is work; a task's own changes echo what its agent did, so they are
@@ -14,9 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedportal.events import MESSAGE_TYPE, job_group, project_group, send_after_commit, site_group
+
+if TYPE_CHECKING:
+    from jobs.models import Job, JobSite, LogLine, MetricPoint, Round, SiteTask
+    from sites.models import Site
+
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +89,13 @@ class LogRecorded(Event):
 
 
 @dataclass(frozen=True)
-class MetricRecorded(Event):
-    site: str | None
-    round: int | None
-    key: str
-    value: float
-    step: int | None
-    source: str
-    kind: str = field(init=False, default="metric")
+class MetricsRecorded(Event):
+    """Points a site logged (``flare.log``), stored together; ``points`` holds
+    ``{"key", "value", "step", "round", "source"}`` dicts in the order they were sent."""
+
+    site: str
+    points: list[dict[str, Any]]
+    kind: str = field(init=False, default="metrics")
 
 
 # What a project's page follows: which jobs run and how far they are. Metric points, log
@@ -111,7 +115,7 @@ def publish(event: Event, *, site_ids: Iterable[int] = ()) -> None:
     send_after_commit([*groups(event), *map(site_group, site_ids)], event.payload())
 
 
-def job_state(job: Any) -> None:
+def job_state(job: Job) -> None:
     publish(
         JobStateChanged(
             job_id=job.pk,
@@ -124,7 +128,7 @@ def job_state(job: Any) -> None:
     )
 
 
-def round_state(rnd: Any, *, task: dict[str, Any] | None = None) -> None:
+def round_state(rnd: Round, *, task: dict[str, Any] | None = None) -> None:
     publish(
         RoundStateChanged(
             job_id=rnd.job_id,
@@ -140,7 +144,7 @@ def round_state(rnd: Any, *, task: dict[str, Any] | None = None) -> None:
     )
 
 
-def task_state(task: Any) -> None:
+def task_state(task: SiteTask) -> None:
     publish(
         TaskStateChanged(
             job_id=task.round.job_id,
@@ -153,34 +157,41 @@ def task_state(task: Any) -> None:
     )
 
 
-def decision(link: Any) -> None:
+def decision(link: JobSite) -> None:
     publish(
         DecisionChanged(
             job_id=link.job_id,
             project_id=link.job.project_id,
             site=link.site.name,
             decision=link.decision,
-            decided_by=link.decided_by.get_username() if link.decided_by_id else None,
+            decided_by=link.decided_by.get_username() if link.decided_by is not None else None,
         )
     )
 
 
-def metric(point: Any) -> None:
+def metrics(job: Job, site: Site, points: Iterable[MetricPoint]) -> None:
+    """One event for a batch of a site's points (one per point would be a channel-layer
+    message each: thousands a second from a busy site)."""
     publish(
-        MetricRecorded(
-            job_id=point.job_id,
-            project_id=point.job.project_id,
-            site=point.site.name if point.site_id else None,
-            round=point.round_number,
-            key=point.key,
-            value=point.value,
-            step=point.step,
-            source=point.source,
+        MetricsRecorded(
+            job_id=job.pk,
+            project_id=job.project_id,
+            site=site.name,
+            points=[
+                {
+                    "key": point.key,
+                    "value": point.value,
+                    "step": point.step,
+                    "round": point.round_number,
+                    "source": point.source,
+                }
+                for point in points
+            ],
         )
     )
 
 
-def log_lines(job: Any, site: Any, rows: Iterable[Any]) -> None:
+def log_lines(job: Job, site: Site, rows: Iterable[LogLine]) -> None:
     publish(
         LogRecorded(
             job_id=job.pk,

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from client_agent.protocol import MAX_LINE_CHARS
 from common.exceptions import InvalidTransition
+from common.rounds import round_for_people
 
 
 class InvalidJobTransition(InvalidTransition):
@@ -116,7 +117,7 @@ class JobSite(models.Model):
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
-    # The site's output lines in this job (jobs.services.sites.log_lines_record): how many are
+    # The site's output lines in this job (jobs.services.telemetry.log_lines_record): how many are
     # kept and their size, how many were dropped past the quota, and the rate's token bucket.
     log_lines = models.PositiveIntegerField(default=0)
     log_bytes = models.PositiveBigIntegerField(default=0)
@@ -161,7 +162,7 @@ class Round(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"round {self.number + 1} of {self.job}"
+        return f"round {round_for_people(self.number)} of {self.job}"
 
 
 class TaskState(models.TextChoices):
@@ -180,7 +181,7 @@ TASK_ANSWERED = frozenset({TaskState.ACCEPTED, TaskState.REJECTED, TaskState.FAI
 
 def _update_path(task: SiteTask, filename: str) -> str:
     job = task.round.job
-    return f"jobs/{job.project_id}/{job.uid}/updates/round-{task.round.number + 1:03d}/{filename}"
+    return f"jobs/{job.project_id}/{job.uid}/updates/round-{task.round.number:03d}/{filename}"
 
 
 class SiteTask(models.Model):

@@ -27,9 +27,11 @@ Bounds chosen, and why:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
+
+from common import validators
+from common.validators import FieldError, is_number, shown
 
 MAX_UPDATE_WEIGHT = float(2**53)
 MAX_RESULT_METRICS = 1000
@@ -38,39 +40,18 @@ STEP_MIN, STEP_MAX = -(2**63), 2**63 - 1
 ROUND_MAX = 2**31 - 1
 
 
-class NumberRejected(ValueError):
+class NumberRejected(FieldError):
     """A number a site sent is out of bounds; ``field`` names it, ``reason`` says why."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_finite_number(field: str, value: Any) -> float:
     """``value`` as a float, if it is a finite real number (not a bool)."""
-    if not _is_number(value):
-        raise NumberRejected(field, f"must be a number, got {_shown(value)}")
-    try:
-        as_float = float(value)
-    except OverflowError:  # an int beyond float64
-        raise NumberRejected(field, f"must be a finite number, got {_shown(value)}") from None
-    if not math.isfinite(as_float):
-        raise NumberRejected(field, f"must be a finite number, got {as_float!r}")
-    return as_float
+    return validators.check_finite_number(field, value, error=NumberRejected)
 
 
 def check_int_range(field: str, value: Any, *, low: int, high: int) -> int:
     """``value`` if it is an integer (not a bool) with ``low <= value <= high``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise NumberRejected(field, f"must be an integer, got {_shown(value)}")
-    if not low <= value <= high:
-        raise NumberRejected(field, f"must be between {low} and {high}, got {_shown(value)}")
-    return value
+    return validators.check_int(field, value, low=low, high=high, error=NumberRejected)
 
 
 def check_optional_step(field: str, value: Any) -> int | None:
@@ -83,15 +64,15 @@ def check_optional_round(field: str, value: Any) -> int | None:
 
 def check_update_weight(value: Any, *, field: str = "NUM_STEPS_CURRENT_ROUND") -> float:
     """An update's FedAvg weight: a positive finite number up to :data:`MAX_UPDATE_WEIGHT`."""
-    if not _is_number(value):
-        raise NumberRejected(field, f"must be a number, got {_shown(value)}")
+    if not is_number(value):
+        raise NumberRejected(field, f"must be a number, got {shown(value)}")
     try:
         weight = float(value)
     except OverflowError:  # an int beyond float64: too large, like any other past the bound
         weight = math.inf
     if not (math.isfinite(weight) and 0 < weight <= MAX_UPDATE_WEIGHT):
         raise NumberRejected(
-            field, f"must be a positive number of at most 2**53, got {_shown(value)}"
+            field, f"must be a positive number of at most 2**53, got {shown(value)}"
         )
     return weight
 
@@ -102,7 +83,7 @@ def check_result_metrics(metrics: Any, *, field: str = "metrics") -> dict[str, f
         return {}
     if not isinstance(metrics, Mapping):
         raise NumberRejected(
-            field, f"must be an object of metric names to numbers, got {_shown(metrics)}"
+            field, f"must be an object of metric names to numbers, got {shown(metrics)}"
         )
     if len(metrics) > MAX_RESULT_METRICS:
         raise NumberRejected(
@@ -113,16 +94,7 @@ def check_result_metrics(metrics: Any, *, field: str = "metrics") -> dict[str, f
         if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_KEY_LENGTH:
             raise NumberRejected(
                 field,
-                f"metric names must be 1 to {MAX_METRIC_KEY_LENGTH} characters, got {_shown(key)}",
+                f"metric names must be 1 to {MAX_METRIC_KEY_LENGTH} characters, got {shown(key)}",
             )
         checked[key] = check_finite_number(f"{field}[{key!r}]", value)
     return checked
-
-
-def _shown(value: Any) -> str:
-    """A value for an error message, cut short: a site may send a megabyte of digits."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's 4300-digit conversion limit
-        return "an integer of thousands of digits"
-    return text if len(text) <= 60 else f"{text[:40]}…({len(text)} characters)"

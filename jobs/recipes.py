@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.validators import FieldError
 from jobs.bundle import build_spec, write_bundle
 from jobs.workflows import FedAvg, Workflow
 
@@ -33,9 +34,10 @@ def _initial_params(model: Any) -> dict[str, torch.Tensor]:
         and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())
     ):
         return {k: v.detach().cpu().clone() for k, v in model.items()}
-    raise ValueError(
-        "model: must be a torch.nn.Module or a non-empty state_dict (str → torch.Tensor), "
-        f"got {type(model).__name__}"
+    raise FieldError(
+        "model",
+        "must be a torch.nn.Module or a non-empty state_dict (str → torch.Tensor), "
+        f"got {type(model).__name__}",
     )
 
 
@@ -54,19 +56,20 @@ class Recipe:
         from jobs.bundle import NAME_PATTERN
 
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise ValueError(
-                f"name: {name!r} must start with a letter or digit and hold only letters, "
-                "digits, '.', '_' and '-' (at most 100)"
+            raise FieldError(
+                "name",
+                f"{name!r} must start with a letter or digit and hold only letters, "
+                "digits, '.', '_' and '-' (at most 100)",
             )
         script = Path(train_script).expanduser().resolve()
         if not script.is_file():
-            raise ValueError(f"train_script: {train_script!s} does not exist ({script})")
+            raise FieldError("train_script", f"{train_script!s} does not exist ({script})")
         if not isinstance(train_args, str):
-            raise ValueError(f"train_args: must be a string, got {type(train_args).__name__}")
+            raise FieldError("train_args", f"must be a string, got {type(train_args).__name__}")
         try:
             shlex.split(train_args)
         except ValueError as exc:
-            raise ValueError(f"train_args: {exc} in {train_args!r}") from None
+            raise FieldError("train_args", f"{exc} in {train_args!r}") from None
         self.name = name
         self.workflow = workflow
         self.initial_params = _initial_params(model)

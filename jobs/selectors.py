@@ -8,13 +8,14 @@ The role rules, after NVFlare's default authorisation policy:
   decides for their organisation's sites whether a job runs there;
 - anyone else: nothing. A job of another project is "not found", never "forbidden".
 
-Site agents see only the jobs their site takes part in (``jobs.services.sites.job_for_site``
-and :func:`site_active_jobs`).
+Site agents see only the jobs their site takes part in (:func:`job_for_site`,
+:func:`task_for_site` and :func:`site_active_jobs`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from dataclasses import dataclass
 
 from django.db.models import Prefetch, QuerySet
 
@@ -29,9 +30,11 @@ from jobs.models import (
     Round,
     RoundState,
     SiteTask,
+    TaskState,
 )
 from sites import selectors as site_selectors
 from sites.models import Project, Role, Site
+from sites.selectors import UserLike
 
 SUBMITTER_ROLES = frozenset({Role.PROJECT_ADMIN, Role.LEAD})
 
@@ -39,12 +42,12 @@ SUBMITTER_ROLES = frozenset({Role.PROJECT_ADMIN, Role.LEAD})
 # --- who may do what ---------------------------------------------------------------------------
 
 
-def can_submit_job(user: Any, project: Project) -> bool:
+def can_submit_job(user: UserLike | None, project: Project) -> bool:
     """Project admins and leads submit jobs."""
     return bool(site_selectors.role_in_project(user, project) & SUBMITTER_ROLES)
 
 
-def can_manage_job(user: Any, job: Job) -> bool:
+def can_manage_job(user: UserLike | None, job: Job) -> bool:
     """Abort: a project admin, or the lead who submitted the job (while still a lead)."""
     roles = site_selectors.role_in_project(user, job.project)
     if Role.PROJECT_ADMIN in roles:
@@ -52,7 +55,7 @@ def can_manage_job(user: Any, job: Job) -> bool:
     return Role.LEAD in roles and job.submitted_by_id == getattr(user, "pk", None)
 
 
-def can_decide_for_site(user: Any, site: Site) -> bool:
+def can_decide_for_site(user: UserLike | None, site: Site) -> bool:
     """Accept or decline a job for a site: its organisation's org admins and project admins."""
     return site_selectors.can_manage_site(user, site)
 
@@ -61,7 +64,7 @@ def can_decide_for_site(user: Any, site: Site) -> bool:
 
 
 def jobs_visible_to(
-    user: Any,
+    user: UserLike | None,
     *,
     project: Project | None = None,
     state: str | None = None,
@@ -82,7 +85,7 @@ def jobs_visible_to(
     return qs.select_related("project", "submitted_by")
 
 
-def job_visible_to(user: Any, uid: Any) -> Job:
+def job_visible_to(user: UserLike | None, uid: uuid.UUID | str) -> Job:
     """The job with ``uid`` if ``user`` may see it; NotFound otherwise, whether or not it exists."""
     job = jobs_visible_to(user).filter(uid=uid).first()
     if job is None:
@@ -180,9 +183,52 @@ def model_version_of(job: Job, round_number: int) -> ModelVersion:
 # --- what a site agent sees --------------------------------------------------------------------
 
 
-def site_active_jobs(site: Site) -> list[JobSite]:
-    """The active jobs ``site`` takes part in, oldest first, as its participation rows; each
-    has ``current_task``: the site's task in the job's open round, or None."""
+def job_for_site(*, job_uid: object, site: Site) -> Job:
+    """The job, if ``site`` takes part in it; otherwise NotFound (existence must not leak),
+    also for a ``job_uid`` that is no job id at all (it may come from an agent's message)."""
+    try:
+        uid = uuid.UUID(str(job_uid)) if not isinstance(job_uid, uuid.UUID) else job_uid
+    except ValueError:
+        raise NotFound("no such job for this site") from None
+    # At most one row: no ordering (the model's would sort, and this runs on every agent call).
+    job = Job.objects.filter(uid=uid, participants__site=site).order_by().first()
+    if job is None:
+        raise NotFound("no such job for this site")
+    return job
+
+
+def task_for_site(*, job: Job, site: Site, round_number: int) -> SiteTask:
+    """The site's task in round ``round_number`` of the job; NotFound when it has none."""
+    task = (
+        SiteTask.objects.select_related("round__job", "site")
+        .filter(round__job=job, round__number=round_number, site=site)
+        .order_by()  # one row; the model's ordering would join the sites to sort it
+        .first()
+    )
+    if task is None:
+        raise NotFound(f"this site has no task in round number {round_number} (counted from 0)")
+    return task
+
+
+_OPEN_TASK_STATES = (TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING)
+
+
+def task_takes_update(task: SiteTask) -> bool:
+    """One update per task: while it is open, or once, late, after its round closed."""
+    return task.state in _OPEN_TASK_STATES or (task.state == TaskState.LATE and not task.update)
+
+
+@dataclass(frozen=True)
+class SiteActiveJobs:
+    """The active jobs a site takes part in, as its participation rows (oldest first), and its
+    task in each one's open round, by job id (absent between rounds and before the start)."""
+
+    links: list[JobSite]
+    open_tasks: dict[int, SiteTask]
+
+
+def site_active_jobs(site: Site) -> SiteActiveJobs:
+    """What the site's agent polls: its active jobs and its task in each open round."""
     links = list(
         JobSite.objects.filter(site=site, job__state__in=JOB_ACTIVE)
         .select_related("job")
@@ -191,7 +237,4 @@ def site_active_jobs(site: Site) -> list[JobSite]:
     open_tasks = SiteTask.objects.filter(
         site=site, round__state=RoundState.OPEN, round__job__in=[link.job_id for link in links]
     ).select_related("round__job")
-    by_job = {task.round.job_id: task for task in open_tasks}
-    for link in links:
-        link.current_task = by_job.get(link.job_id)  # type: ignore[attr-defined]
-    return links
+    return SiteActiveJobs(links=links, open_tasks={task.round.job_id: task for task in open_tasks})

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from celery import shared_task
 from celery.signals import worker_init, worker_process_init, worker_ready
@@ -20,6 +21,31 @@ from django.conf import settings
 from jobs.services import rounds
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R", covariant=True)
+
+
+class Task(Protocol[P, R]):
+    """What callers use of a Celery task, typed with the function's own signature."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Any: ...
+
+
+def task(**options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """Celery's ``shared_task(**options)``, typed: Celery ships no type hints, so its decorator
+    would make every task untyped."""
+    decorator: Callable[[Callable[P, R]], Task[P, R]] = shared_task(**options)
+    return decorator
 
 
 # A database that went away for a moment (restart, failover) is waited out: retried with
@@ -35,7 +61,7 @@ RETRY_ON_TRANSIENT: dict[str, Any] = {
 }
 
 
-@shared_task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
+@task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
 def job_advance_task(job_id: int) -> str:
     """Do the job's next due step (see ``jobs.services.rounds.job_advance``)."""
     outcome = rounds.job_advance_while_due(job_id=job_id)
@@ -43,20 +69,18 @@ def job_advance_task(job_id: int) -> str:
     return outcome
 
 
-@shared_task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
+@task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
 def update_check_task(task_id: int) -> str:
     """Check one uploaded update; the service enqueues job_advance when it changed state."""
     return rounds.update_check(task_id=task_id)
 
 
-@shared_task
+@task()
 def jobs_resume_task() -> int:
     """Enqueue job_advance for every active job: what a restarted worker does first."""
     return rounds.jobs_resume()
 
 
-@worker_init.connect
-@worker_process_init.connect
 def _limit_torch_threads(**_: Any) -> None:
     # Aggregation and update checks are memory-bound loops of small chunk operations. With
     # torch's default of one thread per core, every chunk is a parallel section whose idle
@@ -72,8 +96,14 @@ def _limit_torch_threads(**_: Any) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-@worker_ready.connect
 def _resume_on_worker_start(sender: Any = None, **_: Any) -> None:
     # A worker that died mid-aggregation left its round AGGREGATING; jobs waiting for a
     # deadline countdown that was lost with Redis still need a nudge. Resume them all.
     jobs_resume_task.delay()
+
+
+# Connected by calls, not as decorators: Celery's signals are untyped, and a decorator would
+# make the handlers untyped too.
+worker_init.connect(_limit_torch_threads)
+worker_process_init.connect(_limit_torch_threads)
+worker_ready.connect(_resume_on_worker_start)

@@ -100,6 +100,7 @@ from sites.selectors import site_is_online
 from sites.services.enrolment import used_nonces_prune
 
 if TYPE_CHECKING:
+    from cryptography import x509
     from django.contrib.auth.models import User
 
 logger = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def verify_signed_request(
     return SiteIdentity(site=site, certificate=row)
 
 
-def _certificate_check(row: Certificate, now: dt.datetime) -> Any:
+def _certificate_check(row: Certificate, now: dt.datetime) -> x509.Certificate:
     """Refuse a certificate that is revoked, expired, not the project CA's, or whose site is
     no longer enrolled; return it loaded. Raises an ``AuthenticationError`` naming the cause."""
     if row.revoked_at is not None:
@@ -382,7 +383,7 @@ class SiteSignatureAuthentication(BaseAuthentication):
         return 'FedPortal-Signature realm="fedportal"'
 
 
-def api_token_authenticate(key: str, *, now: dt.datetime | None = None) -> tuple[Any, ApiToken]:
+def api_token_authenticate(key: str, *, now: dt.datetime | None = None) -> tuple[User, ApiToken]:
     """The (user, token) for an API token key; raises ``ApiTokenInvalid`` naming the cause."""
     now = now or timezone.now()
     token = ApiToken.objects.select_related("user").filter(key_hash=hash_secret(key)).first()
@@ -409,7 +410,7 @@ class ApiTokenAuthentication(BaseAuthentication):
     looked at (``fedportal.throttling``).
     """
 
-    def authenticate(self, request: Request) -> tuple[Any, ApiToken] | None:
+    def authenticate(self, request: Request) -> tuple[User, ApiToken] | None:
         parts = request.META.get("HTTP_AUTHORIZATION", "").split()
         if not parts or parts[0].lower() not in {"bearer", "token"}:
             return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedportal.events import (
     send_after_commit,
@@ -26,6 +26,10 @@ from fedportal.events import (
     sites_group,
     user_group,
 )
+
+if TYPE_CHECKING:
+    from sites.models import Site
+
 
 # Why an ``access.changed`` was sent; the socket's close message names it.
 SIGNED_OUT = "signed_out"
@@ -59,7 +63,7 @@ class AccessChanged:
     kind: str = field(init=False, default="access.changed")
 
 
-def site_status(site: Any, *, online: bool) -> None:
+def site_status(site: Site, *, online: bool) -> None:
     event = SiteStatusChanged(
         project_id=site.project_id,
         site=site.name,

@@ -1,6 +1,6 @@
 """Projects, organisations, people's roles, sites, their enrolment and certificates, the audit log.
 
-How the pieces relate (the choices made where the issue was silent):
+How the pieces relate:
 
 - A **Project** is a federation. It owns a certificate authority (made with it, private key
   encrypted at rest, see :mod:`sites.ca`) that signs every site certificate in the project.

@@ -6,8 +6,8 @@ The role model (see ``sites.models`` for why it is shaped so):
   active Django superuser (who administers every project). Everything in P.
 - **org admin** of O: an ``org_admin`` membership in O, or project admin of O's project. O's
   members, invitations and sites.
-- **lead** / **member**: read what is in the project (leads also manage their own jobs, next
-  issue).
+- **lead** / **member**: read what is in the project (leads also submit and manage their own
+  jobs).
 - Anyone else, including anonymous users and inactive accounts: nothing.
 
 Visibility is per project: a person sees a project's organisations, memberships, sites and
@@ -25,6 +25,7 @@ gives a ``SiteIdentity`` (``sites.authentication``); nothing here applies to the
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 from django.conf import settings
@@ -204,6 +205,28 @@ def projects_visible_to(user: UserLike | None) -> QuerySet[Project]:
     return Project.objects.filter(pk__in=_member_project_ids(user))
 
 
+# A project's slug as a URL may carry it (``Project.slug`` is a SlugField of at most 64).
+_SLUG = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")
+
+
+def project_visible_to(user: UserLike | None, ref: str) -> Project | None:
+    """The project ``ref`` names, if ``user`` may see it; None otherwise, whether or not it
+    exists elsewhere (the caller answers 404 either way, so existence does not leak).
+
+    ``ref`` is the project's slug or its numeric id, tried in that order: the jobs API has
+    always taken both, and the sites API and the dashboard take what it takes, so that one
+    reference works everywhere and no API user loses one. A slug made of digits wins over
+    another project's id. Anything else (too long, odd characters) is refused before a query.
+    """
+    if not _SLUG.fullmatch(ref):
+        return None
+    visible = projects_visible_to(user)
+    found = visible.filter(slug=ref).first()
+    if found is None and ref.isdigit():
+        found = visible.filter(pk=int(ref)).first()
+    return found
+
+
 def organizations_visible_to(
     user: UserLike | None, *, project: Project | None = None
 ) -> QuerySet[Organization]:
@@ -230,7 +253,7 @@ def memberships_visible_to(
 def people_of_project(project: Project) -> QuerySet[User]:
     """Active accounts with a role in some organisation of ``project``: the only people who
     may be given a role directly (anyone else is invited, and joins by accepting)."""
-    from django.contrib.auth import get_user_model  # noqa: PLC0415
+    from django.contrib.auth import get_user_model
 
     model: Any = get_user_model()
     in_project = Membership.objects.filter(organization__project=project).values("user_id")

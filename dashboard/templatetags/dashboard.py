@@ -8,6 +8,8 @@ from typing import Any
 from django import forms, template
 from django.utils.safestring import SafeString
 
+from common.rounds import round_for_people
+
 register = template.Library()
 
 
@@ -59,5 +61,5 @@ def filesize(size: int | None) -> str:
 
 @register.filter
 def round_label(number: int | None) -> str:
-    """Rounds count from 0 in the API and from 1 on the pages, as ``Round.__str__`` does."""
-    return "—" if number is None else f"{number + 1}"
+    """A round as people count it (``common.rounds``)."""
+    return "—" if number is None else f"{round_for_people(number)}"

@@ -4,7 +4,6 @@ beside the form field it names."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,17 +18,12 @@ from jobs.models import Job
 from sites import selectors
 from sites.models import Project
 
-_SLUG = re.compile(r"^[-a-zA-Z0-9_]{1,64}$")
-
 
 def project_for(request: HttpRequest, slug: str) -> Project:
-    """The project named by ``slug`` if the user belongs to it; 404 otherwise, whether or not
-    it exists elsewhere."""
-    found = (
-        selectors.projects_visible_to(request.user).filter(slug=slug).first()
-        if _SLUG.fullmatch(slug)
-        else None
-    )
+    """The project named by ``slug`` (or its numeric id, as in the API:
+    :func:`sites.selectors.project_visible_to`) if the user belongs to it; 404 otherwise,
+    whether or not it exists elsewhere."""
+    found = selectors.project_visible_to(request.user, slug)
     if found is None:
         raise Http404(f"You have no project called “{slug}”.")
     return found

@@ -8,13 +8,15 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from common.exceptions import DomainError
 from dashboard.forms import ApiTokenForm, AuditFilterForm
+from dashboard.http import SignedInRequest
+from dashboard.presenters import ApiTokenRow, api_token_rows
 from dashboard.views._common import form_error, render_once, source_address
 from sites import selectors, services
 
@@ -30,7 +32,7 @@ def _utc(value: dt.datetime | None) -> dt.datetime | None:
 
 @login_required
 @require_safe
-def audit_log(request: HttpRequest) -> HttpResponse:
+def audit_log(request: SignedInRequest) -> HttpResponse:
     projects = list(selectors.projects_visible_to(request.user))
     form = AuditFilterForm(request.GET or None, projects=projects)
     filters: dict[str, Any] = {}
@@ -61,7 +63,7 @@ def audit_log(request: HttpRequest) -> HttpResponse:
 
 @login_required
 @require_http_methods(["GET", "HEAD", "POST"])
-def api_tokens(request: HttpRequest) -> HttpResponse:
+def api_tokens(request: SignedInRequest) -> HttpResponse:
     form = ApiTokenForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
@@ -83,17 +85,13 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
     return render(request, "dashboard/api_tokens.html", {"form": form, "tokens": _tokens(request)})
 
 
-def _tokens(request: HttpRequest) -> list[Any]:
-    now = timezone.now()
-    tokens = list(selectors.api_tokens_of(request.user))
-    for token in tokens:
-        token.usable = token.is_usable_at(now)
-    return tokens
+def _tokens(request: SignedInRequest) -> list[ApiTokenRow]:
+    return api_token_rows(selectors.api_tokens_of(request.user), now=timezone.now())
 
 
 @login_required
 @require_POST
-def api_token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
+def api_token_revoke(request: SignedInRequest, pk: int) -> HttpResponse:
     token = get_object_or_404(selectors.api_tokens_of(request.user), pk=pk)
     try:
         services.api_token_revoke(

@@ -3,7 +3,7 @@ each with its submitter, parameters and the files of its app to read before deci
 
 from __future__ import annotations
 
-from typing import Any
+from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -13,25 +13,26 @@ from django.views.decorators.http import require_POST, require_safe
 
 from common.exceptions import DomainError, NotFound
 from dashboard.appfiles import AppArchiveUnreadable, app_file_text, app_files
+from dashboard.http import SignedInRequest
 from dashboard.views._common import job_for, project_for, require
 from dashboard.views.projects import pending_decisions, project_context
 from jobs import selectors
 from jobs.models import JobSite
-from jobs.services.sites import site_job_decide
+from jobs.services.participation import site_job_decide
 
 ONLY_SITE_ADMINS = "Only the site's org admins (or a project admin) decide which jobs it runs."
 
 
 @login_required
 @require_safe
-def approval_list(request: HttpRequest, slug: str) -> HttpResponse:
+def approval_list(request: SignedInRequest, slug: str) -> HttpResponse:
     project = project_for(request, slug)
     context = project_context(request, project)
     context["pending"] = pending_decisions(request, project)
     return render(request, "dashboard/approvals.html", context)
 
 
-def _link(request: HttpRequest, uid: Any, site_name: str) -> JobSite:
+def _link(request: HttpRequest, uid: UUID, site_name: str) -> JobSite:
     job = job_for(request, uid)
     try:
         link = selectors.participant_of(job, site_name)
@@ -43,7 +44,7 @@ def _link(request: HttpRequest, uid: Any, site_name: str) -> JobSite:
 
 @login_required
 @require_safe
-def approval_review(request: HttpRequest, uid: Any, site_name: str) -> HttpResponse:
+def approval_review(request: SignedInRequest, uid: UUID, site_name: str) -> HttpResponse:
     link = _link(request, uid, site_name)
     job = link.job
     context = project_context(request, job.project)
@@ -68,7 +69,7 @@ def approval_review(request: HttpRequest, uid: Any, site_name: str) -> HttpRespo
 
 @login_required
 @require_POST
-def approval_decide(request: HttpRequest, uid: Any, site_name: str) -> HttpResponse:
+def approval_decide(request: SignedInRequest, uid: UUID, site_name: str) -> HttpResponse:
     link = _link(request, uid, site_name)
     decision = request.POST.get("decision")
     if decision not in ("accept", "decline"):

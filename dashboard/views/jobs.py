@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.handlers.asgi import ASGIRequest
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
-from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from common.exceptions import DomainError
 from dashboard.appfiles import app_listing
 from dashboard.forms import AbortForm
+from dashboard.http import SignedInRequest
 from dashboard.metrics import (
     AGGREGATE,
     MAX_CHART_POINTS,
@@ -23,15 +24,15 @@ from dashboard.metrics import (
     metric_points_csv,
     metric_points_csv_async,
 )
+from dashboard.presenters import SiteLog, model_version_rows, task_grid_rows
 from dashboard.submission import JobSubmitForm
-from dashboard.views._common import job_for, project_for, require
+from dashboard.views._common import job_for, project_for, require, source_address
 from dashboard.views.projects import project_context
 from jobs import selectors
 from jobs.models import Job
-from jobs.services.sites import job_abort
+from jobs.services.participation import job_abort
 from jobs.services.submission import job_submit
 from sites.models import Site, SiteState
-from sites.selectors import site_is_online
 
 ONLY_MANAGERS = "Only a project admin, or the lead who submitted this job, may abort it."
 ONLY_SUBMITTERS = "Only a project admin or a lead of this project may submit jobs."
@@ -41,38 +42,30 @@ LOG_LINES = 200
 def rounds_context(job: Job) -> dict[str, Any]:
     """The round timeline and the site × round grid of task states."""
     rounds, grid = selectors.task_grid_of(job)
-    for link, _ in grid:
-        link.site.online = site_is_online(link.site)
-    return {"job": job, "rounds": rounds, "grid": grid}
+    return {"job": job, "rounds": rounds, "grid": task_grid_rows(grid)}
 
 
 def models_context(job: Job) -> dict[str, Any]:
-    versions = list(selectors.model_versions_of(job))
-    for version in versions:
-        version.download_url = reverse(
-            "jobs-api:job-model-download",
-            kwargs={"uid": job.uid, "round_number": version.round_number},
-        )
-    return {"job": job, "versions": versions}
+    return {"job": job, "versions": model_version_rows(job, selectors.model_versions_of(job))}
 
 
-def logs_of(job: Job, sites: list[Site]) -> list[tuple[Site, list[Any]]]:
-    """Each site's log tail, the site carrying how many older lines its quota dropped."""
+def logs_of(job: Job, sites: list[Site]) -> list[SiteLog]:
+    """Each site's log tail, with how many older lines its quota dropped."""
     tails = selectors.log_tails_of(job, sites, limit=LOG_LINES)
     dropped = dict(job.participants.values_list("site_id", "log_lines_dropped"))
-    for site in sites:
-        site.log_lines_dropped = dropped.get(site.pk, 0)  # type: ignore[attr-defined]
-    return [(site, tails[site.pk]) for site in sites]
+    return [
+        SiteLog(site=site, lines=tails[site.pk], dropped=dropped.get(site.pk, 0)) for site in sites
+    ]
 
 
 @login_required
 @require_safe
-def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
+def job_detail(request: SignedInRequest, uid: UUID) -> HttpResponse:
     job = job_for(request, uid)
     context = project_context(request, job.project)
     context.update(rounds_context(job))
     context.update(models_context(job))
-    sites = [link.site for link, _ in context["grid"]]
+    sites = [row.link.site for row in context["grid"]]
     files, archive_error = app_listing(job)
     context.update(
         can_manage=selectors.can_manage_job(request.user, job),
@@ -90,21 +83,21 @@ def job_detail(request: HttpRequest, uid: Any) -> HttpResponse:
 
 @login_required
 @require_safe
-def job_rounds_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
+def job_rounds_fragment(request: SignedInRequest, uid: UUID) -> HttpResponse:
     job = job_for(request, uid)
     return render(request, "dashboard/_job_rounds.html", rounds_context(job))
 
 
 @login_required
 @require_safe
-def job_models_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
+def job_models_fragment(request: SignedInRequest, uid: UUID) -> HttpResponse:
     job = job_for(request, uid)
     return render(request, "dashboard/_job_models.html", models_context(job))
 
 
 @login_required
 @require_safe
-def job_logs_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
+def job_logs_fragment(request: SignedInRequest, uid: UUID) -> HttpResponse:
     """Each site's log tail alone: the page fetches it again once its socket is connected."""
     job = job_for(request, uid)
     sites = [link.site for link in job.participants.select_related("site").order_by("site__name")]
@@ -113,7 +106,7 @@ def job_logs_fragment(request: HttpRequest, uid: Any) -> HttpResponse:
 
 @login_required
 @require_safe
-def job_metrics(request: HttpRequest, uid: Any) -> JsonResponse:
+def job_metrics(request: SignedInRequest, uid: UUID) -> JsonResponse:
     """The charts' data (downsampled, see ``dashboard.metrics``), fetched again when a round
     closes or a site's result is accepted (those points are stored by the round controller,
     which publishes the round, not each point)."""
@@ -123,7 +116,7 @@ def job_metrics(request: HttpRequest, uid: Any) -> JsonResponse:
 
 @login_required
 @require_safe
-def job_metrics_csv(request: HttpRequest, uid: Any) -> StreamingHttpResponse:
+def job_metrics_csv(request: SignedInRequest, uid: UUID) -> StreamingHttpResponse:
     """Every metric point of the job as CSV, streamed: what the charts downsample."""
     job = job_for(request, uid)
     # Under ASGI a plain iterator would be read to its end before the first byte is sent.
@@ -139,7 +132,7 @@ def job_metrics_csv(request: HttpRequest, uid: Any) -> StreamingHttpResponse:
 
 @login_required
 @require_POST
-def job_abort_view(request: HttpRequest, uid: Any) -> HttpResponse:
+def job_abort_view(request: SignedInRequest, uid: UUID) -> HttpResponse:
     job = job_for(request, uid)
     require(selectors.can_manage_job(request.user, job), ONLY_MANAGERS)
     form = AbortForm(request.POST)
@@ -147,7 +140,9 @@ def job_abort_view(request: HttpRequest, uid: Any) -> HttpResponse:
     if form.is_valid():
         reason = form.cleaned_data["reason"]
     try:
-        job_abort(job=job, reason=reason or f"aborted by {request.user.get_username()}")
+        job_abort(
+            job=job, actor=request.user, reason=reason, source_address=source_address(request)
+        )
     except DomainError as exc:
         messages.error(request, f"The job was not aborted: {exc.message}")
     else:
@@ -157,7 +152,7 @@ def job_abort_view(request: HttpRequest, uid: Any) -> HttpResponse:
 
 @login_required
 @require_http_methods(["GET", "HEAD", "POST"])
-def job_submit_view(request: HttpRequest, slug: str) -> HttpResponse:
+def job_submit_view(request: SignedInRequest, slug: str) -> HttpResponse:
     project = project_for(request, slug)
     require(selectors.can_submit_job(request.user, project), ONLY_SUBMITTERS)
     earlier = selectors.jobs_visible_to(request.user, project=project)
@@ -183,6 +178,7 @@ def job_submit_view(request: HttpRequest, slug: str) -> HttpResponse:
                     app_archive=archive,
                     sites=form.cleaned_data.get("sites") or None,
                     round_timeout_seconds=form.cleaned_data.get("round_timeout_seconds"),
+                    source_address=source_address(request),
                 )
         except DomainError as exc:
             target = form.service_field(exc.field)

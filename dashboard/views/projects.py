@@ -11,12 +11,13 @@ from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
 from dashboard.forms import JobFilterForm
+from dashboard.http import SignedInRequest
+from dashboard.presenters import ProjectRow, site_rows
 from dashboard.views._common import project_for
 from jobs import selectors as job_selectors
 from jobs.models import JOB_ACTIVE, JobSite
 from sites import selectors
-from sites.models import Project, Site, SiteState
-from sites.selectors import site_is_online
+from sites.models import Project, SiteState
 
 JOBS_PAGE = 50
 
@@ -26,21 +27,16 @@ def home(request: HttpRequest) -> HttpResponse:
     """The landing page; a signed-in person sees their projects on it."""
     context: dict[str, Any] = {}
     if request.user.is_authenticated:
-        projects = list(selectors.projects_visible_to(request.user))
-        for project in projects:
-            project.my_roles = sorted(selectors.role_in_project(request.user, project))
-            project.active_jobs = project.jobs.filter(state__in=JOB_ACTIVE).count()
-            project.enrolled_sites = project.sites.filter(state=SiteState.ENROLLED).count()
-        context["projects"] = projects
+        context["projects"] = [
+            ProjectRow(
+                project=project,
+                my_roles=sorted(selectors.role_in_project(request.user, project)),
+                active_jobs=project.jobs.filter(state__in=JOB_ACTIVE).count(),
+                enrolled_sites=project.sites.filter(state=SiteState.ENROLLED).count(),
+            )
+            for project in selectors.projects_visible_to(request.user)
+        ]
     return render(request, "home.html", context)
-
-
-def with_status(sites: Any) -> list[Site]:
-    """Sites with ``online`` set, by the same heartbeat rule the round controller uses."""
-    listed = list(sites)
-    for site in listed:
-        site.online = site_is_online(site)
-    return listed
 
 
 def project_jobs(request: HttpRequest, project: Project) -> dict[str, Any]:
@@ -102,11 +98,11 @@ def project_context(request: HttpRequest, project: Project) -> dict[str, Any]:
 
 @login_required
 @require_safe
-def project_detail(request: HttpRequest, slug: str) -> HttpResponse:
+def project_detail(request: SignedInRequest, slug: str) -> HttpResponse:
     project = project_for(request, slug)
     context = project_context(request, project)
     context.update(
-        sites=with_status(selectors.sites_visible_to(request.user, project=project)),
+        sites=site_rows(selectors.sites_visible_to(request.user, project=project)),
         pending=pending_decisions(request, project),
         **project_jobs(request, project),
     )
@@ -115,16 +111,16 @@ def project_detail(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_safe
-def project_sites_fragment(request: HttpRequest, slug: str) -> HttpResponse:
+def project_sites_fragment(request: SignedInRequest, slug: str) -> HttpResponse:
     """The sites table alone: the page fetches it again to keep heartbeats current."""
     project = project_for(request, slug)
-    sites = with_status(selectors.sites_visible_to(request.user, project=project))
+    sites = site_rows(selectors.sites_visible_to(request.user, project=project))
     return render(request, "dashboard/_site_status_rows.html", {"sites": sites})
 
 
 @login_required
 @require_safe
-def project_jobs_fragment(request: HttpRequest, slug: str) -> HttpResponse:
+def project_jobs_fragment(request: SignedInRequest, slug: str) -> HttpResponse:
     """The jobs table alone (the same page and filters): the page fetches it again when a job
     of the project changes."""
     project = project_for(request, slug)

@@ -15,8 +15,10 @@ from django.views.decorators.http import require_http_methods, require_POST, req
 
 from common.exceptions import DomainError
 from dashboard.forms import ReasonForm, SiteRequestForm
+from dashboard.http import SignedInRequest
+from dashboard.presenters import site_rows
 from dashboard.views._common import form_error, project_for, render_once, require, source_address
-from dashboard.views.projects import project_context, with_status
+from dashboard.views.projects import project_context
 from sites import conf, selectors, services
 from sites.models import Certificate, Project, Site, SiteState
 
@@ -30,14 +32,14 @@ def _site(request: HttpRequest, project: Project, pk: int) -> Site:
 
 @login_required
 @require_safe
-def site_list(request: HttpRequest, slug: str) -> HttpResponse:
+def site_list(request: SignedInRequest, slug: str) -> HttpResponse:
     project = project_for(request, slug)
     context = project_context(request, project)
-    sites = with_status(selectors.sites_visible_to(request.user, project=project))
+    sites = site_rows(selectors.sites_visible_to(request.user, project=project))
     context.update(
         sites=sites,
-        queue=[s for s in sites if s.state == SiteState.REQUESTED],
-        awaiting_enrolment=[s for s in sites if s.state == SiteState.APPROVED],
+        queue=[row.site for row in sites if row.site.state == SiteState.REQUESTED],
+        awaiting_enrolment=[row.site for row in sites if row.site.state == SiteState.APPROVED],
         certificates=selectors.certificates_visible_to(request.user, project=project),
         deny_form=ReasonForm(),
     )
@@ -46,7 +48,7 @@ def site_list(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_http_methods(["GET", "HEAD", "POST"])
-def site_request(request: HttpRequest, slug: str) -> HttpResponse:
+def site_request(request: SignedInRequest, slug: str) -> HttpResponse:
     project = project_for(request, slug)
     organizations = [
         org
@@ -84,7 +86,7 @@ def site_request(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def site_approve(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+def site_approve(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
     project = project_for(request, slug)
     site = _site(request, project, pk)
     require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
@@ -100,7 +102,7 @@ def site_approve(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
 
 @login_required
 @require_POST
-def site_token(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+def site_token(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
     """A new one-time enrolment token (e.g. to enrol again with a new key)."""
     project = project_for(request, slug)
     site = _site(request, project, pk)
@@ -134,7 +136,7 @@ def _show_token(
 
 @login_required
 @require_POST
-def site_deny(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+def site_deny(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
     project = project_for(request, slug)
     site = _site(request, project, pk)
     require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
@@ -158,7 +160,7 @@ def site_deny(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
 
 @login_required
 @require_http_methods(["GET", "HEAD", "POST"])
-def certificate_revoke(request: HttpRequest, slug: str, pk: int) -> HttpResponse:
+def certificate_revoke(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
     """Asks for a reason and a confirmation (this page), then revokes (its POST)."""
     project = project_for(request, slug)
     certificate: Certificate = get_object_or_404(

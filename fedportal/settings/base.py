@@ -237,7 +237,8 @@ CACHES = {
 
 # Celery reads the CELERY_* names below (see fedportal/celery.py).
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or REDIS_URL
-CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND") or REDIS_URL
+# None: no result backend (the test settings).
+CELERY_RESULT_BACKEND: str | None = os.environ.get("CELERY_RESULT_BACKEND") or REDIS_URL
 # JSON only: nothing a worker receives is ever unpickled.
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
@@ -408,7 +409,7 @@ FEDPORTAL_HTTP_UPLOAD_MIN_RATE = env_int("FEDPORTAL_HTTP_UPLOAD_MIN_RATE", 64 * 
 # mode; a deployment serves collectstatic's folder from its reverse proxy instead.
 FEDPORTAL_SERVE_STATIC = env_bool("FEDPORTAL_SERVE_STATIC", FEDPORTAL_DEV)
 
-# Output lines a site's script prints, per job and site (jobs.services.sites.log_lines_record):
+# Output lines a site's script prints, per job and site (jobs.services.telemetry.log_lines_record):
 # the newest are kept within these bounds, older ones are deleted and counted as dropped; a
 # site may send them at this rate in bytes per second, after a first burst (more waits: the
 # agent is told to slow down); lines of a finished job are taken for its grace period only.

@@ -9,7 +9,7 @@ import uuid
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-secret-key-" + "t" * 40)
 os.environ.setdefault("FEDPORTAL_CA_KEY_ENCRYPTION_KEY", "test-only-ca-key-encryption-key")
 
-from .base import *  # noqa: E402, F403
+from .base import *  # noqa: F403
 
 # Hashing passwords properly is slow on purpose; tests create many users.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -20,6 +20,7 @@ import torch
 
 from client_agent.fl_model import FLModel, ParamsType
 from client_agent.wire import model_fields
+from common.validators import is_number
 from jobs.aggregation.sources import FileTensorSource, MemoryTensorSource, TensorSource
 
 CHUNK_ELEMENTS = 1 << 20
@@ -147,7 +148,7 @@ def weighted_metrics(updates: Sequence[SiteUpdate]) -> dict[str, float]:
     values: dict[str, list[tuple[float, float]]] = {}
     for update in updates:
         for key, value in update.metrics.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(value):
                 continue
             if not math.isfinite(value):
                 continue

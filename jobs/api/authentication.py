@@ -11,7 +11,7 @@ uses :class:`StreamedBodySignatureAuthentication` instead:
 - the portal verifies the signature against the *claimed* digest, without reading the body
   (``verify_signed_request(body_sha256=…)``), so the signature proves who claims it;
 - the upload service hashes the body as it streams it to storage in chunks and keeps nothing
-  unless the hash equals the claim (``jobs.services.sites.update_upload``).
+  unless the hash equals the claim (``jobs.services.tasks.update_upload``).
 
 A body altered in transit therefore fails the checksum (400, nothing stored) instead of the
 signature (401); either way it is refused. The signed string is the same as for a body that is
@@ -28,6 +28,7 @@ from django.contrib.auth.models import AnonymousUser
 from rest_framework import exceptions
 from rest_framework.request import Request
 
+from client_agent.protocol import HEADER_CONTENT_SHA256 as HEADER_CONTENT_SHA256
 from client_agent.signing import HEADER_FINGERPRINT, HEADER_SIGNATURE, SIGNATURE_HEADERS
 from common.exceptions import AuthenticationError
 from sites.authentication import SiteIdentity, SiteSignatureAuthentication, verify_signed_request
@@ -35,7 +36,6 @@ from sites.exceptions import SignatureMalformed, SignatureMissing
 
 logger = logging.getLogger(__name__)
 
-HEADER_CONTENT_SHA256 = "X-Content-SHA256"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

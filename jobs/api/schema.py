@@ -7,19 +7,22 @@ registered by ``sites.api.schema``.)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 
 from client_agent.signing import HEADER_SIGNATURE
 from jobs.api.authentication import HEADER_CONTENT_SHA256
 
+if TYPE_CHECKING:
+    from drf_spectacular.openapi import AutoSchema
+
 
 class StreamedBodySignatureScheme(OpenApiAuthenticationExtension):
     target_class = "jobs.api.authentication.StreamedBodySignatureAuthentication"
     name = "siteSignatureStreamedBody"
 
-    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, Any]:
         return {
             "type": "apiKey",
             "in": "header",

@@ -12,7 +12,7 @@ the initial one).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.files.uploadedfile import UploadedFile
 from django.urls import reverse
@@ -35,10 +35,13 @@ from jobs.services.submission import MAX_ROUND_TIMEOUT_SECONDS
 from jobs.workflows.base import MAX_ROUNDS
 from sites.selectors import site_is_online
 
+if TYPE_CHECKING:
+    from sites.models import Project
+
 # job.json is a few hundred bytes; this bound only keeps absurd input out before parsing.
 SPEC_MAX_BYTES = 1024 * 1024
 SITE_NAME_MAX = 63
-# What an agent may report about its task (jobs.services.sites.task_mark).
+# What an agent may report about its task (jobs.services.tasks.task_mark).
 TASK_REPORTS = [TaskState.DOWNLOADED.value, TaskState.TRAINING.value, TaskState.FAILED.value]
 REASON_MAX = 2000
 
@@ -52,7 +55,8 @@ REASON_MAX = 2000
         "description": "The bundle's job.json: a file part, or the JSON text as a form field.",
     }
 )
-class SpecField(serializers.Field):
+# Any: a JSON value, parsed from whatever a client sent.
+class SpecField(serializers.Field[Any, Any, Any, dict[str, Any]]):
     """``job.json`` as an uploaded file or as a JSON string; parsed to a dict (or whatever JSON
     value it holds: the service says what is wrong with it)."""
 
@@ -82,7 +86,7 @@ class SpecField(serializers.Field):
         return value
 
 
-class JobSubmitSerializer(serializers.Serializer):
+class JobSubmitSerializer(serializers.Serializer[dict[str, Any]]):
     """``multipart/form-data``: the job bundle that ``recipe.export()`` writes."""
 
     spec = SpecField()
@@ -110,7 +114,7 @@ class JobSubmitSerializer(serializers.Serializer):
     )
 
 
-class JobQuerySerializer(serializers.Serializer):
+class JobQuerySerializer(serializers.Serializer[dict[str, Any]]):
     state = serializers.ChoiceField(JobState.choices, required=False)
     submitter = serializers.CharField(required=False, max_length=150, help_text="A username.")
     name = serializers.CharField(
@@ -120,11 +124,11 @@ class JobQuerySerializer(serializers.Serializer):
     )
 
 
-class DecisionSerializer(serializers.Serializer):
+class DecisionSerializer(serializers.Serializer[dict[str, Any]]):
     accept = serializers.BooleanField(help_text="true: the site runs the job; false: it does not.")
 
 
-class AbortSerializer(serializers.Serializer):
+class AbortSerializer(serializers.Serializer[dict[str, Any]]):
     reason = serializers.CharField(
         required=False,
         allow_blank=True,
@@ -133,7 +137,7 @@ class AbortSerializer(serializers.Serializer):
     )
 
 
-class TaskStatusSerializer(serializers.Serializer):
+class TaskStatusSerializer(serializers.Serializer[dict[str, Any]]):
     state = serializers.ChoiceField(TASK_REPORTS, help_text="What the site is doing in this round.")
     reason = serializers.CharField(
         required=False,
@@ -143,7 +147,7 @@ class TaskStatusSerializer(serializers.Serializer):
     )
 
 
-class MetricPointInSerializer(serializers.Serializer):
+class MetricPointInSerializer(serializers.Serializer[dict[str, Any]]):
     """One point as the agent sends it; the service checks the values."""
 
     key = serializers.CharField(help_text="The metric's name, 1 to 200 characters.")
@@ -170,27 +174,33 @@ class PointsField(serializers.ListField):
     child = serializers.DictField()
 
 
-class MetricsPostSerializer(serializers.Serializer):
+class MetricsPostSerializer(serializers.Serializer[dict[str, Any]]):
     points = PointsField(max_length=10_000)
 
 
-class MetricsPostedSerializer(serializers.Serializer):
+class MetricsPostedSerializer(serializers.Serializer[dict[str, Any]]):
     received = serializers.IntegerField(help_text="Points in the request.")
     stored = serializers.IntegerField(help_text="Points new to the portal (resends are not).")
 
 
-class MetricQuerySerializer(serializers.Serializer):
+class MetricQuerySerializer(serializers.Serializer[dict[str, Any]]):
     key = serializers.CharField(required=False, max_length=200)
     site = serializers.CharField(required=False, max_length=SITE_NAME_MAX, help_text="A name.")
     round = serializers.IntegerField(required=False, min_value=0, max_value=MAX_ROUNDS)
-    source = serializers.ChoiceField(MetricPoint.Source.choices, required=False)
+    # The serializer's metaclass moves declared fields off the class, so this does not shadow
+    # Field.source at run time; the stubs cannot know.
+    source = serializers.ChoiceField(  # type: ignore[assignment]
+        MetricPoint.Source.choices, required=False
+    )
 
 
 # --- jobs for people ---------------------------------------------------------------------------
 
 
-class JobSerializer(serializers.ModelSerializer):
-    project = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+class JobSerializer(serializers.ModelSerializer[Job]):
+    project: serializers.SlugRelatedField[Project] = serializers.SlugRelatedField(
+        slug_field="slug", read_only=True
+    )
     project_id = serializers.IntegerField(read_only=True)
     submitted_by = serializers.CharField(source="submitted_by.username", read_only=True)
 
@@ -221,7 +231,7 @@ class JobSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class RoundSerializer(serializers.ModelSerializer):
+class RoundSerializer(serializers.ModelSerializer[Round]):
     participants = serializers.SerializerMethodField(help_text="Sites with a task in the round.")
 
     class Meta:
@@ -242,7 +252,7 @@ class RoundSerializer(serializers.ModelSerializer):
         return [task.site.name for task in rnd.tasks.all()]
 
 
-class SiteTaskSerializer(serializers.ModelSerializer):
+class SiteTaskSerializer(serializers.ModelSerializer[SiteTask]):
     round = serializers.IntegerField(source="round.number", read_only=True)
 
     class Meta:
@@ -251,7 +261,7 @@ class SiteTaskSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ParticipantSerializer(serializers.ModelSerializer):
+class ParticipantSerializer(serializers.ModelSerializer[JobSite]):
     """A site in a job: its decision, whether it is online, and its task in every round."""
 
     site = serializers.CharField(source="site.name", read_only=True)
@@ -294,11 +304,13 @@ class ParticipantSerializer(serializers.ModelSerializer):
         if tasks is None:  # not prefetched (a single participant after a decision)
             tasks = SiteTask.objects.filter(round__job_id=link.job_id, site=link.site)
             tasks = tasks.select_related("round").order_by("round__number")
-        data: list[dict[str, Any]] = SiteTaskSerializer(tasks, many=True).data
+        serializer = SiteTaskSerializer(tasks, many=True)
+        # many=True makes a ListSerializer, whose data is a list; the stubs type one serializer's.
+        data: list[dict[str, Any]] = serializer.data  # type: ignore[assignment]
         return data
 
 
-class MetricPointSerializer(serializers.ModelSerializer):
+class MetricPointSerializer(serializers.ModelSerializer[MetricPoint]):
     site = serializers.CharField(source="site.name", default=None, read_only=True)
     round = serializers.IntegerField(source="round_number", read_only=True)
 
@@ -308,7 +320,7 @@ class MetricPointSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ModelVersionSerializer(serializers.ModelSerializer):
+class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
     round_number = serializers.IntegerField(
         read_only=True, help_text="Completed rounds when it was made; 0 is the initial model."
     )
@@ -337,7 +349,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 # --- jobs for site agents ----------------------------------------------------------------------
 
 
-class AgentTaskSerializer(serializers.ModelSerializer):
+class AgentTaskSerializer(serializers.ModelSerializer[SiteTask]):
     """The site's task in the job's open round, with the paths it signs and calls."""
 
     round = serializers.IntegerField(source="round.number", read_only=True)
@@ -384,7 +396,7 @@ class AgentTaskSerializer(serializers.ModelSerializer):
         return self._url(task, "agent-round-update")
 
 
-class AgentJobSerializer(serializers.ModelSerializer):
+class AgentJobSerializer(serializers.ModelSerializer[JobSite]):
     """A job as its site's agent sees it: enough to decide, fetch and run."""
 
     uid = serializers.UUIDField(source="job.uid", read_only=True)
@@ -425,14 +437,15 @@ class AgentJobSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(AgentTaskSerializer(allow_null=True))
     def get_current_task(self, link: JobSite) -> dict[str, Any] | None:
-        task = getattr(link, "current_task", None)
+        # The view passes the site's open tasks by job id (jobs.selectors.SiteActiveJobs).
+        task = self.context["open_tasks"].get(link.job_id)
         if task is None:
             return None
         data: dict[str, Any] = AgentTaskSerializer(task, context={"uid": link.job.uid}).data
         return data
 
 
-class AgentJobSpecSerializer(serializers.ModelSerializer):
+class AgentJobSpecSerializer(serializers.ModelSerializer[Job]):
     """What the agent runs: the job.json as submitted, and the app archive's digest."""
 
     class Meta:
@@ -441,7 +454,7 @@ class AgentJobSpecSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class AgentDecisionSerializer(serializers.ModelSerializer):
+class AgentDecisionSerializer(serializers.ModelSerializer[JobSite]):
     uid = serializers.UUIDField(source="job.uid", read_only=True)
     site = serializers.CharField(source="site.name", read_only=True)
 
@@ -451,7 +464,7 @@ class AgentDecisionSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class AgentTaskStateSerializer(serializers.ModelSerializer):
+class AgentTaskStateSerializer(serializers.ModelSerializer[SiteTask]):
     round = serializers.IntegerField(source="round.number", read_only=True)
     sha256 = serializers.CharField(source="update_sha256", read_only=True)
     size = serializers.IntegerField(source="update_size", read_only=True, allow_null=True)

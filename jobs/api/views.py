@@ -1,12 +1,7 @@
 """REST API of the jobs app, under ``/api/v1/``.
 
-Every view does the same things and nothing else: find what the URL names through a selector
-(404 when the caller cannot see it), check the caller's role with a ``jobs.selectors`` rule
-(403), parse the body with an input serializer (400), call one service and serialize what it
-returns. Domain errors become JSON in one place, ``fedportal.api.exception_handler``; see
-``jobs.api.permissions`` for the 401/404/403 order.
-
-Two audiences:
+Views are shaped like the sites API's (``sites.api.views``): find through a selector (404),
+check the role (403), parse (400), call one service, serialize. Two audiences:
 
 - **people** (API token or session): submit a job bundle, list and read jobs, rounds, per-site
   status, metrics and model versions, download models, abort, and decide for a site;
@@ -14,30 +9,21 @@ Two audiences:
   the job's spec and app archive, a round's global model, task status, the update (streamed),
   and metrics. A site reaches only the jobs it takes part in; any other job is 404.
 
-Choices made where the issue was silent:
-
-- A project in the URL is named by its slug, like the sites API, or by its numeric id.
-- Round numbers count from 0 everywhere (see ``jobs.api.serializers``).
-- Files (models, the app archive) are streamed with their SHA-256 in ``X-Content-SHA256``, so
-  an agent checks what it received; they are sent whatever the ``Accept`` header says, and
-  errors are JSON.
-- An update is ``PUT`` as the raw body (``application/octet-stream``) with its SHA-256 in
-  ``X-Content-SHA256`` and a ``Content-Length``; it is never read whole
-  (``jobs.api.authentication`` explains how its signature is checked). The answer is 202: the
-  update is stored, and checked against the global model by a worker. Under WSGI the view
-  reads the socket in chunks; under Daphne (ASGI) Django has already spooled the body to a
-  temporary file (on disk past ``FILE_UPLOAD_MAX_MEMORY_SIZE``), which the view reads in
-  chunks: memory stays bounded either way.
-- An agent may accept or decline a job only for a site that accepts jobs automatically; for
-  the others, the site's org admins decide through the people's endpoint.
+Files are streamed with their SHA-256 in ``X-Content-SHA256`` whatever ``Accept`` says. An
+update is ``PUT`` as the raw body and read in chunks, never whole (its signature:
+``jobs.api.authentication``); the answer is 202 and a worker checks it. An agent decides for
+its site only when the site accepts jobs automatically; otherwise its org admins do.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from typing import Any
+from uuid import UUID
 
 from django.db.models import QuerySet
+from django.db.models.fields.files import FieldFile
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -47,33 +33,26 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.serializers import BaseSerializer
 
-from common.exceptions import NotFound, ValidationFailed
+from common.exceptions import ValidationFailed
 from fedportal import bodylimits
 from fedportal.api import JSONParser
+from fedportal.api_views import M, PersonView, ProjectView, errors, parse
+from fedportal.throttling import client_address
 from jobs import selectors
 from jobs.api import schema as _schema  # noqa: F401  (registers the streamed-upload scheme)
 from jobs.api import serializers as s
 from jobs.api.authentication import HEADER_CONTENT_SHA256, StreamedBodySignatureAuthentication
 from jobs.api.permissions import ONLY_MANAGERS, ONLY_SITE_ADMINS, ONLY_SUBMITTERS
-from jobs.models import Job, MetricPoint, ModelVersion, Round, TaskState
-from jobs.services.sites import (
-    job_abort,
-    job_for_site,
-    metrics_record,
-    round_model_fetch,
-    site_job_decide,
-    task_for_site,
-    task_mark,
-    update_upload,
-)
+from jobs.models import Job, JobSite, MetricPoint, ModelVersion, Round, SiteTask, TaskState
+from jobs.selectors import job_for_site, task_for_site
+from jobs.services.participation import job_abort, site_job_decide
 from jobs.services.submission import job_submit
-from sites import selectors as site_selectors
-from sites.api.permissions import IsPerson, IsSiteAgent, require
-from sites.api.serializers import ErrorSerializer  # the one error body (fedportal.api)
-from sites.authentication import SiteIdentity, SiteSignatureAuthentication
-from sites.models import Project, Site
+from jobs.services.tasks import round_model_fetch, task_mark, update_upload
+from jobs.services.telemetry import metrics_record
+from sites.api.permissions import IsSiteAgent, require, site_identity
+from sites.authentication import SiteSignatureAuthentication
+from sites.models import Site
 
 PROJECT = OpenApiParameter(
     "project",
@@ -81,11 +60,6 @@ PROJECT = OpenApiParameter(
     OpenApiParameter.PATH,
     description="The project's slug, as in the sites API, or its numeric id.",
 )
-
-
-def errors(*codes: int) -> dict[int, OpenApiResponse]:
-    """Error responses for the schema: each is an :class:`ErrorSerializer` body."""
-    return {code: OpenApiResponse(ErrorSerializer) for code in sorted({401, *codes})}
 
 
 def file_responses(*codes: int) -> dict[Any, Any]:
@@ -97,15 +71,9 @@ def file_responses(*codes: int) -> dict[Any, Any]:
     }
 
 
-def parse(serializer_class: type[BaseSerializer], data: Any) -> dict[str, Any]:
-    serializer = serializer_class(data=data)
-    serializer.is_valid(raise_exception=True)
-    validated: dict[str, Any] = serializer.validated_data
-    return validated
-
-
-def stream_file(field_file: Any, *, filename: str, sha256: str) -> FileResponse:
+def stream_file(field_file: FieldFile, *, filename: str, sha256: str) -> FileResponse:
     """A stored file as a streamed attachment (read in chunks by the server, never whole)."""
+    assert field_file.name is not None  # models and archives are stored before they are found
     response = FileResponse(
         field_file.storage.open(field_file.name, "rb"),
         as_attachment=True,
@@ -121,24 +89,16 @@ class FileNegotiation(DefaultContentNegotiation):
     would otherwise be 406, as no renderer makes it); its errors are JSON."""
 
     def select_renderer(
-        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
     ) -> tuple[BaseRenderer, str]:
-        return renderers[0], renderers[0].media_type
+        first = next(iter(renderers))
+        return first, first.media_type
 
 
 # --- bases -------------------------------------------------------------------------------------
 
 
-class PersonView(generics.GenericAPIView):
-    """An endpoint for people (API token or session). Site agents are refused with 401."""
-
-    permission_classes = [IsPerson]
-
-    def query(self, serializer_class: type[BaseSerializer]) -> dict[str, Any]:
-        return parse(serializer_class, self.request.query_params)
-
-
-class JobView(PersonView):
+class JobView(PersonView[M]):
     """An endpoint under ``/jobs/<uid>/``: the job must be visible to the caller, else 404."""
 
     _job: Job | None = None
@@ -149,7 +109,7 @@ class JobView(PersonView):
         return self._job
 
 
-class AgentView(generics.GenericAPIView):
+class AgentView(generics.GenericAPIView[M]):
     """An endpoint for site agents (signed requests only). People are refused with 401."""
 
     authentication_classes = [SiteSignatureAuthentication]
@@ -158,8 +118,7 @@ class AgentView(generics.GenericAPIView):
 
     @property
     def site(self) -> Site:
-        identity: SiteIdentity = self.request.auth
-        return identity.site
+        return site_identity(self.request).site
 
     def get_job(self) -> Job:
         """The job in the URL if this site takes part in it; 404 otherwise."""
@@ -169,23 +128,11 @@ class AgentView(generics.GenericAPIView):
 # --- people: a project's jobs ------------------------------------------------------------------
 
 
-class ProjectJobListView(PersonView):
+class ProjectJobListView(ProjectView[Job]):
     """A project's jobs (members), and submitting a job bundle (leads, project admins)."""
 
     parser_classes = [MultiPartParser]
     serializer_class = s.JobSerializer
-
-    def get_project(self) -> Project:
-        """The project named by slug or numeric id, if the caller belongs to it; else 404."""
-        ref = str(self.kwargs["project"])
-        visible = site_selectors.projects_visible_to(self.request.user)
-        project = visible.filter(slug=ref).first()
-        if project is None and ref.isascii() and ref.isdigit():
-            project = visible.filter(pk=int(ref)).first()
-        if project is None:
-            # The same answer for a project that exists elsewhere as for none at all.
-            raise NotFound(f"no project {ref!r}")
-        return project
 
     @extend_schema(
         tags=["jobs"],
@@ -222,12 +169,13 @@ class ProjectJobListView(PersonView):
         data = parse(s.JobSubmitSerializer, request.data)
         job = job_submit(
             project=found,
-            submitted_by=request.user,
+            submitted_by=self.person,
             spec=data["spec"],
             initial_model=data["initial_model"],
             app_archive=data["app"],
             sites=data.get("sites"),
             round_timeout_seconds=data.get("round_timeout_seconds"),
+            source_address=client_address(request),
         )
         return Response(s.JobSerializer(job).data, status=status.HTTP_201_CREATED)
 
@@ -253,15 +201,15 @@ class ProjectJobListView(PersonView):
 # --- people: one job ---------------------------------------------------------------------------
 
 
-class JobDetailView(JobView):
+class JobDetailView(JobView[Job]):
     """A job: its spec, state, progress and best model."""
 
     @extend_schema(tags=["jobs"], responses={200: s.JobSerializer, **errors(404)})
-    def get(self, request: Request, uid: Any) -> Response:
+    def get(self, request: Request, uid: UUID) -> Response:
         return Response(s.JobSerializer(self.get_job()).data)
 
 
-class JobRoundListView(JobView):
+class JobRoundListView(JobView[Round]):
     """A job's rounds with their state, deadline, aggregate metrics and participants."""
 
     serializer_class = s.RoundSerializer
@@ -271,13 +219,13 @@ class JobRoundListView(JobView):
         summary="A job's rounds, from 0",
         responses={200: s.RoundSerializer(many=True), **errors(404)},
     )
-    def get(self, request: Request, uid: Any) -> Response:
+    def get(self, request: Request, uid: UUID) -> Response:
         rounds: QuerySet[Round] = selectors.rounds_of(self.get_job())
         page = self.paginate_queryset(rounds)
         return self.get_paginated_response(s.RoundSerializer(page, many=True).data)
 
 
-class JobSiteListView(JobView):
+class JobSiteListView(JobView[JobSite]):
     """Each site of a job: its decision, whether it is online, and its task in every round."""
 
     serializer_class = s.ParticipantSerializer
@@ -287,12 +235,12 @@ class JobSiteListView(JobView):
         summary="A job's sites: decision, online, and the task of each round",
         responses={200: s.ParticipantSerializer(many=True), **errors(404)},
     )
-    def get(self, request: Request, uid: Any) -> Response:
+    def get(self, request: Request, uid: UUID) -> Response:
         page = self.paginate_queryset(selectors.participants_of(self.get_job()))
         return self.get_paginated_response(s.ParticipantSerializer(page, many=True).data)
 
 
-class JobSiteDecisionView(JobView):
+class JobSiteDecisionView(JobView[JobSite]):
     """A site's org admin (or a project admin) accepts or declines the job for the site,
     while the job waits to start."""
 
@@ -304,18 +252,22 @@ class JobSiteDecisionView(JobView):
         request=s.DecisionSerializer,
         responses={200: s.ParticipantSerializer, **errors(400, 403, 404, 409)},
     )
-    def post(self, request: Request, uid: Any, site_name: str) -> Response:
+    def post(self, request: Request, uid: UUID, site_name: str) -> Response:
         job = self.get_job()
         link = selectors.participant_of(job, site_name)
         require(selectors.can_decide_for_site(request.user, link.site), ONLY_SITE_ADMINS)
         data = parse(s.DecisionSerializer, request.data)
         link = site_job_decide(
-            job=job, site=link.site, accept=data["accept"], decided_by=request.user
+            job=job,
+            site=link.site,
+            accept=data["accept"],
+            decided_by=self.person,
+            source_address=client_address(request),
         )
         return Response(s.ParticipantSerializer(link).data)
 
 
-class JobMetricListView(JobView):
+class JobMetricListView(JobView[MetricPoint]):
     """Metric points: the sites' logged values and train results, and each round's aggregate."""
 
     serializer_class = s.MetricPointSerializer
@@ -326,7 +278,7 @@ class JobMetricListView(JobView):
         parameters=[s.MetricQuerySerializer],
         responses={200: s.MetricPointSerializer(many=True), **errors(400, 404)},
     )
-    def get(self, request: Request, uid: Any) -> Response:
+    def get(self, request: Request, uid: UUID) -> Response:
         q = self.query(s.MetricQuerySerializer)
         points: QuerySet[MetricPoint] = selectors.metric_points_of(
             self.get_job(),
@@ -339,7 +291,7 @@ class JobMetricListView(JobView):
         return self.get_paginated_response(s.MetricPointSerializer(page, many=True).data)
 
 
-class JobModelListView(JobView):
+class JobModelListView(JobView[ModelVersion]):
     """Global models: number 0 is the initial one, number n the model after n rounds."""
 
     serializer_class = s.ModelVersionSerializer
@@ -349,7 +301,7 @@ class JobModelListView(JobView):
         summary="A job's global models: the initial one and one after every round",
         responses={200: s.ModelVersionSerializer(many=True), **errors(404)},
     )
-    def get(self, request: Request, uid: Any) -> Response:
+    def get(self, request: Request, uid: UUID) -> Response:
         job = self.get_job()
         versions: QuerySet[ModelVersion] = selectors.model_versions_of(job)
         page = self.paginate_queryset(versions)
@@ -357,7 +309,7 @@ class JobModelListView(JobView):
         return self.get_paginated_response(data)
 
 
-class JobModelDownloadView(JobView):
+class JobModelDownloadView(JobView[ModelVersion]):
     """The model file (safetensors), streamed, with its SHA-256 in X-Content-SHA256."""
 
     renderer_classes = [JSONRenderer]
@@ -368,7 +320,7 @@ class JobModelDownloadView(JobView):
         summary="Download a global model (safetensors)",
         responses=file_responses(404),
     )
-    def get(self, request: Request, uid: Any, round_number: int) -> FileResponse:
+    def get(self, request: Request, uid: UUID, round_number: int) -> FileResponse:
         job = self.get_job()
         version = selectors.model_version_of(job, round_number)
         return stream_file(
@@ -378,7 +330,7 @@ class JobModelDownloadView(JobView):
         )
 
 
-class JobAbortView(JobView):
+class JobAbortView(JobView[Job]):
     """Stop an active job: its open round fails, and it takes no more updates into account."""
 
     parser_classes = [JSONParser]
@@ -389,18 +341,23 @@ class JobAbortView(JobView):
         request=s.AbortSerializer,
         responses={200: s.JobSerializer, **errors(400, 403, 404, 409)},
     )
-    def post(self, request: Request, uid: Any) -> Response:
+    def post(self, request: Request, uid: UUID) -> Response:
         job = self.get_job()
         require(selectors.can_manage_job(request.user, job), ONLY_MANAGERS)
         data = parse(s.AbortSerializer, request.data)
-        reason = data.get("reason") or f"aborted by {request.user.get_username()}"
-        return Response(s.JobSerializer(job_abort(job=job, reason=reason)).data)
+        job = job_abort(
+            job=job,
+            actor=self.person,
+            reason=data.get("reason") or "",
+            source_address=client_address(request),
+        )
+        return Response(s.JobSerializer(job).data)
 
 
 # --- site agents -------------------------------------------------------------------------------
 
 
-class AgentJobListView(AgentView):
+class AgentJobListView(AgentView[JobSite]):
     """What an agent polls: its site's active jobs, decision, and task in the open round."""
 
     @extend_schema(
@@ -409,11 +366,12 @@ class AgentJobListView(AgentView):
         responses={200: s.AgentJobSerializer(many=True), **errors()},
     )
     def get(self, request: Request) -> Response:
-        links = selectors.site_active_jobs(self.site)
-        return Response(s.AgentJobSerializer(links, many=True).data)
+        active = selectors.site_active_jobs(self.site)
+        context = {"open_tasks": active.open_tasks}
+        return Response(s.AgentJobSerializer(active.links, many=True, context=context).data)
 
 
-class AgentJobDecisionView(AgentView):
+class AgentJobDecisionView(AgentView[JobSite]):
     """The agent accepts or declines a job, only for a site that accepts jobs automatically
     (403 ``decision_not_delegated`` otherwise: its admin decides)."""
 
@@ -425,14 +383,20 @@ class AgentJobDecisionView(AgentView):
         request=s.DecisionSerializer,
         responses={200: s.AgentDecisionSerializer, **errors(400, 403, 404, 409)},
     )
-    def post(self, request: Request, uid: Any) -> Response:
+    def post(self, request: Request, uid: UUID) -> Response:
         job = self.get_job()
         data = parse(s.DecisionSerializer, request.data)
-        link = site_job_decide(job=job, site=self.site, accept=data["accept"], by_agent=True)
+        link = site_job_decide(
+            job=job,
+            site=self.site,
+            accept=data["accept"],
+            by_agent=True,
+            source_address=client_address(request),
+        )
         return Response(s.AgentDecisionSerializer(link).data)
 
 
-class AgentJobSpecView(AgentView):
+class AgentJobSpecView(AgentView[Job]):
     """The job.json the agent runs (train script and arguments) and the app's SHA-256."""
 
     @extend_schema(
@@ -440,11 +404,11 @@ class AgentJobSpecView(AgentView):
         summary="The job's spec (job.json) and its app archive's SHA-256",
         responses={200: s.AgentJobSpecSerializer, **errors(404)},
     )
-    def get(self, request: Request, uid: Any) -> Response:
+    def get(self, request: Request, uid: UUID) -> Response:
         return Response(s.AgentJobSpecSerializer(self.get_job()).data)
 
 
-class AgentJobBundleView(AgentView):
+class AgentJobBundleView(AgentView[Job]):
     """The app archive (zip), streamed, with its SHA-256 in X-Content-SHA256."""
 
     renderer_classes = [JSONRenderer]
@@ -455,12 +419,12 @@ class AgentJobBundleView(AgentView):
         summary="Download the job's app archive (zip)",
         responses=file_responses(404),
     )
-    def get(self, request: Request, uid: Any) -> FileResponse:
+    def get(self, request: Request, uid: UUID) -> FileResponse:
         job = self.get_job()
         return stream_file(job.app_archive, filename=f"{job.name}-app.zip", sha256=job.app_sha256)
 
 
-class AgentRoundModelView(AgentView):
+class AgentRoundModelView(AgentView[ModelVersion]):
     """The global model round n starts from, streamed; the task becomes ``downloaded``, or
     ``training`` with ``?then=training``."""
 
@@ -480,7 +444,7 @@ class AgentRoundModelView(AgentView):
         ],
         responses=file_responses(400, 404),
     )
-    def get(self, request: Request, uid: Any, number: int) -> FileResponse:
+    def get(self, request: Request, uid: UUID, number: int) -> FileResponse:
         job = self.get_job()
         then = request.query_params.get("then", TaskState.DOWNLOADED)
         if then not in (TaskState.DOWNLOADED, TaskState.TRAINING):
@@ -493,7 +457,7 @@ class AgentRoundModelView(AgentView):
         )
 
 
-class AgentRoundStatusView(AgentView):
+class AgentRoundStatusView(AgentView[SiteTask]):
     """The site reports ``training`` (or ``downloaded``) for its task in round n."""
 
     parser_classes = [JSONParser]
@@ -504,14 +468,14 @@ class AgentRoundStatusView(AgentView):
         request=s.TaskStatusSerializer,
         responses={200: s.AgentTaskStateSerializer, **errors(400, 404)},
     )
-    def post(self, request: Request, uid: Any, number: int) -> Response:
+    def post(self, request: Request, uid: UUID, number: int) -> Response:
         task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
         data = parse(s.TaskStatusSerializer, request.data)
         task = task_mark(task=task, state=data["state"], reason=data.get("reason", ""))
         return Response(s.AgentTaskStateSerializer(task).data)
 
 
-class AgentRoundUpdateView(AgentView):
+class AgentRoundUpdateView(AgentView[SiteTask]):
     """The site's update for round n, as the raw body (see the summary)."""
 
     authentication_classes = [StreamedBodySignatureAuthentication]
@@ -536,7 +500,7 @@ class AgentRoundUpdateView(AgentView):
         ],
         responses={202: s.AgentTaskStateSerializer, **errors(400, 404, 409, 411)},
     )
-    def put(self, request: Request, uid: Any, number: int) -> Response:
+    def put(self, request: Request, uid: UUID, number: int) -> Response:
         task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
         length = _content_length(request)
         # request.stream is the request itself, read in chunks by the service (never
@@ -563,7 +527,7 @@ def _content_length(request: Request) -> int:
     return int(raw)
 
 
-class AgentMetricsView(AgentView):
+class AgentMetricsView(AgentView[MetricPoint]):
     """The site's ``flare.log`` points; a point resent with the same id is stored once."""
 
     parser_classes = [JSONParser]
@@ -574,7 +538,7 @@ class AgentMetricsView(AgentView):
         request=s.MetricsPostSerializer,
         responses={200: s.MetricsPostedSerializer, **errors(400, 404, 409)},
     )
-    def post(self, request: Request, uid: Any) -> Response:
+    def post(self, request: Request, uid: UUID) -> Response:
         job = self.get_job()
         points = parse(s.MetricsPostSerializer, request.data)["points"]
         stored = metrics_record(job=job, site=self.site, points=points)

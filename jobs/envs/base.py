@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from client_agent.wire import load_state_dict
+from common.rounds import round_for_people
+from common.validators import is_int
 
 if TYPE_CHECKING:
     from jobs.recipes import Recipe
@@ -147,6 +150,47 @@ class Env(Protocol):
     def run(self, recipe: Recipe) -> Run: ...
 
 
+def check_count(name: str, value: object) -> int:
+    """``value`` if it is an integer of at least 1 (``True`` is not one); else a ValueError that
+    names the argument."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
+    return value
+
+
+def site_names(num_clients: int | None, clients: Sequence[str] | None) -> list[str]:
+    """The sites an env runs: ``clients`` when given, else ``site-1`` … ``site-<num_clients>``.
+
+    ``clients`` must be a non-empty list of unique, non-empty names, and ``num_clients``, if
+    given as well, its length; a ValueError names the argument at fault.
+    """
+    if clients is None:
+        count = check_count("num_clients", num_clients)
+        return [f"site-{i}" for i in range(1, count + 1)]
+    names = list(clients)
+    if (
+        not names
+        or not all(isinstance(name, str) and name for name in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ValueError("clients: must be a non-empty list of unique site names")
+    if num_clients is not None and num_clients != len(names):
+        raise ValueError(f"num_clients: {num_clients} but clients names {len(names)} sites")
+    return names
+
+
+def site_threads_env(concurrent_sites: int) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for each of ``concurrent_sites`` site processes on this machine: its
+    share of the cores, at least 1; nothing when the caller set it.
+
+    The sites share the cores, so each script's torch gets its share: more threads than cores
+    spin against each other (a PocEnv round took 5x longer).
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // concurrent_sites))}
+
+
 def new_job_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -179,5 +223,7 @@ class _Progress:
             self.states[site] = state
             if self.tty:
                 sites = "  ".join(f"{s}: {st}" for s, st in sorted(self.states.items()))
-                self.stream.write(f"\r\033[Kround {self.round + 1}/{self.num_rounds}  {sites}")
+                self.stream.write(
+                    f"\r\033[Kround {round_for_people(self.round)}/{self.num_rounds}  {sites}"
+                )
                 self.stream.flush()

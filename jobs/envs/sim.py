@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import sys
@@ -39,6 +38,8 @@ import torch
 from client_agent import forkserver
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.wire import WireFormatError, load_state_dict, save_state_dict
+from common.rounds import round_for_people
+from common.validators import is_number
 from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
 from jobs.aggregation.sources import FileTensorSource
 from jobs.bundle import JobBundle
@@ -48,8 +49,11 @@ from jobs.envs.base import (
     Run,
     RunStatus,
     _Progress,
+    check_count,
     model_file_name,
     new_job_id,
+    site_names,
+    site_threads_env,
 )
 from jobs.workflows import QuorumNotMet
 
@@ -94,26 +98,11 @@ class SimEnv:
         keep_updates: bool = False,
         python: str = sys.executable,
     ) -> None:
-        if clients is not None:
-            clients = list(clients)
-            if not clients or not all(isinstance(c, str) and c for c in clients):
-                raise ValueError("clients: must be a non-empty list of site names")
-            if len(set(clients)) != len(clients):
-                raise ValueError("clients: site names must be unique")
-            if num_clients is not None and num_clients != len(clients):
-                raise ValueError(
-                    f"num_clients: {num_clients} but clients names {len(clients)} sites"
-                )
-            num_clients = len(clients)
-        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"num_clients: must be an integer of at least 1, got {num_clients!r}")
-        if num_threads is not None and (
-            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
-        ):
-            raise ValueError(f"num_threads: must be an integer of at least 1, got {num_threads!r}")
-        self.clients = clients or [f"site-{i}" for i in range(1, num_clients + 1)]
-        self.num_clients = num_clients
-        self.num_threads = min(num_threads or num_clients, num_clients)
+        self.clients = site_names(num_clients, clients)
+        self.num_clients = len(self.clients)
+        if num_threads is not None:
+            check_count("num_threads", num_threads)
+        self.num_threads = min(num_threads or self.num_clients, self.num_clients)
         # Absolute: the sites run with their own working folders.
         self.workspace = Path(workspace).resolve() if workspace is not None else None
         self.show_progress = show_progress
@@ -168,12 +157,6 @@ class _Simulation:
             self.run_record.metrics.points.append(point)
             self.metrics_file.write(json.dumps({**point.__dict__, "time": time.time()}) + "\n")
 
-    def _site_env(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        if "OMP_NUM_THREADS" not in os.environ:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.env.num_threads))
-        return env
-
     def run(self) -> Run:
         run = self.run_record
         started = time.perf_counter()
@@ -212,7 +195,7 @@ class _Simulation:
 
     def _start_sites(self) -> None:
         args = shlex.split(self.bundle.train_args)
-        extra_env = self._site_env()
+        extra_env = site_threads_env(self.env.num_threads)
         for site in self.env.clients:
             site_dir = self.ws / "sites" / site
             proc = ScriptProcess(
@@ -292,7 +275,7 @@ class _Simulation:
             f"\n    {s} rejected: {why}" for s, why in sorted(record.rejected.items())
         )
         self.progress.say(
-            f"round {record.round + 1}/{self.workflow.num_rounds}: "
+            f"round {round_for_people(record.round)}/{self.workflow.num_rounds}: "
             f"{len(record.accepted)} sites aggregated in {record.seconds:.2f} s{metric}{rejected}"
         )
 
@@ -313,7 +296,7 @@ class _Simulation:
                 task_id=f"{self.job_id}:{rnd}:{site}",
                 task_name=spec.task_name,
                 model_path=str(global_path),
-                result_path=str(site_dir / f"round-{rnd + 1:03d}.safetensors"),
+                result_path=str(site_dir / f"round-{rnd:03d}.safetensors"),
                 current_round=rnd,
                 total_rounds=spec.total_rounds,
                 start_round=spec.start_round,
@@ -351,7 +334,11 @@ class _Simulation:
                     record.rejected[site] = reason
                     self.progress.site(site, "rejected")
                     log.warning(
-                        "job %s round %s: %s rejected: %s", self.job_id, rnd + 1, site, reason
+                        "job %s round %s: %s rejected: %s",
+                        self.job_id,
+                        round_for_people(rnd),
+                        site,
+                        reason,
                     )
                     continue
                 except ScriptFailed:
@@ -362,14 +349,15 @@ class _Simulation:
                     self._stop_sites(grace=0)
                     raise
                 for key, value in update.metrics.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if is_number(value):
                         self.record(MetricPoint(round=rnd, site=site, key=key, value=float(value)))
                 updates.append(update)
         if len(updates) < self.workflow.min_clients:
             reasons = "; ".join(f"{s}: {why}" for s, why in sorted(record.rejected.items()))
             raise QuorumNotMet(
-                f"round {rnd + 1}: only {len(updates)} acceptable update(s), min_clients is "
-                f"{self.workflow.min_clients}" + (f" (rejected: {reasons})" if reasons else "")
+                f"round {round_for_people(rnd)}: only {len(updates)} acceptable update(s), "
+                f"min_clients is {self.workflow.min_clients}"
+                + (f" (rejected: {reasons})" if reasons else "")
             )
         return updates
 

@@ -36,6 +36,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from client_agent.wire import WireFormatError, save_state_dict
+from common.rounds import round_for_people
 from jobs import events
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import (
@@ -50,7 +51,10 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
+from jobs.services.audit import JobAuditAction, job_audit_record
+from jobs.services.telemetry import MAX_CLIENT_ID_LENGTH
 from jobs.workflows import Workflow, workflow_from_spec
+from sites.models import Site
 from sites.selectors import site_is_online
 
 log = logging.getLogger(__name__)
@@ -70,15 +74,31 @@ def task_spec_payload(spec: Any) -> dict[str, Any]:
     }
 
 
-def storage_path(name: str) -> Path:
-    """The local path of a stored file. Aggregation reads files in chunks from disk, so the
-    default storage must be a filesystem storage (Django's default)."""
+def metric_point_id(source: str, round_number: int, key: str) -> str:
+    """The id that stores a round's result or aggregate point once: ``<source>:<round>:<key>``,
+    or, when that is longer than the column, the key's digest in place of the key. Cut to
+    the column instead, two long keys with a common prefix got one id and the second point
+    was lost (keys go up to ``MAX_METRIC_KEY_LENGTH`` characters)."""
+    readable = f"{source}:{round_number}:{key}"
+    if len(readable) <= MAX_CLIENT_ID_LENGTH:
+        return readable
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    # 40 hex digits: the longest source and round number still leave the id within 64.
+    return f"{source}:{round_number}:#{digest[:40]}"
+
+
+def storage_path(name: str | None) -> Path:
+    """The local path of a stored file (a file field's ``name``, None when it holds none).
+    Aggregation reads files in chunks from disk, so the default storage must be a filesystem
+    storage (Django's default)."""
+    if not name:
+        raise FileNotFoundError("the file field holds no file")
     return Path(default_storage.path(name))
 
 
 def job_kick_after_commit(job: Job) -> None:
     """Enqueue :func:`job_advance` for ``job`` once the current transaction commits."""
-    from jobs.tasks import job_advance_task  # noqa: PLC0415 - tasks import services
+    from jobs.tasks import job_advance_task  # tasks import services
 
     job_id = job.pk
     transaction.on_commit(lambda: job_advance_task.delay(job_id))
@@ -111,6 +131,7 @@ def job_advance(*, job_id: int) -> str:
             if job.completed_rounds >= job.num_rounds:
                 job.move_to(JobState.COMPLETED)
                 job.save(update_fields=["state", "finished_at", "failure_reason"])
+                _audit_job_end(job)
                 events.job_state(job)
                 return "completed"
             _round_open(job, current.number + 1)
@@ -133,11 +154,12 @@ def job_advance(*, job_id: int) -> str:
                 current.save(update_fields=["state", "closed_at"])
                 job.move_to(
                     JobState.FAILED,
-                    f"round {current.number + 1}: {len(accepted)} acceptable update(s), "
-                    f"min_clients is {job.min_clients}; no acceptable update from "
+                    f"round {round_for_people(current.number)}: {len(accepted)} acceptable "
+                    f"update(s), min_clients is {job.min_clients}; no acceptable update from "
                     f"{', '.join(missing)} ({reasons})",
                 )
                 job.save(update_fields=["state", "finished_at", "failure_reason"])
+                _audit_job_end(job)
                 events.job_state(job)
                 return "failed: quorum"
             # Claim the round for aggregation; sites that have not answered are now late.
@@ -150,6 +172,20 @@ def job_advance(*, job_id: int) -> str:
     # Aggregation reads every update from storage: long, so outside the job lock. A worker
     # killed here leaves the round AGGREGATING, and the next job_advance does it again.
     return _round_aggregate(round_id)
+
+
+def _audit_job_end(job: Job) -> None:
+    """The round controller ended the job (lock held): ``job.completed`` or ``job.failed``,
+    with no actor (the system) and, for a failure, its reason."""
+    completed = job.state == JobState.COMPLETED
+    job_audit_record(
+        action=JobAuditAction.COMPLETED if completed else JobAuditAction.FAILED,
+        job=job,
+        actor=None,
+        details={"rounds": job.completed_rounds}
+        if completed
+        else {"rounds": job.completed_rounds, "reason": job.failure_reason},
+    )
 
 
 def job_advance_while_due(*, job_id: int, max_steps: int = 4) -> str:
@@ -176,6 +212,13 @@ def _start_if_ready(job: Job) -> str:
             link.decision = JobSite.Decision.ACCEPTED
             link.decided_at = now
             link.save(update_fields=["decision", "decided_at"])
+            # The site's own policy decided, applied by the portal: no person, no agent.
+            job_audit_record(
+                action=JobAuditAction.SITE_DECIDED,
+                job=job,
+                actor=None,
+                details={"site": link.site.name, "decision": link.decision, "automatic": True},
+            )
             events.decision(link)
     ready = [
         link
@@ -203,7 +246,7 @@ def _round_open(job: Job, number: int) -> Round:
         accepted = job.participants.filter(decision=JobSite.Decision.ACCEPTED)
         SiteTask.objects.bulk_create(SiteTask(round=rnd, site_id=link.site_id) for link in accepted)
         events.round_state(rnd, task=task_spec_payload(workflow_of(job).round_task(number)))
-        from jobs.tasks import job_advance_task  # noqa: PLC0415
+        from jobs.tasks import job_advance_task
 
         job_id = job.pk
         # The deadline check: job_advance closes or fails the round if it is still open.
@@ -325,16 +368,17 @@ def _round_fail(round_id: int, why: str) -> str:
         rnd.state = RoundState.FAILED
         rnd.closed_at = timezone.now()
         rnd.save(update_fields=["state", "closed_at"])
-        job.move_to(JobState.FAILED, f"round {rnd.number + 1}: {why}"[:4000])
+        job.move_to(JobState.FAILED, f"round {round_for_people(rnd.number)}: {why}"[:4000])
         job.save(update_fields=["state", "finished_at", "failure_reason"])
+        _audit_job_end(job)
         events.round_state(rnd)
         events.job_state(job)
-    return f"failed: round {rnd.number + 1} cannot close"
+    return f"failed: round {round_for_people(rnd.number)} cannot close"
 
 
 def _round_aggregate_claimed(round_id: int) -> str:
     """Aggregate the round, store the new global model and close the round (claim held)."""
-    from jobs.aggregation import FileTensorSource, SiteUpdate  # noqa: PLC0415 - torch
+    from jobs.aggregation import FileTensorSource, SiteUpdate  # torch
 
     rnd = Round.objects.select_related("job").get(pk=round_id)
     job = rnd.job
@@ -356,7 +400,8 @@ def _round_aggregate_claimed(round_id: int) -> str:
         for update in updates:
             update.source.close()
         global_source.close()
-    name = f"jobs/{job.project_id}/{job.uid}/models/round-{rnd.number + 1:03d}.safetensors"
+    completed = rnd.number + 1  # a count of rounds, not an index: see common.rounds
+    name = f"jobs/{job.project_id}/{job.uid}/models/round-{completed:03d}.safetensors"
     path = storage_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_state_dict(path, outcome.global_params)  # atomic rename: a re-run overwrites whole
@@ -368,7 +413,7 @@ def _round_aggregate_claimed(round_id: int) -> str:
             return "nothing: round already " + rnd.state
         ModelVersion.objects.update_or_create(
             job=job,
-            round_number=rnd.number + 1,
+            round_number=completed,
             defaults={"file": name, "sha256": sha, "size": size},
         )
         # The sites' metrics score the model this round started from (NVFlare's convention).
@@ -383,7 +428,7 @@ def _round_aggregate_claimed(round_id: int) -> str:
             MetricPoint.objects.get_or_create(
                 job=job,
                 site=None,
-                client_id=f"aggregate:{rnd.number}:{key}"[:64],
+                client_id=metric_point_id("aggregate", rnd.number, key),
                 defaults={
                     "round_number": rnd.number,
                     "key": key,
@@ -395,11 +440,11 @@ def _round_aggregate_claimed(round_id: int) -> str:
         rnd.closed_at = timezone.now()
         rnd.metrics = outcome.metrics
         rnd.save(update_fields=["state", "closed_at", "metrics"])
-        job.completed_rounds = rnd.number + 1
+        job.completed_rounds = completed
         job.save(update_fields=["completed_rounds", "best_score", "best_round"])
         events.round_state(rnd)
         job_kick_after_commit(job)
-    return f"closed round {rnd.number + 1}"
+    return f"closed round {round_for_people(rnd.number)}"
 
 
 def _file_digest(path: Path) -> tuple[str, int]:
@@ -423,7 +468,7 @@ def update_check(*, task_id: int) -> str:
     the work and the others find theirs done. Each check claims its task with a conditional
     update, so two workers never decide one task twice. Returns this task's outcome.
     """
-    from jobs.aggregation import FileTensorSource  # noqa: PLC0415 - torch: the worker's side
+    from jobs.aggregation import FileTensorSource  # torch: the worker's side
 
     task = SiteTask.objects.select_related("round__job", "site").get(pk=task_id)
     if task.state != TaskState.UPLOADED:
@@ -449,7 +494,7 @@ def update_check(*, task_id: int) -> str:
 
 
 def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
-    from jobs.aggregation import SiteUpdate, UpdateRejected, check_update  # noqa: PLC0415
+    from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
 
     update: SiteUpdate | None = None
     try:
@@ -485,7 +530,7 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
                 MetricPoint.objects.get_or_create(
                     job=rnd.job,
                     site=task.site,
-                    client_id=f"result:{rnd.number}:{key}"[:64],
+                    client_id=metric_point_id("result", rnd.number, key),
                     defaults={
                         "round_number": rnd.number,
                         "key": key,
@@ -506,8 +551,8 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
 
 def jobs_resume() -> int:
     """Enqueue :func:`job_advance` for every active job (after a worker or portal restart)."""
-    from jobs.models import JOB_ACTIVE  # noqa: PLC0415
-    from jobs.tasks import job_advance_task, update_check_task  # noqa: PLC0415
+    from jobs.models import JOB_ACTIVE
+    from jobs.tasks import job_advance_task, update_check_task
 
     ids = list(Job.objects.filter(state__in=JOB_ACTIVE).values_list("pk", flat=True))
     for job_id in ids:
@@ -520,11 +565,11 @@ def jobs_resume() -> int:
     return len(ids)
 
 
-def on_site_heartbeat(*, site: Any, was_online: bool, **_: Any) -> None:
+def on_site_heartbeat(*, site: Site, was_online: bool, **_: Any) -> None:
     """A site that comes online may complete the quorum of jobs waiting to start."""
     if was_online:
         return  # nothing changed for waiting jobs
-    from jobs.tasks import job_advance_task  # noqa: PLC0415
+    from jobs.tasks import job_advance_task
 
     waiting = Job.objects.filter(state=JobState.WAITING, participants__site=site)
     for job_id in waiting.values_list("pk", flat=True):

@@ -16,9 +16,11 @@ from django.db import transaction
 
 from client_agent.wire import WireFormatError, first_nonfinite_tensor, read_header
 from common.exceptions import ValidationFailed
+from common.validators import is_int
 from jobs.bundle import BundleError, check_app_archive, check_spec
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Job, JobSite, ModelVersion
+from jobs.services.audit import JobAuditAction, job_audit_record
 
 # A round may wait for its sites at most 30 days (and the database column holds no more than
 # 2**31 - 1 seconds anyway).
@@ -64,6 +66,7 @@ def job_submit(
     app_archive: IO[bytes],
     sites: Sequence[str] | None = None,
     round_timeout_seconds: int | None = None,
+    source_address: str | None = None,
 ) -> Job:
     """Check everything, then store the bundle and create the job and its participants.
 
@@ -71,24 +74,20 @@ def job_submit(
     ``app_archive`` a zip of the app folder (``jobs.bundle.pack_app``). ``sites`` names the
     participating sites; by default every site of the project that is enrolled now.
     Any failure raises :class:`ValidationFailed` naming the field, and nothing is stored.
+    A stored job is audited (``job.submitted``) with ``submitted_by`` as its actor.
     """
-    from sites.models import Site  # noqa: PLC0415 - jobs.models must not import sites.models
+    from sites.models import Site  # jobs.models must not import sites.models
 
     try:
         checked = check_spec(spec)
     except BundleError as exc:
-        field, _, message = str(exc).partition(": ")
-        raise ValidationFailed(message or str(exc), field=f"spec.{field}") from None
+        raise ValidationFailed(exc.reason, field=f"spec.{exc.field}") from None
     timeout = (
         settings.FEDPORTAL_ROUND_TIMEOUT_SECONDS
         if round_timeout_seconds is None
         else round_timeout_seconds
     )
-    if (
-        not isinstance(timeout, int)
-        or isinstance(timeout, bool)
-        or not 1 <= timeout <= MAX_ROUND_TIMEOUT_SECONDS
-    ):
+    if not is_int(timeout) or not 1 <= timeout <= MAX_ROUND_TIMEOUT_SECONDS:
         raise ValidationFailed(
             f"must be a whole number of seconds from 1 to {MAX_ROUND_TIMEOUT_SECONDS}",
             field="round_timeout_seconds",
@@ -123,6 +122,7 @@ def job_submit(
             participants=participants,
             initial_model=initial_model,
             app_archive=app_archive,
+            source_address=source_address,
         )
     except OSError as exc:
         if is_storage_full(exc):
@@ -142,6 +142,7 @@ def _check_and_store(
     participants: list[Any],
     initial_model: IO[bytes],
     app_archive: IO[bytes],
+    source_address: str | None,
 ) -> Job:
     with tempfile.TemporaryDirectory(prefix="fedportal-submit-") as tmp:
         model_path = Path(tmp) / "initial_model.safetensors"
@@ -159,7 +160,7 @@ def _check_and_store(
         try:
             check_app_archive(app_path, checked.train_script)
         except BundleError as exc:
-            raise ValidationFailed(str(exc).split(": ", 1)[-1], field="app") from None
+            raise ValidationFailed(exc.reason, field="app") from None
         return _store(
             project=project,
             submitted_by=submitted_by,
@@ -171,6 +172,7 @@ def _check_and_store(
             model_sha=model_sha,
             app_path=app_path,
             app_sha=app_sha,
+            source_address=source_address,
         )
 
 
@@ -186,8 +188,9 @@ def _store(
     model_sha: str,
     app_path: Path,
     app_sha: str,
+    source_address: str | None,
 ) -> Job:
-    from jobs.services.rounds import job_kick_after_commit  # noqa: PLC0415 - import cycle
+    from jobs.services.rounds import job_kick_after_commit  # import cycle
 
     stored: list[Any] = []
     try:
@@ -218,6 +221,13 @@ def _store(
                 version.file.save("round-000.safetensors", File(fh), save=False)
             stored.append(version.file)
             version.save()
+            job_audit_record(
+                action=JobAuditAction.SUBMITTED,
+                job=job,
+                actor=submitted_by,
+                source_address=source_address,
+                details={"sites": [site.name for site in participants]},
+            )
             job_kick_after_commit(job)
             return job
     except BaseException:

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from common.validators import FieldError
+
 if TYPE_CHECKING:  # the portal reads workflows' parameters and tasks without torch
     import torch
 
@@ -75,11 +77,12 @@ def _registry() -> dict[str, type[Any]]:
 
 
 def workflow_from_spec(name: str, params: Mapping[str, Any]) -> Workflow:
-    """The workflow a job spec names, with its params; a ValueError names the bad field."""
+    """The workflow a job spec names, with its params; a :class:`FieldError` (a ``ValueError``)
+    names the bad field."""
     registry = _registry()
     if name not in registry:
-        raise ValueError(
-            f"workflow: unknown workflow {name!r} (known: {', '.join(sorted(registry))})"
+        raise FieldError(
+            "workflow", f"unknown workflow {name!r} (known: {', '.join(sorted(registry))})"
         )
     workflow: Workflow = registry[name].from_params(params)
     return workflow

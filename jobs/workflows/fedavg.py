@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from client_agent.runtime import TASK_TRAIN
+from common.rounds import round_for_people
+from common.validators import FieldError, is_int, is_number
 from jobs.workflows.base import MAX_CLIENTS, MAX_ROUNDS, QuorumNotMet, RoundOutcome, TaskSpec
 
 if TYPE_CHECKING:  # the aggregation (torch) is imported where a round is aggregated
@@ -61,30 +63,32 @@ class FedAvg:
     def __post_init__(self) -> None:
         for field_name, highest in (("min_clients", MAX_CLIENTS), ("num_rounds", MAX_ROUNDS)):
             value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= highest:
-                raise ValueError(
-                    f"{field_name}: must be an integer from 1 to {highest}, got {value!r}"
+            if not is_int(value) or not 1 <= value <= highest:
+                raise FieldError(
+                    field_name, f"must be an integer from 1 to {highest}, got {value!r}"
                 )
         if self.key_metric is not None and (
             not isinstance(self.key_metric, str) or not self.key_metric
         ):
-            raise ValueError(f"key_metric: must be a metric name or None, got {self.key_metric!r}")
+            raise FieldError(
+                "key_metric", f"must be a metric name or None, got {self.key_metric!r}"
+            )
         if self.key_metric_mode not in KEY_METRIC_MODES:
-            raise ValueError(
-                f"key_metric_mode: must be 'max' or 'min', got {self.key_metric_mode!r}"
+            raise FieldError(
+                "key_metric_mode", f"must be 'max' or 'min', got {self.key_metric_mode!r}"
             )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FedAvg:
         if not isinstance(params, Mapping):
-            raise ValueError("params: must be an object")
+            raise FieldError("params", "must be an object")
         known = set(cls.PARAMETERS["properties"])
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(f"{unknown[0]}: not a parameter of the fedavg workflow")
+            raise FieldError(unknown[0], "not a parameter of the fedavg workflow")
         for required in cls.PARAMETERS["required"]:
             if required not in params:
-                raise ValueError(f"{required}: required by the fedavg workflow")
+                raise FieldError(required, "required by the fedavg workflow")
         return cls(**params)
 
     def to_params(self) -> dict[str, Any]:
@@ -102,11 +106,11 @@ class FedAvg:
         updates: list[SiteUpdate],
     ) -> RoundOutcome:
         """Fold the round's accepted updates, in site-name order so the bits are repeatable."""
-        from jobs.aggregation import fedavg, weighted_metrics  # noqa: PLC0415
+        from jobs.aggregation import fedavg, weighted_metrics
 
         if len(updates) < self.min_clients:
             raise QuorumNotMet(
-                f"round {round_number + 1}: {len(updates)} acceptable update(s), "
+                f"round {round_for_people(round_number)}: {len(updates)} acceptable update(s), "
                 f"min_clients is {self.min_clients}"
             )
         ordered = sorted(updates, key=lambda u: u.site)
@@ -121,7 +125,7 @@ class FedAvg:
         if self.key_metric is None:
             return None
         value = metrics.get(self.key_metric)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             return None
         return float(value) if math.isfinite(value) else None
 

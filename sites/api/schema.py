@@ -6,18 +6,21 @@ so that they are registered before a schema is generated.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 
 from client_agent.signing import HEADER_SIGNATURE
+
+if TYPE_CHECKING:
+    from drf_spectacular.openapi import AutoSchema
 
 
 class ApiTokenScheme(OpenApiAuthenticationExtension):
     target_class = "sites.authentication.ApiTokenAuthentication"
     name = "apiToken"
 
-    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, Any]:
         return {
             "type": "http",
             "scheme": "bearer",
@@ -29,7 +32,7 @@ class SiteSignatureScheme(OpenApiAuthenticationExtension):
     target_class = "sites.authentication.SiteSignatureAuthentication"
     name = "siteSignature"
 
-    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+    def get_security_definition(self, auto_schema: AutoSchema) -> dict[str, Any]:
         return {
             "type": "apiKey",
             "in": "header",

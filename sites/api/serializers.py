@@ -4,7 +4,7 @@ Output serializers describe exactly what is sent, so that the OpenAPI schema is 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -13,6 +13,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from sites import selectors
+from sites.authentication import SiteIdentity
 from sites.models import (
     ApiToken,
     AuditEvent,
@@ -25,6 +26,10 @@ from sites.models import (
     Site,
     SiteState,
 )
+from sites.services.enrolment import Enrolment
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 # Names are checked again by the services; these bounds only keep absurd input out early.
 NAME_MAX = 64
@@ -53,7 +58,7 @@ class ResourcesField(serializers.DictField):
     short strings. The service checks each entry and names the one at fault."""
 
 
-class ErrorSerializer(serializers.Serializer):
+class ErrorSerializer(serializers.Serializer[dict[str, Any]]):
     """Every error the API returns (fedportal.api.exception_handler)."""
 
     code = serializers.CharField(help_text="Machine-readable reason, e.g. `token_expired`.")
@@ -65,7 +70,7 @@ class ErrorSerializer(serializers.Serializer):
 
 
 @extend_schema_field(OpenApiTypes.INT)
-class ProjectOrganizationField(serializers.PrimaryKeyRelatedField):
+class ProjectOrganizationField(serializers.PrimaryKeyRelatedField[Organization]):
     """An organisation of the project in the serializer's context (``context["project"]``):
     an id from another project is "does not exist", whether or not it exists there."""
 
@@ -76,7 +81,7 @@ class ProjectOrganizationField(serializers.PrimaryKeyRelatedField):
 # --- projects and organisations ----------------------------------------------------------------
 
 
-class ProjectSerializer(serializers.ModelSerializer):
+class ProjectSerializer(serializers.ModelSerializer[Project]):
     my_roles = serializers.SerializerMethodField(
         help_text="The roles the caller holds in this project."
     )
@@ -102,7 +107,7 @@ class ProjectSerializer(serializers.ModelSerializer):
         return sorted(selectors.role_in_project(user, project))
 
 
-class ProjectCreateSerializer(serializers.Serializer):
+class ProjectCreateSerializer(serializers.Serializer[dict[str, Any]]):
     name = serializers.CharField(max_length=NAME_MAX)
     description = serializers.CharField(required=False, allow_blank=True, default="")
     host_organization_name = serializers.CharField(
@@ -113,27 +118,27 @@ class ProjectCreateSerializer(serializers.Serializer):
     )
 
 
-class ProjectUpdateSerializer(serializers.Serializer):
+class ProjectUpdateSerializer(serializers.Serializer[dict[str, Any]]):
     """Only the description changes: the name is the O of every certificate in the project."""
 
     description = serializers.CharField(allow_blank=True, required=False)
 
 
-class OrganizationSerializer(serializers.ModelSerializer):
+class OrganizationSerializer(serializers.ModelSerializer[Organization]):
     class Meta:
         model = Organization
         fields = ["id", "name", "is_host", "created_at"]
         read_only_fields = fields
 
 
-class OrganizationWriteSerializer(serializers.Serializer):
+class OrganizationWriteSerializer(serializers.Serializer[dict[str, Any]]):
     name = serializers.CharField(max_length=NAME_MAX)
 
 
 # --- memberships and invitations ---------------------------------------------------------------
 
 
-class MembershipSerializer(serializers.ModelSerializer):
+class MembershipSerializer(serializers.ModelSerializer[Membership]):
     username = serializers.CharField(source="user.username", read_only=True)
     organization_name = serializers.CharField(source="organization.name", read_only=True)
 
@@ -144,7 +149,7 @@ class MembershipSerializer(serializers.ModelSerializer):
 
 
 @extend_schema_field(OpenApiTypes.STR)
-class ProjectPersonField(serializers.SlugRelatedField):
+class ProjectPersonField(serializers.SlugRelatedField["User"]):
     """A person who already has a role in the project in the serializer's context (by
     username). Anyone else gets the same answer as a name nobody has: adding people from
     outside the project goes through an invitation they accept, and no answer tells whether
@@ -160,11 +165,11 @@ class ProjectPersonField(serializers.SlugRelatedField):
         kwargs.setdefault("slug_field", "username")
         super().__init__(**kwargs)
 
-    def get_queryset(self) -> QuerySet[Any]:
+    def get_queryset(self) -> QuerySet[User]:
         return selectors.people_of_project(self.context["project"])
 
 
-class MembershipCreateSerializer(serializers.Serializer):
+class MembershipCreateSerializer(serializers.Serializer[dict[str, Any]]):
     organization = ProjectOrganizationField()
     username = ProjectPersonField(
         help_text="Someone who already has a role in this project (in another organisation, "
@@ -173,15 +178,29 @@ class MembershipCreateSerializer(serializers.Serializer):
     role = serializers.ChoiceField(Role.choices)
 
 
-class MembershipUpdateSerializer(serializers.Serializer):
+class MembershipUpdateSerializer(serializers.Serializer[dict[str, Any]]):
     role = serializers.ChoiceField(Role.choices)
 
 
-class MembershipQuerySerializer(serializers.Serializer):
+class MembershipQuerySerializer(serializers.Serializer[dict[str, Any]]):
     organization = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
 
 
-class InvitationSerializer(serializers.ModelSerializer):
+class ShownOnceField(serializers.CharField):
+    """A secret made with the object and never stored in clear (an API token's key, an
+    invitation's token): the view passes it in the serializer's context under the field's
+    name, as the object has no attribute for it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(read_only=True, **kwargs)
+
+    def get_attribute(self, instance: Any) -> str:
+        assert self.field_name is not None  # the serializer names its fields before reading
+        secret: str = self.context[self.field_name]
+        return secret
+
+
+class InvitationSerializer(serializers.ModelSerializer[Invitation]):
     organization_name = serializers.CharField(source="organization.name", read_only=True)
     status = serializers.SerializerMethodField()
     invited_by = serializers.CharField(source="created_by.username", default=None, read_only=True)
@@ -212,8 +231,7 @@ class InvitationSerializer(serializers.ModelSerializer):
 
 
 class InvitationCreatedSerializer(InvitationSerializer):
-    token = serializers.CharField(
-        read_only=True,
+    token = ShownOnceField(
         help_text="Shown once: the invitee accepts with it (POST /api/v1/invitations/accept/).",
     )
 
@@ -222,21 +240,21 @@ class InvitationCreatedSerializer(InvitationSerializer):
         read_only_fields = fields
 
 
-class InvitationCreateSerializer(serializers.Serializer):
+class InvitationCreateSerializer(serializers.Serializer[dict[str, Any]]):
     organization = ProjectOrganizationField()
     email = serializers.EmailField(required=False, allow_blank=True, default="")
     username = serializers.CharField(required=False, allow_blank=True, default="", max_length=150)
     role = serializers.ChoiceField(Role.choices)
 
 
-class InvitationAcceptSerializer(serializers.Serializer):
+class InvitationAcceptSerializer(serializers.Serializer[dict[str, Any]]):
     token = serializers.CharField(max_length=200)
 
 
 # --- sites and enrolment -----------------------------------------------------------------------
 
 
-class SiteSerializer(serializers.ModelSerializer):
+class SiteSerializer(serializers.ModelSerializer[Site]):
     organization_name = serializers.CharField(source="organization.name", read_only=True)
     requested_by = serializers.CharField(
         source="requested_by.username", default=None, read_only=True
@@ -265,42 +283,42 @@ class SiteSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class SiteRequestSerializer(serializers.Serializer):
+class SiteRequestSerializer(serializers.Serializer[dict[str, Any]]):
     organization = ProjectOrganizationField()
     name = serializers.CharField(max_length=63, help_text=Site._meta.get_field("name").help_text)
     contact_email = serializers.EmailField()
     resources = ResourcesField(required=False, default=dict)
 
 
-class SiteUpdateSerializer(serializers.Serializer):
+class SiteUpdateSerializer(serializers.Serializer[dict[str, Any]]):
     contact_email = serializers.EmailField(required=False)
     resources = ResourcesField(required=False)
     auto_accept_jobs = serializers.BooleanField(required=False)
 
 
-class SiteQuerySerializer(serializers.Serializer):
+class SiteQuerySerializer(serializers.Serializer[dict[str, Any]]):
     organization = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
     state = serializers.ChoiceField(SiteState.choices, required=False)
 
 
-class ReasonSerializer(serializers.Serializer):
+class ReasonSerializer(serializers.Serializer[dict[str, Any]]):
     reason = serializers.CharField(max_length=REASON_MAX)
 
 
-class EnrolmentSecretSerializer(serializers.Serializer):
+class EnrolmentSecretSerializer(serializers.Serializer[dict[str, Any]]):
     token = serializers.CharField(help_text="The one-time enrolment token. Shown only here, once.")
     expires_at = serializers.DateTimeField()
     command = serializers.CharField(help_text="What the site admin runs at the site.")
 
 
-class SiteEnrolmentSerializer(serializers.Serializer):
+class SiteEnrolmentSerializer(serializers.Serializer[dict[str, Any]]):
     """A site together with a fresh enrolment token (approval, token reissue)."""
 
     site = SiteSerializer()
     enrolment = EnrolmentSecretSerializer()
 
 
-class EnrolRequestSerializer(serializers.Serializer):
+class EnrolRequestSerializer(serializers.Serializer[dict[str, Any]]):
     token = serializers.CharField(max_length=200, help_text="The one-time enrolment token.")
     csr_pem = serializers.CharField(
         max_length=CSR_MAX,
@@ -315,11 +333,11 @@ class EnrolRequestSerializer(serializers.Serializer):
     )
 
 
-class EnrolCheckRequestSerializer(serializers.Serializer):
+class EnrolCheckRequestSerializer(serializers.Serializer[dict[str, Any]]):
     token = serializers.CharField(max_length=200, help_text="The one-time enrolment token.")
 
 
-class EnrolCheckResponseSerializer(serializers.Serializer):
+class EnrolCheckResponseSerializer(serializers.Serializer[Site]):
     """The site a token would enrol: what the agent puts in its CSR's subject."""
 
     site = serializers.CharField(source="name")
@@ -328,7 +346,7 @@ class EnrolCheckResponseSerializer(serializers.Serializer):
     project_name = serializers.CharField(source="project.name")
 
 
-class EnrolResponseSerializer(serializers.Serializer):
+class EnrolResponseSerializer(serializers.Serializer[Enrolment]):
     site = serializers.CharField(source="certificate.site.name")
     organization = serializers.CharField(source="certificate.site.organization.name")
     project = serializers.CharField(source="certificate.site.project.slug")
@@ -341,7 +359,7 @@ class EnrolResponseSerializer(serializers.Serializer):
     ca_certificate_pem = serializers.CharField()
 
 
-class WhoamiSerializer(serializers.Serializer):
+class WhoamiSerializer(serializers.Serializer[SiteIdentity]):
     """The identity a signed agent request proved (and its heartbeat)."""
 
     site = serializers.CharField(source="site.name")
@@ -359,7 +377,7 @@ class WhoamiSerializer(serializers.Serializer):
 # --- certificates ------------------------------------------------------------------------------
 
 
-class CertificateSerializer(serializers.ModelSerializer):
+class CertificateSerializer(serializers.ModelSerializer[Certificate]):
     site_name = serializers.CharField(source="site.name", read_only=True)
 
     class Meta:
@@ -381,7 +399,7 @@ class CertificateSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class CertificateQuerySerializer(serializers.Serializer):
+class CertificateQuerySerializer(serializers.Serializer[dict[str, Any]]):
     site = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
     revoked = serializers.BooleanField(required=False, allow_null=True, default=None)
 
@@ -389,7 +407,7 @@ class CertificateQuerySerializer(serializers.Serializer):
 # --- audit events ------------------------------------------------------------------------------
 
 
-class AuditEventSerializer(serializers.ModelSerializer):
+class AuditEventSerializer(serializers.ModelSerializer[AuditEvent]):
     actor = serializers.CharField(source="actor_repr", read_only=True)
     actor_site = serializers.CharField(source="actor_site.name", default=None, read_only=True)
     project = serializers.CharField(source="project.slug", default=None, read_only=True)
@@ -412,7 +430,7 @@ class AuditEventSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class AuditEventQuerySerializer(serializers.Serializer):
+class AuditEventQuerySerializer(serializers.Serializer[dict[str, Any]]):
     actor = serializers.CharField(
         required=False, max_length=150, help_text="Username of the person who acted."
     )
@@ -441,7 +459,7 @@ class AuditEventQuerySerializer(serializers.Serializer):
 # --- API tokens --------------------------------------------------------------------------------
 
 
-class ApiTokenSerializer(serializers.ModelSerializer):
+class ApiTokenSerializer(serializers.ModelSerializer[ApiToken]):
     class Meta:
         model = ApiToken
         fields = ["id", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
@@ -449,15 +467,13 @@ class ApiTokenSerializer(serializers.ModelSerializer):
 
 
 class ApiTokenCreatedSerializer(ApiTokenSerializer):
-    key = serializers.CharField(
-        read_only=True, help_text="Shown once. Send it as `Authorization: Bearer <key>`."
-    )
+    key = ShownOnceField(help_text="Shown once. Send it as `Authorization: Bearer <key>`.")
 
     class Meta(ApiTokenSerializer.Meta):
         fields = [*ApiTokenSerializer.Meta.fields, "key"]
         read_only_fields = fields
 
 
-class ApiTokenCreateSerializer(serializers.Serializer):
+class ApiTokenCreateSerializer(serializers.Serializer[dict[str, Any]]):
     name = serializers.CharField(max_length=100)
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)

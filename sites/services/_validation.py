@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
 from common.exceptions import ValidationFailed
+from common.validators import is_number
 from sites.models import SITE_NAME_HELP, SITE_NAME_PATTERN, Role
 
 MAX_REASON_LENGTH = 2000
@@ -109,7 +110,7 @@ def clean_resources(value: object) -> dict[str, Any]:
             )
         if isinstance(item, bool):
             continue
-        if isinstance(item, int | float):
+        if is_number(item):
             if not (item >= 0 and item != float("inf")):
                 raise ValidationFailed(
                     f"resources.{key} must be a finite number ≥ 0, got {item!r}", field="resources"

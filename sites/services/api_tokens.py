@@ -42,8 +42,8 @@ def api_token_create(
     name = clean_name(name, field="name", max_length=100)
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationFailed("expires_at must be in the future", field="expires_at")
-    ceiling = created_with.expires_at if created_with is not None else None
-    if ceiling is not None:
+    if created_with is not None and created_with.expires_at is not None:
+        ceiling = created_with.expires_at
         if expires_at is None:
             expires_at = ceiling
         elif expires_at > ceiling:

@@ -267,7 +267,7 @@ def enrolment_token_reissue(
 # --- enrolment ------------------------------------------------------------------------------
 
 
-def _usable_token(token: Any, *, project: Project | None, lock: bool) -> EnrolmentToken:
+def _usable_token(token: object, *, project: Project | None, lock: bool) -> EnrolmentToken:
     """The enrolment token row for ``token`` if it can enrol its site now; raises naming why
     not (see :func:`site_enrol`). ``lock``: select it for update (inside a transaction)."""
     if not isinstance(token, str) or not token.strip():

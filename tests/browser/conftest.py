@@ -1,6 +1,6 @@
 """The browser tests' world: the portal served by Daphne in a subprocess (HTTP and WebSocket)
-against the test database, Debian's Chromium driven by Playwright, and a screenshot of every
-page a test visits, in a folder printed at the end of the run.
+against the test database (``tests.daphne_portal``), Debian's Chromium driven by Playwright,
+and a screenshot of every page a test visits, in a folder printed at the end of the run.
 
 Needs /usr/bin/chromium (`.ci/run` installs it), PostgreSQL (the portal process shares the test
 database) and Redis (the channel layer between the two processes, database 13).
@@ -11,32 +11,28 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
+from django.db import connections
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests import daphne_portal
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, BrowserContext, Page
+
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parent / "screenshots"
-REDIS_URL = os.environ.get("BROWSER_TEST_REDIS_URL") or "redis://127.0.0.1:6379/13"
+REDIS_URL = daphne_portal.REDIS_URL
 _taken: list[Path] = []
+T = TypeVar("T")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("browser-media")
+# The portal's server, one per module.
+media_root = daphne_portal.media_root
+portal_url = daphne_portal.portal_url
 
 
 @pytest.fixture(scope="module")
@@ -54,60 +50,7 @@ def async_unsafe_allowed() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
-    """The portal's server (``python -m fedportal.serve``, Daphne) on a free port, on the test
-    database; its log is printed when it fails to start."""
-    import redis
-    from django.db import connection
-
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    db = connection.settings_dict
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.browser.daphne_settings",
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        "DJANGO_MEDIA_ROOT": str(media_root),
-        # Development mode: plain HTTP on 127.0.0.1 (cookies not Secure), and the portal
-        # serves its own static files; DEBUG stays off, as in a deployment.
-        "FEDPORTAL_DEV": "1",
-        "DJANGO_DEBUG": "false",
-        "BROWSER_TEST_REDIS_URL": REDIS_URL,
-        "PYTHONPATH": str(ROOT),
-    }
-    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    log = media_root.parent / "daphne.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"daphne did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
-def browser(async_unsafe_allowed: None) -> Iterator[object]:
+def browser(async_unsafe_allowed: None) -> Iterator[Browser]:
     from playwright.sync_api import sync_playwright
 
     if not _taken:
@@ -136,50 +79,64 @@ def portal(settings, portal_url: str, media_root: Path) -> str:
     return portal_url
 
 
+def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` in another thread. Playwright's event loop runs in this one, where the
+    channel layer's ``async_to_sync`` sends (events after commit) cannot run."""
+
+    def run() -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
+
+
 class Pages:
     """Opens pages for one test, and screenshots each one it visits."""
 
-    def __init__(self, browser: object, base: str, test_name: str) -> None:
+    def __init__(self, browser: Browser, base: str, test_name: str) -> None:
         self.browser = browser
         self.base = base
         self.prefix = re.sub(r"[^A-Za-z0-9_-]+", "-", test_name)
         self.count = 0
-        self.contexts: list[object] = []
+        self.contexts: list[BrowserContext] = []
 
-    def new_page(self) -> object:
-        context = self.browser.new_context(viewport={"width": 1366, "height": 900})  # type: ignore[attr-defined]
+    def new_page(self) -> Page:
+        context = self.browser.new_context(viewport={"width": 1366, "height": 900})
         self.contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(10_000)
         return page
 
-    def shot(self, page: object, name: str) -> Path:
+    def shot(self, page: Page, name: str) -> Path:
         self.count += 1
         path = SCREENSHOTS / f"{self.prefix}-{self.count:02d}-{name}.png"
-        page.screenshot(path=str(path), full_page=True)  # type: ignore[attr-defined]
+        page.screenshot(path=str(path), full_page=True)
         _taken.append(path)
         return path
 
-    def visit(self, page: object, path: str, name: str) -> None:
-        page.goto(self.base + path)  # type: ignore[attr-defined]
+    def visit(self, page: Page, path: str, name: str) -> None:
+        page.goto(self.base + path)
         self.shot(page, name)
 
-    def sign_in(self, page: object, username: str, password: str = "pw") -> None:
-        page.goto(self.base + "/login/")  # type: ignore[attr-defined]
-        page.fill("#id_username", username)  # type: ignore[attr-defined]
-        page.fill("#id_password", password)  # type: ignore[attr-defined]
+    def sign_in(self, page: Page, username: str, password: str = "pw") -> None:
+        page.goto(self.base + "/login/")
+        page.fill("#id_username", username)
+        page.fill("#id_password", password)
         self.shot(page, f"login-{username}")
-        page.get_by_role("button", name="Sign in").click()  # type: ignore[attr-defined]
-        page.wait_for_url(self.base + "/")  # type: ignore[attr-defined]
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(self.base + "/")
         self.shot(page, f"projects-{username}")
 
     def close(self) -> None:
         for context in self.contexts:
-            context.close()  # type: ignore[attr-defined]
+            context.close()
 
 
 @pytest.fixture
-def pages(portal: str, browser: object, request: pytest.FixtureRequest) -> Iterator[Pages]:
+def pages(portal: str, browser: Browser, request: pytest.FixtureRequest) -> Iterator[Pages]:
     handle = Pages(browser, portal, request.node.name)
     yield handle
     handle.close()

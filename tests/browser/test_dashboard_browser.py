@@ -9,20 +9,17 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 from playwright.sync_api import expect
 
 from jobs.models import Job, JobState
-from jobs.services.sites import log_lines_record
+from jobs.services.telemetry import log_lines_record
 from sites.models import Certificate, Site, SiteState
 from sites.services import enrolment_token_check
-from tests.browser.conftest import CHROMIUM, Pages
+from tests.browser.conftest import CHROMIUM, Pages, in_thread
 from tests.portal import api_world as sw
 from tests.portal import jobs_api_world as jw
 
@@ -38,23 +35,6 @@ pytestmark = [
     ),
     pytest.mark.django_db(transaction=True),
 ]
-
-
-T = TypeVar("T")
-
-
-def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` in another thread. Playwright's event loop runs in this one, where the
-    channel layer's ``async_to_sync`` sends (events after commit) cannot run."""
-
-    def run() -> T:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(run).result()
 
 
 def test_site_request_approval_and_one_time_token(pages: Pages) -> None:

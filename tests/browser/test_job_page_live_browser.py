@@ -14,12 +14,12 @@ from django.db import connection
 from playwright.sync_api import expect
 
 from jobs.models import Job, JobState
-from jobs.services.sites import job_abort, log_lines_record, metrics_record, site_job_decide
+from jobs.services.participation import job_abort, site_job_decide
+from jobs.services.telemetry import log_lines_record, metrics_record
 from sites.services import certificate_revoke
-from tests.browser.conftest import CHROMIUM, Pages
-from tests.browser.test_dashboard_browser import in_thread
+from tests.browser.conftest import CHROMIUM, Pages, in_thread
 from tests.portal import jobs_api_world as jw
-from tests.portal.test_job_rounds import upload
+from tests.portal.rounds_helpers import upload
 
 pytestmark = [
     pytest.mark.usefixtures("eager_celery"),
@@ -52,7 +52,7 @@ def happen_meanwhile(world: jw.World) -> None:
     site = world.sites[0].site
     log_lines_record(job=job, site=site, lines=[{"text": "said while nobody listened"}])
     metrics_record(job=job, site=site, points=[{"key": "loss", "value": 0.125, "step": 9}])
-    job_abort(job=Job.objects.get(pk=job.pk), reason="stopped early")
+    job_abort(job=Job.objects.get(pk=job.pk), actor=world.users[jw.LEAD], reason="stopped early")
 
 
 def test_the_job_page_catches_up_after_its_socket_connects(pages: Pages, tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -27,7 +30,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate, timeout: float, what: str, every: float = 0.1):  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:
     """``predicate()``'s first true value, polled every ``every`` s; AssertionError naming
     ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -157,6 +160,16 @@ class PrivateRedis:
             self.proc.wait()
             self.proc = None
 
+    def flush(self) -> None:
+        """Drop every key: queued and unacknowledged tasks, channel-layer groups, socket
+        claims. The server lives for the module, and a task left by one test would otherwise
+        reach the next test's worker, naming ids that exist again in the next database."""
+        with socket.create_connection(("127.0.0.1", self.port), 5) as sock:
+            sock.sendall(b"FLUSHALL\r\n")
+            answer = sock.recv(16)
+        if not answer.startswith(b"+OK"):
+            raise RuntimeError(f"the private Redis refused FLUSHALL: {answer!r}")
+
     def restart(self, down_seconds: float = 1.0) -> None:
         self.stop()
         time.sleep(down_seconds)
@@ -212,7 +225,7 @@ class TcpProxy:
         finally:
             self._connections.discard(relay)
 
-    def _call(self, fn) -> None:  # type: ignore[no-untyped-def]
+    def _call(self, fn: Callable[[], object]) -> None:
         done = threading.Event()
 
         def wrapped() -> None:

@@ -1,48 +1,190 @@
-"""The agent's outbox: what waits for the portal's acknowledgement, its bounds, and what the
-agent does when the portal refuses a report, asks it to slow down, or drops the socket."""
+"""The agent's outbox (``client_agent.outbox.Outbox``), driven directly: what waits for the
+portal's acknowledgement, its bounds, and what happens when the portal refuses a report, asks
+it to slow down, or drops the socket. Also what fills it: output lines and packed reports."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-from client_agent import agent as agent_module
-from client_agent.agent import Agent, JobRunner
-from client_agent.portal import PortalError, PortalUnreachable
-from client_agent.protocol import MAX_LINE_BYTES, MAX_LINE_CHARS, MAX_MESSAGE_BYTES, encode
+from client_agent.outbox import Outbox
+from client_agent.protocol import (
+    CLOSE_MESSAGE_TOO_BIG,
+    MAX_LINE_BYTES,
+    MAX_LINE_CHARS,
+    MAX_MESSAGE_BYTES,
+    Ack,
+    ErrorBody,
+    Report,
+    encode,
+)
 from client_agent.reports import OutputTail, pack
-from tests.site_folders import enrolled_folder
 
 
-def report(lines: int = 0, points: int = 0) -> dict:
-    return {
-        "type": "report",
-        "job": "j",
-        **({"lines": [{"text": "x"}] * lines} if lines else {}),
-        **({"points": [{"key": "k", "value": 1.0}] * points} if points else {}),
-    }
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def test_metrics_are_kept_and_old_output_lines_dropped_past_the_bound(
-    tmp_path: Path, monkeypatch
-) -> None:
-    monkeypatch.setattr(agent_module, "MAX_PENDING_LINES", 100)
-    agent = Agent(enrolled_folder(tmp_path / "site"), python="/nonexistent/python")
+def outbox(said: list[str] | None = None, clock: Clock | None = None, **kw: int) -> Outbox:
+    return Outbox(
+        session="s1",
+        say=(said if said is not None else []).append,
+        clock=clock or Clock(),
+        **kw,
+    )
 
-    async def fill() -> None:
-        metrics_id = agent.enqueue(report(points=3, lines=10))
-        for _ in range(20):
-            agent.enqueue(report(lines=10))
-        assert metrics_id in agent.pending  # a report with points is never dropped
 
-    asyncio.run(fill())
+def report(lines: int = 0, points: int = 0) -> Report:
+    return Report(
+        job="j",
+        lines=[{"text": "x"}] * lines if lines else None,
+        points=[{"key": "k", "value": 1.0}] * points if points else None,
+    )
 
-    assert agent.pending_lines <= 100
-    assert agent.dropped_lines >= 100
-    kept = [m for m in agent.pending.values() if "lines" in m]
-    assert sum(len(m["lines"]) for m in kept) == agent.pending_lines
+
+def test_a_report_gets_an_id_and_waits_in_order_until_acknowledged() -> None:
+    box = outbox()
+
+    first, second = box.enqueue(report(lines=2)), box.enqueue(report(points=1))
+
+    assert (first, second) == ("report:s1:1", "report:s1:2")
+    assert box.next_to_send() == first
+    sent = box.send(first)
+    assert sent is not None
+    assert sent == encode({"type": "report", "job": "j", "lines": [{"text": "x"}] * 2, "id": first})
+    assert box.in_flight == {first} and box.pending_lines == 2
+
+    box.acknowledged(Ack(id=first, stored=2))
+
+    assert list(box.pending) == [second] and box.in_flight == set() and box.pending_lines == 0
+    assert box.delivered([first]) and not box.delivered([first, second])
+
+
+def test_metrics_are_kept_and_old_output_lines_dropped_past_the_bound() -> None:
+    box = outbox(max_lines=100)
+
+    metrics_id = box.enqueue(report(points=3, lines=10))
+    for _ in range(20):
+        box.enqueue(report(lines=10))
+
+    assert metrics_id in box.pending  # a report with points is never dropped
+    assert box.pending_lines <= 100
+    assert box.dropped_lines >= 100
+    kept = [r for r in box.pending.values() if r.lines]
+    assert sum(len(r.lines or ()) for r in kept) == box.pending_lines
     # The newest lines are the ones kept.
-    assert list(agent.pending)[-1] == list(agent.unsent)[-1]
+    assert list(box.pending)[-1] == list(box.unsent)[-1]
+
+
+def test_a_report_the_portal_refuses_is_dropped_and_counted_not_resent() -> None:
+    said: list[str] = []
+    box = outbox(said)
+    refused = box.enqueue(report(lines=7))
+
+    requeued = box.acknowledged(Ack(id=refused, error=ErrorBody("too_large", "600000 bytes")))
+
+    assert not requeued and refused not in box.pending
+    assert (box.refused_messages, box.dropped_lines, box.pending_lines) == (1, 7, 0)
+    assert said == [
+        "a report for job j is dropped: the portal refused it (too_large: 600000 bytes) "
+        "(1 dropped so far)"
+    ]
+
+
+def test_told_to_slow_down_line_reports_wait_in_order_while_points_go() -> None:
+    clock = Clock()
+    box = outbox(clock=clock)
+    first, second = box.enqueue(report(lines=1)), box.enqueue(report(lines=1))
+    sent = [box.next_to_send(), box.next_to_send()]  # both on the wire
+    assert sent == [first, second]
+    assert box.send(first) and box.send(second)
+    points = box.enqueue(report(points=1))
+
+    slow_down = ErrorBody("slow_down", "too fast", retry_after=30)
+    assert box.acknowledged(Ack(id=first, error=slow_down))
+    assert box.acknowledged(Ack(id=second, error=slow_down))
+
+    assert box.lines_held_for() == 30
+    assert [box.next_to_send(), box.next_to_send()] == [points, None]  # lines wait, points go
+    clock.now += 30  # the wait is over
+    assert [box.next_to_send(), box.next_to_send()] == [first, second]  # in their order
+    assert box.refused_messages == 0 and box.dropped_lines == 0
+
+
+def test_a_slow_down_without_a_wait_holds_lines_a_second_and_never_past_a_minute() -> None:
+    clock = Clock()
+    box = outbox(clock=clock)
+    first = box.enqueue(report(lines=1))
+
+    box.acknowledged(Ack(id=first, error=ErrorBody("slow_down", "too fast")))
+    assert box.lines_held_for() == 1.0
+    box.acknowledged(Ack(id=first, error=ErrorBody("slow_down", "x", retry_after=3600)))
+    assert box.lines_held_for() == 60.0
+
+
+def test_a_dropped_socket_with_a_large_message_in_flight_splits_what_waits() -> None:
+    box = outbox()
+    box.message_budget = 4 << 20
+    lines = [{"id": f"o{i}", "text": "z" * 1500} for i in range(1000)]
+    big = box.enqueue(Report(job="j", lines=lines))
+
+    box.in_flight.add(big)
+    box.connection_lost(None)  # no close frame: Daphne drops the connection
+    assert list(box.pending) == [big]  # once may be the network
+    box.in_flight.add(big)
+    box.connection_lost(None)
+
+    assert box.message_budget <= MAX_MESSAGE_BYTES
+    reports = list(box.pending.values())
+    assert len(reports) > 1 and all(len(encode(r.to_json())) <= box.message_budget for r in reports)
+    assert [line for r in reports for line in r.lines or ()] == lines
+    assert box.pending_lines == 1000 and box.dropped_lines == 0
+
+
+def test_a_close_for_a_message_too_big_splits_at_once_and_resends_all() -> None:
+    box = outbox()
+    box.message_budget = 4 << 20
+    points = [
+        {"id": f"p{i}", "key": "k", "value": float(i), "text": "z" * 1000} for i in range(600)
+    ]
+    big = box.enqueue(Report(job="j", points=points))
+    assert box.next_to_send() == big and box.send(big)
+
+    box.connection_lost(CLOSE_MESSAGE_TOO_BIG)
+    box.resend_all()
+
+    assert big not in box.pending and box.in_flight == set()
+    assert list(box.unsent) == list(box.pending) and len(box.pending) > 1
+    assert [p for r in box.pending.values() for p in r.points or ()] == points
+
+
+def test_a_message_over_the_budget_is_dropped_not_sent() -> None:
+    said: list[str] = []
+    box = outbox(said)
+    too_big = box.enqueue(Report(job="j", lines=[{"text": "x" * 1000}]))
+    box.message_budget = 100
+
+    assert box.send(too_big) is None
+    assert too_big not in box.pending and box.dropped_lines == 1 and box.refused_messages == 1
+    assert "over 100" in said[0]
+
+
+def test_items_are_packed_into_reports_within_the_budget() -> None:
+    box = outbox()
+    box.message_budget = 65536
+    huge = {"id": "huge", "text": "h" * 70_000}
+    items = [{"id": f"o{i}", "text": "z" * 1500} for i in range(100)]
+
+    ids = box.enqueue_items("j", "lines", [huge, *items], most=30)
+
+    assert len(ids) == 4 and box.dropped_lines == 1  # the huge one fits no message
+    assert [line for i in ids for line in box.pending[i].lines or ()] == items
+    assert all(len(box.encoded(i)) <= 65536 for i in ids)
 
 
 def test_output_lines_are_read_whole_and_an_overlong_one_is_cut_with_a_marker(
@@ -84,131 +226,7 @@ def test_reports_are_packed_in_order_under_the_byte_budget() -> None:
 
     assert too_large == [huge]
     assert [item for batch in batches for item in batch] == items
+    assert batches
     for batch in batches:
         assert len(batch) <= 500
         assert len(encode({**envelope, "id": "report:0123abcd:999999", "lines": batch})) <= 65536
-
-
-def test_a_report_the_portal_refuses_is_dropped_and_counted_not_resent(tmp_path: Path) -> None:
-    said: list[str] = []
-    agent = Agent(enrolled_folder(tmp_path / "site"), python="/nonexistent/python", say=said.append)
-
-    async def refuse() -> None:
-        refused = agent.enqueue(report(lines=7))
-        agent._acknowledged(refused, {"code": "too_large", "message": "600000 bytes"})
-        assert refused not in agent.pending
-
-    asyncio.run(refuse())
-
-    assert (agent.refused_messages, agent.dropped_lines, agent.pending_lines) == (1, 7, 0)
-    assert "too_large" in said[-1] and "is dropped" in said[-1]
-
-
-def test_told_to_slow_down_line_reports_wait_in_order_while_points_go(tmp_path: Path) -> None:
-    agent = Agent(enrolled_folder(tmp_path / "site"), python="/nonexistent/python")
-
-    async def slowed() -> list[str | None]:
-        first, second = agent.enqueue(report(lines=1)), agent.enqueue(report(lines=1))
-        sent = [agent._next_to_send(), agent._next_to_send()]  # both on the wire
-        assert sent == [first, second]
-        agent.in_flight.update(sent)
-        points = agent.enqueue(report(points=1))
-        agent._acknowledged(first, {"code": "slow_down", "retry_after": 30})
-        agent._acknowledged(second, {"code": "slow_down", "retry_after": 30})
-        held = [agent._next_to_send(), agent._next_to_send()]
-        assert held == [points, None]  # the lines wait; the points do not
-        agent.hold_lines_until = agent.loop.time()  # the wait is over
-        return [agent._next_to_send(), agent._next_to_send()]
-
-    assert asyncio.run(slowed()) == list(agent.pending)[:2]
-    assert agent.refused_messages == 0 and agent.dropped_lines == 0
-
-
-def test_a_dropped_socket_with_a_large_message_in_flight_splits_what_waits(
-    tmp_path: Path,
-) -> None:
-    agent = Agent(enrolled_folder(tmp_path / "site"), python="/nonexistent/python")
-    agent.message_budget = 4 << 20
-    lines = [{"id": f"o{i}", "text": "z" * 1500} for i in range(1000)]
-
-    async def lose_twice() -> None:
-        big = agent.enqueue({"type": "report", "job": "j", "lines": lines})
-        for _ in range(2):
-            agent.in_flight.add(big)
-            agent._connection_lost(None)  # no close frame: Daphne drops the connection
-
-    asyncio.run(lose_twice())
-
-    assert agent.message_budget <= MAX_MESSAGE_BYTES
-    messages = list(agent.pending.values())
-    assert len(messages) > 1 and all(len(encode(m)) <= agent.message_budget for m in messages)
-    assert [line for m in messages for line in m["lines"]] == lines
-    assert agent.pending_lines == 1000 and agent.dropped_lines == 0
-
-
-def runner_for(tmp_path: Path) -> JobRunner:
-    agent = Agent(
-        enrolled_folder(tmp_path / "site"), python="/nonexistent/python", say=lambda _: None
-    )
-    job = {
-        "uid": "u-1",
-        "name": "job",
-        "num_rounds": 1,
-        "spec_url": "/spec/",
-        "bundle_url": "/bundle/",
-    }
-    return JobRunner(agent, job)
-
-
-def test_an_update_the_portal_cannot_take_now_is_sent_again_not_redone(
-    tmp_path: Path, monkeypatch
-) -> None:
-    # A full disk (507), a restarting portal (unreachable, 503) or a throttle (429): the same
-    # file goes again after a pause, and the script's work is not redone.
-    runner = runner_for(tmp_path)
-    answers: list[Exception | None] = [
-        PortalError(507, "storage_full", "the portal's storage is full"),
-        PortalUnreachable("connection refused"),
-        PortalError(503, "unavailable", "restarting"),
-        PortalError(429, "throttled", "later"),
-        None,
-    ]
-    sent: list[str] = []
-
-    def upload(url: str, path: Path) -> None:
-        sent.append(url)
-        answer = answers.pop(0)
-        if answer is not None:
-            raise answer
-
-    pauses: list[float] = []
-
-    async def no_wait(seconds: float) -> None:
-        pauses.append(seconds)
-
-    monkeypatch.setattr(runner.agent.client, "upload", upload)
-    monkeypatch.setattr(agent_module.asyncio, "sleep", no_wait)
-
-    asyncio.run(runner._upload("/update/", tmp_path / "u.safetensors", 0))
-
-    assert sent == ["/update/"] * 5 and answers == []
-    assert len(pauses) == 4 and pauses[1] > pauses[0]  # backing off
-
-
-def test_an_update_refused_for_good_is_not_sent_again(tmp_path: Path, monkeypatch) -> None:
-    runner = runner_for(tmp_path)
-    sent: list[str] = []
-
-    def upload(url: str, path: Path) -> None:
-        sent.append(url)
-        raise PortalError(409, "conflict", "this task is already accepted")
-
-    monkeypatch.setattr(runner.agent.client, "upload", upload)
-
-    try:
-        asyncio.run(runner._upload("/update/", tmp_path / "u.safetensors", 0))
-    except PortalError as exc:
-        assert exc.status == 409
-    else:
-        raise AssertionError("a 409 must reach the round, which stops there")
-    assert sent == ["/update/"]

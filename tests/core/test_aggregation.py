@@ -20,6 +20,7 @@ from jobs.aggregation import (
     validation,
     weighted_metrics,
 )
+from jobs.aggregation.sources import TensorSpec
 from jobs.workflows import FedAvg, QuorumNotMet
 
 FULL = ParamsType.FULL
@@ -460,7 +461,7 @@ def test_check_update_finds_nan_past_the_first_chunk_of_a_file(
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_check_update_finds_nan_in_half_precision_tensors(dtype: torch.dtype) -> None:
-    specs = {"w": (dtype, (3,))}
+    specs: dict[str, TensorSpec] = {"w": (dtype, (3,))}
 
     with pytest.raises(UpdateRejected, match="'w' holds NaN"):
         check_update(specs, update("a", {"w": torch.tensor([1.0, math.nan, 2.0], dtype=dtype)}))

@@ -29,8 +29,10 @@ def test_a_member_whose_declared_crc_or_size_lies_is_refused_naming_it(
     make, member = LIARS[case]
     archive = write(tmp_path, make())
 
-    with pytest.raises(BundleError, match=f"member '{member}'"):
+    with pytest.raises(BundleError, match=f"^app: member '{member}'") as raised:
         check_app_archive(archive, SCRIPT)
+
+    assert raised.value.field == "app" and raised.value.reason.startswith(f"member '{member}'")
 
 
 @pytest.mark.parametrize("case", list(LIARS))

@@ -182,7 +182,7 @@ def as_tensors(recorded: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
+    assert a and set(a) == set(b), (sorted(a), sorted(b))
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
@@ -209,9 +209,7 @@ class SimRun:
         return load_state_dict(self.run.workspace / "models" / name)
 
     def update(self, site: str, rnd: int) -> FLModel:
-        return read_model_file(
-            self.run.workspace / "sites" / site / f"round-{rnd + 1:03d}.safetensors"
-        )
+        return read_model_file(self.run.workspace / "sites" / site / f"round-{rnd:03d}.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +256,7 @@ def test_the_weights_at_the_start_of_fit_are_the_received_global_model(
     assert not torch.equal(
         as_tensors(report["own_weights"])["fc.weight"], initial_model()["fc.weight"]
     )
+    assert len(report["rounds"]) == NUM_ROUNDS
     for rnd, recorded in enumerate(report["rounds"]):
         assert_same_weights(as_tensors(recorded["weights_at_start"]), sim.global_model(rnd))
 
@@ -266,10 +265,13 @@ def test_the_weights_at_the_start_of_fit_are_the_received_global_model(
 def test_the_update_sent_is_the_trained_model_full_with_the_real_step_count(
     sim: SimRun, site: str
 ) -> None:
-    for rnd, recorded in enumerate(sim.reports[site]["rounds"]):
+    rounds = sim.reports[site]["rounds"]
+    assert len(rounds) == NUM_ROUNDS
+    for rnd, recorded in enumerate(rounds):
         update = sim.update(site, rnd)
         assert update.params_type is ParamsType.FULL
-        assert_same_weights(dict(update.params or {}), as_tensors(recorded["weights_at_end"]))
+        assert update.params is not None
+        assert_same_weights(dict(update.params), as_tensors(recorded["weights_at_end"]))
         # Trained: not the global model it started from.
         assert not torch.equal(update.params["fc.weight"], sim.global_model(rnd)["fc.weight"])
         steps = recorded["end_step"] - recorded["start_step"]
@@ -283,8 +285,11 @@ def test_explicit_validate_metrics_reach_run_metrics_under_their_round(
     sim: SimRun, site: str
 ) -> None:
     report = sim.reports[site]
+    assert len(report["validate"]) == NUM_ROUNDS
     for key in ("val_acc", "val_loss"):
-        expected = [(rnd, pytest.approx(v[key])) for rnd, v in enumerate(report["validate"])]
+        expected: list[tuple[int | None, object]] = [
+            (rnd, pytest.approx(v[key])) for rnd, v in enumerate(report["validate"])
+        ]
         assert sim.run.metrics.site(site, key) == expected
     for rnd, (validated, recorded) in enumerate(
         zip(report["validate"], report["rounds"], strict=True)
@@ -408,6 +413,7 @@ def test_evaluate_train_and_submit_model_tasks_in_one_loop(tmp_path: Path) -> No
 
     # Evaluate: metrics of the received model, no params; the fit() after it trained nothing.
     assert evaluated.params == {}
+    assert evaluated.metrics is not None
     assert evaluated.metrics == pytest.approx(first["validate"])
     assert set(evaluated.metrics) == {"val_acc", "val_loss"}
     assert_same_weights(as_tensors(first["validate_weights"]), initial_model())

@@ -31,19 +31,6 @@ def test_a_recipe_needing_more_sites_than_the_env_has_is_refused_before_any_star
     assert env.processes == {} and not (tmp_path / "poc").exists()
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"num_clients": 0}, "num_clients: must be an integer of at least 1"),
-        ({"clients": ["a", "a"]}, "clients: must be a non-empty list of unique site names"),
-        ({"num_clients": 2, "clients": ["a"]}, "num_clients: 2 but clients names 1 sites"),
-    ],
-)
-def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        PocEnv(**kwargs)
-
-
 def test_its_redis_database_and_tags_are_its_own() -> None:
     first, second = PocEnv(2, redis_url="redis://example:6390/0", redis_db=7), PocEnv(2)
     assert first.redis_url == "redis://example:6390/7"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from client_agent.wire import load_state_dict
+from common.validators import FieldError
 from jobs.bundle import BundleError, JobBundle
 from jobs.envs import SimEnv
 from jobs.recipes import FedAvgRecipe
@@ -117,6 +118,7 @@ def test_a_bad_argument_raises_value_error_naming_it(
         recipe(app, **overrides)
 
     assert str(info.value).startswith(f"{field}:"), str(info.value)
+    assert isinstance(info.value, FieldError) and info.value.field == field
 
 
 def test_a_train_script_that_is_a_folder_is_refused(app: Path) -> None:
@@ -195,6 +197,7 @@ def test_an_exported_bundle_loads_back_as_the_same_job(app: Path, tmp_path: Path
     assert bundle.train_args == "--epochs 1"
     assert bundle.script_path == tmp_path / "bundle" / "app" / "client.py"
     assert bundle.spec == made.spec()
+    assert set(bundle.initial_params()) == set(made.initial_params)
     for name, tensor in bundle.initial_params().items():
         assert torch.equal(tensor, made.initial_params[name]), name
 
@@ -265,11 +268,12 @@ def edit_spec(root: Path, **changes: Any) -> None:
     (root / "job.json").write_text(json.dumps(spec))
 
 
-def assert_refused(root: Path, *words: str) -> None:
+def assert_refused(root: Path, *words: str) -> BundleError:
     with pytest.raises(BundleError) as info:
         JobBundle.load(root)
     for word in words:
         assert word in str(info.value), str(info.value)
+    return info.value
 
 
 def test_load_refuses_a_bundle_without_job_json(bundle_root: Path) -> None:
@@ -326,7 +330,10 @@ def test_load_refuses_a_bad_spec_naming_the_field(
 ) -> None:
     edit_spec(bundle_root, **changes)
 
-    assert_refused(bundle_root, *words)
+    refused = assert_refused(bundle_root, *words)
+    # The field is data, not a prefix of the message to split off.
+    assert refused.field == words[0].removesuffix(":")
+    assert str(refused) == f"{refused.field}: {refused.reason}"
 
 
 @pytest.mark.parametrize(

@@ -178,8 +178,8 @@ def test_an_update_with_nan_is_rejected_and_the_round_aggregates_the_rest(tmp_pa
     # Only sites 1 and 2 count: +1.5 a round.
     assert torch.equal(run.global_model["w"], torch.tensor([3.0, 4.0, 0.5]))
     # Aggregated updates are deleted; the rejected one stays for inspection.
-    assert not (run.workspace / "sites" / "site-1" / "round-001.safetensors").exists()
-    assert (run.workspace / "sites" / "site-3" / "round-001.safetensors").exists()
+    assert not (run.workspace / "sites" / "site-1" / "round-000.safetensors").exists()
+    assert (run.workspace / "sites" / "site-3" / "round-000.safetensors").exists()
     rounds_file = (run.workspace / "rounds.jsonl").read_text().splitlines()
     assert "NaN" in json.loads(rounds_file[0])["rejected"]["site-3"]
 

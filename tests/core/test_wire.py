@@ -521,7 +521,7 @@ def test_a_frame_is_a_big_endian_length_then_json() -> None:
 
 def test_frames_round_trip_over_a_socket(socket_pair: tuple[socket.socket, socket.socket]) -> None:
     left, right = socket_pair
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"type": "task", "task_id": "j:0:site-1", "meta": {"lr": 0.01}, "model_path": None},
         {"type": "log", "key": "acc", "value": np.float32(0.5), "step": torch.tensor(3)},
         {"type": "end", "text": "ünïcødé ✓"},

@@ -157,7 +157,7 @@ def test_the_same_job_gives_the_same_model_in_simenv_and_pocenv(
     assert torch.allclose(final["weight"], initial["weight"] + 6)
     # Every flare.log point is stored once: 3 sites x 3 rounds x 4 points.
     assert len(run.metrics.logged("loss")) == len(SITES) * 3 * 4
-    assert sorted({p.site for p in run.metrics.logged()}) == SITES
+    assert {p.site for p in run.metrics.logged()} == set(SITES)
     assert [r.round for r in run.rounds] == [0, 1, 2]
 
 
@@ -289,7 +289,7 @@ def test_a_flood_of_output_arrives_whole_and_cut_without_the_agent_reconnecting(
 
 def test_a_killed_agent_misses_a_round_then_rejoins(poc: PocEnv, app: Path) -> None:
     job = recipe(app, rounds=4, min_clients=2, name="rejoin", delay=1.5)
-    run = job.execute(prod(poc, wait=False))
+    run = prod(poc, wait=False).run(job)  # a PortalRun: followed here
 
     def site3_training() -> bool:
         (site3,) = [p for p in job_sites(poc, run.job_id) if p["site"] == "site-3"]
@@ -309,7 +309,7 @@ def test_a_killed_agent_misses_a_round_then_rejoins(poc: PocEnv, app: Path) -> N
 
 def test_the_job_finishes_when_the_portal_restarts_mid_job(poc: PocEnv, app: Path) -> None:
     # A deadline the restart cannot eat (the 8 s of the other tests could).
-    run = recipe(app, rounds=4, name="restart").execute(prod(poc, wait=False, round_timeout=120))
+    run = prod(poc, wait=False, round_timeout=120).run(recipe(app, rounds=4, name="restart"))
     wait_for(lambda: run.refresh().completed_rounds >= 1, 60, "round 1 to close")
     poc.kill("portal")
     time.sleep(1.0)

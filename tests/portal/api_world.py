@@ -91,17 +91,22 @@ class World:
             headers.setdefault("Authorization", f"Bearer {self.keys[persona]}")
         elif persona in self.agents:
             headers.update(self.agents[persona].headers(method, path, data))
+        # drf-stubs type generic()'s data as str; DRF hands bytes to Django unchanged.
         return APIClient().generic(
-            method, path, data=data, content_type="application/json", headers=headers
+            method,
+            path,
+            data=data,  # type: ignore[arg-type]
+            content_type="application/json",
+            headers=headers,
         )
 
 
 def build_world() -> World:
-    admin = UserFactory(username="admin")
-    project = ProjectFactory(name="Hospital Net", created_by=admin)
+    admin = UserFactory.create(username="admin")
+    project = ProjectFactory.create(name="Hospital Net", created_by=admin)
     host = project.host_organization
-    org_a = OrganizationFactory(project=project, name="Org A")
-    org_b = OrganizationFactory(project=project, name="Org B")
+    org_a = OrganizationFactory.create(project=project, name="Org A")
+    org_b = OrganizationFactory.create(project=project, name="Org B")
     users = {ADMIN: admin}
     for persona, organization, role in [
         (ORG_ADMIN_A, org_a, Role.ORG_ADMIN),
@@ -109,16 +114,18 @@ def build_world() -> World:
         (LEAD, org_a, Role.LEAD),
         (MEMBER, org_a, Role.MEMBER),
     ]:
-        users[persona] = UserFactory(username=persona)
-        membership = MembershipFactory(user=users[persona], organization=organization, role=role)
+        users[persona] = UserFactory.create(username=persona)
+        membership = MembershipFactory.create(
+            user=users[persona], organization=organization, role=role
+        )
     member_membership = membership
-    users[OUTSIDER] = UserFactory(username=OUTSIDER)
-    other = ProjectFactory(name="Other Net", created_by=users[OUTSIDER])
-    site_q = enrolled_site(organization=OrganizationFactory(project=other), name="site-q")
+    users[OUTSIDER] = UserFactory.create(username=OUTSIDER)
+    other = ProjectFactory.create(name="Other Net", created_by=users[OUTSIDER])
+    site_q = enrolled_site(organization=OrganizationFactory.create(project=other), name="site-q")
 
     site_a = enrolled_site(organization=org_a, name="site-a")
     site_b = enrolled_site(organization=org_b, name="site-b")
-    site_requested = SiteFactory(organization=org_a, name="site-r")
+    site_requested = SiteFactory.create(organization=org_a, name="site-r")
     invitation_a, _ = services.invitation_create(
         organization=org_a, role=Role.MEMBER, invited_by=admin, email="invitee@example.org"
     )
@@ -141,6 +148,6 @@ def build_world() -> World:
         site_q=site_q,
         member_membership=member_membership,
         invitation_a=invitation_a,
-        newcomer=UserFactory(username="newcomer"),
+        newcomer=UserFactory.create(username="newcomer"),
         agents={AGENT_A: site_a, AGENT_B: site_b},
     )

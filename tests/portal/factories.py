@@ -7,33 +7,42 @@ from dataclasses import dataclass
 from typing import Any
 
 import factory
-from django.contrib.auth import get_user_model
+from django.contrib.auth.models import User
+from factory.base import Factory
+from factory.declarations import LazyAttribute, LazyFunction, Sequence, SubFactory
 
 from client_agent import signing
 from sites import services
 from sites.models import Certificate, Membership, Organization, Project, Role, Site
 
 
-class UserFactory(factory.django.DjangoModelFactory):
+def creator_of(project: Project) -> User:
+    """The user who made ``project``, its first project admin. The column is nullable so that
+    deleting a user keeps the project; every project made here has its creator."""
+    assert project.created_by is not None
+    return project.created_by
+
+
+class UserFactory(factory.django.DjangoModelFactory[User]):
     class Meta:
-        model = get_user_model()
+        model = User
         django_get_or_create = ("username",)
         skip_postgeneration_save = True
 
-    username = factory.Sequence(lambda n: f"user{n}")
-    email = factory.LazyAttribute(lambda u: f"{u.username}@example.org")
+    username = Sequence(lambda n: f"user{n}")
+    email = LazyAttribute(lambda u: f"{u.username}@example.org")
     # Hashed at build time and saved with the row (a post-generation set_password is not saved).
     password = factory.django.Password("pw")
 
 
-class ProjectFactory(factory.Factory):
+class ProjectFactory(Factory[Project]):
     """A project made by ``project_create``: CA, host organisation, creator as project admin."""
 
     class Meta:
         model = Project
 
-    name = factory.Sequence(lambda n: f"Project {n}")
-    created_by = factory.SubFactory(UserFactory)
+    name = Sequence(lambda n: f"Project {n}")
+    created_by = SubFactory(UserFactory)
     description = ""
 
     @classmethod
@@ -42,43 +51,45 @@ class ProjectFactory(factory.Factory):
 
     @classmethod
     def _build(cls, model_class: type[Project], *args: Any, **kwargs: Any) -> Project:
-        raise TypeError("a project needs its CA, which only create makes: use ProjectFactory()")
+        raise TypeError(
+            "a project needs its CA, which only create makes: use ProjectFactory.create()"
+        )
 
 
-class OrganizationFactory(factory.Factory):
+class OrganizationFactory(Factory[Organization]):
     class Meta:
         model = Organization
 
-    project = factory.SubFactory(ProjectFactory)
-    name = factory.Sequence(lambda n: f"Hospital {n}")
+    project = SubFactory(ProjectFactory)
+    name = Sequence(lambda n: f"Hospital {n}")
 
     @classmethod
     def _create(cls, model_class: type[Organization], *args: Any, **kwargs: Any) -> Organization:
         project = kwargs["project"]
         return services.organization_create(
-            project=project, name=kwargs["name"], created_by=project.created_by
+            project=project, name=kwargs["name"], created_by=creator_of(project)
         )
 
 
-class MembershipFactory(factory.django.DjangoModelFactory):
+class MembershipFactory(factory.django.DjangoModelFactory[Membership]):
     class Meta:
         model = Membership
 
-    user = factory.SubFactory(UserFactory)
-    organization = factory.SubFactory(OrganizationFactory)
+    user = SubFactory(UserFactory)
+    organization = SubFactory(OrganizationFactory)
     role = Role.MEMBER
 
 
-class SiteFactory(factory.Factory):
+class SiteFactory(Factory[Site]):
     """A requested site (``site_request``); approve and enrol it with the helpers below."""
 
     class Meta:
         model = Site
 
-    organization = factory.SubFactory(OrganizationFactory)
-    name = factory.Sequence(lambda n: f"site-{n}")
-    contact_email = factory.LazyAttribute(lambda s: f"ops@{s.name}.example.org")
-    resources = factory.LazyFunction(lambda: {"gpus": 1, "memory_gb": 32})
+    organization = SubFactory(OrganizationFactory)
+    name = Sequence(lambda n: f"site-{n}")
+    contact_email = LazyAttribute(lambda s: f"ops@{s.name}.example.org")
+    resources = LazyFunction(lambda: {"gpus": 1, "memory_gb": 32})
 
     @classmethod
     def _create(cls, model_class: type[Site], *args: Any, **kwargs: Any) -> Site:
@@ -88,7 +99,7 @@ class SiteFactory(factory.Factory):
             name=kwargs["name"],
             contact_email=kwargs["contact_email"],
             resources=kwargs["resources"],
-            requested_by=organization.project.created_by,
+            requested_by=creator_of(organization.project),
         )
 
 
@@ -114,8 +125,8 @@ class EnrolledSite:
 
 def approved_site(**kwargs: Any) -> tuple[Site, str]:
     """A site approved by its project's creator, and the plaintext enrolment token."""
-    site = SiteFactory(**kwargs)
-    return services.site_approve(site=site, approved_by=site.project.created_by)
+    site = SiteFactory.create(**kwargs)
+    return services.site_approve(site=site, approved_by=creator_of(site.project))
 
 
 def enrolled_site(key: signing.PrivateKey | None = None, **kwargs: Any) -> EnrolledSite:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test.client import BOUNDARY, MULTIPART_CONTENT, encode_multipart
 from django.utils import timezone
@@ -146,7 +147,7 @@ def stored_files() -> list[str]:
 class World:
     project: Project
     other: Project
-    users: dict[str, Any]
+    users: dict[str, User]
     keys: dict[str, str]
     agents: dict[str, EnrolledSite]
     sites: list[EnrolledSite]  # in the job: site-1, site-2, site-3
@@ -200,7 +201,14 @@ class World:
         elif persona in self.agents:
             signed = data if signed_body is None else signed_body
             headers.update(self.agents[persona].headers(method, path, signed))
-        return client.generic(method, path, data=data, content_type=content_type, headers=headers)
+        # drf-stubs type generic()'s data as str; DRF hands bytes to Django unchanged.
+        return client.generic(
+            method,
+            path,
+            data=data,  # type: ignore[arg-type]
+            content_type=content_type,
+            headers=headers,
+        )
 
     def agent(self, who: str | EnrolledSite, method: str, path: str, *args: Any, **kw: Any) -> Any:
         """``call`` as a site: a persona name, or one of ``self.sites``."""
@@ -225,21 +233,21 @@ def build_world(tmp: Path, *, start: bool = True, submit: bool = True, **bundle:
     running with round 0 open. Otherwise only site 1 accepts automatically and no site is
     online, so the job waits (sites 2 and 3 still undecided).
     """
-    admin = UserFactory(username="admin")
-    project = ProjectFactory(name="Hospital Net", created_by=admin)
-    org_a = OrganizationFactory(project=project, name="Org A")
-    users: dict[str, Any] = {ADMIN: admin}
+    admin = UserFactory.create(username="admin")
+    project = ProjectFactory.create(name="Hospital Net", created_by=admin)
+    org_a = OrganizationFactory.create(project=project, name="Org A")
+    users: dict[str, User] = {ADMIN: admin}
     for persona, role in [
         (LEAD, Role.LEAD),
         (OTHER_LEAD, Role.LEAD),
         (MEMBER, Role.MEMBER),
         (ORG_ADMIN, Role.ORG_ADMIN),
     ]:
-        users[persona] = UserFactory(username=persona)
-        MembershipFactory(user=users[persona], organization=org_a, role=role)
-    users[OUTSIDER] = UserFactory(username=OUTSIDER)
-    other = ProjectFactory(name="Other Net", created_by=users[OUTSIDER])
-    elsewhere = enrolled_site(organization=OrganizationFactory(project=other), name="site-q")
+        users[persona] = UserFactory.create(username=persona)
+        MembershipFactory.create(user=users[persona], organization=org_a, role=role)
+    users[OUTSIDER] = UserFactory.create(username=OUTSIDER)
+    other = ProjectFactory.create(name="Other Net", created_by=users[OUTSIDER])
+    elsewhere = enrolled_site(organization=OrganizationFactory.create(project=other), name="site-q")
 
     sites = [enrolled_site(organization=org_a, name=f"site-{i}") for i in (1, 2, 3)]
     spare = enrolled_site(organization=org_a, name="site-4")

@@ -25,6 +25,11 @@
     return colours[name];
   }
 
+  // Rounds count from 0 on the wire and from 1 for people (common/rounds.py).
+  function roundForPeople(index) {
+    return index + 1;
+  }
+
   function slug(text) {
     return text.replace(/[^A-Za-z0-9_-]+/g, "-");
   }
@@ -173,7 +178,7 @@
     const hasStep = event.step !== null && event.step !== undefined;
     const hasRound = event.round !== null && event.round !== undefined;
     const axis = !hasStep && hasRound ? "round" : "step";
-    const x = hasStep ? event.step : hasRound ? event.round + 1 : null;
+    const x = hasStep ? event.step : hasRound ? roundForPeople(event.round) : null;
     addPoint(event.key, axis, event.site || AGGREGATE, x, event.value);
   }
 
@@ -226,7 +231,7 @@
     for (const line of event.lines) {
       const span = document.createElement("span");
       span.className = "line " + line.stream;
-      span.textContent = (line.round !== null && line.round !== undefined ? "[round " + (line.round + 1) + "] " : "") + line.text;
+      span.textContent = (line.round !== null && line.round !== undefined ? "[round " + roundForPeople(line.round) + "] " : "") + line.text;
       pre.appendChild(span);
       pre.appendChild(document.createTextNode("\n"));
     }
@@ -262,7 +267,7 @@
     live.refresh(document.getElementById("rounds"));
     if (event.state === "closed") {
       for (const [key, value] of Object.entries(event.metrics || {})) {
-        addPoint(key, "round", AGGREGATE, event.round + 1, value);
+        addPoint(key, "round", AGGREGATE, roundForPeople(event.round), value);
       }
       live.refresh(document.getElementById("models"));
       reloadMetrics();
@@ -353,8 +358,9 @@
 
   Object.keys(data).forEach(draw);
   live.connect(socketPath, (event) => {
-    if (event.kind === "metric") onMetric(event);
-    else if (event.kind === "log") onLog(event);
+    if (event.kind === "metrics") {
+      for (const point of event.points) onMetric({ ...point, site: event.site });
+    } else if (event.kind === "log") onLog(event);
     else if (event.kind === "task.state") onTask(event);
     else if (event.kind === "round.state") onRound(event);
     else if (event.kind === "job.state") {

@@ -6,12 +6,10 @@ Every view does the same four things and nothing else: find what the URL names t
 and serialize what it returns. Domain errors raised by the services become JSON in one place,
 ``fedportal.api.exception_handler``. See ``sites.api.permissions`` for the 401/404/403 order.
 
-Choices made where the issue was silent:
+Rules:
 
 - **Creating a project** is for Django superusers and for users given the ``sites.add_project``
-  permission (directly or through a group, in Django admin), like NVFlare's dashboard where one
-  operator provisions the project and Substra where the operator sets up each organisation.
-  The creator becomes the project's first project admin.
+  permission; the creator becomes the project's first project admin.
 - **Organisations** are created and renamed by project admins only: the name is the OU of
   every certificate of the organisation's sites.
 - **Listing** returns what the caller may see, so a lead sees an empty list of invitations

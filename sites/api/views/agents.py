@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fedportal.api_views import errors, parse
 from fedportal.throttling import CredentialFailures, EnrolThrottle, client_address
 from sites import services
 from sites.api import serializers as s
-from sites.api.permissions import IsSiteAgent
-from sites.api.views._base import errors, parse
-from sites.authentication import SiteIdentity, SiteSignatureAuthentication
+from sites.api.permissions import IsSiteAgent, site_identity
+from sites.authentication import SiteSignatureAuthentication
 from sites.exceptions import TokenInvalid
 from sites.models import Project
 
 
-class EnrolmentTokenView(generics.GenericAPIView):
+# These views have no model: their serializers describe plain bodies, or the request's identity.
+class EnrolmentTokenView(generics.GenericAPIView[Any]):
     """An anonymous endpoint that takes a one-time enrolment token: throttled per client
     address, for every request and, more tightly, for unknown tokens (guesses)."""
 
@@ -86,7 +89,7 @@ class EnrolCheckView(EnrolmentTokenView):
 
 
 @extend_schema(tags=["agent"])
-class WhoamiView(generics.GenericAPIView):
+class WhoamiView(generics.GenericAPIView[Any]):
     """For agents: which site the signed request proves, and a heartbeat (every verified
     signed request updates ``last_heartbeat``)."""
 
@@ -96,5 +99,4 @@ class WhoamiView(generics.GenericAPIView):
 
     @extend_schema(responses={200: s.WhoamiSerializer, **errors()})
     def get(self, request: Request) -> Response:
-        identity: SiteIdentity = request.auth
-        return Response(self.get_serializer(identity).data)
+        return Response(self.get_serializer(site_identity(request)).data)

@@ -8,13 +8,14 @@ from rest_framework import generics, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fedportal.api_views import PersonView, errors, parse
 from sites import selectors, services
 from sites.api import serializers as s
-from sites.api.views._base import PersonView, errors, parse, shown_once
+from sites.api.views._base import shown_once
 from sites.models import ApiToken
 
 
-class ApiTokenScopedView(PersonView):
+class ApiTokenScopedView(PersonView[ApiToken]):
     serializer_class = s.ApiTokenSerializer
 
     def get_queryset(self) -> QuerySet[ApiToken]:
@@ -22,7 +23,7 @@ class ApiTokenScopedView(PersonView):
 
 
 @extend_schema(tags=["api-tokens"])
-class ApiTokenListView(ApiTokenScopedView, generics.ListAPIView):
+class ApiTokenListView(ApiTokenScopedView, generics.ListAPIView[ApiToken]):
     @extend_schema(
         request=s.ApiTokenCreateSerializer,
         responses={201: s.ApiTokenCreatedSerializer, **errors(400)},
@@ -33,18 +34,17 @@ class ApiTokenListView(ApiTokenScopedView, generics.ListAPIView):
     def post(self, request: Request) -> Response:
         data = parse(s.ApiTokenCreateSerializer, request.data)
         token, key = services.api_token_create(
-            user=request.user,
+            user=self.person,
             created_with=request.auth if isinstance(request.auth, ApiToken) else None,
             source_address=self.source_address,
             **data,
         )
-        token.key = key  # type: ignore[attr-defined]  # shown this once
-        body = s.ApiTokenCreatedSerializer(token).data
+        body = s.ApiTokenCreatedSerializer(token, context={"key": key}).data
         return shown_once(body, status.HTTP_201_CREATED)
 
 
 @extend_schema(tags=["api-tokens"])
-class ApiTokenDetailView(ApiTokenScopedView, generics.RetrieveAPIView):
+class ApiTokenDetailView(ApiTokenScopedView, generics.RetrieveAPIView[ApiToken]):
     pass
 
 
@@ -53,6 +53,6 @@ class ApiTokenRevokeView(ApiTokenScopedView):
     @extend_schema(request=None, responses={200: s.ApiTokenSerializer, **errors(404, 409)})
     def post(self, request: Request, pk: int) -> Response:
         token = services.api_token_revoke(
-            token=self.get_object(), revoked_by=request.user, source_address=self.source_address
+            token=self.get_object(), revoked_by=self.person, source_address=self.source_address
         )
         return Response(self.get_serializer(token).data)

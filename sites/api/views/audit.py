@@ -8,9 +8,10 @@ from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import generics
 
+from fedportal.api_views import PersonView, parse
 from sites import selectors
 from sites.api import serializers as s
-from sites.api.views._base import PersonView, ProjectScopedView, parse
+from sites.api.views._base import ProjectScopedView
 from sites.models import AuditEvent
 
 
@@ -21,7 +22,7 @@ def _audit_filters(query: dict[str, Any]) -> dict[str, Any]:
 
 @extend_schema(tags=["audit"])
 @extend_schema_view(get=extend_schema(parameters=[s.AuditEventQuerySerializer]))
-class AuditEventListView(PersonView, generics.ListAPIView):
+class AuditEventListView(PersonView[AuditEvent], generics.ListAPIView[AuditEvent]):
     """Audit events the caller may see, in every project: project admins see their projects'
     events, everyone sees what they did themselves (API tokens included)."""
 
@@ -34,7 +35,7 @@ class AuditEventListView(PersonView, generics.ListAPIView):
 
 @extend_schema(tags=["audit"])
 @extend_schema_view(get=extend_schema(parameters=[s.AuditEventQuerySerializer]))
-class ProjectAuditEventListView(ProjectScopedView, generics.ListAPIView):
+class ProjectAuditEventListView(ProjectScopedView[AuditEvent], generics.ListAPIView[AuditEvent]):
     """One project's audit events (all of them for its project admins, else the caller's)."""
 
     serializer_class = s.AuditEventSerializer

@@ -8,16 +8,14 @@ from rest_framework import generics, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fedportal.api_views import PersonView, errors, parse
 from sites import selectors, services
 from sites.api import serializers as s
 from sites.api.permissions import require
 from sites.api.views._base import (
     ONLY_ORG_ADMIN,
     ONLY_PROJECT_ADMIN,
-    PersonView,
     ProjectScopedView,
-    errors,
-    parse,
     shown_once,
 )
 from sites.models import Invitation, Membership, Organization, Project
@@ -26,7 +24,7 @@ from sites.models import Invitation, Membership, Organization, Project
 
 
 @extend_schema(tags=["projects"])
-class ProjectListView(PersonView, generics.ListAPIView):
+class ProjectListView(PersonView[Project], generics.ListAPIView[Project]):
     serializer_class = s.ProjectSerializer
 
     def get_queryset(self) -> QuerySet[Project]:
@@ -45,13 +43,13 @@ class ProjectListView(PersonView, generics.ListAPIView):
         )
         data = parse(s.ProjectCreateSerializer, request.data)
         project = services.project_create(
-            **data, created_by=request.user, source_address=self.source_address
+            **data, created_by=self.person, source_address=self.source_address
         )
         return Response(self.get_serializer(project).data, status=status.HTTP_201_CREATED)
 
 
 @extend_schema(tags=["projects"])
-class ProjectDetailView(ProjectScopedView, generics.RetrieveAPIView):
+class ProjectDetailView(ProjectScopedView[Project], generics.RetrieveAPIView[Project]):
     serializer_class = s.ProjectSerializer
 
     def get_object(self) -> Project:
@@ -65,7 +63,7 @@ class ProjectDetailView(ProjectScopedView, generics.RetrieveAPIView):
         require(selectors.is_project_admin(request.user, obj), ONLY_PROJECT_ADMIN)
         data = parse(s.ProjectUpdateSerializer, request.data)
         obj = services.project_update(
-            project=obj, updated_by=request.user, source_address=self.source_address, **data
+            project=obj, updated_by=self.person, source_address=self.source_address, **data
         )
         return Response(self.get_serializer(obj).data)
 
@@ -74,7 +72,7 @@ class ProjectDetailView(ProjectScopedView, generics.RetrieveAPIView):
 
 
 @extend_schema(tags=["projects"])
-class OrganizationListView(ProjectScopedView, generics.ListAPIView):
+class OrganizationListView(ProjectScopedView[Organization], generics.ListAPIView[Organization]):
     serializer_class = s.OrganizationSerializer
 
     def get_queryset(self) -> QuerySet[Organization]:
@@ -89,13 +87,15 @@ class OrganizationListView(ProjectScopedView, generics.ListAPIView):
         require(selectors.is_project_admin(request.user, proj), ONLY_PROJECT_ADMIN)
         data = parse(s.OrganizationWriteSerializer, request.data)
         organization = services.organization_create(
-            project=proj, created_by=request.user, source_address=self.source_address, **data
+            project=proj, created_by=self.person, source_address=self.source_address, **data
         )
         return Response(self.get_serializer(organization).data, status=status.HTTP_201_CREATED)
 
 
 @extend_schema(tags=["projects"])
-class OrganizationDetailView(ProjectScopedView, generics.RetrieveAPIView):
+class OrganizationDetailView(
+    ProjectScopedView[Organization], generics.RetrieveAPIView[Organization]
+):
     serializer_class = s.OrganizationSerializer
 
     def get_queryset(self) -> QuerySet[Organization]:
@@ -111,7 +111,7 @@ class OrganizationDetailView(ProjectScopedView, generics.RetrieveAPIView):
         data = parse(s.OrganizationWriteSerializer, request.data)
         organization = services.organization_update(
             organization=organization,
-            updated_by=request.user,
+            updated_by=self.person,
             source_address=self.source_address,
             **data,
         )
@@ -123,7 +123,7 @@ class OrganizationDetailView(ProjectScopedView, generics.RetrieveAPIView):
 
 @extend_schema(tags=["members"])
 @extend_schema_view(get=extend_schema(parameters=[s.MembershipQuerySerializer]))
-class MembershipListView(ProjectScopedView, generics.ListAPIView):
+class MembershipListView(ProjectScopedView[Membership], generics.ListAPIView[Membership]):
     serializer_class = s.MembershipSerializer
 
     def get_queryset(self) -> QuerySet[Membership]:
@@ -150,14 +150,14 @@ class MembershipListView(ProjectScopedView, generics.ListAPIView):
             organization=data["organization"],
             user=data["username"],
             role=data["role"],
-            added_by=request.user,
+            added_by=self.person,
             source_address=self.source_address,
         )
         return Response(self.get_serializer(membership).data, status=status.HTTP_201_CREATED)
 
 
 @extend_schema(tags=["members"])
-class MembershipDetailView(ProjectScopedView, generics.RetrieveAPIView):
+class MembershipDetailView(ProjectScopedView[Membership], generics.RetrieveAPIView[Membership]):
     serializer_class = s.MembershipSerializer
 
     def get_queryset(self) -> QuerySet[Membership]:
@@ -178,7 +178,7 @@ class MembershipDetailView(ProjectScopedView, generics.RetrieveAPIView):
         membership = services.membership_update_role(
             membership=membership,
             role=data["role"],
-            updated_by=request.user,
+            updated_by=self.person,
             source_address=self.source_address,
         )
         return Response(self.get_serializer(membership).data)
@@ -188,7 +188,7 @@ class MembershipDetailView(ProjectScopedView, generics.RetrieveAPIView):
         membership = self.get_object()
         require(selectors.can_manage_membership(request.user, membership), ONLY_ORG_ADMIN)
         services.membership_remove(
-            membership=membership, removed_by=request.user, source_address=self.source_address
+            membership=membership, removed_by=self.person, source_address=self.source_address
         )
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -196,7 +196,7 @@ class MembershipDetailView(ProjectScopedView, generics.RetrieveAPIView):
 # --- invitations -------------------------------------------------------------------------------
 
 
-class InvitationScopedView(ProjectScopedView):
+class InvitationScopedView(ProjectScopedView[Invitation]):
     """Invitations the caller may manage: a project's for its project admins, an
     organisation's for its org admins; nobody else sees any."""
 
@@ -207,7 +207,7 @@ class InvitationScopedView(ProjectScopedView):
 
 
 @extend_schema(tags=["members"])
-class InvitationListView(InvitationScopedView, generics.ListAPIView):
+class InvitationListView(InvitationScopedView, generics.ListAPIView[Invitation]):
     @extend_schema(
         request=s.InvitationCreateSerializer,
         responses={201: s.InvitationCreatedSerializer, **errors(400, 403, 404)},
@@ -222,15 +222,14 @@ class InvitationListView(InvitationScopedView, generics.ListAPIView):
             f"you may not give the role {data['role']} in {data['organization'].name!r}",
         )
         invitation, token = services.invitation_create(
-            **data, invited_by=request.user, source_address=self.source_address
+            **data, invited_by=self.person, source_address=self.source_address
         )
-        invitation.token = token  # type: ignore[attr-defined]  # shown this once
-        body = s.InvitationCreatedSerializer(invitation).data
+        body = s.InvitationCreatedSerializer(invitation, context={"token": token}).data
         return shown_once(body, status.HTTP_201_CREATED)
 
 
 @extend_schema(tags=["members"])
-class InvitationDetailView(InvitationScopedView, generics.RetrieveAPIView):
+class InvitationDetailView(InvitationScopedView, generics.RetrieveAPIView[Invitation]):
     pass
 
 
@@ -244,13 +243,13 @@ class InvitationRevokeView(InvitationScopedView):
             ONLY_ORG_ADMIN,
         )
         invitation = services.invitation_revoke(
-            invitation=invitation, revoked_by=request.user, source_address=self.source_address
+            invitation=invitation, revoked_by=self.person, source_address=self.source_address
         )
         return Response(self.get_serializer(invitation).data)
 
 
 @extend_schema(tags=["members"])
-class InvitationAcceptView(PersonView):
+class InvitationAcceptView(PersonView[Membership]):
     serializer_class = s.MembershipSerializer
 
     @extend_schema(
@@ -261,6 +260,6 @@ class InvitationAcceptView(PersonView):
     def post(self, request: Request) -> Response:
         data = parse(s.InvitationAcceptSerializer, request.data)
         membership = services.invitation_accept(
-            token=data["token"], user=request.user, source_address=self.source_address
+            token=data["token"], user=self.person, source_address=self.source_address
         )
         return Response(self.get_serializer(membership).data, status=status.HTTP_201_CREATED)

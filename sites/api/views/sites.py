@@ -10,6 +10,7 @@ from rest_framework import generics, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fedportal.api_views import errors, parse
 from sites import conf, selectors, services
 from sites.api import serializers as s
 from sites.api.permissions import require
@@ -17,8 +18,6 @@ from sites.api.views._base import (
     ONLY_ORG_ADMIN,
     ONLY_PROJECT_ADMIN,
     ProjectScopedView,
-    errors,
-    parse,
     shown_once,
 )
 from sites.models import Certificate, Site
@@ -36,7 +35,7 @@ def _enrolment(request: Request, site: Site, token: str, expires_at: Any) -> dic
     }
 
 
-class SiteScopedView(ProjectScopedView):
+class SiteScopedView(ProjectScopedView[Site]):
     serializer_class = s.SiteSerializer
 
     def get_queryset(self) -> QuerySet[Site]:
@@ -45,7 +44,7 @@ class SiteScopedView(ProjectScopedView):
 
 @extend_schema(tags=["sites"])
 @extend_schema_view(get=extend_schema(parameters=[s.SiteQuerySerializer]))
-class SiteListView(SiteScopedView, generics.ListAPIView):
+class SiteListView(SiteScopedView, generics.ListAPIView[Site]):
     def get_queryset(self) -> QuerySet[Site]:
         query = self.query(s.SiteQuerySerializer)
         qs = selectors.sites_visible_to(
@@ -66,13 +65,13 @@ class SiteListView(SiteScopedView, generics.ListAPIView):
         data = parse(s.SiteRequestSerializer, request.data, project=self.get_project())
         require(selectors.can_request_site(request.user, data["organization"]), ONLY_ORG_ADMIN)
         site = services.site_request(
-            **data, requested_by=request.user, source_address=self.source_address
+            **data, requested_by=self.person, source_address=self.source_address
         )
         return Response(self.get_serializer(site).data, status=status.HTTP_201_CREATED)
 
 
 @extend_schema(tags=["sites"])
-class SiteDetailView(SiteScopedView, generics.RetrieveAPIView):
+class SiteDetailView(SiteScopedView, generics.RetrieveAPIView[Site]):
     @extend_schema(
         request=s.SiteUpdateSerializer,
         responses={200: s.SiteSerializer, **errors(400, 403, 404, 409)},
@@ -82,7 +81,7 @@ class SiteDetailView(SiteScopedView, generics.RetrieveAPIView):
         require(selectors.can_manage_site(request.user, site), ONLY_ORG_ADMIN)
         data = parse(s.SiteUpdateSerializer, request.data)
         site = services.site_update(
-            site=site, updated_by=request.user, source_address=self.source_address, **data
+            site=site, updated_by=self.person, source_address=self.source_address, **data
         )
         return Response(self.get_serializer(site).data)
 
@@ -99,7 +98,7 @@ class SiteApproveView(SiteScopedView):
         site = self.get_object()
         require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
         site, token = services.site_approve(
-            site=site, approved_by=request.user, source_address=self.source_address
+            site=site, approved_by=self.person, source_address=self.source_address
         )
         expires_at = site.enrolment_tokens.get(token_hash=hash_secret(token)).expires_at
         body = _enrolment(request, site, token, expires_at)
@@ -116,7 +115,7 @@ class SiteDenyView(SiteScopedView):
         require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
         data = parse(s.ReasonSerializer, request.data)
         site = services.site_deny(
-            site=site, denied_by=request.user, source_address=self.source_address, **data
+            site=site, denied_by=self.person, source_address=self.source_address, **data
         )
         return Response(self.get_serializer(site).data)
 
@@ -133,7 +132,7 @@ class SiteEnrolmentTokenView(SiteScopedView):
         site = self.get_object()
         require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
         token, plaintext = services.enrolment_token_reissue(
-            site=site, issued_by=request.user, source_address=self.source_address
+            site=site, issued_by=self.person, source_address=self.source_address
         )
         body = _enrolment(request, token.site, plaintext, token.expires_at)
         return shown_once(s.SiteEnrolmentSerializer(body).data, status.HTTP_201_CREATED)
@@ -151,7 +150,7 @@ class SiteRevokeView(SiteScopedView):
         require(selectors.can_decide_site(request.user, site), ONLY_PROJECT_ADMIN)
         data = parse(s.ReasonSerializer, request.data)
         site = services.site_revoke(
-            site=site, revoked_by=request.user, source_address=self.source_address, **data
+            site=site, revoked_by=self.person, source_address=self.source_address, **data
         )
         return Response(self.get_serializer(site).data)
 
@@ -159,7 +158,7 @@ class SiteRevokeView(SiteScopedView):
 # --- certificates ------------------------------------------------------------------------------
 
 
-class CertificateScopedView(ProjectScopedView):
+class CertificateScopedView(ProjectScopedView[Certificate]):
     serializer_class = s.CertificateSerializer
 
     def get_queryset(self) -> QuerySet[Certificate]:
@@ -168,7 +167,7 @@ class CertificateScopedView(ProjectScopedView):
 
 @extend_schema(tags=["certificates"])
 @extend_schema_view(get=extend_schema(parameters=[s.CertificateQuerySerializer]))
-class CertificateListView(CertificateScopedView, generics.ListAPIView):
+class CertificateListView(CertificateScopedView, generics.ListAPIView[Certificate]):
     def get_queryset(self) -> QuerySet[Certificate]:
         query = self.query(s.CertificateQuerySerializer)
         qs = selectors.certificates_visible_to(
@@ -180,7 +179,7 @@ class CertificateListView(CertificateScopedView, generics.ListAPIView):
 
 
 @extend_schema(tags=["certificates"])
-class CertificateDetailView(CertificateScopedView, generics.RetrieveAPIView):
+class CertificateDetailView(CertificateScopedView, generics.RetrieveAPIView[Certificate]):
     pass
 
 
@@ -197,7 +196,7 @@ class CertificateRevokeView(CertificateScopedView):
         data = parse(s.ReasonSerializer, request.data)
         certificate = services.certificate_revoke(
             certificate=certificate,
-            revoked_by=request.user,
+            revoked_by=self.person,
             source_address=self.source_address,
             **data,
         )

@@ -1,0 +1,98 @@
+"""What the dashboard's tables show beside a model: small frozen records the views build and the
+templates read (``row.site.name``, ``row.online``), so that no page sets attributes on a model
+instance."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.urls import reverse
+
+from jobs.models import Job, JobSite, LogLine, ModelVersion, SiteTask
+from sites.models import ApiToken, Project, Site
+from sites.selectors import site_is_online
+
+
+@dataclass(frozen=True)
+class ProjectRow:
+    """A project on the home page, with the viewer's roles in it and its live counts."""
+
+    project: Project
+    my_roles: list[str]
+    enrolled_sites: int
+    active_jobs: int
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """A site with whether its agent is online now."""
+
+    site: Site
+    online: bool
+
+
+def site_rows(sites: Iterable[Site]) -> list[SiteRow]:
+    """Each site with ``online`` by the same heartbeat rule the round controller uses."""
+    return [SiteRow(site=site, online=site_is_online(site)) for site in sites]
+
+
+@dataclass(frozen=True)
+class ApiTokenRow:
+    """An API token with whether it can be used now (not revoked, not expired)."""
+
+    token: ApiToken
+    usable: bool
+
+
+def api_token_rows(tokens: Iterable[ApiToken], *, now: dt.datetime) -> list[ApiTokenRow]:
+    return [ApiTokenRow(token=token, usable=token.is_usable_at(now)) for token in tokens]
+
+
+@dataclass(frozen=True)
+class TaskGridRow:
+    """A site of a job in the page's round grid: its participation (decision), whether its
+    agent is online now, and its task in each round (None where it had none)."""
+
+    link: JobSite
+    online: bool
+    tasks: list[SiteTask | None]
+
+
+def task_grid_rows(grid: Iterable[tuple[JobSite, list[SiteTask | None]]]) -> list[TaskGridRow]:
+    """``jobs.selectors.task_grid_of``'s rows, each with ``online`` by the heartbeat rule."""
+    return [
+        TaskGridRow(link=link, online=site_is_online(link.site), tasks=tasks)
+        for link, tasks in grid
+    ]
+
+
+@dataclass(frozen=True)
+class ModelVersionRow:
+    """A global model of a job, with the API address that downloads it."""
+
+    version: ModelVersion
+    download_url: str
+
+
+def model_version_rows(job: Job, versions: Iterable[ModelVersion]) -> list[ModelVersionRow]:
+    return [
+        ModelVersionRow(
+            version=version,
+            download_url=reverse(
+                "jobs-api:job-model-download",
+                kwargs={"uid": job.uid, "round_number": version.round_number},
+            ),
+        )
+        for version in versions
+    ]
+
+
+@dataclass(frozen=True)
+class SiteLog:
+    """A site's log tail in a job, and how many older lines its quota for the job dropped."""
+
+    site: Site
+    lines: list[LogLine]
+    dropped: int

@@ -1,0 +1,155 @@
+"""A site's work on its round tasks: fetching the round's model, reporting progress, and
+uploading its update."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import IO
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import transaction
+
+from common.exceptions import Conflict, NotFound, ValidationFailed
+from jobs import events
+from jobs.exceptions import StorageFull, is_storage_full
+from jobs.models import Job, ModelVersion, RoundState, SiteTask, TaskState
+from jobs.selectors import task_for_site, task_takes_update
+from jobs.services.rounds import job_kick_after_commit
+from sites.models import Site
+
+log = logging.getLogger(__name__)
+
+
+def round_model_fetch(
+    *, job: Job, site: Site, round_number: int, then: str = TaskState.DOWNLOADED
+) -> ModelVersion:
+    """The global model that round ``round_number`` starts from, for a site with a task in it.
+
+    Marks the task ``downloaded`` (when it was only ``assigned`` and the round is open), so
+    the job's per-site status shows who has started; ``then="training"`` for an agent that
+    starts the script as soon as the model is in (one report fewer a round).
+    """
+    task = task_for_site(job=job, site=site, round_number=round_number)
+    task_mark(task=task, state=then)
+    version = ModelVersion.objects.filter(job=job, round_number=round_number).first()
+    if version is None:  # a round always opens after its start model was stored
+        raise NotFound(f"no global model for round number {round_number}")
+    return version
+
+
+def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
+    """A site reports progress (downloaded, training) or failure on an open task.
+
+    ``failed`` (with the agent's ``reason``: the script crashed, the update could not be made)
+    answers the task, so the round need not wait for its deadline to close on the others.
+    Other moves, and reports on a closed round, change nothing.
+    """
+    open_states = {TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING}
+    allowed: dict[str, set[TaskState]] = {
+        TaskState.DOWNLOADED: {TaskState.ASSIGNED},
+        TaskState.TRAINING: {TaskState.ASSIGNED, TaskState.DOWNLOADED},
+        TaskState.FAILED: open_states,
+    }
+    if state not in allowed:
+        raise ValidationFailed(f"a site may report only {', '.join(allowed)}", field="state")
+    reason = reason.strip()[:2000] if state == TaskState.FAILED else ""
+    if state == TaskState.FAILED and not reason:
+        raise ValidationFailed("say why the task failed", field="reason")
+    with transaction.atomic():
+        changed = SiteTask.objects.filter(
+            pk=task.pk, state__in=allowed[state], round__state=RoundState.OPEN
+        ).update(state=state, reason=reason)
+        if changed:
+            task.state, task.reason = state, reason
+            events.task_state(task)
+            if state == TaskState.FAILED:
+                job_kick_after_commit(task.round.job)
+    return task
+
+
+def update_upload(
+    *, task: SiteTask, stream: IO[bytes], sha256: str, length: int | None
+) -> SiteTask:
+    """Store a site's update from ``stream`` in chunks, never whole in memory.
+
+    The body must be at most FEDPORTAL_MAX_MODEL_BYTES and hash to ``sha256``; otherwise
+    ValidationFailed and nothing is kept. An update for a round that is no longer open is kept
+    as ``late`` and not aggregated. A second upload for the same task is refused.
+    """
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise ValidationFailed(
+            "the X-Content-SHA256 header must be a sha256 hex digest", field="sha256"
+        )
+    limit = settings.FEDPORTAL_MAX_MODEL_BYTES
+    if length is not None and length > limit:
+        raise ValidationFailed(
+            f"larger than the limit of {limit} bytes", field="body", code="too_large"
+        )
+    if not task_takes_update(task):
+        raise Conflict(f"this task is already {task.state}")
+    digest = hashlib.sha256()
+    size = 0
+    name = f"{task.site.name}.safetensors"
+    # Write to storage as it arrives; the file is deleted again on any refusal below.
+    storage_file = task.update
+    try:
+        storage_file.save(name, ContentFile(b""), save=False)
+    except OSError as exc:
+        if is_storage_full(exc):
+            raise _update_not_kept(task) from exc
+        raise
+    path = storage_file.path
+    try:
+        with open(path, "wb") as out:
+            while chunk := stream.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise ValidationFailed(
+                        f"larger than the limit of {limit} bytes", field="body", code="too_large"
+                    )
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256.lower():
+            raise ValidationFailed(
+                "the body does not match X-Content-SHA256", field="sha256", code="checksum_mismatch"
+            )
+        with transaction.atomic():
+            locked = SiteTask.objects.select_for_update().select_related("round").get(pk=task.pk)
+            if not task_takes_update(locked):
+                raise Conflict(f"this task is already {locked.state}")
+            late = locked.round.state != RoundState.OPEN
+            locked.state = TaskState.LATE if late else TaskState.UPLOADED
+            locked.reason = "arrived after the round closed" if late else ""
+            locked.update = storage_file.name
+            locked.update_sha256 = sha256.lower()
+            locked.update_size = size
+            locked.save(
+                update_fields=[
+                    "state",
+                    "reason",
+                    "update",
+                    "update_sha256",
+                    "update_size",
+                    "updated_at",
+                ]
+            )
+            events.task_state(locked)
+            if not late:
+                from jobs.tasks import update_check_task
+
+                task_id = locked.pk
+                transaction.on_commit(lambda: update_check_task.delay(task_id))
+        return locked
+    except BaseException as exc:
+        if storage_file.name:
+            storage_file.storage.delete(storage_file.name)
+        if is_storage_full(exc):
+            raise _update_not_kept(task) from exc
+        raise
+
+
+def _update_not_kept(task: SiteTask) -> StorageFull:
+    log.error("storage full: the update of %s was not kept", task.site.name)
+    return StorageFull("the portal's storage is full; the update was not kept: send it again later")

@@ -1,0 +1,155 @@
+"""The agents' WebSocket (``jobs.consumers.AgentConsumer``) through the real routes with a
+signed handshake: every message gets an answer, and nothing an agent sends closes the socket
+(a close would have the agent reconnect and send the same again)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+
+from client_agent.protocol import MAX_MESSAGE_BYTES
+from fedportal.routing import websocket_urlpatterns
+from jobs.models import LogLine, MetricPoint
+from jobs.services import telemetry
+from tests.portal import jobs_api_world as jw
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+APP = URLRouter(websocket_urlpatterns)
+PATH = "/ws/agent/"
+
+
+def talk(world: jw.World, frames: list[Any]) -> tuple[list[dict[str, Any]], bool]:
+    """Open the site-1 agent's socket, send ``frames`` (str: as text; bytes: binary; else as
+    JSON), and return every answer and whether the socket is still open at the end."""
+
+    async def run() -> tuple[list[dict[str, Any]], bool]:
+        headers = world.sites[0].headers("GET", PATH)
+        communicator = WebsocketCommunicator(
+            APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        )
+        connected, _ = await communicator.connect()
+        assert connected
+        welcome = await communicator.receive_json_from(timeout=5)
+        assert welcome["type"] == "welcome"
+        answers = []
+        for frame in frames:
+            if isinstance(frame, bytes):
+                await communicator.send_to(bytes_data=frame)
+            elif isinstance(frame, str):
+                await communicator.send_to(text_data=frame)
+            else:
+                await communicator.send_json_to(frame)
+            answers.append(await communicator.receive_json_from(timeout=5))
+        # Still open: a heartbeat is taken (no answer), then a report is acknowledged.
+        await communicator.send_json_to({"type": "heartbeat"})
+        await communicator.send_json_to(report(world, "alive", [{"id": "alive", "text": "ok"}]))
+        alive = await communicator.receive_json_from(timeout=5)
+        await communicator.disconnect()
+        return answers, alive == {"type": "ack", "id": "alive", "stored": 1}
+
+    return async_to_sync(run)()
+
+
+def report(world: jw.World, message_id: str, lines: Any = None, points: Any = None) -> dict:
+    assert world.job is not None
+    message: dict[str, Any] = {"type": "report", "id": message_id, "job": str(world.job.uid)}
+    if lines is not None:
+        message["lines"] = lines
+    if points is not None:
+        message["points"] = points
+    return message
+
+
+def test_a_report_is_stored_and_acknowledged(jobs_world: jw.World) -> None:
+    answers, alive = talk(
+        jobs_world,
+        [report(jobs_world, "r1", lines=[{"id": "o0", "text": "epoch 1"}])],
+    )
+    assert answers == [{"type": "ack", "id": "r1", "stored": 1}] and alive
+    assert list(LogLine.objects.values_list("text", flat=True)) == ["epoch 1", "ok"]
+
+
+def test_a_message_over_the_bound_is_refused_with_an_ack_and_the_socket_stays(
+    jobs_world: jw.World,
+) -> None:
+    big = "x" * 1900
+    lines = [{"id": f"o{i}", "text": big} for i in range(MAX_MESSAGE_BYTES // 1900 + 10)]
+    message = report(jobs_world, "big", lines=lines[:1000])
+    assert len(json.dumps(message)) > MAX_MESSAGE_BYTES
+
+    answers, alive = talk(jobs_world, [message])
+
+    (ack,) = answers
+    assert ack["type"] == "ack" and ack["id"] == "big"
+    assert ack["error"]["code"] == "too_large"
+    assert alive
+    assert LogLine.objects.filter(client_id="o0").count() == 0
+
+
+BAD = {
+    "a binary frame": (b"\x00\x01", "error", "bad_message"),
+    "not JSON": ("{'type': 'report'", "error", "bad_message"),
+    "JSON nested too deep": ("[" * 100_000 + "]" * 100_000, "error", "bad_message"),
+    "not an object": ("[1, 2]", "error", "bad_message"),
+    "an unknown type": ({"type": "upload", "id": "m"}, "ack", "unknown_message"),
+    "lines that are no list": ({"type": "report", "id": "m", "lines": "x"}, "ack", "invalid"),
+    "points that are no list": ({"type": "report", "id": "m", "points": 7}, "ack", "invalid"),
+    "a job id that is no id": (
+        {"type": "report", "id": "m", "job": {"a": 1}, "lines": [{"text": "x"}]},
+        "ack",
+        "not_found",
+    ),
+    "a line that is no object": (None, "ack", "invalid"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_malformed_message_gets_an_error_and_the_socket_stays(
+    jobs_world: jw.World, case: str
+) -> None:
+    frame, kind, code = BAD[case]
+    if frame is None:
+        frame = report(jobs_world, "m", lines=["just a string"])
+
+    answers, alive = talk(jobs_world, [frame])
+
+    (answer,) = answers
+    assert answer["type"] == kind, answer
+    if kind == "ack":
+        assert answer["id"] == "m" and answer["error"]["code"] == code, answer
+    else:
+        assert answer["code"] == code, answer
+    assert alive
+
+
+def test_lines_faster_than_the_rate_are_told_to_wait_while_points_go_on(
+    jobs_world: jw.World, settings, monkeypatch
+) -> None:
+    settings.FEDPORTAL_LOG_BYTES_PER_SECOND = 10
+    settings.FEDPORTAL_LOG_BURST_BYTES = 100
+    monkeypatch.setattr(telemetry, "MAX_MESSAGE_BYTES", 100)
+
+    answers, _ = talk(
+        jobs_world,
+        [
+            report(jobs_world, "r1", lines=[{"id": "o0", "text": "a" * 90}]),
+            report(jobs_world, "r2", lines=[{"id": "o91", "text": "b" * 90}]),
+            report(jobs_world, "r3", lines=[{"id": "o182", "text": "c" * 5}]),
+            report(jobs_world, "p1", points=[{"id": "p1", "key": "loss", "value": 0.5}]),
+        ],
+    )
+
+    first, second, third, points = answers
+    assert first == {"type": "ack", "id": "r1", "stored": 1}
+    assert second["error"]["code"] == "slow_down" and second["error"]["retry_after"] > 0
+    # Told to wait, the socket answers the next line report so until then.
+    assert third["error"]["code"] == "slow_down"
+    assert points == {"type": "ack", "id": "p1", "stored": 1}
+    assert list(LogLine.objects.values_list("text", flat=True)) == ["a" * 90]
+    assert MetricPoint.objects.filter(key="loss").count() == 1

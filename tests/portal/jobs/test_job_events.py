@@ -1,0 +1,116 @@
+"""Job, round and task state changes reach the job's and project's Channels groups, typed,
+and only after the transaction commits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+from jobs import events
+from jobs.models import Job
+from jobs.services.telemetry import metrics_record
+from tests.portal.rounds_helpers import submit, three_sites, upload
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
+
+
+def subscribe(group: str) -> str:
+    layer = get_channel_layer()
+    channel: str = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(group, channel)
+    return channel
+
+
+def test_state_changes_are_published_to_the_job_and_project_groups(tmp_path: Path) -> None:
+    project, sites = three_sites()
+    project_channel = subscribe(f"project.{project.pk}")
+
+    job = submit(tmp_path, project, num_rounds=1)
+    job_channel = subscribe(f"job.{job.pk}")
+    for site in sites:
+        upload(
+            job,
+            site,
+            0,
+            {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(5)},
+            metrics={"accuracy": 0.5},
+        )
+
+    layer = get_channel_layer()
+    kinds = []
+    for _ in range(40):
+        try:
+            message = async_to_sync(_receive_now)(layer, job_channel)
+        except TimeoutError:
+            break
+        assert message["type"] == events.MESSAGE_TYPE
+        kinds.append((message["event"]["kind"], message["event"].get("state")))
+    assert ("task.state", "uploaded") in kinds
+    assert ("task.state", "accepted") in kinds
+    assert ("round.state", "closed") in kinds
+    assert kinds[-1] == ("job.state", "completed")
+    project_kinds = []
+    for _ in range(40):
+        try:
+            message = async_to_sync(_receive_now)(layer, project_channel)
+        except TimeoutError:
+            break
+        project_kinds.append(message["event"]["kind"])
+    assert project_kinds[0] == "job.state"
+    assert "round.state" in project_kinds
+    # A project's page follows jobs and rounds; metric points and tasks go to the job's page.
+    assert set(project_kinds) == {"job.state", "round.state"}
+
+
+async def _receive_now(layer, channel: str) -> dict:
+    import asyncio
+
+    return await asyncio.wait_for(layer.receive(channel), timeout=0.5)
+
+
+def test_nothing_is_published_when_the_transaction_rolls_back(tmp_path: Path) -> None:
+    project, _ = three_sites()
+    job = submit(tmp_path, project)
+    channel = subscribe(f"job.{job.pk}")
+    layer = get_channel_layer()
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        events.job_state(Job.objects.get(pk=job.pk))
+        raise RuntimeError("roll back")
+
+    with pytest.raises(TimeoutError):
+        async_to_sync(_receive_now)(layer, channel)
+
+
+def test_a_sites_batch_of_points_is_one_event_with_every_new_point(tmp_path: Path) -> None:
+    project, sites = three_sites()
+    job = submit(tmp_path, project)
+    channel = subscribe(f"job.{job.pk}")
+    layer = get_channel_layer()
+    metrics_record(job=job, site=sites[0], points=[{"key": "loss", "value": 1.0, "id": "a"}])
+    async_to_sync(_receive_now)(layer, channel)
+
+    stored = metrics_record(
+        job=job,
+        site=sites[0],
+        points=[
+            {"key": "loss", "value": 1.0, "id": "a"},  # sent again: not new
+            {"key": "loss", "value": 0.5, "step": 2, "round": 0, "id": "b"},
+            {"key": "acc", "value": 0.75, "id": "c"},
+        ],
+    )
+
+    assert stored == 2
+    event = async_to_sync(_receive_now)(layer, channel)["event"]
+    assert (event["kind"], event["site"], event["job_id"]) == ("metrics", sites[0].name, job.pk)
+    assert event["points"] == [
+        {"key": "loss", "value": 0.5, "step": 2, "round": 0, "source": "log"},
+        {"key": "acc", "value": 0.75, "step": None, "round": None, "source": "log"},
+    ]
+    with pytest.raises(TimeoutError):
+        async_to_sync(_receive_now)(layer, channel)
