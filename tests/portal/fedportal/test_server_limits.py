@@ -13,8 +13,6 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -28,6 +26,7 @@ import torch
 
 from jobs.api.authentication import HEADER_CONTENT_SHA256
 from jobs.models import Job, SiteTask, TaskState
+from tests.daphne_portal import served, shared_test_database_url
 from tests.portal.jobs_api_world import (
     INITIAL,
     LEAD,
@@ -43,7 +42,6 @@ from tests.portal.jobs_api_world import (
 # objects for the server to see commit them (transaction=True).
 pytestmark = pytest.mark.django_db
 
-ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT = 2  # the server's header and body timeouts in these tests, in seconds
 
 
@@ -73,65 +71,25 @@ class Portal:
         return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def running_portal(base: Path) -> Iterator[Portal]:
     """The portal's server on a free port, on the test database, with TMPDIR and media
     folders under ``base``; its log is printed when it fails to start."""
-    from django.db import connection
-
     tmpdir, media = base / "tmp", base / "media"
     base.mkdir(exist_ok=True)
     tmpdir.mkdir()
     media.mkdir()
-    db = connection.settings_dict
-    assert db["NAME"].startswith("test_"), "the server must use the test database"
-    port = _free_port()
     env = {
-        **os.environ,
         "DJANGO_SETTINGS_MODULE": "fedportal.settings.test",
-        "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "DATABASE_URL": shared_test_database_url(),
         "DJANGO_MEDIA_ROOT": str(media),
         "TMPDIR": str(tmpdir),
         "FEDPORTAL_HTTP_HEADER_TIMEOUT_SECONDS": str(TIMEOUT),
         "FEDPORTAL_HTTP_BODY_TIMEOUT_SECONDS": str(TIMEOUT),
-        "PYTHONPATH": str(ROOT),
     }
     log = base / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    try:
-        yield Portal(url=url, port=port, pid=proc.pid, tmpdir=tmpdir, media=media, log=log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with served(env, log) as (url, port, pid):
+        yield Portal(url=url, port=port, pid=pid, tmpdir=tmpdir, media=media, log=log)
 
 
 @pytest.fixture(scope="module")
