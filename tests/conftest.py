@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pytest_django.fixtures import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +33,7 @@ def eager_celery() -> Iterator[None]:
 
 
 @pytest.fixture
-def media(settings: pytest.FixtureRequest, tmp_path: Path) -> Path:
+def media(settings: Settings, tmp_path: Path) -> Path:
     """File storage (models, bundles, updates) in the test's own folder."""
-    settings.MEDIA_ROOT = tmp_path / "media"  # type: ignore[attr-defined]
-    return Path(settings.MEDIA_ROOT)  # type: ignore[attr-defined]
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return Path(settings.MEDIA_ROOT)
