@@ -20,7 +20,8 @@ import torch
 
 from client_agent.portal import PortalClient
 from jobs.envs import PocEnv, ProdEnv, RunStatus, SimEnv
-from jobs.envs.poc import PROJECT_ROOT, _redis_answers
+from jobs.envs.poc import PROJECT_ROOT
+from jobs.envs.poc.env import _redis_answers
 from jobs.recipes import FedAvgRecipe
 
 pytestmark = [

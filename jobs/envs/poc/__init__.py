@@ -9,6 +9,5 @@
 """
 
 from jobs.envs.poc.env import PROJECT_ROOT, PocEnv, PocEnvError
-from jobs.envs.poc.env import _redis_answers as _redis_answers  # the tests' "is Redis up?"
 
 __all__ = ["PROJECT_ROOT", "PocEnv", "PocEnvError"]

@@ -13,7 +13,7 @@ import pytest
 from client_agent import agent as agent_module
 from client_agent.agent import Agent
 from client_agent.protocol import MAX_MESSAGE_BYTES, Report
-from jobs.envs.poc import _redis_answers
+from jobs.envs.poc.env import _redis_answers
 from jobs.models import LogLine
 from tests import daphne_portal
 from tests.portal import jobs_api_world as jw
