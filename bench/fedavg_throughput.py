@@ -15,19 +15,22 @@ the reader can see how far from the hardware's limit aggregation runs.
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import benchlib
-import numpy as np
 import torch
-from benchlib import md_table, median
+from benchlib import md_table
+from benchlib.throughput import (
+    THROUGHPUT_HEADERS,
+    Variant,
+    best_of,
+    memory_bandwidth,
+    run_variants,
+    throughput_row,
+)
 
 from client_agent.wire import save_state_dict
 from jobs.aggregation import (
@@ -44,123 +47,10 @@ REPEATS = 5
 WARMUPS = 3
 SHAPES = benchlib.TRANSFORMER_25M_SHAPES
 MODEL_BYTES = benchlib.numel(SHAPES) * 4
-BANDWIDTH_BYTES = 10**9  # the streamed array: 1 GB of float32
-
-
-@dataclass
-class Variant:
-    """One thing to time: ``prepare`` (untimed) then ``call`` (timed)."""
-
-    label: str
-    call: Callable[[], object]
-    prepare: Callable[[], None] | None = None
-    first: float = float("nan")
-    seconds: list[float] = field(default_factory=list)
-    extra_kib: int = 0
-
-    def time_once(self) -> float:
-        if self.prepare:
-            self.prepare()
-        started = time.perf_counter()
-        self.call()
-        return time.perf_counter() - started
-
-    def measure_memory(self) -> None:
-        """Extra peak RSS of one call, over the RSS before it.
-
-        Measured in a call of its own, after the timed ones: handing freed heap back to the
-        kernel first makes this call fault its pages in again, which the timed calls do not.
-        """
-        if self.prepare:
-            self.prepare()
-        gc.collect()
-        benchlib.release_free_heap()
-        rss_before = benchlib.proc_status_kib("VmRSS")
-        benchlib.reset_peak_rss()
-        result = self.call()
-        self.extra_kib = benchlib.proc_status_kib("VmHWM") - rss_before
-        del result
-
-    @property
-    def best(self) -> float:
-        return min(self.seconds)
-
-    @property
-    def median(self) -> float:
-        return median(self.seconds)
-
-    @property
-    def extra_mb(self) -> float:
-        return self.extra_kib * 1024 / 1e6
-
-
-def run_variants(variants: list[Variant]) -> None:
-    """First (cold) call of each, more warm-ups, then REPEATS timed calls, taking turns."""
-    for variant in variants:
-        variant.first = variant.time_once()
-    for _ in range(WARMUPS - 1):
-        for variant in variants:
-            variant.time_once()
-    for _ in range(REPEATS):
-        for variant in variants:
-            variant.seconds.append(variant.time_once())
-    for variant in variants:
-        variant.measure_memory()
-
-
-def best_of(call: Callable[[], object], repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def memory_bandwidth() -> list[tuple[str, str, str]]:
-    """Streaming read (sum) and copy of a 1 GB float32 array, best of 5, in GB/s."""
-    n = BANDWIDTH_BYTES // 4
-    src = torch.ones(n, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.fill_(0.0)  # fault the pages in before timing
-    src_np, dst_np = src.numpy(), dst.numpy()
-    threads = torch.get_num_threads()
-    rows = []
-    for label, call, moved in (
-        (f"torch `x.sum()`, {threads} threads", src.sum, 1),
-        (f"torch `y.copy_(x)`, {threads} threads", lambda: dst.copy_(src), 2),
-        ("numpy `x.sum()`, 1 thread", src_np.sum, 1),
-        ("numpy `np.copyto(y, x)`, 1 thread", lambda: np.copyto(dst_np, src_np), 2),
-    ):
-        seconds = best_of(call, 5)
-        what = "read" if moved == 1 else "read + write (2 GB moved)"
-        rows.append((label, f"{moved * BANDWIDTH_BYTES / seconds / 1e9:.1f}", what))
-    torch.set_num_threads(1)
-    try:
-        seconds = best_of(src.sum, 5)
-        rows.append(("torch `x.sum()`, 1 thread", f"{BANDWIDTH_BYTES / seconds / 1e9:.1f}", "read"))
-    finally:
-        torch.set_num_threads(threads)
-    return rows
-
-
-def gbps(nbytes: int, seconds: float) -> str:
-    return f"{nbytes / seconds / 1e9:.2f}"
 
 
 def row(variant: Variant) -> tuple[str, ...]:
-    read = SITES * MODEL_BYTES
-    return (
-        variant.label,
-        f"{variant.best:.3f}",
-        f"{variant.median:.3f}",
-        f"{variant.first:.3f}",
-        gbps(read, variant.best),
-        gbps(read, variant.median),
-        f"{variant.extra_mb:.0f}",
-        f"{variant.extra_mb * 1e6 / MODEL_BYTES:.2f}×",
-    )
+    return throughput_row(variant, read_bytes=SITES * MODEL_BYTES, model_bytes=MODEL_BYTES)
 
 
 def main() -> None:
@@ -240,7 +130,7 @@ def main() -> None:
             check_all,
             prepare=open_files,
         )
-        run_variants([*fedavg_variants, checks])
+        run_variants([*fedavg_variants, checks], warmups=WARMUPS, repeats=REPEATS)
 
         # The default chunk against others, to back (or not) the core's choice.
         chunk_rows = []
@@ -255,20 +145,10 @@ def main() -> None:
         for update in file_updates:
             update.source.close()
 
-    headers = [
-        "",
-        "best s",
-        "median s",
-        "first s",
-        "GB/s best",
-        "GB/s median",
-        "extra MB",
-        "× model",
-    ]
     print(f"### `fedavg()` of {SITES} updates\n")
-    print(md_table(headers, [row(v) for v in fedavg_variants]))
+    print(md_table(THROUGHPUT_HEADERS, [row(v) for v in fedavg_variants]))
     print()
-    print(md_table(headers, [row(checks)]))
+    print(md_table(THROUGHPUT_HEADERS, [row(checks)]))
     print()
     print("### `fedavg()` time by chunk size (best of 5)\n")
     print(md_table(["chunk_elements", "MiB per site", "in memory s", "on disk s"], chunk_rows))

@@ -64,7 +64,8 @@ class SiteUpdate:
         )
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` is aggregated in."""
     if dtype in _FLOAT_KEEP:
         return dtype
     if dtype in _FLOAT_WIDEN:
@@ -72,6 +73,15 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     # float64 stays float64; integer and bool buffers (BatchNorm's num_batches_tracked) are
     # averaged exactly in float64 and rounded back.
     return torch.float64
+
+
+def cast_back(out: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """An accumulator as the global model's tensor: its dtype (integers rounded), its shape."""
+    if dtype.is_floating_point:
+        tensor = out if out.dtype == dtype else out.to(dtype)
+    else:
+        tensor = out.round_().to(dtype)
+    return tensor.reshape(shape)
 
 
 def fedavg(
@@ -107,7 +117,7 @@ def fedavg(
     result: dict[str, torch.Tensor] = {}
     for name, (dtype, shape) in base.specs().items():
         numel = math.prod(shape)
-        acc_dtype = _accumulator_dtype(dtype)
+        acc_dtype = accumulator_dtype(dtype)
         out = torch.empty(numel, dtype=acc_dtype)
         for start in range(0, numel, chunk_elements):
             stop = min(start + chunk_elements, numel)
@@ -129,11 +139,7 @@ def fedavg(
                     first = False
                 else:
                     acc.add_(chunk, alpha=w)
-        if dtype.is_floating_point:
-            tensor = out if acc_dtype == dtype else out.to(dtype)
-        else:
-            tensor = out.round_().to(dtype)
-        result[name] = tensor.reshape(shape)
+        result[name] = cast_back(out, dtype, shape)
     return result
 
 
