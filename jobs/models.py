@@ -138,6 +138,13 @@ class RoundState(models.TextChoices):
     FAILED = "failed"
 
 
+_ROUND_MOVES: dict[str, frozenset[str]] = {
+    RoundState.OPEN: frozenset({RoundState.AGGREGATING, RoundState.FAILED}),
+    RoundState.AGGREGATING: frozenset({RoundState.CLOSED, RoundState.FAILED}),
+}
+ROUND_ENDED = frozenset({RoundState.CLOSED, RoundState.FAILED})
+
+
 class Round(models.Model):
     """One round of a job. ``number`` counts from 0; it starts from the global model after
     ``number`` completed rounds (``ModelVersion.round_number == number``)."""
@@ -163,6 +170,15 @@ class Round(models.Model):
 
     def __str__(self) -> str:
         return f"round {round_for_people(self.number)} of {self.job}"
+
+    def move_to(self, state: str) -> None:
+        """Change state in memory, refusing moves the round's state machine does not allow;
+        a round that ends (closed or failed) records when."""
+        if state not in _ROUND_MOVES.get(self.state, frozenset()):
+            raise InvalidJobTransition("round", self.state, state)
+        if state in ROUND_ENDED:
+            self.closed_at = timezone.now()
+        self.state = state
 
 
 class TaskState(models.TextChoices):

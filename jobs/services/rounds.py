@@ -126,7 +126,7 @@ def job_advance(*, job_id: int) -> str:
         current = job.rounds.order_by("-number").first()
         if current is None:
             _round_open(job, 0)
-            return "opened round 1"
+            return f"opened round {round_for_people(0)}"
         if current.state == RoundState.CLOSED:
             if job.completed_rounds >= job.num_rounds:
                 job.move_to(JobState.COMPLETED)
@@ -135,7 +135,7 @@ def job_advance(*, job_id: int) -> str:
                 events.job_state(job)
                 return "completed"
             _round_open(job, current.number + 1)
-            return f"opened round {current.number + 2}"
+            return f"opened round {round_for_people(current.number + 1)}"
         if current.state == RoundState.OPEN:
             tasks = list(current.tasks.select_related("site"))
             answered = [t for t in tasks if t.state in TASK_ANSWERED]
@@ -149,8 +149,7 @@ def job_advance(*, job_id: int) -> str:
                     for t in tasks
                     if t.state != TaskState.ACCEPTED
                 )
-                current.state = RoundState.FAILED
-                current.closed_at = timezone.now()
+                current.move_to(RoundState.FAILED)
                 current.save(update_fields=["state", "closed_at"])
                 job.move_to(
                     JobState.FAILED,
@@ -166,7 +165,7 @@ def job_advance(*, job_id: int) -> str:
             current.tasks.exclude(state__in=TASK_ANSWERED).update(
                 state=TaskState.LATE, reason="no update before the round closed"
             )
-            current.state = RoundState.AGGREGATING
+            current.move_to(RoundState.AGGREGATING)
             current.save(update_fields=["state"])
         round_id = current.pk
     # Aggregation reads every update from storage: long, so outside the job lock. A worker
@@ -365,8 +364,7 @@ def _round_fail(round_id: int, why: str) -> str:
         rnd = Round.objects.select_for_update().get(pk=round_id)
         if rnd.state != RoundState.AGGREGATING or job.state != JobState.RUNNING:
             return "nothing: round already " + rnd.state
-        rnd.state = RoundState.FAILED
-        rnd.closed_at = timezone.now()
+        rnd.move_to(RoundState.FAILED)
         rnd.save(update_fields=["state", "closed_at"])
         job.move_to(JobState.FAILED, f"round {round_for_people(rnd.number)}: {why}"[:4000])
         job.save(update_fields=["state", "finished_at", "failure_reason"])
@@ -436,8 +434,7 @@ def _round_aggregate_claimed(round_id: int) -> str:
                     "source": MetricPoint.Source.AGGREGATE,
                 },
             )
-        rnd.state = RoundState.CLOSED
-        rnd.closed_at = timezone.now()
+        rnd.move_to(RoundState.CLOSED)
         rnd.metrics = outcome.metrics
         rnd.save(update_fields=["state", "closed_at", "metrics"])
         job.completed_rounds = completed
