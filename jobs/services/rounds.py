@@ -25,7 +25,9 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,36 @@ from sites.models import Site
 from sites.selectors import site_is_online
 
 log = logging.getLogger(__name__)
+
+
+class Step(StrEnum):
+    """What one :func:`job_advance` did."""
+
+    NOTHING = "nothing"  # the state it found needs no step (or another worker took it)
+    WAITING_TO_START = "waiting to start"  # submitted → waiting: starting may be due at once
+    WAITING_FOR_SITES = "waiting for sites"  # fewer than min_clients accepted and online
+    STARTED = "started"  # running, its first round open
+    WAITING_FOR_UPDATES = "waiting for updates"
+    OPENED = "opened"  # the next round
+    CLOSED = "closed"  # the round aggregated; opening the next (or completing) is due at once
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Advance:
+    """The outcome of :func:`job_advance`: what it did (``step``) and, for logs, in words."""
+
+    step: Step
+    text: str
+
+    @property
+    def due_again(self) -> bool:
+        """Whether the step made another one due at once (no event will come for it)."""
+        return self.step in (Step.WAITING_TO_START, Step.CLOSED)
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def workflow_of(job: Job) -> Workflow:
@@ -109,8 +141,8 @@ def job_kick_after_commit(job: Job) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def job_advance(*, job_id: int) -> str:
-    """Do the next step that is due for the job; returns what it did, for logs and tests."""
+def job_advance(*, job_id: int) -> Advance:
+    """Do the next step that is due for the job; returns what it did."""
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job_id)
         if job.state == JobState.SUBMITTED:
@@ -118,30 +150,31 @@ def job_advance(*, job_id: int) -> str:
             job.save(update_fields=["state"])
             events.job_state(job)
             job_kick_after_commit(job)
-            return "waiting"
+            return Advance(Step.WAITING_TO_START, "waiting")
         if job.state == JobState.WAITING:
             return _start_if_ready(job)
         if job.state != JobState.RUNNING:
-            return "nothing: job is " + job.state
+            return Advance(Step.NOTHING, f"nothing: job is {job.state}")
         current = job.rounds.order_by("-number").first()
         if current is None:
             _round_open(job, 0)
-            return f"opened round {round_for_people(0)}"
+            return Advance(Step.OPENED, f"opened round {round_for_people(0)}")
         if current.state == RoundState.CLOSED:
             if job.completed_rounds >= job.num_rounds:
                 job.move_to(JobState.COMPLETED)
                 job.save(update_fields=["state", "finished_at", "failure_reason"])
                 _audit_job_end(job)
                 events.job_state(job)
-                return "completed"
+                return Advance(Step.COMPLETED, "completed")
             _round_open(job, current.number + 1)
-            return f"opened round {round_for_people(current.number + 1)}"
+            return Advance(Step.OPENED, f"opened round {round_for_people(current.number + 1)}")
         if current.state == RoundState.OPEN:
             tasks = list(current.tasks.select_related("site"))
             answered = [t for t in tasks if t.state in TASK_ANSWERED]
             accepted = [t for t in tasks if t.state == TaskState.ACCEPTED]
             if len(answered) < len(tasks) and timezone.now() < current.deadline:
-                return f"waiting for {len(tasks) - len(answered)} site(s)"
+                waiting = len(tasks) - len(answered)
+                return Advance(Step.WAITING_FOR_UPDATES, f"waiting for {waiting} site(s)")
             if len(accepted) < job.min_clients:
                 missing = sorted(t.site.name for t in tasks if t.state != TaskState.ACCEPTED)
                 reasons = "; ".join(
@@ -160,7 +193,7 @@ def job_advance(*, job_id: int) -> str:
                 job.save(update_fields=["state", "finished_at", "failure_reason"])
                 _audit_job_end(job)
                 events.job_state(job)
-                return "failed: quorum"
+                return Advance(Step.FAILED, "failed: quorum")
             # Claim the round for aggregation; sites that have not answered are now late.
             current.tasks.exclude(state__in=TASK_ANSWERED).update(
                 state=TaskState.LATE, reason="no update before the round closed"
@@ -197,13 +230,13 @@ def job_advance_while_due(*, job_id: int, max_steps: int = 4) -> str:
     outcomes = []
     for _ in range(max_steps):
         outcome = job_advance(job_id=job_id)
-        outcomes.append(outcome)
-        if not (outcome.startswith("closed round") or outcome == "waiting"):
+        outcomes.append(outcome.text)
+        if not outcome.due_again:
             break
     return "; ".join(outcomes)
 
 
-def _start_if_ready(job: Job) -> str:
+def _start_if_ready(job: Job) -> Advance:
     now = timezone.now()
     links = list(job.participants.select_related("site"))
     for link in links:
@@ -225,12 +258,15 @@ def _start_if_ready(job: Job) -> str:
         if link.decision == JobSite.Decision.ACCEPTED and site_is_online(link.site, now)
     ]
     if len(ready) < job.min_clients:
-        return f"waiting: {len(ready)} of {job.min_clients} sites accepted and online"
+        return Advance(
+            Step.WAITING_FOR_SITES,
+            f"waiting: {len(ready)} of {job.min_clients} sites accepted and online",
+        )
     job.move_to(JobState.RUNNING)
     job.save(update_fields=["state", "started_at"])
     events.job_state(job)
     _round_open(job, 0)
-    return "running"
+    return Advance(Step.STARTED, "running")
 
 
 def _round_open(job: Job, number: int) -> Round:
@@ -302,13 +338,13 @@ def _aggregation_claim(round_id: int) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _round_aggregate(round_id: int) -> str:
+def _round_aggregate(round_id: int) -> Advance:
     with _aggregation_claim(round_id) as claimed:
         if not claimed:
-            return "nothing: another worker is aggregating the round"
+            return Advance(Step.NOTHING, "nothing: another worker is aggregating the round")
         attempts = _aggregation_attempt(round_id)
         if attempts is None:
-            return "nothing: round no longer aggregating"
+            return Advance(Step.NOTHING, "nothing: round no longer aggregating")
         limit = settings.FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS
         if attempts > limit:
             return _round_fail(
@@ -356,14 +392,14 @@ def _aggregation_attempt(round_id: int) -> int | None:
         )
 
 
-def _round_fail(round_id: int, why: str) -> str:
+def _round_fail(round_id: int, why: str) -> Advance:
     """The round cannot close: it fails, and the job with it, naming the round and ``why``."""
     with transaction.atomic():
         rnd = Round.objects.select_related("job").get(pk=round_id)
         job = Job.objects.select_for_update().get(pk=rnd.job_id)
         rnd = Round.objects.select_for_update().get(pk=round_id)
         if rnd.state != RoundState.AGGREGATING or job.state != JobState.RUNNING:
-            return "nothing: round already " + rnd.state
+            return Advance(Step.NOTHING, f"nothing: round already {rnd.state}")
         rnd.move_to(RoundState.FAILED)
         rnd.save(update_fields=["state", "closed_at"])
         job.move_to(JobState.FAILED, f"round {round_for_people(rnd.number)}: {why}"[:4000])
@@ -371,10 +407,10 @@ def _round_fail(round_id: int, why: str) -> str:
         _audit_job_end(job)
         events.round_state(rnd)
         events.job_state(job)
-    return f"failed: round {round_for_people(rnd.number)} cannot close"
+    return Advance(Step.FAILED, f"failed: round {round_for_people(rnd.number)} cannot close")
 
 
-def _round_aggregate_claimed(round_id: int) -> str:
+def _round_aggregate_claimed(round_id: int) -> Advance:
     """Aggregate the round, store the new global model and close the round (claim held)."""
     from jobs.aggregation import FileTensorSource, SiteUpdate  # torch
 
@@ -408,7 +444,7 @@ def _round_aggregate_claimed(round_id: int) -> str:
         job = Job.objects.select_for_update().get(pk=job.pk)
         rnd = Round.objects.select_for_update().get(pk=round_id)
         if rnd.state != RoundState.AGGREGATING or job.state != JobState.RUNNING:
-            return "nothing: round already " + rnd.state
+            return Advance(Step.NOTHING, f"nothing: round already {rnd.state}")
         ModelVersion.objects.update_or_create(
             job=job,
             round_number=completed,
@@ -441,7 +477,7 @@ def _round_aggregate_claimed(round_id: int) -> str:
         job.save(update_fields=["completed_rounds", "best_score", "best_round"])
         events.round_state(rnd)
         job_kick_after_commit(job)
-    return f"closed round {round_for_people(rnd.number)}"
+    return Advance(Step.CLOSED, f"closed round {round_for_people(rnd.number)}")
 
 
 def _file_digest(path: Path) -> tuple[str, int]:

@@ -153,7 +153,9 @@ def test_abort_stops_a_running_job(tmp_path: Path) -> None:
     assert job.state == JobState.ABORTED
     assert job.failure_reason == f"aborted by {job.submitted_by.get_username()}"
     assert job.rounds.get().state == RoundState.FAILED
-    assert rounds.job_advance(job_id=job.pk) == "nothing: job is aborted"
+    assert rounds.job_advance(job_id=job.pk) == rounds.Advance(
+        rounds.Step.NOTHING, "nothing: job is aborted"
+    )
 
 
 def test_a_site_coming_online_starts_a_waiting_job(tmp_path: Path) -> None:

@@ -187,7 +187,9 @@ def test_a_round_whose_aggregation_fails_fails_the_job_with_the_reason(
     assert "the sites' tensors disagree" in job.failure_reason
     assert job.rounds.get().state == RoundState.FAILED
     # Asked again (a retry, a restarted worker), nothing is attempted any more.
-    assert rounds.job_advance(job_id=job.pk) == "nothing: job is failed"
+    assert rounds.job_advance(job_id=job.pk) == rounds.Advance(
+        rounds.Step.NOTHING, "nothing: job is failed"
+    )
 
 
 def test_a_database_that_goes_away_mid_aggregation_is_waited_out(
@@ -245,7 +247,7 @@ def test_a_round_started_too_often_without_finishing_fails(tmp_path: Path) -> No
     outcome = rounds.job_advance(job_id=job.pk)
 
     job.refresh_from_db()
-    assert outcome == "failed: round 1 cannot close"
+    assert outcome == rounds.Advance(rounds.Step.FAILED, "failed: round 1 cannot close")
     assert job.state == JobState.FAILED
     assert "started 3 times and never finished" in job.failure_reason
 
@@ -265,14 +267,14 @@ def test_a_second_worker_leaves_a_round_another_is_aggregating(tmp_path: Path) -
     try:
         other_worker.execute("SELECT pg_advisory_lock(%s)", [(0x4650 << 48) | rnd.pk])
 
-        assert rounds.job_advance(job_id=job.pk) == (
-            "nothing: another worker is aggregating the round"
+        assert rounds.job_advance(job_id=job.pk) == rounds.Advance(
+            rounds.Step.NOTHING, "nothing: another worker is aggregating the round"
         )
         assert Round.objects.get(pk=rnd.pk).aggregation_attempts == 0
     finally:
         other_worker.close()  # as a worker that dies: the lock goes with its connection
 
-    assert rounds.job_advance(job_id=job.pk) == "closed round 1"
+    assert rounds.job_advance(job_id=job.pk) == rounds.Advance(rounds.Step.CLOSED, "closed round 1")
     job.refresh_from_db()
     assert job.state == JobState.RUNNING or job.state == JobState.COMPLETED
 

@@ -434,7 +434,7 @@ def test_a_job_failed_by_the_round_controller_is_audited_with_no_actor_and_the_r
     assert job is not None
     Round.objects.filter(job=job).update(deadline=timezone.now())  # no site answered
 
-    assert rounds.job_advance(job_id=job.pk) == "failed: quorum"
+    assert rounds.job_advance(job_id=job.pk) == rounds.Advance(rounds.Step.FAILED, "failed: quorum")
 
     job.refresh_from_db()
     action, actor, actor_site, details = _job_events(world)[-1]
