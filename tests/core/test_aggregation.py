@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from client_agent.fl_model import FLMetaKey, FLModel, ParamsType
+from client_agent.fl_model import FLMetaKey, FLModel
 from client_agent.wire import write_model_file
 from jobs.aggregation import (
     FileTensorSource,
-    MemoryTensorSource,
     SiteUpdate,
     UpdateRejected,
     check_update,
@@ -22,25 +21,7 @@ from jobs.aggregation import (
 )
 from jobs.aggregation.sources import TensorSpec
 from jobs.workflows import FedAvg, QuorumNotMet
-
-FULL = ParamsType.FULL
-DIFF = ParamsType.DIFF
-
-
-def update(
-    site: str,
-    params: dict[str, torch.Tensor],
-    weight: float = 1.0,
-    params_type: ParamsType = FULL,
-    metrics: dict[str, object] | None = None,
-) -> SiteUpdate:
-    return SiteUpdate(
-        site=site,
-        source=MemoryTensorSource(params),
-        weight=weight,
-        params_type=params_type,
-        metrics=dict(metrics or {}),
-    )
+from tests.core.updates import DIFF, FULL, update
 
 
 def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client_agent.fl_model import FLModel, ParamsType
+from client_agent.fl_model import FLModel
 from client_agent.wire import write_model_file
 from common.validators import FieldError
 from jobs.aggregation import (
@@ -23,20 +23,7 @@ from jobs.aggregation import (
     trimmed_mean,
 )
 from jobs.aggregation.robust import krum_scores, sorting_network
-
-FULL = ParamsType.FULL
-DIFF = ParamsType.DIFF
-
-
-def update(
-    site: str,
-    params: dict[str, torch.Tensor],
-    weight: float = 1.0,
-    params_type: ParamsType = FULL,
-) -> SiteUpdate:
-    return SiteUpdate(
-        site=site, source=MemoryTensorSource(params), weight=weight, params_type=params_type
-    )
+from tests.core.updates import DIFF, FULL, update
 
 
 def column(site: str, values: list[float], weight: float = 1.0) -> SiteUpdate:

@@ -20,7 +20,7 @@ from jobs.selectors import task_for_site
 from jobs.services.submission import job_submit
 from jobs.services.tasks import update_upload
 from sites.models import Project, Site
-from tests.portal.factories import OrganizationFactory, enrolled_site
+from tests.portal.factories import EnrolledSite, OrganizationFactory, enrolled_site
 from tests.portal.jobs_api_world import update_bytes
 
 
@@ -43,15 +43,22 @@ def make_bundle(
     return recipe.spec(), bundle / "initial_model.safetensors", archive
 
 
-def three_sites() -> tuple[Project, list[Site]]:
-    """Sites 1-3 of one new organisation, each accepting jobs and online."""
+def three_enrolled_sites() -> list[EnrolledSite]:
+    """Sites 1-3 of one new organisation, enrolled (key and certificate), each accepting jobs
+    and online."""
     organization = OrganizationFactory.create()
     sites = [enrolled_site(organization=organization, name=f"site-{i}") for i in (1, 2, 3)]
     for enrolled in sites:
         enrolled.site.auto_accept_jobs = True
         enrolled.site.last_heartbeat = timezone.now()
         enrolled.site.save()
-    return sites[0].site.project, [e.site for e in sites]
+    return sites
+
+
+def three_sites() -> tuple[Project, list[Site]]:
+    """:func:`three_enrolled_sites`: their project and the sites."""
+    enrolled = three_enrolled_sites()
+    return enrolled[0].site.project, [e.site for e in enrolled]
 
 
 def submit(tmp_path: Path, project: Project, **kwargs: Any) -> Job:
@@ -79,6 +86,11 @@ def upload(
     """``site``'s update for ``round_number``, stored as the update API stores it."""
     with tempfile.TemporaryDirectory() as tmp:
         data = update_bytes(params, Path(tmp), weight=weight, metrics=metrics)
+    return upload_bytes(job, site, round_number, data)
+
+
+def upload_bytes(job: Job, site: Site, round_number: int, data: bytes) -> SiteTask:
+    """``data`` stored as ``site``'s update for ``round_number``, as the update API stores it."""
     task = task_for_site(job=job, site=site, round_number=round_number)
     return update_upload(
         task=task,

@@ -8,8 +8,6 @@ it never leaves the job ``running`` with a round ``aggregating`` forever.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
 from pathlib import Path
 
@@ -33,10 +31,9 @@ from jobs.models import (
 )
 from jobs.selectors import task_for_site
 from jobs.services import rounds
-from jobs.services.tasks import update_upload
 from jobs.services.telemetry import metrics_record
 from jobs.workflows.fedavg import FedAvg
-from tests.portal.rounds_helpers import submit, three_sites, upload
+from tests.portal.rounds_helpers import submit, three_sites, upload, upload_bytes
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
@@ -46,13 +43,7 @@ ONE = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(1)}
 def upload_raw_metadata(job: Job, site, round_number: int, fields: str) -> SiteTask:
     """An update whose FLModel metadata is exactly ``fields``: what a hostile site can send."""
     data = save(dict(ONE), metadata={"fedportal.flmodel": fields})
-    task = task_for_site(job=job, site=site, round_number=round_number)
-    return update_upload(
-        task=task,
-        stream=io.BytesIO(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        length=len(data),
-    )
+    return upload_bytes(job, site, round_number, data)
 
 
 def test_a_huge_weight_is_rejected_and_the_round_closes_on_the_others(tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ import redis
 import torch
 from django.db import connection, connections, transaction
 from django.test import Client
-from django.utils import timezone
 
 from client_agent.fl_model import FLModel
 from client_agent.wire import load_state_dict, write_model_file
@@ -37,7 +36,7 @@ from jobs.bundle import pack_app
 from jobs.models import Job, JobState, ModelVersion, Round, RoundState
 from jobs.recipes import FedAvgRecipe
 from jobs.services.submission import job_submit
-from tests.portal.factories import OrganizationFactory, enrolled_site
+from tests.portal.rounds_helpers import three_enrolled_sites
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -206,16 +205,6 @@ def hold_model_slot(
         connections.close_all()
 
 
-def three_sites():
-    organization = OrganizationFactory.create()
-    sites = [enrolled_site(organization=organization, name=f"site-{i}") for i in (1, 2, 3)]
-    for enrolled in sites:
-        enrolled.site.auto_accept_jobs = True
-        enrolled.site.last_heartbeat = timezone.now()
-        enrolled.site.save()
-    return organization.project, sites
-
-
 def run_job(
     tmp_path: Path, worker: Worker, project, sites, name: str, *, kill_in_round: int | None
 ):
@@ -268,7 +257,8 @@ def settings_media() -> str:
 
 
 def test_a_worker_killed_mid_aggregation_loses_nothing(tmp_path: Path, worker: Worker) -> None:
-    project, sites = three_sites()
+    sites = three_enrolled_sites()
+    project = sites[0].site.project
 
     undisturbed = run_job(tmp_path, worker, project, sites, "calm", kill_in_round=None)
     disturbed = run_job(tmp_path, worker, project, sites, "killed", kill_in_round=1)
