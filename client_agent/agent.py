@@ -457,6 +457,9 @@ class JobRunner:
         self.current: asyncio.Task[None] | None = None
         self.current_round: int | None = None
         self.finished_round: int | None = None
+        # The round whose script work is done and whose update is being sent (tried again
+        # while the portal is away): the one round a newer offer may cancel.
+        self.sending_round: int | None = None
         self.points: list[dict[str, Any]] = []
         self.points_lock = threading.Lock()
         self.point_seq = 0
@@ -471,7 +474,17 @@ class JobRunner:
     def offer(self, task: dict[str, Any]) -> None:
         number = int(task["round"])
         if self.current is not None and not self.current.done():
-            return  # busy with a round; the portal moves on only after it answers or closes
+            if self.sending_round is None or number <= self.sending_round:
+                return  # busy with a round; the portal moves on only after it answers or closes
+            # The portal offers a later round: the one whose update is still waiting to go
+            # closed without it (this site was cut off past its deadline). Sending it would
+            # only be refused, after a pause of up to 30 s that could make this site miss
+            # the new round too.
+            self.agent.say(
+                f"job {self.name}: round {round_for_people(self.sending_round)} closed before "
+                f"its update could be sent; round {round_for_people(number)} starts"
+            )
+            self.current.cancel()
         if number == self.finished_round:
             return  # uploaded; the portal has not yet marked it
         self.current = asyncio.create_task(self._round(task), name=f"{self.uid}:{number}")
@@ -490,6 +503,7 @@ class JobRunner:
             await asyncio.to_thread(self._prepare)
             model_path = await self._fetch_model(task, number)
             update_path = await self._train(task, number, model_path)
+            self.sending_round = number
             await self._deliver_points()
             await self._upload(task["update_url"], update_path, number)
             self.finished_round = number
@@ -518,6 +532,8 @@ class JobRunner:
             log.exception("job %s: round %s", self.uid, shown)
             await self._fail(task, f"the agent failed: {type(exc).__name__}: {exc}", "")
         finally:
+            if self.sending_round == number:
+                self.sending_round = None
             self.flush()
 
     async def _fetch_model(self, task: dict[str, Any], number: int) -> Path:

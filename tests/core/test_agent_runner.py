@@ -156,3 +156,101 @@ def test_an_app_archive_that_does_not_match_its_digest_fails_the_round_once(
     assert runner.finished_round == 2  # not offered again this round
     assert not (runner.workspace / "app.zip").exists()
     assert not any("will retry" in s for s in said)
+
+
+def _task(number: int) -> dict[str, Any]:
+    return {**TASK, "round": number, "update_url": f"/rounds/{number}/update/"}
+
+
+def _scripted_rounds(
+    runner: JobRunner, monkeypatch: pytest.MonkeyPatch, training: asyncio.Event
+) -> list[str]:
+    """The runner's rounds with the script's work replaced: training ends when ``training`` is
+    set; round 2's update never gets through (the portal is unreachable for it)."""
+    sent: list[str] = []
+    monkeypatch.setattr(runner, "_prepare", lambda: None)
+
+    async def fetch_model(task: dict[str, Any], number: int) -> Path:
+        return runner.workspace / f"model-{number}"
+
+    async def train(task: dict[str, Any], number: int, model_path: Path) -> Path:
+        await training.wait()
+        return runner.workspace / f"update-{number}"
+
+    async def nothing_to_deliver() -> None:
+        return None
+
+    def round_update(url: str, path: Path) -> None:
+        if url == "/rounds/2/update/":
+            raise PortalUnreachable("connection refused")
+        sent.append(url)
+
+    monkeypatch.setattr(runner, "_fetch_model", fetch_model)
+    monkeypatch.setattr(runner, "_train", train)
+    monkeypatch.setattr(runner, "_deliver_points", nothing_to_deliver)
+    monkeypatch.setattr(runner.agent.client, "round_update", round_update)
+    return sent
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+def test_a_later_round_offered_while_an_update_waits_to_be_sent_replaces_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cut off past its deadline, the site kept trying to send round 2's update with growing
+    # pauses. The portal closed round 2 without it and now offers round 3: the site takes it
+    # at once, instead of missing round 3 while it waits to send an update that would be
+    # refused anyway.
+    said: list[str] = []
+    runner = runner_for(tmp_path, said)
+
+    async def scenario() -> list[str]:
+        training = asyncio.Event()
+        training.set()
+        sent = _scripted_rounds(runner, monkeypatch, training)
+        runner.offer(_task(2))
+        round_2 = runner.current
+        await _until(lambda: runner.sending_round == 2 and any("again in" in s for s in said))
+        runner.offer(_task(3))
+        assert runner.current is not round_2
+        assert runner.current is not None
+        await runner.current
+        assert round_2 is not None and round_2.cancelled()
+        return sent
+
+    sent = asyncio.run(scenario())
+
+    assert sent == ["/rounds/3/update/"]
+    assert runner.finished_round == 3 and runner.sending_round is None
+    assert "round 3 closed before its update could be sent; round 4 starts" in said[-2]
+
+
+def test_a_later_round_offered_while_the_script_still_trains_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The script is mid-task: a second task cannot be handed to it, so the round in hand
+    # finishes (its update is refused if the round closed) before the next one starts.
+    runner = runner_for(tmp_path)
+
+    async def scenario() -> None:
+        training = asyncio.Event()
+        _scripted_rounds(runner, monkeypatch, training)
+        runner.offer(_task(4))
+        round_4 = runner.current
+        await asyncio.sleep(0.05)
+        runner.offer(_task(5))
+        assert runner.current is round_4
+        training.set()
+        assert round_4 is not None
+        await round_4
+        assert not round_4.cancelled()
+
+    asyncio.run(scenario())
+
+    assert runner.finished_round == 4
