@@ -526,7 +526,7 @@ def replay_worker_functions(tmp: Path, job: Any) -> list[tuple[str, str, float, 
     from jobs.aggregation.sources import FileTensorSource
     from jobs.models import ModelVersion, SiteTask, TaskState
     from jobs.services import rounds
-    from jobs.workflows import workflow_from_spec
+    from jobs.workflows import ServerState, TrainResult, workflow_from_spec
 
     number = NUM_ROUNDS - 1
     tasks = (
@@ -551,7 +551,10 @@ def replay_worker_functions(tmp: Path, job: Any) -> list[tuple[str, str, float, 
         updates = [SiteUpdate.from_file(name, path) for name, path in files]
         source = FileTensorSource(global_path)
         try:
-            return workflow.aggregate(number, source, updates)
+            sites = [u.site for u in updates]
+            plan = workflow.plan(number, sites, ServerState())
+            results = [TrainResult(u.site, u) for u in updates]
+            return workflow.close(number, plan, source, results, ServerState())
         finally:
             for update in updates:
                 update.source.close()
@@ -741,7 +744,7 @@ def simenv_child(out: Path) -> None:
         wrap(jobs.envs, "check_update", "check")
         wrap(jobs.envs, "load_state_dict", "load_global")
         wrap(jobs.envs, "save_state_dict", "save_global")
-        wrap(FedAvg, "aggregate", "aggregate")
+        wrap(FedAvg, "close", "aggregate")
         wrap(getattr(jobs.envs, "_Simulation", None), "_collect", "collect", round_starts)
         gc.collect()
         benchlib.release_free_heap()

@@ -22,8 +22,10 @@ One asyncio loop does three things at once:
   needs to resume is on the portal, so an agent that restarts picks up the current round.
 - **jobs**: one :class:`JobRunner` per job keeps the client script running for the whole job
   (the same runtime as SimEnv: a process forked from a warm fork server, Client API over a
-  private Unix socket), downloads each round's global model, reports ``training``, hands the
-  script its task, flushes its metrics, and uploads the update, streamed.
+  private Unix socket), downloads the model of each round's task (the global model, or the
+  checkpoint the round's plan names), reports ``training``, hands the script its task (train,
+  validate or submit_model, with its round counts and meta), flushes its metrics, and uploads
+  the script's answer, streamed (for validate, metrics alone).
 
 The agent runs only jobs its site accepted: automatically when the site's project setting
 says so, otherwise after the site admin decides on the portal. What leaves the site: model
@@ -546,7 +548,11 @@ class JobRunner:
         return model_path
 
     async def _train(self, task: dict[str, Any], number: int, model_path: Path) -> Path:
-        """Hand the script its task (train, validate, submit_model); the update it made."""
+        """Hand the script its task (train, validate, submit_model) as the round's plan gave it
+        to this site; the file it answered with (an update, a submitted model, or metrics
+        alone for validate), uploaded as it is. ``current_round`` is the workflow's (a relay
+        counts its passes, not the portal's rounds); the portal's round number where a portal
+        sends no spec."""
         spec = task.get("task") or {}
         result_path = self.workspace / "updates" / f"round-{number:03d}.safetensors"
         result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -555,7 +561,7 @@ class JobRunner:
             task_name=str(spec.get("task_name", "train")),
             model_path=str(model_path),
             result_path=str(result_path),
-            current_round=number,
+            current_round=int(spec.get("current_round", number)),
             total_rounds=int(spec.get("total_rounds", self.num_rounds)),
             start_round=int(spec.get("start_round", 0)),
             meta=dict(spec.get("meta") or {}),

@@ -31,6 +31,23 @@ class FLMetaKey:
     TASK_NAME = "TASK_NAME"
 
 
+class AlgorithmConstants:
+    """Keys of ``FLModel.meta`` that federated algorithms use (NVFlare's names and values, from
+    ``nvflare.app_common.app_constant``), so the two ends of one algorithm agree on them.
+
+    ``meta[SCAFFOLD_CTRL_GLOBAL]`` (server to site) and ``meta[SCAFFOLD_CTRL_DIFF]`` (site to
+    server) each map parameter names to tensors; the wire format carries such a mapping as
+    tensors (``client_agent.wire``), not JSON.
+    """
+
+    FEDPROX_MU = "fedprox_mu"
+    SCAFFOLD_CTRL_DIFF = "scaffold_c_diff"
+    """A site's change of its control variate this round, ``c_i+ - c_i``, per parameter."""
+    SCAFFOLD_CTRL_GLOBAL = "scaffold_c_global"
+    """The server's control variate ``c``, per parameter."""
+    SCAFFOLD_CTRL_AGGREGATOR_ID = "scaffold_ctrl_aggregator"
+
+
 @dataclass
 class FLModel:
     """Weights, metrics and metadata exchanged in one task.

@@ -8,6 +8,7 @@ upload of the same project) and the initial weights. The form only shapes the in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -18,7 +19,7 @@ from django.db.models import QuerySet
 from jobs.bundle import BUNDLE_FORMAT
 from jobs.models import Job
 from jobs.services.submission import MAX_ROUND_TIMEOUT_SECONDS
-from jobs.workflows.base import _registry as workflow_registry
+from jobs.workflows import workflow_registry
 
 # A service error's field → the form field it belongs beside; ``spec.params.<name>`` goes beside
 # the chosen workflow's parameter <name>.
@@ -41,7 +42,42 @@ def param_field_name(workflow: str, param: str) -> str:
     return f"{workflow}__{param}"
 
 
-def _field_for(schema: Mapping[str, Any], *, label: str) -> forms.Field:
+class JSONObjectField(forms.CharField):
+    """A parameter whose value is a JSON object (``aggregator_args``, ``optimizer_args``),
+    typed as JSON text; the error names the parameter and what is wrong with the text. Empty:
+    the workflow's default (or null, where the schema allows it)."""
+
+    widget = forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "class": "json"})
+
+    def __init__(self, *, name: str, nullable: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.param = name
+        self.nullable = nullable
+
+    def clean(self, value: Any) -> Any:
+        text = super().clean(value)
+        if text in (None, ""):
+            return None
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(
+                f"{self.param}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                f"column {exc.colno})",
+                code="invalid_json",
+            ) from None
+        if parsed is None and self.nullable:
+            return None
+        if not isinstance(parsed, dict):
+            raise forms.ValidationError(
+                f'{self.param}: must be a JSON object, such as {{"name": 1}}; got '
+                f"{type(parsed).__name__ if parsed is not None else 'null'}",
+                code="not_an_object",
+            )
+        return parsed
+
+
+def _field_for(schema: Mapping[str, Any], *, label: str, name: str = "") -> forms.Field:
     """A form field for one JSON-schema property (the subset workflows use). Every parameter
     field is optional to Django: only the chosen workflow's required ones are checked."""
     help_text = str(schema.get("description", ""))
@@ -61,6 +97,14 @@ def _field_for(schema: Mapping[str, Any], *, label: str) -> forms.Field:
         )
     if "boolean" in kinds:
         return forms.BooleanField(required=False, label=label, help_text=help_text)
+    if "object" in kinds:
+        return JSONObjectField(
+            name=name or label,
+            nullable="null" in kinds,
+            required=False,
+            label=label,
+            help_text=f"{help_text} (JSON)" if help_text else "JSON",
+        )
     return forms.CharField(required=False, label=label, help_text=help_text)
 
 
@@ -127,7 +171,7 @@ class JobSubmitForm(forms.Form):
             for param, prop in schema["properties"].items():
                 field_name = param_field_name(name, param)
                 label = param.replace("_", " ").capitalize()
-                self.fields[field_name] = _field_for(prop, label=label)
+                self.fields[field_name] = _field_for(prop, label=label, name=param)
                 if param in schema.get("required", ()):
                     self.fields[field_name].widget.attrs["aria-required"] = "true"
                 self.workflow_params[name].append(field_name)

@@ -72,6 +72,18 @@ class Job(models.Model):
     state = models.CharField(max_length=20, choices=JobState.choices, default=JobState.SUBMITTED)
     failure_reason = models.TextField(blank=True)
     completed_rounds = models.PositiveIntegerField(default=0)
+    # Frozen when the job starts: the sites that accepted it then (by name, sorted) are the
+    # sites every round is planned over, and the rounds the workflow runs with them (a relay
+    # runs one round a turn, so its count depends on the sites). A site that accepts later
+    # does not join a running job: the plans, and a resumed job's state, would change under it.
+    round_sites = models.JSONField(
+        default=list, blank=True, help_text="the sites' names the rounds are planned over"
+    )
+    total_rounds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="rounds the workflow runs with round_sites; null: not started",
+    )
     best_round = models.PositiveIntegerField(null=True, blank=True)
     best_score = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -156,6 +168,17 @@ class Round(models.Model):
     deadline = models.DateTimeField()
     closed_at = models.DateTimeField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    plan = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="the workflow's plan of the round (jobs.services.plans): label, min_results, "
+        "and each site's task, model and spec",
+    )
+    server_state = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="storage name of the workflow's server state after the round closed",
+    )
     aggregation_attempts = models.PositiveSmallIntegerField(
         default=0,
         help_text="times a worker started aggregating this round; past "
@@ -170,6 +193,11 @@ class Round(models.Model):
 
     def __str__(self) -> str:
         return f"round {round_for_people(self.number)} of {self.job}"
+
+    @property
+    def label(self) -> str:
+        """The round for people, as its plan names it ("round 3", a relay's turn)."""
+        return str((self.plan or {}).get("label") or f"round {round_for_people(self.number)}")
 
     def move_to(self, state: str) -> None:
         """Change state in memory, refusing moves the round's state machine does not allow;
@@ -193,6 +221,28 @@ class TaskState(models.TextChoices):
 
 
 TASK_ANSWERED = frozenset({TaskState.ACCEPTED, TaskState.REJECTED, TaskState.FAILED})
+TASK_OPEN = frozenset({TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING})
+
+# A task's state machine: the site reports progress or failure while the task is open, its
+# upload makes it uploaded (late once the round closed), the check accepts or rejects it, and
+# a round that closes makes every unanswered task late. Accepted, rejected, failed and late
+# are final.
+_TASK_MOVES: dict[str, frozenset[str]] = {
+    TaskState.ASSIGNED: frozenset(
+        {
+            TaskState.DOWNLOADED,
+            TaskState.TRAINING,
+            TaskState.UPLOADED,
+            TaskState.FAILED,
+            TaskState.LATE,
+        }
+    ),
+    TaskState.DOWNLOADED: frozenset(
+        {TaskState.TRAINING, TaskState.UPLOADED, TaskState.FAILED, TaskState.LATE}
+    ),
+    TaskState.TRAINING: frozenset({TaskState.UPLOADED, TaskState.FAILED, TaskState.LATE}),
+    TaskState.UPLOADED: frozenset({TaskState.ACCEPTED, TaskState.REJECTED, TaskState.LATE}),
+}
 
 
 def _update_path(task: SiteTask, filename: str) -> str:
@@ -207,6 +257,11 @@ class SiteTask(models.Model):
     site = models.ForeignKey("sites.Site", on_delete=models.PROTECT, related_name="tasks")
     state = models.CharField(max_length=20, choices=TaskState.choices, default=TaskState.ASSIGNED)
     reason = models.TextField(blank=True)
+    # What the round's plan asks of this site: the task name (train, validate, submit_model),
+    # which model it gets ("global" or a checkpoint's name) and the script's FLModel fields.
+    task_name = models.CharField(max_length=20, default="train")
+    model_ref = models.CharField(max_length=200, default="global")
+    spec = models.JSONField(default=dict, blank=True)
     update = models.FileField(upload_to=_update_path, max_length=300, blank=True)
     update_sha256 = models.CharField(max_length=64, blank=True)
     update_size = models.PositiveBigIntegerField(null=True, blank=True)
@@ -219,6 +274,19 @@ class SiteTask(models.Model):
         constraints: ClassVar = [
             models.UniqueConstraint(fields=["round", "site"], name="unique_round_site")
         ]
+
+    @staticmethod
+    def states_that_move_to(state: str) -> frozenset[str]:
+        """The states a task may move to ``state`` from: the condition of a conditional
+        update (``filter(state__in=…).update(state=state)``), so that two workers never move
+        one task twice, nor a task the state machine does not allow to move."""
+        return frozenset(before for before, after in _TASK_MOVES.items() if state in after)
+
+    def move_to(self, state: str, reason: str = "") -> None:
+        """Change state in memory, refusing moves the task's state machine does not allow."""
+        if state not in _TASK_MOVES.get(self.state, frozenset()):
+            raise InvalidJobTransition("task", self.state, state)
+        self.state, self.reason = state, reason
 
 
 def _model_path(version: ModelVersion, filename: str) -> str:
@@ -244,6 +312,49 @@ class ModelVersion(models.Model):
         ordering: ClassVar = ["job", "round_number"]
         constraints: ClassVar = [
             models.UniqueConstraint(fields=["job", "round_number"], name="unique_job_model")
+        ]
+
+
+class Checkpoint(models.Model):
+    """A model a workflow keeps by name (a site's submitted model, ``"site:site-2"``), which
+    later rounds' tasks send instead of the global model."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="checkpoints")
+    name = models.CharField(max_length=200)
+    round_number = models.PositiveIntegerField(help_text="the round that kept it (from 0)")
+    file = models.FileField(max_length=300)
+    sha256 = models.CharField(max_length=64)
+    size = models.PositiveBigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering: ClassVar = ["job", "name"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["job", "name"], name="unique_job_checkpoint")
+        ]
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.name} of {self.job}"
+
+
+class Evaluation(models.Model):
+    """One cell of a cross-site evaluation: the metrics ``site_name`` computed for the model
+    ``model`` (``"global"``, or a checkpoint's name such as ``"site:site-2"``) in a round. A
+    later round's cell for the same model and site replaces an earlier one in the matrix."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="evaluations")
+    round_number = models.PositiveIntegerField(help_text="the round that made it (from 0)")
+    model = models.CharField(max_length=200)
+    site_name = models.CharField(max_length=100)
+    metrics = models.JSONField(default=dict)
+
+    class Meta:
+        ordering: ClassVar = ["job", "round_number", "model", "site_name"]
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=["job", "round_number", "model", "site_name"],
+                name="unique_job_evaluation",
+            )
         ]
 
 

@@ -22,6 +22,7 @@ from django.db.models import Prefetch, QuerySet
 from common.exceptions import NotFound
 from jobs.models import (
     JOB_ACTIVE,
+    Evaluation,
     Job,
     JobSite,
     LogLine,
@@ -146,12 +147,19 @@ def task_grid_of(job: Job) -> tuple[list[Round], list[tuple[JobSite, list[SiteTa
     column = {rnd.pk: i for i, rnd in enumerate(rounds)}
     links = list(job.participants.select_related("site", "decided_by").order_by("site__name"))
     cells: dict[int, list[SiteTask | None]] = {link.site_id: [None] * len(rounds) for link in links}
-    tasks = SiteTask.objects.filter(round__job=job).only("round_id", "site_id", "state", "reason")
+    tasks = SiteTask.objects.filter(round__job=job).only(
+        "round_id", "site_id", "state", "reason", "task_name", "model_ref"
+    )
     for task in tasks:
         row, i = cells.get(task.site_id), column.get(task.round_id)
         if row is not None and i is not None:
             row[i] = task
     return rounds, [(link, cells[link.site_id]) for link in links]
+
+
+def tasks_of_rounds(rounds: list[Round]) -> QuerySet[SiteTask]:
+    """The tasks of ``rounds``, with their sites, in one query."""
+    return SiteTask.objects.filter(round__in=rounds).select_related("site")
 
 
 def log_tails_of(job: Job, sites: list[Site], *, limit: int = 200) -> dict[int, list[LogLine]]:
@@ -167,6 +175,38 @@ def log_tails_of(job: Job, sites: list[Site], *, limit: int = 200) -> dict[int, 
         )
         tails[site.pk] = list(reversed(newest))
     return tails
+
+
+CrossSiteMatrix = dict[str, dict[str, dict[str, float]]]
+
+
+def cross_site_matrix_of(job: Job) -> CrossSiteMatrix:
+    """The job's evaluation scores: ``matrix[model][site]`` is the metrics ``site`` computed
+    for ``model`` (``"global"``, or a checkpoint's name such as ``"site:site-2"``); a later
+    round's cell replaces an earlier one's, as in ``Run.cross_site_matrix``. Empty when the
+    job evaluated nothing."""
+    matrix: CrossSiteMatrix = {}
+    cells = Evaluation.objects.filter(job=job).order_by("round_number", "model", "site_name")
+    for cell in cells.only("model", "site_name", "metrics"):
+        matrix.setdefault(cell.model, {})[cell.site_name] = dict(cell.metrics)
+    return matrix
+
+
+@dataclass(frozen=True)
+class CrossSite:
+    """A job's cross-site evaluation laid out: the models ("global" first, then by name), the
+    sites (by name) and ``matrix[model][site]``."""
+
+    models: list[str]
+    sites: list[str]
+    matrix: CrossSiteMatrix
+
+
+def cross_site_of(job: Job) -> CrossSite:
+    matrix = cross_site_matrix_of(job)
+    models = sorted(matrix, key=lambda name: (name != "global", name))
+    sites = sorted({site for row in matrix.values() for site in row})
+    return CrossSite(models=models, sites=sites, matrix=matrix)
 
 
 def model_versions_of(job: Job) -> QuerySet[ModelVersion]:
@@ -236,5 +276,5 @@ def site_active_jobs(site: Site) -> SiteActiveJobs:
     )
     open_tasks = SiteTask.objects.filter(
         site=site, round__state=RoundState.OPEN, round__job__in=[link.job_id for link in links]
-    ).select_related("round__job")
+    ).select_related("round__job", "site")
     return SiteActiveJobs(links=links, open_tasks={task.round.job_id: task for task in open_tasks})

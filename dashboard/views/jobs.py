@@ -28,6 +28,7 @@ from dashboard.presenters import SiteLog, model_version_rows, task_grid_rows
 from dashboard.submission import JobSubmitForm
 from dashboard.views._common import job_for, project_for, require, source_address
 from dashboard.views.projects import project_context
+from dashboard.workflow_views import cross_site_heat_map, relay_turns, workflow_parameter_rows
 from jobs import selectors
 from jobs.models import Job
 from jobs.services.participation import job_abort
@@ -42,7 +43,13 @@ LOG_LINES = 200
 def rounds_context(job: Job) -> dict[str, Any]:
     """The round timeline and the site × round grid of task states."""
     rounds, grid = selectors.task_grid_of(job)
-    return {"job": job, "rounds": rounds, "grid": task_grid_rows(grid)}
+    return {
+        "job": job,
+        "rounds": rounds,
+        "grid": task_grid_rows(grid),
+        "relay": relay_turns(job, rounds),
+        "heat_map": cross_site_heat_map(job),
+    }
 
 
 def models_context(job: Job) -> dict[str, Any]:
@@ -77,6 +84,7 @@ def job_detail(request: SignedInRequest, uid: UUID) -> HttpResponse:
         files=files,
         archive_error=archive_error,
         log_limit=LOG_LINES,
+        parameters=workflow_parameter_rows(job),
     )
     return render(request, "dashboard/job.html", context)
 

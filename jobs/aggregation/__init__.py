@@ -9,14 +9,19 @@ from jobs.aggregation.robust import (
     make_aggregator,
     trimmed_mean,
 )
+from jobs.aggregation.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer
 from jobs.aggregation.sources import FileTensorSource, MemoryTensorSource, TensorSource
 from jobs.aggregation.validation import UpdateRejected, check_update
 
 __all__ = [
     "AGGREGATORS",
     "Aggregator",
+    "FedAdagrad",
+    "FedAdam",
+    "FedYogi",
     "FileTensorSource",
     "MemoryTensorSource",
+    "ServerOptimizer",
     "SiteUpdate",
     "TensorSource",
     "UpdateRejected",

@@ -29,7 +29,6 @@ as fedavg does (callers sort by site name).
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -38,9 +37,15 @@ from typing import Any
 import torch
 
 from client_agent.fl_model import ParamsType
-from common.validators import FieldError, check_finite_number, check_int, shown
+from common.validators import FieldError, check_int
 from jobs.aggregation.fedavg import SiteUpdate, accumulator_dtype, cast_back, fedavg
 from jobs.aggregation.sources import MemoryTensorSource, TensorSource
+from jobs.aggregator_arguments import (
+    check_aggregator_args,
+    check_num_malicious,
+    check_num_to_keep,
+    check_trim_fraction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,33 +59,6 @@ GlobalParams = Mapping[str, torch.Tensor] | TensorSource
 # --------------------------------------------------------------------------------------------
 # Arguments: checked before any tensor is read
 # --------------------------------------------------------------------------------------------
-
-
-def check_trim_fraction(value: Any) -> float:
-    """A number with ``0 <= value < 0.5``: the share of updates dropped on each side."""
-    fraction = check_finite_number("trim_fraction", value)
-    if not 0 <= fraction < 0.5:
-        raise FieldError(
-            "trim_fraction",
-            f"must be at least 0 and below 0.5 to leave an update, got {shown(value)}",
-        )
-    return fraction
-
-
-def check_num_malicious(value: Any) -> int:
-    return check_int("num_malicious", value, low=0)
-
-
-def check_num_to_keep(value: Any) -> int:
-    return check_int("num_to_keep", value, low=1)
-
-
-ARGUMENT_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "trim_fraction": check_trim_fraction,
-    "num_malicious": check_num_malicious,
-    "num_to_keep": check_num_to_keep,
-}
-"""Each aggregator argument's check, for arguments that arrive before the updates do."""
 
 
 def _check_updates(name: str, updates: Sequence[SiteUpdate]) -> None:
@@ -348,23 +326,8 @@ def make_aggregator(name: Any, **args: Any) -> Aggregator:
     """The aggregator called ``name`` with ``args`` bound, both checked.
 
     Checks what can be checked before the updates arrive (a known name, its arguments and their
-    values); checks that depend on the number of updates (``num_malicious``) run in the call.
+    values, :func:`jobs.aggregator_arguments.check_aggregator_args`); checks that depend on
+    the number of updates (``num_malicious``) run in the call.
     """
-    if not isinstance(name, str) or name not in AGGREGATORS:
-        known = ", ".join(repr(known) for known in sorted(AGGREGATORS))
-        raise FieldError("aggregator", f"unknown aggregator {shown(name)}; known: {known}")
-    function = AGGREGATORS[name]
-    parameters = {
-        parameter.name: parameter
-        for parameter in inspect.signature(function).parameters.values()
-        if parameter.kind is parameter.KEYWORD_ONLY and parameter.name != "chunk_elements"
-    }
-    for arg in sorted(args):
-        if arg not in parameters:
-            takes = ", ".join(sorted(parameters)) or "none"
-            raise FieldError(arg, f"not an argument of the {name!r} aggregator (it takes: {takes})")
-    for parameter in parameters.values():
-        if parameter.default is parameter.empty and parameter.name not in args:
-            raise FieldError(parameter.name, f"required by the {name!r} aggregator")
-    checked = {arg: ARGUMENT_CHECKS[arg](value) for arg, value in args.items()}
-    return functools.partial(function, **checked)
+    checked = check_aggregator_args(name, args)
+    return functools.partial(AGGREGATORS[name], **checked)

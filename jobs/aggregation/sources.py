@@ -6,11 +6,16 @@ buffer per site, however many sites there are and however large the model is. A 
 update may be in memory (``MemoryTensorSource``) or in a safetensors file on disk
 (``FileTensorSource``, read with ``readinto`` rather than mapped, so pages already folded
 are not kept resident by this process).
+
+A source's ``specs()`` and ``read()`` are the params only. The tensors an update carries in its
+meta (SCAFFOLD's control variates, stored under reserved names in the same file, see
+``client_agent.wire``) are loaded whole, one meta key at a time, with ``meta_tensors(key)``.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from client_agent.wire import read_header, torch_dtypes
+from client_agent.wire import WireFormatError, all_finite, read_model_header, torch_dtypes
 
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]
 
@@ -36,15 +41,68 @@ class TensorSource(Protocol):
         """
         ...
 
+    def meta_tensor_keys(self) -> list[str]:
+        """The meta keys the source holds tensors for."""
+        ...
+
+    def meta_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """The tensors of ``meta[key]`` by name, loaded whole; ``{}`` when the source has none.
+
+        Raises ``WireFormatError`` naming the tensor when a floating value is NaN or Inf.
+        """
+        ...
+
     def close(self) -> None: ...
 
 
-class MemoryTensorSource:
-    """Tensors already in memory (a ``state_dict``); reads are views, no copies."""
+_DTYPE_NAMES = {dtype: name for name, dtype in torch_dtypes().items()}
 
-    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+
+def _check_finite(tensor: torch.Tensor, where: str) -> None:
+    """Raise ``WireFormatError`` naming ``where`` unless every value of ``tensor`` is finite,
+    by the rule every update's params are checked with (``client_agent.wire.all_finite``)."""
+    flat = tensor.detach().reshape(-1)
+    # numpy sees the same memory; half precision as its bits (numpy has no bfloat16).
+    raw = flat.view(torch.int16) if flat.element_size() == 2 else flat
+    if not all_finite(raw.cpu().numpy(), _DTYPE_NAMES[tensor.dtype]):
+        bad = "NaN" if bool(torch.isnan(flat).any()) else "Inf"
+        raise WireFormatError(f"{where} holds {bad} values")
+
+
+def _check_meta_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"meta_tensors(key): key must be a string, got {type(key).__name__}")
+    return key
+
+
+class MemoryTensorSource:
+    """Tensors already in memory (a ``state_dict``); reads are views, no copies.
+
+    ``meta_tensors`` maps a meta key to its tensors (``FLModel.meta[key]`` when it is a mapping
+    of names to tensors).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        meta_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
         self._flat = {name: t.detach().reshape(-1) for name, t in params.items()}
         self._specs = {name: (t.dtype, tuple(t.shape)) for name, t in params.items()}
+        self._meta: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensors in (meta_tensors or {}).items():
+            if not isinstance(key, str) or not isinstance(tensors, Mapping):
+                raise TypeError(
+                    f"meta_tensors must map meta keys to mappings of name to tensor, got "
+                    f"{key!r}: {type(tensors).__name__}"
+                )
+            for name, tensor in tensors.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(
+                        f"meta_tensors[{key!r}][{name!r}] must be a torch.Tensor, "
+                        f"got {type(tensor).__name__}"
+                    )
+            self._meta[key] = {name: t.detach() for name, t in tensors.items()}
 
     def specs(self) -> dict[str, TensorSpec]:
         return dict(self._specs)
@@ -52,34 +110,52 @@ class MemoryTensorSource:
     def read(self, name: str, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         return self._flat[name][start:stop]
 
+    def meta_tensor_keys(self) -> list[str]:
+        return list(self._meta)
+
+    def meta_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        tensors = self._meta.get(_check_meta_key(key), {})
+        for name, tensor in tensors.items():
+            _check_finite(tensor, f"meta tensor {name!r} of {key!r}")
+        return dict(tensors)
+
     def close(self) -> None:
         pass
 
 
 class FileTensorSource:
-    """A safetensors file, checked on open (see :func:`client_agent.wire.read_header`)."""
+    """A safetensors file, checked on open (see :func:`client_agent.wire.read_model_header`)."""
 
     needs_buffer = True
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        header, self.metadata = read_header(self.path)
-        with open(self.path, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-        data_start = 8 + header_len
+        header = read_model_header(self.path)
+        self.metadata = header.metadata
+        # read_model_header checked that the bytes match each shape and that tensors do not
+        # overlap, reserved (meta) names included.
         self._specs: dict[str, TensorSpec] = {}
         self._offsets: dict[str, int] = {}
-        for name, info in header.items():
-            dtype = torch_dtypes()[info["dtype"]]
-            shape = tuple(info["shape"])
-            # read_header checked that the bytes match the shape and that tensors do not overlap.
-            begin, _ = info["data_offsets"]
-            self._specs[name] = (dtype, shape)
-            self._offsets[name] = data_start + begin
+        for name, info in header.params.items():
+            self._specs[name] = (torch_dtypes()[info["dtype"]], tuple(info["shape"]))
+            self._offsets[name] = header.data_start + info["data_offsets"][0]
+        self._meta: dict[str, dict[str, tuple[TensorSpec, int]]] = {
+            key: {
+                name: (
+                    (torch_dtypes()[info["dtype"]], tuple(info["shape"])),
+                    header.data_start + info["data_offsets"][0],
+                )
+                for name, info in tensors.items()
+            }
+            for key, tensors in header.meta_tensors.items()
+        }
         self._fh: io.BufferedReader | None = None
 
     def specs(self) -> dict[str, TensorSpec]:
         return dict(self._specs)
+
+    def meta_tensor_keys(self) -> list[str]:
+        return list(self._meta)
 
     def read(self, name: str, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
         dtype, _ = self._specs[name]
@@ -87,14 +163,26 @@ class FileTensorSource:
         if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
             buffer = torch.empty(count, dtype=dtype)
         out = buffer[:count]
+        self._read_into(out, self._offsets[name] + start * out.element_size(), name)
+        return out
+
+    def meta_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, ((dtype, shape), offset) in self._meta.get(_check_meta_key(key), {}).items():
+            out = torch.empty(math.prod(shape), dtype=dtype)
+            self._read_into(out, offset, name)
+            _check_finite(out, f"{self.path.name}: meta tensor {name!r} of {key!r}")
+            tensors[name] = out.reshape(shape)
+        return tensors
+
+    def _read_into(self, out: torch.Tensor, offset: int, name: str) -> None:
+        """Fill the 1-D tensor ``out`` with the file's bytes from ``offset``."""
         if self._fh is None:
             self._fh = open(self.path, "rb")  # noqa: SIM115 - closed by close()
-        itemsize = out.element_size()
-        self._fh.seek(self._offsets[name] + start * itemsize)
+        self._fh.seek(offset)
         got = self._fh.readinto(out.view(torch.uint8).numpy().data)
-        if got != count * itemsize:
+        if got != out.numel() * out.element_size():
             raise OSError(f"{self.path.name}: short read of tensor {name!r}")
-        return out
 
     def close(self) -> None:
         if self._fh is not None:

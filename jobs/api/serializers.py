@@ -30,7 +30,9 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
-from jobs.services.rounds import task_spec_payload, workflow_of
+from jobs.selectors import CrossSiteMatrix, cross_site_matrix_of
+from jobs.services.plans import task_spec_payload
+from jobs.services.rounds import planned_task_of
 from jobs.services.submission import MAX_ROUND_TIMEOUT_SECONDS
 from jobs.workflows.base import MAX_ROUNDS
 from sites.selectors import site_is_online
@@ -196,6 +198,22 @@ class MetricQuerySerializer(serializers.Serializer[dict[str, Any]]):
 
 # --- jobs for people ---------------------------------------------------------------------------
 
+# model → site → metric → value
+CROSS_SITE_MATRIX_FIELD = serializers.DictField(
+    child=serializers.DictField(child=serializers.DictField(child=serializers.FloatField()))
+)
+
+
+class CrossSiteSerializer(serializers.Serializer[dict[str, Any]]):
+    """A job's cross-site evaluation: the models and sites in order, and the matrix."""
+
+    models = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="The evaluated models: 'global' first, then checkpoints by name.",
+    )
+    sites = serializers.ListField(child=serializers.CharField(), help_text="By name.")
+    matrix = CROSS_SITE_MATRIX_FIELD
+
 
 class JobSerializer(serializers.ModelSerializer[Job]):
     project: serializers.SlugRelatedField[Project] = serializers.SlugRelatedField(
@@ -203,6 +221,10 @@ class JobSerializer(serializers.ModelSerializer[Job]):
     )
     project_id = serializers.IntegerField(read_only=True)
     submitted_by = serializers.CharField(source="submitted_by.username", read_only=True)
+    cross_site = serializers.SerializerMethodField(
+        help_text="Evaluation scores: cross_site[model][site] is the metrics the site computed "
+        "for the model ('global', or a checkpoint such as 'site:site-2'); {} when none."
+    )
 
     class Meta:
         model = Job
@@ -218,10 +240,13 @@ class JobSerializer(serializers.ModelSerializer[Job]):
             "spec",
             "min_clients",
             "num_rounds",
+            "total_rounds",
+            "round_sites",
             "completed_rounds",
             "round_timeout_seconds",
             "best_round",
             "best_score",
+            "cross_site",
             "app_sha256",
             "submitted_by",
             "created_at",
@@ -230,20 +255,33 @@ class JobSerializer(serializers.ModelSerializer[Job]):
         ]
         read_only_fields = fields
 
+    @extend_schema_field(CROSS_SITE_MATRIX_FIELD)
+    def get_cross_site(self, job: Job) -> CrossSiteMatrix:
+        return cross_site_matrix_of(job)
+
 
 class RoundSerializer(serializers.ModelSerializer[Round]):
     participants = serializers.SerializerMethodField(help_text="Sites with a task in the round.")
+    label = serializers.CharField(  # type: ignore[assignment]  # Field.label is its title
+        read_only=True, help_text="The round for people: 'round 3', or a relay's turn."
+    )
+    tasks = serializers.SerializerMethodField(
+        help_text="The round's plan: each site's task_name and model ('global' or a "
+        "checkpoint), in the plan's order (a relay's order)."
+    )
 
     class Meta:
         model = Round
         fields = [
             "number",
+            "label",
             "state",
             "opened_at",
             "deadline",
             "closed_at",
             "metrics",
             "participants",
+            "tasks",
         ]
         read_only_fields = fields
 
@@ -251,13 +289,30 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
     def get_participants(self, rnd: Round) -> list[str]:
         return [task.site.name for task in rnd.tasks.all()]
 
+    @extend_schema_field(serializers.ListField(child=serializers.DictField()))
+    def get_tasks(self, rnd: Round) -> list[dict[str, Any]]:
+        return [
+            {"site": t["site"], "task_name": t["spec"]["task_name"], "model": t["model"]}
+            for t in (rnd.plan or {}).get("tasks", [])
+        ]
+
 
 class SiteTaskSerializer(serializers.ModelSerializer[SiteTask]):
     round = serializers.IntegerField(source="round.number", read_only=True)
 
     class Meta:
         model = SiteTask
-        fields = ["round", "state", "reason", "update_size", "weight", "metrics", "updated_at"]
+        fields = [
+            "round",
+            "task_name",
+            "model_ref",
+            "state",
+            "reason",
+            "update_size",
+            "weight",
+            "metrics",
+            "updated_at",
+        ]
         read_only_fields = fields
 
 
@@ -359,8 +414,13 @@ class AgentTaskSerializer(serializers.ModelSerializer[SiteTask]):
     update_url = serializers.SerializerMethodField(help_text="PUT: the update, streamed.")
     task = serializers.SerializerMethodField(
         help_text="What the workflow asks of the client script this round: task_name (train, "
-        "validate, submit_model), total_rounds, start_round and meta, as the script's "
-        "FLModel gets them."
+        "validate, submit_model), current_round, total_rounds, start_round and meta, as the "
+        "script's FLModel gets them."
+    )
+    model = serializers.CharField(
+        source="model_ref",
+        read_only=True,
+        help_text="The model model_url sends: 'global', or a checkpoint's name.",
     )
 
     class Meta:
@@ -371,6 +431,7 @@ class AgentTaskSerializer(serializers.ModelSerializer[SiteTask]):
             "reason",
             "deadline",
             "task",
+            "model",
             "model_url",
             "status_url",
             "update_url",
@@ -379,7 +440,8 @@ class AgentTaskSerializer(serializers.ModelSerializer[SiteTask]):
 
     @extend_schema_field(serializers.DictField())
     def get_task(self, task: SiteTask) -> dict[str, Any]:
-        return task_spec_payload(workflow_of(task.round.job).round_task(task.round.number))
+        # The spec the round's plan gave this site, as stored when the round opened.
+        return task_spec_payload(planned_task_of(task).spec)
 
     def _url(self, task: SiteTask, name: str) -> str:
         return reverse(

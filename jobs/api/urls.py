@@ -29,6 +29,7 @@ urlpatterns: list[URLPattern] = [
         name="job-site-decision",
     ),
     path(f"{job}metrics/", views.JobMetricListView.as_view(), name="job-metric-list"),
+    path(f"{job}cross-site/", views.JobCrossSiteView.as_view(), name="job-cross-site"),
     path(f"{job}models/", views.JobModelListView.as_view(), name="job-model-list"),
     path(
         f"{job}models/<int:round_number>/download/",

@@ -291,6 +291,20 @@ class JobMetricListView(JobView[MetricPoint]):
         return self.get_paginated_response(s.MetricPointSerializer(page, many=True).data)
 
 
+class JobCrossSiteView(JobView[Job]):
+    """The job's cross-site evaluation: every site's metrics of every evaluated model."""
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="A job's cross-site evaluation matrix (models × sites)",
+        responses={200: s.CrossSiteSerializer, **errors(404)},
+    )
+    def get(self, request: Request, uid: UUID) -> Response:
+        found = selectors.cross_site_of(self.get_job())
+        data = {"models": found.models, "sites": found.sites, "matrix": found.matrix}
+        return Response(s.CrossSiteSerializer(data).data)
+
+
 class JobModelListView(JobView[ModelVersion]):
     """Global models: number 0 is the initial one, number n the model after n rounds."""
 
@@ -425,7 +439,8 @@ class AgentJobBundleView(AgentView[Job]):
 
 
 class AgentRoundModelView(AgentView[ModelVersion]):
-    """The global model round n starts from, streamed; the task becomes ``downloaded``, or
+    """The model the site's task in round n sends (the global model round n starts from, or
+    the checkpoint the round's plan names), streamed; the task becomes ``downloaded``, or
     ``training`` with ``?then=training``."""
 
     renderer_classes = [JSONRenderer]
@@ -433,7 +448,8 @@ class AgentRoundModelView(AgentView[ModelVersion]):
 
     @extend_schema(
         tags=["agent"],
-        summary="Download the global model round n starts from; marks the task downloaded",
+        summary="Download the model of the site's task in round n (the global model or a "
+        "checkpoint); marks the task downloaded",
         parameters=[
             OpenApiParameter(
                 "then",
@@ -449,11 +465,11 @@ class AgentRoundModelView(AgentView[ModelVersion]):
         then = request.query_params.get("then", TaskState.DOWNLOADED)
         if then not in (TaskState.DOWNLOADED, TaskState.TRAINING):
             raise ValidationFailed("then must be downloaded or training", field="then")
-        version = round_model_fetch(job=job, site=self.site, round_number=number, then=then)
+        model = round_model_fetch(job=job, site=self.site, round_number=number, then=then)
         return stream_file(
-            version.file,
+            model.file,
             filename=f"{job.name}-round-{number:03d}.safetensors",
-            sha256=version.sha256,
+            sha256=model.sha256,
         )
 
 

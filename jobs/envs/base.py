@@ -50,6 +50,7 @@ class MetricPoint:
 @dataclass
 class RoundRecord:
     round: int
+    label: str = ""
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -118,6 +119,18 @@ class Run:
     A site's train metrics score the global model it received, so round ``r``'s aggregated
     key metric (``r`` from 0) scores the model after ``r`` completed rounds."""
     best_score: float | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    """Cross-site evaluation cells, ``{"model", "site", "metrics"}``, in the order made."""
+
+    @property
+    def cross_site_matrix(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Cross-site evaluation scores: ``matrix[model][site]`` is the metrics ``site``
+        computed for ``model`` (``"global"``: the final global model; ``"site:<name>"``: that
+        site's own model). Empty when the job ran no cross-site evaluation."""
+        matrix: dict[str, dict[str, dict[str, float]]] = {}
+        for cell in self.evaluations:
+            matrix.setdefault(str(cell["model"]), {})[str(cell["site"])] = dict(cell["metrics"])
+        return matrix
 
     @property
     def global_model(self) -> dict[str, torch.Tensor] | None:

@@ -75,6 +75,9 @@ class PortalRun(Run):
         self.best_round = job.get("best_round")
         self.best_score = job.get("best_score")
         self.completed_rounds = int(job.get("completed_rounds") or 0)
+        if job.get("total_rounds") is not None:
+            # Frozen when the job started: a relay runs a round per site turn.
+            self.num_rounds = self.progress.num_rounds = int(job["total_rounds"])
 
     def refresh(self) -> PortalRun:
         self._update(self.client.get(self._path()))
@@ -132,12 +135,18 @@ class PortalRun(Run):
         """Rounds, metrics and every global model, into the run and its workspace."""
         rounds = self.client.get_all(self._path("rounds/"))
         answers: dict[int, dict[str, tuple[str, str]]] = {}
+        site_metrics: dict[int, dict[str, dict[str, Any]]] = {}
         for participant in self.client.get_all(self._path("sites/")):
             for task in participant.get("tasks") or []:
-                answers.setdefault(int(task["round"]), {})[participant["site"]] = (
+                number = int(task["round"])
+                answers.setdefault(number, {})[participant["site"]] = (
                     task["state"],
                     task.get("reason") or "",
                 )
+                if task["state"] == "accepted":
+                    site_metrics.setdefault(number, {})[participant["site"]] = dict(
+                        task.get("metrics") or {}
+                    )
         self.rounds = []
         for r in rounds:
             if r["state"] != "closed":
@@ -147,13 +156,21 @@ class PortalRun(Run):
             self.rounds.append(
                 RoundRecord(
                     round=number,
+                    label=str(r.get("label") or ""),
                     accepted=sorted(s for s, (state, _) in tasks.items() if state == "accepted"),
                     rejected={
                         s: why or state for s, (state, why) in tasks.items() if state != "accepted"
                     },
                     metrics=dict(r.get("metrics") or {}),
+                    site_metrics=site_metrics.get(number, {}),
                 )
             )
+        cross_site = self.client.get(self._path("cross-site/"))
+        self.evaluations = [
+            {"model": model, "site": site, "metrics": dict(metrics)}
+            for model in cross_site["models"]
+            for site, metrics in cross_site["matrix"][model].items()
+        ]
         points = self.client.get_all(self._path("metrics/?limit=1000"))
         self.metrics = Metrics(
             MetricPoint(

@@ -20,8 +20,10 @@ Workspace layout (``Run.workspace``)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -30,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +41,9 @@ import torch
 from client_agent import forkserver
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.wire import WireFormatError, load_state_dict, save_state_dict
-from common.rounds import round_for_people
 from common.validators import is_number
-from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
-from jobs.aggregation.sources import FileTensorSource
+from jobs.aggregation import UpdateRejected
+from jobs.aggregation.sources import FileTensorSource, TensorSource
 from jobs.bundle import JobBundle
 from jobs.envs.base import (
     MetricPoint,
@@ -55,7 +57,19 @@ from jobs.envs.base import (
     site_names,
     site_threads_env,
 )
-from jobs.workflows import QuorumNotMet
+from jobs.workflows import (
+    EvalResult,
+    PlannedTask,
+    QuorumNotMet,
+    RoundPlan,
+    TaskResult,
+    best_score_after,
+    close_result,
+    result_from_file,
+    round_close_decision,
+)
+from jobs.workflows.base import checkpoint_file_stem, next_global_model, write_global_model
+from jobs.workflows.results import tensors_of
 
 if TYPE_CHECKING:
     from jobs.recipes import Recipe
@@ -149,7 +163,7 @@ class _Simulation:
         self.metrics_file = open(workspace / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self.metrics_lock = threading.Lock()
         self.run_record = Run(job_id=job_id, status=RunStatus.RUNNING, workspace=workspace)
-        self.progress = _Progress(env.show_progress, self.workflow.num_rounds)
+        self.progress = _Progress(env.show_progress, self.workflow.total_rounds(list(env.clients)))
         self.sites: dict[str, ScriptProcess] = {}
 
     def record(self, point: MetricPoint) -> None:
@@ -219,25 +233,40 @@ class _Simulation:
             list(pool.map(lambda p: p.stop(grace=grace), procs))
 
     def _run_rounds(self) -> None:
+        """Drive the workflow through its protocol (``jobs.workflows.base``): plan, run the
+        tasks, decide with the shared round-close policy, close, store the outcome."""
         run = self.run_record
         workflow = self.workflow
+        sites = list(self.env.clients)
+        state = workflow.initial_state(sites)
         global_path = self.models / model_file_name(0)
-        shutil.copyfile(self.bundle.model_path, global_path)
+        write_global_model(global_path, workflow, state, load_state_dict(self.bundle.model_path))
         global_specs = FileTensorSource(global_path).specs()
         best_path = self.models / "best.safetensors"
-        for rnd in range(workflow.num_rounds):
+        checkpoints: dict[str, Path] = {}
+        for rnd in range(workflow.total_rounds(sites)):
             round_started = time.perf_counter()
             self.progress.round = rnd
-            spec = workflow.round_task(rnd)
-            record = RoundRecord(round=rnd)
+            plan = workflow.plan(rnd, sites, state)
+            record = RoundRecord(round=rnd, label=plan.label)
             with _torch_threads(1):
-                # The update checks run while sites still train and write: one torch thread
+                # The result checks run while sites still train and write: one torch thread
                 # each, or their idle threads spin against the sites for the cores.
-                updates = self._collect(rnd, spec, global_path, global_specs, record)
-            global_params = load_state_dict(global_path)
-            outcome = workflow.aggregate(rnd, global_params, updates)
-            del global_params
-            self._discard(updates)
+                results = self._collect(rnd, plan, global_path, global_specs, record, checkpoints)
+            try:
+                decision = round_close_decision(
+                    plan, {t.site: record.rejected.get(t.site) for t in plan.tasks}
+                )
+                if not decision.closes:
+                    raise QuorumNotMet(decision.failure)
+                global_params = load_state_dict(global_path)
+                outcome = workflow.close(rnd, plan, global_params, results, state)
+                del global_params
+                for name, source in outcome.checkpoints.items():
+                    checkpoints[name] = self._keep_checkpoint(name, source)
+            finally:
+                self._discard(results)
+            state = outcome.state
             record.accepted = list(outcome.sites)
             record.metrics = outcome.metrics
             record.site_metrics = outcome.site_metrics
@@ -245,64 +274,94 @@ class _Simulation:
                 self.record(
                     MetricPoint(round=rnd, site=None, key=key, value=value, source="aggregate")
                 )
-            score = workflow.score(outcome.metrics)
-            if score is not None and workflow.is_better(score, run.best_score):
+            for cell in outcome.evaluations:
+                run.evaluations.append(asdict(cell))
+            best = best_score_after(workflow, outcome, run.best_score)
+            if best is not None:
                 # The metrics of round rnd score the model that round started from.
-                run.best_score, run.best_round = score, rnd
+                run.best_score, run.best_round = best, rnd
                 shutil.copyfile(global_path, best_path)
-            global_path = self.models / model_file_name(rnd + 1)
-            save_state_dict(global_path, outcome.global_params)
+            next_path = self.models / model_file_name(rnd + 1)
+            params = next_global_model(
+                workflow, outcome, functools.partial(load_state_dict, global_path)
+            )
+            if params is None:
+                os.link(global_path, next_path)  # unchanged: the same file, no copy
+            else:
+                write_global_model(next_path, workflow, state, params)
+            global_path = next_path
+            state.save(self.models / f"state-{rnd + 1:03d}.safetensors")
             del outcome  # one global model in memory at a time, not last round's as well
             record.seconds = time.perf_counter() - round_started
             run.rounds.append(record)
             with open(self.ws / "rounds.jsonl", "a") as fh:
                 fh.write(json.dumps(record.__dict__) + "\n")
             self._say_round(record)
+        if run.evaluations:
+            with open(self.ws / "cross_site.json", "w") as fh:
+                json.dump(run.cross_site_matrix, fh, indent=1)
 
-    def _discard(self, updates: list[SiteUpdate]) -> None:
-        """Close aggregated updates and, unless kept, delete their files: a 100 MB model with
-        4 sites would otherwise add 400 MB to the workspace every round. Rejected updates stay
-        on disk for inspection."""
-        for update in updates:
-            update.source.close()
-            if not self.env.keep_updates and isinstance(update.source, FileTensorSource):
-                update.source.path.unlink(missing_ok=True)
+    def _keep_checkpoint(self, name: str, source: TensorSource) -> Path:
+        """A model the workflow keeps by name (a site's submitted model), as a file."""
+        path = self.models / "checkpoints" / f"{checkpoint_file_stem(name)}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        if isinstance(source, FileTensorSource):
+            shutil.copyfile(source.path, path)
+        else:
+            save_state_dict(path, tensors_of(source))
+        return path
+
+    def _discard(self, results: list[TaskResult]) -> None:
+        """Close the results' files and, unless kept, delete them: a 100 MB model with 4 sites
+        would otherwise add 400 MB to the workspace every round. Rejected updates stay on disk
+        for inspection."""
+        for result in results:
+            close_result(result)
+            if self.env.keep_updates or isinstance(result, EvalResult):
+                continue
+            source = result.update.source
+            if isinstance(source, FileTensorSource):
+                source.path.unlink(missing_ok=True)
 
     def _say_round(self, record: RoundRecord) -> None:
         key = self.workflow_key()
         metric = f"  {key}={record.metrics[key]:.4f}" if key in record.metrics else ""
         rejected = "".join(
-            f"\n    {s} rejected: {why}" for s, why in sorted(record.rejected.items())
+            f"\n    {s} not counted: {why}" for s, why in sorted(record.rejected.items())
         )
         self.progress.say(
-            f"round {round_for_people(record.round)}/{self.workflow.num_rounds}: "
-            f"{len(record.accepted)} sites aggregated in {record.seconds:.2f} s{metric}{rejected}"
+            f"{record.label}: {len(record.accepted)} site(s) in {record.seconds:.2f} s"
+            f"{metric}{rejected}"
         )
 
     def _collect(
         self,
         rnd: int,
-        spec: Any,
+        plan: RoundPlan,
         global_path: Path,
         global_specs: dict[str, Any],
         record: RoundRecord,
-    ) -> list[SiteUpdate]:
-        """Give every site the round's task; return the checked updates, record the rest."""
+        checkpoints: dict[str, Path],
+    ) -> list[TaskResult]:
+        """Give each planned site its task; return the checked results, record the rest."""
 
-        def one(site: str) -> SiteUpdate:
+        def one(planned: PlannedTask) -> TaskResult:
+            site = planned.site
             proc = self.sites[site]
             site_dir = self.ws / "sites" / site
+            spec = planned.spec
+            model_path = global_path if planned.model.is_global else checkpoints[str(planned.model)]
             task = Task(
                 task_id=f"{self.job_id}:{rnd}:{site}",
                 task_name=spec.task_name,
-                model_path=str(global_path),
+                model_path=str(model_path),
                 result_path=str(site_dir / f"round-{rnd:03d}.safetensors"),
-                current_round=rnd,
+                current_round=spec.current_round,
                 total_rounds=spec.total_rounds,
                 start_round=spec.start_round,
                 meta=dict(spec.meta),
             )
-            self.progress.site(site, "training")
+            self.progress.site(site, spec.task_name)
 
             def on_log(message: dict[str, Any]) -> None:
                 self.record(
@@ -317,29 +376,22 @@ class _Simulation:
                 )
 
             path = proc.run_task(task, on_log=on_log, timeout=self.env.task_timeout)
-            update = SiteUpdate.from_file(site, path)
-            check_update(global_specs, update)
+            result = result_from_file(planned, path, global_specs)
             self.progress.site(site, "done")
-            return update
+            return result
 
-        updates: list[SiteUpdate] = []
+        results: list[TaskResult] = []
         with ThreadPoolExecutor(max_workers=self.env.num_threads) as pool:
-            futures = {pool.submit(one, site): site for site in self.env.clients}
+            futures = {pool.submit(one, task): task.site for task in plan.tasks}
             for future in as_completed(futures):
                 site = futures[future]
                 try:
-                    update = future.result()
+                    result = future.result()
                 except (UpdateRejected, WireFormatError) as exc:
                     reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
                     record.rejected[site] = reason
                     self.progress.site(site, "rejected")
-                    log.warning(
-                        "job %s round %s: %s rejected: %s",
-                        self.job_id,
-                        round_for_people(rnd),
-                        site,
-                        reason,
-                    )
+                    log.warning("job %s %s: %s rejected: %s", self.job_id, plan.label, site, reason)
                     continue
                 except ScriptFailed:
                     # Stop every site now, so the other sites' waits end at once instead of
@@ -347,19 +399,15 @@ class _Simulation:
                     for other in futures:
                         other.cancel()
                     self._stop_sites(grace=0)
+                    for done in results:
+                        close_result(done)
                     raise
-                for key, value in update.metrics.items():
+                for key, value in result.metrics.items():
                     if is_number(value):
                         self.record(MetricPoint(round=rnd, site=site, key=key, value=float(value)))
-                updates.append(update)
-        if len(updates) < self.workflow.min_clients:
-            reasons = "; ".join(f"{s}: {why}" for s, why in sorted(record.rejected.items()))
-            raise QuorumNotMet(
-                f"round {round_for_people(rnd)}: only {len(updates)} acceptable update(s), "
-                f"min_clients is {self.workflow.min_clients}"
-                + (f" (rejected: {reasons})" if reasons else "")
-            )
-        return updates
+                results.append(result)
+        results.sort(key=lambda r: r.site)
+        return results
 
 
 __all__ = ["SimEnv"]

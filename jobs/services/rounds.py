@@ -11,6 +11,15 @@ the job row, looks at what the database says, and does the next step that is due
     running, round aggregating                → aggregate (a worker died in the middle)
     running, round closed                     → open the next round, or complete the job
 
+Every workflow is driven the same way, through the protocol of ``jobs.workflows.base``: the
+sites and the round count are frozen when the job starts (``Job.round_sites``,
+``Job.total_rounds``); a round opens with ``workflow.plan`` over those sites and the server
+state the last round stored, and stores the plan (``Round.plan``) and each site's task; answers
+are checked as their task asks (``result_from_file``); the round closes by
+``round_close_decision`` over the stored plan and ``workflow.close``, whose outcome (the next
+global model or the same file again, the next server state, checkpoints, evaluations, metric
+points, the best model) is stored with the round. Nothing here names a workflow.
+
 Running it twice, or after a crash at any point, does the same as running it once: every
 write is conditional on the state it read, and aggregation is deterministic (sites folded in
 name order from files in storage), so a re-run writes the same bits.
@@ -21,8 +30,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,12 +48,15 @@ from django.db import DatabaseError, InterfaceError, OperationalError, connectio
 from django.db.models import F
 from django.utils import timezone
 
-from client_agent.wire import WireFormatError, save_state_dict
+from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN
+from client_agent.wire import WireFormatError, load_state_dict
 from common.rounds import round_for_people
 from jobs import events
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import (
     TASK_ANSWERED,
+    Checkpoint,
+    Evaluation,
     Job,
     JobSite,
     JobState,
@@ -54,8 +68,28 @@ from jobs.models import (
     TaskState,
 )
 from jobs.services.audit import JobAuditAction, job_audit_record
+from jobs.services.plans import (
+    checkpoint_name,
+    global_model_name,
+    plan_from_json,
+    plan_to_json,
+    server_state_name,
+    task_spec_from_payload,
+    task_spec_payload,
+)
 from jobs.services.telemetry import MAX_CLIENT_ID_LENGTH
-from jobs.workflows import Workflow, workflow_from_spec
+from jobs.workflows import (
+    ModelRef,
+    PlannedTask,
+    RoundPlan,
+    ServerState,
+    TaskSpec,
+    Workflow,
+    best_score_after,
+    round_close_decision,
+    workflow_from_spec,
+)
+from jobs.workflows.base import next_global_model, write_global_model
 from sites.models import Site
 from sites.selectors import site_is_online
 
@@ -96,14 +130,40 @@ def workflow_of(job: Job) -> Workflow:
     return workflow_from_spec(job.workflow, job.params)
 
 
-def task_spec_payload(spec: Any) -> dict[str, Any]:
-    """A round's task as agents get it (the script's FLModel fields), in events and the API."""
-    return {
-        "task_name": spec.task_name,
-        "total_rounds": spec.total_rounds,
-        "start_round": spec.start_round,
-        "meta": dict(spec.meta),
-    }
+def total_rounds_of(job: Job) -> int:
+    """The rounds the job runs: frozen when it started (``num_rounds`` for a job started
+    before the count was stored)."""
+    return job.total_rounds if job.total_rounds is not None else job.num_rounds
+
+
+def round_plan_of(rnd: Round, workflow: Workflow) -> RoundPlan:
+    """The plan stored when the round opened. A round opened before plans were stored (FedAvg
+    was the only workflow then) gets FedAvg's plan over the sites with a task in it."""
+    if rnd.plan:
+        return plan_from_json(rnd.plan)
+    sites = sorted(rnd.tasks.values_list("site__name", flat=True))
+    return workflow.plan(rnd.number, sites, ServerState())
+
+
+def planned_task_of(task: SiteTask) -> PlannedTask:
+    """The plan's task of one site, from its row (round and job loaded)."""
+    if task.spec:
+        spec = task_spec_from_payload(task.spec)
+    else:  # a task made before tasks stored their spec: FedAvg's train task
+        rnd = task.round
+        spec = TaskSpec(task.task_name, rnd.number, total_rounds_of(rnd.job))
+    return PlannedTask(task.site.name, spec, ModelRef.parse(task.model_ref))
+
+
+def server_state_before(job: Job, workflow: Workflow, number: int) -> ServerState:
+    """The server state round ``number`` starts from: stored when the round before closed, or
+    the workflow's initial state for the first round."""
+    if number == 0:
+        return workflow.initial_state(list(job.round_sites))
+    previous = Round.objects.get(job=job, number=number - 1)
+    if not previous.server_state:  # closed before server states were stored (FedAvg: none)
+        return ServerState()
+    return ServerState.load(storage_path(previous.server_state))
 
 
 def metric_point_id(source: str, round_number: int, key: str) -> str:
@@ -160,7 +220,7 @@ def job_advance(*, job_id: int) -> Advance:
             _round_open(job, 0)
             return Advance(Step.OPENED, f"opened round {round_for_people(0)}")
         if current.state == RoundState.CLOSED:
-            if job.completed_rounds >= job.num_rounds:
+            if job.completed_rounds >= total_rounds_of(job):
                 job.move_to(JobState.COMPLETED)
                 job.save(update_fields=["state", "finished_at", "failure_reason"])
                 _audit_job_end(job)
@@ -171,31 +231,29 @@ def job_advance(*, job_id: int) -> Advance:
         if current.state == RoundState.OPEN:
             tasks = list(current.tasks.select_related("site"))
             answered = [t for t in tasks if t.state in TASK_ANSWERED]
-            accepted = [t for t in tasks if t.state == TaskState.ACCEPTED]
             if len(answered) < len(tasks) and timezone.now() < current.deadline:
                 waiting = len(tasks) - len(answered)
                 return Advance(Step.WAITING_FOR_UPDATES, f"waiting for {waiting} site(s)")
-            if len(accepted) < job.min_clients:
-                missing = sorted(t.site.name for t in tasks if t.state != TaskState.ACCEPTED)
-                reasons = "; ".join(
-                    f"{t.site.name}: {t.reason or t.state}"
+            plan = round_plan_of(current, workflow_of(job))
+            decision = round_close_decision(
+                plan,
+                {
+                    t.site.name: None
+                    if t.state == TaskState.ACCEPTED
+                    else (t.reason or f"no update ({t.state})")
                     for t in tasks
-                    if t.state != TaskState.ACCEPTED
-                )
+                },
+            )
+            if not decision.closes:
                 current.move_to(RoundState.FAILED)
                 current.save(update_fields=["state", "closed_at"])
-                job.move_to(
-                    JobState.FAILED,
-                    f"round {round_for_people(current.number)}: {len(accepted)} acceptable "
-                    f"update(s), min_clients is {job.min_clients}; no acceptable update from "
-                    f"{', '.join(missing)} ({reasons})",
-                )
+                job.move_to(JobState.FAILED, decision.failure or "")
                 job.save(update_fields=["state", "finished_at", "failure_reason"])
                 _audit_job_end(job)
                 events.job_state(job)
                 return Advance(Step.FAILED, "failed: quorum")
             # Claim the round for aggregation; sites that have not answered are now late.
-            current.tasks.exclude(state__in=TASK_ANSWERED).update(
+            current.tasks.filter(state__in=SiteTask.states_that_move_to(TaskState.LATE)).update(
                 state=TaskState.LATE, reason="no update before the round closed"
             )
             current.move_to(RoundState.AGGREGATING)
@@ -263,31 +321,77 @@ def _start_if_ready(job: Job) -> Advance:
             f"waiting: {len(ready)} of {job.min_clients} sites accepted and online",
         )
     job.move_to(JobState.RUNNING)
-    job.save(update_fields=["state", "started_at"])
+    # The sites and the round count are frozen now (see Job.round_sites): every site that
+    # accepted the job, online or not (one that is away misses its tasks, as before).
+    workflow = workflow_of(job)
+    job.round_sites = sorted(
+        link.site.name for link in links if link.decision == JobSite.Decision.ACCEPTED
+    )
+    job.total_rounds = workflow.total_rounds(job.round_sites)
+    job.save(update_fields=["state", "started_at", "round_sites", "total_rounds"])
+    _initial_model_meta_write(job, workflow)
     events.job_state(job)
     _round_open(job, 0)
     return Advance(Step.STARTED, "running")
 
 
+def _initial_model_meta_write(job: Job, workflow: Workflow) -> None:
+    """Rewrite the initial model with the meta the workflow sends with the global model in its
+    initial state (SCAFFOLD's control variate), as every later global model carries its
+    round's; nothing for a workflow that sends none (the file stays as submitted). Idempotent:
+    the same bits each time, written by atomic rename."""
+    state = workflow.initial_state(list(job.round_sites))
+    if not workflow.global_model_meta(state, {}):
+        return
+    version = ModelVersion.objects.get(job=job, round_number=0)
+    path = storage_path(version.file.name)
+    write_global_model(path, workflow, state, load_state_dict(path))
+    version.sha256, version.size = _file_digest(path)
+    version.save(update_fields=["sha256", "size"])
+
+
 def _round_open(job: Job, number: int) -> Round:
-    """Open round ``number`` for every participant that accepted the job (lock held)."""
-    now = timezone.now()
-    rnd, created = Round.objects.get_or_create(
+    """Open round ``number`` as the workflow plans it (lock held): the plan over the job's
+    sites from the server state the last round left, stored with the round, and one task for
+    each planned site. A plan with no tasks closes at once."""
+    existing = Round.objects.filter(job=job, number=number).first()
+    if existing is not None:
+        return existing
+    workflow = workflow_of(job)
+    plan = workflow.plan(number, list(job.round_sites), server_state_before(job, workflow, number))
+    site_ids = dict(
+        job.participants.filter(site__name__in=plan.sites).values_list("site__name", "site_id")
+    )
+    rnd = Round.objects.create(
         job=job,
         number=number,
-        defaults={"deadline": now + timedelta(seconds=job.round_timeout_seconds)},
+        deadline=timezone.now() + timedelta(seconds=job.round_timeout_seconds),
+        plan=plan_to_json(plan),
     )
-    if created:
-        accepted = job.participants.filter(decision=JobSite.Decision.ACCEPTED)
-        SiteTask.objects.bulk_create(SiteTask(round=rnd, site_id=link.site_id) for link in accepted)
-        events.round_state(rnd, task=task_spec_payload(workflow_of(job).round_task(number)))
-        from jobs.tasks import job_advance_task
-
-        job_id = job.pk
-        # The deadline check: job_advance closes or fails the round if it is still open.
-        transaction.on_commit(
-            lambda: job_advance_task.apply_async((job_id,), countdown=job.round_timeout_seconds + 1)
+    SiteTask.objects.bulk_create(
+        SiteTask(
+            round=rnd,
+            site_id=site_ids[planned.site],
+            task_name=planned.task_name,
+            model_ref=str(planned.model),
+            spec=task_spec_payload(planned.spec),
         )
+        for planned in plan.tasks
+    )
+    # The event carries the task when every site got the same one (an agent starts it at
+    # once); else each agent reads its own from the job listing.
+    payloads = {json.dumps(task_spec_payload(t.spec), sort_keys=True) for t in plan.tasks}
+    events.round_state(rnd, task=json.loads(payloads.pop()) if len(payloads) == 1 else None)
+    from jobs.tasks import job_advance_task
+
+    job_id = job.pk
+    if not plan.tasks:
+        job_kick_after_commit(job)  # nothing to wait for: the round closes now
+        return rnd
+    # The deadline check: job_advance closes or fails the round if it is still open.
+    transaction.on_commit(
+        lambda: job_advance_task.apply_async((job_id,), countdown=job.round_timeout_seconds + 1)
+    )
     return rnd
 
 
@@ -411,35 +515,41 @@ def _round_fail(round_id: int, why: str) -> Advance:
 
 
 def _round_aggregate_claimed(round_id: int) -> Advance:
-    """Aggregate the round, store the new global model and close the round (claim held)."""
-    from jobs.aggregation import FileTensorSource, SiteUpdate  # torch
+    """Close the round through the workflow and store what it made (claim held).
 
+    Everything the close reads was stored before: the round's plan, the server state the last
+    round left, the global model it started from, the accepted tasks' files and checked
+    numbers. The files it makes (the next global model, the next server state, checkpoints)
+    are written by atomic rename before the closing transaction, so a worker killed at any
+    point leaves either nothing or whole files that a re-run overwrites with the same bits.
+    """
     rnd = Round.objects.select_related("job").get(pk=round_id)
     job = rnd.job
     workflow = workflow_of(job)
+    plan = round_plan_of(rnd, workflow)
+    state = server_state_before(job, workflow, rnd.number)
     tasks = list(
-        rnd.tasks.filter(state=TaskState.ACCEPTED).select_related("site").order_by("site__name")
+        rnd.tasks.filter(state=TaskState.ACCEPTED)
+        .select_related("site", "round__job")
+        .order_by("site__name")
     )
     start_version = ModelVersion.objects.get(job=job, round_number=rnd.number)
-    updates = [SiteUpdate.from_file(t.site.name, storage_path(t.update.name)) for t in tasks]
-    for task, update in zip(tasks, updates, strict=True):
-        # The values the update check accepted and stored: checked numbers, not the file's.
-        update.weight, update.metrics = float(task.weight or 0.0), dict(task.metrics or {})
-    global_source = FileTensorSource(storage_path(start_version.file.name))
+    completed = rnd.number + 1  # a count of rounds, not an index: see common.rounds
     # Quorum was checked under the job lock when the round was claimed; accepted tasks cannot
     # change once the round is AGGREGATING (uploads to it are late).
-    try:
-        outcome = workflow.aggregate(rnd.number, global_source, updates)
-    finally:
-        for update in updates:
-            update.source.close()
-        global_source.close()
-    completed = rnd.number + 1  # a count of rounds, not an index: see common.rounds
-    name = f"jobs/{job.project_id}/{job.uid}/models/round-{completed:03d}.safetensors"
-    path = storage_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_state_dict(path, outcome.global_params)  # atomic rename: a re-run overwrites whole
-    sha, size = _file_digest(path)
+    outcome, checkpoints = _round_close_files(job, workflow, plan, state, rnd, tasks, start_version)
+    start_path = storage_path(start_version.file.name)
+    params = next_global_model(workflow, outcome, lambda: load_state_dict(start_path))
+    if params is None:
+        model_name = str(start_version.file.name)  # unchanged: the same file, no copy
+    else:
+        model_name = global_model_name(job, completed)
+        write_global_model(storage_path(model_name), workflow, outcome.state, params)
+    sha, size = _file_digest(storage_path(model_name))
+    state_name = server_state_name(job, completed)
+    state_path = storage_path(state_name)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    outcome.state.save(state_path)  # atomic rename
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
         rnd = Round.objects.select_for_update().get(pk=round_id)
@@ -448,13 +558,33 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
         ModelVersion.objects.update_or_create(
             job=job,
             round_number=completed,
-            defaults={"file": name, "sha256": sha, "size": size},
+            defaults={"file": model_name, "sha256": sha, "size": size},
         )
-        # The sites' metrics score the model this round started from (NVFlare's convention).
-        start_version.metrics = outcome.metrics
-        score = workflow.score(outcome.metrics)
-        if score is not None and workflow.is_better(score, job.best_score):
-            job.best_score, job.best_round = score, rnd.number
+        for name, (file_name, file_sha, file_size) in checkpoints.items():
+            Checkpoint.objects.update_or_create(
+                job=job,
+                name=name,
+                defaults={
+                    "file": file_name,
+                    "sha256": file_sha,
+                    "size": file_size,
+                    "round_number": rnd.number,
+                },
+            )
+        for cell in outcome.evaluations:
+            Evaluation.objects.update_or_create(
+                job=job,
+                round_number=rnd.number,
+                model=cell.model,
+                site_name=cell.site,
+                defaults={"metrics": dict(cell.metrics)},
+            )
+        best = best_score_after(workflow, outcome, job.best_score)
+        if outcome.scores_start_model:
+            # A train round's metrics score the model it started from (NVFlare's convention).
+            start_version.metrics = outcome.metrics
+        if best is not None:
+            job.best_score, job.best_round = best, rnd.number
             ModelVersion.objects.filter(job=job).update(is_best=False)
             start_version.is_best = True
         start_version.save(update_fields=["metrics", "is_best"])
@@ -472,12 +602,73 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
             )
         rnd.move_to(RoundState.CLOSED)
         rnd.metrics = outcome.metrics
-        rnd.save(update_fields=["state", "closed_at", "metrics"])
+        rnd.server_state = state_name
+        rnd.save(update_fields=["state", "closed_at", "metrics", "server_state"])
         job.completed_rounds = completed
         job.save(update_fields=["completed_rounds", "best_score", "best_round"])
         events.round_state(rnd)
         job_kick_after_commit(job)
-    return Advance(Step.CLOSED, f"closed round {round_for_people(rnd.number)}")
+    return Advance(Step.CLOSED, f"closed {plan.label}")
+
+
+def _round_close_files(
+    job: Job,
+    workflow: Workflow,
+    plan: RoundPlan,
+    state: ServerState,
+    rnd: Round,
+    tasks: list[SiteTask],
+    start_version: ModelVersion,
+) -> tuple[Any, dict[str, tuple[str, str, int]]]:
+    """``workflow.close`` over the accepted tasks' results (site-name order), and the
+    checkpoints it keeps written to storage while their sources are open: the outcome, and
+    each checkpoint's (storage name, sha256, size) by its name."""
+    from jobs.aggregation import FileTensorSource, SiteUpdate  # torch
+    from jobs.workflows import EvalResult, SubmittedModel, TaskResult, TrainResult, close_result
+
+    results: list[TaskResult] = []
+    global_source = FileTensorSource(storage_path(start_version.file.name))
+    try:
+        for task in tasks:
+            planned = planned_task_of(task)
+            if planned.task_name not in (TASK_TRAIN, TASK_SUBMIT_MODEL):
+                # An evaluation's numbers were checked and stored with the task.
+                results.append(EvalResult(task.site.name, planned.model, dict(task.metrics)))
+                continue
+            update = SiteUpdate.from_file(task.site.name, storage_path(task.update.name))
+            # The values the update check accepted and stored: checked numbers, not the file's.
+            update.weight, update.metrics = float(task.weight or 0.0), dict(task.metrics or {})
+            kind = TrainResult if planned.task_name == TASK_TRAIN else SubmittedModel
+            results.append(kind(task.site.name, update))
+        outcome = workflow.close(rnd.number, plan, global_source, results, state)
+        checkpoints = {
+            name: _checkpoint_write(checkpoint_name(job, name), source)
+            for name, source in outcome.checkpoints.items()
+        }
+    finally:
+        for result in results:
+            close_result(result)
+        global_source.close()
+    return outcome, checkpoints
+
+
+def _checkpoint_write(name: str, source: Any) -> tuple[str, str, int]:
+    """A model the workflow keeps by name, as a file in storage (atomic rename): its storage
+    name, sha256 and size."""
+    from client_agent.wire import save_state_dict
+    from jobs.aggregation import FileTensorSource
+    from jobs.workflows.results import tensors_of
+
+    path = storage_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, FileTensorSource):
+        partial = path.with_name(path.name + ".partial")
+        shutil.copyfile(source.path, partial)
+        os.replace(partial, path)
+    else:
+        save_state_dict(path, tensors_of(source))
+    sha, size = _file_digest(path)
+    return name, sha, size
 
 
 def _file_digest(path: Path) -> tuple[str, int]:
@@ -527,12 +718,16 @@ def update_check(*, task_id: int) -> str:
 
 
 def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
-    from jobs.aggregation import SiteUpdate, UpdateRejected, check_update
+    """Check one site's answer as its task asks (``result_from_file``): a train result FULL or
+    DIFF params fitting the global model, a validate result metrics only, a submitted model
+    FULL params; accepted, or rejected with the reason."""
+    from jobs.aggregation import UpdateRejected
+    from jobs.workflows import TaskResult, close_result, result_from_file
 
-    update: SiteUpdate | None = None
+    result: TaskResult | None = None
+    task.round = rnd
     try:
-        update = SiteUpdate.from_file(task.site.name, storage_path(task.update.name))
-        check_update(specs, update)
+        result = result_from_file(planned_task_of(task), storage_path(task.update.name), specs)
     except (UpdateRejected, WireFormatError) as exc:
         state, reason = TaskState.REJECTED, getattr(exc, "reason", str(exc))
     except Exception as exc:
@@ -543,23 +738,27 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
     else:
         state, reason = TaskState.ACCEPTED, ""
     finally:
-        if update is not None:
-            update.source.close()
+        if result is not None:
+            close_result(result)
+    accepted = result if state == TaskState.ACCEPTED else None
+    weight = getattr(getattr(accepted, "update", None), "weight", None)
     with transaction.atomic():
         # The round's row lock orders concurrent checks, so the count of unanswered tasks
         # below sees every check that finished before this one.
         Round.objects.select_for_update().filter(pk=rnd.pk).first()
-        changed = SiteTask.objects.filter(pk=task.pk, state=TaskState.UPLOADED).update(
+        changed = SiteTask.objects.filter(
+            pk=task.pk, state__in=SiteTask.states_that_move_to(state)
+        ).update(
             state=state,
             reason=reason[:2000],
-            weight=float(update.weight) if state == TaskState.ACCEPTED and update else None,
-            # Only an accepted update's metrics were checked: a rejected one's may hold values
+            weight=float(weight) if weight is not None else None,
+            # Only an accepted result's metrics were checked: a rejected one's may hold values
             # no database column takes (NaN, Infinity).
-            metrics=update.metrics if state == TaskState.ACCEPTED and update else {},
+            metrics=dict(accepted.metrics) if accepted is not None else {},
         )
-        if changed and state == TaskState.ACCEPTED and update is not None:
-            # check_update left only finite floats in update.metrics.
-            for key, value in update.metrics.items():
+        if changed and accepted is not None:
+            # The checks left only finite numbers in the metrics.
+            for key, value in accepted.metrics.items():
                 MetricPoint.objects.get_or_create(
                     job=rnd.job,
                     site=task.site,

@@ -14,9 +14,10 @@ from django.db import transaction
 from common.exceptions import Conflict, NotFound, ValidationFailed
 from jobs import events
 from jobs.exceptions import StorageFull, is_storage_full
-from jobs.models import Job, ModelVersion, RoundState, SiteTask, TaskState
+from jobs.models import Checkpoint, Job, ModelVersion, RoundState, SiteTask, TaskState
 from jobs.selectors import task_for_site, task_takes_update
 from jobs.services.rounds import job_kick_after_commit
+from jobs.workflows import ModelRef
 from sites.models import Site
 
 log = logging.getLogger(__name__)
@@ -24,19 +25,27 @@ log = logging.getLogger(__name__)
 
 def round_model_fetch(
     *, job: Job, site: Site, round_number: int, then: str = TaskState.DOWNLOADED
-) -> ModelVersion:
-    """The global model that round ``round_number`` starts from, for a site with a task in it.
+) -> ModelVersion | Checkpoint:
+    """The model the site's task in round ``round_number`` sends: the global model the round
+    starts from, or the named checkpoint the round's plan gave the site (another site's
+    submitted model, to evaluate). Both have the ``file`` and ``sha256`` a download serves.
 
     Marks the task ``downloaded`` (when it was only ``assigned`` and the round is open), so
     the job's per-site status shows who has started; ``then="training"`` for an agent that
     starts the script as soon as the model is in (one report fewer a round).
     """
     task = task_for_site(job=job, site=site, round_number=round_number)
+    model = ModelRef.parse(task.model_ref)
+    if model.is_global:
+        found: ModelVersion | Checkpoint | None = ModelVersion.objects.filter(
+            job=job, round_number=round_number
+        ).first()
+    else:
+        found = Checkpoint.objects.filter(job=job, name=model.checkpoint).first()
+    if found is None:  # a round opens after its start model and checkpoints were stored
+        raise NotFound(f"no {model} model for round number {round_number}")
     task_mark(task=task, state=then)
-    version = ModelVersion.objects.filter(job=job, round_number=round_number).first()
-    if version is None:  # a round always opens after its start model was stored
-        raise NotFound(f"no global model for round number {round_number}")
-    return version
+    return found
 
 
 def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
@@ -46,20 +55,17 @@ def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
     answers the task, so the round need not wait for its deadline to close on the others.
     Other moves, and reports on a closed round, change nothing.
     """
-    open_states = {TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING}
-    allowed: dict[str, set[TaskState]] = {
-        TaskState.DOWNLOADED: {TaskState.ASSIGNED},
-        TaskState.TRAINING: {TaskState.ASSIGNED, TaskState.DOWNLOADED},
-        TaskState.FAILED: open_states,
-    }
-    if state not in allowed:
-        raise ValidationFailed(f"a site may report only {', '.join(allowed)}", field="state")
+    reportable = (TaskState.DOWNLOADED, TaskState.TRAINING, TaskState.FAILED)
+    if state not in reportable:
+        raise ValidationFailed(f"a site may report only {', '.join(reportable)}", field="state")
     reason = reason.strip()[:2000] if state == TaskState.FAILED else ""
     if state == TaskState.FAILED and not reason:
         raise ValidationFailed("say why the task failed", field="reason")
     with transaction.atomic():
         changed = SiteTask.objects.filter(
-            pk=task.pk, state__in=allowed[state], round__state=RoundState.OPEN
+            pk=task.pk,
+            state__in=SiteTask.states_that_move_to(state),
+            round__state=RoundState.OPEN,
         ).update(state=state, reason=reason)
         if changed:
             task.state, task.reason = state, reason
@@ -120,8 +126,11 @@ def update_upload(
             if not task_takes_update(locked):
                 raise Conflict(f"this task is already {locked.state}")
             late = locked.round.state != RoundState.OPEN
-            locked.state = TaskState.LATE if late else TaskState.UPLOADED
-            locked.reason = "arrived after the round closed" if late else ""
+            reason = "arrived after the round closed" if late else ""
+            if locked.state == TaskState.LATE:  # made late when the round closed: kept as is
+                locked.reason = reason
+            else:
+                locked.move_to(TaskState.LATE if late else TaskState.UPLOADED, reason)
             locked.update = storage_file.name
             locked.update_sha256 = sha256.lower()
             locked.update_size = size

@@ -1,27 +1,56 @@
-"""FedAvg: every round, each site trains from the global model; the weighted mean is next."""
+"""FedAvg: every round, each site trains from the global model; the aggregate is next.
+
+The aggregate is the weighted mean by default (``aggregator="mean"``), or one of the robust
+aggregators of :mod:`jobs.aggregation.robust` (``"median"``, ``"trimmed_mean"``, ``"krum"``)
+with its ``aggregator_args``.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from client_agent.runtime import TASK_TRAIN
-from common.rounds import round_for_people
-from common.validators import FieldError, is_int, is_number
-from jobs.workflows.base import MAX_CLIENTS, MAX_ROUNDS, QuorumNotMet, RoundOutcome, TaskSpec
+from common.validators import FieldError, check_finite_number
+from jobs.workflows.aggregators import AGGREGATOR_PARAMETERS, check_aggregator
+from jobs.workflows.base import (
+    KEY_METRIC_PARAMETERS,
+    ROUND_COUNT_PARAMETERS,
+    RoundOutcome,
+    RoundPlan,
+    ServerState,
+    TaskSpec,
+    WorkflowDefaults,
+    check_key_metric,
+    check_round_counts,
+    every_site,
+    params_checked,
+    round_label,
+)
+from jobs.workflows.results import train_updates
 
 if TYPE_CHECKING:  # the aggregation (torch) is imported where a round is aggregated
     import torch
 
     from jobs.aggregation import SiteUpdate, TensorSource
+    from jobs.workflows.results import TaskResult
 
-KEY_METRIC_MODES = ("max", "min")
+
+def fold(
+    aggregator: str,
+    aggregator_args: Mapping[str, Any],
+    updates: list[SiteUpdate],
+    global_model: Mapping[str, torch.Tensor] | TensorSource,
+) -> dict[str, torch.Tensor]:
+    """The aggregate of checked updates (site-name order) by the named aggregator."""
+    from jobs.aggregation import make_aggregator
+
+    return make_aggregator(aggregator, **aggregator_args)(updates, global_model)
 
 
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(WorkflowDefaults):
     """Federated averaging for ``num_rounds`` rounds, each needing ``min_clients`` good updates.
 
     ``key_metric`` picks the best global model: a site's train result carries metrics that
@@ -33,6 +62,8 @@ class FedAvg:
     num_rounds: int
     key_metric: str | None = "accuracy"
     key_metric_mode: str = "max"
+    aggregator: str = "mean"
+    aggregator_args: Mapping[str, Any] = field(default_factory=dict)
 
     name: ClassVar[str] = "fedavg"
     PARAMETERS: ClassVar[dict[str, Any]] = {
@@ -40,96 +71,105 @@ class FedAvg:
         "required": ["min_clients", "num_rounds"],
         "additionalProperties": False,
         "properties": {
-            "min_clients": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": MAX_CLIENTS,
-                "description": "sites a round needs",
-            },
-            "num_rounds": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": MAX_ROUNDS,
-                "description": "rounds to run",
-            },
-            "key_metric": {
-                "type": ["string", "null"],
-                "description": "metric that selects the best model",
-            },
-            "key_metric_mode": {"enum": list(KEY_METRIC_MODES), "description": "max or min"},
+            **ROUND_COUNT_PARAMETERS,
+            **KEY_METRIC_PARAMETERS,
+            **AGGREGATOR_PARAMETERS,
         },
     }
 
     def __post_init__(self) -> None:
-        for field_name, highest in (("min_clients", MAX_CLIENTS), ("num_rounds", MAX_ROUNDS)):
-            value = getattr(self, field_name)
-            if not is_int(value) or not 1 <= value <= highest:
-                raise FieldError(
-                    field_name, f"must be an integer from 1 to {highest}, got {value!r}"
-                )
-        if self.key_metric is not None and (
-            not isinstance(self.key_metric, str) or not self.key_metric
-        ):
-            raise FieldError(
-                "key_metric", f"must be a metric name or None, got {self.key_metric!r}"
-            )
-        if self.key_metric_mode not in KEY_METRIC_MODES:
-            raise FieldError(
-                "key_metric_mode", f"must be 'max' or 'min', got {self.key_metric_mode!r}"
-            )
+        check_round_counts(self.min_clients, self.num_rounds)
+        check_key_metric(self.key_metric, self.key_metric_mode)
+        object.__setattr__(
+            self,
+            "aggregator_args",
+            check_aggregator(self.aggregator, self.aggregator_args, self.min_clients),
+        )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FedAvg:
-        if not isinstance(params, Mapping):
-            raise FieldError("params", "must be an object")
-        known = set(cls.PARAMETERS["properties"])
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise FieldError(unknown[0], "not a parameter of the fedavg workflow")
-        for required in cls.PARAMETERS["required"]:
-            if required not in params:
-                raise FieldError(required, "required by the fedavg workflow")
-        return cls(**params)
+        return cls(**params_checked(cls.name, cls.PARAMETERS, params))
 
     def to_params(self) -> dict[str, Any]:
-        return asdict(self)
+        params = asdict(self)
+        params["aggregator_args"] = dict(self.aggregator_args)
+        return params
+
+    def total_rounds(self, sites: Sequence[str]) -> int:
+        return self.num_rounds
+
+    def initial_state(self, sites: Sequence[str]) -> ServerState:
+        return ServerState()
 
     def round_task(self, round_number: int) -> TaskSpec:
         return TaskSpec(
             task_name=TASK_TRAIN, current_round=round_number, total_rounds=self.num_rounds
         )
 
-    def aggregate(
-        self,
-        round_number: int,
-        global_params: Mapping[str, torch.Tensor] | TensorSource,
-        updates: list[SiteUpdate],
-    ) -> RoundOutcome:
-        """Fold the round's accepted updates, in site-name order so the bits are repeatable."""
-        from jobs.aggregation import fedavg, weighted_metrics
-
-        if len(updates) < self.min_clients:
-            raise QuorumNotMet(
-                f"round {round_for_people(round_number)}: {len(updates)} acceptable update(s), "
-                f"min_clients is {self.min_clients}"
-            )
-        ordered = sorted(updates, key=lambda u: u.site)
-        return RoundOutcome(
-            global_params=fedavg(ordered, global_params),
-            metrics=weighted_metrics(ordered),
-            site_metrics={u.site: dict(u.metrics) for u in ordered},
-            sites=tuple(u.site for u in ordered),
+    def plan(self, round_number: int, sites: Sequence[str], state: ServerState) -> RoundPlan:
+        return every_site(
+            sites,
+            self.round_task(round_number),
+            min_results=self.min_clients,
+            label=round_label(round_number),
         )
 
-    def score(self, metrics: Mapping[str, Any]) -> float | None:
-        if self.key_metric is None:
-            return None
-        value = metrics.get(self.key_metric)
-        if not is_number(value):
-            return None
-        return float(value) if math.isfinite(value) else None
+    def close(
+        self,
+        round_number: int,
+        plan: RoundPlan,
+        global_model: Mapping[str, torch.Tensor] | TensorSource,
+        results: Sequence[TaskResult],
+        state: ServerState,
+    ) -> RoundOutcome:
+        """Fold the round's accepted updates, in site-name order so the bits are repeatable."""
+        from jobs.aggregation import weighted_metrics
 
-    def is_better(self, score: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return score > best if self.key_metric_mode == "max" else score < best
+        updates = train_updates(list(results))
+        return RoundOutcome(
+            global_params=fold(self.aggregator, self.aggregator_args, updates, global_model),
+            state=state,
+            metrics=weighted_metrics(updates),
+            site_metrics={u.site: dict(u.metrics) for u in updates},
+            sites=tuple(u.site for u in updates),
+        )
+
+
+FEDPROX_MU_META_KEY = "fedprox_mu"
+
+
+@dataclass(frozen=True)
+class FedProx(FedAvg):
+    """FedAvg whose train tasks carry the proximal weight ``fedprox_mu`` in ``FLModel.meta``
+    (``meta["fedprox_mu"]``); the site script adds ``PTFedProxLoss(mu)`` (Li et al. 2020) to
+    its loss. The server side is FedAvg's, aggregator included."""
+
+    fedprox_mu: float = 0.01
+
+    name: ClassVar[str] = "fedprox"
+    PARAMETERS: ClassVar[dict[str, Any]] = {
+        **FedAvg.PARAMETERS,
+        "properties": {
+            **FedAvg.PARAMETERS["properties"],
+            "fedprox_mu": {
+                "type": "number",
+                "minimum": 0,
+                "description": "the proximal term's weight mu, handed to the site script",
+            },
+        },
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        mu = check_finite_number("fedprox_mu", self.fedprox_mu)
+        if mu < 0:
+            raise FieldError("fedprox_mu", f"must be at least 0, got {self.fedprox_mu!r}")
+        object.__setattr__(self, "fedprox_mu", mu)
+
+    def round_task(self, round_number: int) -> TaskSpec:
+        return TaskSpec(
+            task_name=TASK_TRAIN,
+            current_round=round_number,
+            total_rounds=self.num_rounds,
+            meta={FEDPROX_MU_META_KEY: self.fedprox_mu},
+        )

@@ -100,8 +100,12 @@ def test_job_submitted_with_an_invalid_field_then_corrected(pages: Pages, tmp_pa
 
     def fill(min_clients: str) -> None:
         page.get_by_label("Name (required)", exact=True).fill("browser-job")
-        page.get_by_label("Min clients").fill(min_clients)
-        page.get_by_label("Num rounds").fill("2")
+        page.get_by_label("Workflow (required)", exact=True).select_option("fedavg")
+        # Only the chosen workflow's parameters are shown.
+        shown = page.locator("fieldset[data-workflow]:not([hidden])")
+        expect(shown).to_have_count(1)
+        shown.get_by_label("Min clients").fill(min_clients)
+        shown.get_by_label("Num rounds").fill("2")
         page.get_by_label("App folder (zip)").set_input_files(str(app))
         page.get_by_label("Initial weights (.safetensors)").set_input_files(str(model))
         page.get_by_role("button", name="Submit job").click()
@@ -119,6 +123,41 @@ def test_job_submitted_with_an_invalid_field_then_corrected(pages: Pages, tmp_pa
     expect(page.locator("#job-state")).to_have_text(job.state)
     pages.shot(page, "submitted-job")
     assert job.min_clients == 2 and job.submitted_by == world.users[jw.LEAD]
+
+
+def test_a_cyclic_job_is_chosen_and_submitted_with_the_form(pages: Pages, tmp_path: Path) -> None:
+    world = in_thread(jw.build_world, tmp_path, start=False, submit=False)
+    bundle = jw.make_bundle(tmp_path)
+    app = tmp_path / "app.zip"
+    app.write_bytes(bundle.app)
+    model = tmp_path / "initial_model.safetensors"
+    model.write_bytes(bundle.model)
+    page = pages.new_page()
+    pages.sign_in(page, world.users[jw.LEAD].username)
+    pages.visit(page, f"/projects/{world.project.slug}/jobs/new/", "submit-form-cyclic")
+
+    page.get_by_label("Name (required)", exact=True).fill("relay-job")
+    page.get_by_label("Workflow (required)", exact=True).select_option("cyclic")
+    shown = page.locator("fieldset[data-workflow]:not([hidden])")
+    expect(shown.locator("legend")).to_have_text("Parameters of the cyclic workflow")
+    shown.get_by_label("Min clients").fill("2")
+    shown.get_by_label("Num rounds").fill("3")
+    shown.get_by_label("Order").select_option("random")
+    page.get_by_label("App folder (zip)").set_input_files(str(app))
+    page.get_by_label("Initial weights (.safetensors)").set_input_files(str(model))
+    page.get_by_role("button", name="Submit job").click()
+
+    expect(page.get_by_role("heading", level=1)).to_have_text("Job relay-job")
+    pages.shot(page, "submitted-cyclic-job")
+    job = Job.objects.get()
+    assert job.workflow == "cyclic"
+    assert (job.params["num_rounds"], job.params["order"]) == (3, "random")
+    # The job page lists the workflow's parameters with their descriptions.
+    page.locator("#workflow-parameters summary").click()
+    expect(
+        page.locator("#workflow-parameters").get_by_text("passes over all the sites")
+    ).to_be_visible()
+    pages.shot(page, "cyclic-job-parameters")
 
 
 def _post_metric(base: str, world: jw.World, point: dict) -> None:

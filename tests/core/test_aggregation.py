@@ -20,7 +20,7 @@ from jobs.aggregation import (
     weighted_metrics,
 )
 from jobs.aggregation.sources import TensorSpec
-from jobs.workflows import FedAvg, QuorumNotMet
+from jobs.workflows import FedAvg, RoundOutcome, ServerState, TrainResult, round_close_decision
 from tests.core.updates import DIFF, FULL, update
 
 
@@ -472,10 +472,11 @@ def test_fedavg_workflow_aggregates_in_site_order_whatever_the_arrival_order() -
         fedavg([u["c"], u["a"], u["b"]], glob)["w"], fedavg([u["b"], u["c"], u["a"]], glob)["w"]
     )
 
-    first = workflow.aggregate(0, glob, [u["c"], u["a"], u["b"]])
-    second = workflow.aggregate(0, glob, [u["b"], u["c"], u["a"]])
+    first = _fedavg_close(workflow, glob, [u["c"], u["a"], u["b"]])
+    second = _fedavg_close(workflow, glob, [u["b"], u["c"], u["a"]])
 
     assert first.sites == second.sites == ("a", "b", "c")
+    assert first.global_params is not None and second.global_params is not None
     assert_same(first.global_params["w"], second.global_params["w"])
     assert_same(first.global_params["w"], fedavg([u["a"], u["b"], u["c"]], glob)["w"])
 
@@ -486,19 +487,38 @@ def test_fedavg_workflow_outcome_carries_weighted_and_per_site_metrics() -> None
     b = update("site-b", {"w": torch.tensor([5.0])}, weight=3, metrics={"accuracy": 0.75})
     a = update("site-a", {"w": torch.tensor([1.0])}, weight=1, metrics={"accuracy": 0.5})
 
-    outcome = workflow.aggregate(0, glob, [b, a])
+    outcome = _fedavg_close(workflow, glob, [b, a])
 
+    assert outcome.global_params is not None
     assert_same(outcome.global_params["w"], torch.tensor([4.0]))
     assert outcome.metrics == {"accuracy": 0.6875}
     assert outcome.site_metrics == {"site-a": {"accuracy": 0.5}, "site-b": {"accuracy": 0.75}}
 
 
-def test_fedavg_workflow_raises_quorum_not_met_below_min_clients() -> None:
-    workflow = FedAvg(min_clients=3, num_rounds=2)
-    updates = [update("a", {"w": torch.ones(1)}), update("b", {"w": torch.ones(1)})]
+def _fedavg_close(
+    workflow: FedAvg, glob: dict[str, torch.Tensor], updates: list[SiteUpdate]
+) -> RoundOutcome:
+    plan = workflow.plan(0, [u.site for u in updates], ServerState())
+    results = [TrainResult(u.site, u) for u in updates]
+    return workflow.close(0, plan, glob, results, ServerState())
 
-    with pytest.raises(QuorumNotMet, match="min_clients is 3"):
-        workflow.aggregate(1, {"w": torch.zeros(1)}, updates)
+
+def test_the_round_close_policy_fails_the_round_below_min_clients_naming_each_site() -> None:
+    workflow = FedAvg(min_clients=3, num_rounds=2)
+    plan = workflow.plan(1, ["a", "b", "c", "d"], ServerState())
+
+    decision = round_close_decision(
+        plan, {"a": None, "b": "tensor 'w' holds NaN values", "c": None, "d": "no update"}
+    )
+
+    assert not decision.closes and decision.accepted == ("a", "c")
+    assert decision.failure == (
+        "round 2: 2 acceptable result(s), min_clients is 3; none from "
+        "b (tensor 'w' holds NaN values), d (no update)"
+    )
+    enough = round_close_decision(plan, {"a": None, "b": "late", "c": None, "d": None})
+    assert enough.closes and enough.accepted == ("a", "c", "d")
+    assert enough.not_accepted == {"b": "late"}
 
 
 def test_fedavg_workflow_round_task_is_a_train_task_for_that_round() -> None:

@@ -166,6 +166,8 @@ def test_export_writes_the_spec_the_initial_model_and_the_app(app: Path, tmp_pat
             "num_rounds": 3,
             "key_metric": "loss",
             "key_metric_mode": "min",
+            "aggregator": "mean",
+            "aggregator_args": {},
         },
         "train_script": "client.py",
         "train_args": "--epochs 1",
@@ -298,7 +300,7 @@ def test_load_refuses_job_json_that_is_not_an_object(bundle_root: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
-        ({"workflow": "fedprox"}, ["workflow:", "'fedprox'"]),
+        ({"workflow": "fedsgd"}, ["workflow:", "'fedsgd'"]),
         ({"workflow": _DELETE}, ["workflow:"]),
         ({"params": {"min_clients": 0, "num_rounds": 1}}, ["min_clients:"]),
         ({"params": {"min_clients": 1}}, ["num_rounds:"]),

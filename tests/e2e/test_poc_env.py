@@ -34,6 +34,8 @@ pytestmark = [
 
 SITES = ["site-1", "site-2", "site-3"]
 CANARY = "PATIENT-RECORD-7f3a91"  # a site's private data: must never cross the wire
+# SCAFFOLD's control changes travel as meta tensors under this prefix (client_agent.wire).
+SCAFFOLD_DIFF = "__meta__/scaffold_c_diff/"
 
 # Deterministic: every site adds (its round + 1) to every parameter and logs LOGS points a round.
 SCRIPT = textwrap.dedent(
@@ -162,6 +164,89 @@ def test_the_same_job_gives_the_same_model_in_simenv_and_pocenv(
     assert [r.round for r in run.rounds] == [0, 1, 2]
 
 
+# Every workflow's tasks: train adds half the site's number (and answers SCAFFOLD's control with
+# a change made from it), evaluate scores the received model by its sum, submit_model sends the
+# site's last trained weights. Deterministic, so SimEnv and PocEnv must agree to the bit.
+WORKFLOW_SCRIPT = textwrap.dedent(
+    """
+    import client_agent.api as flare
+    from client_agent.fl_model import AlgorithmConstants
+
+    flare.init()
+    number = int(flare.get_site_name().rsplit("-", 1)[1])
+    local = None
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        if flare.is_train():
+            local = {k: v + number / 2 for k, v in model.params.items()}
+            meta = {}
+            controls = model.meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+            if controls:
+                meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = {
+                    k: v / 10 + number for k, v in controls.items()
+                }
+            flare.send(flare.FLModel(params=local, metrics={"accuracy": number / 10}, meta=meta))
+        elif flare.is_evaluate():
+            score = float(sum(v.sum() for v in model.params.values())) + number / 100
+            flare.send(flare.FLModel(metrics={"accuracy": score}))
+        else:
+            flare.send(flare.FLModel(params=local))
+    """
+)
+
+
+def workflow_recipe(app: Path, which: str) -> Any:
+    from jobs.recipes import (
+        CyclicRecipe,
+        FedOptRecipe,
+        ScaffoldRecipe,
+        add_cross_site_evaluation,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    script = str(app / "workflow_client.py")
+    if which == "fedopt":
+        return FedOptRecipe(
+            "fedadam",
+            3,
+            2,
+            model,
+            script,
+            optimizer_args={"path": "FedAdam", "args": {"lr": 0.05}},
+        )
+    if which == "scaffold":
+        return ScaffoldRecipe("scaffold", 3, 2, model, script)
+    if which == "cyclic":
+        return CyclicRecipe("cyclic", model, 2, script, min_clients=3, order="random", seed=5)
+    return add_cross_site_evaluation(FedAvgRecipe("xsite", 3, 1, model, script))
+
+
+@pytest.mark.parametrize("which", ["fedopt", "scaffold", "cyclic", "cross_site"])
+def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
+    poc: PocEnv, app: Path, tmp_path: Path, which: str
+) -> None:
+    (app / "workflow_client.py").write_text(WORKFLOW_SCRIPT)
+    sim = workflow_recipe(app, which).execute(
+        SimEnv(clients=SITES, workspace=tmp_path, show_progress=False)
+    )
+    run = workflow_recipe(app, which).execute(prod(poc))
+
+    assert sim.status == RunStatus.COMPLETED, sim.error
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert [r.accepted for r in run.rounds] == [r.accepted for r in sim.rounds]
+    final, expected = run.global_model, sim.global_model
+    assert final is not None and expected is not None
+    assert sorted(final) == sorted(expected)
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), key
+    assert run.cross_site_matrix == sim.cross_site_matrix
+    if which == "cross_site":
+        assert sorted(run.cross_site_matrix) == ["global", *(f"site:{s}" for s in SITES)]
+
+
 def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: PocEnv) -> None:
     # Runs after the job above; every agent logged all it sent.
     allowed_ws = {"heartbeat", "task", "report"}
@@ -187,7 +272,17 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
                 }
             elif entry["method"] == "PUT":
                 assert entry["path"].endswith("/update/")
-                assert entry["safetensors"] == {"bias": [2], "weight": [2, 3]}
+                # The model's weights (none for an evaluate answer) and, from the SCAFFOLD
+                # job, its control changes: tensors of the same names and shapes, no other.
+                tensors = dict(entry["safetensors"])
+                controls = {
+                    name.removeprefix(SCAFFOLD_DIFF): shape
+                    for name, shape in tensors.items()
+                    if name.startswith(SCAFFOLD_DIFF)
+                }
+                weights = {n: s for n, s in tensors.items() if not n.startswith(SCAFFOLD_DIFF)}
+                assert weights in ({"bias": [2], "weight": [2, 3]}, {}), tensors
+                assert controls in ({"bias": [2], "weight": [2, 3]}, {}), tensors
             elif entry["method"] == "POST":
                 assert entry["path"].endswith("/status/")  # a failure, with its reason
                 assert set(entry["json"]) <= {"state", "reason"}

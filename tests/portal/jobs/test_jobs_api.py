@@ -379,7 +379,14 @@ def test_an_agent_sees_its_active_jobs_with_its_decision_and_current_task(
         "reason": "",
         "deadline": entry["current_task"]["deadline"],
         # What the client script's FLModel gets: FedAvg's round 1 of 2 is a train task.
-        "task": {"task_name": "train", "total_rounds": 2, "start_round": 0, "meta": {}},
+        "task": {
+            "task_name": "train",
+            "current_round": 0,
+            "total_rounds": 2,
+            "start_round": 0,
+            "meta": {},
+        },
+        "model": "global",
         "model_url": f"{jobs_world.a}/rounds/0/model/",
         "status_url": f"{jobs_world.a}/rounds/0/status/",
         "update_url": f"{jobs_world.a}/rounds/0/update/",
@@ -425,6 +432,7 @@ def test_the_openapi_schema_lists_every_jobs_endpoint(client) -> None:
         "/api/v1/jobs/{uid}/sites/",
         "/api/v1/jobs/{uid}/sites/{site_name}/decision/",
         "/api/v1/jobs/{uid}/metrics/",
+        "/api/v1/jobs/{uid}/cross-site/",
         "/api/v1/jobs/{uid}/models/",
         "/api/v1/jobs/{uid}/models/{round_number}/download/",
         "/api/v1/jobs/{uid}/abort/",

@@ -93,6 +93,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "rounds": Endpoint("GET", lambda w: f"{w.j}/rounds/", people(200)),
     "sites": Endpoint("GET", lambda w: f"{w.j}/sites/", people(200)),
     "metrics": Endpoint("GET", lambda w: f"{w.j}/metrics/", people(200)),
+    "cross-site": Endpoint("GET", lambda w: f"{w.j}/cross-site/", people(200)),
     "models": Endpoint("GET", lambda w: f"{w.j}/models/", people(200)),
     "model download": Endpoint("GET", lambda w: f"{w.j}/models/0/download/", people(200)),
     "abort": Endpoint(

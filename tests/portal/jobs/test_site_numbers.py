@@ -166,7 +166,7 @@ def test_a_round_whose_aggregation_fails_fails_the_job_with_the_reason(
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("the sites' tensors disagree")
 
-    monkeypatch.setattr(FedAvg, "aggregate", broken)
+    monkeypatch.setattr(FedAvg, "close", broken)
     project, sites = three_sites()
     job = submit(tmp_path, project, min_clients=3, num_rounds=2)
     for site in sites:
@@ -186,7 +186,7 @@ def test_a_round_whose_aggregation_fails_fails_the_job_with_the_reason(
 def test_a_database_that_goes_away_mid_aggregation_is_waited_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = FedAvg.aggregate
+    real = FedAvg.close
     outage = {"calls": 0, "failing": 1}
 
     def disconnected_at_first(self, *args, **kwargs):
@@ -195,7 +195,7 @@ def test_a_database_that_goes_away_mid_aggregation_is_waited_out(
             raise OperationalError("server closed the connection unexpectedly")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(FedAvg, "aggregate", disconnected_at_first)
+    monkeypatch.setattr(FedAvg, "close", disconnected_at_first)
     project, sites = three_sites()
     job = submit(tmp_path, project, min_clients=3, num_rounds=2)
     for site in sites:

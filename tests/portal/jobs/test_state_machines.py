@@ -1,5 +1,6 @@
-"""The job's and the round's state machines: every allowed move, and every other one refused
-(the services rely on ``move_to`` raising rather than checking states themselves)."""
+"""The job's, the round's and the site task's state machines: every allowed move, and every
+other one refused (the services rely on ``move_to`` raising, or on conditional updates from
+``SiteTask.states_that_move_to``, rather than checking states themselves)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from jobs.models import (
     JobState,
     Round,
     RoundState,
+    SiteTask,
+    TaskState,
 )
 
 JOB_MOVES = {
@@ -31,6 +34,21 @@ ROUND_MOVES = {
     (RoundState.OPEN, RoundState.FAILED),
     (RoundState.AGGREGATING, RoundState.CLOSED),
     (RoundState.AGGREGATING, RoundState.FAILED),
+}
+
+OPEN = (TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING)
+TASK_MOVES = {
+    # The site reports progress, or failure, while the task is open.
+    (TaskState.ASSIGNED, TaskState.DOWNLOADED),
+    (TaskState.ASSIGNED, TaskState.TRAINING),
+    (TaskState.DOWNLOADED, TaskState.TRAINING),
+    *((state, TaskState.FAILED) for state in OPEN),
+    # Its upload; late when the round closed before it came, or without it.
+    *((state, TaskState.UPLOADED) for state in OPEN),
+    *((state, TaskState.LATE) for state in (*OPEN, TaskState.UPLOADED)),
+    # The check.
+    (TaskState.UPLOADED, TaskState.ACCEPTED),
+    (TaskState.UPLOADED, TaskState.REJECTED),
 }
 
 
@@ -61,3 +79,17 @@ def test_a_round_moves_only_as_its_state_machine_allows(current: str, wanted: st
             rnd.move_to(wanted)
         assert rnd.state == current
         assert rnd.closed_at is None
+
+
+@pytest.mark.parametrize("current, wanted", list(itertools.product(TaskState, TaskState)))
+def test_a_site_task_moves_only_as_its_state_machine_allows(current: str, wanted: str) -> None:
+    task = SiteTask(state=current)
+    allowed = (current, wanted) in TASK_MOVES
+    assert (current in SiteTask.states_that_move_to(wanted)) == allowed
+    if allowed:
+        task.move_to(wanted, "why")
+        assert (task.state, task.reason) == (wanted, "why")
+    else:
+        with pytest.raises(InvalidJobTransition, match=f"a task that is {current} cannot"):
+            task.move_to(wanted)
+        assert task.state == current

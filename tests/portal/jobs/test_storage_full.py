@@ -91,7 +91,7 @@ def test_a_round_whose_model_cannot_be_stored_waits_for_room(
     world = build_world(tmp_path, num_rounds=1)
     job = world.job
     assert job is not None
-    monkeypatch.setattr(rounds_module, "save_state_dict", disk_full)
+    monkeypatch.setattr(rounds_module, "write_global_model", disk_full)
     data = update_bytes({"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(1)}, world.tmp)
     for site in world.sites:
         world.agent(site, "PUT", f"{world.a}/rounds/0/update/", raw=data)

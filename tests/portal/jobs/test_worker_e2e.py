@@ -34,8 +34,10 @@ from fedportal.celery import app as celery_app
 from jobs.api.authentication import HEADER_CONTENT_SHA256
 from jobs.bundle import pack_app
 from jobs.models import Job, JobState, ModelVersion, Round, RoundState
-from jobs.recipes import FedAvgRecipe
+from jobs.recipes import FedAvgRecipe, FedOptRecipe, Recipe
+from jobs.services.rounds import storage_path
 from jobs.services.submission import job_submit
+from jobs.workflows import ServerState
 from tests.portal.rounds_helpers import three_enrolled_sites
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -126,15 +128,29 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 60.0) -> o
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def submit(tmp_path: Path, project, name: str) -> Job:
+def submit(tmp_path: Path, project, name: str, workflow: str = "fedavg") -> Job:
     app = tmp_path / name
     app.mkdir()
     (app / "client.py").write_text("print('client')\n")
     torch.manual_seed(0)
     model = {"w": torch.randn(1_000_000), "b": torch.randn(1000), "n": torch.tensor(0)}
-    recipe = FedAvgRecipe(
-        name=name, min_clients=3, num_rounds=3, model=model, train_script=str(app / "client.py")
-    )
+    script = str(app / "client.py")
+    recipe: Recipe
+    if workflow == "fedopt":
+        # FedAdam: its moments and step count are server state that the killed round's
+        # re-run must read back exactly as the undisturbed run had them.
+        recipe = FedOptRecipe(
+            name=name,
+            min_clients=3,
+            num_rounds=3,
+            model=model,
+            train_script=script,
+            optimizer_args={"path": "FedAdam", "args": {"lr": 0.05}},
+        )
+    else:
+        recipe = FedAvgRecipe(
+            name=name, min_clients=3, num_rounds=3, model=model, train_script=script
+        )
     bundle = recipe.export(tmp_path / f"{name}-bundle")
     archive = pack_app(bundle / "app", tmp_path / f"{name}.zip")
     with open(bundle / "initial_model.safetensors", "rb") as m, open(archive, "rb") as a:
@@ -206,9 +222,16 @@ def hold_model_slot(
 
 
 def run_job(
-    tmp_path: Path, worker: Worker, project, sites, name: str, *, kill_in_round: int | None
+    tmp_path: Path,
+    worker: Worker,
+    project,
+    sites,
+    name: str,
+    *,
+    kill_in_round: int | None,
+    workflow: str = "fedavg",
 ):
-    job = submit(tmp_path, project, name)
+    job = submit(tmp_path, project, name, workflow)
     killed = False
     for number in range(3):
 
@@ -256,19 +279,34 @@ def settings_media() -> str:
     return str(settings.MEDIA_ROOT)
 
 
-def test_a_worker_killed_mid_aggregation_loses_nothing(tmp_path: Path, worker: Worker) -> None:
+@pytest.mark.parametrize("workflow", ["fedavg", "fedopt"])
+def test_a_worker_killed_mid_aggregation_loses_nothing(
+    tmp_path: Path, worker: Worker, workflow: str
+) -> None:
     sites = three_enrolled_sites()
     project = sites[0].site.project
 
-    undisturbed = run_job(tmp_path, worker, project, sites, "calm", kill_in_round=None)
-    disturbed = run_job(tmp_path, worker, project, sites, "killed", kill_in_round=1)
+    undisturbed = run_job(
+        tmp_path, worker, project, sites, "calm", kill_in_round=None, workflow=workflow
+    )
+    disturbed = run_job(
+        tmp_path, worker, project, sites, "killed", kill_in_round=1, workflow=workflow
+    )
 
     assert disturbed.sha256 == undisturbed.sha256
     calm, killed = (load_state_dict(Path(v.file.path)) for v in (undisturbed, disturbed))
     assert all(torch.equal(calm[k], killed[k]) for k in calm)
     assert killed["n"].item() == 3
-    # Weights 1, 2, 3 and changes +1, +2, +3: each round adds (1 + 4 + 9) / 6 to every float.
     start = load_state_dict(
         Path(ModelVersion.objects.get(job=disturbed.job, round_number=0).file.path)
     )
-    assert torch.allclose(killed["w"], start["w"] + 3 * 14 / 6)
+    # Weights 1, 2, 3 and changes +1, +2, +3: each round's mean adds (1 + 4 + 9) / 6.
+    fedavg_final = start["w"] + 3 * 14 / 6
+    if workflow == "fedavg":
+        assert torch.allclose(killed["w"], fedavg_final)
+        return
+    # FedAdam stepped from the stored moments: not FedAvg's model, and its state is stored.
+    assert not torch.allclose(killed["w"], fedavg_final)
+    last = Round.objects.get(job=disturbed.job, number=2)
+    state = ServerState.load(storage_path(last.server_state))
+    assert any(name.startswith("optimizer/w/") for name in state.tensors)

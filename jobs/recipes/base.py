@@ -1,12 +1,4 @@
-"""Recipes: a federated job described as a Python object, not a config file.
-
-    recipe = FedAvgRecipe(name="hello-pt", min_clients=3, num_rounds=5,
-                          model=Net(), train_script="client.py")
-    run = recipe.execute(SimEnv(num_clients=3))
-
-A recipe is data. It checks its arguments when it is made, exports a job bundle
-(:mod:`jobs.bundle`), and knows nothing of where it runs: the env decides that.
-"""
+"""What every recipe is: a workflow, a model and a client script, checked up front."""
 
 from __future__ import annotations
 
@@ -19,13 +11,13 @@ import torch
 
 from common.validators import FieldError
 from jobs.bundle import build_spec, write_bundle
-from jobs.workflows import FedAvg, Workflow
+from jobs.workflows import Workflow
 
 if TYPE_CHECKING:
     from jobs.envs import Env, Run
 
 
-def _initial_params(model: Any) -> dict[str, torch.Tensor]:
+def initial_params_of(model: Any) -> dict[str, torch.Tensor]:
     if isinstance(model, torch.nn.Module):
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if (
@@ -72,7 +64,7 @@ class Recipe:
             raise FieldError("train_args", f"{exc} in {train_args!r}") from None
         self.name = name
         self.workflow = workflow
-        self.initial_params = _initial_params(model)
+        self.initial_params = initial_params_of(model)
         self.train_script = script
         self.train_args = train_args
 
@@ -105,35 +97,3 @@ class Recipe:
     def execute(self, env: Env) -> Run:
         """Run the job in ``env`` (``SimEnv``, ``PocEnv``, ``ProdEnv``) and return its ``Run``."""
         return env.run(self)
-
-
-class FedAvgRecipe(Recipe):
-    """FedAvg over ``num_rounds`` rounds, with NVFlare's ``FedAvgRecipe`` arguments.
-
-    ``key_metric`` (default ``"accuracy"``) chooses the best model, higher is better unless
-    ``key_metric_mode="min"`` (say, for a loss).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        min_clients: int,
-        num_rounds: int,
-        model: Any,
-        train_script: str | Path,
-        train_args: str = "",
-        key_metric: str | None = "accuracy",
-        key_metric_mode: str = "max",
-    ) -> None:
-        super().__init__(
-            name=name,
-            workflow=FedAvg(
-                min_clients=min_clients,
-                num_rounds=num_rounds,
-                key_metric=key_metric,
-                key_metric_mode=key_metric_mode,
-            ),
-            model=model,
-            train_script=train_script,
-            train_args=train_args,
-        )

@@ -1,0 +1,30 @@
+"""Recipes: a federated job described as a Python object, not a config file.
+
+    recipe = FedAvgRecipe(name="hello-pt", min_clients=3, num_rounds=5,
+                          model=Net(), train_script="client.py")
+    run = recipe.execute(SimEnv(num_clients=3))
+
+A recipe is data. It checks its arguments when it is made, exports a job bundle
+(:mod:`jobs.bundle`), and knows nothing of where it runs: the env decides that. The user
+selects the workflow by the recipe class: ``FedAvgRecipe``, ``FedOptRecipe``,
+``ScaffoldRecipe``, ``FedProxRecipe``, ``CyclicRecipe``, ``FedEvalRecipe``, and
+``add_cross_site_evaluation(recipe)`` after training.
+"""
+
+from jobs.recipes.base import Recipe
+from jobs.recipes.cyclic import CyclicRecipe
+from jobs.recipes.evaluation import FedEvalRecipe, add_cross_site_evaluation
+from jobs.recipes.fedavg import FedAvgRecipe, FedProxRecipe
+from jobs.recipes.fedopt import FedOptRecipe
+from jobs.recipes.scaffold import ScaffoldRecipe
+
+__all__ = [
+    "CyclicRecipe",
+    "FedAvgRecipe",
+    "FedEvalRecipe",
+    "FedOptRecipe",
+    "FedProxRecipe",
+    "Recipe",
+    "ScaffoldRecipe",
+    "add_cross_site_evaluation",
+]

@@ -1,0 +1,111 @@
+"""Evaluation recipes: ``FedEvalRecipe`` (one checkpoint scored at every site) and
+``add_cross_site_evaluation`` (after training, every site scores every site's model and the
+final global model), with NVFlare's names and arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.validators import FieldError, check_int
+from jobs.recipes.base import Recipe, initial_params_of
+from jobs.workflows.evaluation import CrossSiteEval, FedEval
+
+
+def checkpoint_for(model: Any, eval_ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in ``eval_ckpt`` (a safetensors file, or a PyTorch ``state_dict`` saved
+    with ``torch.save``), checked against ``model``: the same tensor names, shapes and dtypes.
+    """
+    from client_agent.wire import WireFormatError, load_state_dict
+
+    expected = initial_params_of(model)
+    path = Path(eval_ckpt).expanduser()
+    if not path.is_file():
+        raise FieldError("eval_ckpt", f"{eval_ckpt!s} does not exist ({path.resolve()})")
+    try:
+        if path.suffix == ".safetensors":
+            weights = load_state_dict(path)
+        else:
+            # The user's own file on this machine, never one received from the network;
+            # weights_only refuses anything but tensors and plain containers.
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            weights = loaded.get("model", loaded) if isinstance(loaded, dict) else loaded
+    except (WireFormatError, OSError, RuntimeError, ValueError) as exc:
+        raise FieldError("eval_ckpt", f"{path.name} cannot be read: {exc}") from None
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise FieldError("eval_ckpt", f"{path.name} holds no state_dict (name → tensor)")
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise FieldError(
+            "eval_ckpt",
+            f"{path.name} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}",
+        )
+    for name, tensor in expected.items():
+        got = weights[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise FieldError(
+                "eval_ckpt",
+                f"{path.name} does not fit the model: {name!r} is {got.dtype} "
+                f"{list(got.shape)}, the model's is {tensor.dtype} {list(tensor.shape)}",
+            )
+    return {name: weights[name].detach().cpu().clone() for name in expected}
+
+
+class FedEvalRecipe(Recipe):
+    """Every site evaluates one checkpoint (``eval_ckpt``) of ``model`` with ``eval_script``
+    (its ``flare.is_evaluate()`` branch); ``run.cross_site_matrix["global"]`` holds each
+    site's metrics and ``run.metrics.aggregated(key)`` their mean."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        eval_ckpt: str | Path,
+        min_clients: int,
+        eval_script: str | Path,
+        eval_args: str = "",
+        key_metric: str | None = "accuracy",
+        key_metric_mode: str = "max",
+    ) -> None:
+        super().__init__(
+            name=name,
+            workflow=FedEval(
+                min_clients=min_clients, key_metric=key_metric, key_metric_mode=key_metric_mode
+            ),
+            model=checkpoint_for(model, eval_ckpt),
+            train_script=eval_script,
+            train_args=eval_args,
+        )
+
+
+def add_cross_site_evaluation(
+    recipe: Recipe, submit_model_timeout: int = 600, validation_timeout: int = 6000
+) -> Recipe:
+    """After the recipe's training, every site submits its own model and every site evaluates
+    each of them and the final global model; ``run.cross_site_matrix[model][site]`` holds the
+    scores (``model``: ``"global"`` or ``"site:<name>"``). Changes ``recipe`` and returns it.
+
+    The client script answers ``flare.is_submit_model()`` with its local model and
+    ``flare.is_evaluate()`` with metrics only, as NVFlare's cross-site evaluation expects.
+
+    ``submit_model_timeout`` and ``validation_timeout`` are NVFlare's arguments, checked and
+    accepted so its job scripts run; here every round, evaluation rounds included, has the
+    env's round timeout (``PocEnv``/``ProdEnv``'s ``round_timeout_seconds``, SimEnv's
+    ``task_timeout``).
+    """
+    for field, value in (
+        ("submit_model_timeout", submit_model_timeout),
+        ("validation_timeout", validation_timeout),
+    ):
+        check_int(field, value, low=1)
+    if not isinstance(recipe, Recipe):
+        raise FieldError("recipe", f"must be a recipe, got {type(recipe).__name__}")
+    if isinstance(recipe.workflow, CrossSiteEval):
+        raise FieldError("recipe", "already ends with cross-site evaluation")
+    recipe.workflow = CrossSiteEval(recipe.workflow)
+    return recipe
