@@ -79,21 +79,29 @@ class Scaffold(FedAvg):
         assert outcome.global_params is not None
         updates = train_updates(list(results))
         share = len(updates) / max(len(plan.tasks), 1)
-        diffs = [u.source.meta_tensors(AlgorithmConstants.SCAFFOLD_CTRL_DIFF) for u in updates]
+        floats = {n: t for n, t in outcome.global_params.items() if t.is_floating_point()}
+        # Each site's changes are read one site at a time and summed in float64, in site-name
+        # order: memory stays one model's worth, and every driver gets the same bits.
+        totals: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for update in updates:
+            for name, diff in update.source.meta_tensors(
+                AlgorithmConstants.SCAFFOLD_CTRL_DIFF
+            ).items():
+                if name not in floats:
+                    continue
+                if name in totals:
+                    totals[name] += diff.to(torch.float64)
+                else:
+                    totals[name] = diff.to(torch.float64, copy=True)
+                counts[name] = counts.get(name, 0) + 1
         controls: dict[str, torch.Tensor] = {}
-        for name, tensor in outcome.global_params.items():
-            if not tensor.is_floating_point():
-                continue
+        for name, tensor in floats.items():
             current = state.tensors.get(name, torch.zeros_like(tensor))
-            sent = [d[name] for d in diffs if name in d]
-            if not sent:
+            if name not in totals:
                 controls[name] = current
                 continue
-            # Summed in float64 in site-name order: the same bits in every driver.
-            total = torch.zeros(tensor.shape, dtype=torch.float64)
-            for diff in sent:
-                total += diff.to(torch.float64)
-            mean = total / len(sent)
+            mean = totals[name] / counts[name]
             controls[name] = (current.to(torch.float64) + share * mean).to(current.dtype)
         outcome.state = ServerState(tensors=controls, data={"sites_in_last_round": len(updates)})
         return outcome
