@@ -120,6 +120,7 @@ while flare.is_running():
         loss.backward()
         optimizer.step()
         summary_writer.add_scalar(tag="loss", scalar=float(loss), global_step=step)
+        summary_writer.add_scalars("train", {"lr": 0.05}, global_step=step)
         curr_lr = get_lr_values(optimizer)[0]
         helper.model_update(model=model, curr_lr=curr_lr, c_global_para=c_global_para,
                             c_local_para=c_local_para)
@@ -156,5 +157,6 @@ def test_an_nvflare_scaffold_script_runs_in_simenv_and_the_controls_build_up(
     assert any(torch.count_nonzero(t) > 0 for t in later.values())
     # SummaryWriter's scalars are the run's logged metrics, 4 steps × 3 rounds per site.
     assert len(run.metrics.logged("loss", "site-1")) == 12
+    assert [p.value for p in run.metrics.logged("train/lr", "site-2")] == [0.05] * 12
     # Meta tensors never leak into the weights.
     assert sorted(final_weights(run)) == ["bias", "weight"]
