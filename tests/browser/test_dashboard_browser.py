@@ -15,7 +15,7 @@ import pytest
 from django.db import connection
 from playwright.sync_api import expect
 
-from jobs.models import Job, JobState
+from jobs.models import Evaluation, Job, JobState
 from jobs.services.telemetry import log_lines_record
 from sites.models import Certificate, Site, SiteState
 from sites.services import enrolment_token_check
@@ -158,6 +158,44 @@ def test_a_cyclic_job_is_chosen_and_submitted_with_the_form(pages: Pages, tmp_pa
         page.locator("#workflow-parameters").get_by_text("passes over all the sites")
     ).to_be_visible()
     pages.shot(page, "cyclic-job-parameters")
+
+
+def _cross_site_scores(job: Job) -> None:
+    """What a cross-site evaluation's close stores: every site's accuracy of every model."""
+    models = ["global", "site:site-1", "site:site-2", "site:site-3"]
+    for row, model in enumerate(models):
+        for column, site in enumerate(("site-1", "site-2", "site-3")):
+            home = model == f"site:{site}"
+            accuracy = 0.95 if home else 0.4 + 0.1 * ((row + column) % 3)
+            Evaluation.objects.create(
+                job=job,
+                round_number=row + 2,
+                model=model,
+                site_name=site,
+                metrics={"accuracy": accuracy},
+            )
+
+
+def test_the_cross_site_heat_map_reads_in_a_browser(pages: Pages, tmp_path: Path) -> None:
+    world = in_thread(jw.build_world, tmp_path)
+    job = world.job
+    assert job is not None
+    in_thread(_cross_site_scores, job)
+    page = pages.new_page()
+    pages.sign_in(page, world.users[jw.LEAD].username)
+    pages.visit(page, f"/jobs/{job.uid}/", "job-cross-site")
+
+    heat = page.locator("#cross-site")
+    heat.scroll_into_view_if_needed()
+    pages.shot(page, "cross-site-heat-map")
+    expect(heat).to_be_visible()
+    expect(page.locator("#cross-site-heading")).to_have_text("Cross-site evaluation: accuracy")
+    # A row per model, a column per site, every value written out; a site's own model is
+    # the best cell of its column, coloured as such.
+    expect(heat.locator("tbody tr")).to_have_count(4)
+    own = heat.locator('[data-model="site:site-2"] [data-site="site-2"]')
+    expect(own).to_have_text("0.95")
+    expect(own).to_have_class("heat-10")
 
 
 def _post_metric(base: str, world: jw.World, point: dict) -> None:
