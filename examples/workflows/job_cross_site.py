@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> Run:
     )
     env = job_tools.env_for(args)
     run = recipe.execute(env)
-    job_tools.report(run)
+    job_tools.report(run, training_rounds=args.rounds)  # then the evaluation rounds
     print_matrix(run)
     job_tools.finish(env, args)
     return run

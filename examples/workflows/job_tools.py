@@ -68,10 +68,13 @@ def test_accuracy(params: dict[str, torch.Tensor]) -> float:
     return float(accuracy(model, *load_test_data()))
 
 
-def report(run: Run) -> None:
-    """Print what the run did: its status, the accuracy by round, the final model's score."""
+def report(run: Run, training_rounds: int | None = None) -> None:
+    """Print what the run did: its status, the accuracy by round (the first
+    ``training_rounds`` only, when evaluation rounds follow), the final model's score."""
     print(f"status {run.status.value}" + (f": {run.error}" if run.error else ""))
     by_round = run.metrics.aggregated("accuracy")
+    if training_rounds is not None:
+        by_round = [(number, value) for number, value in by_round if number < training_rounds]
     if by_round:
         print(
             "sites' mean validation accuracy of the model each round (Cyclic: each turn) "
