@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from jobs.workflows.results import TaskResult
 
 SITE_MODEL_PREFIX = "site:"
+# The workflows cross-site evaluation can follow (a test checks this against the registry).
+TRAINING_WORKFLOWS = ("cyclic", "fedavg", "fedopt", "fedprox", "scaffold")
 # The meta key that marks the tasks of the cross-site rounds (the script sees it too): which
 # phase a round belongs to is read from its plan, so closing needs no count of the sites.
 PHASE = "cross_site_phase"
@@ -154,7 +156,10 @@ class CrossSiteEval:
         "required": ["train_workflow", "train_params"],
         "additionalProperties": False,
         "properties": {
-            "train_workflow": {"type": "string", "description": "the training workflow"},
+            "train_workflow": {
+                "enum": list(TRAINING_WORKFLOWS),
+                "description": "the training workflow",
+            },
             "train_params": {"type": "object", "description": "its parameters"},
         },
     }
@@ -167,8 +172,11 @@ class CrossSiteEval:
     def from_params(cls, params: Mapping[str, Any]) -> CrossSiteEval:
         checked = params_checked(cls.name, cls.PARAMETERS, params)
         name = checked["train_workflow"]
-        if name == cls.name:
-            raise FieldError("train_workflow", "already ends with cross-site evaluation")
+        if name not in TRAINING_WORKFLOWS:
+            raise FieldError(
+                "train_workflow",
+                f"{name!r} is not a training workflow (one of: {', '.join(TRAINING_WORKFLOWS)})",
+            )
         return cls(workflow_from_spec(name, checked["train_params"]))
 
     def to_params(self) -> dict[str, Any]:

@@ -162,3 +162,16 @@ def test_bad_workflow_arguments_are_refused_naming_the_argument(
 
     assert caught.value.field == field
     assert says in str(caught.value)
+
+
+def test_cross_site_evaluation_follows_every_training_workflow_and_nothing_else() -> None:
+    from jobs.workflows.evaluation import TRAINING_WORKFLOWS, CrossSiteEval, FedEval
+
+    evaluation = {CrossSiteEval.name, FedEval.name}
+    assert sorted(TRAINING_WORKFLOWS) == sorted(set(workflow_registry()) - evaluation)
+    for name in sorted(evaluation):
+        with pytest.raises(FieldError, match="not a training workflow") as caught:
+            workflow_from_spec(
+                "cross_site_eval", {"train_workflow": name, "train_params": {"min_clients": 1}}
+            )
+        assert caught.value.field == "train_workflow"
