@@ -198,9 +198,12 @@ WORKFLOW_SCRIPT = textwrap.dedent(
 
 
 def workflow_recipe(app: Path, which: str) -> Any:
+    from client_agent.wire import save_state_dict
     from jobs.recipes import (
         CyclicRecipe,
+        FedEvalRecipe,
         FedOptRecipe,
+        FedProxRecipe,
         ScaffoldRecipe,
         add_cross_site_evaluation,
     )
@@ -221,10 +224,18 @@ def workflow_recipe(app: Path, which: str) -> Any:
         return ScaffoldRecipe("scaffold", 3, 2, model, script)
     if which == "cyclic":
         return CyclicRecipe("cyclic", model, 2, script, min_clients=3, order="random", seed=5)
+    if which == "fedprox":
+        return FedProxRecipe("fedprox", 3, 2, model, script, fedprox_mu=0.1)
+    if which == "fedeval":
+        checkpoint = app / "checkpoint.safetensors"
+        save_state_dict(checkpoint, {k: v + 1 for k, v in model.state_dict().items()})
+        return FedEvalRecipe("fedeval", model, checkpoint, 3, script)
     return add_cross_site_evaluation(FedAvgRecipe("xsite", 3, 1, model, script))
 
 
-@pytest.mark.parametrize("which", ["fedopt", "scaffold", "cyclic", "cross_site"])
+@pytest.mark.parametrize(
+    "which", ["fedopt", "scaffold", "cyclic", "cross_site", "fedprox", "fedeval"]
+)
 def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
     poc: PocEnv, app: Path, tmp_path: Path, which: str
 ) -> None:
@@ -245,6 +256,8 @@ def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
     assert run.cross_site_matrix == sim.cross_site_matrix
     if which == "cross_site":
         assert sorted(run.cross_site_matrix) == ["global", *(f"site:{s}" for s in SITES)]
+    if which == "fedeval":
+        assert sorted(run.cross_site_matrix["global"]) == SITES
 
 
 def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: PocEnv) -> None:
