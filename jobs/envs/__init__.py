@@ -5,15 +5,27 @@
   machine, started and stopped for you.
 - :class:`ProdEnv`: a portal somewhere else, reached with an API token.
 
-Each returns a :class:`Run` with the same fields; only the env line of a ``job.py`` changes.
+Each returns a :class:`Run` with the same fields and NVFlare's ``get_job_id()``,
+``get_status()``, ``get_result()`` and ``abort()``; only the env line of a ``job.py`` changes.
+A failed SimEnv run raises :class:`RunFailed`, which carries the run.
 """
 
-from jobs.envs.base import Env, MetricPoint, Metrics, RoundRecord, Run, RunStatus
+from jobs.envs.base import (
+    NVFLARE_STATUS,
+    Env,
+    MetricPoint,
+    Metrics,
+    RoundRecord,
+    Run,
+    RunFailed,
+    RunStatus,
+)
 from jobs.envs.poc import PocEnv, PocEnvError
 from jobs.envs.portal import PortalRun, ProdEnv
 from jobs.envs.sim import SimEnv
 
 __all__ = [
+    "NVFLARE_STATUS",
     "Env",
     "MetricPoint",
     "Metrics",
@@ -23,6 +35,7 @@ __all__ = [
     "ProdEnv",
     "RoundRecord",
     "Run",
+    "RunFailed",
     "RunStatus",
     "SimEnv",
 ]

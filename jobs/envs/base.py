@@ -34,6 +34,31 @@ class RunStatus(StrEnum):
     ABORTED = "ABORTED"
 
 
+NVFLARE_STATUS: dict[RunStatus, str] = {
+    RunStatus.RUNNING: "RUNNING",
+    RunStatus.COMPLETED: "FINISHED:COMPLETED",
+    RunStatus.FAILED: "FINISHED:EXECUTION_EXCEPTION",
+    RunStatus.ABORTED: "FINISHED:ABORTED",
+}
+"""``Run.get_status()``'s words: the job status strings NVFlare's admin API returns, so a
+``job.py`` that compares them keeps working."""
+
+
+class RunFailed(RuntimeError):
+    """A run ended FAILED; ``run`` is its :class:`Run` (status, error, rounds, workspace).
+
+    A RuntimeError, as NVFlare's SimEnv raises for a failed simulation, so ``python job.py``
+    exits non-zero with the reason instead of printing it and exiting 0.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        super().__init__(
+            f"job {run.job_id} failed: {run.error}. The sites' logs are in "
+            f"{run.workspace / 'sites'} (<site>/log.txt)"
+        )
+
+
 @dataclass(frozen=True)
 class MetricPoint:
     """One number: from a site's result (``source="result"``), the round's weighted mean
@@ -150,6 +175,32 @@ class Run:
         """Runs from SimEnv are finished when returned; kept for the same code in every env."""
         return self
 
+    # -- NVFlare's Run surface (``nvflare.recipe.run.Run``) ----------------------------------
+
+    def get_job_id(self) -> str:
+        return self.job_id
+
+    def get_status(self) -> str | None:
+        """The status in NVFlare's words (:data:`NVFLARE_STATUS`): ``"RUNNING"``,
+        ``"FINISHED:COMPLETED"``, ``"FINISHED:ABORTED"`` or ``"FINISHED:EXECUTION_EXCEPTION"``.
+
+        NVFlare's SimEnv answers ``None`` here; a simulation here knows how it ended, so it
+        says so."""
+        return NVFLARE_STATUS[self.status]
+
+    def get_result(self, timeout: float = 0.0, clean_up: bool = True) -> str | None:
+        """The run's workspace folder, as a string: the final and best global models are in its
+        ``models/`` folder (``round-NNN.safetensors`` for the last round, ``best.safetensors``).
+
+        A SimEnv run is finished when returned, so ``timeout`` has nothing to wait for, and
+        nothing is cleaned up whatever ``clean_up`` says: the workspace is the result."""
+        return str(self.workspace)
+
+    def abort(self) -> None:
+        """Nothing to stop: a SimEnv run is finished when ``recipe.execute`` returns it (NVFlare's
+        SimEnv says the same and returns ``None``)."""
+        return None
+
 
 def model_file_name(completed_rounds: int) -> str:
     return (
@@ -169,6 +220,19 @@ def check_count(name: str, value: object) -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name}: must be an integer of at least 1, got {value!r}")
     return value
+
+
+def check_workspace_alias(
+    workspace: str | Path | None, workspace_root: str | Path | None
+) -> str | Path | None:
+    """The workspace folder given as ``workspace`` or as NVFlare's ``workspace_root``; both given
+    is a ValueError naming them (they could disagree)."""
+    if workspace is not None and workspace_root is not None:
+        raise ValueError(
+            "workspace, workspace_root: give one of them (workspace_root is NVFlare's name for "
+            f"workspace), got {str(workspace)!r} and {str(workspace_root)!r}"
+        )
+    return workspace if workspace is not None else workspace_root
 
 
 def site_names(num_clients: int | None, clients: Sequence[str] | None) -> list[str]:

@@ -127,9 +127,44 @@ class PortalRun(Run):
             self.progress.say(f"{self.name}: {self.status.value}: {self.error}")
         return self
 
-    def abort(self, reason: str = "aborted from job.py") -> PortalRun:
-        self._update(self.client.post(self._path("abort/"), {"reason": reason}))
-        return self
+    def abort(self, reason: str = "aborted from job.py") -> None:
+        """Abort the job on the portal (``POST /api/v1/jobs/<uid>/abort/``), recording
+        ``reason``. A job that has ended already is left as it is, as NVFlare's ``Run.abort``
+        is a no-op then; a portal that refuses (no permission) raises its error."""
+        if self.status != RunStatus.RUNNING:
+            return
+        try:
+            self._update(self.client.post(self._path("abort/"), {"reason": reason}))
+        except PortalError as exc:
+            if exc.status != 409:
+                raise
+            self.refresh()  # it ended since the last refresh: nothing left to abort
+
+    def get_status(self) -> str | None:
+        """The job's status now, asked of the portal, in NVFlare's words (``"RUNNING"``,
+        ``"FINISHED:COMPLETED"``, …); ``None`` when the portal cannot be asked, as NVFlare's
+        ``Run.get_status`` answers when its admin API fails. An ended job's status is final,
+        so it is answered without asking (a PocEnv's portal is stopped by then)."""
+        if self.status != RunStatus.RUNNING:
+            return super().get_status()
+        try:
+            self.refresh()
+        except (PortalUnreachable, PortalError):
+            return None
+        return super().get_status()
+
+    def get_result(self, timeout: float = 0.0, clean_up: bool = True) -> str | None:
+        """Wait for the job to end (``timeout`` seconds, 0: no limit, as NVFlare), download its
+        models and metrics into the run's workspace, and return that folder; ``None`` if the
+        job is still running after ``timeout``. The models are in its ``models/`` folder.
+
+        ``clean_up`` changes nothing: the portal keeps the job, and the folder is the result
+        (a PocEnv is stopped when its run ends unless ``keep_running=True``)."""
+        try:
+            self.wait(timeout=timeout or None)
+        except TimeoutError:
+            return None
+        return str(self.workspace)
 
     def fetch_results(self) -> None:
         """Rounds, metrics and every global model, into the run and its workspace."""

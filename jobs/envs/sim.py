@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -49,9 +50,11 @@ from jobs.envs.base import (
     MetricPoint,
     RoundRecord,
     Run,
+    RunFailed,
     RunStatus,
     _Progress,
     check_count,
+    check_workspace_alias,
     model_file_name,
     new_job_id,
     site_names,
@@ -88,37 +91,103 @@ def _torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def gpu_groups(gpu_config: str | None, device_count: int) -> list[str]:
+    """NVFlare's ``gpu_config`` as the ``CUDA_VISIBLE_DEVICES`` of each group of sites.
+
+    ``"0,1"`` is two groups (GPU 0, GPU 1); ``"[0,1],[2]"`` is two groups (GPUs 0 and 1, GPU 2).
+    The sites take the groups in turn. A malformed string, or a GPU this machine does not have
+    (``device_count`` of them), is a ValueError naming ``gpu_config``: a job meant for a GPU
+    must not quietly train on the CPU instead.
+    """
+    if gpu_config is None:
+        return []
+    text = gpu_config.replace(" ", "")
+    if "[" in text:
+        parts = re.findall(r"\[([^\[\]]*)\]", text)
+        if ",".join(f"[{p}]" for p in parts) != text:
+            raise ValueError(f"gpu_config: expected like '0,1' or '[0,1],[2]', got {gpu_config!r}")
+    else:
+        parts = text.split(",")
+    groups: list[str] = []
+    for part in parts:
+        ids = part.split(",")
+        if not all(i.isdigit() for i in ids):
+            raise ValueError(f"gpu_config: expected like '0,1' or '[0,1],[2]', got {gpu_config!r}")
+        missing = [int(i) for i in ids if int(i) >= device_count]
+        if missing:
+            raise ValueError(
+                f"gpu_config: GPU {missing[0]} asked for, but this machine has {device_count} "
+                f"CUDA GPU(s)"
+            )
+        groups.append(",".join(str(int(i)) for i in ids))
+    return groups
+
+
 class SimEnv:
     """Simulate a federation on this machine: one process per site, in-process workflow.
 
-    ``num_clients`` sites are named ``site-1`` … ``site-N`` unless ``clients`` names them.
-    ``num_threads`` sites train at once (default: all). Each site process gets
-    ``OMP_NUM_THREADS = cores / num_threads`` (at least 1) unless the caller set it, so the
-    sites do not fight over the cores. ``workspace`` defaults to
-    ``<tmp>/fedportal-simulation/<job id>``. Site updates are deleted once aggregated unless
-    ``keep_updates=True`` (rejected ones are kept). A site whose script crashes fails the run: in
-    simulation every site runs the same script, so a crash is a bug to see at once.
+    The arguments are NVFlare's (``nvflare.recipe.SimEnv``), with the same meanings:
+
+    - ``num_clients`` sites named ``site-1`` … ``site-N``, unless ``clients`` names them
+      (``num_clients=0``, the default, then takes the number from ``clients``).
+    - ``num_threads`` sites train at once (default: all). Each site process gets
+      ``OMP_NUM_THREADS = cores / num_threads`` (at least 1) unless the caller set it, so the
+      sites do not fight over the cores.
+    - ``gpu_config``: the GPUs the sites use, ``"0,1"`` or ``"[0,1],[2]"``; the sites take the
+      groups in turn as their ``CUDA_VISIBLE_DEVICES``. A GPU this machine lacks is a
+      ValueError. Without it the sites see whatever GPUs the caller's environment shows.
+    - ``log_config``: accepted and kept; it changes nothing here: each site's output goes to
+      ``sites/<site>/log.txt`` and the progress to the terminal whatever it says.
+    - ``workspace_root`` (or our name ``workspace``; not both): the runs go to
+      ``<workspace_root>/<job id>``; default ``<tmp>/fedportal-simulation``.
+    - ``extra``: accepted and kept (``self.extra``); it changes nothing.
+
+    Ours besides: site updates are deleted once aggregated unless ``keep_updates=True``
+    (rejected ones are kept); ``task_timeout`` bounds one task; ``show_progress``; ``python``.
+    A site whose script crashes fails the run: in simulation every site runs the same script,
+    so a crash is a bug to see at once. A failed run raises :class:`RunFailed` (a RuntimeError,
+    as NVFlare's SimEnv raises), which carries the :class:`Run`.
     """
 
     def __init__(
         self,
-        num_clients: int | None = None,
+        num_clients: int | None = 0,
         num_threads: int | None = None,
         workspace: str | Path | None = None,
         clients: Sequence[str] | None = None,
         *,
+        gpu_config: str | None = None,
+        log_config: str | None = None,
+        workspace_root: str | Path | None = None,
+        extra: dict[str, Any] | None = None,
         show_progress: bool = True,
         task_timeout: float | None = None,
         keep_updates: bool = False,
         python: str = sys.executable,
     ) -> None:
+        # NVFlare's num_clients=0 means "as many as clients names".
+        if clients is not None and num_clients == 0 and num_clients is not False:
+            num_clients = None
         self.clients = site_names(num_clients, clients)
         self.num_clients = len(self.clients)
         if num_threads is not None:
             check_count("num_threads", num_threads)
         self.num_threads = min(num_threads or self.num_clients, self.num_clients)
+        if gpu_config is not None and not isinstance(gpu_config, str):
+            raise ValueError(f"gpu_config: expected a string like '0,1', got {gpu_config!r}")
+        self.gpu_config = gpu_config
+        self.gpu_groups = gpu_groups(
+            gpu_config, torch.cuda.device_count() if gpu_config is not None else 0
+        )
+        if log_config is not None and not isinstance(log_config, str):
+            raise ValueError(f"log_config: expected a string, got {log_config!r}")
+        self.log_config = log_config
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"extra: expected a dict, got {extra!r}")
+        self.extra = dict(extra or {})
+        root = check_workspace_alias(workspace, workspace_root)
         # Absolute: the sites run with their own working folders.
-        self.workspace = Path(workspace).resolve() if workspace is not None else None
+        self.workspace = Path(root).resolve() if root is not None else None
         self.show_progress = show_progress
         self.task_timeout = task_timeout
         self.keep_updates = keep_updates
@@ -128,9 +197,22 @@ class SimEnv:
             # goes on to export the recipe, so the sites start the moment the run begins.
             forkserver.get_server()
 
+    @property
+    def workspace_root(self) -> Path | None:
+        """NVFlare's name for ``workspace``."""
+        return self.workspace
+
+    def site_env(self, index: int) -> dict[str, str]:
+        """What the ``index``-th site's process gets in its environment besides the caller's."""
+        env = site_threads_env(self.num_threads)
+        if self.gpu_groups:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu_groups[index % len(self.gpu_groups)]
+        return env
+
     # -- entry point ------------------------------------------------------------------------
 
     def run(self, recipe: Recipe) -> Run:
+        """Run ``recipe``; its :class:`Run` when it completed, else :class:`RunFailed`."""
         if recipe.min_clients > self.num_clients:
             raise ValueError(
                 f"min_clients: the recipe needs {recipe.min_clients} sites but SimEnv has "
@@ -146,7 +228,10 @@ class SimEnv:
         bundle = JobBundle.load(
             recipe.export(workspace / "bundle", exclude=[self.workspace or workspace])
         )
-        return _Simulation(self, bundle, job_id, workspace).run()
+        run = _Simulation(self, bundle, job_id, workspace).run()
+        if run.status == RunStatus.FAILED:
+            raise RunFailed(run)
+        return run
 
 
 class _Simulation:
@@ -209,8 +294,7 @@ class _Simulation:
 
     def _start_sites(self) -> None:
         args = shlex.split(self.bundle.train_args)
-        extra_env = site_threads_env(self.env.num_threads)
-        for site in self.env.clients:
+        for index, site in enumerate(self.env.clients):
             site_dir = self.ws / "sites" / site
             proc = ScriptProcess(
                 script=self.bundle.script_path,
@@ -219,7 +303,7 @@ class _Simulation:
                 job_id=self.job_id,
                 workdir=site_dir,
                 log_path=site_dir / "log.txt",
-                env=extra_env,
+                env=self.env.site_env(index),
                 python=self.env.python,
             )
             proc.start()
@@ -410,4 +494,4 @@ class _Simulation:
         return results
 
 
-__all__ = ["SimEnv"]
+__all__ = ["SimEnv", "gpu_groups"]

@@ -80,14 +80,26 @@ class Recipe:
             train_args=self.train_args,
         )
 
-    def export(self, path: str | Path, *, exclude: Iterable[str | Path] = ()) -> Path:
-        """Write the job bundle to the folder ``path`` (created; must not exist).
+    def export(
+        self,
+        path: str | Path | None = None,
+        *,
+        job_dir: str | Path | None = None,
+        exclude: Iterable[str | Path] = (),
+    ) -> Path:
+        """Write the job bundle to the folder ``path`` (created; must not exist);
+        ``job_dir`` is NVFlare's name for it.
 
         The app is the script's folder; ``path`` itself and the folders in ``exclude`` (SimEnv
         passes its workspace) are left out of it when they lie inside that folder.
         """
+        if path is not None and job_dir is not None:
+            raise FieldError("job_dir", "give path or job_dir, not both")
+        target = path if path is not None else job_dir
+        if target is None:
+            raise FieldError("job_dir", "is required: the folder to write the job bundle to")
         return write_bundle(
-            Path(path),
+            Path(target),
             spec=self.spec(),
             initial_params=self.initial_params,
             app_source=self.train_script.parent,

@@ -14,16 +14,14 @@ from jobs.recipes.base import Recipe, initial_params_of
 from jobs.workflows.evaluation import CrossSiteEval, FedEval
 
 
-def checkpoint_for(model: Any, eval_ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The weights in ``eval_ckpt`` (a safetensors file, or a PyTorch ``state_dict`` saved
-    with ``torch.save``), checked against ``model``: the same tensor names, shapes and dtypes.
-    """
+def read_checkpoint(ckpt: str | Path, *, field: str) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` in ``ckpt``: a safetensors file, or one saved with ``torch.save``
+    (alone or under ``"model"``). ``field`` is the argument that errors name."""
     from client_agent.wire import WireFormatError, load_state_dict
 
-    expected = initial_params_of(model)
-    path = Path(eval_ckpt).expanduser()
+    path = Path(ckpt).expanduser()
     if not path.is_file():
-        raise FieldError("eval_ckpt", f"{eval_ckpt!s} does not exist ({path.resolve()})")
+        raise FieldError(field, f"{ckpt!s} does not exist ({path.resolve()})")
     try:
         if path.suffix == ".safetensors":
             weights = load_state_dict(path)
@@ -33,23 +31,38 @@ def checkpoint_for(model: Any, eval_ckpt: str | Path) -> dict[str, torch.Tensor]
             loaded = torch.load(path, map_location="cpu", weights_only=True)
             weights = loaded.get("model", loaded) if isinstance(loaded, dict) else loaded
     except (WireFormatError, OSError, RuntimeError, ValueError) as exc:
-        raise FieldError("eval_ckpt", f"{path.name} cannot be read: {exc}") from None
-    if not isinstance(weights, dict) or not all(
-        isinstance(v, torch.Tensor) for v in weights.values()
+        raise FieldError(field, f"{path.name} cannot be read: {exc}") from None
+    if (
+        not isinstance(weights, dict)
+        or not weights
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
     ):
-        raise FieldError("eval_ckpt", f"{path.name} holds no state_dict (name → tensor)")
+        raise FieldError(field, f"{path.name} holds no state_dict (name → tensor)")
+    return {k: v.detach().cpu().clone() for k, v in weights.items()}
+
+
+def checkpoint_for(
+    model: Any, eval_ckpt: str | Path, *, field: str = "eval_ckpt"
+) -> dict[str, torch.Tensor]:
+    """The weights in ``eval_ckpt`` (a safetensors file, or a PyTorch ``state_dict`` saved
+    with ``torch.save``), checked against ``model``: the same tensor names, shapes and dtypes.
+    ``field`` is the argument that errors name (``initial_ckpt`` for the training recipes).
+    """
+    expected = initial_params_of(model)
+    path = Path(eval_ckpt).expanduser()
+    weights = read_checkpoint(eval_ckpt, field=field)
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
         raise FieldError(
-            "eval_ckpt",
+            field,
             f"{path.name} does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}",
         )
     for name, tensor in expected.items():
         got = weights[name]
         if got.shape != tensor.shape or got.dtype != tensor.dtype:
             raise FieldError(
-                "eval_ckpt",
+                field,
                 f"{path.name} does not fit the model: {name!r} is {got.dtype} "
                 f"{list(got.shape)}, the model's is {tensor.dtype} {list(tensor.shape)}",
             )

@@ -49,6 +49,11 @@ def fold(
     return make_aggregator(aggregator, **aggregator_args)(updates, global_model)
 
 
+# NVFlare's TransferType names; the meta key is the one the Client API reads.
+PARAMS_TRANSFER_TYPES = ("FULL", "DIFF")
+PARAMS_TRANSFER_TYPE_META_KEY = "params_transfer_type"
+
+
 @dataclass(frozen=True)
 class FedAvg(WorkflowDefaults):
     """Federated averaging for ``num_rounds`` rounds, each needing ``min_clients`` good updates.
@@ -64,6 +69,7 @@ class FedAvg(WorkflowDefaults):
     key_metric_mode: str = "max"
     aggregator: str = "mean"
     aggregator_args: Mapping[str, Any] = field(default_factory=dict)
+    params_transfer_type: str = "FULL"
 
     name: ClassVar[str] = "fedavg"
     PARAMETERS: ClassVar[dict[str, Any]] = {
@@ -74,11 +80,20 @@ class FedAvg(WorkflowDefaults):
             **ROUND_COUNT_PARAMETERS,
             **KEY_METRIC_PARAMETERS,
             **AGGREGATOR_PARAMETERS,
+            "params_transfer_type": {
+                "enum": list(PARAMS_TRANSFER_TYPES),
+                "description": "FULL: sites send their weights; DIFF: their change",
+            },
         },
     }
 
     def __post_init__(self) -> None:
         check_round_counts(self.min_clients, self.num_rounds)
+        if self.params_transfer_type not in PARAMS_TRANSFER_TYPES:
+            raise FieldError(
+                "params_transfer_type",
+                f"must be one of {list(PARAMS_TRANSFER_TYPES)}, got {self.params_transfer_type!r}",
+            )
         check_key_metric(self.key_metric, self.key_metric_mode)
         object.__setattr__(
             self,
@@ -93,6 +108,10 @@ class FedAvg(WorkflowDefaults):
     def to_params(self) -> dict[str, Any]:
         params = asdict(self)
         params["aggregator_args"] = dict(self.aggregator_args)
+        if self.params_transfer_type == "FULL":
+            # The default stays out of the spec: job specs written before it existed read
+            # the same, and a FULL job's spec is unchanged.
+            del params["params_transfer_type"]
         return params
 
     def total_rounds(self, sites: Sequence[str]) -> int:
@@ -101,9 +120,19 @@ class FedAvg(WorkflowDefaults):
     def initial_state(self, sites: Sequence[str]) -> ServerState:
         return ServerState()
 
+    def train_meta(self) -> dict[str, Any]:
+        """What every train task's ``FLModel.meta`` carries: with DIFF, the Client API sends
+        the site's weights minus the global weights it received, NVFlare's way."""
+        if self.params_transfer_type == "FULL":
+            return {}  # absent means FULL, so bundles made before this key read the same
+        return {PARAMS_TRANSFER_TYPE_META_KEY: self.params_transfer_type}
+
     def round_task(self, round_number: int) -> TaskSpec:
         return TaskSpec(
-            task_name=TASK_TRAIN, current_round=round_number, total_rounds=self.num_rounds
+            task_name=TASK_TRAIN,
+            current_round=round_number,
+            total_rounds=self.num_rounds,
+            meta=self.train_meta(),
         )
 
     def plan(self, round_number: int, sites: Sequence[str], state: ServerState) -> RoundPlan:
@@ -171,5 +200,5 @@ class FedProx(FedAvg):
             task_name=TASK_TRAIN,
             current_round=round_number,
             total_rounds=self.num_rounds,
-            meta={FEDPROX_MU_META_KEY: self.fedprox_mu},
+            meta={**self.train_meta(), FEDPROX_MU_META_KEY: self.fedprox_mu},
         )

@@ -19,12 +19,12 @@ ENVS: list[Any] = [PocEnv, lambda *a, **kw: SimEnv(*a, python="python3", **kw)]
     [
         ({"num_clients": 0}, "num_clients: must be an integer of at least 1, got 0"),
         ({"num_clients": True}, "num_clients: must be an integer of at least 1, got True"),
-        ({}, "num_clients: must be an integer of at least 1, got None"),
+        ({"num_clients": None}, "num_clients: must be an integer of at least 1, got None"),
         ({"clients": []}, "clients: must be a non-empty list of unique site names"),
         ({"clients": ["a", "a"]}, "clients: must be a non-empty list of unique site names"),
         ({"clients": ["a", ""]}, "clients: must be a non-empty list of unique site names"),
         ({"clients": ["a", 2]}, "clients: must be a non-empty list of unique site names"),
-        ({"num_clients": 2, "clients": ["a"]}, "num_clients: 2 but clients names 1 sites"),
+        ({"num_clients": 3, "clients": ["a"]}, "num_clients: 3 but clients names 1 sites"),
     ],
 )
 def test_bad_arguments_are_named_alike(make: Any, kwargs: dict[str, Any], message: str) -> None:

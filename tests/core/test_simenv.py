@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from client_agent.wire import load_state_dict
-from jobs.envs import RunStatus, SimEnv
+from jobs.envs import RunFailed, RunStatus, SimEnv
 from jobs.recipes import FedAvgRecipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,9 +160,11 @@ def test_site_output_goes_to_its_own_log_file(tmp_path: Path) -> None:
 def test_a_crashing_site_fails_the_run_naming_the_site_and_showing_its_stderr(
     tmp_path: Path,
 ) -> None:
-    run = run_scripted(tmp_path, mode="crash", num_rounds=3)
+    with pytest.raises(RunFailed, match="site-2 lost its data volume") as failed:
+        run_scripted(tmp_path, mode="crash", num_rounds=3)
 
-    assert run.status == RunStatus.FAILED
+    run = failed.value.run
+    assert run.status == RunStatus.FAILED and run.error is not None
     assert "site-2" in run.error
     assert "site-2 lost its data volume" in run.error  # the end of its stderr
     assert len(run.rounds) == 1  # round 1 completed, round 2 did not
@@ -185,9 +187,11 @@ def test_an_update_with_nan_is_rejected_and_the_round_aggregates_the_rest(tmp_pa
 
 
 def test_a_rejected_update_below_min_clients_fails_the_run_with_the_reason(tmp_path: Path) -> None:
-    run = run_scripted(tmp_path, mode="shape", num_rounds=2, min_clients=3)
+    with pytest.raises(RunFailed, match="min_clients is 3") as failed:
+        run_scripted(tmp_path, mode="shape", num_rounds=2, min_clients=3)
 
-    assert run.status == RunStatus.FAILED
+    run = failed.value.run
+    assert run.status == RunStatus.FAILED and run.error is not None
     assert "min_clients is 3" in run.error
     assert "site-3" in run.error and "shape [5], expected [3]" in run.error
     assert run.rounds == []

@@ -38,6 +38,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -53,8 +54,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from client_agent.site_dir import write_private
-from jobs.envs.base import site_names, site_threads_env
+from jobs.envs.base import check_workspace_alias, site_names, site_threads_env
 from jobs.envs.poc.supervisor import PRIVATE_UMASK, Supervisor
 from jobs.envs.poc.template import SetupTemplate
 from jobs.envs.portal import PortalRun, ProdEnv
@@ -64,6 +67,23 @@ if TYPE_CHECKING:
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
+
+
+def _check_gpu_ids(gpu_ids: Sequence[int] | None) -> list[int]:
+    """``gpu_ids`` as a list, each a GPU this machine has; else a ValueError naming it."""
+    if gpu_ids is None:
+        return []
+    ids = list(gpu_ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"gpu_ids: expected a list of GPU numbers, got {gpu_ids!r}")
+    if ids:
+        count = torch.cuda.device_count()
+        missing = [i for i in ids if i >= count]
+        if missing:
+            raise ValueError(
+                f"gpu_ids: GPU {missing[0]} asked for, but this machine has {count} CUDA GPU(s)"
+            )
+    return ids
 
 
 class PocEnvError(RuntimeError):
@@ -88,15 +108,51 @@ def _redis_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+DEFAULT_POC_CLIENTS = 2
+"""NVFlare's PocEnv default."""
+DEFAULT_ADMIN_USER = "admin@nvidia.com"
+"""NVFlare's PocEnv default ``username``."""
+DEFAULT_STUDY = "default"
+STUDY_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
 class PocEnv:
-    """A proof of concept on this machine with real processes; see the module docstring."""
+    """A proof of concept on this machine with real processes; see the module docstring.
+
+    NVFlare's PocEnv arguments are accepted with its defaults and meanings where they have one
+    here:
+
+    - ``num_clients=2`` sites ``site-1`` … ``site-N``, unless ``clients`` names them; with
+      ``clients`` a ``num_clients`` left at its default is ignored (as NVFlare's docstring
+      says), any other must match.
+    - ``gpu_ids``: the GPUs the sites' scripts see (``CUDA_VISIBLE_DEVICES``, every site the
+      whole list; NVFlare hands them to the clients in turn). A GPU this machine lacks is a
+      ValueError.
+    - ``use_he=True`` and ``docker_image`` are refused (ValueError): there is no homomorphic
+      encryption nor Docker launch here, and running without them while the job.py asks for
+      them would be a quiet lie about privacy or about the software the sites run.
+    - ``project_conf_path``: refused unless empty (the sites come from ``clients``).
+    - ``username`` and ``study`` are checked (``study`` as NVFlare does: lower-case letters,
+      digits, hyphens) and kept; they change nothing: the job is submitted by this PocEnv's own
+      admin into its own project.
+    - ``extra``: kept (``self.extra``); it changes nothing.
+    - ``workspace_root``: accepted as another name for ``workspace`` (not both).
+    """
 
     def __init__(
         self,
-        num_clients: int | None = None,
+        num_clients: int | None = DEFAULT_POC_CLIENTS,
         *,
         clients: Sequence[str] | None = None,
+        gpu_ids: Sequence[int] | None = None,
+        use_he: bool = False,
+        docker_image: str | None = None,
+        project_conf_path: str = "",
+        username: str = DEFAULT_ADMIN_USER,
+        study: str = DEFAULT_STUDY,
+        extra: dict[str, Any] | None = None,
         workspace: str | Path | None = None,
+        workspace_root: str | Path | None = None,
         redis_url: str | None = None,
         redis_db: int = 2,
         port: int | None = None,
@@ -108,7 +164,36 @@ class PocEnv:
         wire_log: bool = False,
         database_url: str | None = None,
     ) -> None:
+        if clients is not None and num_clients == DEFAULT_POC_CLIENTS:
+            num_clients = None
         self.clients = site_names(num_clients, clients)
+        self.gpu_ids = _check_gpu_ids(gpu_ids)
+        if use_he:
+            raise ValueError(
+                "use_he: homomorphic encryption is not available in PocEnv; leave it False"
+            )
+        if docker_image is not None:
+            raise ValueError(
+                f"docker_image: PocEnv runs the sites as processes on this machine, not in "
+                f"Docker; got {docker_image!r}"
+            )
+        if project_conf_path:
+            raise ValueError(
+                "project_conf_path: PocEnv takes its sites from num_clients or clients, not a "
+                f"project file; got {project_conf_path!r}"
+            )
+        if not isinstance(username, str) or not username:
+            raise ValueError(f"username: must be a non-empty string, got {username!r}")
+        if not isinstance(study, str) or not STUDY_NAME.fullmatch(study):
+            raise ValueError(
+                f"study: use only lower-case letters, digits and hyphens, got {study!r}"
+            )
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"extra: expected a dict, got {extra!r}")
+        self.username = username
+        self.study = study
+        self.extra = dict(extra or {})
+        workspace = check_workspace_alias(workspace, workspace_root)
         self._workspace_given = workspace is not None
         self.workspace = (
             Path(workspace).resolve()
@@ -215,6 +300,8 @@ class PocEnv:
         if self.fork_server_socket:
             env["FEDPORTAL_FORKSERVER_SOCKET"] = self.fork_server_socket
         env.update(site_threads_env(len(self.clients)))  # every site trains at once
+        if self.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in self.gpu_ids)
         env.update(self.extra_env)
         return env
 

@@ -1,0 +1,147 @@
+"""NVFlare's training-recipe arguments, read into ours: one home for what each means here.
+
+Three kinds:
+
+- **implemented**: ``initial_ckpt``, ``model`` as a class-path dict, ``key_metric_mode=None``
+  (``"max"``, NVFlare's rule without ``stop_cond``), ``params_transfer_type`` /
+  ``aggregator_data_kind`` (DIFF), ``server_expected_format`` (NUMPY or PYTORCH: the same
+  here), and the default file names;
+- **not supported yet** (``stop_cond``, ``patience``, ``exclude_vars``,
+  ``aggregation_weights``, ``per_site_config``, ``model_persistor``, ``model_locator``, other
+  file names): a value other than the default raises
+  a ``FieldError`` naming the argument, so that no job runs with an argument quietly ignored;
+- **no effect** (how NVFlare launches and cleans up processes): accepted, never used. Sites
+  always run the script as a subprocess of the agent, once per job.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.validators import FieldError
+
+# NVFlare's defaults for the PyTorch recipes' model file names.
+DEFAULT_SAVE_FILENAME = "FL_global_model.pt"
+DEFAULT_BEST_MODEL_FILENAME = "best_FL_global_model.pt"
+
+# Arguments that change how NVFlare starts or tidies processes and memory; here the agent
+# runs the script as one subprocess per job and nothing else depends on them.
+NO_EFFECT_ARGUMENTS = (
+    "launch_external_process",
+    "command",
+    "launch_once",
+    "launch_timeout",
+    "shutdown_timeout",
+    "server_memory_gc_rounds",
+    "client_memory_gc_rounds",
+    "cuda_empty_cache",
+    "enable_tensor_disk_offload",
+)
+
+# Metric names for which smaller is better when ``key_metric_mode`` is not given.
+
+
+def constant_name(value: Any) -> str:
+    """``"DIFF"`` for ``TransferType.DIFF``, ``"DIFF"``, ``"diff"`` or an enum member."""
+    raw = getattr(value, "value", value)
+    return str(raw).upper()
+
+
+def infer_key_metric_mode(key_metric: str | None, key_metric_mode: str | None) -> str:
+    """``key_metric_mode`` as given, else ``"max"``: NVFlare's rule (``nvflare/recipe/
+    fedavg.py``) when no ``stop_cond`` names the key metric, and ``stop_cond`` is not
+    supported here yet. A loss needs ``key_metric_mode="min"``, as in NVFlare."""
+    if key_metric_mode is not None:
+        return key_metric_mode
+    return "max"
+
+
+def params_transfer_type_of(params_transfer_type: Any, aggregator_data_kind: Any) -> str:
+    """FULL or DIFF: DIFF when either NVFlare argument asks for the change, not the weights."""
+    transfer = constant_name(params_transfer_type)
+    if transfer not in ("FULL", "DIFF"):
+        raise FieldError(
+            "params_transfer_type", f"must be FULL or DIFF, got {params_transfer_type!r}"
+        )
+    kind = constant_name(aggregator_data_kind)
+    if kind not in ("WEIGHTS", "WEIGHT_DIFF"):
+        raise FieldError(
+            "aggregator_data_kind", f"must be WEIGHTS or WEIGHT_DIFF, got {aggregator_data_kind!r}"
+        )
+    return "DIFF" if "DIFF" in (transfer, kind.removeprefix("WEIGHT_")) else "FULL"
+
+
+def model_from_class_path(model: Mapping[str, Any]) -> torch.nn.Module:
+    """``{"class_path": "pkg.mod.Net", "args": {...}}`` built in this process: the class is
+    the user's own code on their machine, as NVFlare's recipes import it."""
+    unknown = sorted(set(model) - {"class_path", "args"})
+    if unknown:
+        raise FieldError("model", f"a class-path dict holds 'class_path' and 'args', not {unknown}")
+    class_path = model.get("class_path")
+    args = model.get("args") or {}
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise FieldError(
+            "model", f"'class_path' must be 'package.module.Class', got {class_path!r}"
+        )
+    if not isinstance(args, Mapping):
+        raise FieldError("model", f"'args' must be a dict, got {type(args).__name__}")
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise FieldError("model", f"cannot import {class_path!r}: {exc}") from None
+    try:
+        built = cls(**args)
+    except TypeError as exc:
+        raise FieldError("model", f"{class_path}(**args) failed: {exc}") from None
+    if not isinstance(built, torch.nn.Module):
+        raise FieldError(
+            "model", f"{class_path} made a {type(built).__name__}, not a torch.nn.Module"
+        )
+    return built
+
+
+def initial_model(model: Any, initial_ckpt: str | Path | None) -> Any:
+    """The initial weights' source: ``model`` (a module, a state_dict or a class-path dict),
+    with ``initial_ckpt`` loaded into it and checked against it; or ``initial_ckpt`` alone."""
+    from jobs.recipes.evaluation import checkpoint_for, read_checkpoint
+
+    if isinstance(model, Mapping) and "class_path" in model:
+        model = model_from_class_path(model)
+    if initial_ckpt is None:
+        if model is None:
+            raise FieldError("model", "give a model, an initial_ckpt, or both")
+        return model
+    if model is None:
+        return read_checkpoint(initial_ckpt, field="initial_ckpt")
+    return checkpoint_for(model, initial_ckpt, field="initial_ckpt")
+
+
+def refuse_unsupported(**arguments: Any) -> None:
+    """Raise for the first argument given a value this engine cannot honour yet."""
+    defaults = {
+        "save_filename": DEFAULT_SAVE_FILENAME,
+        "best_model_filename": DEFAULT_BEST_MODEL_FILENAME,
+    }
+    for name, value in arguments.items():
+        if value is None or value == defaults.get(name):
+            continue
+        raise FieldError(name, f"is not supported yet: leave it unset (got {value!r})")
+
+
+def check_server_expected_format(server_expected_format: Any) -> None:
+    """NVFlare's PyTorch recipes exchange NUMPY (their default) or PYTORCH between server
+    and client; the script gets torch tensors either way. Here tensors always travel as
+    safetensors and the script gets torch tensors: both values are accepted and mean the
+    same; anything else is refused naming the argument."""
+    if constant_name(server_expected_format) not in ("NUMPY", "PYTORCH"):
+        raise FieldError(
+            "server_expected_format",
+            "must be ExchangeFormat.NUMPY or ExchangeFormat.PYTORCH, "
+            f"got {server_expected_format!r}",
+        )
