@@ -37,7 +37,8 @@ class FedAvgRecipe(Recipe):
     ``model`` and checked against it, or, without ``model``, is the initial model itself.
 
     ``key_metric`` (default ``"accuracy"``) chooses the best model; ``key_metric_mode``
-    ``"max"``/``"min"``, or ``None``: ``"min"`` when the name says loss or error, else ``"max"``.
+    ``"max"``/``"min"``, or ``None``: ``"max"``, as NVFlare without ``stop_cond`` (a loss needs
+    ``key_metric_mode="min"``).
 
     ``params_transfer_type="DIFF"`` (or ``aggregator_data_kind="WEIGHT_DIFF"``) tells every
     train task, in ``meta["params_transfer_type"]``, to send the site's change rather than its
@@ -47,12 +48,12 @@ class FedAvgRecipe(Recipe):
 
     Not supported yet, refused with a ``FieldError`` naming them when given: ``stop_cond``,
     ``patience``, ``exclude_vars``, ``aggregation_weights``, ``per_site_config``,
-    ``model_persistor``, ``model_locator``, a ``server_expected_format`` other than
-    ``"pytorch"``, and file names other than NVFlare's defaults. Accepted with no effect (the
-    agent always runs the script as one subprocess per job): ``launch_external_process``,
-    ``command``, ``launch_once``, ``launch_timeout``, ``shutdown_timeout``,
-    ``server_memory_gc_rounds``, ``client_memory_gc_rounds``, ``cuda_empty_cache``,
-    ``enable_tensor_disk_offload``.
+    ``model_persistor``, ``model_locator``, and file names other than NVFlare's defaults.
+    ``server_expected_format`` may be NUMPY (NVFlare's default) or PYTORCH: the same here.
+    Accepted with no effect (the agent always runs the script as one subprocess per job):
+    ``launch_external_process``, ``command``, ``launch_once``, ``launch_timeout``,
+    ``shutdown_timeout``, ``server_memory_gc_rounds``, ``client_memory_gc_rounds``,
+    ``cuda_empty_cache``, ``enable_tensor_disk_offload``.
     """
 
     _workflow_class: type[FedAvg] = FedAvg
