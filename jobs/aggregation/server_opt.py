@@ -22,6 +22,7 @@ workers, so it is looked up in a table of the classes allowed here, never import
 
 from __future__ import annotations
 
+import abc
 import inspect
 import json
 import math
@@ -69,7 +70,7 @@ def _check_betas(name: str, value: Any) -> tuple[float, float]:
     return _check_decay(f"{name}[0]", value[0]), _check_decay(f"{name}[1]", value[1])
 
 
-class _AdaptiveServerOptimizer(Optimizer):
+class _AdaptiveServerOptimizer(Optimizer, metaclass=abc.ABCMeta):
     """Reddi et al.'s Algorithm 2, for the subclass's second-moment rule.
 
     In gradient terms (``grad = -delta``): ``m <- beta1 m + (1 - beta1) grad`` is the negated
@@ -79,10 +80,24 @@ class _AdaptiveServerOptimizer(Optimizer):
     ``tau**2`` (the paper's ``v_{-1}``), ``m`` at zero.
     """
 
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        *,
+        lr: float,
+        tau: float,
+        **moments: Any,
+    ) -> None:
+        """``lr`` and ``tau`` checked here; ``moments`` (``betas``, or ``beta1``) by the
+        subclass, which owns their meaning."""
+        defaults = {"lr": _check_positive("lr", lr), **moments, "tau": _check_positive("tau", tau)}
+        super().__init__(params, defaults)
+
+    @abc.abstractmethod
     def _update_second_moment(
         self, second_moment: torch.Tensor, grad: torch.Tensor, group: Mapping[str, Any]
     ) -> None:
-        raise NotImplementedError
+        """The subclass's rule for ``v``, in place."""
 
     def _beta1(self, group: Mapping[str, Any]) -> float:
         return float(group["betas"][0])
@@ -126,12 +141,7 @@ class FedAdam(_AdaptiveServerOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         tau: float = 1e-9,
     ) -> None:
-        defaults = {
-            "lr": _check_positive("lr", lr),
-            "betas": _check_betas("betas", betas),
-            "tau": _check_positive("tau", tau),
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, lr=lr, tau=tau, betas=_check_betas("betas", betas))
 
     def _update_second_moment(
         self, second_moment: torch.Tensor, grad: torch.Tensor, group: Mapping[str, Any]
@@ -155,12 +165,7 @@ class FedYogi(_AdaptiveServerOptimizer):
         betas: tuple[float, float] = (0.9, 0.99),
         tau: float = 1e-3,
     ) -> None:
-        defaults = {
-            "lr": _check_positive("lr", lr),
-            "betas": _check_betas("betas", betas),
-            "tau": _check_positive("tau", tau),
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, lr=lr, tau=tau, betas=_check_betas("betas", betas))
 
     def _update_second_moment(
         self, second_moment: torch.Tensor, grad: torch.Tensor, group: Mapping[str, Any]
@@ -186,12 +191,7 @@ class FedAdagrad(_AdaptiveServerOptimizer):
         beta1: float = 0.0,
         tau: float = 1e-9,
     ) -> None:
-        defaults = {
-            "lr": _check_positive("lr", lr),
-            "beta1": _check_decay("beta1", beta1),
-            "tau": _check_positive("tau", tau),
-        }
-        super().__init__(params, defaults)
+        super().__init__(params, lr=lr, tau=tau, beta1=_check_decay("beta1", beta1))
 
     def _beta1(self, group: Mapping[str, Any]) -> float:
         return float(group["beta1"])

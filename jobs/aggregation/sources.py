@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -188,3 +189,25 @@ class FileTensorSource:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def tensors_of(source: TensorSource) -> dict[str, torch.Tensor]:
+    """Every param of ``source``, read whole (a model's worth of memory)."""
+    tensors = {}
+    for name, (dtype, shape) in source.specs().items():
+        numel = math.prod(shape)
+        tensors[name] = source.read(name, 0, numel, torch.empty(numel, dtype=dtype)).reshape(shape)
+    return tensors
+
+
+def write_source(source: TensorSource, path: Path) -> Path:
+    """``source`` as a model file at ``path``, whole or not at all (a temporary file renamed):
+    a file source's file copied as it is, any other source's params written."""
+    if not isinstance(source, FileTensorSource):
+        from client_agent.wire import save_state_dict
+
+        return save_state_dict(path, tensors_of(source))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    shutil.copyfile(source.path, partial)
+    os.replace(partial, path)
+    return path

@@ -41,10 +41,10 @@ import torch
 
 from client_agent import forkserver
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
-from client_agent.wire import WireFormatError, load_state_dict, save_state_dict
+from client_agent.wire import WireFormatError, load_state_dict
 from common.validators import is_number
 from jobs.aggregation import UpdateRejected
-from jobs.aggregation.sources import FileTensorSource, TensorSource
+from jobs.aggregation.sources import FileTensorSource, TensorSource, write_source
 from jobs.bundle import JobBundle
 from jobs.envs.base import (
     MetricPoint,
@@ -72,7 +72,6 @@ from jobs.workflows import (
     round_close_decision,
 )
 from jobs.workflows.base import checkpoint_file_stem, next_global_model, write_global_model
-from jobs.workflows.results import tensors_of
 
 if TYPE_CHECKING:
     from jobs.recipes import Recipe
@@ -389,11 +388,7 @@ class _Simulation:
         """A model the workflow keeps by name (a site's submitted model), as a file."""
         path = self.models / "checkpoints" / f"{checkpoint_file_stem(name)}.safetensors"
         path.parent.mkdir(exist_ok=True)
-        if isinstance(source, FileTensorSource):
-            shutil.copyfile(source.path, path)
-        else:
-            save_state_dict(path, tensors_of(source))
-        return path
+        return write_source(source, path)
 
     def _discard(self, results: list[TaskResult]) -> None:
         """Close the results' files and, unless kept, delete them: a 100 MB model with 4 sites

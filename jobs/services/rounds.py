@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -655,18 +654,11 @@ def _round_close_files(
 def _checkpoint_write(name: str, source: Any) -> tuple[str, str, int]:
     """A model the workflow keeps by name, as a file in storage (atomic rename): its storage
     name, sha256 and size."""
-    from client_agent.wire import save_state_dict
-    from jobs.aggregation import FileTensorSource
-    from jobs.workflows.results import tensors_of
+    from jobs.aggregation.sources import write_source  # torch: the worker's side
 
     path = storage_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(source, FileTensorSource):
-        partial = path.with_name(path.name + ".partial")
-        shutil.copyfile(source.path, partial)
-        os.replace(partial, path)
-    else:
-        save_state_dict(path, tensors_of(source))
+    write_source(source, path)
     sha, size = _file_digest(path)
     return name, sha, size
 

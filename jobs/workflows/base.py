@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
 from common.rounds import round_for_people
-from common.validators import FieldError, is_number
+from common.validators import FieldError, is_int, is_number
 
 if TYPE_CHECKING:  # the portal reads workflows' parameters and plans without torch
     import torch
@@ -351,8 +351,6 @@ class Workflow(Protocol):
 
 
 def check_round_counts(min_clients: Any, num_rounds: Any) -> None:
-    from common.validators import is_int
-
     for field_name, value, highest in (
         ("min_clients", min_clients, MAX_CLIENTS),
         ("num_rounds", num_rounds, MAX_ROUNDS),

@@ -139,12 +139,11 @@ class Cyclic(WorkflowDefaults):
         received); with no acceptable result, the model passes on unchanged."""
         from jobs.aggregation import fedavg
 
-        sites = plan.sites
         pass_number, position = divmod(round_number + 1, len(state.data["order"]))
         next_state = ServerState(
             tensors=state.tensors,
             data={
-                "order": self.relay_order(pass_number, sorted(state.data["order"])),
+                "order": self.relay_order(pass_number, state.data["order"]),
                 "position": position,
             },
         )
@@ -166,5 +165,5 @@ class Cyclic(WorkflowDefaults):
             state=next_state,
             metrics=dict(update.metrics),
             site_metrics={update.site: dict(update.metrics)},
-            sites=(update.site,) if update.site in sites else (),
+            sites=(update.site,),
         )

@@ -11,6 +11,7 @@ a worker died mid-round steps from the same state and gives the same bits.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from common.validators import FieldError
 from jobs.workflows.base import RoundOutcome, RoundPlan, ServerState, params_checked
 from jobs.workflows.fedavg import FedAvg
-from jobs.workflows.results import tensors_of
 
 if TYPE_CHECKING:
     import torch
@@ -74,13 +74,14 @@ class FedOpt(FedAvg):
         ):
             raise FieldError("buffers", f"must be a list of tensor names, got {self.buffers!r}")
         object.__setattr__(self, "buffers", tuple(self.buffers))
-        optimizer = self.server_optimizer()
-        optimizer_args, scheduler_args = optimizer.to_args()
+        optimizer_args, scheduler_args = self.server_optimizer.to_args()
         object.__setattr__(self, "optimizer_args", optimizer_args)
         object.__setattr__(self, "lr_scheduler_args", scheduler_args)
 
+    @functools.cached_property
     def server_optimizer(self) -> ServerOptimizer:
-        """The optimizer the arguments name, checked (FieldError names what is wrong)."""
+        """The optimizer the arguments name, checked (FieldError names what is wrong); built
+        once per workflow object (it keeps no state between steps: the state is the round's)."""
         from jobs.aggregation.server_opt import ServerOptimizer
 
         return ServerOptimizer.from_args(self.optimizer_args, self.lr_scheduler_args)
@@ -106,15 +107,15 @@ class FedOpt(FedAvg):
         results: Sequence[TaskResult],
         state: ServerState,
     ) -> RoundOutcome:
-        from jobs.aggregation import MemoryTensorSource
+        from jobs.aggregation.sources import tensors_of
 
         outcome = super().close(round_number, plan, global_model, results, state)
         assert outcome.global_params is not None  # FedAvg always makes one
-        source = (
-            MemoryTensorSource(global_model) if isinstance(global_model, Mapping) else global_model
+        start = (
+            dict(global_model) if isinstance(global_model, Mapping) else tensors_of(global_model)
         )
-        params, tensors, data = self.server_optimizer().step(
-            tensors_of(source),
+        params, tensors, data = self.server_optimizer.step(
+            start,
             outcome.global_params,
             state.tensors,
             state.data,

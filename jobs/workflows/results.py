@@ -18,9 +18,7 @@ from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
 from jobs.workflows.base import GLOBAL_MODEL, ModelRef, PlannedTask
 
 if TYPE_CHECKING:
-    import torch
-
-    from jobs.aggregation import SiteUpdate, TensorSource
+    from jobs.aggregation import SiteUpdate
     from jobs.aggregation.sources import TensorSpec
 
 
@@ -132,16 +130,3 @@ def close_result(result: TaskResult) -> None:
 def train_updates(results: list[TaskResult] | tuple[TaskResult, ...]) -> list[SiteUpdate]:
     """The updates of the train results, in site-name order (the order they are folded in)."""
     return [r.update for r in sorted(results, key=lambda r: r.site) if isinstance(r, TrainResult)]
-
-
-def tensors_of(source: TensorSource) -> dict[str, torch.Tensor]:
-    """Every tensor of ``source``, read whole (a model's worth of memory)."""
-    import math
-
-    import torch
-
-    tensors = {}
-    for name, (dtype, shape) in source.specs().items():
-        numel = math.prod(shape)
-        tensors[name] = source.read(name, 0, numel, torch.empty(numel, dtype=dtype)).reshape(shape)
-    return tensors

@@ -31,6 +31,7 @@ from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
 from client_agent.wire import load_state_dict, write_model_file
 from jobs import events
 from jobs.aggregation import TensorSource
+from jobs.aggregation.sources import tensors_of
 from jobs.models import (
     Checkpoint,
     Evaluation,
@@ -66,7 +67,6 @@ from jobs.workflows.base import (
 from jobs.workflows.base import (
     Evaluation as EvaluationCell,
 )
-from jobs.workflows.results import tensors_of
 from tests.portal.jobs_api_world import (
     ANONYMOUS,
     LEAD,
