@@ -22,10 +22,10 @@ $(PYTHON):
 	$(PY) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PYTHON)
-	$(PYTHON) -m pip install -e '.[agent,portal,lightning,dev]'
+	$(PYTHON) -m pip install -e '.[agent,portal,tracking,lightning,dev]'
 	touch $@
 
-install: $(STAMP) assets ## Install the project with the agent, portal, lightning and dev extras
+install: $(STAMP) assets ## Install the project with the agent, portal, tracking, lightning and dev extras
 
 # The dashboard's front-end libraries (Chart.js), pinned by dashboard/static_build's
 # package-lock.json and served through STATICFILES_DIRS; npm runs again only when the lock

@@ -653,7 +653,13 @@ class JobRunner:
         work = self.workspace / "work"
         proc = ScriptProcess(
             script=app / spec["train_script"],
-            args=shlex.split(spec.get("train_args", "")),
+            # per_site_config: this site's own arguments, else the job's.
+            args=shlex.split(
+                (spec.get("site_args") or {}).get(
+                    self.agent.identity.site, spec.get("train_args", "")
+                )
+            ),
+            client_config=spec.get("client_config") or {},
             site_name=self.agent.identity.site,
             job_id=self.uid,
             workdir=work,
@@ -668,17 +674,21 @@ class JobRunner:
     # -- metrics and log lines --------------------------------------------------------------
 
     def _on_log(self, message: dict[str, Any]) -> None:
-        """A ``flare.log`` point from the script (called in the round's thread)."""
-        point = {
-            "key": message.get("key"),
-            "value": message.get("value"),
-            "step": message.get("step"),
-            "round": message.get("round", self.current_round),
-        }
+        """A ``flare.log`` record from the script (called in the round's thread): its numbers
+        are queued as metric points. TEXT, PARAMETER(S) and TAG(S) records stay at the site:
+        the portal keeps numbers only."""
         with self.points_lock:
-            self.point_seq += 1
-            point["id"] = f"{self.agent.session}:{self.point_seq}"
-            self.points.append(point)
+            for key, value in message["points"]:
+                self.point_seq += 1
+                self.points.append(
+                    {
+                        "key": key,
+                        "value": value,
+                        "step": message.get("step"),
+                        "round": message.get("round", self.current_round),
+                        "id": f"{self.agent.session}:{self.point_seq}",
+                    }
+                )
 
     def _agent_line(self, text: str) -> None:
         line = {"stream": "agent", "text": cut_line(text), "round": self.current_round}

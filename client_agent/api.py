@@ -18,15 +18,35 @@ of a multi-process script may talk to the runtime.
 
 from __future__ import annotations
 
-import numbers
+import dataclasses
+import functools
+import inspect
 import os
+import re
 import select
 import socket
 import threading
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
 
 from client_agent import wire
-from client_agent.fl_model import FLMetaKey, FLModel, ParamsType
+from client_agent.analytics import AnalyticsDataType, log_frame
+from client_agent.config import (
+    EXCHANGE_FORMAT_META_KEY,
+    EXCLUDE_VARS_META_KEY,
+    TRANSFER_TYPE_META_KEY,
+    ExchangeFormat,
+)
+from client_agent.fl_model import (
+    LEGACY_JOB_ID_META_KEY,
+    LEGACY_SITE_NAME_META_KEY,
+    TASK_NAME_META_KEY,
+    FLMetaKey,
+    FLModel,
+    ParamsType,
+)
 from client_agent.runtime import (
     ENV_ADDR,
     ENV_JOB,
@@ -36,15 +56,18 @@ from client_agent.runtime import (
     TASK_TRAIN,
     TASK_VALIDATE,
 )
-from common.validators import is_number
 
 __all__ = [
+    "AnalyticsDataType",
     "FLMetaKey",
     "FLModel",
     "ParamsType",
+    "clear",
+    "evaluate",
     "get_config",
     "get_job_id",
     "get_site_name",
+    "get_task_name",
     "init",
     "is_evaluate",
     "is_running",
@@ -55,6 +78,7 @@ __all__ = [
     "send",
     "shutdown",
     "system_info",
+    "train",
 ]
 
 
@@ -63,10 +87,17 @@ class ClientAPIError(RuntimeError):
 
 
 class _Client:
-    def __init__(self, sock: socket.socket, site_name: str, job_id: str) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        site_name: str,
+        job_id: str,
+        client_config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.sock = sock
         self.site_name = site_name
         self.job_id = job_id
+        self.client_config = dict(client_config or {})
         self.task: dict[str, Any] | None = None
         self.model: FLModel | None = None
         self.ended = False
@@ -143,6 +174,7 @@ def init(rank: int | str | None = None, config_file: str | None = None) -> None:
         sock,
         site_name=str(welcome.get("site_name") or os.environ.get(ENV_SITE, "")),
         job_id=str(welcome.get("job_id") or os.environ.get(ENV_JOB, "")),
+        client_config=welcome.get("client_config") or {},
     )
 
 
@@ -181,12 +213,20 @@ def receive(timeout: float | None = None) -> FLModel | None:
         model.current_round = task["current_round"]
         model.total_rounds = task["total_rounds"]
         model.start_round = task.get("start_round", 0)
+        if model.params and _task_meta(task, EXCHANGE_FORMAT_META_KEY) == ExchangeFormat.NUMPY:
+            model.params = {name: tensor.numpy() for name, tensor in model.params.items()}
         model.meta = {
             **model.meta,
             **task.get("meta", {}),
+            # NVFlare's keys, then FedPortal's earlier spelling of the same.
             FLMetaKey.JOB_ID: client.job_id,
             FLMetaKey.SITE_NAME: client.site_name,
-            FLMetaKey.TASK_NAME: task["task_name"],
+            FLMetaKey.CURRENT_ROUND: model.current_round,
+            FLMetaKey.TOTAL_ROUNDS: model.total_rounds,
+            FLMetaKey.START_ROUND: model.start_round,
+            LEGACY_JOB_ID_META_KEY: client.job_id,
+            LEGACY_SITE_NAME_META_KEY: client.site_name,
+            TASK_NAME_META_KEY: task["task_name"],
         }
         client.model = model
     return client.model
@@ -213,6 +253,19 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
         )
     if model.current_round is None:
         model.current_round = task["current_round"]
+    exclude_vars = _task_meta(task, EXCLUDE_VARS_META_KEY)
+    if task["task_name"] == TASK_TRAIN and exclude_vars and model.params:
+        # These params never leave the site: the job's exclude_vars keeps them out.
+        pattern = re.compile(exclude_vars)
+        model = dataclasses.replace(
+            model, params={n: t for n, t in model.params.items() if not pattern.search(n)}
+        )
+    if (
+        task["task_name"] == TASK_TRAIN
+        and _task_meta(task, TRANSFER_TYPE_META_KEY) == ParamsType.DIFF
+        and model.params_type in (None, ParamsType.FULL)
+    ):
+        model = _as_diff(model, task, exclude_vars)
     wire.write_model_file(task["result_path"], model)
     client.send_frame({"type": "result", "task_id": task["task_id"]})
     if clear_cache:
@@ -220,35 +273,32 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
         client.model = None
 
 
-def log(
-    key: str, value: Any, step: int | None = None, data_type: Any = None, **kwargs: Any
-) -> None:
-    """Record a scalar metric; it reaches the run's metrics (and later the portal's charts).
+def log(key: str, value: Any, data_type: Any = AnalyticsDataType.SCALAR, **kwargs: Any) -> None:
+    """Record a metric or a tracking record: NVFlare's ``flare.log``.
 
-    ``data_type`` and extra keyword arguments are accepted for NVFlare compatibility. Only
-    numbers are supported.
+    ``data_type`` is an :class:`AnalyticsDataType`: SCALAR (a number, the default), SCALARS (a
+    dict of numbers, TensorBoard's ``add_scalars``), METRIC / METRICS (MLflow's), TEXT,
+    PARAMETER(S) or TAG(S). ``global_step=`` (NVFlare's keyword; ``step=`` is the same) is the
+    point's step. Numbers reach the run's metrics and the portal's charts; every record reaches
+    the job's experiment trackers (``add_experiment_tracking``). Other keyword arguments
+    (``writer=``, ``path=`` of a TEXT artifact, …) go with the record for the trackers.
     """
     client = _require_client("log")
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"flare.log(): key must be a non-empty string, got {key!r}")
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if not is_number(value):
-        raise TypeError(
-            f"flare.log({key!r}, …): value must be a number, got {type(value).__name__}"
-        )
-    if step is not None and not isinstance(step, numbers.Integral):
-        raise TypeError(f"flare.log({key!r}, …): step must be an int, got {type(step).__name__}")
-    current_round = client.task["current_round"] if client.task else None
-    client.send_frame(
-        {
-            "type": "log",
-            "key": key,
-            "value": float(value),
-            "step": None if step is None else int(step),
-            "round": current_round,
-        }
+    global_step = kwargs.pop("global_step", None)
+    step = kwargs.pop("step", None)
+    if global_step is not None and step is not None:
+        raise TypeError(f"flare.log({key!r}, …): give global_step or step, not both")
+    writer = kwargs.pop("writer", None)
+    frame = log_frame(  # LogRecordError (a TypeError) names a bad argument
+        key,
+        value,
+        data_type,
+        step=global_step if global_step is not None else step,
+        current_round=client.task["current_round"] if client.task else None,
+        writer=writer,
+        kwargs=kwargs,
     )
+    client.send_frame(frame)
 
 
 def _current_task_name(caller: str) -> str | None:
@@ -273,6 +323,18 @@ def is_submit_model() -> bool:
     return _current_task_name("is_submit_model") == TASK_SUBMIT_MODEL
 
 
+def get_task_name() -> str | None:
+    """The current task's name: ``"train"``, ``"validate"`` or ``"submit_model"`` (fetches the
+    next task if none is current); None once the job is over."""
+    return _current_task_name("get_task_name")
+
+
+def clear() -> None:
+    """Forget the current task's model, as NVFlare's ``flare.clear()``: the next ``receive()``
+    reads it again from its file (the task itself stays current until it is answered)."""
+    _require_client("clear").model = None
+
+
 def get_site_name() -> str:
     return _require_client("get_site_name").site_name
 
@@ -288,10 +350,12 @@ def system_info() -> dict[str, str]:
 
 
 def get_config() -> dict[str, Any]:
-    """The current task's metadata (round, total rounds, task name)."""
+    """The job's client config (what ``recipe.add_client_config`` set), with the current
+    task's metadata (site, job, task name, round, total rounds) over it."""
     client = _require_client("get_config")
     task = client.task or {}
     return {
+        **client.client_config,
         "site_name": client.site_name,
         "job_id": client.job_id,
         "task_name": task.get("task_name"),
@@ -306,3 +370,117 @@ def shutdown() -> None:
     if _client is not None:
         _client.sock.close()
         _client = None
+
+
+def _task_meta(task: Mapping[str, Any], key: str) -> Any:
+    meta = task.get("meta") or {}
+    return meta.get(key)
+
+
+def _as_diff(model: FLModel, task: Mapping[str, Any], exclude_vars: str | None) -> FLModel:
+    """``model`` with ``params = local − received`` and ``params_type=DIFF``: what a DIFF job's
+    train task asks for (NVFlare's ``flare.send`` does the same). The received weights are read
+    again from the task's model file, which the script cannot change, so a script that trained
+    the received tensors in place still sends the right change."""
+    if not task.get("model_path"):
+        raise ClientAPIError("flare.send(): this DIFF task came without a global model")
+    received = wire.read_model_file(task["model_path"]).params or {}
+    if exclude_vars:
+        pattern = re.compile(exclude_vars)
+        received = {n: t for n, t in received.items() if not pattern.search(n)}
+    assert model.params is not None
+    missing = sorted(set(received) - set(model.params))
+    extra = sorted(set(model.params) - set(received))
+    if missing or extra:
+        raise ClientAPIError(
+            "flare.send(): a DIFF job sends the change of every received tensor; "
+            + (f"missing {missing[:5]}" if missing else f"not received: {extra[:5]}")
+        )
+    diff: dict[str, Any] = {}
+    for name, local in model.params.items():
+        base = received[name]
+        if isinstance(local, np.ndarray):
+            diff[name] = local - base.numpy().astype(local.dtype, copy=False)
+        else:
+            local_tensor = local.detach().cpu() if hasattr(local, "detach") else local
+            diff[name] = local_tensor - base.to(local_tensor.dtype)
+    return FLModel(
+        params_type=ParamsType.DIFF,
+        params=diff,
+        optimizer_params=model.optimizer_params,
+        metrics=model.metrics,
+        start_round=model.start_round,
+        current_round=model.current_round,
+        total_rounds=model.total_rounds,
+        meta=model.meta,
+    )
+
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def _with_received_model(function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Call ``function`` with the received model as its first parameter (NVFlare's rule)."""
+    parameters = list(inspect.signature(function).parameters)
+    if not parameters:
+        raise TypeError(
+            f"{function.__name__}() must take the received FLModel as its first argument"
+        )
+    model = receive()
+    return function(**{**kwargs, parameters[0]: model})
+
+
+# Metrics that @flare.evaluate computed during a train task, sent with the train result.
+_pending_train_metrics: dict[str, Any] | None = None
+
+
+def train(_func: _Function | None = None, **_options: Any) -> Any:
+    """NVFlare's ``@flare.train``: the decorated function gets the received model as its first
+    argument and returns the FLModel to send, which is sent (with the metrics an
+    ``@flare.evaluate`` function computed before it in the same task)."""
+
+    def decorate(function: _Function) -> _Function:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            global _pending_train_metrics
+            result = _with_received_model(function, kwargs)
+            if not isinstance(result, FLModel):
+                raise ClientAPIError(
+                    f"@flare.train: {function.__name__}() must return an FLModel, "
+                    f"got {type(result).__name__}"
+                )
+            if _pending_train_metrics is not None:
+                result.metrics = _pending_train_metrics
+                _pending_train_metrics = None
+            send(result)
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate if _func is None else decorate(_func)
+
+
+def evaluate(_func: _Function | None = None, **_options: Any) -> Any:
+    """NVFlare's ``@flare.evaluate``: the decorated function gets the received model as its
+    first argument and returns its metrics (a dict). In a validate task they are sent at once;
+    in a train task they are kept and sent with the ``@flare.train`` function's model."""
+
+    def decorate(function: _Function) -> _Function:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            global _pending_train_metrics
+            metrics = _with_received_model(function, kwargs)
+            if not isinstance(metrics, Mapping):
+                raise ClientAPIError(
+                    f"@flare.evaluate: {function.__name__}() must return a dict of metrics, "
+                    f"got {type(metrics).__name__}"
+                )
+            if is_train():
+                _pending_train_metrics = dict(metrics)
+            else:
+                send(FLModel(metrics=dict(metrics)))
+            return metrics
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate if _func is None else decorate(_func)

@@ -2,8 +2,9 @@
 
 The names and the constructor's argument order are NVFlare's (``nvflare.app_common.abstract.
 fl_model``), so that a script written for NVFlare's Client API runs after changing only its
-import line. Params are a mapping of tensor name to ``torch.Tensor`` (a ``state_dict``);
-numpy arrays are accepted on ``send`` and arrive back as tensors.
+import line. Params are a mapping of tensor name to ``torch.Tensor`` (a ``state_dict``), or to numpy
+arrays in a NumPy job (``NumpyFedAvgRecipe``); numpy arrays are accepted on ``send`` in any
+job.
 """
 
 from __future__ import annotations
@@ -22,13 +23,44 @@ class ParamsType(StrEnum):
 
 
 class FLMetaKey:
-    """Well-known keys of ``FLModel.meta`` (NVFlare's spelling)."""
+    """Well-known keys of ``FLModel.meta``: every member of NVFlare's
+    ``nvflare.apis.fl_constant.FLMetaKey``, with its value.
+
+    A received model's meta holds ``job_id``, ``site_name``, ``current_round``,
+    ``total_rounds`` and ``start_round`` under these keys, and (FedPortal's earlier spelling,
+    kept so that older scripts run) ``JOB_ID``, ``SITE_NAME`` and ``TASK_NAME``.
+    """
 
     NUM_STEPS_CURRENT_ROUND = "NUM_STEPS_CURRENT_ROUND"
     """The site's FedAvg weight for this round; a missing key counts as 1.0."""
-    JOB_ID = "JOB_ID"
-    SITE_NAME = "SITE_NAME"
-    TASK_NAME = "TASK_NAME"
+    PROCESSED_ALGORITHM = "PROCESSED_ALGORITHM"
+    PROCESSED_KEYS = "PROCESSED_KEYS"
+    INITIAL_METRICS = "initial_metrics"
+    FILTER_HISTORY = "filter_history"
+    CONFIGS = "configs"
+    VALIDATE_TYPE = "validate_type"
+    START_ROUND = "start_round"
+    CURRENT_ROUND = "current_round"
+    TOTAL_ROUNDS = "total_rounds"
+    JOB_ID = "job_id"
+    SITE_NAME = "site_name"
+    PROCESS_RC_FILE = "_process_rc.txt"
+    SUBMIT_MODEL_NAME = "submit_model_name"
+    AUTH_TOKEN = "auth_token"
+    AUTH_TOKEN_SIGNATURE = "auth_token_signature"
+
+
+# The task's name in a received model's meta (NVFlare's ``ConfigKey.TASK_NAME``).
+TASK_NAME_META_KEY = "TASK_NAME"
+# FedPortal's earlier spelling of the job id and site name in meta, still set.
+LEGACY_JOB_ID_META_KEY = "JOB_ID"
+LEGACY_SITE_NAME_META_KEY = "SITE_NAME"
+
+
+class NPConstants:
+    """NVFlare's ``nvflare.app_common.np.constants.NPConstants``."""
+
+    NUMPY_KEY = "numpy_key"
 
 
 class AlgorithmConstants:

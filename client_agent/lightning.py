@@ -106,11 +106,14 @@ from client_agent.api import (
     shutdown,
     system_info,
 )
+from client_agent.fl_model import TASK_NAME_META_KEY, AlgorithmConstants
+from client_agent.pt import PTScaffoldHelper, get_fedprox_mu, get_lr_values
 from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
 from common.validators import is_int, is_number
 
 __all__ = [
     "ClientAPIError",
+    "FLCallback",
     "FLMetaKey",
     "FLModel",
     "GlobalModelMismatch",
@@ -155,7 +158,7 @@ class _Round:
     def task_name(self) -> str | None:
         if self.model is None:
             return None
-        return str(self.model.meta.get(FLMetaKey.TASK_NAME) or TASK_TRAIN)
+        return str(self.model.meta.get(TASK_NAME_META_KEY) or TASK_TRAIN)
 
     @property
     def open(self) -> bool:
@@ -263,6 +266,16 @@ class _FLCallbackHooks:
         self.training_fit = False  # this fit trains (it was not skipped)
         self.sending_fit = False  # … and answers a train task at its end
         self.steps_at_start = 0
+        # The algorithms a train task's meta asks for (NVFlare's patch applies them too):
+        # FedProx's mu, SCAFFOLD's helper (kept across rounds: c_i is the site's own), and
+        # the received weights both need.
+        self.fedprox_mu: float | None = None
+        self.scaffold: PTScaffoldHelper | None = None
+        self.scaffold_controls: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = (
+            None
+        )
+        self.global_weights: dict[str, torch.Tensor] | None = None
+        self.steps_corrected = 0
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -359,6 +372,78 @@ class _FLCallbackHooks:
         self.steps_at_start = int(trainer.global_step)
         self.training_fit = True
         self.sending_fit = task == TASK_TRAIN  # not after the job is over: local training
+        self.start_algorithms(trainer, pl_module)
+
+    def start_algorithms(self, trainer: Any, pl_module: Any) -> None:
+        """FedProx when the train task carries a positive ``fedprox_mu``, SCAFFOLD when it
+        carries the server's controls: applied around Lightning's optimizer steps, as
+        NVFlare's ``patch`` does, never silently skipped."""
+        self.fedprox_mu = None
+        self.scaffold_controls = None
+        self.global_weights = None
+        meta = _round.model.meta if self.sending_fit and _round.model is not None else {}
+        mu = meta.get(AlgorithmConstants.FEDPROX_MU)
+        wants_fedprox = mu is not None and mu != 0  # mu 0 is FedAvg, as FedProxRecipe says
+        controls = meta.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+        if not wants_fedprox and controls is None:
+            return
+        asked = " and ".join(
+            name for name, on in (("FedProx", wants_fedprox), ("SCAFFOLD", controls)) if on
+        )
+        if not pl_module.automatic_optimization or len(trainer.optimizers) != 1:
+            raise ClientAPIError(
+                f"flare.patch(): this job uses {asked}, which the adapter applies to one "
+                "optimizer under automatic optimization; this module has "
+                f"{len(trainer.optimizers)} optimizer(s), automatic_optimization="
+                f"{pl_module.automatic_optimization}. Use flare.receive()/send() with "
+                "client_agent.pt's PTFedProxLoss or PTScaffoldHelper instead."
+            )
+        self.global_weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        if wants_fedprox:
+            assert _round.model is not None
+            self.fedprox_mu = get_fedprox_mu(_round.model)
+        if controls is not None:
+            if self.scaffold is None:
+                self.scaffold = PTScaffoldHelper()
+                self.scaffold.init(pl_module)
+            self.scaffold.load_global_controls(controls)
+            self.scaffold_controls = self.scaffold.get_params()
+            self.steps_corrected = int(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """FedProx: add the proximal term's gradient mu·(w − w_global) to every trainable
+        parameter's gradient (after accumulation and unscaling, before the step)."""
+        if self.fedprox_mu is None or self.global_weights is None:
+            return
+        with torch.no_grad():
+            for name, parameter in pl_module.named_parameters():
+                if parameter.requires_grad and parameter.grad is not None:
+                    parameter.grad.add_(
+                        parameter.detach() - self.global_weights[name], alpha=self.fedprox_mu
+                    )
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """SCAFFOLD: correct each optimizer step just taken (a batch that only accumulated
+        gradients took none)."""
+        if self.scaffold is None or self.scaffold_controls is None:
+            return
+        if int(trainer.global_step) == self.steps_corrected:
+            return
+        self.steps_corrected = int(trainer.global_step)
+        lr = get_lr_values(trainer.optimizers[0])[0]
+        self.scaffold.model_update(pl_module, lr, *self.scaffold_controls)
+
+    def algorithm_meta(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        """What the round's algorithms send: SCAFFOLD's change of the site's control."""
+        if self.scaffold is None or self.scaffold_controls is None:
+            return {}
+        assert self.global_weights is not None
+        lr = get_lr_values(trainer.optimizers[0])[0]
+        self.scaffold.terms_update(pl_module, lr, *self.scaffold_controls, self.global_weights)
+        self.scaffold_controls = None
+        return {AlgorithmConstants.SCAFFOLD_CTRL_DIFF: self.scaffold.get_delta_controls()}
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if _round.open and _is_rank_zero(trainer):
@@ -382,7 +467,7 @@ class _FLCallbackHooks:
                 params_type=ParamsType.FULL,
                 params=_cpu_params(pl_module),
                 metrics=_round.metrics,
-                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+                meta=result_meta(pl_module, self.algorithm_meta(trainer, pl_module), steps),
             ),
         )
 
@@ -407,6 +492,29 @@ class _FLCallbackHooks:
             _round.metrics = metrics  # the first validate() of the round scores the global model
 
 
+FL_META_ATTRIBUTE = "__fl_meta__"
+
+
+def result_meta(pl_module: Any, algorithm: Mapping[str, Any], steps: int) -> dict[str, Any]:
+    """A train result's meta: the module's ``__fl_meta__`` (NVFlare's way for a script to
+    send more), the algorithms' own keys (a clash with ``__fl_meta__`` is refused, naming the
+    keys), and ``NUM_STEPS_CURRENT_ROUND`` unless ``__fl_meta__`` sets it."""
+    user = getattr(pl_module, FL_META_ATTRIBUTE, None) or {}
+    if not isinstance(user, Mapping):
+        raise ClientAPIError(
+            f"the module's {FL_META_ATTRIBUTE} must be a dict, got {type(user).__name__}"
+        )
+    clash = sorted(set(user) & set(algorithm))
+    if clash:
+        raise ClientAPIError(
+            f"the module's {FL_META_ATTRIBUTE} sets {clash}, which the job's algorithm sends: "
+            "remove them"
+        )
+    meta = {**user, **algorithm}
+    meta.setdefault(FLMetaKey.NUM_STEPS_CURRENT_ROUND, steps)
+    return meta
+
+
 _callback_classes: dict[str, type] = {}
 
 
@@ -418,6 +526,31 @@ def _callback_class(package: str) -> type:
             "FLCallback", (_FLCallbackHooks, base), {"__module__": __name__}
         )
     return _callback_classes[package]
+
+
+def FLCallback(
+    rank: int = 0,
+    load_state_dict_strict: bool = True,
+    update_fit_loop: bool = True,
+    *,
+    restore_state: bool = True,
+    package: str | None = None,
+) -> Any:
+    """NVFlare's ``FLCallback`` for a ``Trainer(callbacks=[...])``: the callback ``patch``
+    adds, for the Lightning package installed (``lightning.pytorch`` first). ``rank`` is
+    NVFlare's argument: the trainer tells each process its rank here. Prefer ``patch``, which
+    also starts the Client API."""
+    for name in (package,) if package else _PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        return _callback_class(name)(
+            restore_state=restore_state,
+            load_state_dict_strict=load_state_dict_strict,
+            update_fit_loop=update_fit_loop,
+        )
+    raise ClientAPIError("FLCallback needs lightning or pytorch_lightning installed")
 
 
 def patch(

@@ -40,6 +40,7 @@ scripts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,9 +49,30 @@ import torch
 from torch import nn
 
 from client_agent.fl_model import AlgorithmConstants as AlgorithmConstants
+from client_agent.fl_model import FLModel
 from common.validators import FieldError, check_finite_number
 
-__all__ = ["AlgorithmConstants", "PTFedProxLoss", "PTScaffoldHelper", "get_lr_values"]
+__all__ = [
+    "AlgorithmConstants",
+    "PTFedProxLoss",
+    "PTScaffoldHelper",
+    "get_fedprox_mu",
+    "get_lr_values",
+]
+
+
+def get_fedprox_mu(model: FLModel) -> float:
+    """The FedProx weight mu a train task carries (``meta["fedprox_mu"]``, set by
+    ``FedProxRecipe``), as NVFlare's ``fedprox_utils.get_fedprox_mu``: a ``ValueError``
+    naming the key when it is missing, or not a finite number above 0."""
+    meta = model.meta or {}
+    key = AlgorithmConstants.FEDPROX_MU
+    if key not in meta:
+        raise ValueError(f"a FedProx client needs a positive {key!r} in every train task's meta")
+    mu = meta[key]
+    if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu <= 0:
+        raise ValueError(f"{key!r} in the task's meta must be a finite number above 0, got {mu!r}")
+    return float(mu)
 
 
 def get_lr_values(optimizer: torch.optim.Optimizer) -> list[float]:

@@ -30,6 +30,7 @@ from typing import IO, Any
 
 from client_agent import forkserver
 from client_agent import frames as wire
+from client_agent.analytics import LogRecordError, numeric_points
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class ScriptProcess:
         env: Mapping[str, str] | None = None,
         python: str = sys.executable,
         connect_timeout: float = 300.0,
+        client_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.script = Path(script).resolve()
         self.args = list(args)
@@ -129,6 +131,8 @@ class ScriptProcess:
         self.extra_env = dict(env or {})
         self.python = python
         self.connect_timeout = connect_timeout
+        # The job's add_client_config() values: the script reads them with flare.get_config().
+        self.client_config = dict(client_config or {})
         self._proc: subprocess.Popen[bytes] | forkserver.ForkedProcess | None = None
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
@@ -226,7 +230,13 @@ class ScriptProcess:
             raise self._failed("connected without the runtime token")
         conn.settimeout(None)
         wire.send_frame(
-            conn, {"type": "welcome", "site_name": self.site_name, "job_id": self.job_id}
+            conn,
+            {
+                "type": "welcome",
+                "site_name": self.site_name,
+                "job_id": self.job_id,
+                "client_config": self.client_config,
+            },
         )
         self._conn = conn
         return conn
@@ -238,7 +248,9 @@ class ScriptProcess:
     ) -> Path:
         """Send ``task`` and block until the script sends its result; returns the result file.
 
-        ``log`` frames that arrive meanwhile go to ``on_log``. Raises :class:`ScriptFailed`
+        ``log`` frames that arrive meanwhile are checked and go to ``on_log``, with their
+        numeric points as ``(key, value)`` pairs in ``message["points"]``
+        (:func:`client_agent.analytics.numeric_points`). Raises :class:`ScriptFailed`
         when the script exits, breaks the protocol or exceeds ``timeout`` seconds.
         """
         conn = self._ensure_connected()
@@ -263,6 +275,10 @@ class ScriptProcess:
                 raise self._failed(f"broke the protocol: {exc}") from None
             kind = message["type"]
             if kind == "log":
+                try:
+                    message["points"] = numeric_points(message)
+                except LogRecordError as exc:
+                    raise self._failed(f"sent a bad log record: {exc}") from None
                 if on_log is not None:
                     on_log(message)
             elif kind == "result" and message.get("task_id") == task.task_id:

@@ -19,7 +19,7 @@ import shlex
 import shutil
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 BUNDLE_FORMAT = 1
 SPEC_FILE = "job.json"
+SERVER_DIR = "server"
 MODEL_FILE = "initial_model.safetensors"
 APP_DIR = "app"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -106,6 +107,9 @@ class JobBundle:
     workflow: Workflow
     train_script: str
     train_args: str
+    site_args: Mapping[str, str] = field(default_factory=dict)
+    client_config: Mapping[str, Any] = field(default_factory=dict)
+    experiment_tracking: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -114,7 +118,14 @@ class JobBundle:
             workflow=self.workflow,
             train_script=self.train_script,
             train_args=self.train_args,
+            site_args=self.site_args,
+            client_config=self.client_config,
+            experiment_tracking=self.experiment_tracking,
         )
+
+    def train_args_for(self, site: str) -> str:
+        """The script's arguments at ``site``: its own (``per_site_config``) or the job's."""
+        return self.site_args.get(site, self.train_args)
 
     @property
     def model_path(self) -> Path:
@@ -159,6 +170,9 @@ class JobBundle:
             workflow=checked.workflow,
             train_script=checked.train_script,
             train_args=checked.train_args,
+            site_args=checked.site_args,
+            client_config=checked.client_config,
+            experiment_tracking=checked.experiment_tracking,
         )
 
 
@@ -168,6 +182,95 @@ class CheckedSpec:
     workflow: Workflow
     train_script: str
     train_args: str
+    site_args: Mapping[str, str] = field(default_factory=dict)
+    client_config: Mapping[str, Any] = field(default_factory=dict)
+    experiment_tracking: tuple[Mapping[str, Any], ...] = ()
+
+
+# Bounds on the spec's optional parts: a spec is read by the portal from an upload.
+MAX_SITE_ARGS = 1_000
+MAX_TRACKERS = 10
+MAX_CONFIG_JSON = 65_536
+TRACKING_TYPES = ("tensorboard", "mlflow", "wandb")
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_train_args(args: Any, field_name: str = "train_args") -> str:
+    if not isinstance(args, str):
+        raise BundleError(field_name, "must be a string")
+    try:
+        shlex.split(args)
+    except ValueError as exc:
+        raise BundleError(field_name, f"{exc} in {args!r}") from None
+    return args
+
+
+def check_json_object(value: Any, field_name: str) -> dict[str, Any]:
+    """A JSON object of at most :data:`MAX_CONFIG_JSON` bytes."""
+    if not isinstance(value, Mapping):
+        raise BundleError(field_name, f"must be a JSON object, got {type(value).__name__}")
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(field_name, f"must hold JSON values only ({exc})") from None
+    if len(text) > MAX_CONFIG_JSON:
+        raise BundleError(field_name, f"is larger than {MAX_CONFIG_JSON} bytes as JSON")
+    return dict(json.loads(text))
+
+
+def check_site_args(value: Any) -> dict[str, str]:
+    """``{site: train_args}``: each site's own script arguments (``per_site_config``)."""
+    if not isinstance(value, Mapping) or len(value) > MAX_SITE_ARGS:
+        raise BundleError("site_args", f"must be an object of at most {MAX_SITE_ARGS} sites")
+    for site in value:
+        if not isinstance(site, str) or not SITE_NAME.match(site):
+            raise BundleError("site_args", f"{site!r} is not a site name")
+    return {site: check_train_args(args, f"site_args.{site}") for site, args in value.items()}
+
+
+def check_experiment_tracking(value: Any) -> tuple[dict[str, Any], ...]:
+    """The trackers ``add_experiment_tracking`` added: each ``{"tracking_type",
+    "tracking_config", "client_side", "server_side", "clients"}``."""
+    if not isinstance(value, list) or len(value) > MAX_TRACKERS:
+        raise BundleError("experiment_tracking", f"must be a list of at most {MAX_TRACKERS}")
+    checked = []
+    for index, tracker in enumerate(value):
+        where = f"experiment_tracking[{index}]"
+        if not isinstance(tracker, Mapping):
+            raise BundleError(where, "must be an object")
+        unknown = sorted(
+            set(tracker)
+            - {"tracking_type", "tracking_config", "client_side", "server_side", "clients"}
+        )
+        if unknown:
+            raise BundleError(where, f"unknown keys {unknown}")
+        kind = tracker.get("tracking_type")
+        if kind not in TRACKING_TYPES:
+            raise BundleError(
+                f"{where}.tracking_type", f"must be one of {list(TRACKING_TYPES)}, got {kind!r}"
+            )
+        sides = {}
+        for side, default in (("client_side", False), ("server_side", True)):
+            sides[side] = tracker.get(side, default)
+            if not isinstance(sides[side], bool):
+                raise BundleError(f"{where}.{side}", "must be true or false")
+        clients = tracker.get("clients")
+        if clients is not None and (
+            not isinstance(clients, list)
+            or not all(isinstance(c, str) and SITE_NAME.match(c) for c in clients)
+        ):
+            raise BundleError(f"{where}.clients", "must be a list of site names, or null")
+        checked.append(
+            {
+                "tracking_type": kind,
+                "tracking_config": check_json_object(
+                    tracker.get("tracking_config") or {}, f"{where}.tracking_config"
+                ),
+                **sides,
+                "clients": clients,
+            }
+        )
+    return tuple(checked)
 
 
 def check_spec(spec: Any) -> CheckedSpec:
@@ -191,20 +294,28 @@ def check_spec(spec: Any) -> CheckedSpec:
     script_rel = PurePosixPath(script)
     if script_rel.is_absolute() or ".." in script_rel.parts or "\\" in script:
         raise BundleError("train_script", f"{script!r} must be a path inside the app folder")
-    args = spec.get("train_args", "")
-    if not isinstance(args, str):
-        raise BundleError("train_args", "must be a string")
-    try:
-        shlex.split(args)
-    except ValueError as exc:
-        raise BundleError("train_args", str(exc)) from None
-    return CheckedSpec(name=name, workflow=workflow, train_script=script, train_args=args)
+    return CheckedSpec(
+        name=name,
+        workflow=workflow,
+        train_script=script,
+        train_args=check_train_args(spec.get("train_args", "")),
+        site_args=check_site_args(spec.get("site_args") or {}),
+        client_config=check_json_object(spec.get("client_config") or {}, "client_config"),
+        experiment_tracking=check_experiment_tracking(spec.get("experiment_tracking") or []),
+    )
 
 
 def build_spec(
-    *, name: str, workflow: Workflow, train_script: str, train_args: str
+    *,
+    name: str,
+    workflow: Workflow,
+    train_script: str,
+    train_args: str,
+    site_args: Mapping[str, str] | None = None,
+    client_config: Mapping[str, Any] | None = None,
+    experiment_tracking: Iterable[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    return {
+    spec: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "name": name,
         "workflow": workflow.name,
@@ -212,6 +323,15 @@ def build_spec(
         "train_script": train_script,
         "train_args": train_args,
     }
+    # The optional parts stay out of a spec that has none: specs read the same as before.
+    if site_args:
+        spec["site_args"] = dict(site_args)
+    if client_config:
+        spec["client_config"] = dict(client_config)
+    trackers = [dict(t) for t in experiment_tracking]
+    if trackers:
+        spec["experiment_tracking"] = trackers
+    return spec
 
 
 def write_bundle(
@@ -221,13 +341,24 @@ def write_bundle(
     initial_params: Mapping[str, torch.Tensor],
     app_source: Path,
     exclude: Iterable[Path] = (),
+    client_files: Iterable[Path] = (),
+    server_files: Iterable[Path] = (),
 ) -> Path:
-    """Write a bundle folder at ``dest``, which must not exist yet; see :func:`copy_app`."""
+    """Write a bundle folder at ``dest``, which must not exist yet; see :func:`copy_app`.
+    ``client_files`` (files or folders) go into the app folder beside the script;
+    ``server_files`` into ``server/``, kept with the job and read by nothing."""
     if dest.exists():
         raise BundleError("export", f"{dest} already exists")
     dest.mkdir(parents=True)
     try:
         copy_app(app_source, dest / APP_DIR, exclude=[dest, *exclude])
+        for folder, extra in ((dest / APP_DIR, client_files), (dest / SERVER_DIR, server_files)):
+            for path in extra:
+                folder.mkdir(exist_ok=True)
+                if path.is_dir():
+                    copy_app(path, folder / path.name, exclude=[dest, *exclude])
+                else:
+                    shutil.copy2(path, folder / path.name)
         save_state_dict(dest / MODEL_FILE, initial_params)
         (dest / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     except BaseException:

@@ -21,7 +21,12 @@ import torch
 from client_agent.fl_model import FLModel, ParamsType
 from client_agent.wire import model_fields
 from common.validators import is_number
-from jobs.aggregation.sources import FileTensorSource, MemoryTensorSource, TensorSource
+from jobs.aggregation.sources import (
+    FileTensorSource,
+    MemoryTensorSource,
+    TensorSource,
+    as_source,
+)
 
 CHUNK_ELEMENTS = 1 << 20
 """Elements per chunk: 4 MiB of float32, measured fastest on a 2-core machine (bench/)."""
@@ -99,9 +104,7 @@ def fedavg(
     total = math.fsum(float(u.weight) for u in updates)
     if not total > 0:
         raise ValueError(f"fedavg: the weights must add up to a positive number, got {total}")
-    base: TensorSource = (
-        MemoryTensorSource(global_params) if isinstance(global_params, Mapping) else global_params
-    )
+    base = as_source(global_params)
     weights = [float(u.weight) / total for u in updates]
     diff_weight = math.fsum(
         w for u, w in zip(updates, weights, strict=True) if u.params_type == ParamsType.DIFF

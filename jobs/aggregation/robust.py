@@ -39,7 +39,7 @@ import torch
 from client_agent.fl_model import ParamsType
 from common.validators import FieldError, check_int
 from jobs.aggregation.fedavg import SiteUpdate, accumulator_dtype, cast_back, fedavg
-from jobs.aggregation.sources import MemoryTensorSource, TensorSource
+from jobs.aggregation.sources import TensorSource, as_source
 from jobs.aggregator_arguments import (
     check_aggregator_args,
     check_num_malicious,
@@ -166,12 +166,6 @@ def _sort_rows(rows: list[torch.Tensor], spare: torch.Tensor) -> list[torch.Tens
     return rows
 
 
-def _base(global_params: GlobalParams) -> TensorSource:
-    if isinstance(global_params, Mapping):
-        return MemoryTensorSource(global_params)
-    return global_params
-
-
 def _order_statistic_mean(
     updates: Sequence[SiteUpdate],
     global_params: GlobalParams,
@@ -180,7 +174,7 @@ def _order_statistic_mean(
     chunk_elements: int,
 ) -> dict[str, torch.Tensor]:
     """Each coordinate's mean of its sorted values ``drop .. n - 1 - drop``."""
-    base = _base(global_params)
+    base = as_source(global_params)
     chunks = _Chunks(updates, base, chunk_elements)
     n = len(updates)
     kept = n - 2 * drop
@@ -276,7 +270,7 @@ def krum(
             f"{f} is too many for {n} update(s): Krum needs more than 2 × num_malicious + 2",
         )
     check_int("num_to_keep", keep, low=1, high=n - f)
-    base = _base(global_params)
+    base = as_source(global_params)
     chunks = _Chunks(updates, base, chunk_elements)
     distances = [[0.0] * n for _ in range(n)]
     for name, (dtype, shape) in base.specs().items():

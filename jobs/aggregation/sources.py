@@ -18,7 +18,7 @@ import io
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -189,6 +189,72 @@ class FileTensorSource:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+class SubsetTensorSource:
+    """Some of another source's params, by name (the rest hidden): what a workflow folds
+    when ``exclude_vars`` keeps tensors out of aggregation. Meta tensors pass through."""
+
+    def __init__(self, source: TensorSource, names: Iterable[str]) -> None:
+        self._source = source
+        wanted = set(names)
+        self._specs = {n: spec for n, spec in source.specs().items() if n in wanted}
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def read(self, name: str, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        if name not in self._specs:
+            raise KeyError(name)
+        return self._source.read(name, start, stop, buffer)
+
+    def meta_tensor_keys(self) -> list[str]:
+        return self._source.meta_tensor_keys()
+
+    def meta_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        return self._source.meta_tensors(key)
+
+    def close(self) -> None:
+        pass  # the whole source is its owner's to close
+
+
+class PrefixedTensorSource:
+    """The params of another source whose names start with ``prefix``, named without it:
+    one model of several packed into one file (``"server_1/numpy_key"`` read as
+    ``"numpy_key"``). Meta tensors are not carried."""
+
+    def __init__(self, source: TensorSource, prefix: str) -> None:
+        self._source = source
+        self._prefix = prefix
+        self._specs = {
+            name[len(prefix) :]: spec
+            for name, spec in source.specs().items()
+            if name.startswith(prefix) and len(name) > len(prefix)
+        }
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def read(self, name: str, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        if name not in self._specs:
+            raise KeyError(name)
+        return self._source.read(self._prefix + name, start, stop, buffer)
+
+    def meta_tensor_keys(self) -> list[str]:
+        return []
+
+    def meta_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def close(self) -> None:
+        pass  # the whole source is its owner's to close
+
+
+def as_source(params: Mapping[str, torch.Tensor] | TensorSource) -> TensorSource:
+    """``params`` as a :class:`TensorSource` (a ``state_dict`` is wrapped, not copied)."""
+    if isinstance(params, Mapping):
+        return MemoryTensorSource(params)
+    return params
 
 
 def tensors_of(source: TensorSource) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ was made (0: the initial model), so round ``n`` starts from model ``n``.
 
 from django.urls import URLPattern, path
 
-from jobs.api import views
+from jobs.api import tracking_views, views
 
 app_name = "jobs-api"
 
@@ -29,6 +29,17 @@ urlpatterns: list[URLPattern] = [
         name="job-site-decision",
     ),
     path(f"{job}metrics/", views.JobMetricListView.as_view(), name="job-metric-list"),
+    path(f"{job}metrics.csv", tracking_views.JobMetricsCsvView.as_view(), name="job-metrics-csv"),
+    path(
+        f"{job}tracking/tensorboard.zip",
+        tracking_views.JobTensorBoardExportView.as_view(),
+        name="job-tracking-tensorboard",
+    ),
+    path(
+        f"{job}tracking/mlflow.zip",
+        tracking_views.JobMlflowExportView.as_view(),
+        name="job-tracking-mlflow",
+    ),
     path(f"{job}cross-site/", views.JobCrossSiteView.as_view(), name="job-cross-site"),
     path(f"{job}models/", views.JobModelListView.as_view(), name="job-model-list"),
     path(

@@ -146,6 +146,10 @@ class Run:
     best_score: float | None = None
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     """Cross-site evaluation cells, ``{"model", "site", "metrics"}``, in the order made."""
+    model_file_names: tuple[str | None, str | None] = (None, None)
+    """NVFlare's ``save_filename`` and ``best_model_filename``: the final and the best global
+    model are also written under these names in ``models/``, with ``torch.save`` as NVFlare's
+    PyTorch recipes save them (None: not written)."""
 
     @property
     def cross_site_matrix(self) -> dict[str, dict[str, dict[str, float]]]:
@@ -167,6 +171,18 @@ class Run:
     def best_model(self) -> dict[str, torch.Tensor] | None:
         path = self.workspace / "models" / "best.safetensors"
         return load_state_dict(path) if path.exists() else None
+
+    def write_named_model_files(self) -> None:
+        """The final and best global models as ``models/<save_filename>`` and
+        ``models/<best_model_filename>`` (a ``torch.save``d ``state_dict``, what NVFlare's
+        PyTorch recipes write), from the run's own files."""
+        save_filename, best_model_filename = self.model_file_names
+        for name, weights in (
+            (save_filename, self.global_model),
+            (best_model_filename, self.best_model),
+        ):
+            if name and weights is not None:
+                torch.save(weights, self.workspace / "models" / name)
 
     def _model_path(self, completed_rounds: int) -> Path:
         return self.workspace / "models" / model_file_name(completed_rounds)

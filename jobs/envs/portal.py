@@ -18,6 +18,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,6 +229,8 @@ class PortalRun(Run):
             if version.get("is_best"):
                 (models / "best.safetensors").unlink(missing_ok=True)
                 os.link(target, models / "best.safetensors")
+        if self.status == RunStatus.COMPLETED:
+            self.write_named_model_files()
 
 
 class ProdEnv:
@@ -282,6 +285,16 @@ class ProdEnv:
         )
 
     def run(self, recipe: Recipe) -> PortalRun:
+        if recipe.experiment_tracking:
+            # Said, not silently ignored: a portal keeps every job's numbers and serves them
+            # as TensorBoard files, an MLflow store and CSV; it runs no tracker of its own.
+            warnings.warn(
+                "add_experiment_tracking: on a portal, download the job's TensorBoard events or "
+                "MLflow store (/api/v1/jobs/<uid>/tracking/tensorboard.zip, …/mlflow.zip) or "
+                "its metrics.csv; the portal pushes to no tracking server, and site agents keep "
+                "no client-side tracker records",
+                stacklevel=4,  # the job script's recipe.execute(env)
+            )
         workspace = self.workspace or Path(tempfile.gettempdir()) / "fedportal-runs"
         staging = Path(tempfile.mkdtemp(prefix="fedportal-submit-"))
         try:
@@ -303,6 +316,7 @@ class ProdEnv:
             workspace=workspace / str(job["uid"]),
             show_progress=self.show_progress,
         )
+        run.model_file_names = recipe.model_file_names
         run.progress.say(f"submitted {run.name} to {self.client.url}: job {run.job_id}")
         return run.wait() if self.wait else run
 

@@ -72,6 +72,8 @@ from jobs.workflows import (
     round_close_decision,
 )
 from jobs.workflows.base import checkpoint_file_stem, next_global_model, write_global_model
+from jobs.workflows.evaluation import SITE_MODEL_PREFIX
+from jobs.workflows.training_options import stop_reason
 
 if TYPE_CHECKING:
     from jobs.recipes import Recipe
@@ -227,10 +229,35 @@ class SimEnv:
         bundle = JobBundle.load(
             recipe.export(workspace / "bundle", exclude=[self.workspace or workspace])
         )
+        unknown = sorted(set(bundle.site_args) - set(self.clients))
+        if unknown:
+            raise ValueError(
+                f"per_site_config: no site {', '.join(unknown)} in this SimEnv "
+                f"(its sites: {', '.join(self.clients)})"
+            )
         run = _Simulation(self, bundle, job_id, workspace).run()
         if run.status == RunStatus.FAILED:
             raise RunFailed(run)
+        run.model_file_names = recipe.model_file_names
+        run.write_named_model_files()
         return run
+
+
+def nvflare_cross_val_results(
+    matrix: dict[str, dict[str, dict[str, float]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The matrix as NVFlare's ``cross_val_results.json`` holds it: ``{evaluating site:
+    {model owner: metrics}}``, a site's model by the site's name, the server's as
+    ``SRV_<name>`` (the final global model: ``SRV_FL_global_model.pt``, NVFlare's file)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for model, cells in matrix.items():
+        if model.startswith(SITE_MODEL_PREFIX):
+            owner = model.removeprefix(SITE_MODEL_PREFIX)
+        else:
+            owner = "SRV_FL_global_model.pt" if model == "global" else f"SRV_{model}"
+        for site, metrics in cells.items():
+            out.setdefault(site, {})[owner] = metrics
+    return out
 
 
 class _Simulation:
@@ -249,6 +276,18 @@ class _Simulation:
         self.run_record = Run(job_id=job_id, status=RunStatus.RUNNING, workspace=workspace)
         self.progress = _Progress(env.show_progress, self.workflow.total_rounds(list(env.clients)))
         self.sites: dict[str, ScriptProcess] = {}
+        self.tracking = None
+        if bundle.experiment_tracking:
+            # Imported only when asked for: TensorBoard and MLflow are heavy imports.
+            from jobs.tracking import open_tracking
+
+            self.tracking = open_tracking(
+                bundle.experiment_tracking,
+                workspace=workspace,
+                job_name=bundle.name,
+                job_id=job_id,
+                sites=list(env.clients),
+            )
 
     def record(self, point: MetricPoint) -> None:
         with self.metrics_lock:
@@ -277,6 +316,8 @@ class _Simulation:
         finally:
             self._stop_sites(grace=10 if run.status == RunStatus.COMPLETED else 0)
             self.metrics_file.close()
+            if self.tracking is not None:
+                self.tracking.close()
         elapsed = time.perf_counter() - started
         if run.status == RunStatus.COMPLETED:
             best = ""
@@ -292,12 +333,12 @@ class _Simulation:
         return str(getattr(self.workflow, "key_metric", "") or "")
 
     def _start_sites(self) -> None:
-        args = shlex.split(self.bundle.train_args)
         for index, site in enumerate(self.env.clients):
             site_dir = self.ws / "sites" / site
             proc = ScriptProcess(
                 script=self.bundle.script_path,
-                args=args,
+                args=shlex.split(self.bundle.train_args_for(site)),
+                client_config=self.bundle.client_config,
                 site_name=site,
                 job_id=self.job_id,
                 workdir=site_dir,
@@ -327,7 +368,8 @@ class _Simulation:
         global_specs = FileTensorSource(global_path).specs()
         best_path = self.models / "best.safetensors"
         checkpoints: dict[str, Path] = {}
-        for rnd in range(workflow.total_rounds(sites)):
+        rnd = -1
+        while (rnd := rnd + 1) < workflow.total_rounds_given(sites, state):
             round_started = time.perf_counter()
             self.progress.round = rnd
             plan = workflow.plan(rnd, sites, state)
@@ -349,6 +391,10 @@ class _Simulation:
                     checkpoints[name] = self._keep_checkpoint(name, source)
             finally:
                 self._discard(results)
+            stopped = stop_reason(state.data, outcome.state.data)
+            if stopped:
+                record.label += f"; {stopped}"
+                self.progress.num_rounds = workflow.total_rounds_given(sites, outcome.state)
             state = outcome.state
             record.accepted = list(outcome.sites)
             record.metrics = outcome.metrics
@@ -357,6 +403,8 @@ class _Simulation:
                 self.record(
                     MetricPoint(round=rnd, site=None, key=key, value=value, source="aggregate")
                 )
+            if self.tracking is not None and outcome.metrics:
+                self.tracking.aggregate(rnd, outcome.metrics)
             for cell in outcome.evaluations:
                 run.evaluations.append(asdict(cell))
             best = best_score_after(workflow, outcome, run.best_score)
@@ -383,6 +431,12 @@ class _Simulation:
         if run.evaluations:
             with open(self.ws / "cross_site.json", "w") as fh:
                 json.dump(run.cross_site_matrix, fh, indent=1)
+            # Where NVFlare's SimEnv writes it, in its layout: the NVFlare scripts that print
+            # this path find the file.
+            nvflare_path = self.ws / "server" / "simulate_job" / "cross_site_val"
+            nvflare_path.mkdir(parents=True, exist_ok=True)
+            with open(nvflare_path / "cross_val_results.json", "w") as fh:
+                json.dump(nvflare_cross_val_results(run.cross_site_matrix), fh, indent=1)
 
     def _keep_checkpoint(self, name: str, source: TensorSource) -> Path:
         """A model the workflow keeps by name (a site's submitted model), as a file."""
@@ -443,16 +497,19 @@ class _Simulation:
             self.progress.site(site, spec.task_name)
 
             def on_log(message: dict[str, Any]) -> None:
-                self.record(
-                    MetricPoint(
-                        round=message.get("round"),
-                        site=site,
-                        key=str(message["key"]),
-                        value=float(message["value"]),
-                        step=message.get("step"),
-                        source="log",
+                if self.tracking is not None:
+                    self.tracking.site_record(site, message)
+                for key, value in message["points"]:
+                    self.record(
+                        MetricPoint(
+                            round=message.get("round"),
+                            site=site,
+                            key=key,
+                            value=value,
+                            step=message.get("step"),
+                            source="log",
+                        )
                     )
-                )
 
             path = proc.run_task(task, on_log=on_log, timeout=self.env.task_timeout)
             result = result_from_file(planned, path, global_specs)

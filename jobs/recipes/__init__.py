@@ -9,14 +9,25 @@ A recipe is data. It checks its arguments when it is made, exports a job bundle
 selects the workflow by the recipe class: ``FedAvgRecipe``, ``FedOptRecipe``,
 ``ScaffoldRecipe``, ``FedProxRecipe``, ``CyclicRecipe``, ``FedEvalRecipe``, and
 ``add_cross_site_evaluation(recipe)`` after training.
+
+As NVFlare's ``nvflare.recipe`` does, this package also offers the envs (``SimEnv``,
+``PocEnv``, ``ProdEnv``) and ``Run``, so that ``from nvflare.recipe import SimEnv,
+add_experiment_tracking`` changes only its module name.
 """
 
-from jobs.recipes.base import Recipe
+from jobs.envs import PocEnv, ProdEnv, Run, SimEnv
+from jobs.recipes.base import Recipe, set_per_site_config
 from jobs.recipes.cyclic import CyclicRecipe
-from jobs.recipes.evaluation import FedEvalRecipe, add_cross_site_evaluation
+from jobs.recipes.evaluation import (
+    FedEvalRecipe,
+    add_cross_site_evaluation,
+    add_final_global_evaluation,
+)
 from jobs.recipes.fedavg import FedAvgRecipe, FedProxRecipe
 from jobs.recipes.fedopt import FedOptRecipe
+from jobs.recipes.numpy import NumpyCrossSiteEvalRecipe, NumpyFedAvgRecipe
 from jobs.recipes.scaffold import ScaffoldRecipe
+from jobs.recipes.tracking import add_experiment_tracking
 
 __all__ = [
     "CyclicRecipe",
@@ -24,7 +35,16 @@ __all__ = [
     "FedEvalRecipe",
     "FedOptRecipe",
     "FedProxRecipe",
+    "NumpyCrossSiteEvalRecipe",
+    "NumpyFedAvgRecipe",
+    "PocEnv",
+    "ProdEnv",
     "Recipe",
+    "Run",
     "ScaffoldRecipe",
+    "SimEnv",
     "add_cross_site_evaluation",
+    "add_experiment_tracking",
+    "add_final_global_evaluation",
+    "set_per_site_config",
 ]

@@ -4,6 +4,7 @@ final global model), with NVFlare's names and arguments."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from common.validators import FieldError, check_int
 from jobs.recipes.base import Recipe, initial_params_of
+from jobs.recipes.nvflare_args import check_server_expected_format, model_from_class_path
 from jobs.workflows.evaluation import CrossSiteEval, FedEval
 
 
@@ -76,15 +78,38 @@ class FedEvalRecipe(Recipe):
 
     def __init__(
         self,
-        name: str,
-        model: Any,
-        eval_ckpt: str | Path,
-        min_clients: int,
-        eval_script: str | Path,
+        name: str = "eval",
+        model: Any = None,
+        eval_ckpt: str | Path | None = None,
+        min_clients: int | None = None,
+        eval_script: str | Path | None = None,
         eval_args: str = "",
         key_metric: str | None = "accuracy",
         key_metric_mode: str = "max",
+        *,
+        server_expected_format: Any = "numpy",
+        validation_timeout: int = 6000,
+        per_site_config: Mapping[str, Any] | None = None,
+        launch_external_process: bool = False,
+        command: str = "python3 -u",
+        client_memory_gc_rounds: int = 0,
+        cuda_empty_cache: bool = False,
     ) -> None:
+        # NVFlare's keyword defaults; model, eval_ckpt, min_clients and eval_script are
+        # required there too. The launch settings have no effect (one script process a job).
+        for field_name, value in (
+            ("model", model),
+            ("eval_ckpt", eval_ckpt),
+            ("min_clients", min_clients),
+            ("eval_script", eval_script),
+        ):
+            if value is None:
+                raise FieldError(field_name, "is required")
+        assert eval_ckpt is not None and min_clients is not None and eval_script is not None
+        check_server_expected_format(server_expected_format)
+        check_int("validation_timeout", validation_timeout, low=1)
+        if isinstance(model, Mapping) and "class_path" in model:
+            model = model_from_class_path(model)
         super().__init__(
             name=name,
             workflow=FedEval(
@@ -94,6 +119,8 @@ class FedEvalRecipe(Recipe):
             train_script=eval_script,
             train_args=eval_args,
         )
+        if per_site_config is not None:
+            self.set_per_site_config(per_site_config)
 
 
 def add_cross_site_evaluation(
@@ -121,4 +148,39 @@ def add_cross_site_evaluation(
     if isinstance(recipe.workflow, CrossSiteEval):
         raise FieldError("recipe", "already ends with cross-site evaluation")
     recipe.workflow = CrossSiteEval(recipe.workflow)
+    return recipe
+
+
+def add_final_global_evaluation(
+    recipe: Recipe,
+    participating_clients: list[str] | None = None,
+    validation_timeout: int = 6000,
+) -> Recipe:
+    """After the recipe's training, the final global model is evaluated at the sites
+    (``participating_clients``, or every site); no site submits its own model. The scores are
+    ``run.cross_site_matrix["global"][site]``. NVFlare's ``add_final_global_evaluation``;
+    ``validation_timeout`` is checked and, as for cross-site evaluation, the env's round
+    timeout applies. Changes ``recipe`` and returns it."""
+    check_int("validation_timeout", validation_timeout, low=1)
+    if participating_clients is not None:
+        if not isinstance(participating_clients, list) or not all(
+            isinstance(c, str) and c for c in participating_clients
+        ):
+            raise FieldError(
+                "participating_clients",
+                f"must be a list of site names, got {participating_clients!r}",
+            )
+        if not participating_clients:
+            raise FieldError(
+                "participating_clients", "must not be empty: None evaluates at every site"
+            )
+    if not isinstance(recipe, Recipe):
+        raise FieldError("recipe", f"must be a recipe, got {type(recipe).__name__}")
+    if isinstance(recipe.workflow, CrossSiteEval):
+        raise FieldError("recipe", "already ends with an evaluation of its models")
+    recipe.workflow = CrossSiteEval(
+        recipe.workflow,
+        site_models=False,
+        clients=None if participating_clients is None else tuple(participating_clients),
+    )
     return recipe

@@ -7,17 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from common.validators import FieldError
-from jobs.recipes.base import Recipe
+from jobs.recipes.base import Recipe, set_per_site_config
 from jobs.recipes.nvflare_args import (
     DEFAULT_BEST_MODEL_FILENAME,
     DEFAULT_SAVE_FILENAME,
+    aggregator_name,
     check_server_expected_format,
-    infer_key_metric_mode,
     initial_model,
+    model_file_name,
     params_transfer_type_of,
     refuse_unsupported,
 )
 from jobs.workflows.fedavg import FedAvg, FedProx
+from jobs.workflows.training_options import key_metric_mode_for
 
 
 def _required(name: str, value: Any) -> Any:
@@ -37,18 +39,30 @@ class FedAvgRecipe(Recipe):
     ``model`` and checked against it, or, without ``model``, is the initial model itself.
 
     ``key_metric`` (default ``"accuracy"``) chooses the best model; ``key_metric_mode``
-    ``"max"``/``"min"``, or ``None``: ``"max"``, as NVFlare without ``stop_cond`` (a loss needs
-    ``key_metric_mode="min"``).
+    ``"max"``/``"min"``, or ``None``: the mode ``stop_cond`` implies when it names the key
+    metric (``"loss <= 0.1"``: min), else ``"max"`` (NVFlare's rule).
+
+    ``stop_cond`` (``"accuracy >= 0.95"``) ends the job after the first round whose aggregated
+    metric meets it, and ``patience`` after that many rounds without improvement of its metric
+    (``jobs.workflows.training_options``). ``exclude_vars`` is a regular expression: matching
+    tensors never leave the sites and keep their initial values in the global model.
+    ``aggregation_weights`` (``{"site-1": 2.0}``) multiplies a site's weight in the mean.
+    ``per_site_config`` (``{"site-1": {"train_args": "--lr 0.1"}}``) is
+    :func:`jobs.recipes.set_per_site_config`.
 
     ``params_transfer_type="DIFF"`` (or ``aggregator_data_kind="WEIGHT_DIFF"``) tells every
     train task, in ``meta["params_transfer_type"]``, to send the site's change rather than its
-    weights. ``aggregator`` combines the round's updates: ``"mean"`` (FedAvg's weighted mean),
+    weights: the Client API turns a FULL ``flare.send`` into ``local − received`` itself.
+    ``aggregator`` combines the round's updates: ``None`` or ``"mean"`` (FedAvg's weighted
+    mean, NVFlare's default),
     ``"median"``, ``"trimmed_mean"`` (``aggregator_args={"trim_fraction": 0.2}``) or
     ``"krum"`` (``{"num_malicious": 1, "num_to_keep": 1}``).
 
-    Not supported yet, refused with a ``FieldError`` naming them when given: ``stop_cond``,
-    ``patience``, ``exclude_vars``, ``aggregation_weights``, ``per_site_config``,
-    ``model_persistor``, ``model_locator``, and file names other than NVFlare's defaults.
+    ``save_filename`` and ``best_model_filename`` (NVFlare's defaults ``FL_global_model.pt``,
+    ``best_FL_global_model.pt``; None: not written) name ``torch.save``d copies of the final
+    and best global models in ``run.get_result()``'s ``models/``, beside our safetensors files.
+    Not supported, refused with a ``FieldError`` naming them when given: ``model_persistor``
+    and ``model_locator`` (server-side code).
     ``server_expected_format`` may be NUMPY (NVFlare's default) or PYTORCH: the same here.
     Accepted with no effect (the agent always runs the script as one subprocess per job):
     ``launch_external_process``, ``command``, ``launch_once``, ``launch_timeout``,
@@ -56,7 +70,7 @@ class FedAvgRecipe(Recipe):
     ``cuda_empty_cache``, ``enable_tensor_disk_offload``.
     """
 
-    _workflow_class: type[FedAvg] = FedAvg
+    _workflow_class: type[FedAvg] = FedAvg  # FedProx, FedOpt, SCAFFOLD: their own
 
     def __init__(
         self,
@@ -70,7 +84,7 @@ class FedAvgRecipe(Recipe):
         initial_ckpt: str | Path | None = None,
         key_metric: str | None = "accuracy",
         key_metric_mode: str | None = None,
-        aggregator: str = "mean",
+        aggregator: Any = None,
         aggregator_args: Mapping[str, Any] | None = None,
         aggregator_data_kind: Any = "WEIGHTS",
         params_transfer_type: Any = "FULL",
@@ -95,17 +109,7 @@ class FedAvgRecipe(Recipe):
         enable_tensor_disk_offload: bool = False,
         **workflow_args: Any,
     ) -> None:
-        refuse_unsupported(
-            stop_cond=stop_cond,
-            patience=patience,
-            exclude_vars=exclude_vars,
-            aggregation_weights=aggregation_weights,
-            per_site_config=per_site_config,
-            model_persistor=model_persistor,
-            model_locator=model_locator,
-            save_filename=save_filename,
-            best_model_filename=best_model_filename,
-        )
+        refuse_unsupported(model_persistor=model_persistor, model_locator=model_locator)
         check_server_expected_format(server_expected_format)
         super().__init__(
             name=name,
@@ -113,17 +117,27 @@ class FedAvgRecipe(Recipe):
                 min_clients=_required("min_clients", min_clients),
                 num_rounds=num_rounds,
                 key_metric=key_metric,
-                key_metric_mode=infer_key_metric_mode(key_metric, key_metric_mode),
-                aggregator=aggregator,
+                key_metric_mode=key_metric_mode_for(key_metric, key_metric_mode, stop_cond),
+                aggregator=aggregator_name(aggregator),
                 aggregator_args=dict(aggregator_args or {}),
                 params_transfer_type=params_transfer_type_of(
                     params_transfer_type, aggregator_data_kind
                 ),
+                stop_cond=stop_cond,
+                patience=patience,
+                exclude_vars=exclude_vars,
+                aggregation_weights=dict(aggregation_weights or {}),
                 **workflow_args,
             ),
             model=initial_model(model, initial_ckpt),
             train_script=_required("train_script", train_script),
             train_args=train_args,
+        )
+        if per_site_config is not None:
+            set_per_site_config(self, per_site_config)
+        self.model_file_names = (
+            model_file_name("save_filename", save_filename),
+            model_file_name("best_model_filename", best_model_filename),
         )
 
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from jobs.recipes.base import Recipe
+from jobs.recipes.fedavg import FedAvgRecipe
+from jobs.recipes.nvflare_args import model_from_class_path
 from jobs.workflows.fedopt import DEFAULT_OPTIMIZER_ARGS, FedOpt
 
 
-class FedOptRecipe(Recipe):
+class FedOptRecipe(FedAvgRecipe):
     """FedAvg's rounds with a server optimizer stepped on the round's aggregate (Reddi et al.
     2021).
 
@@ -26,39 +27,43 @@ class FedOptRecipe(Recipe):
     As NVFlare's recipe does, ``"{num_rounds}"`` in the scheduler's arguments (``T_max`` of a
     cosine schedule) becomes ``num_rounds``, and the model's float buffers (BatchNorm's
     running statistics, when ``model`` is a ``torch.nn.Module``) are averaged, not stepped.
+
+    Every ``FedAvgRecipe`` argument applies too (``initial_ckpt``, ``stop_cond``,
+    ``exclude_vars``, …); NVFlare's ``device`` and ``source_model`` have no effect.
     """
+
+    _workflow_class = FedOpt
 
     def __init__(
         self,
-        name: str,
-        min_clients: int,
-        num_rounds: int,
-        model: Any,
-        train_script: str | Path,
+        name: str = "fedopt",
+        min_clients: int | None = None,
+        num_rounds: int = 2,
+        model: Any = None,
+        train_script: str | Path | None = None,
         train_args: str = "",
         optimizer_args: Mapping[str, Any] | None = None,
         lr_scheduler_args: Mapping[str, Any] | None = None,
-        key_metric: str | None = "accuracy",
-        key_metric_mode: str = "max",
-        aggregator: str = "mean",
-        aggregator_args: Mapping[str, Any] | None = None,
+        *,
+        device: str | None = None,
+        source_model: str = "model",
+        **fedavg_args: Any,
     ) -> None:
+        # device and source_model place NVFlare's server-side torch optimizer; here the
+        # optimizer runs on the CPU over the global model itself, so they have no effect.
+        if isinstance(model, Mapping) and "class_path" in model:
+            model = model_from_class_path(model)
         super().__init__(
-            name=name,
-            workflow=FedOpt(
-                min_clients=min_clients,
-                num_rounds=num_rounds,
-                key_metric=key_metric,
-                key_metric_mode=key_metric_mode,
-                aggregator=aggregator,
-                aggregator_args=dict(aggregator_args or {}),
-                optimizer_args=dict(optimizer_args or DEFAULT_OPTIMIZER_ARGS),
-                lr_scheduler_args=_with_num_rounds(lr_scheduler_args, num_rounds),
-                buffers=_float_buffers(model),
-            ),
-            model=model,
-            train_script=train_script,
-            train_args=train_args,
+            name,
+            min_clients,
+            num_rounds,
+            model,
+            train_script,
+            train_args,
+            optimizer_args=dict(optimizer_args or DEFAULT_OPTIMIZER_ARGS),
+            lr_scheduler_args=_with_num_rounds(lr_scheduler_args, num_rounds),
+            buffers=_float_buffers(model),
+            **fedavg_args,
         )
 
 

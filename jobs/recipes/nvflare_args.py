@@ -3,12 +3,11 @@
 Three kinds:
 
 - **implemented**: ``initial_ckpt``, ``model`` as a class-path dict, ``key_metric_mode=None``
-  (``"max"``, NVFlare's rule without ``stop_cond``), ``params_transfer_type`` /
-  ``aggregator_data_kind`` (DIFF), ``server_expected_format`` (NUMPY or PYTORCH: the same
-  here), and the default file names;
-- **not supported yet** (``stop_cond``, ``patience``, ``exclude_vars``,
-  ``aggregation_weights``, ``per_site_config``, ``model_persistor``, ``model_locator``, other
-  file names): a value other than the default raises
+  (NVFlare's rule: ``jobs.workflows.training_options.key_metric_mode_for``),
+  ``params_transfer_type`` / ``aggregator_data_kind`` (DIFF), ``stop_cond``, ``patience``,
+  ``exclude_vars``, ``aggregation_weights``, ``per_site_config``, ``server_expected_format``
+  (NUMPY or PYTORCH: the same here), ``save_filename`` and ``best_model_filename``;
+- **not supported** (``model_persistor``, ``model_locator``: server-side code): a value raises
   a ``FieldError`` naming the argument, so that no job runs with an argument quietly ignored;
 - **no effect** (how NVFlare launches and cleans up processes): accepted, never used. Sites
   always run the script as a subprocess of the agent, once per job.
@@ -43,8 +42,6 @@ NO_EFFECT_ARGUMENTS = (
     "enable_tensor_disk_offload",
 )
 
-# Metric names for which smaller is better when ``key_metric_mode`` is not given.
-
 
 def constant_name(value: Any) -> str:
     """``"DIFF"`` for ``TransferType.DIFF``, ``"DIFF"``, ``"diff"`` or an enum member."""
@@ -52,13 +49,20 @@ def constant_name(value: Any) -> str:
     return str(raw).upper()
 
 
-def infer_key_metric_mode(key_metric: str | None, key_metric_mode: str | None) -> str:
-    """``key_metric_mode`` as given, else ``"max"``: NVFlare's rule (``nvflare/recipe/
-    fedavg.py``) when no ``stop_cond`` names the key metric, and ``stop_cond`` is not
-    supported here yet. A loss needs ``key_metric_mode="min"``, as in NVFlare."""
-    if key_metric_mode is not None:
-        return key_metric_mode
-    return "max"
+def aggregator_name(aggregator: Any) -> str:
+    """The aggregator's name: NVFlare's default ``None`` is the weighted mean. NVFlare's
+    aggregator objects (``ModelAggregator`` subclasses) are server-side code, which this
+    platform never runs: refused, naming the argument and what to give instead."""
+    if aggregator is None:
+        return "mean"
+    if isinstance(aggregator, str):
+        return aggregator
+    raise FieldError(
+        "aggregator",
+        f"an aggregator object ({type(aggregator).__name__}) would be server-side code, which "
+        "FedPortal does not run: give a name, 'mean', 'median', 'trimmed_mean' or 'krum' "
+        "(with aggregator_args)",
+    )
 
 
 def params_transfer_type_of(params_transfer_type: Any, aggregator_data_kind: Any) -> str:
@@ -123,15 +127,21 @@ def initial_model(model: Any, initial_ckpt: str | Path | None) -> Any:
 
 
 def refuse_unsupported(**arguments: Any) -> None:
-    """Raise for the first argument given a value this engine cannot honour yet."""
-    defaults = {
-        "save_filename": DEFAULT_SAVE_FILENAME,
-        "best_model_filename": DEFAULT_BEST_MODEL_FILENAME,
-    }
+    """Raise for the first argument given a value this engine cannot honour."""
     for name, value in arguments.items():
-        if value is None or value == defaults.get(name):
-            continue
-        raise FieldError(name, f"is not supported yet: leave it unset (got {value!r})")
+        if value is not None:
+            raise FieldError(name, f"is not supported: leave it unset (got {value!r})")
+
+
+def model_file_name(field: str, name: Any) -> str | None:
+    """A file name for ``models/`` (no folder part), or None."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise FieldError(field, f"must be a file name without folders, got {name!r}")
+    if name.endswith(".safetensors"):
+        raise FieldError(field, f"{name!r} would stand beside our own model files: use .pt")
+    return name
 
 
 def check_server_expected_format(server_expected_format: Any) -> None:

@@ -89,6 +89,7 @@ from jobs.workflows import (
     workflow_from_spec,
 )
 from jobs.workflows.base import next_global_model, write_global_model
+from jobs.workflows.training_options import stop_reason
 from sites.models import Site
 from sites.selectors import site_is_online
 
@@ -602,9 +603,14 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
         rnd.move_to(RoundState.CLOSED)
         rnd.metrics = outcome.metrics
         rnd.server_state = state_name
-        rnd.save(update_fields=["state", "closed_at", "metrics", "server_state"])
+        stopped = stop_reason(state.data, outcome.state.data)
+        if stopped:
+            # The workflow ends sooner (stop_cond, patience): the job has fewer rounds.
+            rnd.plan = {**(rnd.plan or {}), "label": f"{rnd.label}; {stopped}"}
+            job.total_rounds = workflow.total_rounds_given(list(job.round_sites), outcome.state)
+        rnd.save(update_fields=["state", "closed_at", "metrics", "server_state", "plan"])
         job.completed_rounds = completed
-        job.save(update_fields=["completed_rounds", "best_score", "best_round"])
+        job.save(update_fields=["completed_rounds", "best_score", "best_round", "total_rounds"])
         events.round_state(rnd)
         job_kick_after_commit(job)
     return Advance(Step.CLOSED, f"closed {plan.label}")

@@ -316,6 +316,12 @@ class Workflow(Protocol):
         """How many rounds the driver runs with these sites (a cyclic relay: one per turn)."""
         ...
 
+    def total_rounds_given(self, sites: Sequence[str], state: ServerState) -> int:
+        """How many rounds the job runs, as known once a round has left ``state``: fewer than
+        ``total_rounds`` when the workflow stopped early. Drivers end the job when this many
+        rounds have closed."""
+        ...
+
     def initial_state(self, sites: Sequence[str]) -> ServerState: ...
 
     def plan(self, round_number: int, sites: Sequence[str], state: ServerState) -> RoundPlan: ...
@@ -404,6 +410,11 @@ class WorkflowDefaults:
         self, state: ServerState, params: Mapping[str, torch.Tensor]
     ) -> dict[str, Any]:
         return {}
+
+    def total_rounds_given(self, sites: Sequence[str], state: ServerState) -> int:
+        """The rounds the job runs, as known after a round left ``state``: ``total_rounds``
+        unless the workflow stopped early (FedAvg's ``stop_cond``)."""
+        return self.total_rounds(sites)  # type: ignore[attr-defined, no-any-return]
 
 
 KEY_METRIC_PARAMETERS: dict[str, Any] = {

@@ -7,10 +7,17 @@ with its ``aggregator_args``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from client_agent.config import (
+    EXCHANGE_FORMAT_META_KEY,
+    EXCLUDE_VARS_META_KEY,
+    TRANSFER_TYPE_META_KEY,
+)
 from client_agent.runtime import TASK_TRAIN
 from common.validators import FieldError, check_finite_number
 from jobs.workflows.aggregators import AGGREGATOR_PARAMETERS, check_aggregator
@@ -29,6 +36,16 @@ from jobs.workflows.base import (
     round_label,
 )
 from jobs.workflows.results import train_updates
+from jobs.workflows.training_options import (
+    EARLY_STOP_STATE_KEY,
+    StopCondition,
+    check_aggregation_weights,
+    check_exclude_vars,
+    check_stop_options,
+    early_stop_after,
+    excluded,
+    rounds_run_when_stopped,
+)
 
 if TYPE_CHECKING:  # the aggregation (torch) is imported where a round is aggregated
     import torch
@@ -49,9 +66,9 @@ def fold(
     return make_aggregator(aggregator, **aggregator_args)(updates, global_model)
 
 
-# NVFlare's TransferType names; the meta key is the one the Client API reads.
+# NVFlare's TransferType names and the exchange formats a script may get its params in.
 PARAMS_TRANSFER_TYPES = ("FULL", "DIFF")
-PARAMS_TRANSFER_TYPE_META_KEY = "params_transfer_type"
+EXCHANGE_FORMATS = ("pytorch", "numpy")
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,11 @@ class FedAvg(WorkflowDefaults):
     ``key_metric`` picks the best global model: a site's train result carries metrics that
     score the global model it *received* (NVFlare's convention), so round ``r``'s aggregated
     ``key_metric`` belongs to the model that round ``r`` started from.
+
+    NVFlare's options (``jobs.workflows.training_options``): ``stop_cond`` and ``patience``
+    end the job early, ``exclude_vars`` keeps tensors at the sites, ``aggregation_weights``
+    weighs sites; ``exchange_format="numpy"`` hands the script numpy arrays (a NumPy job).
+    FedProx, FedOpt and SCAFFOLD are this class with their own :meth:`close_round`.
     """
 
     min_clients: int
@@ -70,6 +92,11 @@ class FedAvg(WorkflowDefaults):
     aggregator: str = "mean"
     aggregator_args: Mapping[str, Any] = field(default_factory=dict)
     params_transfer_type: str = "FULL"
+    stop_cond: str | None = None
+    patience: int | None = None
+    exclude_vars: str | None = None
+    aggregation_weights: Mapping[str, float] = field(default_factory=dict)
+    exchange_format: str = "pytorch"
 
     name: ClassVar[str] = "fedavg"
     PARAMETERS: ClassVar[dict[str, Any]] = {
@@ -83,6 +110,27 @@ class FedAvg(WorkflowDefaults):
             "params_transfer_type": {
                 "enum": list(PARAMS_TRANSFER_TYPES),
                 "description": "FULL: sites send their weights; DIFF: their change",
+            },
+            "stop_cond": {
+                "type": ["string", "null"],
+                "description": "stop early when the round's metric meets it: 'accuracy >= 0.95'",
+            },
+            "patience": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "description": "with stop_cond: stop after this many rounds without improvement",
+            },
+            "exclude_vars": {
+                "type": ["string", "null"],
+                "description": "a regular expression: matching tensors stay at the sites",
+            },
+            "aggregation_weights": {
+                "type": "object",
+                "description": "a weight per site, times its NUM_STEPS_CURRENT_ROUND",
+            },
+            "exchange_format": {
+                "enum": list(EXCHANGE_FORMATS),
+                "description": "the script gets torch tensors (pytorch) or numpy arrays",
             },
         },
     }
@@ -100,6 +148,18 @@ class FedAvg(WorkflowDefaults):
             "aggregator_args",
             check_aggregator(self.aggregator, self.aggregator_args, self.min_clients),
         )
+        check_stop_options(self.stop_cond, self.patience)
+        object.__setattr__(self, "exclude_vars", check_exclude_vars(self.exclude_vars))
+        object.__setattr__(
+            self,
+            "aggregation_weights",
+            check_aggregation_weights(self.aggregation_weights, self.aggregator),
+        )
+        if self.exchange_format not in EXCHANGE_FORMATS:
+            raise FieldError(
+                "exchange_format",
+                f"must be one of {list(EXCHANGE_FORMATS)}, got {self.exchange_format!r}",
+            )
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FedAvg:
@@ -108,14 +168,26 @@ class FedAvg(WorkflowDefaults):
     def to_params(self) -> dict[str, Any]:
         params = asdict(self)
         params["aggregator_args"] = dict(self.aggregator_args)
-        if self.params_transfer_type == "FULL":
-            # The default stays out of the spec: job specs written before it existed read
-            # the same, and a FULL job's spec is unchanged.
-            del params["params_transfer_type"]
+        params["aggregation_weights"] = dict(self.aggregation_weights)
+        # Options at their defaults stay out of the spec: job specs written before they
+        # existed read the same, and a plain FedAvg job's spec is unchanged.
+        for name, default in _OPTION_DEFAULTS.items():
+            if params[name] == default:
+                del params[name]
         return params
 
     def total_rounds(self, sites: Sequence[str]) -> int:
         return self.num_rounds
+
+    @functools.cached_property
+    def stop_condition(self) -> StopCondition | None:
+        """``stop_cond`` read once (it was checked when the workflow was made)."""
+        return check_stop_options(self.stop_cond, self.patience)
+
+    def total_rounds_given(self, sites: Sequence[str], state: ServerState) -> int:
+        """``num_rounds``, or fewer once ``stop_cond`` or ``patience`` stopped the job."""
+        stopped = rounds_run_when_stopped(state.data)
+        return self.num_rounds if stopped is None else stopped
 
     def initial_state(self, sites: Sequence[str]) -> ServerState:
         return ServerState()
@@ -123,9 +195,16 @@ class FedAvg(WorkflowDefaults):
     def train_meta(self) -> dict[str, Any]:
         """What every train task's ``FLModel.meta`` carries: with DIFF, the Client API sends
         the site's weights minus the global weights it received, NVFlare's way."""
-        if self.params_transfer_type == "FULL":
-            return {}  # absent means FULL, so bundles made before this key read the same
-        return {PARAMS_TRANSFER_TYPE_META_KEY: self.params_transfer_type}
+        meta: dict[str, Any] = {}
+        # Each key only when it is not the default: absent means FULL, nothing excluded,
+        # torch tensors, so bundles made before these keys read the same.
+        if self.params_transfer_type != "FULL":
+            meta[TRANSFER_TYPE_META_KEY] = self.params_transfer_type
+        if self.exclude_vars:
+            meta[EXCLUDE_VARS_META_KEY] = self.exclude_vars
+        if self.exchange_format != "pytorch":
+            meta[EXCHANGE_FORMAT_META_KEY] = self.exchange_format
+        return meta
 
     def round_task(self, round_number: int) -> TaskSpec:
         return TaskSpec(
@@ -151,10 +230,56 @@ class FedAvg(WorkflowDefaults):
         results: Sequence[TaskResult],
         state: ServerState,
     ) -> RoundOutcome:
+        """The round closed by :meth:`close_round` (each workflow of the family has its own)
+        over the tensors the sites share, then the excluded tensors put back unchanged and
+        the early-stop count carried on."""
+        from jobs.aggregation.sources import SubsetTensorSource, as_source, tensors_of
+
+        kept = excluded(self.exclude_vars, as_source(global_model).specs())
+        if kept:
+            source = as_source(global_model)
+            shared = SubsetTensorSource(source, set(source.specs()) - kept)
+            outcome = self.close_round(round_number, plan, shared, results, state)
+            if outcome.global_params is not None:
+                unchanged = tensors_of(SubsetTensorSource(source, kept))
+                outcome.global_params = {**outcome.global_params, **unchanged}
+        else:
+            outcome = self.close_round(round_number, plan, global_model, results, state)
+        if self.stop_condition is not None:
+            record = early_stop_after(
+                self.stop_condition,
+                self.patience,
+                round_number,
+                outcome.metrics,
+                state.data.get(EARLY_STOP_STATE_KEY),
+            )
+            outcome.state = ServerState(
+                tensors=outcome.state.tensors,
+                data={**outcome.state.data, EARLY_STOP_STATE_KEY: record},
+            )
+        return outcome
+
+    def weighted(self, updates: list[SiteUpdate]) -> list[SiteUpdate]:
+        """The updates with ``aggregation_weights`` applied to their weights."""
+        if not self.aggregation_weights:
+            return updates
+        return [
+            dataclasses.replace(u, weight=u.weight * self.aggregation_weights.get(u.site, 1.0))
+            for u in updates
+        ]
+
+    def close_round(
+        self,
+        round_number: int,
+        plan: RoundPlan,
+        global_model: Mapping[str, torch.Tensor] | TensorSource,
+        results: Sequence[TaskResult],
+        state: ServerState,
+    ) -> RoundOutcome:
         """Fold the round's accepted updates, in site-name order so the bits are repeatable."""
         from jobs.aggregation import weighted_metrics
 
-        updates = train_updates(list(results))
+        updates = self.weighted(train_updates(list(results)))
         return RoundOutcome(
             global_params=fold(self.aggregator, self.aggregator_args, updates, global_model),
             state=state,
@@ -165,6 +290,15 @@ class FedAvg(WorkflowDefaults):
 
 
 FEDPROX_MU_META_KEY = "fedprox_mu"
+
+_OPTION_DEFAULTS: dict[str, Any] = {
+    "params_transfer_type": "FULL",
+    "stop_cond": None,
+    "patience": None,
+    "exclude_vars": None,
+    "aggregation_weights": {},
+    "exchange_format": "pytorch",
+}
 
 
 @dataclass(frozen=True)

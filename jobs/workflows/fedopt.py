@@ -99,7 +99,7 @@ class FedOpt(FedAvg):
         params["buffers"] = list(self.buffers)
         return params
 
-    def close(
+    def close_round(
         self,
         round_number: int,
         plan: RoundPlan,
@@ -109,7 +109,7 @@ class FedOpt(FedAvg):
     ) -> RoundOutcome:
         from jobs.aggregation.sources import tensors_of
 
-        outcome = super().close(round_number, plan, global_model, results, state)
+        outcome = super().close_round(round_number, plan, global_model, results, state)
         assert outcome.global_params is not None  # FedAvg always makes one
         start = (
             dict(global_model) if isinstance(global_model, Mapping) else tensors_of(global_model)

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from client_agent.config import EXCLUDE_VARS_META_KEY
 from client_agent.fl_model import ParamsType
 from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
 from jobs.workflows.base import GLOBAL_MODEL, ModelRef, PlannedTask
+from jobs.workflows.training_options import excluded
 
 if TYPE_CHECKING:
     from jobs.aggregation import SiteUpdate
@@ -80,10 +82,18 @@ def result_from_file(
             raise UpdateRejected(task.site, str(exc)) from None
         return EvalResult(task.site, task.model, metrics)
     update = SiteUpdate.from_file(task.site, path)
+    # exclude_vars: a train result holds every weight but the excluded ones, which stay at
+    # the site (the Client API leaves them out); one that sends them is rejected.
+    kept_at_site = excluded(task.spec.meta.get(EXCLUDE_VARS_META_KEY), global_specs)
     try:
         if task.task_name == TASK_SUBMIT_MODEL and update.params_type == ParamsType.DIFF:
             raise UpdateRejected(task.site, "a submitted model must be FULL params, not DIFF")
-        check_update(global_specs, update)
+        sent = set(update.source.specs()) & kept_at_site
+        if sent:
+            raise UpdateRejected(
+                task.site, f"sent tensors that exclude_vars keeps at the site: {sorted(sent)[:5]}"
+            )
+        check_update({n: spec for n, spec in global_specs.items() if n not in kept_at_site}, update)
         check_meta_tensors(global_specs, update)
     except BaseException:
         update.source.close()

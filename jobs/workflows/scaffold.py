@@ -65,7 +65,7 @@ class Scaffold(FedAvg):
         }
         return {AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL: controls}
 
-    def close(
+    def close_round(
         self,
         round_number: int,
         plan: RoundPlan,
@@ -75,7 +75,7 @@ class Scaffold(FedAvg):
     ) -> RoundOutcome:
         import torch
 
-        outcome = super().close(round_number, plan, global_model, results, state)
+        outcome = super().close_round(round_number, plan, global_model, results, state)
         assert outcome.global_params is not None
         updates = train_updates(list(results))
         share = len(updates) / max(len(plan.tasks), 1)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import client_agent.api as flare
+from client_agent.analytics import LogRecordError
 from client_agent.api import ClientAPIError
 from client_agent.fl_model import FLModel, ParamsType
 from client_agent.runtime import ENV_ADDR, TASK_TRAIN, ScriptFailed, ScriptProcess, Task
@@ -254,8 +255,11 @@ def test_script_receives_the_global_model_and_the_task(task_run: TaskRun) -> Non
         "fc.bias": "torch.float32",
         "bn.num_batches_tracked": "torch.int64",
     }
-    assert received["meta"]["SITE_NAME"] == SITE
-    assert received["meta"]["JOB_ID"] == JOB
+    # NVFlare's keys (FLMetaKey's values), and FedPortal's earlier spelling of the same.
+    assert received["meta"]["site_name"] == received["meta"]["SITE_NAME"] == SITE
+    assert received["meta"]["job_id"] == received["meta"]["JOB_ID"] == JOB
+    assert received["meta"]["current_round"] == 2
+    assert received["meta"]["total_rounds"] == received["total_rounds"]
     assert received["meta"]["TASK_NAME"] == "train"
     assert received["meta"]["learning_rate"] == 0.01  # the task's own meta comes through
     assert received["receive_again_is_same"] is True
@@ -295,7 +299,8 @@ def test_a_train_result_without_params_is_refused(task_run: TaskRun, attempt: st
 def test_log_of_a_non_number_raises_type_error(task_run: TaskRun, attempt: str) -> None:
     kind, message = task_run.report[attempt]
 
-    assert kind == "TypeError"
+    # LogRecordError is a TypeError that names the call and what is wrong with it.
+    assert kind == "LogRecordError" and issubclass(LogRecordError, TypeError)
     assert "'loss'" in message
     assert "number" in message
 
@@ -318,10 +323,23 @@ def test_result_file_holds_exactly_what_the_script_sent(task_run: TaskRun) -> No
 
 def test_log_frames_reach_on_log_with_key_value_step_and_round(task_run: TaskRun) -> None:
     # The refused log() calls sent nothing.
+    def frame(key: str, value: float, step: int | None, rnd: int | None) -> dict[str, Any]:
+        return {
+            "type": "log",
+            "key": key,
+            "data_type": "SCALAR",
+            "value": value,
+            "step": step,
+            "round": rnd,
+            "writer": None,
+            "kwargs": {},
+            "points": [(key, value)],  # added by the runtime: the frame's numeric points
+        }
+
     assert task_run.logs == [
-        {"type": "log", "key": "setup", "value": 1.0, "step": None, "round": None},
-        {"type": "log", "key": "loss", "value": 0.25, "step": 3, "round": 2},
-        {"type": "log", "key": "acc", "value": 0.5, "step": 4, "round": 2},
+        frame("setup", 1.0, None, None),
+        frame("loss", 0.25, 3, 2),
+        frame("acc", 0.5, 4, 2),
     ]
 
 

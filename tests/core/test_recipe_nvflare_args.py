@@ -179,19 +179,20 @@ def test_bad_transfer_constants_name_their_argument(
 @pytest.mark.parametrize(
     ("argument", "value"),
     [
-        ("stop_cond", "accuracy >= 0.95"),
-        ("patience", 3),
-        ("exclude_vars", "bn.*"),
-        ("aggregation_weights", {"site-1": 2.0}),
-        ("per_site_config", {"site-1": {"train_args": "--lr 0.1"}}),
+        ("patience", 3),  # without stop_cond it would never stop anything
+        ("stop_cond", "accuracy >= high"),
+        ("stop_cond", "accuracy ~ 0.9"),
+        ("exclude_vars", "bn.(*"),
+        ("aggregation_weights", {"site-1": -2.0}),
+        ("per_site_config", {"site-1": {"learning_rate": 0.1}}),
         ("model_persistor", object()),
         ("model_locator", object()),
-        ("save_filename", "final.pt"),
-        ("best_model_filename", "best.pt"),
+        ("save_filename", "models/final.pt"),
+        ("best_model_filename", "best.safetensors"),
         ("server_expected_format", "tensorflow"),
     ],
 )
-def test_arguments_not_supported_yet_are_refused_by_name(
+def test_arguments_not_supported_or_wrong_are_refused_by_name(
     script: Path, argument: str, value: Any
 ) -> None:
     with pytest.raises(FieldError) as error:

@@ -206,6 +206,8 @@ def workflow_recipe(app: Path, which: str) -> Any:
         FedProxRecipe,
         ScaffoldRecipe,
         add_cross_site_evaluation,
+        add_experiment_tracking,
+        add_final_global_evaluation,
     )
 
     torch.manual_seed(0)
@@ -230,11 +232,54 @@ def workflow_recipe(app: Path, which: str) -> Any:
         checkpoint = app / "checkpoint.safetensors"
         save_state_dict(checkpoint, {k: v + 1 for k, v in model.state_dict().items()})
         return FedEvalRecipe("fedeval", model, checkpoint, 3, script)
+    if which == "numpy_cross_site":
+        import numpy as np
+
+        from jobs.recipes import NumpyCrossSiteEvalRecipe
+
+        folder = app / "np_models"
+        folder.mkdir(exist_ok=True)
+        np.save(folder / "one.npy", np.array([1.0, 2.0, 4.0], dtype=np.float32))
+        np.save(folder / "two.npy", np.array([3.0, 3.0], dtype=np.float32))
+        return NumpyCrossSiteEvalRecipe(
+            name="numpy-cse",
+            min_clients=3,
+            model_dir=str(folder),
+            model_name={"model_1": "one.npy", "model_2": "two.npy"},
+        )
+    if which == "nvflare_options":
+        # NVFlare's FedAvg options at once: patience stops after round 2 of 5 (the accuracy
+        # never improves), the biases stay at the sites, the script's FULL sends become
+        # DIFF in the Client API, site-1 weighs double; then the final model is evaluated.
+        options = FedAvgRecipe(
+            "options",
+            3,
+            5,
+            model,
+            script,
+            stop_cond="accuracy >= 0.9",
+            patience=1,
+            exclude_vars="bias",
+            params_transfer_type="DIFF",
+            aggregation_weights={"site-1": 2.0},
+        )
+        add_experiment_tracking(options, "tensorboard")
+        return add_final_global_evaluation(options)
     return add_cross_site_evaluation(FedAvgRecipe("xsite", 3, 1, model, script))
 
 
 @pytest.mark.parametrize(
-    "which", ["fedopt", "scaffold", "cyclic", "cross_site", "fedprox", "fedeval"]
+    "which",
+    [
+        "fedopt",
+        "scaffold",
+        "cyclic",
+        "cross_site",
+        "fedprox",
+        "fedeval",
+        "nvflare_options",
+        "numpy_cross_site",
+    ],
 )
 def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
     poc: PocEnv, app: Path, tmp_path: Path, which: str
@@ -243,7 +288,11 @@ def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
     sim = workflow_recipe(app, which).execute(
         SimEnv(clients=SITES, workspace=tmp_path, show_progress=False)
     )
-    run = workflow_recipe(app, which).execute(prod(poc))
+    if which == "nvflare_options":  # its TensorBoard tracking: the portal says what it does
+        with pytest.warns(UserWarning, match="download the job's TensorBoard events"):
+            run = workflow_recipe(app, which).execute(prod(poc))
+    else:
+        run = workflow_recipe(app, which).execute(prod(poc))
 
     assert sim.status == RunStatus.COMPLETED, sim.error
     assert run.status == RunStatus.COMPLETED, run.error
@@ -258,6 +307,19 @@ def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
         assert sorted(run.cross_site_matrix) == ["global", *(f"site:{s}" for s in SITES)]
     if which == "fedeval":
         assert sorted(run.cross_site_matrix["global"]) == SITES
+    if which == "numpy_cross_site":
+        # The built-in validator's sum(x / max(x)) of [1, 2, 4], the same at every site.
+        assert run.cross_site_matrix["model_1"] == {s: {"accuracy": 1.75} for s in SITES}
+    if which == "nvflare_options":
+        assert [r.label for r in run.rounds][1].endswith(
+            "stopped early: 1 round(s) without improvement of accuracy"
+        )
+        assert len(run.rounds) == 3  # 2 training rounds, then the evaluation of global
+        assert torch.equal(final["bias"], workflow_recipe(app, which).initial_params["bias"])
+        events = Path(sim.get_result() or "") / "server" / "tb_events" / "aggregate"
+        assert any(events.iterdir())  # SimEnv wrote the aggregates' TensorBoard events
+        saved = torch.load(Path(run.get_result() or "") / "models" / "FL_global_model.pt")
+        assert all(torch.equal(saved[k], v) for k, v in final.items())
 
 
 def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: PocEnv) -> None:
@@ -267,6 +329,7 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
         entries = [json.loads(line) for line in (poc.site_dir(site) / "wire.jsonl").open()]
         assert entries, site
         kinds = set()
+        without_excluded = 0
         for entry in entries:
             text = json.dumps(entry)
             assert CANARY not in text
@@ -294,7 +357,9 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
                     if name.startswith(SCAFFOLD_DIFF)
                 }
                 weights = {n: s for n, s in tensors.items() if not n.startswith(SCAFFOLD_DIFF)}
-                assert weights in ({"bias": [2], "weight": [2, 3]}, {}), tensors
+                # The nvflare_options job's exclude_vars="bias": its updates hold no bias.
+                without_excluded += weights == {"weight": [2, 3]}
+                assert weights in ({"bias": [2], "weight": [2, 3]}, {"weight": [2, 3]}, {}), tensors
                 assert controls in ({"bias": [2], "weight": [2, 3]}, {}), tensors
             elif entry["method"] == "POST":
                 assert entry["path"].endswith("/status/")  # a failure, with its reason
@@ -302,6 +367,7 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
             else:
                 assert entry["method"] == "GET" and entry["bytes"] == 0
         assert "report" in kinds
+        assert without_excluded == 2, site  # that job's two training rounds
 
 
 def test_an_agent_started_with_a_relative_dir_runs_jobs(poc: PocEnv, app: Path) -> None:
