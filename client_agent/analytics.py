@@ -108,6 +108,8 @@ def _setting(where: str, value: Any) -> str | float | bool:
         if isinstance(value, str) and len(value) > MAX_TEXT_LENGTH:
             raise LogRecordError(f"{where} is longer than {MAX_TEXT_LENGTH} characters")
         return value
+    if isinstance(value, numbers.Integral) and abs(int(value)) < 2**53:
+        return int(value)  # log_param("epochs", 5) stays 5, not 5.0
     if is_number(value):
         return float(value)
     raise LogRecordError(f"{where} must be a string, number or bool, got {type(value).__name__}")

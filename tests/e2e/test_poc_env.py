@@ -197,6 +197,28 @@ WORKFLOW_SCRIPT = textwrap.dedent(
 )
 
 
+NUMPY_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+
+    import client_agent.api as flare
+    from client_agent.fl_model import NPConstants
+    from client_agent.tracking import SummaryWriter
+
+    flare.init()
+    number = int(flare.get_site_name().rsplit("-", 1)[1])
+    writer = SummaryWriter()
+    while flare.is_running():
+        model = flare.receive()
+        array = model.params[NPConstants.NUMPY_KEY]
+        assert isinstance(array, np.ndarray), type(array)
+        new = array + number
+        writer.add_scalar("weight_mean", float(np.mean(new)), global_step=model.current_round)
+        flare.send(flare.FLModel(params={NPConstants.NUMPY_KEY: new}))
+    """
+)
+
+
 def workflow_recipe(app: Path, which: str) -> Any:
     from client_agent.wire import save_state_dict
     from jobs.recipes import (
@@ -232,6 +254,19 @@ def workflow_recipe(app: Path, which: str) -> Any:
         checkpoint = app / "checkpoint.safetensors"
         save_state_dict(checkpoint, {k: v + 1 for k, v in model.state_dict().items()})
         return FedEvalRecipe("fedeval", model, checkpoint, 3, script)
+    if which == "numpy_fedavg":
+        # NVFlare's hello-numpy pattern: numpy arrays only, SummaryWriter, DIFF sends.
+        from jobs.recipes import NumpyFedAvgRecipe
+
+        (app / "numpy_client.py").write_text(NUMPY_SCRIPT)
+        return NumpyFedAvgRecipe(
+            name="hello-numpy",
+            min_clients=3,
+            num_rounds=2,
+            model=[[1, 2, 3], [4, 5, 6]],
+            train_script=str(app / "numpy_client.py"),
+            params_transfer_type="DIFF",
+        )
     if which == "numpy_cross_site":
         import numpy as np
 
@@ -279,6 +314,7 @@ def workflow_recipe(app: Path, which: str) -> Any:
         "fedeval",
         "nvflare_options",
         "numpy_cross_site",
+        "numpy_fedavg",
     ],
 )
 def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
@@ -307,6 +343,11 @@ def test_every_workflow_gives_the_same_model_in_simenv_and_pocenv(
         assert sorted(run.cross_site_matrix) == ["global", *(f"site:{s}" for s in SITES)]
     if which == "fedeval":
         assert sorted(run.cross_site_matrix["global"]) == SITES
+    if which == "numpy_fedavg":
+        # Two rounds of + mean(1, 2, 3), sent as DIFF; SummaryWriter's points arrived.
+        assert final["numpy_key"].tolist() == [[5.0, 6.0, 7.0], [8.0, 9.0, 10.0]]
+        assert len(run.metrics.logged("weight_mean")) == len(sim.metrics.logged("weight_mean"))
+        assert len(run.metrics.logged("weight_mean")) == 6  # 3 sites × 2 rounds
     if which == "numpy_cross_site":
         # The built-in validator's sum(x / max(x)) of [1, 2, 4], the same at every site.
         assert run.cross_site_matrix["model_1"] == {s: {"accuracy": 1.75} for s in SITES}
@@ -359,7 +400,12 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
                 weights = {n: s for n, s in tensors.items() if not n.startswith(SCAFFOLD_DIFF)}
                 # The nvflare_options job's exclude_vars="bias": its updates hold no bias.
                 without_excluded += weights == {"weight": [2, 3]}
-                assert weights in ({"bias": [2], "weight": [2, 3]}, {"weight": [2, 3]}, {}), tensors
+                assert weights in (
+                    {"bias": [2], "weight": [2, 3]},
+                    {"weight": [2, 3]},
+                    {"numpy_key": [2, 3]},  # the NumPy job's
+                    {},
+                ), tensors
                 assert controls in ({"bias": [2], "weight": [2, 3]}, {}), tensors
             elif entry["method"] == "POST":
                 assert entry["path"].endswith("/status/")  # a failure, with its reason
