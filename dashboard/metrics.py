@@ -28,6 +28,7 @@ import numpy as np
 from asgiref.sync import sync_to_async
 
 from common.rounds import round_for_people
+from common.spreadsheet import spreadsheet_safe
 from jobs.models import Job, MetricPoint
 from sites.models import Site
 
@@ -130,12 +131,6 @@ def metric_charts(job: Job, *, limit: int = MAX_CHART_POINTS) -> dict[str, Any]:
 # --- the full series, as CSV -----------------------------------------------------------------
 
 
-def _cell(text: str) -> str:
-    """A text cell a spreadsheet will not run: one starting like a formula is prefixed with
-    an apostrophe (OWASP's advice on CSV injection). Metric keys come from sites' scripts."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
 def _csv_batch(job_id: int, names: dict[int, str], after_id: int) -> tuple[str, int | None]:
     """The CSV lines of the next :data:`CSV_BATCH` points after ``after_id`` (``names``: the
     project's site names by id), and the last id (None when there are no more)."""
@@ -154,7 +149,7 @@ def _csv_batch(job_id: int, names: dict[int, str], after_id: int) -> tuple[str, 
             AGGREGATE if site_id is None else names.get(site_id, ""),
             "" if round_number is None else round_for_people(round_number),
             "" if step is None else step,
-            _cell(key),
+            spreadsheet_safe(key),
             repr(value),
             source,
             created_at.isoformat(),

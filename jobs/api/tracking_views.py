@@ -30,6 +30,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 
+from common.spreadsheet import spreadsheet_safe
 from fedportal.api_views import errors
 from jobs import selectors
 from jobs.api.views import FileNegotiation, JobView
@@ -38,12 +39,6 @@ from jobs.tracking import Point, file_store_uri, write_mlflow, write_tensorboard
 
 PROBLEMS_FILE = "PROBLEMS.txt"
 CSV_COLUMNS = ("round", "site", "key", "value", "step", "source", "created_at")
-
-
-def _cell(text: str) -> str:
-    """A text cell a spreadsheet will not run: one starting like a formula is prefixed with an
-    apostrophe (OWASP's advice on CSV injection); metric keys come from sites' scripts."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _file_stem(job: Job) -> str:
@@ -120,7 +115,7 @@ class JobMetricsCsvView(JobView[MetricPoint]):
             (
                 "" if rnd is None else rnd,
                 "" if site is None else site,
-                _cell(key),
+                spreadsheet_safe(key),
                 repr(value),  # every digit: the value reads back exactly
                 "" if step is None else step,
                 source,
