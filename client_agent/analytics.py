@@ -9,7 +9,8 @@ A ``log`` frame (script → runtime) is JSON::
 
 ``value`` by data type: SCALAR and METRIC a number; SCALARS and METRICS an object of numbers;
 TEXT a string; PARAMETER and TAG a string, number or bool; PARAMETERS and TAGS an object of
-those. :func:`numeric_points` turns the numeric types into ``(key, value)`` points (what the
+those. :func:`received_frame` checks a frame where it is received and :func:`numeric_points` turns
+the numeric types into ``(key, value)`` points (what the
 run's metrics and the portal's charts hold); the others are records for experiment trackers
 (``jobs.tracking``). SimEnv and the site agent read frames with the same functions.
 """
@@ -210,18 +211,31 @@ def log_frame(
     }
 
 
-def numeric_points(frame: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """The ``(key, value)`` metric points of one ``log`` frame; none for TEXT and settings.
-
-    A frame without ``data_type`` is a SCALAR (what scripts of earlier versions sent). The
-    frame is checked again here, for the receiving end does not trust the script's process:
-    :class:`LogRecordError` names what is wrong.
-    """
+def received_frame(frame: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``log`` frame as the receiving end keeps it, checked again (the runtime does not
+    trust the script's process; :class:`LogRecordError` names what is wrong): ``data_type``
+    and ``value`` in their checked form (a frame without ``data_type`` is a SCALAR, what
+    scripts of earlier versions sent), ``step`` and ``round`` ints or None, and its numeric
+    points in ``points``. What reads the
+    frame afterwards (the run's metrics, the trackers) need not check it again."""
     key = frame.get("key")
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
         raise LogRecordError(f"a log record's key must be a string of 1 to {MAX_KEY_LENGTH}")
     data_type = data_type_name(frame.get("data_type") or "SCALAR")
     value = checked_value(key, data_type, frame.get("value"))
+    for name in ("step", "round"):
+        number = frame.get(name)
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+            raise LogRecordError(f"log record {key!r}: {name} must be an int, got {number!r}")
+    checked = {**frame, "data_type": data_type, "value": value}
+    checked["points"] = numeric_points(checked)
+    return checked
+
+
+def numeric_points(frame: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The ``(key, value)`` metric points of a checked ``log`` frame; none for TEXT and
+    settings."""
+    key, data_type, value = frame["key"], frame["data_type"], frame["value"]
     if data_type in SINGLE_NUMBER_TYPES:
         return [(key, float(value))]
     if data_type == "SCALARS":

@@ -254,18 +254,16 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
     if model.current_round is None:
         model.current_round = task["current_round"]
     exclude_vars = _task_meta(task, EXCLUDE_VARS_META_KEY)
-    if task["task_name"] == TASK_TRAIN and exclude_vars and model.params:
+    kept_at_site = re.compile(exclude_vars) if exclude_vars else None
+    if task["task_name"] == TASK_TRAIN and kept_at_site and model.params:
         # These params never leave the site: the job's exclude_vars keeps them out.
-        pattern = re.compile(exclude_vars)
-        model = dataclasses.replace(
-            model, params={n: t for n, t in model.params.items() if not pattern.search(n)}
-        )
+        model = dataclasses.replace(model, params=_without(model.params, kept_at_site))
     if (
         task["task_name"] == TASK_TRAIN
         and _task_meta(task, TRANSFER_TYPE_META_KEY) == ParamsType.DIFF
         and model.params_type in (None, ParamsType.FULL)
     ):
-        model = _as_diff(model, task, exclude_vars)
+        model = _as_diff(model, task, kept_at_site)
     wire.write_model_file(task["result_path"], model)
     client.send_frame({"type": "result", "task_id": task["task_id"]})
     if clear_cache:
@@ -377,7 +375,14 @@ def _task_meta(task: Mapping[str, Any], key: str) -> Any:
     return meta.get(key)
 
 
-def _as_diff(model: FLModel, task: Mapping[str, Any], exclude_vars: str | None) -> FLModel:
+def _without(params: Mapping[str, Any], pattern: re.Pattern[str]) -> dict[str, Any]:
+    """``params`` but those whose names ``pattern`` matches (``re.search``, NVFlare's rule)."""
+    return {name: value for name, value in params.items() if not pattern.search(name)}
+
+
+def _as_diff(
+    model: FLModel, task: Mapping[str, Any], kept_at_site: re.Pattern[str] | None
+) -> FLModel:
     """``model`` with ``params = local − received`` and ``params_type=DIFF``: what a DIFF job's
     train task asks for (NVFlare's ``flare.send`` does the same). The received weights are read
     again from the task's model file, which the script cannot change, so a script that trained
@@ -385,9 +390,8 @@ def _as_diff(model: FLModel, task: Mapping[str, Any], exclude_vars: str | None) 
     if not task.get("model_path"):
         raise ClientAPIError("flare.send(): this DIFF task came without a global model")
     received = wire.read_model_file(task["model_path"]).params or {}
-    if exclude_vars:
-        pattern = re.compile(exclude_vars)
-        received = {n: t for n, t in received.items() if not pattern.search(n)}
+    if kept_at_site:
+        received = _without(received, kept_at_site)
     assert model.params is not None
     missing = sorted(set(received) - set(model.params))
     extra = sorted(set(model.params) - set(received))
@@ -404,16 +408,7 @@ def _as_diff(model: FLModel, task: Mapping[str, Any], exclude_vars: str | None) 
         else:
             local_tensor = local.detach().cpu() if hasattr(local, "detach") else local
             diff[name] = local_tensor - base.to(local_tensor.dtype)
-    return FLModel(
-        params_type=ParamsType.DIFF,
-        params=diff,
-        optimizer_params=model.optimizer_params,
-        metrics=model.metrics,
-        start_round=model.start_round,
-        current_round=model.current_round,
-        total_rounds=model.total_rounds,
-        meta=model.meta,
-    )
+    return dataclasses.replace(model, params_type=ParamsType.DIFF, params=diff)
 
 
 _Function = TypeVar("_Function", bound=Callable[..., Any])

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from client_agent import forkserver
 from client_agent import frames as wire
-from client_agent.analytics import LogRecordError, numeric_points
+from client_agent.analytics import LogRecordError, received_frame
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class ScriptProcess:
 
         ``log`` frames that arrive meanwhile are checked and go to ``on_log``, with their
         numeric points as ``(key, value)`` pairs in ``message["points"]``
-        (:func:`client_agent.analytics.numeric_points`). Raises :class:`ScriptFailed`
+        (:func:`client_agent.analytics.received_frame`). Raises :class:`ScriptFailed`
         when the script exits, breaks the protocol or exceeds ``timeout`` seconds.
         """
         conn = self._ensure_connected()
@@ -276,7 +276,7 @@ class ScriptProcess:
             kind = message["type"]
             if kind == "log":
                 try:
-                    message["points"] = numeric_points(message)
+                    message = received_frame(message)
                 except LogRecordError as exc:
                     raise self._failed(f"sent a bad log record: {exc}") from None
                 if on_log is not None:

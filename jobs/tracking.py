@@ -72,7 +72,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from client_agent.analytics import LogRecordError, checked_value, data_type_name
 from common.validators import FieldError
 from jobs.bundle import TRACKING_TYPES
 
@@ -261,20 +260,14 @@ class Record:
 
 
 def record_of(frame: Mapping[str, Any]) -> Record:
-    """The :class:`Record` of a ``log`` frame, checked again (the script is not trusted):
-    :class:`~client_agent.analytics.LogRecordError` names what is wrong."""
-    key = frame.get("key")
-    if not isinstance(key, str) or not key:
-        raise LogRecordError("a log record's key must be a non-empty string")
-    data_type = data_type_name(frame.get("data_type") or "SCALAR")
-    value = checked_value(key, data_type, frame.get("value"))
+    """The :class:`Record` of a ``log`` frame the runtime has checked
+    (:func:`client_agent.analytics.received_frame`)."""
+    key, data_type, value = frame["key"], frame["data_type"], frame["value"]
     step = frame.get("step")
     if step is None:
         step = frame.get("round")
     if step is None:
         step = 0
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise LogRecordError(f"log record {key!r}: step must be an int")
     kwargs = frame.get("kwargs") or {}
     path = kwargs.get("path") if isinstance(kwargs, Mapping) else None
     return Record(
@@ -655,11 +648,7 @@ class Tracking:
     def site_record(self, site: str, frame: Mapping[str, Any]) -> None:
         """One checked ``log`` frame from ``site``'s script, into every tracker that takes
         that site's records."""
-        try:
-            record = record_of(frame)
-        except LogRecordError as exc:
-            self._note("every tracker", f"a record of {site}", exc)
-            return
+        record = record_of(frame)
         for sink in self._sinks:
             run = sink.run_for(site)
             if run is None:
