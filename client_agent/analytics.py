@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
-from common.validators import is_number
+from common.validators import is_int, is_number
 
 
 class AnalyticsDataType(Enum):
@@ -190,7 +190,7 @@ def log_frame(
     type_name = data_type_name(data_type)
     if hasattr(step, "item") and getattr(step, "ndim", 0) == 0:
         step = step.item()
-    if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+    if step is not None and not is_int(step):
         raise LogRecordError(
             f"flare.log({key!r}, …): global_step must be an int, got {type(step).__name__}"
         )
@@ -225,7 +225,7 @@ def received_frame(frame: Mapping[str, Any]) -> dict[str, Any]:
     value = checked_value(key, data_type, frame.get("value"))
     for name in ("step", "round"):
         number = frame.get(name)
-        if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+        if number is not None and not is_int(number):
             raise LogRecordError(f"log record {key!r}: {name} must be an int, got {number!r}")
     checked = {**frame, "data_type": data_type, "value": value}
     checked["points"] = numeric_points(checked)

@@ -50,7 +50,7 @@ from torch import nn
 
 from client_agent.fl_model import AlgorithmConstants as AlgorithmConstants
 from client_agent.fl_model import FLModel
-from common.validators import FieldError, check_finite_number
+from common.validators import FieldError, check_finite_number, is_number
 
 __all__ = [
     "AlgorithmConstants",
@@ -70,7 +70,7 @@ def get_fedprox_mu(model: FLModel) -> float:
     if key not in meta:
         raise ValueError(f"a FedProx client needs a positive {key!r} in every train task's meta")
     mu = meta[key]
-    if isinstance(mu, bool) or not isinstance(mu, int | float) or not math.isfinite(mu) or mu <= 0:
+    if not is_number(mu) or not math.isfinite(mu) or mu <= 0:
         raise ValueError(f"{key!r} in the task's meta must be a finite number above 0, got {mu!r}")
     return float(mu)
 

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from common.validators import FieldError
+from common.validators import FieldError, is_number
 from jobs.bundle import TRACKING_TYPES
 
 if TYPE_CHECKING:
@@ -206,11 +206,7 @@ def check_tracking_config(
     if artifact_location is not None:
         artifact_location = _relative_folder(f"{where}['artifact_location']", artifact_location)
     flush_time = config.get("buffer_flush_time", DEFAULT_BUFFER_FLUSH_TIME)
-    if (
-        isinstance(flush_time, bool)
-        or not isinstance(flush_time, int | float)
-        or not 0 <= flush_time <= 3600
-    ):
+    if not is_number(flush_time) or not 0 <= flush_time <= 3600:
         raise TrackingConfigError(f"{where}['buffer_flush_time'] must be 0 to 3600 seconds")
     return MlflowConfig(
         tracking_uri=uri,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.validators import FieldError, check_finite_number
+from common.validators import FieldError, check_finite_number, is_int
 from jobs.workflows.base import MAX_ROUNDS
 
 EARLY_STOP_STATE_KEY = "early_stop"
@@ -82,7 +82,7 @@ class StopCondition:
 def check_stop_options(stop_cond: str | None, patience: int | None) -> StopCondition | None:
     condition = None if stop_cond is None else StopCondition.parse(stop_cond)
     if patience is not None:
-        if isinstance(patience, bool) or not isinstance(patience, int):
+        if not is_int(patience):
             raise FieldError("patience", f"must be a whole number of rounds, got {patience!r}")
         if not 1 <= patience <= MAX_ROUNDS:
             raise FieldError("patience", f"must be from 1 to {MAX_ROUNDS}, got {patience}")

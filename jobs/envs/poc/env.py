@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from client_agent.site_dir import write_private
+from common.validators import is_int
 from jobs.envs.base import check_workspace_alias, site_names, site_threads_env
 from jobs.envs.poc.supervisor import PRIVATE_UMASK, Supervisor
 from jobs.envs.poc.template import SetupTemplate
@@ -74,7 +75,7 @@ def _check_gpu_ids(gpu_ids: Sequence[int] | None) -> list[int]:
     if gpu_ids is None:
         return []
     ids = list(gpu_ids)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    if not all(is_int(i) and i >= 0 for i in ids):
         raise ValueError(f"gpu_ids: expected a list of GPU numbers, got {gpu_ids!r}")
     if ids:
         count = torch.cuda.device_count()
