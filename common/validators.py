@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import unicodedata
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
@@ -43,6 +44,13 @@ def is_number(value: object) -> TypeGuard[int | float]:
     """A real number (``int``, ``float``, NumPy scalars…) that is not a ``bool``; it may be
     infinite or NaN: :func:`check_finite_number` refuses those too."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def has_control_characters(value: str, *, allowed: str = "") -> bool:
+    """Whether ``value`` holds a control character (Unicode category Cc: NUL, escape, a
+    newline…) other than those in ``allowed``: names and labels must not, as a terminal or a
+    log line would act on them."""
+    return any(unicodedata.category(c) == "Cc" and c not in allowed for c in value)
 
 
 def shown(value: Any) -> str:

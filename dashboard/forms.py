@@ -7,6 +7,7 @@ from typing import Any
 
 from django import forms
 
+from jobs.bundle import MAX_EXPERIMENT_CHARS, MAX_TAG_CHARS, MAX_TAGS
 from jobs.models import JobState
 from sites.models import SITE_NAME_HELP, Organization
 
@@ -57,6 +58,28 @@ class JobFilterForm(forms.Form):
     submitter = forms.CharField(
         required=False, max_length=150, label="Submitted by", help_text="A username."
     )
+    experiment = forms.CharField(
+        required=False, max_length=MAX_EXPERIMENT_CHARS, help_text="Its whole name, in any case."
+    )
+    tag = forms.CharField(required=False, max_length=MAX_TAG_CHARS, help_text="One tag, exactly.")
+
+
+class JobLabelsForm(forms.Form):
+    """A job's experiment and tags (``jobs.services.labels.job_label`` checks them)."""
+
+    experiment = forms.CharField(
+        required=False,
+        max_length=MAX_EXPERIMENT_CHARS,
+        help_text="Groups the runs to compare, as in MLflow; empty for none.",
+    )
+    tags = forms.CharField(
+        required=False,
+        max_length=MAX_TAGS * (MAX_TAG_CHARS + 2),
+        help_text=f"Comma-separated; at most {MAX_TAGS}, each at most {MAX_TAG_CHARS} characters.",
+    )
+
+    def tag_list(self) -> list[str]:
+        return [tag.strip() for tag in self.cleaned_data["tags"].split(",") if tag.strip()]
 
 
 class ApiTokenForm(forms.Form):
@@ -94,3 +117,23 @@ class AuditFilterForm(forms.Form):
         field = self.fields["project"]
         assert isinstance(field, forms.ChoiceField)
         field.choices = [("", "All my projects"), *((p.slug, p.name) for p in projects)]
+
+
+class DecisionReasonForm(forms.Form):
+    """The optional reason a site admin gives with accepting or declining jobs."""
+
+    reason = forms.CharField(
+        max_length=1000,
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2}),
+        help_text="Optional. Shown with the decision and recorded in the audit log.",
+    )
+
+
+class SiteSettingsForm(forms.Form):
+    auto_accept_jobs = forms.BooleanField(
+        required=False,
+        label="Accept this project's jobs automatically",
+        help_text="On: the site's agent accepts each new job of the project by itself. Off: a "
+        "site admin reviews and accepts or declines each job here.",
+    )

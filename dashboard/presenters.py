@@ -96,3 +96,55 @@ class SiteLog:
     site: Site
     lines: list[LogLine]
     dropped: int
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """A job waiting at one of the viewer's sites, with where its quorum stands: how many of
+    its sites accepted, are pending, declined, against the ``min_clients`` it needs."""
+
+    link: JobSite
+    accepted: int
+    pending: int
+    declined: int
+
+    @property
+    def can_still_start(self) -> bool:
+        return self.accepted + self.pending >= self.link.job.min_clients
+
+
+def decision_rows(links: list[JobSite], counts: dict[int, dict[str, int]]) -> list[DecisionRow]:
+    return [
+        DecisionRow(
+            link=link,
+            accepted=counts[link.job_id][JobSite.Decision.ACCEPTED],
+            pending=counts[link.job_id][JobSite.Decision.PENDING],
+            declined=counts[link.job_id][JobSite.Decision.DECLINED],
+        )
+        for link in links
+    ]
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    """One line of a site's policy as the portal knows it: what it rules, and the setting."""
+
+    rule: str
+    setting: str
+
+
+def site_policy_rows(site: Site) -> list[PolicyRow]:
+    """What the site decides for itself, as the portal knows it: who accepts its jobs and what
+    it declared it has. The agent enforces its own rules at the site; this shows the ones it
+    told the portal."""
+    resources = ", ".join(f"{key}: {value}" for key, value in sorted(site.resources.items()))
+    return [
+        PolicyRow(
+            "Who accepts jobs",
+            "the site's agent, automatically"
+            if site.auto_accept_jobs
+            else "a site admin, job by job (the agent may not)",
+        ),
+        PolicyRow("Declared resources", resources or "none declared"),
+        PolicyRow("Data", "stays at the site: only model updates, metrics and log lines leave"),
+    ]

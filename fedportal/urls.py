@@ -5,7 +5,8 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from dashboard.views.projects import home
-from fedportal.views import healthz
+from fedportal.api_root import ApiRootView
+from fedportal.views import favicon, healthz
 
 # Under /api/ errors are JSON; elsewhere the templates' pages (fedportal.views).
 handler400 = "fedportal.views.bad_request"
@@ -17,6 +18,9 @@ urlpatterns = [
     path("", home, name="home"),
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    # Browsers ask for /favicon.ico whatever the page links; the icon is a static SVG.
+    path("favicon.ico", favicon, name="favicon"),
+    path("api/v1/", ApiRootView.as_view(), name="api-root"),
     path("api/v1/", include("sites.api.urls")),
     path("api/v1/", include("jobs.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

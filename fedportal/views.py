@@ -8,6 +8,8 @@ pages get the HTML templates (``templates/404.html`` …).
 from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect
+from django.templatetags.static import static
 from django.views import defaults
 from django.views.decorators.http import require_safe
 
@@ -16,6 +18,15 @@ API_PREFIX = "/api/"
 
 def is_api(request: HttpRequest) -> bool:
     return request.path.startswith(API_PREFIX)
+
+
+@require_safe
+def favicon(request: HttpRequest) -> HttpResponse:
+    """Browsers ask for /favicon.ico whatever a page links: send them to the static icon (its
+    name is looked up per request, as collectstatic's manifest may rename it)."""
+    response = redirect(static("dashboard/favicon.svg"))
+    response["Cache-Control"] = "max-age=86400"
+    return response
 
 
 @require_safe

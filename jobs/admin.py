@@ -20,6 +20,8 @@ class JobAdmin(ReadOnlyAdmin):
         "name",
         "uid",
         "project",
+        "experiment",
+        "tags",
         "state",
         "workflow",
         "completed_rounds",
@@ -29,7 +31,7 @@ class JobAdmin(ReadOnlyAdmin):
         "finished_at",
     )
     list_filter = ("state", "workflow", "project")
-    search_fields = ("name", "uid", "submitted_by__username")
+    search_fields = ("name", "uid", "experiment", "submitted_by__username")
     date_hierarchy = "created_at"
     list_select_related = ("project", "submitted_by")
 

@@ -30,7 +30,7 @@ from client_agent.app_archive import BundleError as BundleError
 from client_agent.app_archive import check_app_archive as check_app_archive
 from client_agent.app_archive import extract_app as extract_app
 from client_agent.wire import WireFormatError, load_state_dict, read_header, save_state_dict
-from common.validators import FieldError
+from common.validators import FieldError, has_control_characters
 from jobs.workflows import Workflow, workflow_from_spec
 
 if TYPE_CHECKING:
@@ -185,6 +185,8 @@ class CheckedSpec:
     site_args: Mapping[str, str] = field(default_factory=dict)
     client_config: Mapping[str, Any] = field(default_factory=dict)
     experiment_tracking: tuple[Mapping[str, Any], ...] = ()
+    experiment: str = ""
+    tags: tuple[str, ...] = ()
 
 
 # Bounds on the spec's optional parts: a spec is read by the portal from an upload.
@@ -273,6 +275,53 @@ def check_experiment_tracking(value: Any) -> tuple[dict[str, Any], ...]:
     return tuple(checked)
 
 
+# A job's labels, to group runs as an MLflow experiment and its tags do. A tag holds no comma
+# (forms take tags comma-separated) and the number of tags is bounded, which is what lets the
+# portal filter by tag with one lookup per position on any database.
+MAX_EXPERIMENT_CHARS = 100
+MAX_TAGS = 20
+MAX_TAG_CHARS = 50
+
+
+def check_experiment(value: Any, field_name: str = "experiment") -> str:
+    """The experiment's name, trimmed: at most 100 characters, no control characters; "" for
+    none."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BundleError(field_name, f"must be a string, got {type(value).__name__}")
+    value = value.strip()
+    if len(value) > MAX_EXPERIMENT_CHARS:
+        raise BundleError(
+            field_name, f"is {len(value)} characters long; at most {MAX_EXPERIMENT_CHARS}"
+        )
+    if has_control_characters(value):
+        raise BundleError(field_name, "must not contain control characters")
+    return str(value)
+
+
+def check_tags(value: Any, field_name: str = "tags") -> tuple[str, ...]:
+    """At most 20 tags, each trimmed, 1 to 50 characters without commas or control
+    characters; repeats are dropped, the order kept."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise BundleError(field_name, f"must be a list of strings, got {type(value).__name__}")
+    tags: dict[str, None] = {}
+    for item in value:
+        if not isinstance(item, str):
+            raise BundleError(field_name, f"must hold strings only, got {type(item).__name__}")
+        tag = item.strip()
+        if not tag or len(tag) > MAX_TAG_CHARS:
+            raise BundleError(field_name, f"{tag[:60]!r}: a tag is 1 to {MAX_TAG_CHARS} characters")
+        if "," in tag or has_control_characters(tag):
+            raise BundleError(field_name, f"{tag!r}: a tag holds no comma or control character")
+        tags[tag] = None
+    if len(tags) > MAX_TAGS:
+        raise BundleError(field_name, f"{len(tags)} tags; at most {MAX_TAGS} are allowed")
+    return tuple(tags)
+
+
 def check_spec(spec: Any) -> CheckedSpec:
     """Check a job spec (``job.json``); :class:`BundleError` names the field that is wrong."""
     if not isinstance(spec, dict):
@@ -302,6 +351,8 @@ def check_spec(spec: Any) -> CheckedSpec:
         site_args=check_site_args(spec.get("site_args") or {}),
         client_config=check_json_object(spec.get("client_config") or {}, "client_config"),
         experiment_tracking=check_experiment_tracking(spec.get("experiment_tracking") or []),
+        experiment=check_experiment(spec.get("experiment")),
+        tags=check_tags(spec.get("tags")),
     )
 
 
@@ -314,6 +365,8 @@ def build_spec(
     site_args: Mapping[str, str] | None = None,
     client_config: Mapping[str, Any] | None = None,
     experiment_tracking: Iterable[Mapping[str, Any]] = (),
+    experiment: str = "",
+    tags: Iterable[str] = (),
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
@@ -331,6 +384,10 @@ def build_spec(
     trackers = [dict(t) for t in experiment_tracking]
     if trackers:
         spec["experiment_tracking"] = trackers
+    if experiment:
+        spec["experiment"] = experiment
+    if tags := list(tags):
+        spec["tags"] = tags
     return spec
 
 

@@ -58,6 +58,10 @@ class Job(models.Model):
     uid = models.UUIDField(unique=True, editable=False)
     project = models.ForeignKey("sites.Project", on_delete=models.PROTECT, related_name="jobs")
     name = models.CharField(max_length=100)
+    # Groups runs for comparison, as an MLflow experiment and its tags do: free text set at
+    # submission (job.json) or later by whoever manages the job.
+    experiment = models.CharField(max_length=100, blank=True, db_index=True)
+    tags = models.JSONField(default=list, blank=True, help_text="short strings")
     submitted_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="submitted_jobs"
     )
@@ -129,6 +133,7 @@ class JobSite(models.Model):
     decided_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
+    decision_reason = models.TextField(blank=True, help_text="why the site decided so, if given")
     # The site's output lines in this job (jobs.services.telemetry.log_lines_record): how many are
     # kept and their size, how many were dropped past the quota, and the rate's token bucket.
     log_lines = models.PositiveIntegerField(default=0)

@@ -17,9 +17,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Count, Prefetch, Q, QuerySet
 
 from common.exceptions import NotFound
+from jobs.bundle import MAX_TAGS
 from jobs.models import (
     JOB_ACTIVE,
     Evaluation,
@@ -71,9 +72,12 @@ def jobs_visible_to(
     state: str | None = None,
     submitter: str | None = None,
     name: str | None = None,
+    experiment: str | None = None,
+    tag: str | None = None,
 ) -> QuerySet[Job]:
     """Jobs of the projects ``user`` belongs to, newest first; ``submitter`` is a username,
-    ``name`` a part of the job's name in any letter case."""
+    ``name`` a part of the job's name in any letter case, ``experiment`` the experiment's
+    whole name in any letter case, ``tag`` one of the job's tags exactly."""
     qs = Job.objects.filter(project__in=site_selectors.projects_visible_to(user))
     if project is not None:
         qs = qs.filter(project=project)
@@ -83,7 +87,20 @@ def jobs_visible_to(
         qs = qs.filter(submitted_by__username=submitter)
     if name:
         qs = qs.filter(name__icontains=name)
+    if experiment:
+        qs = qs.filter(experiment__iexact=experiment)
+    if tag:
+        qs = qs.filter(has_tag(tag))
     return qs.select_related("project", "submitted_by")
+
+
+def has_tag(tag: str) -> Q:
+    """Jobs whose tags hold ``tag``. SQLite has no JSON containment (``tags__contains``), but
+    both databases compare a list's element by position, and a job has at most ``MAX_TAGS``."""
+    found = Q()
+    for position in range(MAX_TAGS):
+        found |= Q(**{f"tags__{position}": tag})
+    return found
 
 
 def job_visible_to(user: UserLike | None, uid: uuid.UUID | str) -> Job:
@@ -278,3 +295,19 @@ def site_active_jobs(site: Site) -> SiteActiveJobs:
         site=site, round__state=RoundState.OPEN, round__job__in=[link.job_id for link in links]
     ).select_related("round__job", "site")
     return SiteActiveJobs(links=links, open_tasks={task.round.job_id: task for task in open_tasks})
+
+
+def decision_counts(job_ids: list[int]) -> dict[int, dict[str, int]]:
+    """For each job, how many of its sites accepted, are pending and declined: one query."""
+    counts: dict[int, dict[str, int]] = {
+        job_id: dict.fromkeys(JobSite.Decision.values, 0) for job_id in job_ids
+    }
+    rows = (
+        JobSite.objects.filter(job_id__in=job_ids)
+        .values_list("job_id", "decision")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    for job_id, decision, n in rows:
+        counts[job_id][decision] = n
+    return counts

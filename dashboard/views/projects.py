@@ -10,6 +10,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
+from dashboard.compare import MAX_COMPARED
 from dashboard.forms import JobFilterForm
 from dashboard.http import SignedInRequest
 from dashboard.presenters import ProjectRow, site_rows
@@ -63,13 +64,19 @@ def project_jobs(request: HttpRequest, project: Project) -> dict[str, Any]:
 def pending_decisions(request: HttpRequest, project: Project) -> list[JobSite]:
     """The job-site decisions waiting for this person: jobs not started yet, pending at a site
     the person may decide for (org admin of its organisation, or project admin)."""
+    return decisions_before_start(request, project, JobSite.Decision.PENDING)
+
+
+def decisions_before_start(request: HttpRequest, project: Project, decision: str) -> list[JobSite]:
+    """The job-site links with ``decision`` of jobs not started yet, at the sites this person
+    may decide for: what they can still decide, or change their mind about."""
     links = (
         JobSite.objects.filter(
             job__in=job_selectors.jobs_visible_to(request.user, project=project),
-            decision=JobSite.Decision.PENDING,
+            decision=decision,
             job__state__in=["submitted", "waiting"],
         )
-        .select_related("job__submitted_by", "site__organization__project")
+        .select_related("job__submitted_by", "site__organization__project", "decided_by")
         .order_by("job__created_at", "site__name")
     )
     allowed: dict[int, bool] = {}
@@ -104,6 +111,7 @@ def project_detail(request: SignedInRequest, slug: str) -> HttpResponse:
     context.update(
         sites=site_rows(selectors.sites_visible_to(request.user, project=project)),
         pending=pending_decisions(request, project),
+        compare_max=MAX_COMPARED,
         **project_jobs(request, project),
     )
     return render(request, "dashboard/project.html", context)

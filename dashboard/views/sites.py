@@ -14,16 +14,19 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from common.exceptions import DomainError
-from dashboard.forms import ReasonForm, SiteRequestForm
+from dashboard.forms import ReasonForm, SiteRequestForm, SiteSettingsForm
 from dashboard.http import SignedInRequest
-from dashboard.presenters import site_rows
+from dashboard.presenters import site_policy_rows, site_rows
 from dashboard.views._common import form_error, project_for, render_once, require, source_address
 from dashboard.views.projects import project_context
+from jobs.models import JobSite
 from sites import conf, selectors, services
 from sites.models import Certificate, Project, Site, SiteState
 
 ONLY_PROJECT_ADMIN = "Only a project admin of this project may do this."
 ONLY_ORG_ADMIN = "Only an org admin of an organisation of this project may request a site."
+ONLY_SITE_MANAGERS = "Only the site's org admins (or a project admin) may change its settings."
+SITE_JOBS = 50
 
 
 def _site(request: HttpRequest, project: Project, pk: int) -> Site:
@@ -44,6 +47,56 @@ def site_list(request: SignedInRequest, slug: str) -> HttpResponse:
         deny_form=ReasonForm(),
     )
     return render(request, "dashboard/sites.html", context)
+
+
+@login_required
+@require_safe
+def site_detail(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
+    """A site: its enrolment, agent, certificate, policy as the portal knows it, and its
+    latest jobs with the site's decision on each."""
+    project = project_for(request, slug)
+    site = _site(request, project, pk)
+    context = project_context(request, project)
+    links = (
+        JobSite.objects.filter(site=site)
+        .select_related("job", "decided_by")
+        .order_by("-job__created_at")[:SITE_JOBS]
+    )
+    context.update(
+        site=site,
+        online=selectors.site_is_online(site),
+        certificate=selectors.site_current_certificate(site),
+        policy=site_policy_rows(site),
+        links=list(links),
+        site_jobs_shown=SITE_JOBS,
+        can_manage=selectors.can_manage_site(request.user, site) and not site.is_terminal,
+        settings_form=SiteSettingsForm(initial={"auto_accept_jobs": site.auto_accept_jobs}),
+    )
+    return render(request, "dashboard/site.html", context)
+
+
+@login_required
+@require_POST
+def site_settings(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
+    """Change whether the site's agent accepts the project's jobs by itself (the API's
+    ``PATCH`` of the site, with its permission rule and audit event)."""
+    project = project_for(request, slug)
+    site = _site(request, project, pk)
+    require(selectors.can_manage_site(request.user, site), ONLY_SITE_MANAGERS)
+    form = SiteSettingsForm(request.POST)
+    if form.is_valid():
+        try:
+            services.site_update(
+                site=site,
+                updated_by=request.user,
+                auto_accept_jobs=form.cleaned_data["auto_accept_jobs"],
+                source_address=source_address(request),
+            )
+        except DomainError as exc:
+            messages.error(request, f"Nothing was changed: {exc.message}")
+        else:
+            messages.success(request, f"The settings of {site.name} were saved.")
+    return redirect("dashboard:site", slug=project.slug, pk=site.pk)
 
 
 @login_required

@@ -14,4 +14,5 @@ The rules themselves are the ``can_*`` helpers in ``jobs.selectors``.
 
 ONLY_SUBMITTERS = "only the project's leads and project admins submit jobs"
 ONLY_MANAGERS = "only a project admin, or the lead who submitted the job, may abort it"
+ONLY_LABELLERS = "only a project admin, or the lead who submitted the job, may label it"
 ONLY_SITE_ADMINS = "only an org admin of the site's organisation, or a project admin, decides"

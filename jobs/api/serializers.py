@@ -20,6 +20,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from client_agent import jsonlimits
+from jobs.bundle import MAX_EXPERIMENT_CHARS, MAX_TAG_CHARS, MAX_TAGS
 from jobs.models import (
     Job,
     JobSite,
@@ -124,10 +125,49 @@ class JobQuerySerializer(serializers.Serializer[dict[str, Any]]):
         max_length=100,
         help_text="Jobs whose name contains this, in any letter case.",
     )
+    experiment = serializers.CharField(
+        required=False,
+        max_length=MAX_EXPERIMENT_CHARS,
+        help_text="Jobs of this experiment (its whole name, in any letter case).",
+    )
+    tag = serializers.CharField(
+        required=False, max_length=MAX_TAG_CHARS, help_text="Jobs that have this tag."
+    )
+
+
+class LabelsSerializer(serializers.Serializer[dict[str, Any]]):
+    """A job's labels; a field left out stays as it is (the service checks the values)."""
+
+    experiment = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        max_length=MAX_EXPERIMENT_CHARS,
+        help_text=f"The experiment the job belongs to, at most {MAX_EXPERIMENT_CHARS} "
+        'characters; "" for none.',
+    )
+    tags = serializers.ListField(
+        child=serializers.CharField(allow_blank=True, trim_whitespace=False),
+        required=False,
+        max_length=MAX_TAGS,
+        help_text=f"Replaces the job's tags: at most {MAX_TAGS}, each 1 to {MAX_TAG_CHARS} "
+        "characters without commas; [] for none.",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "experiment" not in attrs and "tags" not in attrs:
+            raise serializers.ValidationError("give experiment, tags or both")
+        return attrs
 
 
 class DecisionSerializer(serializers.Serializer[dict[str, Any]]):
     accept = serializers.BooleanField(help_text="true: the site runs the job; false: it does not.")
+    reason = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=1000,
+        help_text="Why (optional): shown with the decision and kept in the audit log.",
+    )
 
 
 class AbortSerializer(serializers.Serializer[dict[str, Any]]):
@@ -233,6 +273,8 @@ class JobSerializer(serializers.ModelSerializer[Job]):
             "project",
             "project_id",
             "name",
+            "experiment",
+            "tags",
             "state",
             "failure_reason",
             "workflow",
@@ -341,6 +383,7 @@ class ParticipantSerializer(serializers.ModelSerializer[JobSite]):
             "decision",
             "decided_at",
             "decided_by",
+            "decision_reason",
             "auto_accept_jobs",
             "last_heartbeat",
             "online",

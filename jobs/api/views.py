@@ -43,9 +43,15 @@ from jobs import selectors
 from jobs.api import schema as _schema  # noqa: F401  (registers the streamed-upload scheme)
 from jobs.api import serializers as s
 from jobs.api.authentication import HEADER_CONTENT_SHA256, StreamedBodySignatureAuthentication
-from jobs.api.permissions import ONLY_MANAGERS, ONLY_SITE_ADMINS, ONLY_SUBMITTERS
+from jobs.api.permissions import (
+    ONLY_LABELLERS,
+    ONLY_MANAGERS,
+    ONLY_SITE_ADMINS,
+    ONLY_SUBMITTERS,
+)
 from jobs.models import Job, JobSite, MetricPoint, ModelVersion, Round, SiteTask, TaskState
 from jobs.selectors import job_for_site, task_for_site
+from jobs.services.labels import job_label
 from jobs.services.participation import job_abort, site_job_decide
 from jobs.services.submission import job_submit
 from jobs.services.tasks import round_model_fetch, task_mark, update_upload
@@ -148,6 +154,8 @@ class ProjectJobListView(ProjectView[Job]):
             state=q.get("state"),
             submitter=q.get("submitter"),
             name=q.get("name"),
+            experiment=q.get("experiment"),
+            tag=q.get("tag"),
         )
         page = self.paginate_queryset(jobs)
         return self.get_paginated_response(s.JobSerializer(page, many=True).data)
@@ -202,11 +210,32 @@ class ProjectJobListView(ProjectView[Job]):
 
 
 class JobDetailView(JobView[Job]):
-    """A job: its spec, state, progress and best model."""
+    """A job: its spec, state, progress and best model; and its labels, changed by PATCH."""
+
+    parser_classes = [JSONParser]
 
     @extend_schema(tags=["jobs"], responses={200: s.JobSerializer, **errors(404)})
     def get(self, request: Request, uid: UUID) -> Response:
         return Response(s.JobSerializer(self.get_job()).data)
+
+    @extend_schema(
+        tags=["jobs"],
+        summary="Set a job's experiment and tags (project admins, and the lead who submitted it)",
+        request=s.LabelsSerializer,
+        responses={200: s.JobSerializer, **errors(400, 403, 404)},
+    )
+    def patch(self, request: Request, uid: UUID) -> Response:
+        job = self.get_job()
+        require(selectors.can_manage_job(request.user, job), ONLY_LABELLERS)
+        data = parse(s.LabelsSerializer, request.data)
+        job = job_label(
+            job=job,
+            experiment=data.get("experiment"),
+            tags=data.get("tags"),
+            actor=self.person,
+            source_address=client_address(request),
+        )
+        return Response(s.JobSerializer(job).data)
 
 
 class JobRoundListView(JobView[Round]):
@@ -262,6 +291,7 @@ class JobSiteDecisionView(JobView[JobSite]):
             site=link.site,
             accept=data["accept"],
             decided_by=self.person,
+            reason=data.get("reason", ""),
             source_address=client_address(request),
         )
         return Response(s.ParticipantSerializer(link).data)

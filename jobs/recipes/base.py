@@ -14,7 +14,9 @@ from common.validators import FieldError
 from jobs.bundle import (
     BundleError,
     build_spec,
+    check_experiment,
     check_json_object,
+    check_tags,
     check_train_args,
     write_bundle,
 )
@@ -131,6 +133,8 @@ class Recipe:
         self.site_args: dict[str, str] = {}
         self.client_config: dict[str, Any] = {}
         self.experiment_tracking: list[dict[str, Any]] = []
+        self.experiment = ""  # set_labels
+        self.tags: tuple[str, ...] = ()
         self.client_files: list[Path] = []
         self.server_files: list[Path] = []
         # NVFlare's save_filename and best_model_filename (the PyTorch recipes set them).
@@ -149,6 +153,8 @@ class Recipe:
             site_args=self.site_args,
             client_config=self.client_config,
             experiment_tracking=self.experiment_tracking,
+            experiment=self.experiment,
+            tags=self.tags,
         )
 
     def export(
@@ -244,6 +250,12 @@ class Recipe:
         refuse_per_client("add_client_config", clients)
         merged = {**self.client_config, **config}
         self.client_config = check_json_object(merged, "client_config")
+
+    def set_labels(self, *, experiment: str = "", tags: Iterable[str] = ()) -> None:
+        """The experiment this run belongs to and its tags (as in MLflow), to group and
+        compare runs on the portal; they can be changed there afterwards."""
+        self.experiment = check_experiment(experiment)  # a BundleError is a FieldError
+        self.tags = check_tags(list(tags))
 
     def add_client_file(self, file_path: str | Path, clients: Iterable[str] | None = None) -> None:
         """A file or folder shipped with the script to every site (into the app folder,

@@ -28,6 +28,7 @@ class JobAuditAction(models.TextChoices):
     # Privacy-relevant: whether a site's data is used for a job.
     SITE_DECIDED = "job.site_decided"
     COMPLETED = "job.completed"
+    LABELLED = "job.labelled"  # its experiment or tags changed
     FAILED = "job.failed"
 
 

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from django.db import transaction
 from django.utils import timezone
 
-from common.exceptions import Conflict
+from common.exceptions import Conflict, ValidationFailed
+from common.validators import has_control_characters
 from jobs import events
 from jobs.exceptions import DecisionNotDelegated
 from jobs.models import Job, JobSite, JobState, RoundState
@@ -19,6 +20,24 @@ if TYPE_CHECKING:
 
     from sites.models import Site
 
+MAX_DECISION_REASON = 1000
+
+
+def _decision_reason(reason: object) -> str:
+    """A decision's reason: optional, at most 1,000 characters, lines but no other control
+    characters (it is shown on pages and in the audit log)."""
+    if not isinstance(reason, str):
+        raise ValidationFailed("reason must be a string", field="reason")
+    reason = reason.strip()
+    if len(reason) > MAX_DECISION_REASON:
+        raise ValidationFailed(
+            f"reason is {len(reason)} characters long; at most {MAX_DECISION_REASON}",
+            field="reason",
+        )
+    if has_control_characters(reason, allowed="\n\r\t"):
+        raise ValidationFailed("reason must not hold control characters", field="reason")
+    return reason
+
 
 def site_job_decide(
     *,
@@ -27,15 +46,19 @@ def site_job_decide(
     accept: bool,
     decided_by: User | None = None,
     by_agent: bool = False,
+    reason: str = "",
     source_address: str | None = None,
 ) -> JobSite:
-    """The site accepts or declines the job; only while the job waits to start.
+    """The site accepts or declines the job; only while the job waits to start, and as often
+    as the site changes its mind until then (a declined job can be accepted after all).
 
     ``decided_by``: the person who decided (their permission is checked by the caller);
     ``by_agent``: the site's agent decides, which its policy allows only when the site accepts
     jobs automatically (``DecisionNotDelegated`` otherwise). The audit event names the site
-    and the decision, and as actor the person or the site's agent.
+    and the decision, and as actor the person or the site's agent. ``reason`` (optional) is
+    kept with the decision and in the audit event.
     """
+    reason = _decision_reason(reason)
     with transaction.atomic():
         link = (
             JobSite.objects.select_for_update()
@@ -49,14 +72,19 @@ def site_job_decide(
         link.decision = JobSite.Decision.ACCEPTED if accept else JobSite.Decision.DECLINED
         link.decided_at = timezone.now()
         link.decided_by = decided_by
-        link.save(update_fields=["decision", "decided_at", "decided_by"])
+        link.decision_reason = reason
+        link.save(update_fields=["decision", "decided_at", "decided_by", "decision_reason"])
         job_audit_record(
             action=JobAuditAction.SITE_DECIDED,
             job=link.job,
             actor=decided_by,
             actor_site=link.site if by_agent else None,
             source_address=source_address,
-            details={"site": link.site.name, "decision": link.decision},
+            details={
+                "site": link.site.name,
+                "decision": link.decision,
+                **({"reason": reason} if reason else {}),
+            },
         )
         events.decision(link)
         job_kick_after_commit(link.job)

@@ -200,6 +200,8 @@ def _store(
                 uid=uuid.uuid4(),
                 project=project,
                 name=checked.name,
+                experiment=checked.experiment,
+                tags=list(checked.tags),
                 submitted_by=submitted_by,
                 workflow=workflow.name,
                 params=workflow.to_params(),

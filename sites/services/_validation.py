@@ -4,24 +4,19 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 
 from common.exceptions import ValidationFailed
-from common.validators import is_number
+from common.validators import has_control_characters, is_number
 from sites.models import SITE_NAME_HELP, SITE_NAME_PATTERN, Role
 
 MAX_REASON_LENGTH = 2000
 MAX_RESOURCE_KEYS = 32
 _RESOURCE_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _SITE_NAME = re.compile(SITE_NAME_PATTERN)
-
-
-def _has_control_characters(value: str) -> bool:
-    return any(unicodedata.category(c) == "Cc" for c in value)
 
 
 def clean_name(value: object, *, field: str, max_length: int) -> str:
@@ -37,7 +32,7 @@ def clean_name(value: object, *, field: str, max_length: int) -> str:
             field=field,
         )
     # Names end up in certificate subjects and log lines, where control characters do harm.
-    if _has_control_characters(value):
+    if has_control_characters(value):
         raise ValidationFailed(f"{field} must not contain control characters", field=field)
     return value
 
@@ -118,7 +113,7 @@ def clean_resources(value: object) -> dict[str, Any]:
             continue
         # No control characters: PostgreSQL's jsonb cannot even store NUL, and these values are
         # shown to people.
-        if isinstance(item, str) and len(item) <= 200 and not _has_control_characters(item):
+        if isinstance(item, str) and len(item) <= 200 and not has_control_characters(item):
             continue
         raise ValidationFailed(
             f"resources.{key} must be a number, a boolean or a string of ≤ 200 characters "

@@ -79,7 +79,7 @@
       fetch(el.dataset.refresh, { credentials: "same-origin", headers: { Accept: "text/html" } })
         .then((r) => (r.ok ? r.text() : null))
         .then((html) => {
-          if (html !== null) el.innerHTML = html;
+          if (html !== null) replaceKeepingTicks(el, html);
         })
         .catch(() => {})
         .finally(() => {
@@ -88,6 +88,17 @@
           if (again) refresh(el, 0);
         });
     }, wait === undefined ? 150 : wait));
+  }
+
+  // A refreshed table keeps the boxes a person ticked in it (jobs picked to compare).
+  function replaceKeepingTicks(el, html) {
+    const key = (box) => box.name + "=" + box.value;
+    const ticked = new Set([...el.querySelectorAll("input[type=checkbox]:checked")].map(key));
+    el.innerHTML = html;
+    if (!ticked.size) return;
+    el.querySelectorAll("input[type=checkbox]").forEach((box) => {
+      if (ticked.has(key(box))) box.checked = true;
+    });
   }
 
   // An event changed `el` in place: an answer already on its way could undo that.

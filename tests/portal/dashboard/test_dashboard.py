@@ -331,7 +331,7 @@ def test_approvals_list_review_files_and_decide(tmp_path: Path) -> None:
     assert job is not None
     org_admin = as_user(world.users[jw.ORG_ADMIN])
     listing = org_admin.get(f"/projects/{world.project.slug}/approvals/")
-    pending = {(link.job_id, link.site.name) for link in listing.context["pending"]}
+    pending = {(row.link.job_id, row.link.site.name) for row in listing.context["pending"]}
     assert pending == {(job.pk, "site-2"), (job.pk, "site-3")}
     member = as_user(world.users[jw.MEMBER])
     assert member.get(f"/projects/{world.project.slug}/approvals/").context["pending"] == []

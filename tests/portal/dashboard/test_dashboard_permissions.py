@@ -52,6 +52,9 @@ ROWS: dict[str, Row] = {
     "job-abort": Row(
         "POST", "abort/", readers(302, **{jw.OTHER_LEAD: 403, jw.MEMBER: 403, jw.ORG_ADMIN: 403})
     ),
+    "job-labels": Row(
+        "POST", "labels/", readers(302, **{jw.OTHER_LEAD: 403, jw.MEMBER: 403, jw.ORG_ADMIN: 403})
+    ),
     "approval": Row("GET", "sites/site-2/review/", readers(**SITE_ADMINS_ONLY)),
     "approval-decide": Row("POST", "sites/site-2/decide/", readers(302, **SITE_ADMINS_ONLY)),
 }

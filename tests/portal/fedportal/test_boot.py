@@ -71,7 +71,7 @@ def test_home_page_renders_with_links(client: Client) -> None:
     assert [t.name for t in response.templates][:2] == ["home.html", "base.html"]
     html = response.content.decode()
     assert '<html lang="en">' in html
-    assert '<main id="main">' in html
+    assert '<main id="main" tabindex="-1">' in html
     assert "FedPortal" in html
     assert 'href="/api/docs/"' in html
     assert 'href="/admin/"' in html
