@@ -7,6 +7,7 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST, require_safe
@@ -22,6 +23,7 @@ from jobs import selectors
 from jobs.models import JobSite
 from jobs.services.participation import site_job_decide
 
+DECISIONS_PAGE = 50
 ONLY_SITE_ADMINS = "Only the site's org admins (or a project admin) decide which jobs it runs."
 
 
@@ -32,12 +34,20 @@ def approval_list(request: SignedInRequest, slug: str) -> HttpResponse:
     (until the job starts), each with where the job's quorum stands."""
     project = project_for(request, slug)
     context = project_context(request, project)
-    pending = decisions_before_start(request, project, JobSite.Decision.PENDING)
-    declined = decisions_before_start(request, project, JobSite.Decision.DECLINED)
-    counts = selectors.decision_counts(sorted({link.job_id for link in pending + declined}))
+    # Oldest first, a page of each at a time: a busy project can have hundreds waiting.
+    pending = Paginator(
+        decisions_before_start(request, project, JobSite.Decision.PENDING), DECISIONS_PAGE
+    ).get_page(request.GET.get("page"))
+    declined = Paginator(
+        decisions_before_start(request, project, JobSite.Decision.DECLINED), DECISIONS_PAGE
+    ).get_page(request.GET.get("declined_page"))
+    shown = [*pending, *declined]
+    counts = selectors.decision_counts(sorted({link.job_id for link in shown}))
     context.update(
-        pending=decision_rows(pending, counts),
-        declined=decision_rows(declined, counts),
+        pending=decision_rows(list(pending), counts),
+        pending_page=pending,
+        declined=decision_rows(list(declined), counts),
+        declined_page=declined,
         reason_form=DecisionReasonForm(),
     )
     return render(request, "dashboard/approvals.html", context)

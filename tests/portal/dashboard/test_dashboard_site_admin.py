@@ -237,3 +237,22 @@ def test_the_site_page_shows_its_policy_and_its_admins_change_auto_accept(
     org_admin.post(settings_url, {})
     site.refresh_from_db()
     assert site.auto_accept_jobs is False
+
+
+def test_the_waiting_decisions_come_a_page_at_a_time_oldest_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dashboard.views import approvals
+
+    monkeypatch.setattr(approvals, "DECISIONS_PAGE", 1)
+    world = jw.build_world(tmp_path, start=False)
+    client = _client(world, jw.ORG_ADMIN)
+    url = f"/projects/{world.project.slug}/approvals/"
+
+    first = client.get(url)
+    second = client.get(f"{url}?page=2")
+
+    assert [row.link.site.name for row in first.context["pending"]] == ["site-2"]
+    assert [row.link.site.name for row in second.context["pending"]] == ["site-3"]
+    assert "2 decisions waiting, oldest first; page 1 of 2." in first.content.decode()
+    assert 'href="?page=2"' in first.content.decode()
