@@ -436,3 +436,40 @@ def pack_app(app_dir: Path, archive: Path) -> Path:
             if path.is_file() and not path.is_symlink():
                 zf.write(path, path.relative_to(app_dir).as_posix())
     return archive
+
+
+def app_folder_prefix(names: Iterable[str], train_script: str) -> str:
+    """Where the app's files sit in an uploaded zip: ``""`` when ``train_script`` is at its root
+    (the folder's contents were zipped, as :func:`pack_app` does), ``"<folder>/"`` when every
+    member is inside one folder that holds it (the folder itself was zipped, as a file
+    manager's "compress" does), else ``""`` (and the check then says the script is missing)."""
+    names = [n for n in names if n]
+    if train_script in names:
+        return ""
+    tops = {PurePosixPath(n).parts[0] for n in names if PurePosixPath(n).parts}
+    if len(tops) != 1:
+        return ""
+    prefix = f"{tops.pop()}/"
+    return prefix if prefix + train_script in names else ""
+
+
+def unwrap_app_archive(archive: Path, train_script: str, dest: Path) -> Path:
+    """``archive`` itself when the script is at its root; when the zip holds the app's folder
+    instead, that folder's contents zipped again at ``dest``, after the whole archive passed
+    :func:`check_app_archive` (so nothing unsafe or oversized is read). ``BundleError``
+    (field ``app``) names what is wrong."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            prefix = app_folder_prefix(zf.namelist(), train_script)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise BundleError("app", f"not a zip archive ({exc})") from None
+    if not prefix:
+        return archive
+    check_app_archive(archive, prefix + train_script)
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in src.infolist():
+            if info.is_dir() or not info.filename.startswith(prefix):
+                continue
+            with src.open(info) as member:
+                out.writestr(info.filename.removeprefix(prefix), member.read())
+    return dest

@@ -17,7 +17,7 @@ from django.db import transaction
 from client_agent.wire import WireFormatError, first_nonfinite_tensor, read_header
 from common.exceptions import ValidationFailed
 from common.validators import is_int
-from jobs.bundle import BundleError, check_app_archive, check_spec
+from jobs.bundle import BundleError, check_app_archive, check_spec, unwrap_app_archive
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Job, JobSite, ModelVersion
 from jobs.services.audit import JobAuditAction, job_audit_record
@@ -158,9 +158,13 @@ def _check_and_store(
             app_archive, app_path, limit=settings.FEDPORTAL_MAX_APP_ARCHIVE_BYTES, field="app"
         )
         try:
-            check_app_archive(app_path, checked.train_script)
+            unwrapped = unwrap_app_archive(app_path, checked.train_script, Path(tmp) / "app-in.zip")
+            check_app_archive(unwrapped, checked.train_script)
         except BundleError as exc:
             raise ValidationFailed(exc.reason, field="app") from None
+        if unwrapped != app_path:  # the folder itself was zipped: keep its contents
+            app_path = unwrapped
+            app_sha = hashlib.sha256(unwrapped.read_bytes()).hexdigest()
         return _store(
             project=project,
             submitted_by=submitted_by,
