@@ -4,14 +4,18 @@ A project of ``--sites`` enrolled sites (100) and ``--jobs`` jobs (1,000: every 
 submitters, ten experiments, tags; each job on five sites), one running job on every site with
 ``--rounds`` rounds (20) of tasks, 50 log lines a site, two metric keys a site and round, and
 the round aggregates, and ``--compare-runs`` finished jobs (10) of ``--compare-rounds`` rounds
-(100) with per-site and aggregate points for two keys, the compare page's worst case. Then,
-through Django's test client signed in as the project admin (who sees the most: every
-approval, the sites' settings), each page's median and largest time over ``--runs`` requests
-(after one warm-up) and its number of SQL queries.
+(100) with per-site and aggregate points for two keys, the compare page's worst case; and
+organisations, members and invitations in proportion to the sites, and a staged job bundle.
+Then, through Django's test client signed in as the project admin (who sees the most: every
+approval, the sites' settings, the people pages), each page's median and largest time over
+``--runs`` requests (after one warm-up) and its number of SQL queries. A second project of a
+tenth of the jobs and sites is walked once: a page with more queries in the large project
+than in the small one has queries that grow with jobs, sites or people (marked ▲).
 
-The pages are found from ``dashboard.urls``: every route must be either timed here
-(:data:`PAGES`) or named an action in :data:`ACTIONS` (POST only, or signing in and out), else
-the bench stops and names it, so a page added later cannot go unmeasured.
+The pages are found from ``dashboard.urls`` (and the home page the top-level URLs mount):
+every route must be either timed here (:data:`PAGES`) or named an action in :data:`ACTIONS`
+(POST only, or signing out), else the bench stops with exit status 2 and names it, so a page
+added later cannot go unmeasured; a page that does not answer 200 ends it with status 1.
 
 Everything is the bench's own and removed at the end: a PostgreSQL database
 ``fedportal_bench_dashboard_<pid>`` (server from BENCH_POSTGRES_URL, default
@@ -62,6 +66,8 @@ class Seeded:
     pending: Any  # a job waiting for its sites' decisions
     pending_site: str
     compared: list[Any] = field(default_factory=list)
+    bundle_token: str = ""  # a bundle the admin uploaded, waiting on its preview page
+    invitation_token: str = ""  # an invitation to someone else, as its link carries it
 
 
 def bench_env(tmp: Path, db_name: str) -> dict[str, str]:
@@ -107,6 +113,63 @@ def _submit(project: Any, user: Any, name: str, sites: list[str], tmp: Path) -> 
         app_archive=io.BytesIO(app.getvalue()),
         sites=sites,
     )
+
+
+def _stage_bundle(project: Any, user: Any, tmp: Path) -> str:
+    """A bundle as ``recipe.export`` writes it, zipped and staged as the upload page does."""
+    import json
+
+    import torch
+
+    from client_agent.wire import save_state_dict
+    from dashboard import bundle_upload
+    from jobs.bundle import APP_DIR, MODEL_FILE, SPEC_FILE, build_spec
+    from jobs.workflows import FedAvg
+
+    spec = build_spec(
+        name="uploaded-bundle",
+        workflow=FedAvg(min_clients=2, num_rounds=5),
+        train_script="client.py",
+        train_args="--epochs 1",
+    )
+    model = tmp / "bundle.safetensors"
+    save_state_dict(model, {"w": torch.zeros(4), "b": torch.zeros(2, 3)})
+    bundle = io.BytesIO()
+    with zipfile.ZipFile(bundle, "w") as zf:
+        zf.writestr(SPEC_FILE, json.dumps(spec))
+        zf.writestr(MODEL_FILE, model.read_bytes())
+        zf.writestr(f"{APP_DIR}/client.py", "print('bench')\n")
+    bundle.seek(0)
+    return bundle_upload.stage(bundle, project_id=project.pk, user_id=user.pk)
+
+
+def _people(project: Any, host: Any, admin: Any, name: str, sites: int) -> str:
+    """Organisations (a twentieth of the sites, at least two) with members (a fifth of the
+    sites, at least two), and pending invitations; the token of the last invitation."""
+    from django.contrib.auth import get_user_model
+
+    from sites import services
+    from sites.models import Role
+
+    users = get_user_model().objects
+    orgs = [host] + [
+        services.organization_create(project=project, name=f"Partner {i}", created_by=admin)
+        for i in range(max(2, sites // 20))
+    ]
+    for i in range(max(2, sites // 5)):
+        user = users.create_user(f"{name}-member-{i}", f"member{i}@{name}.example.org", None)
+        services.membership_add(
+            organization=orgs[i % len(orgs)], user=user, role=Role.MEMBER, added_by=admin
+        )
+    token = ""
+    for i in range(5):
+        _, token = services.invitation_create(
+            organization=orgs[i % len(orgs)],
+            role=Role.MEMBER,
+            invited_by=admin,
+            email=f"invitee{i}@{name}.example.org",
+        )
+    return token
 
 
 def _sites(project: Any, org: Any, admin: Any, count: int) -> list[Any]:
@@ -273,23 +336,33 @@ def seed(
     rounds: int = 20,
     compare_runs: int = 10,
     compare_rounds: int = 100,
+    name: str = "bench",
 ) -> Seeded:
-    """The bench's project, in the database Django is set up on."""
+    """The bench's project, in the database Django is set up on; ``name`` tells apart the
+    projects (and their people) of one database."""
     from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
 
     from jobs.models import LogLine
     from sites import services
     from sites.models import Certificate, Role
 
     users_model = get_user_model().objects
-    admin = users_model.create_user("bench-admin", "admin@example.org", None)
-    project = services.project_create(name="Dashboard bench", created_by=admin)
+    admin = users_model.create_user(f"{name}-admin", f"admin@{name}.example.org", None)
+    # One who may create projects, so that the new-project page opens too.
+    admin.user_permissions.add(
+        Permission.objects.get(content_type__app_label="sites", codename="add_project")
+    )
+    project = services.project_create(name=f"Dashboard {name}", created_by=admin)
     org = services.organization_create(project=project, name="Bench hospital", created_by=admin)
     submitters = [admin]
     for index in range(4):
-        user = users_model.create_user(f"bench-lead-{index}", f"lead{index}@example.org", None)
+        user = users_model.create_user(
+            f"{name}-lead-{index}", f"lead{index}@{name}.example.org", None
+        )
         services.membership_add(organization=org, user=user, role=Role.LEAD, added_by=admin)
         submitters.append(user)
+    invitation = _people(project, org, admin, name, sites)
     enrolled = _sites(project, org, admin, sites)
     names = [s.name for s in enrolled]
 
@@ -322,6 +395,8 @@ def seed(
         pending=pending,
         pending_site=names[1],
         compared=compared,
+        bundle_token=_stage_bundle(project, admin, tmp),
+        invitation_token=invitation,
     )
 
 
@@ -329,6 +404,15 @@ def seed(
 Case = tuple[str, str]
 PAGES: dict[str, Callable[[Seeded], list[Case]]] = {
     "login": lambda s: [("sign-in page (anonymous)", "/login/")],
+    "home": lambda s: [("home (your projects)", "/")],
+    "project-new": lambda s: [("new project (form)", "/new-project/")],
+    "project-settings": lambda s: [("project settings", f"/projects/{s.slug}/settings/")],
+    "organizations": lambda s: [("organisations", f"/projects/{s.slug}/organizations/")],
+    "members": lambda s: [("members", f"/projects/{s.slug}/members/")],
+    "invitations": lambda s: [("invitations", f"/projects/{s.slug}/invitations/")],
+    "invitation-accept": lambda s: [
+        ("an invitation's link", f"/invitations/accept/?token={s.invitation_token}")
+    ],
     "project": lambda s: [
         ("project, first page of jobs", f"/projects/{s.slug}/"),
         (
@@ -348,6 +432,10 @@ PAGES: dict[str, Callable[[Seeded], list[Case]]] = {
         )
     ],
     "job-submit": lambda s: [("submit a job (form)", f"/projects/{s.slug}/jobs/new/")],
+    "job-bundle": lambda s: [("upload a job bundle (form)", f"/projects/{s.slug}/jobs/upload/")],
+    "job-bundle-preview": lambda s: [
+        ("uploaded bundle's preview", f"/projects/{s.slug}/jobs/upload/{s.bundle_token}/")
+    ],
     "approvals": lambda s: [("job approvals", f"/projects/{s.slug}/approvals/")],
     "compare": lambda s: [
         (
@@ -370,6 +458,23 @@ PAGES: dict[str, Callable[[Seeded], list[Case]]] = {
     "job-metrics-csv": lambda s: [
         ("job: every point as CSV (streamed)", f"/jobs/{s.running.uid}/metrics.csv")
     ],
+    "job-site-log": lambda s: [
+        (
+            "job: a site's whole log (streamed)",
+            f"/jobs/{s.running.uid}/sites/{s.pending_site}/log.txt",
+        )
+    ],
+    "job-log-search": lambda s: [
+        ("job: search the logs", f"/jobs/{s.running.uid}/logs/search/?q=loss+1")
+    ],
+    "job-metric-table": lambda s: [
+        ("job: metric table as CSV", f"/jobs/{s.running.uid}/metric-table.csv")
+    ],
+    "job-round-sites": lambda s: [
+        ("job: who holds the round", f"/jobs/{s.running.uid}/round-sites/")
+    ],
+    "job-record": lambda s: [("job: whole record (JSON)", f"/jobs/{s.running.uid}/record.json")],
+    "project-lagging": lambda s: [("project: sites lagging", f"/projects/{s.slug}/lagging/")],
     "approval": lambda s: [
         ("review a job for a site", f"/jobs/{s.pending.uid}/sites/{s.pending_site}/review/")
     ],
@@ -378,6 +483,10 @@ PAGES: dict[str, Callable[[Seeded], list[Case]]] = {
 }
 # Routes that are not pages: what they do instead.
 ACTIONS: dict[str, str] = {
+    "organization-rename": "POST",
+    "member-role": "POST",
+    "member-remove": "POST",
+    "invitation-revoke": "POST",
     "logout": "POST: sign out",
     "site-approve": "POST",
     "site-deny": "POST",
@@ -391,14 +500,31 @@ ACTIONS: dict[str, str] = {
 }
 
 
-def unmeasured_routes() -> list[str]:
-    """Dashboard routes neither timed nor named an action."""
+def dashboard_routes() -> set[str]:
+    """Names of the dashboard's routes: ``dashboard.urls`` and the dashboard views the
+    top-level URL configuration mounts itself (the home page)."""
     from django.urls import URLPattern
 
     from dashboard import urls
+    from fedportal import urls as root
 
     names = {p.name for p in urls.urlpatterns if isinstance(p, URLPattern) and p.name}
-    return sorted(names - set(PAGES) - set(ACTIONS))
+    names |= {
+        p.name
+        for p in root.urlpatterns
+        if isinstance(p, URLPattern) and p.name and p.callback.__module__.startswith("dashboard.")
+    }
+    return names
+
+
+def unmeasured_routes() -> list[str]:
+    """Dashboard routes neither timed nor named an action."""
+    return sorted(dashboard_routes() - set(PAGES) - set(ACTIONS))
+
+
+def stale_cases() -> list[str]:
+    """Names in :data:`PAGES` or :data:`ACTIONS` that are no longer routes."""
+    return sorted((set(PAGES) | set(ACTIONS)) - dashboard_routes())
 
 
 @dataclass(frozen=True)
@@ -423,7 +549,8 @@ def walk(seeded: Seeded, runs: int) -> list[Timing]:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    signed_in = Client()
+    # A page that fails shows as its status (500) in the table rather than ending the walk.
+    signed_in = Client(raise_request_exception=False)
     signed_in.force_login(seeded.admin)
 
     def get(path: str, client: Client) -> int:
@@ -435,7 +562,7 @@ def walk(seeded: Seeded, runs: int) -> list[Timing]:
 
     timings = []
     for name, cases in PAGES.items():
-        client = Client() if name == "login" else signed_in
+        client = Client(raise_request_exception=False) if name == "login" else signed_in
         for label, path in cases(seeded):
             # The warm-up, whose queries are counted: with the connection kept open through
             # it (Django closes it at each request's end, which would drop the log).
@@ -476,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"page, under {COMPARE_TARGET} s for comparing {args.compare_runs} runs × "
         f"{args.compare_rounds} rounds.",
     )
+    print(f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n", flush=True)
+    load_before = benchlib.load_average()
     import psycopg
 
     tmp = Path(tempfile.mkdtemp(prefix="fedportal-bench-dashboard-"))
@@ -488,9 +617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         django.setup()
         logging.getLogger().setLevel(logging.WARNING)
-        missing = unmeasured_routes()
-        if missing:
-            print(f"dashboard routes with no case in PAGES or ACTIONS: {', '.join(missing)}")
+        missing, stale = unmeasured_routes(), stale_cases()
+        if missing or stale:
+            if missing:
+                print(f"dashboard routes with no case in PAGES or ACTIONS: {', '.join(missing)}")
+            if stale:
+                print(f"names in PAGES or ACTIONS that are no routes: {', '.join(stale)}")
             return 2
         from django.core.management import call_command
 
@@ -504,8 +636,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             compare_runs=args.compare_runs,
             compare_rounds=args.compare_rounds,
         )
+        # A tenth of the jobs and sites, the same rounds and runs: a page whose queries differ
+        # between the two has queries that grow with jobs or sites.
+        small = seed(
+            tmp,
+            jobs=max(args.compare_runs + 12, args.jobs // 10),
+            sites=max(SITES_A_JOB + 1, args.sites // 10),
+            rounds=args.rounds,
+            compare_runs=args.compare_runs,
+            compare_rounds=args.compare_rounds,
+            name="small",
+        )
         seeding = time.perf_counter() - started
         timings = walk(seeded, args.runs)
+        small_queries = [t.queries for t in walk(small, 1)]
     finally:
         if "django" in sys.modules:
             from django.db import connections
@@ -515,23 +659,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.close()
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
-    failed = False
-    for t in timings:
+    missed, broken, growing = [], [], []
+    for t, few in zip(timings, small_queries, strict=True):
         target = COMPARE_TARGET if t.label.startswith("compare") else PAGE_TARGET
         ok = t.status == 200 and t.median < target
-        failed |= not ok
+        if t.status != 200:
+            broken.append(f"{t.label} ({t.status}: {t.path})")
+        elif not ok:
+            missed.append(t.label)
+        if t.queries > few:
+            growing.append(f"{t.label} ({few} → {t.queries})")
         rows.append(
             [
                 t.label,
                 t.status,
                 f"**{t.median:.3f} s** {'✓' if ok else '✗'}",
                 f"{max(t.times):.3f} s",
-                t.queries,
+                f"{t.queries}{' ▲' if t.queries > few else ''}",
+                few,
             ]
         )
-    print(md_table(["page", "status", "median", "largest", "SQL queries"], rows))
-    verdict = "some pages missed their target (✗)" if failed else "every page met its target"
-    print(f"\nseeding took {seeding:.1f} s; {verdict}")
+    print(
+        md_table(
+            [
+                "page",
+                "status",
+                "median",
+                "largest",
+                "SQL queries",
+                f"queries with {max(args.compare_runs + 12, args.jobs // 10)} jobs, "
+                f"{max(SITES_A_JOB + 1, args.sites // 10)} sites",
+            ],
+            rows,
+        )
+    )
+    print(f"\nseeding took {seeding:.1f} s")
+    print(f"load average before: {load_before}; after: {benchlib.load_average()}")
+    print(f"missed the target (✗): {', '.join(missed) or 'none'}")
+    print(f"queries grow with jobs or sites (▲): {', '.join(growing) or 'none'}")
+    if broken:
+        print(f"did not answer 200: {', '.join(broken)}")
+        return 1
     return 0
 
 

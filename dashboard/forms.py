@@ -137,3 +137,34 @@ class SiteSettingsForm(forms.Form):
         help_text="On: the site's agent accepts each new job of the project by itself. Off: a "
         "site admin reviews and accepts or declines each job here.",
     )
+
+
+class BundleUploadForm(forms.Form):
+    bundle = forms.FileField(
+        label="Job bundle (.zip)",
+        help_text="The folder `python job.py --export --export-dir DIR` (recipe.export) wrote, "
+        "zipped: its contents or the folder itself, e.g. `python -m zipfile -c job.zip DIR/`. "
+        "It holds job.json, initial_model.safetensors and app/.",
+    )
+
+
+class BundleConfirmForm(forms.Form):
+    """What a person may still choose when submitting an uploaded bundle."""
+
+    name = forms.RegexField(
+        regex=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        max_length=100,
+        help_text="From job.json; letters, digits, '.', '_' and '-'.",
+        error_messages={"invalid": "Use letters, digits, '.', '_' and '-', starting with one."},
+    )
+    sites = forms.MultipleChoiceField(
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="None ticked: every site of the project that is enrolled now.",
+    )
+
+    def __init__(self, *args: Any, site_choices: list[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields["sites"]
+        assert isinstance(field, forms.MultipleChoiceField)
+        field.choices = site_choices

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from django.urls import reverse
 
 from jobs.models import Job, JobSite, LogLine, ModelVersion, SiteTask
-from sites.models import ApiToken, Project, Site
+from jobs.selectors import POSSIBLE
+from sites.models import ApiToken, Membership, Project, Site
 from sites.selectors import site_is_online
 
 
@@ -96,6 +97,7 @@ class SiteLog:
     site: Site
     lines: list[LogLine]
     dropped: int
+    total: int = 0  # every line stored, for the full-log download link
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,11 @@ class DecisionRow:
     accepted: int
     pending: int
     declined: int
+    possible: int  # accepted or pending, at enrolled sites (jobs.selectors.decision_counts)
 
     @property
     def can_still_start(self) -> bool:
-        return self.accepted + self.pending >= self.link.job.min_clients
+        return self.possible >= self.link.job.min_clients
 
 
 def decision_rows(links: list[JobSite], counts: dict[int, dict[str, int]]) -> list[DecisionRow]:
@@ -120,6 +123,7 @@ def decision_rows(links: list[JobSite], counts: dict[int, dict[str, int]]) -> li
             accepted=counts[link.job_id][JobSite.Decision.ACCEPTED],
             pending=counts[link.job_id][JobSite.Decision.PENDING],
             declined=counts[link.job_id][JobSite.Decision.DECLINED],
+            possible=counts[link.job_id][POSSIBLE],
         )
         for link in links
     ]
@@ -148,3 +152,23 @@ def site_policy_rows(site: Site) -> list[PolicyRow]:
         PolicyRow("Declared resources", resources or "none declared"),
         PolicyRow("Data", "stays at the site: only model updates, metrics and log lines leave"),
     ]
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    """One membership on the members page, with what the viewer may do to it: the roles they
+    may give it (``sites.selectors.can_grant_role``) when they may manage it at all."""
+
+    membership: Membership
+    role_choices: tuple[tuple[str, str], ...]
+    can_manage: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """Something the signed-in person can do next, on the home page; ``url`` is empty when the
+    step happens elsewhere (an invitation is accepted from the link its sender gave)."""
+
+    text: str
+    url: str = ""

@@ -3,7 +3,17 @@
 from django.contrib.auth import views as auth_views
 from django.urls import URLPattern, path
 
-from dashboard.views import account, approvals, compare, jobs, projects, sites
+from dashboard.views import (
+    account,
+    approvals,
+    bundle_views,
+    compare,
+    job_records,
+    jobs,
+    people,
+    projects,
+    sites,
+)
 
 app_name = "dashboard"
 
@@ -17,7 +27,25 @@ urlpatterns: list[URLPattern] = [
         name="login",
     ),
     path("logout/", auth_views.LogoutView.as_view(next_page="dashboard:login"), name="logout"),
+    path("new-project/", people.project_new, name="project-new"),
     path(project, projects.project_detail, name="project"),
+    path(f"{project}settings/", people.project_settings, name="project-settings"),
+    path(f"{project}organizations/", people.organization_list, name="organizations"),
+    path(
+        f"{project}organizations/<int:pk>/",
+        people.organization_rename,
+        name="organization-rename",
+    ),
+    path(f"{project}members/", people.member_list, name="members"),
+    path(f"{project}members/<int:pk>/role/", people.member_role, name="member-role"),
+    path(f"{project}members/<int:pk>/remove/", people.member_remove, name="member-remove"),
+    path(f"{project}invitations/", people.invitation_list, name="invitations"),
+    path(
+        f"{project}invitations/<int:pk>/revoke/",
+        people.invitation_revoke,
+        name="invitation-revoke",
+    ),
+    path("invitations/accept/", people.invitation_accept, name="invitation-accept"),
     path(f"{project}sites-status/", projects.project_sites_fragment, name="project-sites-rows"),
     path(f"{project}jobs-rows/", projects.project_jobs_fragment, name="project-jobs-rows"),
     path(f"{project}sites/", sites.site_list, name="sites"),
@@ -33,6 +61,12 @@ urlpatterns: list[URLPattern] = [
         name="certificate-revoke",
     ),
     path(f"{project}jobs/new/", jobs.job_submit_view, name="job-submit"),
+    path(f"{project}jobs/upload/", bundle_views.bundle_upload_view, name="job-bundle"),
+    path(
+        f"{project}jobs/upload/<str:token>/",
+        bundle_views.bundle_preview_view,
+        name="job-bundle-preview",
+    ),
     path(f"{project}approvals/", approvals.approval_list, name="approvals"),
     path(f"{project}approvals/decide/", approvals.approval_bulk, name="approvals-decide"),
     path(f"{project}compare/", compare.compare_view, name="compare"),
@@ -42,6 +76,12 @@ urlpatterns: list[URLPattern] = [
     path(f"{job}logs/", jobs.job_logs_fragment, name="job-logs"),
     path(f"{job}metrics.json", jobs.job_metrics, name="job-metrics"),
     path(f"{job}metrics.csv", jobs.job_metrics_csv, name="job-metrics-csv"),
+    path(f"{job}sites/<str:site_name>/log.txt", job_records.job_site_log, name="job-site-log"),
+    path(f"{job}logs/search/", job_records.job_log_search, name="job-log-search"),
+    path(f"{job}metric-table.csv", job_records.job_metric_table_csv, name="job-metric-table"),
+    path(f"{job}round-sites/", job_records.job_round_sites_fragment, name="job-round-sites"),
+    path(f"{job}record.json", job_records.job_record, name="job-record"),
+    path(f"{project}lagging/", job_records.project_lagging_fragment, name="project-lagging"),
     path(f"{job}abort/", jobs.job_abort_view, name="job-abort"),
     path(f"{job}labels/", compare.job_labels_view, name="job-labels"),
     path(f"{job}sites/<str:site_name>/review/", approvals.approval_review, name="approval"),

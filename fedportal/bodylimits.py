@@ -113,7 +113,7 @@ RULES: tuple[BodyRule, ...] = (
     BodyRule(
         "a job submission",
         frozenset({"POST"}),
-        re.compile(r"^/projects/[^/]+/jobs/new/$"),
+        re.compile(r"^/projects/[^/]+/jobs/(new|upload)/$"),
         submission_max_bytes,
         Sender.PERSON,
     ),

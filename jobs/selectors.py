@@ -14,18 +14,23 @@ Site agents see only the jobs their site takes part in (:func:`job_for_site`,
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from dataclasses import dataclass
 
 from django.db.models import Count, Prefetch, Q, QuerySet
+from django.utils import timezone
 
 from common.exceptions import NotFound
 from jobs.bundle import MAX_TAGS
 from jobs.models import (
     JOB_ACTIVE,
+    TASK_ANSWERED,
+    TASK_OPEN,
     Evaluation,
     Job,
     JobSite,
+    JobState,
     LogLine,
     MetricPoint,
     ModelVersion,
@@ -35,7 +40,7 @@ from jobs.models import (
     TaskState,
 )
 from sites import selectors as site_selectors
-from sites.models import Project, Role, Site
+from sites.models import Project, Role, Site, SiteState
 from sites.selectors import UserLike
 
 SUBMITTER_ROLES = frozenset({Role.PROJECT_ADMIN, Role.LEAD})
@@ -194,6 +199,46 @@ def log_tails_of(job: Job, sites: list[Site], *, limit: int = 200) -> dict[int, 
     return tails
 
 
+def log_line_counts_of(job: Job) -> dict[int, int]:
+    """How many log lines each site has stored for the job, by site id (absent: none)."""
+    counts = LogLine.objects.filter(job=job).values("site_id").annotate(n=Count("id"))
+    return {row["site_id"]: row["n"] for row in counts.order_by()}
+
+
+def log_lines_matching(
+    job: Job, text: str, *, site: Site | None = None, limit: int = 500
+) -> tuple[list[LogLine], int]:
+    """The job's log lines holding ``text`` (any case, as a plain substring: ``%`` and ``_``
+    are literal), by site name then as stored, at most ``limit`` of them; and how many match
+    in all."""
+    lines = LogLine.objects.filter(job=job, text__icontains=text)
+    if site is not None:
+        lines = lines.filter(site=site)
+    found = list(lines.select_related("site").order_by("site__name", "id")[:limit])
+    total = len(found) if len(found) < limit else lines.count()
+    return found, total
+
+
+def round_metric_keys_of(job: Job) -> list[str]:
+    """The metric keys the job has per-round values of (points with a round and no step:
+    sites' train results and the round aggregates), sorted."""
+    keys = MetricPoint.objects.filter(job=job, round_number__isnull=False, step__isnull=True)
+    return sorted(set(keys.values_list("key", flat=True).order_by()))
+
+
+def round_metric_values_of(job: Job, key: str) -> dict[tuple[int | None, int], float]:
+    """``{(site id or None for the aggregate, round number from 0): value}`` of ``key``; where
+    a site sent a round's value more than once, the last one recorded counts."""
+    points = MetricPoint.objects.filter(
+        job=job, key=key, round_number__isnull=False, step__isnull=True
+    ).order_by("created_at", "id")
+    values: dict[tuple[int | None, int], float] = {}
+    for site_id, round_number, value in points.values_list("site_id", "round_number", "value"):
+        if round_number is not None:  # always, by the filter; for the type checker
+            values[(site_id, round_number)] = value
+    return values
+
+
 CrossSiteMatrix = dict[str, dict[str, dict[str, float]]]
 
 
@@ -297,17 +342,137 @@ def site_active_jobs(site: Site) -> SiteActiveJobs:
     return SiteActiveJobs(links=links, open_tasks={task.round.job_id: task for task in open_tasks})
 
 
+POSSIBLE = "possible"
+
+
 def decision_counts(job_ids: list[int]) -> dict[int, dict[str, int]]:
-    """For each job, how many of its sites accepted, are pending and declined: one query."""
+    """For each job, how many of its sites accepted, are pending and declined, and how many
+    can still take part (:data:`POSSIBLE`: accepted or pending, and enrolled: a revoked or
+    denied site cannot); two queries."""
     counts: dict[int, dict[str, int]] = {
-        job_id: dict.fromkeys(JobSite.Decision.values, 0) for job_id in job_ids
+        job_id: dict.fromkeys([*JobSite.Decision.values, POSSIBLE], 0) for job_id in job_ids
     }
-    rows = (
-        JobSite.objects.filter(job_id__in=job_ids)
-        .values_list("job_id", "decision")
+    links = JobSite.objects.filter(job_id__in=job_ids)
+    rows = links.values_list("job_id", "decision").annotate(n=Count("id")).order_by()
+    for job_id, decision, n in rows:
+        counts[job_id][decision] = n
+    possible = (
+        links.filter(
+            decision__in=(JobSite.Decision.ACCEPTED, JobSite.Decision.PENDING),
+            site__state=SiteState.ENROLLED,
+        )
+        .values_list("job_id")
         .annotate(n=Count("id"))
         .order_by()
     )
-    for job_id, decision, n in rows:
-        counts[job_id][decision] = n
+    for job_id, n in possible:
+        counts[job_id][POSSIBLE] = n
     return counts
+
+
+@dataclass(frozen=True)
+class QuorumShortfall:
+    """A job that cannot start: only ``possible`` sites can still take part, it needs ``needed``."""
+
+    possible: int
+    needed: int
+
+
+LAG_OFFLINE = "its agent is offline"
+LAG_SLOW = "no answer after half the round's time, while other sites have answered"
+
+
+def lag_of(
+    *,
+    state: str,
+    online: bool,
+    opened_at: dt.datetime,
+    deadline: dt.datetime,
+    others_answered: bool,
+    now: dt.datetime,
+) -> str:
+    """Why a site holding a task of an open round is lagging ("" when it is not): the one rule
+    for "lagging", for the job page and the project page.
+
+    A site is lagging when its task is still open (assigned, downloaded or training: it owes
+    the round an upload) and either
+
+    - its agent is offline (``sites.selectors.site_is_online``), so nothing will come until it
+      is back; or
+    - half the round's time (from its opening to its deadline) has passed, and at least one
+      other site of the round has answered (uploaded, accepted, rejected or failed).
+
+    A site that uploaded, answered or was marked late is not lagging: it holds nothing.
+    """
+    if state not in TASK_OPEN:
+        return ""
+    if not online:
+        return LAG_OFFLINE
+    if others_answered and now >= opened_at + (deadline - opened_at) / 2:
+        return LAG_SLOW
+    return ""
+
+
+@dataclass(frozen=True)
+class RoundHolder:
+    """A site's task in an open round, whether its agent is online, and why it lags ("")."""
+
+    task: SiteTask
+    online: bool
+    lag: str
+
+
+def round_holders_of(rounds: list[Round], now: dt.datetime | None = None) -> list[RoundHolder]:
+    """Every task of ``rounds`` (open ones: the rule is about rounds still waiting), with its
+    site and round and the round's job, by round then site name: one query."""
+    now = now or timezone.now()
+    tasks = list(
+        SiteTask.objects.filter(round__in=rounds)
+        .select_related("site", "round", "round__job")
+        .order_by("round__job__name", "round__job_id", "round__number", "site__name")
+    )
+    answered: dict[int, int] = {}
+    for task in tasks:
+        if task.state in TASK_ANSWERED or task.state == TaskState.UPLOADED:
+            answered[task.round_id] = answered.get(task.round_id, 0) + 1
+    holders = []
+    for task in tasks:
+        mine = task.state in TASK_ANSWERED or task.state == TaskState.UPLOADED
+        online = site_selectors.site_is_online(task.site, now)
+        lag = lag_of(
+            state=task.state,
+            online=online,
+            opened_at=task.round.opened_at,
+            deadline=task.round.deadline,
+            others_answered=answered.get(task.round_id, 0) - int(mine) > 0,
+            now=now,
+        )
+        holders.append(RoundHolder(task=task, online=online, lag=lag))
+    return holders
+
+
+def open_rounds_of(jobs: QuerySet[Job]) -> list[Round]:
+    """The open rounds of those of ``jobs`` that are running."""
+    return list(
+        Round.objects.filter(
+            job__in=jobs.filter(state=JobState.RUNNING).order_by().values("pk"),
+            state=RoundState.OPEN,
+        )
+    )
+
+
+def lagging_in(jobs: QuerySet[Job], now: dt.datetime | None = None) -> list[RoundHolder]:
+    """The lagging sites (:func:`lag_of`) of the open rounds of ``jobs``."""
+    return [holder for holder in round_holders_of(open_rounds_of(jobs), now) if holder.lag]
+
+
+def quorum_shortfall_of(job: Job) -> QuorumShortfall | None:
+    """Whether a job not yet running can never reach ``min_clients``: the sites that accepted
+    it or have still to decide, and are enrolled (a revoked or denied site cannot take part),
+    are fewer than it needs. None when it can, or once it is running or over."""
+    if job.state not in (JobState.SUBMITTED, JobState.WAITING):
+        return None
+    possible = decision_counts([job.pk])[job.pk][POSSIBLE]
+    if possible >= job.min_clients:
+        return None
+    return QuorumShortfall(possible=possible, needed=job.min_clients)

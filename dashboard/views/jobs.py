@@ -17,6 +17,7 @@ from common.exceptions import DomainError
 from dashboard.appfiles import app_listing
 from dashboard.forms import AbortForm
 from dashboard.http import SignedInRequest
+from dashboard.job_records import metric_table_of, round_holders_for_page
 from dashboard.metrics import (
     AGGREGATE,
     MAX_CHART_POINTS,
@@ -25,7 +26,7 @@ from dashboard.metrics import (
     metric_points_csv_async,
 )
 from dashboard.presenters import SiteLog, model_version_rows, task_grid_rows
-from dashboard.submission import JobSubmitForm
+from dashboard.submission import JobSubmitForm, clone_initial, site_choices
 from dashboard.views._common import job_for, project_for, require, source_address
 from dashboard.views.projects import project_context
 from dashboard.workflow_views import cross_site_heat_map, relay_turns, workflow_parameter_rows
@@ -33,7 +34,7 @@ from jobs import selectors
 from jobs.models import Job
 from jobs.services.participation import job_abort
 from jobs.services.submission import job_submit
-from sites.models import Site, SiteState
+from sites.models import Site
 
 ONLY_MANAGERS = "Only a project admin, or the lead who submitted this job, may abort it."
 ONLY_SUBMITTERS = "Only a project admin or a lead of this project may submit jobs."
@@ -60,8 +61,15 @@ def logs_of(job: Job, sites: list[Site]) -> list[SiteLog]:
     """Each site's log tail, with how many older lines its quota dropped."""
     tails = selectors.log_tails_of(job, sites, limit=LOG_LINES)
     dropped = dict(job.participants.values_list("site_id", "log_lines_dropped"))
+    totals = selectors.log_line_counts_of(job)
     return [
-        SiteLog(site=site, lines=tails[site.pk], dropped=dropped.get(site.pk, 0)) for site in sites
+        SiteLog(
+            site=site,
+            lines=tails[site.pk],
+            dropped=dropped.get(site.pk, 0),
+            total=totals.get(site.pk, 0),
+        )
+        for site in sites
     ]
 
 
@@ -85,6 +93,9 @@ def job_detail(request: SignedInRequest, uid: UUID) -> HttpResponse:
         archive_error=archive_error,
         log_limit=LOG_LINES,
         parameters=workflow_parameter_rows(job),
+        metric_table=metric_table_of(job, request.GET.get("metric")),
+        quorum_shortfall=selectors.quorum_shortfall_of(job),
+        holders=round_holders_for_page(job),
     )
     return render(request, "dashboard/job.html", context)
 
@@ -109,7 +120,8 @@ def job_logs_fragment(request: SignedInRequest, uid: UUID) -> HttpResponse:
     """Each site's log tail alone: the page fetches it again once its socket is connected."""
     job = job_for(request, uid)
     sites = [link.site for link in job.participants.select_related("site").order_by("site__name")]
-    return render(request, "dashboard/_job_logs.html", {"logs": logs_of(job, sites)})
+    context = {"job": job, "logs": logs_of(job, sites)}
+    return render(request, "dashboard/_job_logs.html", context)
 
 
 @login_required
@@ -164,25 +176,29 @@ def job_submit_view(request: SignedInRequest, slug: str) -> HttpResponse:
     project = project_for(request, slug)
     require(selectors.can_submit_job(request.user, project), ONLY_SUBMITTERS)
     earlier = selectors.jobs_visible_to(request.user, project=project)
-    site_names = list(
-        Site.objects.filter(project=project, state=SiteState.ENROLLED)
-        .order_by("name")
-        .values_list("name", flat=True)
-    )
+    source = None
+    if request.method != "POST" and "from" in request.GET:
+        uid = _uuid_or_none(request.GET["from"])
+        source = earlier.filter(uid=uid).first() if uid else None
+        if source is None:
+            messages.error(request, "There is no such job to start from in this project.")
     form = JobSubmitForm(
         request.POST or None,
         request.FILES or None,
         earlier_jobs=earlier,
-        site_names=site_names,
+        sites=site_choices(project),
+        initial=clone_initial(source) if source else None,
     )
+    if source is not None:  # "clone and edit": the same archive, as the form offers it
+        form.initial["earlier_app"] = form.offered_app(source)
     if request.method == "POST" and form.is_valid():
         try:
-            with form.app_archive() as archive:
+            with form.app_archive() as archive, form.initial_model_file() as model:
                 job = job_submit(
                     project=project,
                     submitted_by=request.user,
                     spec=form.spec(),
-                    initial_model=form.cleaned_data["initial_model"],
+                    initial_model=model,
                     app_archive=archive,
                     sites=form.cleaned_data.get("sites") or None,
                     round_timeout_seconds=form.cleaned_data.get("round_timeout_seconds"),
@@ -197,3 +213,10 @@ def job_submit_view(request: SignedInRequest, slug: str) -> HttpResponse:
     context = project_context(request, project)
     context["form"] = form
     return render(request, "dashboard/job_submit.html", context)
+
+
+def _uuid_or_none(text: str) -> UUID | None:
+    try:
+        return UUID(text)
+    except ValueError:
+        return None

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.template.defaultfilters import pluralize
+from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.http import require_safe
 
 from dashboard.compare import MAX_COMPARED
 from dashboard.forms import JobFilterForm
 from dashboard.http import SignedInRequest
-from dashboard.presenters import ProjectRow, site_rows
+from dashboard.job_records import lagging_of_project
+from dashboard.presenters import NextStep, ProjectRow, site_rows
 from dashboard.views._common import project_for
 from jobs import selectors as job_selectors
 from jobs.models import JOB_ACTIVE, JobSite
 from sites import selectors
-from sites.models import Project, SiteState
+from sites.models import Invitation, Project, Role, SiteState
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 JOBS_PAGE = 50
 
@@ -37,7 +45,53 @@ def home(request: HttpRequest) -> HttpResponse:
             )
             for project in selectors.projects_visible_to(request.user)
         ]
+        context["can_create_project"] = selectors.can_create_project(request.user)
+        context["next_steps"] = next_steps(request, request.user, context["projects"])
     return render(request, "home.html", context)
+
+
+def next_steps(request: HttpRequest, user: User, rows: list[ProjectRow]) -> list[NextStep]:
+    """What ``user`` can do next: invitations addressed to them, then per project the sites
+    waiting for their approval and the job decisions waiting for them. Each project is asked
+    only what the person's roles there allow, so the page stays a few queries per project."""
+    now = timezone.now()
+    addressed = Q(username=user.get_username())
+    if user.email:
+        addressed |= Q(email__iexact=user.email)
+    steps = [
+        NextStep(
+            f"You are invited to join {invitation.organization.name} in "
+            f"{invitation.organization.project.name} as {invitation.get_role_display().lower()}: "
+            "open the link you were sent to accept."
+        )
+        for invitation in Invitation.objects.filter(addressed, accepted_at=None)
+        .select_related("organization__project")
+        .order_by("expires_at")
+        if invitation.status_at(now) == "pending"
+    ]
+    for row in rows:
+        project = row.project
+        if Role.PROJECT_ADMIN in row.my_roles:
+            waiting = project.sites.filter(state=SiteState.REQUESTED).count()
+            if waiting:
+                steps.append(
+                    NextStep(
+                        f"{waiting} site{pluralize(waiting)} of {project.name} "
+                        f"wait{pluralize(waiting, 's,')} for your approval",
+                        reverse("dashboard:sites", args=[project.slug]),
+                    )
+                )
+        if {Role.PROJECT_ADMIN, Role.ORG_ADMIN} & set(row.my_roles):
+            decisions = len(pending_decisions(request, project))
+            if decisions:
+                steps.append(
+                    NextStep(
+                        f"{decisions} job decision{pluralize(decisions)} in {project.name} "
+                        f"wait{pluralize(decisions, 's,')} for you",
+                        reverse("dashboard:approvals", args=[project.slug]),
+                    )
+                )
+    return steps
 
 
 def project_jobs(request: HttpRequest, project: Project) -> dict[str, Any]:
@@ -112,6 +166,7 @@ def project_detail(request: SignedInRequest, slug: str) -> HttpResponse:
         sites=site_rows(selectors.sites_visible_to(request.user, project=project)),
         pending=pending_decisions(request, project),
         compare_max=MAX_COMPARED,
+        lagging=lagging_of_project(request, project),
         **project_jobs(request, project),
     )
     return render(request, "dashboard/project.html", context)

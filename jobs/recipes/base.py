@@ -199,6 +199,8 @@ class Recipe:
         if export:
             self.export(job_dir=export_dir)
             print(f"Job exported to: {export_dir}")
+            # The portal's dashboard takes the bundle as one zip (Submit a job → Upload).
+            print(f"To upload it in the dashboard: python -m zipfile -c job.zip {export_dir}/")
             raise SystemExit(0)
         return self.run(env, **exec_params)
 

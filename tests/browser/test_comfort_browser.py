@@ -38,8 +38,12 @@ def _pages_of(world: jw.World) -> list[tuple[str, str]]:
         (f"/projects/{slug}/", "project"),
         (f"/jobs/{world.job.uid}/", "job"),
         (f"/projects/{slug}/sites/", "sites"),
+        (f"/projects/{slug}/sites/{world.sites[0].site.pk}/", "site"),
         (f"/projects/{slug}/approvals/", "approvals"),
         (f"/projects/{slug}/jobs/new/", "job-submit"),
+        (f"/projects/{slug}/compare/?job={world.job.uid}", "compare"),
+        (f"/projects/{slug}/members/", "members"),
+        (f"/projects/{slug}/organizations/", "organizations"),
         ("/audit/", "audit"),
         ("/api-tokens/", "api-tokens"),
     ]

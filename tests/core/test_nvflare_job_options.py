@@ -390,6 +390,7 @@ def test_job_py_export_flag_writes_the_bundle_and_runs_nothing(tmp_path: Path) -
 
     assert done.returncode == 0, done.stderr
     assert f"Job exported to: {out}" in done.stdout
+    assert f"python -m zipfile -c job.zip {out}/" in done.stdout
     spec = json.loads((out / "job.json").read_text())
     assert spec["name"] == "exported" and spec["params"]["stop_cond"] == "accuracy >= 0.9"
     assert (out / "app" / "client.py").is_file()

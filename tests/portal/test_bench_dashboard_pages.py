@@ -24,7 +24,10 @@ def _bench() -> ModuleType:
 
 
 def test_every_dashboard_route_is_timed_or_named_an_action() -> None:
-    assert _bench().unmeasured_routes() == []
+    bench = _bench()
+    assert bench.unmeasured_routes() == []
+    assert bench.stale_cases() == []
+    assert "home" in bench.dashboard_routes()
 
 
 def test_every_timed_page_answers_on_the_seeded_project(tmp_path: Path) -> None:

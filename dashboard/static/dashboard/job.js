@@ -1,6 +1,7 @@
 // A job's page, live: state and progress, the round timeline and task grid (with each site's
 // decision and whether its agent is online), one chart per metric (Chart.js) with a table of
-// each series' latest value, and each site's log tail.
+// each series' latest value, each site's log tail, and who is holding the open round (its
+// clocks tick in lagging.js).
 // Points are placed as dashboard/metrics.py places them: a point with a step goes on its key's
 // "by step" chart, a point with a round (and no step) on its "by round" chart (rounds from 1),
 // any other one after the largest x of its series. The server sends each series downsampled to
@@ -356,8 +357,17 @@
     reloadMetrics();
   }
 
+  // Who is holding the open round: any task, round, job or agent event may change it.
+  const HOLDER_EVENTS = ["task.state", "round.state", "job.state", "site.status", "job.decision", "synced"];
+  function refreshHolders(event) {
+    if (HOLDER_EVENTS.includes(event.kind)) live.refresh(document.getElementById("round-sites"), 100);
+  }
+  // Heartbeats and lagging by time (half the round gone) have no event of their own.
+  setInterval(() => live.refresh(document.getElementById("round-sites"), 0), 15000);
+
   Object.keys(data).forEach(draw);
   live.connect(socketPath, (event) => {
+    refreshHolders(event);
     if (event.kind === "metrics") {
       for (const point of event.points) onMetric({ ...point, site: event.site });
     } else if (event.kind === "log") onLog(event);

@@ -49,6 +49,11 @@ ROWS: dict[str, Row] = {
     "job-logs": Row("GET", "logs/", readers()),
     "job-metrics": Row("GET", "metrics.json", readers()),
     "job-metrics-csv": Row("GET", "metrics.csv", readers()),
+    "job-site-log": Row("GET", "sites/site-1/log.txt", readers()),
+    "job-log-search": Row("GET", "logs/search/?q=x", readers()),
+    "job-metric-table": Row("GET", "metric-table.csv", readers()),
+    "job-round-sites": Row("GET", "round-sites/", readers()),
+    "job-record": Row("GET", "record.json", readers()),
     "job-abort": Row(
         "POST", "abort/", readers(302, **{jw.OTHER_LEAD: 403, jw.MEMBER: 403, jw.ORG_ADMIN: 403})
     ),
