@@ -70,6 +70,12 @@ def can_decide_for_site(user: UserLike | None, site: Site) -> bool:
 # --- what a person may see ---------------------------------------------------------------------
 
 
+def organizations_deciding(user: UserLike | None, project: Project) -> list[int]:
+    """The ids of the project's organisations at whose sites ``user`` decides which jobs run:
+    :func:`can_decide_for_site`'s rule, per organisation (a query each)."""
+    return [org.pk for org in project.organizations.all() if site_selectors.is_org_admin(user, org)]
+
+
 def jobs_visible_to(
     user: UserLike | None,
     *,

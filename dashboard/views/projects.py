@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.template.defaultfilters import pluralize
@@ -82,7 +82,7 @@ def next_steps(request: HttpRequest, user: User, rows: list[ProjectRow]) -> list
                     )
                 )
         if {Role.PROJECT_ADMIN, Role.ORG_ADMIN} & set(row.my_roles):
-            decisions = len(pending_decisions(request, project))
+            decisions = pending_decision_count(request, project)
             if decisions:
                 steps.append(
                     NextStep(
@@ -115,33 +115,27 @@ def project_jobs(request: HttpRequest, project: Project) -> dict[str, Any]:
     }
 
 
-def pending_decisions(request: HttpRequest, project: Project) -> list[JobSite]:
-    """The job-site decisions waiting for this person: jobs not started yet, pending at a site
-    the person may decide for (org admin of its organisation, or project admin)."""
-    return decisions_before_start(request, project, JobSite.Decision.PENDING)
+def pending_decision_count(request: HttpRequest, project: Project) -> int:
+    """How many job-site decisions wait for this person: one count in SQL."""
+    return decisions_before_start(request, project, JobSite.Decision.PENDING).count()
 
 
-def decisions_before_start(request: HttpRequest, project: Project, decision: str) -> list[JobSite]:
+def decisions_before_start(
+    request: HttpRequest, project: Project, decision: str
+) -> QuerySet[JobSite]:
     """The job-site links with ``decision`` of jobs not started yet, at the sites this person
-    may decide for: what they can still decide, or change their mind about."""
-    links = (
+    may decide for (``jobs.selectors.organizations_deciding``), oldest job first: a query, so
+    that a page of them or their count is read in SQL."""
+    return (
         JobSite.objects.filter(
             job__in=job_selectors.jobs_visible_to(request.user, project=project),
             decision=decision,
             job__state__in=["submitted", "waiting"],
+            site__organization_id__in=job_selectors.organizations_deciding(request.user, project),
         )
         .select_related("job__submitted_by", "site__organization__project", "decided_by")
-        .order_by("job__created_at", "site__name")
+        .order_by("job__created_at", "job_id", "site__name")
     )
-    allowed: dict[int, bool] = {}
-    mine = []
-    for link in links:
-        org = link.site.organization_id
-        if org not in allowed:
-            allowed[org] = job_selectors.can_decide_for_site(request.user, link.site)
-        if allowed[org]:
-            mine.append(link)
-    return mine
 
 
 def project_context(request: HttpRequest, project: Project) -> dict[str, Any]:
@@ -164,7 +158,7 @@ def project_detail(request: SignedInRequest, slug: str) -> HttpResponse:
     context = project_context(request, project)
     context.update(
         sites=site_rows(selectors.sites_visible_to(request.user, project=project)),
-        pending=pending_decisions(request, project),
+        pending_count=pending_decision_count(request, project),
         compare_max=MAX_COMPARED,
         lagging=lagging_of_project(request, project),
         **project_jobs(request, project),
