@@ -40,17 +40,12 @@ def _role_field(roles: Sequence[tuple[str, str]]) -> forms.ChoiceField:
     return forms.ChoiceField(choices=list(roles))
 
 
-class MemberAddForm(forms.Form):
-    """Someone who already has a role in the project, by username or email (as the API, which
-    takes a username: people from outside the project are invited)."""
+class _RoleInOrganizationForm(forms.Form):
+    """A role in an organisation, each offered only where the person may give it (the view
+    passes the organisations and roles ``sites.selectors.can_grant_role`` allows)."""
 
     organization = forms.ModelChoiceField(
         queryset=Organization.objects.none(), label="Organisation", empty_label=None
-    )
-    person = forms.CharField(
-        label="Username or email",
-        max_length=254,
-        help_text="Someone who already has a role in this project; invite anyone else.",
     )
     role = forms.ChoiceField()
 
@@ -61,36 +56,34 @@ class MemberAddForm(forms.Form):
         organizations: QuerySet[Organization],
         roles: Sequence[tuple[str, str]],
     ) -> None:
-        super().__init__(data, prefix="add")
+        super().__init__(data)
         org_field = self.fields["organization"]
         assert isinstance(org_field, forms.ModelChoiceField)
         org_field.queryset = organizations
         self.fields["role"] = _role_field(roles)
+
+
+class MemberAddForm(_RoleInOrganizationForm):
+    """Someone who already has a role in the project, by username or email (as the API, which
+    takes a username: people from outside the project are invited)."""
+
+    prefix = "add"
+    field_order = ("organization", "person", "role")
+    person = forms.CharField(
+        label="Username or email",
+        max_length=254,
+        help_text="Someone who already has a role in this project; invite anyone else.",
+    )
 
 
 class MemberRoleForm(forms.Form):
     role = forms.ChoiceField(choices=Role.choices)
 
 
-class InvitationForm(forms.Form):
-    organization = forms.ModelChoiceField(
-        queryset=Organization.objects.none(), label="Organisation", empty_label=None
-    )
+class InvitationForm(_RoleInOrganizationForm):
+    prefix = "invite"
+    field_order = ("organization", "email", "role")
     email = forms.EmailField(label="Email of the invitee", max_length=254)
-    role = forms.ChoiceField()
-
-    def __init__(
-        self,
-        data: Any = None,
-        *,
-        organizations: QuerySet[Organization],
-        roles: Sequence[tuple[str, str]],
-    ) -> None:
-        super().__init__(data, prefix="invite")
-        org_field = self.fields["organization"]
-        assert isinstance(org_field, forms.ModelChoiceField)
-        org_field.queryset = organizations
-        self.fields["role"] = _role_field(roles)
 
 
 class InvitationAcceptForm(forms.Form):

@@ -184,6 +184,10 @@ def test_the_cross_site_heat_map_reads_in_a_browser(pages: Pages, tmp_path: Path
     page = pages.new_page()
     pages.sign_in(page, world.users[jw.LEAD].username)
     pages.visit(page, f"/jobs/{job.uid}/", "job-cross-site")
+    # Once its socket is live the page fetches its fragments again (the heat map's among
+    # them): read the map after that, not an element about to be replaced.
+    expect(page.locator("[data-live-status]")).to_contain_text("Live")
+    page.wait_for_load_state("networkidle")
 
     heat = page.locator("#cross-site")
     heat.scroll_into_view_if_needed()
