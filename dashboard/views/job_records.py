@@ -12,7 +12,6 @@ written as ``\\n`` / ``\\r`` (and a backslash as ``\\\\``) so each row stays one
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Iterator
 from uuid import UUID
 
@@ -23,6 +22,7 @@ from django.http import Http404, HttpResponse, StreamingHttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
+from common.downloads import download_filename
 from common.rounds import round_for_people
 from dashboard.http import SignedInRequest
 from dashboard.job_records import (
@@ -100,8 +100,8 @@ def job_site_log(request: SignedInRequest, uid: UUID, site_name: str) -> Streami
         else site_log_text(job, site)
     )
     response = StreamingHttpResponse(content, content_type="text/plain; charset=utf-8")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{job.name}-{site.name}").strip("-") or "job"
-    response["Content-Disposition"] = f'attachment; filename="{name}-{job.uid}-log.txt"'
+    name = download_filename(f"{job.name}-{site.name}", job.uid, "-log.txt")
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
     response["Cache-Control"] = "no-store"
     return response
 
@@ -130,8 +130,8 @@ def job_metric_table_csv(request: SignedInRequest, uid: UUID) -> HttpResponse:
     job = job_for(request, uid)
     table = metric_table_of(job, request.GET.get("metric"))
     response = HttpResponse(metric_table_csv(table), content_type="text/csv; charset=utf-8")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{job.name}-{table.key}").strip("-") or "job"
-    response["Content-Disposition"] = f'attachment; filename="{name}-{job.uid}-by-round.csv"'
+    name = download_filename(f"{job.name}-{table.key}", job.uid, "-by-round.csv")
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
     response["Cache-Control"] = "no-store"
     return response
 
@@ -165,7 +165,7 @@ def job_record(request: SignedInRequest, uid: UUID) -> StreamingHttpResponse:
         else job_record_json(job, request.user)
     )
     response = StreamingHttpResponse(content, content_type="application/json")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", job.name).strip("-") or "job"
-    response["Content-Disposition"] = f'attachment; filename="{name}-{job.uid}-record.json"'
+    name = download_filename(job.name, job.uid, "-record.json")
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
     response["Cache-Control"] = "no-store"
     return response

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from uuid import UUID
 
@@ -13,6 +12,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
+from common.downloads import download_filename
 from common.exceptions import DomainError
 from dashboard.appfiles import app_listing
 from dashboard.forms import AbortForm
@@ -144,8 +144,8 @@ def job_metrics_csv(request: SignedInRequest, uid: UUID) -> StreamingHttpRespons
         metric_points_csv_async(job) if isinstance(request, ASGIRequest) else metric_points_csv(job)
     )
     response = StreamingHttpResponse(content, content_type="text/csv; charset=utf-8")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", job.name).strip("-") or "job"
-    response["Content-Disposition"] = f'attachment; filename="{name}-{job.uid}-metrics.csv"'
+    name = download_filename(job.name, job.uid, "-metrics.csv")
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
     response["Cache-Control"] = "no-store"
     return response
 

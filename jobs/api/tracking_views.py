@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 
+from common.downloads import download_filename
 from common.spreadsheet import spreadsheet_safe
 from fedportal.api_views import errors
 from jobs import selectors
@@ -42,8 +42,7 @@ CSV_COLUMNS = ("round", "site", "key", "value", "step", "source", "created_at")
 
 
 def _file_stem(job: Job) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", job.name).strip("-") or "job"
-    return f"{name}-{job.uid}"
+    return download_filename(job.name, job.uid, "")
 
 
 def job_points(job: Job) -> list[Point]:
