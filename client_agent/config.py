@@ -51,3 +51,7 @@ TRANSFER_TYPE_META_KEY = "params_transfer_type"
 EXCHANGE_FORMAT_META_KEY = "exchange_format"
 # A regular expression: params whose names it matches (``re.search``) are not sent.
 EXCLUDE_VARS_META_KEY = "exclude_vars"
+# In a result a site's agent sent: what the site's privacy policy did and spent
+# (``client_agent.privacy``); its ``excluded`` lists the tensors the site kept, which the
+# server counts as no change from that site.
+PRIVACY_META_KEY = "fedportal.privacy"

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from client_agent.config import PRIVACY_META_KEY
 from client_agent.fl_model import FLModel, ParamsType
 from client_agent.wire import model_fields
 from common.validators import is_number
@@ -44,6 +45,9 @@ class SiteUpdate:
     weight: float = 1.0
     params_type: ParamsType = ParamsType.FULL
     metrics: dict[str, Any] = field(default_factory=dict)
+    withheld: frozenset[str] = frozenset()
+    """Tensors the site's privacy policy kept at the site (not in ``source``): they count as
+    no change from this site once :func:`jobs.workflows.fill_withheld` fills them in."""
 
     @classmethod
     def from_model(cls, site: str, model: FLModel) -> SiteUpdate:
@@ -53,6 +57,7 @@ class SiteUpdate:
             weight=model.weight,
             params_type=ParamsType(model.params_type or ParamsType.FULL),
             metrics=dict(model.metrics or {}),
+            withheld=withheld_names((model.meta or {}).get(PRIVACY_META_KEY)),
         )
 
     @classmethod
@@ -66,7 +71,17 @@ class SiteUpdate:
             weight=model.weight,  # checked by check_update, which names a bad value
             params_type=ParamsType(model.params_type or ParamsType.FULL),
             metrics=dict(model.metrics or {}),
+            withheld=withheld_names(model.meta.get(PRIVACY_META_KEY)),
         )
+
+
+def withheld_names(report: Any) -> frozenset[str]:
+    """The tensor names a result's privacy report says the site kept; a report that is not
+    what an agent writes withholds nothing (the update check then finds what is missing)."""
+    names = report.get("excluded") if isinstance(report, Mapping) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return frozenset()
+    return frozenset(names)
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -250,6 +250,49 @@ class PrefixedTensorSource:
         pass  # the whole source is its owner's to close
 
 
+class UnchangedFillSource:
+    """A site's update with the tensors its privacy policy withheld read as *no change from
+    this site*: the global model's values in a FULL update, zeros in a DIFF. Every aggregator
+    then folds it like any other update, and a withheld tensor moves only by what the other
+    sites sent."""
+
+    def __init__(
+        self, source: TensorSource, base: TensorSource, withheld: Iterable[str], *, diff: bool
+    ) -> None:
+        self._source = source
+        self._base = base
+        self._withheld = set(withheld)
+        self._diff = diff
+        base_specs = base.specs()
+        self._specs = {
+            **source.specs(),
+            **{n: base_specs[n] for n in self._withheld if n in base_specs},
+        }
+
+    def specs(self) -> dict[str, TensorSpec]:
+        return dict(self._specs)
+
+    def read(self, name: str, start: int, stop: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        if name not in self._withheld:
+            return self._source.read(name, start, stop, buffer)
+        if not self._diff:
+            return self._base.read(name, start, stop, buffer)
+        dtype, _ = self._specs[name]
+        count = stop - start
+        if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
+            return torch.zeros(count, dtype=dtype)
+        return buffer[:count].zero_()
+
+    def meta_tensor_keys(self) -> list[str]:
+        return self._source.meta_tensor_keys()
+
+    def meta_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        return self._source.meta_tensors(key)
+
+    def close(self) -> None:
+        self._source.close()  # the base is the driver's to close
+
+
 def as_source(params: Mapping[str, torch.Tensor] | TensorSource) -> TensorSource:
     """``params`` as a :class:`TensorSource` (a ``state_dict`` is wrapped, not copied)."""
     if isinstance(params, Mapping):

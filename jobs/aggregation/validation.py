@@ -21,7 +21,7 @@ class UpdateRejected(ValueError):
         super().__init__(f"update from {site} rejected: {reason}")
 
 
-def _names(names: set[str], limit: int = 5) -> str:
+def _names(names: set[str] | frozenset[str], limit: int = 5) -> str:
     shown = sorted(names)[:limit]
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(repr(n) for n in shown) + more
@@ -42,13 +42,22 @@ def check_update(global_specs: dict[str, TensorSpec], update: SiteUpdate) -> Non
     except NumberRejected as exc:
         raise UpdateRejected(site, str(exc)) from None
     specs = update.source.specs()
-    missing = set(global_specs) - set(specs)
+    missing = set(global_specs) - set(specs) - update.withheld
     extra = set(specs) - set(global_specs)
+    unknown = update.withheld - set(global_specs)
+    if unknown:
+        raise UpdateRejected(site, f"withholds tensors the model does not have: {_names(unknown)}")
+    if update.withheld & set(specs):
+        raise UpdateRejected(
+            site, f"sends tensors it says it withholds: {_names(update.withheld & set(specs))}"
+        )
     if missing:
         raise UpdateRejected(site, f"missing tensors {_names(missing)}")
     if extra:
         raise UpdateRejected(site, f"unexpected tensors {_names(extra)}")
     for name, (dtype, shape) in global_specs.items():
+        if name in update.withheld:
+            continue
         got_dtype, got_shape = specs[name]
         if got_shape != shape:
             raise UpdateRejected(
@@ -59,7 +68,7 @@ def check_update(global_specs: dict[str, TensorSpec], update: SiteUpdate) -> Non
     names = {torch_dtype: name for name, torch_dtype in torch_dtypes().items()}
     buffers: dict[torch.dtype, torch.Tensor] = {}
     for name, (dtype, shape) in global_specs.items():
-        if not dtype.is_floating_point:
+        if not dtype.is_floating_point or name in update.withheld:
             continue
         numel = math.prod(shape)
         buf = buffers.setdefault(dtype, torch.empty(min(numel, CHUNK_ELEMENTS), dtype=dtype))

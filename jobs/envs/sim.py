@@ -68,6 +68,7 @@ from jobs.workflows import (
     TaskResult,
     best_score_after,
     close_result,
+    fill_withheld,
     result_from_file,
     round_close_decision,
 )
@@ -385,6 +386,7 @@ class _Simulation:
                 if not decision.closes:
                     raise QuorumNotMet(decision.failure)
                 global_params = load_state_dict(global_path)
+                fill_withheld(results, global_params)
                 outcome = workflow.close(rnd, plan, global_params, results, state)
                 del global_params
                 for name, source in outcome.checkpoints.items():

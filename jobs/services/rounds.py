@@ -629,7 +629,14 @@ def _round_close_files(
     checkpoints it keeps written to storage while their sources are open: the outcome, and
     each checkpoint's (storage name, sha256, size) by its name."""
     from jobs.aggregation import FileTensorSource, SiteUpdate  # torch
-    from jobs.workflows import EvalResult, SubmittedModel, TaskResult, TrainResult, close_result
+    from jobs.workflows import (
+        EvalResult,
+        SubmittedModel,
+        TaskResult,
+        TrainResult,
+        close_result,
+        fill_withheld,
+    )
 
     results: list[TaskResult] = []
     global_source = FileTensorSource(storage_path(start_version.file.name))
@@ -645,6 +652,7 @@ def _round_close_files(
             update.weight, update.metrics = float(task.weight or 0.0), dict(task.metrics or {})
             kind = TrainResult if planned.task_name == TASK_TRAIN else SubmittedModel
             results.append(kind(task.site.name, update))
+        fill_withheld(results, global_source)
         outcome = workflow.close(rnd.number, plan, global_source, results, state)
         checkpoints = {
             name: _checkpoint_write(checkpoint_name(job, name), source)

@@ -26,6 +26,7 @@ from jobs.workflows.results import (
     TaskResult,
     TrainResult,
     close_result,
+    fill_withheld,
     result_from_file,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "Workflow",
     "best_score_after",
     "close_result",
+    "fill_withheld",
     "result_from_file",
     "round_close_decision",
     "workflow_from_spec",

@@ -9,6 +9,7 @@ that does not fit its task raises :class:`~jobs.aggregation.UpdateRejected` (or 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +21,10 @@ from jobs.workflows.base import GLOBAL_MODEL, ModelRef, PlannedTask
 from jobs.workflows.training_options import excluded
 
 if TYPE_CHECKING:
+    import torch
+
     from jobs.aggregation import SiteUpdate
-    from jobs.aggregation.sources import TensorSpec
+    from jobs.aggregation.sources import TensorSource, TensorSpec
 
 
 @dataclass
@@ -135,6 +138,24 @@ def close_result(result: TaskResult) -> None:
     """Close the file a result reads its tensors from (nothing for an evaluate result)."""
     if isinstance(result, TrainResult | SubmittedModel):
         result.update.source.close()
+
+
+def fill_withheld(
+    results: list[TaskResult], global_model: Mapping[str, torch.Tensor] | TensorSource
+) -> None:
+    """Give every result whose site withheld tensors (its privacy policy's
+    ``exclude_tensors``) those tensors as no change from that site, read from
+    ``global_model``, so the workflow folds it like any other. Both drivers call this just
+    before ``workflow.close``; ``global_model`` must stay open until the results are closed."""
+    from jobs.aggregation.sources import UnchangedFillSource, as_source
+
+    base = as_source(global_model)
+    for result in results:
+        if isinstance(result, TrainResult | SubmittedModel) and result.update.withheld:
+            update = result.update
+            update.source = UnchangedFillSource(
+                update.source, base, update.withheld, diff=update.params_type == ParamsType.DIFF
+            )
 
 
 def train_updates(results: list[TaskResult] | tuple[TaskResult, ...]) -> list[SiteUpdate]:

@@ -1,0 +1,120 @@
+"""Privacy accounting: what a sequence of Gaussian mechanisms costs in (ε, δ).
+
+The arithmetic is Opacus's Rényi-DP accountant (Mironov 2017; Mironov, Talwar and Zhang 2019
+for the subsampled Gaussian), not ours: :func:`epsilon` hands Opacus a history of
+``(noise_multiplier, sample_rate, steps)`` and asks for ε at δ. The agent (a site's own
+spending), the portal (the spend it shows, the spend a job is expected to cost) and the
+server-side DP recipe option all call these functions, so the same inputs give the same ε
+everywhere, to the bit.
+
+A *step* is one release of a clipped update with Gaussian noise of standard deviation
+``noise_multiplier × clip_norm``. ``sample_rate`` is the chance that the protected unit takes
+part in a step: 1.0 for a site's own update (its data is in every update it sends), the
+fraction of sites sampled per round for server-side, site-level DP.
+
+Opacus is imported on first use: it imports much of torch.nn, and most processes that import
+this module (the portal's web workers, the agent's CLI) never account anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+Step = tuple[float, float, int]
+"""``(noise_multiplier, sample_rate, steps)``: Opacus's history entry."""
+
+DEFAULT_DELTA = 1e-5
+
+
+def _merged(history: Iterable[Step]) -> tuple[Step, ...]:
+    """Consecutive entries with the same noise and sample rate as one (Opacus does the same)."""
+    merged: list[Step] = []
+    for sigma, rate, steps in history:
+        if steps <= 0:
+            continue
+        if merged and merged[-1][0] == sigma and merged[-1][1] == rate:
+            merged[-1] = (sigma, rate, merged[-1][2] + int(steps))
+        else:
+            merged.append((float(sigma), float(rate), int(steps)))
+    return tuple(merged)
+
+
+def epsilon(history: Iterable[Step], delta: float) -> float:
+    """ε at ``delta`` after the steps of ``history``; 0.0 for no step, ``inf`` when any step
+    had no noise (a noiseless release of data-dependent values has no finite ε)."""
+    merged = _merged(history)
+    if not merged:
+        return 0.0
+    if any(sigma <= 0 for sigma, _, _ in merged):
+        return math.inf
+    return _epsilon(merged, float(delta))
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(history: tuple[Step, ...], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def epsilon_after(
+    noise_multiplier: float, steps: int, delta: float, sample_rate: float = 1.0
+) -> float:
+    """ε after ``steps`` releases with the same noise and sample rate."""
+    return epsilon([(noise_multiplier, sample_rate, steps)], delta)
+
+
+def steps_within(
+    max_epsilon: float,
+    noise_multiplier: float,
+    delta: float,
+    *,
+    sample_rate: float = 1.0,
+    spent: Sequence[Step] = (),
+    most: int = 100_000,
+) -> int:
+    """How many more steps fit after ``spent`` without ε passing ``max_epsilon`` (at most
+    ``most``). ε grows with every step, so a binary search over the count is exact."""
+    spent = tuple(spent)
+
+    def fits(count: int) -> bool:
+        return epsilon((*spent, (noise_multiplier, sample_rate, count)), delta) <= max_epsilon
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= most and fits(high):
+        low, high = high, high * 2
+    high = min(high, most + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def noise_for_epsilon(
+    target_epsilon: float, steps: int, delta: float, *, sample_rate: float = 1.0
+) -> float:
+    """The smallest noise multiplier (to 0.1 %) that keeps ``steps`` releases within
+    ``target_epsilon``: what a site admin sets ``noise_multiplier`` to for a budget."""
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target_epsilon must be a positive number, got {target_epsilon!r}")
+    low, high = 0.0, 1.0
+    while epsilon_after(high, steps, delta, sample_rate) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier keeps {steps} steps within ε={target_epsilon}")
+    while high - low > high * 1e-3:
+        middle = (low + high) / 2
+        if middle > 0 and epsilon_after(middle, steps, delta, sample_rate) <= target_epsilon:
+            high = middle
+        else:
+            low = middle
+    return high
