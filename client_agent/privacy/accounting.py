@@ -28,28 +28,28 @@ Step = tuple[float, float, int]
 DEFAULT_DELTA = 1e-5
 
 
-def _merged(history: Iterable[Step]) -> tuple[Step, ...]:
+def merged(history: Iterable[Step]) -> tuple[Step, ...]:
     """Consecutive entries with the same noise and sample rate as one (Opacus does the same)."""
-    merged: list[Step] = []
+    out: list[Step] = []
     for sigma, rate, steps in history:
         if steps <= 0:
             continue
-        if merged and merged[-1][0] == sigma and merged[-1][1] == rate:
-            merged[-1] = (sigma, rate, merged[-1][2] + int(steps))
+        if out and out[-1][0] == sigma and out[-1][1] == rate:
+            out[-1] = (sigma, rate, out[-1][2] + int(steps))
         else:
-            merged.append((float(sigma), float(rate), int(steps)))
-    return tuple(merged)
+            out.append((float(sigma), float(rate), int(steps)))
+    return tuple(out)
 
 
 def epsilon(history: Iterable[Step], delta: float) -> float:
     """ε at ``delta`` after the steps of ``history``; 0.0 for no step, ``inf`` when any step
     had no noise (a noiseless release of data-dependent values has no finite ε)."""
-    merged = _merged(history)
-    if not merged:
+    steps = merged(history)
+    if not steps:
         return 0.0
-    if any(sigma <= 0 for sigma, _, _ in merged):
+    if any(sigma <= 0 for sigma, _, _ in steps):
         return math.inf
-    return _epsilon(merged, float(delta))
+    return _epsilon(steps, float(delta))
 
 
 @lru_cache(maxsize=4096)

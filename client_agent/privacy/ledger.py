@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client_agent.privacy.accounting import Step, epsilon
+from client_agent.privacy.accounting import Step, epsilon, merged
 from client_agent.privacy.policy import PrivacyPolicy, budget_reason
 from client_agent.site_dir import write_private
 
@@ -100,6 +100,10 @@ class PrivacyLedger:
             "clip_scope": policy.clip_scope,
             "delta": policy.delta,
             "releases": len(job_spent),
+            # Opacus's history entries, consecutive equal ones merged: the portal recomputes
+            # ε from them with the same accountant, and plans the next job with them.
+            "history": [list(step) for step in merged(job_spent)],
+            "project_history": [list(step) for step in merged(project_spent)],
             "epsilon": epsilon(job_spent, policy.delta) if policy.changes_updates else None,
             "project_epsilon": (
                 epsilon(project_spent, policy.delta) if policy.changes_updates else None
