@@ -162,6 +162,19 @@ class Run:
         return matrix
 
     @property
+    def privacy(self) -> list[tuple[int, float, float]]:
+        """``(round, epsilon, delta)`` per round of a job with server-side DP (``dp=`` on the
+        recipe), rounds from 0 as in :attr:`metrics`: the site-level ε spent once that round
+        closed, at δ; ``inf`` for a round with no noise. Empty for a job without DP."""
+        from jobs.workflows.dp import DELTA_METRIC, EPSILON_METRIC
+
+        spent = dict(self.metrics.aggregated(EPSILON_METRIC))
+        return [
+            (round_number, spent.get(round_number, float("inf")), delta)
+            for round_number, delta in self.metrics.aggregated(DELTA_METRIC)
+        ]
+
+    @property
     def global_model(self) -> dict[str, torch.Tensor] | None:
         """The last global model (after the last completed round)."""
         path = self._model_path(len(self.rounds))

@@ -8,7 +8,8 @@ A recipe is data. It checks its arguments when it is made, exports a job bundle
 (:mod:`jobs.bundle`), and knows nothing of where it runs: the env decides that. The user
 selects the workflow by the recipe class: ``FedAvgRecipe``, ``FedOptRecipe``,
 ``ScaffoldRecipe``, ``FedProxRecipe``, ``CyclicRecipe``, ``FedEvalRecipe``, and
-``add_cross_site_evaluation(recipe)`` after training.
+``add_cross_site_evaluation(recipe)`` after training. ``ServerDP`` is the settings of
+server-side DP-FedAvg (``FedAvgRecipe(..., dp=ServerDP(noise_multiplier=1.0))``).
 
 As NVFlare's ``nvflare.recipe`` does, this package also offers the envs (``SimEnv``,
 ``PocEnv``, ``ProdEnv``) and ``Run``, so that ``from nvflare.recipe import SimEnv,
@@ -28,6 +29,7 @@ from jobs.recipes.fedopt import FedOptRecipe
 from jobs.recipes.numpy import NumpyCrossSiteEvalRecipe, NumpyFedAvgRecipe
 from jobs.recipes.scaffold import ScaffoldRecipe
 from jobs.recipes.tracking import add_experiment_tracking
+from jobs.workflows.dp import ServerDP
 
 __all__ = [
     "CyclicRecipe",
@@ -42,6 +44,7 @@ __all__ = [
     "Recipe",
     "Run",
     "ScaffoldRecipe",
+    "ServerDP",
     "SimEnv",
     "add_cross_site_evaluation",
     "add_experiment_tracking",

@@ -18,6 +18,7 @@ from jobs.recipes.nvflare_args import (
     params_transfer_type_of,
     refuse_unsupported,
 )
+from jobs.workflows.dp import ServerDP
 from jobs.workflows.fedavg import FedAvg, FedProx
 from jobs.workflows.training_options import key_metric_mode_for
 
@@ -58,6 +59,17 @@ class FedAvgRecipe(Recipe):
     ``"median"``, ``"trimmed_mean"`` (``aggregator_args={"trim_fraction": 0.2}``) or
     ``"krum"`` (``{"num_malicious": 1, "num_to_keep": 1}``).
 
+    ``dp`` (a :class:`jobs.recipes.ServerDP`, or a dict of its settings) makes the aggregate
+    DP-FedAvg's (McMahan et al. 2018; Flower's server-side fixed or adaptive clipping): each
+    site's update is clipped to ``clip_norm`` on the server, the clipped updates are averaged
+    with equal weights over the sites the round planned, and Gaussian noise of standard
+    deviation ``noise_multiplier × clip_norm / sites`` is added. Every round records the
+    site-level ε spent so far (``privacy/epsilon`` at ``privacy/delta``), which
+    ``run.privacy`` lists and the job page charts. It protects each site's contribution in
+    what the global model reveals, not the updates on their way to the server (that is the
+    sites' own privacy policy); it refuses the robust aggregators and
+    ``aggregation_weights``, whose sensitivity the noise does not cover.
+
     ``save_filename`` and ``best_model_filename`` (NVFlare's defaults ``FL_global_model.pt``,
     ``best_FL_global_model.pt``; None: not written) name ``torch.save``d copies of the final
     and best global models in ``run.get_result()``'s ``models/``, beside our safetensors files.
@@ -95,6 +107,7 @@ class FedAvgRecipe(Recipe):
         patience: int | None = None,
         exclude_vars: str | None = None,
         aggregation_weights: Mapping[str, float] | None = None,
+        dp: ServerDP | Mapping[str, Any] | None = None,
         per_site_config: Mapping[str, Any] | None = None,
         model_persistor: Any = None,
         model_locator: Any = None,
@@ -127,6 +140,7 @@ class FedAvgRecipe(Recipe):
                 patience=patience,
                 exclude_vars=exclude_vars,
                 aggregation_weights=dict(aggregation_weights or {}),
+                dp=ServerDP.from_value(dp),
                 **workflow_args,
             ),
             model=initial_model(model, initial_ckpt),

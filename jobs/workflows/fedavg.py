@@ -2,13 +2,15 @@
 
 The aggregate is the weighted mean by default (``aggregator="mean"``), or one of the robust
 aggregators of :mod:`jobs.aggregation.robust` (``"median"``, ``"trimmed_mean"``, ``"krum"``)
-with its ``aggregator_args``.
+with its ``aggregator_args``, or, with ``dp``, DP-FedAvg's clipped and noised mean
+(:mod:`jobs.workflows.dp`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -35,6 +37,7 @@ from jobs.workflows.base import (
     params_checked,
     round_label,
 )
+from jobs.workflows.dp import DP_STATE_KEY, ServerDP, privacy_metrics
 from jobs.workflows.results import train_updates
 from jobs.workflows.training_options import (
     EARLY_STOP_STATE_KEY,
@@ -66,6 +69,19 @@ def fold(
     return make_aggregator(aggregator, **aggregator_args)(updates, global_model)
 
 
+# The workflows whose rounds DP-FedAvg's analysis covers: SCAFFOLD's control variates are a
+# second, unclipped release of every site's data.
+DP_WORKFLOWS = ("fedavg", "fedprox", "fedopt")
+
+
+def noise_seed(seed: int | None, round_number: int) -> int:
+    """The seed of a DP round's noise: from :mod:`secrets`, or, for tests, from ``seed`` and
+    the round (each round its own noise)."""
+    if seed is None:
+        return secrets.randbits(63)
+    return (seed * 1_000_003 + round_number) % (1 << 63)
+
+
 # NVFlare's TransferType names and the exchange formats a script may get its params in.
 PARAMS_TRANSFER_TYPES = ("FULL", "DIFF")
 EXCHANGE_FORMATS = ("pytorch", "numpy")
@@ -82,6 +98,9 @@ class FedAvg(WorkflowDefaults):
     NVFlare's options (``jobs.workflows.training_options``): ``stop_cond`` and ``patience``
     end the job early, ``exclude_vars`` keeps tensors at the sites, ``aggregation_weights``
     weighs sites; ``exchange_format="numpy"`` hands the script numpy arrays (a NumPy job).
+    ``dp`` (a :class:`~jobs.workflows.dp.ServerDP` or its JSON object) makes the aggregate
+    DP-FedAvg's (:meth:`close_dp_round`) and records ``privacy/epsilon``, ``privacy/delta``
+    and ``privacy/clip_norm`` with every round's metrics.
     FedProx, FedOpt and SCAFFOLD are this class with their own :meth:`close_round`.
     """
 
@@ -97,6 +116,7 @@ class FedAvg(WorkflowDefaults):
     exclude_vars: str | None = None
     aggregation_weights: Mapping[str, float] = field(default_factory=dict)
     exchange_format: str = "pytorch"
+    dp: ServerDP | None = None
 
     name: ClassVar[str] = "fedavg"
     PARAMETERS: ClassVar[dict[str, Any]] = {
@@ -132,6 +152,11 @@ class FedAvg(WorkflowDefaults):
                 "enum": list(EXCHANGE_FORMATS),
                 "description": "the script gets torch tensors (pytorch) or numpy arrays",
             },
+            "dp": {
+                "type": ["object", "null"],
+                "description": "server-side DP-FedAvg: {noise_multiplier, clip_norm, delta, "
+                "adaptive, target_quantile, clip_learning_rate, clipped_count_stddev}",
+            },
         },
     }
 
@@ -160,6 +185,39 @@ class FedAvg(WorkflowDefaults):
                 "exchange_format",
                 f"must be one of {list(EXCHANGE_FORMATS)}, got {self.exchange_format!r}",
             )
+        object.__setattr__(self, "dp", ServerDP.from_value(self.dp))
+        if self.dp is not None:
+            self.check_dp(self.dp)
+
+    def check_dp(self, dp: ServerDP) -> None:
+        """What DP-FedAvg's sensitivity analysis needs of the rest of the workflow."""
+        if self.name not in DP_WORKFLOWS:
+            raise FieldError(
+                "dp",
+                f"the {self.name} workflow cannot take server-side DP: its rounds release more "
+                "than the clipped updates (use fedavg, fedprox or fedopt)",
+            )
+        if self.aggregator != "mean":
+            raise FieldError(
+                "dp",
+                f"cannot be combined with aggregator={self.aggregator!r}: DP-FedAvg's noise is "
+                "sized for a mean of clipped updates; a robust aggregate's sensitivity differs",
+            )
+        if self.aggregation_weights:
+            raise FieldError(
+                "dp",
+                "cannot be combined with aggregation_weights: every site must count the same "
+                "for the noise to cover its contribution",
+            )
+        if dp.adaptive and self.name == "fedopt":
+            raise FieldError(
+                "dp.adaptive",
+                "FedOpt keeps the server optimizer's state only, so the adapted clip norm "
+                "would be lost between rounds: use a fixed clip norm with FedOpt",
+            )
+        # The noise split must exist for the smallest round the job may run; more sites only
+        # raise the default count noise.
+        dp.update_noise_multiplier(self.min_clients)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FedAvg:
@@ -169,6 +227,7 @@ class FedAvg(WorkflowDefaults):
         params = asdict(self)
         params["aggregator_args"] = dict(self.aggregator_args)
         params["aggregation_weights"] = dict(self.aggregation_weights)
+        params["dp"] = self.dp.to_json() if self.dp is not None else None
         # Options at their defaults stay out of the spec: job specs written before they
         # existed read the same, and a plain FedAvg job's spec is unchanged.
         for name, default in _OPTION_DEFAULTS.items():
@@ -279,11 +338,73 @@ class FedAvg(WorkflowDefaults):
         """Fold the round's accepted updates, in site-name order so the bits are repeatable."""
         from jobs.aggregation import weighted_metrics
 
+        if self.dp is not None:
+            return self.close_dp_round(round_number, plan, global_model, results, state, self.dp)
         updates = self.weighted(train_updates(list(results)))
         return RoundOutcome(
             global_params=fold(self.aggregator, self.aggregator_args, updates, global_model),
             state=state,
             metrics=weighted_metrics(updates),
+            site_metrics={u.site: dict(u.metrics) for u in updates},
+            sites=tuple(u.site for u in updates),
+        )
+
+    def close_dp_round(
+        self,
+        round_number: int,
+        plan: RoundPlan,
+        global_model: Mapping[str, torch.Tensor] | TensorSource,
+        results: Sequence[TaskResult],
+        state: ServerState,
+        dp: ServerDP,
+    ) -> RoundOutcome:
+        """DP-FedAvg's round: ``global + Σᵢ clip(Δᵢ, C) / n + N(0, (z·C/n)²)``.
+
+        ``n`` is the number of sites the round planned, not the number that answered: the
+        fixed-denominator estimator of McMahan et al., whose sensitivity is C/n whoever
+        answers (dividing by the answers would let a round with few of them reveal more,
+        and bias only shrinks the step when sites drop out). ``NUM_STEPS_CURRENT_ROUND`` does
+        not weigh the mean under DP: a site that claims many steps would otherwise move the
+        model by more than C/n, past what the noise covers. Accounting is site-level, every
+        site sampled every round (FedAvg plans them all): ε after ``r`` rounds is Opacus's
+        RDP accountant for ``(z, 1.0, r)`` at δ.
+        """
+        import torch
+
+        from jobs.aggregation import weighted_metrics
+        from jobs.aggregation.dp import dp_fedavg
+        from jobs.aggregation.sources import as_source
+
+        updates = train_updates(list(results))
+        sites = len(plan.tasks)
+        clip_norm = dp.clip_norm
+        carried = state.data.get(DP_STATE_KEY)
+        if dp.adaptive and isinstance(carried, Mapping) and "clip_norm" in carried:
+            clip_norm = float(carried["clip_norm"])
+        update_sigma = dp.update_noise_multiplier(sites)
+        generator = torch.Generator().manual_seed(noise_seed(dp.seed, round_number))
+        params, clipped = dp_fedavg(
+            updates,
+            as_source(global_model),
+            clip_norm=clip_norm,
+            noise_std=update_sigma * clip_norm / sites,
+            denominator=sites,
+            generator=generator,
+        )
+        data = state.data
+        if dp.adaptive:
+            count_noise = torch.randn((), generator=generator, dtype=torch.float64).item()
+            noised = clipped.unclipped + dp.count_stddev(sites) * count_noise
+            next_clip = dp.next_clip_norm(clip_norm, noised / sites)
+            data = {**state.data, DP_STATE_KEY: {"clip_norm": next_clip}}
+        metrics = {
+            **weighted_metrics(updates),
+            **privacy_metrics(dp, rounds=round_number + 1, clip_norm=clip_norm),
+        }
+        return RoundOutcome(
+            global_params=params,
+            state=ServerState(tensors=state.tensors, data=data),
+            metrics=metrics,
             site_metrics={u.site: dict(u.metrics) for u in updates},
             sites=tuple(u.site for u in updates),
         )
@@ -298,6 +419,7 @@ _OPTION_DEFAULTS: dict[str, Any] = {
     "exclude_vars": None,
     "aggregation_weights": {},
     "exchange_format": "pytorch",
+    "dp": None,
 }
 
 
