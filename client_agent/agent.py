@@ -30,8 +30,17 @@ One asyncio loop does three things at once:
 The agent runs only jobs its site accepted: automatically when the site's project setting
 says so, otherwise after the site admin decides on the portal. What leaves the site: model
 updates (the script's ``flare.send``), metrics (``flare.log`` and the update's metrics), the
-script's own output lines, task states and heartbeats. Nothing else can: there is no message
-for anything else.
+script's own output lines, task states and heartbeats, and the site's privacy policy with its
+spending. Nothing else can: there is no message for anything else.
+
+**privacy**: the site's own policy (``privacy.toml``, read at start with the ledger of what it
+has spent; a bad one stops the agent before it connects) rules every round. A round of a job
+the policy refuses, or one whose release would pass a budget, is declined before the script
+sees it (the portal is told why, with the spend so far). Otherwise the script's answer is
+released through :func:`client_agent.privacy.release.release_result` (counted, clipped,
+noised, excluded tensors dropped, size checked) and only that file is uploaded, the same bytes
+on every try and after a restart. With ``send_lines = false`` the script's output lines stay
+in its log at the site, and a failure's reason carries nothing the script wrote.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import secrets
 import shlex
 import shutil
@@ -64,6 +74,17 @@ from client_agent.portal import (
     PortalUnreachable,
     RoundClosed,
     WireRecorder,
+)
+from client_agent.privacy.accounting import epsilon, merged
+from client_agent.privacy.enforce import PrivacyRefusal
+from client_agent.privacy.ledger import PrivacyLedger
+from client_agent.privacy.policy import PrivacyPolicy
+from client_agent.privacy.release import (
+    enforced_path,
+    json_report,
+    policy_summary,
+    release_result,
+    round_refusal,
 )
 from client_agent.protocol import (
     CLOSE_REVOKED,
@@ -91,6 +112,7 @@ log = logging.getLogger("client_agent")
 AGENT_VERSION = f"fedportal-agent/{__version__}"
 JOBS_PATH = "/api/v1/agent/jobs/"
 WHOAMI_PATH = "/api/v1/agent/whoami/"
+PRIVACY_POLICY_PATH = "/api/v1/agent/privacy-policy/"
 OPEN_TASK_STATES = ("assigned", "downloaded", "training")
 EXIT_REFUSED = 3
 METRICS_PER_MESSAGE = 500
@@ -99,6 +121,12 @@ FLUSH_SECONDS = 0.25
 UPLOAD_RETRY_MAX_SECONDS = 30.0
 # In a job's workspace: the SHA-256 of an app archive this agent refused, and why.
 REJECTED_APP_FILE = "app-rejected.json"
+
+
+def _without_script_text(reason: str) -> str:
+    """A script failure's reason without anything the script itself wrote (an exception's
+    text, a name it chose), for a site whose privacy policy keeps script output here."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason.split(":", 1)[0])
 
 
 def _brings_work(event: dict[str, Any]) -> bool:
@@ -121,8 +149,15 @@ class Agent:
         insecure: bool = False,
         wire: WireRecorder | None = None,
     ) -> None:
-        """``wire``: shown everything the agent sends (``run --wire-log``, tests)."""
+        """``wire``: shown everything the agent sends (``run --wire-log``, tests).
+
+        Reads the site's privacy policy and ledger first: a policy that cannot be enforced
+        (:class:`~client_agent.privacy.policy.PolicyError`) or a damaged ledger
+        (:class:`~client_agent.privacy.ledger.LedgerDamaged`) stops the agent before it
+        connects."""
         self.site_dir = site_dir
+        self.policy = PrivacyPolicy.in_folder(site_dir.path)
+        self.ledger = PrivacyLedger.in_folder(site_dir.path)
         self.identity = site_dir.identity()
         self.client = PortalClient(
             self.identity.portal,
@@ -142,6 +177,9 @@ class Agent:
         self.ws: Any = None
         self.refused: str | None = None
         self._announced: set[str] = set()
+        # Whether this connection's first listing was followed by the policy's report: the
+        # portal learns the policy (and the project's spend) after every (re)connection.
+        self._policy_reported = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stopping = asyncio.Event()
         self.wake = asyncio.Event()
@@ -170,6 +208,7 @@ class Agent:
         self.say(
             f"agent {AGENT_VERSION} for project {self.identity.project}, portal {self.client.url}"
         )
+        self.say(policy_summary(self.policy))
         tasks = [
             asyncio.create_task(self._connection_loop(), name="connection"),
             asyncio.create_task(self._work_loop(), name="work"),
@@ -308,6 +347,7 @@ class Agent:
 
     async def _session(self, ws: Any, heartbeat_seconds: float) -> None:
         self.ws = ws
+        self._policy_reported = False
         # Everything not acknowledged goes again, in order: the portal stores it once.
         self.outbox.resend_all()
         self.outbox_ready.set()
@@ -418,9 +458,38 @@ class Agent:
                     return
                 self.say(f"cannot list jobs: {exc}")
 
+    def policy_report(self) -> dict[str, Any]:
+        """What the portal is told of this site's privacy: the policy, and the project's
+        spend here (Opacus's history entries and ε at the policy's δ)."""
+        history = merged(self.ledger.project_history())
+        spent = epsilon(history, self.policy.delta) if self.policy.changes_updates else None
+        return json_report(
+            {
+                "policy": self.policy.to_json(),
+                "project_history": [list(step) for step in history],
+                "project_epsilon": spent,
+            }
+        )
+
+    async def _report_policy(self) -> None:
+        """Tell the portal the policy; tried again at the next listing if it did not take it
+        (a portal without the endpoint is told nothing more this connection)."""
+        try:
+            await asyncio.to_thread(self.client.post, PRIVACY_POLICY_PATH, self.policy_report())
+        except PortalUnreachable as exc:
+            log.info("cannot report the privacy policy: %s", exc)
+            return
+        except PortalError as exc:
+            self.say(f"the portal did not take the privacy policy: {exc}")
+            if exc.transient:
+                return
+        self._policy_reported = True
+
     async def sync(self) -> None:
         """Start what is due: one round task per accepted running job; end finished jobs."""
         jobs = await asyncio.to_thread(self.client.get, JOBS_PATH)
+        if not self._policy_reported:
+            await self._report_policy()
         active = set()
         for job in jobs:
             uid = str(job["uid"])
@@ -454,6 +523,10 @@ class JobRunner:
         self.num_rounds = int(job["num_rounds"])
         self.spec_url = str(job["spec_url"])
         self.bundle_url = str(job["bundle_url"])
+        # Who submitted the job, for the privacy policy's job rule; a portal that does not say
+        # leaves it unknown, which a policy naming its submitters refuses.
+        submitter = job.get("submitter")
+        self.submitter = str(submitter) if submitter else None
         self.workspace = agent.site_dir.job_path(self.uid)
         self.proc: ScriptProcess | None = None
         self.current: asyncio.Task[None] | None = None
@@ -501,19 +574,50 @@ class JobRunner:
         number = int(task["round"])
         shown = round_for_people(number)
         self.current_round = number
+        policy = self.agent.policy
+        update_path: Path | None = None
         try:
-            await asyncio.to_thread(self._prepare)
-            model_path = await self._fetch_model(task, number)
-            update_path = await self._train(task, number, model_path)
+            update_path = enforced_path(self._result_path(number))
+            if update_path.exists():
+                # Enforced before a restart (or a try the portal did not take): these bytes
+                # again, never a second noisy view of one update.
+                model_path = None
+                self.agent.say(
+                    f"job {self.name}: round {shown}: sending the update made before, as it is"
+                )
+            else:
+                await asyncio.to_thread(self._forget_older_updates, number)
+                task_name = str((task.get("task") or {}).get("task_name", "train"))
+                declined = round_refusal(
+                    policy,
+                    self.agent.ledger,
+                    job=self.uid,
+                    task_name=task_name,
+                    project=self.agent.identity.project,
+                    submitter=self.submitter,
+                )
+                if declined:
+                    await self._decline(task, declined)
+                    return
+                await asyncio.to_thread(self._prepare)
+                model_path = await self._fetch_model(task, number)
+                result_path = await self._train(task, number, model_path)
+                update_path = await asyncio.to_thread(
+                    self._release, result_path, model_path, number
+                )
             self.sending_round = number
             await self._deliver_points()
             await self._upload(task["update_url"], update_path, number)
             self.finished_round = number
             self.agent.say(f"job {self.name}: round {shown}/{self.num_rounds} update sent")
-            model_path.unlink(missing_ok=True)
+            if model_path is not None:
+                model_path.unlink(missing_ok=True)
             update_path.unlink(missing_ok=True)
         except ScriptFailed as exc:
-            await self._fail(task, f"client script {exc.reason}", exc.log_tail)
+            reason = exc.reason if policy.send_lines else _without_script_text(exc.reason)
+            await self._fail(task, f"client script {reason}", exc.log_tail)
+        except PrivacyRefusal as exc:
+            await self._fail(task, exc.reason, "", privacy=True)
         except BundleError as exc:
             await self._fail(task, f"the job's app cannot run here: {exc}", "")
         except AppArchiveMismatch as exc:
@@ -526,6 +630,8 @@ class JobRunner:
         except RoundClosed as exc:  # answered already, or the round closed meanwhile
             self.agent.say(f"job {self.name}: round {shown}: {exc.message}")
             self.finished_round = number
+            if update_path is not None:
+                update_path.unlink(missing_ok=True)
         except PortalError as exc:
             self.agent.say(f"job {self.name}: round {shown}: {exc}")
         except Exception as exc:
@@ -537,6 +643,52 @@ class JobRunner:
             if self.sending_round == number:
                 self.sending_round = None
             self.flush()
+
+    def _result_path(self, number: int) -> Path:
+        return self.workspace / "updates" / f"round-{number:03d}.safetensors"
+
+    def _forget_older_updates(self, number: int) -> None:
+        """Updates left by rounds that ended while this agent was away (a crash mid-round):
+        an enforced one can no longer be sent, and a script's raw one must not stay on disk
+        longer than its round."""
+        folder = self.workspace / "updates"
+        keep = enforced_path(self._result_path(number))
+        for path in folder.glob("round-*.safetensors") if folder.is_dir() else ():
+            if path != keep:
+                path.unlink(missing_ok=True)
+
+    def _release(self, result_path: Path, model_path: Path, number: int) -> Path:
+        """The file of round ``number`` that may leave, under the site's privacy policy."""
+        released = release_result(
+            result_path,
+            model_path,
+            policy=self.agent.policy,
+            ledger=self.agent.ledger,
+            job=self.uid,
+            round=number,
+        )
+        done, report = released.enforcement, released.report
+        if done is not None and (done.clipped or done.noise_std or done.excluded):
+            spent = ""
+            if report and report.get("epsilon") is not None:
+                cap = report.get("max_epsilon")
+                spent = f"; ε {report['epsilon']:.3g}" + (f" of {cap:g}" if cap else "")
+            self.agent.say(
+                f"job {self.name}: round {round_for_people(number)}: privacy policy applied "
+                f"(norm {done.norm:.3g}{', clipped' if done.clipped else ''}, noise std "
+                f"{done.noise_std:.3g}, {len(done.excluded)} tensor(s) kept here, "
+                f"{done.seconds:.2f} s{spent})"
+            )
+        return released.path
+
+    async def _decline(self, task: dict[str, Any], reason: str) -> None:
+        """The site's privacy policy declines this round: the script is not given it, the
+        portal is told why, with the spend so far; the round is over for this site."""
+        number = int(task["round"])
+        self.agent.say(f"job {self.name}: round {round_for_people(number)} declined: {reason}")
+        self._agent_line(f"round {round_for_people(number)} declined: {reason}")
+        await self._post_failed(task, reason, privacy=True)
+        self.finished_round = number
 
     async def _fetch_model(self, task: dict[str, Any], number: int) -> Path:
         """The model round ``number`` starts from, in the workspace. The portal marks the task
@@ -550,11 +702,11 @@ class JobRunner:
     async def _train(self, task: dict[str, Any], number: int, model_path: Path) -> Path:
         """Hand the script its task (train, validate, submit_model) as the round's plan gave it
         to this site; the file it answered with (an update, a submitted model, or metrics
-        alone for validate), uploaded as it is. ``current_round`` is the workflow's (a relay
-        counts its passes, not the portal's rounds); the portal's round number where a portal
-        sends no spec."""
+        alone for validate), which the site's privacy policy then rules. ``current_round`` is
+        the workflow's (a relay counts its passes, not the portal's rounds); the portal's round
+        number where a portal sends no spec."""
         spec = task.get("task") or {}
-        result_path = self.workspace / "updates" / f"round-{number:03d}.safetensors"
+        result_path = self._result_path(number)
         result_path.parent.mkdir(parents=True, exist_ok=True)
         script_task = Task(
             task_id=f"{self.uid}:{number}",
@@ -603,18 +755,27 @@ class JobRunner:
             await asyncio.sleep(pause * random.uniform(0.8, 1.2))
             pause = min(pause * 2, UPLOAD_RETRY_MAX_SECONDS)
 
-    async def _fail(self, task: dict[str, Any], reason: str, log_tail: str) -> None:
+    async def _fail(
+        self, task: dict[str, Any], reason: str, log_tail: str, *, privacy: bool = False
+    ) -> None:
         number = int(task["round"])
         self.agent.say(f"job {self.name}: round {round_for_people(number)} failed: {reason}")
         self._agent_line(f"round {round_for_people(number)} failed: {reason}")
         proc, self.proc = self.proc, None  # a new script process next round
         if proc is not None:
             await asyncio.to_thread(proc.stop, grace=0)
-        with contextlib.suppress(PortalError, PortalUnreachable):
-            await asyncio.to_thread(
-                self.client.post, task["status_url"], {"state": "failed", "reason": reason}
-            )
+        enforced_path(self._result_path(number)).unlink(missing_ok=True)
+        await self._post_failed(task, reason, privacy=privacy)
         self.finished_round = number
+
+    async def _post_failed(self, task: dict[str, Any], reason: str, *, privacy: bool) -> None:
+        """Tell the portal the round failed here; ``privacy``: with the ledger's report (the
+        policy declined or refused it)."""
+        body: dict[str, Any] = {"state": "failed", "reason": reason}
+        if privacy:
+            body["privacy"] = json_report(self.agent.ledger.report(self.uid, self.agent.policy))
+        with contextlib.suppress(PortalError, PortalUnreachable):
+            await asyncio.to_thread(self.client.post, task["status_url"], body)
 
     def _prepare(self) -> None:
         """First round of the job here (or after a restart): fetch the app, start the script.
@@ -704,6 +865,8 @@ class JobRunner:
         with self.points_lock:
             points, self.points = self.points, []
         ids = self.agent.enqueue_report(self.uid, "points", points, METRICS_PER_MESSAGE)
+        if not self.agent.policy.send_lines:
+            return ids  # the site's privacy policy keeps the script's output here
         lines = [
             {"id": f"o{start}", "stream": "script", "text": text, "round": self.current_round}
             for start, text in self.output.read(final=final)

@@ -1,7 +1,14 @@
-"""``python -m client_agent enrol | run | status | doctor``: what a site admin types.
+"""``python -m client_agent enrol | run | status | doctor | policy``: what a site admin types.
 
-Exit codes: 0 done; 1 a check failed or bad input (the message says which); 2 usage;
-3 the portal refuses this site (revoked, unknown certificate, not enrolled).
+Exit codes: 0 done; 1 a check failed or bad input (the message says which); 2 usage, or a
+privacy policy (``privacy.toml``) that cannot be enforced or a damaged privacy ledger (the
+message names the file, line and field); 3 the portal refuses this site (revoked, unknown
+certificate, not enrolled).
+
+``policy show`` prints the site's privacy policy, its file and SHA-256, and what the site has
+spent (ε per job and for the project, from its ledger); ``policy check`` checks the file and
+prints what it implies: ε after N rounds, the rounds a job may run, the noise a budget would
+need, and with ``--job UID`` what that job is expected to spend here.
 
 Every command refuses a plain ``http://`` portal on another machine (the enrolment token and
 every signed request would cross the network in clear text) unless given ``--insecure``; a
@@ -32,6 +39,9 @@ from client_agent.portal import (
     WireRecorder,
     require_secure_transport,
 )
+from client_agent.privacy import accounting
+from client_agent.privacy.ledger import LedgerDamaged, PrivacyLedger
+from client_agent.privacy.policy import POLICY_FILE, PolicyError, PrivacyPolicy, assess_job
 from client_agent.site_dir import NotEnrolled, SiteDir, SiteIdentity, default_dir
 from common.rounds import round_for_people
 
@@ -39,6 +49,8 @@ ENROL_CHECK_PATH = "/api/v1/enrol/check/"
 ENROL_PATH = "/api/v1/enrol/"
 HEALTH_PATH = "/healthz"
 MAX_CLOCK_SKEW_SECONDS = 60  # the portal allows ±300 s; warn well before that
+EXIT_BAD_POLICY = 2
+CHECK_ROUNDS = (1, 5, 10, 20, 50)
 
 
 class CommandError(RuntimeError):
@@ -97,7 +109,42 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="check the folder, the portal, the certificate and the clock"
     )
     _dir_arg(doctor)
+    policy = commands.add_parser(
+        "policy", help="show or check the site's privacy policy (privacy.toml) and its spending"
+    )
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="WHAT")
+    show = policy_commands.add_parser(
+        "show", help="the policy's rules, its file and SHA-256, and ε spent per job and project"
+    )
+    _dir_arg(show)
+    check = policy_commands.add_parser(
+        "check", help="check privacy.toml and print what it implies (ε after N rounds, …)"
+    )
+    _dir_arg(check)
+    check.add_argument(
+        "--rounds",
+        type=_positive_int,
+        nargs="+",
+        default=list(CHECK_ROUNDS),
+        metavar="N",
+        help="round counts to print ε for (default: 1 5 10 20 50)",
+    )
+    check.add_argument(
+        "--job",
+        metavar="UID",
+        help="also ask the portal for this job's rounds and print what it would spend here",
+    )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None, *, wire: WireRecorder | None = None) -> int:
@@ -115,6 +162,12 @@ def main(argv: Sequence[str] | None = None, *, wire: WireRecorder | None = None)
                 insecure=args.insecure,
                 wire=wire,
             )
+        if args.command == "policy":
+            if args.policy_command == "show":
+                return policy_show(site_dir)
+            return policy_check(
+                site_dir, rounds=args.rounds, job=args.job, insecure=args.insecure, wire=wire
+            )
         if args.command == "run":
             logging.basicConfig(
                 level=logging.INFO if args.verbose else logging.WARNING,
@@ -125,6 +178,8 @@ def main(argv: Sequence[str] | None = None, *, wire: WireRecorder | None = None)
 
             if args.wire_log:
                 wire = WireLog(Path(os.path.abspath(args.wire_log)))
+            # The privacy policy and ledger are read here, before anything connects: a bad
+            # one stops the agent with its line and field.
             agent = Agent(
                 site_dir, poll_seconds=args.poll_seconds, insecure=args.insecure, wire=wire
             )
@@ -132,6 +187,9 @@ def main(argv: Sequence[str] | None = None, *, wire: WireRecorder | None = None)
         if args.command == "status":
             return status(site_dir, insecure=args.insecure, wire=wire)
         return doctor(site_dir, insecure=args.insecure, wire=wire)
+    except (PolicyError, LedgerDamaged) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_POLICY
     except (CommandError, NotEnrolled, PermissionError, InsecurePortal) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -246,6 +304,142 @@ def status(site_dir: SiteDir, *, insecure: bool = False, wire: WireRecorder | No
             f"job {job['name']} ({job['uid']}): {job['state']}, decision {job['decision']}, {where}"
         )
     return 0
+
+
+# -- policy -------------------------------------------------------------------------------------
+
+
+def _epsilon_text(value: float | None) -> str:
+    return "∞ (no noise bounds it)" if value is None or value == float("inf") else f"{value:.4g}"
+
+
+def policy_show(site_dir: SiteDir, *, say: Callable[[str], None] = print) -> int:
+    """The policy's rules, its file, and what the site has spent on each job and project."""
+    policy = PrivacyPolicy.in_folder(site_dir.path)
+    ledger = PrivacyLedger.in_folder(site_dir.path)
+    if policy.path:
+        say(f"privacy policy {policy.path}")
+        say(f"  sha256 {policy.sha256}")
+    else:
+        say(
+            f"no {POLICY_FILE} in {site_dir.path}: the default policy (updates leave as the "
+            "script sends them)"
+        )
+    width = max(len(rule) for rule, _ in policy.describe())
+    for rule, setting in policy.describe():
+        say(f"  {rule:<{width}}  {setting}")
+    jobs = ledger.jobs()
+    if not jobs:
+        say(f"spent: nothing released under a privacy policy yet ({ledger.path})")
+        return 0
+    say(f"spent (from {ledger.path}, ε at δ={policy.delta:g}):")
+    for uid in jobs:
+        history = ledger.job_history(uid)
+        cap = f" of {policy.max_epsilon:g}" if policy.max_epsilon is not None else ""
+        say(
+            f"  job {uid}: {len(history)} release(s), "
+            f"ε {_epsilon_text(accounting.epsilon(history, policy.delta))}{cap}"
+        )
+    project = ledger.project_history()
+    cap = f" of {policy.max_project_epsilon:g}" if policy.max_project_epsilon is not None else ""
+    say(
+        f"  project: {len(project)} release(s), "
+        f"ε {_epsilon_text(accounting.epsilon(project, policy.delta))}{cap}"
+    )
+    return 0
+
+
+def policy_check(
+    site_dir: SiteDir,
+    *,
+    rounds: Sequence[int] = CHECK_ROUNDS,
+    job: str | None = None,
+    insecure: bool = False,
+    say: Callable[[str], None] = print,
+    wire: WireRecorder | None = None,
+) -> int:
+    """Check the policy (a bad one raises :class:`PolicyError`) and print what it implies."""
+    policy = PrivacyPolicy.in_folder(site_dir.path)
+    ledger = PrivacyLedger.in_folder(site_dir.path)
+    if policy.path:
+        say(f"ok: {policy.path} (sha256 {policy.sha256})")
+    else:
+        say(f"ok: no {POLICY_FILE} in {site_dir.path}; the default policy applies")
+    if not policy.changes_updates:
+        say(
+            "no clipping: updates are not privatized, so no ε bounds what they reveal"
+            + (" (tensors are still excluded)" if policy.exclude_tensors else "")
+        )
+    else:
+        say(
+            f"ε at δ={policy.delta:g} after N rounds of one job "
+            f"(noise multiplier {policy.noise_multiplier:g}):"
+        )
+        for count in rounds:
+            say(f"  N={count:<5} ε {_epsilon_text(policy.epsilon_after(count))}")
+    project_spent = ledger.project_history()
+    if policy.has_budget and policy.adds_noise:
+        for label, cap, spent in (
+            ("ε per job", policy.max_epsilon, ()),
+            ("ε per project", policy.max_project_epsilon, project_spent),
+        ):
+            if cap is None:
+                continue
+            fit = accounting.steps_within(
+                cap, policy.noise_multiplier, policy.delta, spent=tuple(spent)
+            )
+            after = " after what the project spent so far" if spent else ""
+            say(f"{label} {cap:g}: a new job may run {fit} round(s){after}")
+    if policy.max_epsilon is not None:
+        say(f"noise multiplier that keeps one job within ε {policy.max_epsilon:g}:")
+        for count in rounds:
+            sigma = accounting.noise_for_epsilon(policy.max_epsilon, count, policy.delta)
+            say(f"  N={count:<5} noise_multiplier ≥ {sigma:.4g}")
+    if job is not None:
+        _check_job(site_dir, policy, ledger, job, insecure=insecure, say=say, wire=wire)
+    return 0
+
+
+def _check_job(
+    site_dir: SiteDir,
+    policy: PrivacyPolicy,
+    ledger: PrivacyLedger,
+    uid: str,
+    *,
+    insecure: bool,
+    say: Callable[[str], None],
+    wire: WireRecorder | None,
+) -> None:
+    """What job ``uid`` (from the portal's listing for this site) would spend here."""
+    identity, client = _signed_client(site_dir, insecure=insecure, wire=wire)
+    from client_agent.agent import JOBS_PATH
+
+    found = [j for j in client.get(JOBS_PATH) if str(j.get("uid")) == uid]
+    if not found:
+        raise CommandError(f"--job: the portal lists no job {uid} for this site")
+    (listed,) = found
+    rounds = int(listed["num_rounds"])
+    assessment = assess_job(
+        policy,
+        project=identity.project,
+        submitter=listed.get("submitter"),
+        rounds=rounds,
+        job_spent=ledger.job_history(uid),
+        project_spent=ledger.project_history(),
+    )
+    say(f"job {listed.get('name', uid)} ({uid}): {rounds} round(s)")
+    if assessment.refused:
+        say(f"  declined here: {assessment.refused}")
+        return
+    if assessment.expected_epsilon is None:
+        say("  no accounting: this site does not clip updates")
+        return
+    runs = rounds if assessment.rounds_within is None else min(rounds, assessment.rounds_within)
+    cap = f" of {policy.max_epsilon:g}" if policy.max_epsilon is not None else ""
+    expected = _epsilon_text(assessment.expected_epsilon)
+    say(f"  expected spend: ε {expected}{cap} over {runs} round(s)")
+    if assessment.partial:
+        say(f"  only {runs} of its {rounds} rounds fit the budget; the rest are declined")
 
 
 # -- doctor -------------------------------------------------------------------------------------

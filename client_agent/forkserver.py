@@ -223,9 +223,16 @@ def serve(listen: str | None = None) -> None:
 
 
 def _top_level_imports(path: Path) -> list[str]:
+    """The modules ``path`` imports at its top: what to preload, a speed-up only, so a file
+    that cannot be read or parsed preloads nothing (the script then imports it itself)."""
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
     except (OSError, SyntaxError, ValueError):
+        return []
+    except SystemError:
+        # CPython 3.11 before 3.11.8 keeps the AST validator's recursion depth per
+        # interpreter, not per thread (python/cpython#106905): a compile in another thread at
+        # the same moment makes ast.parse fail spuriously (seen once in a full test run).
         return []
     names: list[str] = []
     for node in tree.body:

@@ -6,10 +6,15 @@ Layout (``--dir``, default ``$FEDPORTAL_SITE_DIR`` or ``./fedportal-site``)::
     site.key      the private key, mode 0600; made here, never sent anywhere
     site.crt      the site's certificate, issued by the project's CA
     ca.crt        the project CA's certificate
+    privacy.toml  the site's privacy policy, written by the site admin (optional; see
+                  client_agent.privacy.policy); the agent reads it at start, never writes it
+    privacy-ledger.json  what the site has spent: each noised release per job (mode 0600)
     jobs/<uid>/   one workspace per job: app/ (the client script), models/, updates/, work/,
                   log.txt, spec.json, and app-rejected.json when its app archive was refused;
                   models/round-NNN.safetensors is the model round NNN starts from, and
-                  updates/round-NNN.safetensors its update (rounds counted from 0)
+                  updates/round-NNN.safetensors its update (rounds counted from 0), and
+                  updates/round-NNN.enforced.safetensors what of it may leave under the
+                  privacy policy (sent again as it is after a restart)
 """
 
 from __future__ import annotations

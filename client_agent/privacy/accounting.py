@@ -12,20 +12,28 @@ A *step* is one release of a clipped update with Gaussian noise of standard devi
 part in a step: 1.0 for a site's own update (its data is in every update it sends), the
 fraction of sites sampled per round for server-side, site-level DP.
 
-Opacus is imported on first use: it imports much of torch.nn, and most processes that import
-this module (the portal's web workers, the agent's CLI) never account anything.
+Only Opacus's RDP analysis module is loaded (``opacus/accountants/analysis/rdp.py``: numpy and
+scipy), by its path, on first use: importing the ``opacus`` package imports torch (about 9 s
+and 300 MB), which the portal's web workers otherwise never load. What ``RDPAccountant`` adds
+on top of that module — the orders it searches and the sum over its history — is repeated in
+:func:`_epsilon`; a test checks both give the same ε.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
+from pathlib import Path
+from types import ModuleType
 
 Step = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, steps)``: Opacus's history entry."""
 
 DEFAULT_DELTA = 1e-5
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+"""The Rényi orders ε is minimised over: ``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS``."""
 
 
 def merged(history: Iterable[Step]) -> tuple[Step, ...]:
@@ -52,13 +60,32 @@ def epsilon(history: Iterable[Step], delta: float) -> float:
     return _epsilon(steps, float(delta))
 
 
-@lru_cache(maxsize=4096)
-def _epsilon(history: tuple[Step, ...], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
+@cache
+def _rdp_analysis() -> ModuleType:
+    """Opacus's ``accountants/analysis/rdp.py``, loaded on its own (see the module's docstring)."""
+    spec = importlib.util.find_spec("opacus")  # finds the package without importing it
+    if spec is None or spec.origin is None:
+        raise ImportError("opacus is not installed: privacy accounting needs it")
+    path = Path(spec.origin).parent / "accountants" / "analysis" / "rdp.py"
+    module_spec = importlib.util.spec_from_file_location("_opacus_rdp_analysis", path)
+    if module_spec is None or module_spec.loader is None:
+        raise ImportError(f"cannot load Opacus's RDP analysis from {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta))
+
+@lru_cache(maxsize=1024)
+def _epsilon(history: tuple[Step, ...], delta: float) -> float:
+    """``RDPAccountant(history).get_epsilon(delta)``: the RDP of each entry at every order,
+    summed (composition), converted to (ε, δ) at the best order."""
+    rdp = _rdp_analysis()
+    total = sum(
+        rdp.compute_rdp(q=rate, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
+        for sigma, rate, steps in history
+    )
+    eps, _ = rdp.get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
+    return float(eps)
 
 
 def epsilon_after(
@@ -78,9 +105,28 @@ def steps_within(
     most: int = 100_000,
 ) -> int:
     """How many more steps fit after ``spent`` without ε passing ``max_epsilon`` (at most
-    ``most``). ε grows with every step, so a binary search over the count is exact."""
-    spent = tuple(spent)
+    ``most``). ε grows with every step, so a binary search over the count is exact. Cached:
+    the portal asks it for every site and job on a page of approvals, mostly with the same
+    numbers."""
+    return _steps_within(
+        float(max_epsilon),
+        float(noise_multiplier),
+        float(delta),
+        float(sample_rate),
+        merged(spent),
+        int(most),
+    )
 
+
+@lru_cache(maxsize=4096)
+def _steps_within(
+    max_epsilon: float,
+    noise_multiplier: float,
+    delta: float,
+    sample_rate: float,
+    spent: tuple[Step, ...],
+    most: int,
+) -> int:
     def fits(count: int) -> bool:
         return epsilon((*spent, (noise_multiplier, sample_rate, count)), delta) <= max_epsilon
 

@@ -24,6 +24,10 @@ from client_agent.site_dir import write_private
 LEDGER_FILE = "privacy-ledger.json"
 
 
+class LedgerDamaged(ValueError):
+    """The ledger cannot be read: the site's spending is unknown, so nothing may be released."""
+
+
 @dataclass(frozen=True)
 class Release:
     round: int
@@ -131,7 +135,7 @@ def _read(path: Path) -> dict[str, list[Release]]:
             for uid, releases in data["jobs"].items()
         }
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(
+        raise LedgerDamaged(
             f"{path} is damaged ({type(exc).__name__}: {exc}); the site's privacy spending "
             "cannot be known. Restore it from a backup: deleting it would reset the budget"
         ) from None

@@ -25,7 +25,9 @@ An example, every field optional::
     max_project_epsilon = 20.0  # what all of the project's jobs together may spend here
 
     [output]
-    send_lines = false          # the script's output lines stay at the site
+    send_lines = false          # the script's output lines stay at the site; metrics
+                                # (flare.log points, an update's metrics) still leave, and
+                                # the agent's own lines ("round 3 failed: …") too
 
 A file that does not parse, names a field that does not exist, or holds an impossible value
 (negative noise, δ ≥ 1, ε ≤ 0, noise without clipping, a budget with no noise to pay for it)
@@ -35,6 +37,7 @@ raises :class:`PolicyError` naming the line and the field: the agent does not st
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import tomllib
@@ -197,12 +200,44 @@ class PrivacyPolicy:
             "sha256": self.sha256,
         }
 
+    def to_toml(self) -> str:
+        """The policy as a ``privacy.toml`` that :meth:`load` reads back as an equal policy
+        (PocEnv writes it into each site's folder). Fields at their default are left out."""
+        tables: dict[str, dict[str, Any]] = {
+            "jobs": {"projects": self.projects, "submitters": self.submitters},
+            "update": {
+                "clip_norm": self.clip_norm,
+                "clip_scope": self.clip_scope if self.clip_scope != "model" else None,
+                "noise_multiplier": self.noise_multiplier or None,
+                "exclude_tensors": self.exclude_tensors or None,
+                "max_update_bytes": self.max_update_bytes,
+            },
+            "budget": {
+                "delta": self.delta if self.delta != DEFAULT_DELTA else None,
+                "max_epsilon": self.max_epsilon,
+                "max_project_epsilon": self.max_project_epsilon,
+            },
+            "output": {"send_lines": None if self.send_lines else False},
+        }
+        lines: list[str] = []
+        for table, fields in tables.items():
+            written = [f"{name} = {_toml_value(v)}" for name, v in fields.items() if v is not None]
+            if written:
+                lines += [*([""] if lines else []), f"[{table}]", *written]
+        return "\n".join(lines) + "\n" if lines else ""
+
     # -- what it rules ----------------------------------------------------------------------
 
     @property
     def changes_updates(self) -> bool:
         """Whether updates are clipped or noised here (excluding tensors aside)."""
         return self.clip_norm is not None
+
+    @property
+    def rewrites_updates(self) -> bool:
+        """Whether the agent rewrites what a script sends: clipping, noise or excluded
+        tensors. Without any, an update leaves as the script wrote it, at no cost."""
+        return self.changes_updates or bool(self.exclude_tensors)
 
     @property
     def adds_noise(self) -> bool:
@@ -427,6 +462,17 @@ def _line_of(text: str, dotted: str) -> int | None:
         if current == table and name and re.match(rf"{re.escape(name)}\s*=", stripped):
             return number
     return None
+
+
+def _toml_value(value: Any) -> str:
+    """One value in TOML: JSON's strings and numbers are TOML's too."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)
 
 
 def _listed(items: Sequence[str]) -> str:

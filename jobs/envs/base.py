@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from client_agent.privacy.policy import PrivacyPolicy
 from client_agent.wire import load_state_dict
 from common.rounds import round_for_people
 from common.validators import is_int
@@ -333,3 +334,37 @@ class _Progress:
                     f"\r\033[Kround {round_for_people(self.round)}/{self.num_rounds}  {sites}"
                 )
                 self.stream.flush()
+
+
+PolicyArg = PrivacyPolicy | str | os.PathLike[str]
+
+
+def site_policies(
+    given: PolicyArg | dict[str, PolicyArg] | None, sites: Sequence[str]
+) -> dict[str, PrivacyPolicy]:
+    """``privacy_policy`` as each named site's checked policy: one for every site, or a dict
+    by site name (sites it leaves out have none). A path is read as a ``privacy.toml``; a bad
+    one raises :class:`~client_agent.privacy.policy.PolicyError` with its line and field."""
+    if given is None:
+        return {}
+    if isinstance(given, dict):
+        unknown = sorted(set(given) - set(sites))
+        if unknown:
+            raise ValueError(
+                f"privacy_policy: no site {', '.join(map(str, unknown))} in this env "
+                f"(its sites: {', '.join(sites)})"
+            )
+        return {site: _policy(site, value) for site, value in given.items()}
+    policy = _policy(None, given)
+    return dict.fromkeys(sites, policy)
+
+
+def _policy(site: str | None, value: Any) -> PrivacyPolicy:
+    if isinstance(value, PrivacyPolicy):
+        return value
+    if isinstance(value, str | os.PathLike):
+        return PrivacyPolicy.load(Path(value))
+    where = f"privacy_policy[{site!r}]" if site is not None else "privacy_policy"
+    raise ValueError(
+        f"{where}: expected a PrivacyPolicy or the path of a privacy.toml, got {value!r}"
+    )

@@ -14,7 +14,10 @@ Workspace layout (``Run.workspace``)::
     rounds.jsonl                    per round: accepted sites, rejected sites with reasons
     sites/site-1/log.txt            site-1's stdout and stderr
     sites/site-1/round-001.safetensors  site-1's update for round 1 (kept if rejected, or
-                                        with keep_updates=True)
+                                        with keep_updates=True); under a privacy policy
+                                        that rewrites updates, round-001.enforced.safetensors
+                                        instead (what would leave the site)
+    sites/site-1/privacy-ledger.json    site-1's privacy spending (with privacy_policy)
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from client_agent import forkserver
+from client_agent.privacy.enforce import PrivacyRefusal
+from client_agent.privacy.ledger import PrivacyLedger
+from client_agent.privacy.release import release_result, round_refusal
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.wire import WireFormatError, load_state_dict
 from common.validators import is_number
@@ -48,6 +54,7 @@ from jobs.aggregation.sources import FileTensorSource, TensorSource, write_sourc
 from jobs.bundle import JobBundle
 from jobs.envs.base import (
     MetricPoint,
+    PolicyArg,
     RoundRecord,
     Run,
     RunFailed,
@@ -58,6 +65,7 @@ from jobs.envs.base import (
     model_file_name,
     new_job_id,
     site_names,
+    site_policies,
     site_threads_env,
 )
 from jobs.workflows import (
@@ -146,6 +154,16 @@ class SimEnv:
 
     Ours besides: site updates are deleted once aggregated unless ``keep_updates=True``
     (rejected ones are kept); ``task_timeout`` bounds one task; ``show_progress``; ``python``.
+
+    ``privacy_policy``: each site's own privacy policy, enforced on its results exactly as the
+    site agent enforces it (the same functions: clipping, noise, excluded tensors, size, the
+    budget). One :class:`~client_agent.privacy.policy.PrivacyPolicy` (or the path of a
+    ``privacy.toml``) for every site, or a dict ``{site name: policy or path}`` for some (an
+    unknown site name is a ValueError naming it). Each site keeps its ledger in
+    ``sites/<site>/privacy-ledger.json``, fresh for each run. A round a site declines for its
+    budget is recorded as that site's rejection with the reason ("privacy budget exhausted:
+    …"); the round closes on the others if quorum permits. A simulation has no project or
+    submitter: the policy's ``[jobs]`` rule is not applied here.
     A site whose script crashes fails the run: in simulation every site runs the same script,
     so a crash is a bug to see at once. A failed run raises :class:`RunFailed` (a RuntimeError,
     as NVFlare's SimEnv raises), which carries the :class:`Run`.
@@ -166,6 +184,7 @@ class SimEnv:
         task_timeout: float | None = None,
         keep_updates: bool = False,
         python: str = sys.executable,
+        privacy_policy: PolicyArg | dict[str, PolicyArg] | None = None,
     ) -> None:
         # NVFlare's num_clients=0 means "as many as clients names".
         if clients is not None and num_clients == 0 and num_clients is not False:
@@ -194,6 +213,7 @@ class SimEnv:
         self.task_timeout = task_timeout
         self.keep_updates = keep_updates
         self.python = python
+        self.privacy_policies = site_policies(privacy_policy, self.clients)
         if python == sys.executable:
             # Start the fork server now: it imports torch on the other core while the caller
             # goes on to export the recipe, so the sites start the moment the run begins.
@@ -225,11 +245,13 @@ class SimEnv:
             self.workspace or Path(tempfile.gettempdir()) / "fedportal-simulation"
         ) / job_id
         workspace.mkdir(parents=True)
-        if self.python == sys.executable:
-            forkserver.get_server().preload(forkserver.third_party_imports(recipe.train_script))
         bundle = JobBundle.load(
             recipe.export(workspace / "bundle", exclude=[self.workspace or workspace])
         )
+        if self.python == sys.executable:
+            # From the exported app, not the script's own folder: files the recipe adds
+            # (add_client_file) are the script's modules there, not third-party packages.
+            forkserver.get_server().preload(forkserver.third_party_imports(bundle.script_path))
         unknown = sorted(set(bundle.site_args) - set(self.clients))
         if unknown:
             raise ValueError(
@@ -277,6 +299,11 @@ class _Simulation:
         self.run_record = Run(job_id=job_id, status=RunStatus.RUNNING, workspace=workspace)
         self.progress = _Progress(env.show_progress, self.workflow.total_rounds(list(env.clients)))
         self.sites: dict[str, ScriptProcess] = {}
+        # Each site's ledger, in its folder, fresh for this run (the workspace is new).
+        self.ledgers = {
+            site: PrivacyLedger.in_folder(workspace / "sites" / site)
+            for site in env.privacy_policies
+        }
         self.tracking = None
         if bundle.experiment_tracking:
             # Imported only when asked for: TensorBoard and MLflow are heavy imports.
@@ -496,6 +523,13 @@ class _Simulation:
                 start_round=spec.start_round,
                 meta=dict(spec.meta),
             )
+            policy = self.env.privacy_policies.get(site)
+            if policy is not None:
+                declined = round_refusal(
+                    policy, self.ledgers[site], job=self.job_id, task_name=spec.task_name
+                )
+                if declined:
+                    raise PrivacyRefusal(declined)
             self.progress.site(site, spec.task_name)
 
             def on_log(message: dict[str, Any]) -> None:
@@ -514,6 +548,16 @@ class _Simulation:
                     )
 
             path = proc.run_task(task, on_log=on_log, timeout=self.env.task_timeout)
+            if policy is not None:
+                # What the site's agent would upload: the same release, file for file.
+                path = release_result(
+                    path,
+                    model_path,
+                    policy=policy,
+                    ledger=self.ledgers[site],
+                    job=self.job_id,
+                    round=rnd,
+                ).path
             result = result_from_file(planned, path, global_specs)
             self.progress.site(site, "done")
             return result
@@ -525,8 +569,8 @@ class _Simulation:
                 site = futures[future]
                 try:
                     result = future.result()
-                except (UpdateRejected, WireFormatError) as exc:
-                    reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
+                except (UpdateRejected, WireFormatError, PrivacyRefusal) as exc:
+                    reason = str(exc) if isinstance(exc, WireFormatError) else exc.reason
                     record.rejected[site] = reason
                     self.progress.site(site, "rejected")
                     log.warning("job %s %s: %s rejected: %s", self.job_id, plan.label, site, reason)

@@ -56,9 +56,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from client_agent.privacy.policy import POLICY_FILE
 from client_agent.site_dir import write_private
 from common.validators import is_int
-from jobs.envs.base import check_workspace_alias, site_names, site_threads_env
+from jobs.envs.base import (
+    PolicyArg,
+    check_workspace_alias,
+    site_names,
+    site_policies,
+    site_threads_env,
+)
 from jobs.envs.poc.supervisor import PRIVATE_UMASK, Supervisor
 from jobs.envs.poc.template import SetupTemplate
 from jobs.envs.portal import PortalRun, ProdEnv
@@ -138,6 +145,11 @@ class PocEnv:
       admin into its own project.
     - ``extra``: kept (``self.extra``); it changes nothing.
     - ``workspace_root``: accepted as another name for ``workspace`` (not both).
+
+    Ours besides: ``privacy_policy``, each site's privacy policy in SimEnv's forms (one
+    :class:`~client_agent.privacy.policy.PrivacyPolicy` or ``privacy.toml`` path for every
+    site, or a dict by site name). It is written as ``privacy.toml`` into each site's folder
+    before its agent starts, and the agent enforces it as at a real site.
     """
 
     def __init__(
@@ -163,6 +175,7 @@ class PocEnv:
         python: str = sys.executable,
         extra_env: dict[str, str] | None = None,
         wire_log: bool = False,
+        privacy_policy: PolicyArg | dict[str, PolicyArg] | None = None,
         database_url: str | None = None,
     ) -> None:
         if clients is not None and num_clients == DEFAULT_POC_CLIENTS:
@@ -212,6 +225,7 @@ class PocEnv:
         self.python = python
         self.extra_env = dict(extra_env or {})
         self.wire_log = wire_log
+        self.privacy_policies = site_policies(privacy_policy, self.clients)
         self.database_url = database_url
         self.supervisor = Supervisor(
             cwd=PROJECT_ROOT, logs=self.workspace / "logs", environ=self._env, say=self._say
@@ -488,7 +502,20 @@ class PocEnv:
         with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
             list(pool.map(enrol, self.clients))
         for site in self.clients:
+            self._write_policy(site)
             self.start_agent(site)
+
+    def _write_policy(self, site: str) -> None:
+        """``site``'s privacy policy into its folder, where its agent reads it at start: the
+        file it was read from, as it is, or the policy written as TOML."""
+        policy = self.privacy_policies.get(site)
+        if policy is None:
+            return
+        target = self.site_dir(site) / POLICY_FILE
+        if policy.path:
+            shutil.copyfile(policy.path, target)
+        else:
+            target.write_text(policy.to_toml())
 
     def site_dir(self, site: str) -> Path:
         return self.workspace / "sites" / site
