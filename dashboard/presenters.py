@@ -5,11 +5,12 @@ instance."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from django.urls import reverse
 
+from dashboard.privacy import Expectation, JobSpend, link_spend
 from jobs.models import Job, JobSite, LogLine, ModelVersion, SiteTask
 from jobs.selectors import POSSIBLE
 from sites.models import ApiToken, Membership, Project, Site
@@ -59,12 +60,19 @@ class TaskGridRow:
     link: JobSite
     online: bool
     tasks: list[SiteTask | None]
+    privacy: JobSpend | None = None  # what the site spent on the job, once it reported it
 
 
 def task_grid_rows(grid: Iterable[tuple[JobSite, list[SiteTask | None]]]) -> list[TaskGridRow]:
-    """``jobs.selectors.task_grid_of``'s rows, each with ``online`` by the heartbeat rule."""
+    """``jobs.selectors.task_grid_of``'s rows, each with ``online`` by the heartbeat rule and
+    the site's privacy spend on the job (its latest ledger report)."""
     return [
-        TaskGridRow(link=link, online=site_is_online(link.site), tasks=tasks)
+        TaskGridRow(
+            link=link,
+            online=site_is_online(link.site),
+            tasks=tasks,
+            privacy=link_spend(link),
+        )
         for link, tasks in grid
     ]
 
@@ -110,13 +118,19 @@ class DecisionRow:
     pending: int
     declined: int
     possible: int  # accepted or pending, at enrolled sites (jobs.selectors.decision_counts)
+    privacy: Expectation | None = None  # what the job would spend of the site's budget
 
     @property
     def can_still_start(self) -> bool:
         return self.possible >= self.link.job.min_clients
 
 
-def decision_rows(links: list[JobSite], counts: dict[int, dict[str, int]]) -> list[DecisionRow]:
+def decision_rows(
+    links: list[JobSite],
+    counts: dict[int, dict[str, int]],
+    privacy: Mapping[int, Expectation] | None = None,
+) -> list[DecisionRow]:
+    """``privacy``: each link's expected spend by the link's id (``dashboard.privacy``)."""
     return [
         DecisionRow(
             link=link,
@@ -124,6 +138,7 @@ def decision_rows(links: list[JobSite], counts: dict[int, dict[str, int]]) -> li
             pending=counts[link.job_id][JobSite.Decision.PENDING],
             declined=counts[link.job_id][JobSite.Decision.DECLINED],
             possible=counts[link.job_id][POSSIBLE],
+            privacy=(privacy or {}).get(link.pk),
         )
         for link in links
     ]

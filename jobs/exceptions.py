@@ -11,7 +11,7 @@ import errno
 from typing import Any
 
 from client_agent.protocol import ERROR_SLOW_DOWN
-from common.exceptions import DomainError
+from common.exceptions import Conflict, DomainError
 
 
 class DecisionNotDelegated(DomainError):
@@ -26,6 +26,15 @@ class DecisionNotDelegated(DomainError):
     default_message = (
         "this site does not accept jobs automatically, so its admin decides, not its agent"
     )
+
+
+class PrivacyPolicyRefuses(Conflict):
+    """The site's privacy policy, as its agent reported it, refuses the job: its project or
+    submitter is not allowed there, or not one of its rounds fits the site's privacy budget.
+    Accepting it would only have every round declined; the message is the policy's reason."""
+
+    code = "privacy_policy_refuses"
+    default_message = "the site's privacy policy refuses this job"
 
 
 class StorageFull(DomainError):

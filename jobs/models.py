@@ -141,6 +141,9 @@ class JobSite(models.Model):
     log_lines_dropped = models.PositiveBigIntegerField(default=0)
     log_allowance = models.FloatField(null=True, blank=True, help_text="bytes; null: full")
     log_allowance_at = models.DateTimeField(null=True, blank=True)
+    # The latest privacy report the site's agent sent for this job (its ledger's report:
+    # ε spent, releases, history, the policy's δ and noise, and the tensors it kept home).
+    privacy = models.JSONField(default=dict, blank=True, editable=False)
 
     class Meta:
         constraints: ClassVar = [
@@ -272,6 +275,8 @@ class SiteTask(models.Model):
     update_size = models.PositiveBigIntegerField(null=True, blank=True)
     weight = models.FloatField(null=True, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    # The privacy report the site's agent sent with this task's upload or its refusal.
+    privacy = models.JSONField(default=dict, blank=True, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from django.db.models import Count, Prefetch, Q, QuerySet
 from django.utils import timezone
 
+from client_agent.privacy.policy import JobAssessment, assess_job
 from common.exceptions import NotFound
 from jobs.bundle import MAX_TAGS
 from jobs.models import (
@@ -133,7 +134,9 @@ def participants_of(job: Job) -> QuerySet[JobSite]:
     tasks = SiteTask.objects.filter(round__job=job).select_related("round")
     tasks = tasks.order_by("round__number")
     return (
-        job.participants.select_related("site__organization", "decided_by")
+        job.participants.select_related(
+            "site__organization", "decided_by", "job__project", "job__submitted_by"
+        )
         .prefetch_related(Prefetch("site__tasks", queryset=tasks, to_attr="job_tasks"))
         .order_by("site__name")
     )
@@ -339,7 +342,7 @@ def site_active_jobs(site: Site) -> SiteActiveJobs:
     """What the site's agent polls: its active jobs and its task in each open round."""
     links = list(
         JobSite.objects.filter(site=site, job__state__in=JOB_ACTIVE)
-        .select_related("job")
+        .select_related("job__project", "job__submitted_by")
         .order_by("job__created_at", "job__id")
     )
     open_tasks = SiteTask.objects.filter(
@@ -482,3 +485,75 @@ def quorum_shortfall_of(job: Job) -> QuorumShortfall | None:
     if possible >= job.min_clients:
         return None
     return QuorumShortfall(possible=possible, needed=job.min_clients)
+
+
+# --- privacy -----------------------------------------------------------------------------------
+
+
+def job_privacy_assessment(*, job: Job, site: Site) -> JobAssessment | None:
+    """What ``job`` would spend at ``site`` under the policy its agent reported, and whether
+    the policy refuses it (its project or submitter, or no round fits the budgets); None when
+    the site never reported a policy. The one rule both acceptance paths and the pages use:
+    the job's rounds from the start, after what the project has already spent there."""
+    policy = site_selectors.site_privacy_policy(site)
+    if policy is None:
+        return None
+    return assess_job(
+        policy,
+        project=job.project.slug,
+        submitter=job.submitted_by.get_username() if job.submitted_by_id else None,
+        rounds=job.num_rounds,
+        job_spent=[],
+        project_spent=site_selectors.site_privacy_project_spent(site),
+    )
+
+
+def job_privacy_expectation(link: JobSite) -> JobAssessment | None:
+    """:func:`job_privacy_assessment` for one participation row (the approval page's figure)."""
+    return job_privacy_assessment(job=link.job, site=link.site)
+
+
+@dataclass(frozen=True)
+class JobPrivacySpend:
+    """What one job has spent at one site, as the site's agent last reported it; ``epsilon``
+    is the accountant's value for ``history`` at ``delta`` (None: unbounded or not
+    accounted, a policy without clipping or without noise)."""
+
+    job: Job
+    link: JobSite
+    epsilon: float | None
+    max_epsilon: float | None
+    releases: int
+    history: list[list[float]]
+    delta: float | None
+    noise_multiplier: float | None
+    excluded: list[str]
+
+
+def privacy_spend_of(link: JobSite) -> JobPrivacySpend | None:
+    """The spend in ``link.privacy``; None when the site has reported none for the job."""
+    report = link.privacy or {}
+    if not report:
+        return None
+    return JobPrivacySpend(
+        job=link.job,
+        link=link,
+        epsilon=report.get("epsilon"),
+        max_epsilon=report.get("max_epsilon"),
+        releases=int(report.get("releases") or 0),
+        history=list(report.get("history") or []),
+        delta=report.get("delta"),
+        noise_multiplier=report.get("noise_multiplier"),
+        excluded=list(report.get("excluded") or []),
+    )
+
+
+def site_privacy_spend(site: Site) -> list[JobPrivacySpend]:
+    """Each job's spend at ``site`` that its agent reported, newest job first."""
+    links = (
+        JobSite.objects.filter(site=site)
+        .exclude(privacy={})
+        .select_related("job__project", "site")
+        .order_by("-job__created_at", "-job__id")
+    )
+    return [spend for link in links if (spend := privacy_spend_of(link)) is not None]

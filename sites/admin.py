@@ -308,6 +308,11 @@ class SiteAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "enrolled_at",
         "agent_version",
         "last_heartbeat",
+        # The site's privacy policy is its agent's to report, never the portal's to change.
+        "privacy_policy",
+        "privacy_policy_reported_at",
+        "privacy_project_history",
+        "privacy_project_epsilon",
     )
 
     def get_fields(self, request: HttpRequest, obj: Site | None = None) -> Any:

@@ -245,6 +245,16 @@ class Site(models.Model):
     auto_accept_jobs = models.BooleanField(
         default=False, help_text="Run the project's jobs without asking the site admin each time."
     )
+    # The site's privacy policy as its agent reported it (PrivacyPolicy.to_json): the portal
+    # shows it and plans with it, and never changes it; the file at the site is what rules.
+    privacy_policy = models.JSONField(
+        null=True, blank=True, editable=False, help_text="null: the agent never reported one"
+    )
+    privacy_policy_reported_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # What the site's ledger says the project has spent here: Opacus history entries
+    # [noise_multiplier, sample_rate, steps], and the ε they come to at the policy's δ.
+    privacy_project_history = models.JSONField(default=list, blank=True, editable=False)
+    privacy_project_epsilon = models.FloatField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["project_id", "name"]
@@ -447,6 +457,7 @@ class AuditAction(models.TextChoices):
     CERTIFICATE_REVOKED = "certificate.revoked"
     API_TOKEN_CREATED = "api_token.created"
     API_TOKEN_REVOKED = "api_token.revoked"
+    SITE_PRIVACY_POLICY_REPORTED = "site.privacy_policy_reported"
 
 
 class UsedNonce(models.Model):

@@ -33,6 +33,8 @@ from django.contrib.auth.models import AnonymousUser
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from client_agent.privacy.accounting import Step
+from client_agent.privacy.policy import PolicyError, PrivacyPolicy
 from sites.models import (
     ApiToken,
     AuditEvent,
@@ -417,3 +419,21 @@ def site_is_online(site: Site, now: dt.datetime | None = None) -> bool:
         return False
     gone = site.agent_disconnected_at
     return gone is None or heartbeat > gone
+
+
+def site_privacy_policy(site: Site) -> PrivacyPolicy | None:
+    """The privacy policy ``site``'s agent last reported, or None when it never did.
+
+    The stored copy was checked when it came in; one that no longer passes the check (a
+    stricter portal since) counts as not reported rather than as a policy with no rules."""
+    if site.privacy_policy is None:
+        return None
+    try:
+        return PrivacyPolicy.from_json(site.privacy_policy)
+    except PolicyError:
+        return None
+
+
+def site_privacy_project_spent(site: Site) -> list[Step]:
+    """What the project has spent at ``site``, as the accountant's history entries."""
+    return [(float(s), float(q), int(n)) for s, q, n in site.privacy_project_history or []]

@@ -17,6 +17,7 @@ from dashboard.appfiles import AppArchiveUnreadable, app_file_text, app_files
 from dashboard.forms import DecisionReasonForm
 from dashboard.http import SignedInRequest
 from dashboard.presenters import decision_rows
+from dashboard.privacy import link_expectation, link_expectations, project_budget
 from dashboard.views._common import job_for, project_for, require, source_address
 from dashboard.views.projects import decisions_before_start, project_context
 from jobs import selectors
@@ -43,10 +44,11 @@ def approval_list(request: SignedInRequest, slug: str) -> HttpResponse:
     ).get_page(request.GET.get("declined_page"))
     shown = [*pending, *declined]
     counts = selectors.decision_counts(sorted({link.job_id for link in shown}))
+    privacy = link_expectations(shown)
     context.update(
-        pending=decision_rows(list(pending), counts),
+        pending=decision_rows(list(pending), counts, privacy),
         pending_page=pending,
-        declined=decision_rows(list(declined), counts),
+        declined=decision_rows(list(declined), counts, privacy),
         declined_page=declined,
         reason_form=DecisionReasonForm(),
     )
@@ -137,6 +139,8 @@ def approval_review(request: SignedInRequest, uid: UUID, site_name: str) -> Http
         shown=shown,
         shown_text=text,
         pending=link.decision == JobSite.Decision.PENDING,
+        privacy=link_expectation(link),
+        project_budget=project_budget(link.site),
         reason_form=DecisionReasonForm(),
     )
     return render(request, "dashboard/approval_review.html", context)

@@ -26,6 +26,7 @@ from dashboard.metrics import (
     metric_points_csv_async,
 )
 from dashboard.presenters import SiteLog, model_version_rows, task_grid_rows
+from dashboard.privacy import server_privacy
 from dashboard.submission import JobSubmitForm, clone_initial, site_choices
 from dashboard.views._common import job_for, project_for, require, source_address
 from dashboard.views.projects import project_context
@@ -42,12 +43,15 @@ LOG_LINES = 200
 
 
 def rounds_context(job: Job) -> dict[str, Any]:
-    """The round timeline and the site × round grid of task states."""
+    """The round timeline and the site × round grid of task states, with each site's privacy
+    spend on the job when any site reported one."""
     rounds, grid = selectors.task_grid_of(job)
+    rows = task_grid_rows(grid)
     return {
         "job": job,
         "rounds": rounds,
-        "grid": task_grid_rows(grid),
+        "grid": rows,
+        "grid_privacy": any(row.privacy for row in rows),
         "relay": relay_turns(job, rounds),
         "heat_map": cross_site_heat_map(job),
     }
@@ -87,6 +91,7 @@ def job_detail(request: SignedInRequest, uid: UUID) -> HttpResponse:
         abort_form=AbortForm(),
         logs=logs_of(job, sites),
         charts=metric_charts(job),
+        server_privacy=server_privacy(context["rounds"]),
         chart_points=MAX_CHART_POINTS,
         aggregate_name=AGGREGATE,
         files=files,

@@ -13,10 +13,12 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
+from client_agent.privacy.policy import POLICY_FILE
 from common.exceptions import DomainError
 from dashboard.forms import ReasonForm, SiteRequestForm, SiteSettingsForm
 from dashboard.http import SignedInRequest
 from dashboard.presenters import site_policy_rows, site_rows
+from dashboard.privacy import site_budget, site_privacy_policy
 from dashboard.views._common import form_error, project_for, render_once, require, source_address
 from dashboard.views.projects import project_context
 from jobs.models import JobSite
@@ -52,12 +54,13 @@ def site_list(request: SignedInRequest, slug: str) -> HttpResponse:
 @login_required
 @require_safe
 def site_detail(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
-    """A site: its enrolment, agent, certificate, policy as the portal knows it, and its
-    latest jobs with the site's decision on each."""
+    """A site: its enrolment, agent, certificate, policy (with the privacy policy its agent
+    reported), the privacy budget its latest jobs spent there, and those jobs with the site's
+    decision on each."""
     project = project_for(request, slug)
     site = _site(request, project, pk)
     context = project_context(request, project)
-    links = (
+    links = list(
         JobSite.objects.filter(site=site)
         .select_related("job", "decided_by")
         .order_by("-job__created_at")[:SITE_JOBS]
@@ -67,7 +70,10 @@ def site_detail(request: SignedInRequest, slug: str, pk: int) -> HttpResponse:
         online=selectors.site_is_online(site),
         certificate=selectors.site_current_certificate(site),
         policy=site_policy_rows(site),
-        links=list(links),
+        privacy_policy=site_privacy_policy(site),
+        privacy_budget=site_budget(site),
+        policy_file=POLICY_FILE,
+        links=links,
         site_jobs_shown=SITE_JOBS,
         can_manage=selectors.can_manage_site(request.user, site) and not site.is_terminal,
         settings_form=SiteSettingsForm(initial={"auto_accept_jobs": site.auto_accept_jobs}),

@@ -12,6 +12,7 @@ the initial one).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from django.core.files.uploadedfile import UploadedFile
@@ -20,6 +21,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from client_agent import jsonlimits
+from client_agent.privacy.policy import JobAssessment
 from jobs.bundle import MAX_EXPERIMENT_CHARS, MAX_TAG_CHARS, MAX_TAGS
 from jobs.models import (
     Job,
@@ -31,7 +33,13 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
-from jobs.selectors import CrossSiteMatrix, cross_site_matrix_of
+from jobs.selectors import (
+    CrossSiteMatrix,
+    JobPrivacySpend,
+    cross_site_matrix_of,
+    job_privacy_expectation,
+    privacy_spend_of,
+)
 from jobs.services.plans import task_spec_payload
 from jobs.services.rounds import planned_task_of
 from jobs.services.submission import MAX_ROUND_TIMEOUT_SECONDS
@@ -187,6 +195,14 @@ class TaskStatusSerializer(serializers.Serializer[dict[str, Any]]):
         max_length=REASON_MAX,
         help_text="Why, when the state is failed (required then).",
     )
+    privacy = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        help_text="With failed, when the site's privacy policy declined the round: its "
+        "privacy ledger's report (noise_multiplier, sample_rate, clip_norm, clip_scope, delta, "
+        "releases, history, project_history, epsilon, project_epsilon, max_epsilon, "
+        "max_project_epsilon, policy_sha256).",
+    )
 
 
 class MetricPointInSerializer(serializers.Serializer[dict[str, Any]]):
@@ -341,6 +357,11 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
 
 class SiteTaskSerializer(serializers.ModelSerializer[SiteTask]):
     round = serializers.IntegerField(source="round.number", read_only=True)
+    privacy_epsilon = serializers.SerializerMethodField(
+        help_text="ε the job had spent at the site after this task, by the privacy report "
+        "the site's agent sent with it (the accountant's value for its history); null when "
+        "none came, or it is unbounded (no noise)."
+    )
 
     class Meta:
         model = SiteTask
@@ -353,9 +374,52 @@ class SiteTaskSerializer(serializers.ModelSerializer[SiteTask]):
             "update_size",
             "weight",
             "metrics",
+            "privacy_epsilon",
             "updated_at",
         ]
         read_only_fields = fields
+
+    def get_privacy_epsilon(self, task: SiteTask) -> float | None:
+        value = (task.privacy or {}).get("epsilon")
+        return float(value) if value is not None else None
+
+
+class PrivacySpendSerializer(serializers.Serializer[JobPrivacySpend]):
+    """What a job has spent at a site, by the latest privacy report of the site's agent."""
+
+    epsilon = serializers.FloatField(
+        allow_null=True,
+        help_text="The accountant's ε for the reported history at delta (null: unbounded or "
+        "not accounted).",
+    )
+    max_epsilon = serializers.FloatField(allow_null=True, help_text="The site's cap per job.")
+    releases = serializers.IntegerField(help_text="Updates released under the policy.")
+    delta = serializers.FloatField(allow_null=True)
+    noise_multiplier = serializers.FloatField(allow_null=True)
+    excluded = serializers.SerializerMethodField(help_text="Tensors the site keeps home.")
+
+    def get_excluded(self, spend: JobPrivacySpend) -> int:
+        return len(spend.excluded)
+
+
+class PrivacyExpectedSerializer(serializers.Serializer[JobAssessment]):
+    """What the job is expected to spend at the site, by the policy its agent reported."""
+
+    expected_epsilon = serializers.SerializerMethodField(
+        help_text="ε the job spends there if it runs the rounds that fit; null when nothing "
+        "is accounted or it is unbounded (the site clips without noise)."
+    )
+    rounds_within = serializers.IntegerField(
+        allow_null=True, help_text="Rounds the site's budgets leave room for (null: no budget)."
+    )
+    refused = serializers.CharField(
+        allow_null=True, help_text="Why the site's policy refuses the job (null: it may run)."
+    )
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_expected_epsilon(self, assessment: JobAssessment) -> float | None:
+        value = assessment.expected_epsilon
+        return value if value is not None and math.isfinite(value) else None
 
 
 class ParticipantSerializer(serializers.ModelSerializer[JobSite]):
@@ -374,6 +438,14 @@ class ParticipantSerializer(serializers.ModelSerializer[JobSite]):
     log_lines_dropped = serializers.IntegerField(
         read_only=True, help_text="older output lines deleted past the site's quota"
     )
+    privacy = serializers.SerializerMethodField(
+        help_text="What the job has spent at the site, by its agent's latest privacy report; "
+        "null before any."
+    )
+    privacy_expected = serializers.SerializerMethodField(
+        help_text="What the job is expected to spend at the site under the privacy policy its "
+        "agent reported, from the start; null when it never reported one."
+    )
 
     class Meta:
         model = JobSite
@@ -390,11 +462,29 @@ class ParticipantSerializer(serializers.ModelSerializer[JobSite]):
             "tasks",
             "log_lines",
             "log_lines_dropped",
+            "privacy",
+            "privacy_expected",
         ]
         read_only_fields = fields
 
     def get_online(self, link: JobSite) -> bool:
         return site_is_online(link.site)
+
+    @extend_schema_field(PrivacySpendSerializer(allow_null=True))
+    def get_privacy(self, link: JobSite) -> dict[str, Any] | None:
+        spend = privacy_spend_of(link)
+        if spend is None:
+            return None
+        data: dict[str, Any] = PrivacySpendSerializer(spend).data
+        return data
+
+    @extend_schema_field(PrivacyExpectedSerializer(allow_null=True))
+    def get_privacy_expected(self, link: JobSite) -> dict[str, Any] | None:
+        expected = job_privacy_expectation(link)
+        if expected is None:
+            return None
+        data: dict[str, Any] = PrivacyExpectedSerializer(expected).data
+        return data
 
     @extend_schema_field(SiteTaskSerializer(many=True))
     def get_tasks(self, link: JobSite) -> list[dict[str, Any]]:
@@ -511,6 +601,17 @@ class AgentJobSerializer(serializers.ModelSerializer[JobSite]):
     num_rounds = serializers.IntegerField(source="job.num_rounds", read_only=True)
     completed_rounds = serializers.IntegerField(source="job.completed_rounds", read_only=True)
     app_sha256 = serializers.CharField(source="job.app_sha256", read_only=True)
+    project = serializers.CharField(
+        source="job.project.slug",
+        read_only=True,
+        help_text="The job's project (its slug), for the site's privacy policy's job rule.",
+    )
+    submitter = serializers.CharField(
+        source="job.submitted_by.username",
+        default=None,
+        read_only=True,
+        help_text="Who submitted the job (a portal username), for the privacy policy's rule.",
+    )
     spec_url = serializers.SerializerMethodField()
     bundle_url = serializers.SerializerMethodField()
     current_task = serializers.SerializerMethodField(
@@ -527,6 +628,8 @@ class AgentJobSerializer(serializers.ModelSerializer[JobSite]):
             "num_rounds",
             "completed_rounds",
             "app_sha256",
+            "project",
+            "submitter",
             "decision",
             "spec_url",
             "bundle_url",

@@ -504,7 +504,8 @@ class AgentRoundModelView(AgentView[ModelVersion]):
 
 
 class AgentRoundStatusView(AgentView[SiteTask]):
-    """The site reports ``training`` (or ``downloaded``) for its task in round n."""
+    """The site reports ``training`` (or ``downloaded``) for its task in round n, or that it
+    failed: with ``privacy`` when its privacy policy declined the round."""
 
     parser_classes = [JSONParser]
 
@@ -517,7 +518,12 @@ class AgentRoundStatusView(AgentView[SiteTask]):
     def post(self, request: Request, uid: UUID, number: int) -> Response:
         task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
         data = parse(s.TaskStatusSerializer, request.data)
-        task = task_mark(task=task, state=data["state"], reason=data.get("reason", ""))
+        task = task_mark(
+            task=task,
+            state=data["state"],
+            reason=data.get("reason", ""),
+            privacy=data.get("privacy"),
+        )
         return Response(s.AgentTaskStateSerializer(task).data)
 
 

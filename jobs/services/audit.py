@@ -30,6 +30,10 @@ class JobAuditAction(models.TextChoices):
     COMPLETED = "job.completed"
     LABELLED = "job.labelled"  # its experiment or tags changed
     FAILED = "job.failed"
+    # A site's agent enforcing its privacy policy: a round declined for the budget or the
+    # policy, tensors the site keeps home.
+    PRIVACY_ROUND_DECLINED = "privacy.round_declined"
+    PRIVACY_TENSORS_EXCLUDED = "privacy.tensors_excluded"
 
 
 def job_audit_record(

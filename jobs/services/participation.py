@@ -10,8 +10,9 @@ from django.utils import timezone
 from common.exceptions import Conflict, ValidationFailed
 from common.validators import has_control_characters
 from jobs import events
-from jobs.exceptions import DecisionNotDelegated
+from jobs.exceptions import DecisionNotDelegated, PrivacyPolicyRefuses
 from jobs.models import Job, JobSite, JobState, RoundState
+from jobs.selectors import job_privacy_assessment
 from jobs.services.audit import JobAuditAction, job_audit_record
 from jobs.services.rounds import job_kick_after_commit
 
@@ -54,7 +55,9 @@ def site_job_decide(
 
     ``decided_by``: the person who decided (their permission is checked by the caller);
     ``by_agent``: the site's agent decides, which its policy allows only when the site accepts
-    jobs automatically (``DecisionNotDelegated`` otherwise). The audit event names the site
+    jobs automatically (``DecisionNotDelegated`` otherwise). A job the site's privacy policy
+    refuses (as its agent reported the policy) cannot be accepted (``PrivacyPolicyRefuses``,
+    409 with the policy's reason); it can be declined. The audit event names the site
     and the decision, and as actor the person or the site's agent. ``reason`` (optional) is
     kept with the decision and in the audit event.
     """
@@ -69,6 +72,12 @@ def site_job_decide(
             raise DecisionNotDelegated()
         if link.job.state not in (JobState.SUBMITTED, JobState.WAITING):
             raise Conflict(f"the job is {link.job.state}; sites decide before it starts")
+        if accept:
+            assessment = job_privacy_assessment(job=link.job, site=link.site)
+            if assessment is not None and assessment.refused:
+                raise PrivacyPolicyRefuses(
+                    f"site {link.site.name} cannot accept this job: {assessment.refused}"
+                )
         link.decision = JobSite.Decision.ACCEPTED if accept else JobSite.Decision.DECLINED
         link.decided_at = timezone.now()
         link.decided_by = decided_by

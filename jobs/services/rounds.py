@@ -66,6 +66,7 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
+from jobs.selectors import job_privacy_assessment
 from jobs.services.audit import JobAuditAction, job_audit_record
 from jobs.services.plans import (
     checkpoint_name,
@@ -76,6 +77,7 @@ from jobs.services.plans import (
     task_spec_from_payload,
     task_spec_payload,
 )
+from jobs.services.privacy import task_privacy_record, upload_privacy_report
 from jobs.services.telemetry import MAX_CLIENT_ID_LENGTH
 from jobs.workflows import (
     ModelRef,
@@ -299,15 +301,25 @@ def _start_if_ready(job: Job) -> Advance:
     links = list(job.participants.select_related("site"))
     for link in links:
         if link.decision == JobSite.Decision.PENDING and link.site.auto_accept_jobs:
-            link.decision = JobSite.Decision.ACCEPTED
+            # A job the site's privacy policy refuses (its project or submitter, or not one
+            # round fits the budget) is declined now, not after its first round.
+            assessment = job_privacy_assessment(job=job, site=link.site)
+            refused = assessment.refused if assessment is not None else None
+            link.decision = JobSite.Decision.DECLINED if refused else JobSite.Decision.ACCEPTED
             link.decided_at = now
-            link.save(update_fields=["decision", "decided_at"])
+            link.decision_reason = refused or ""
+            link.save(update_fields=["decision", "decided_at", "decision_reason"])
             # The site's own policy decided, applied by the portal: no person, no agent.
             job_audit_record(
                 action=JobAuditAction.SITE_DECIDED,
                 job=job,
                 actor=None,
-                details={"site": link.site.name, "decision": link.decision, "automatic": True},
+                details={
+                    "site": link.site.name,
+                    "decision": link.decision,
+                    "automatic": True,
+                    **({"reason": refused} if refused else {}),
+                },
             )
             events.decision(link)
     ready = [
@@ -726,14 +738,22 @@ def update_check(*, task_id: int) -> str:
 def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
     """Check one site's answer as its task asks (``result_from_file``): a train result FULL or
     DIFF params fitting the global model, a validate result metrics only, a submitted model
-    FULL params; accepted, or rejected with the reason."""
+    FULL params; accepted, or rejected with the reason.
+
+    The privacy report the file carries (the site's ledger, read from the header) is kept
+    once the task is answered, either way: what the site released is spent whatever the
+    portal made of it. A malformed report is logged and not kept; it does not decide the
+    check."""
     from jobs.aggregation import UpdateRejected
     from jobs.workflows import TaskResult, close_result, result_from_file
 
     result: TaskResult | None = None
     task.round = rnd
+    privacy: dict[str, Any] | None = None
     try:
-        result = result_from_file(planned_task_of(task), storage_path(task.update.name), specs)
+        path = storage_path(task.update.name)
+        privacy = upload_privacy_report(path)
+        result = result_from_file(planned_task_of(task), path, specs)
     except (UpdateRejected, WireFormatError) as exc:
         state, reason = TaskState.REJECTED, getattr(exc, "reason", str(exc))
     except Exception as exc:
@@ -778,6 +798,8 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
                 )
         if not changed:
             return "nothing: checked meanwhile"
+        if privacy is not None:
+            task_privacy_record(task=task, report=privacy)
         task.state, task.reason = state, reason
         events.task_state(task)
         # The round closes when every site answered (or at its deadline, which has its own

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import IO
+from typing import IO, Any
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -16,9 +16,11 @@ from jobs import events
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, Job, ModelVersion, RoundState, SiteTask, TaskState
 from jobs.selectors import task_for_site, task_takes_update
+from jobs.services.privacy import round_declined_record
 from jobs.services.rounds import job_kick_after_commit
 from jobs.workflows import ModelRef
 from sites.models import Site
+from sites.services.privacy import privacy_report_checked
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,16 @@ def round_model_fetch(
     return found
 
 
-def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
+def task_mark(*, task: SiteTask, state: str, reason: str = "", privacy: Any = None) -> SiteTask:
     """A site reports progress (downloaded, training) or failure on an open task.
 
     ``failed`` (with the agent's ``reason``: the script crashed, the update could not be made)
     answers the task, so the round need not wait for its deadline to close on the others.
     Other moves, and reports on a closed round, change nothing.
+
+    ``privacy``: with ``failed``, the site's privacy ledger report, sent when its privacy
+    policy declined the round (the budget, or the job as a whole): checked (400 naming the
+    field), kept, and the decline audited (``privacy.round_declined``).
     """
     reportable = (TaskState.DOWNLOADED, TaskState.TRAINING, TaskState.FAILED)
     if state not in reportable:
@@ -61,6 +67,15 @@ def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
     reason = reason.strip()[:2000] if state == TaskState.FAILED else ""
     if state == TaskState.FAILED and not reason:
         raise ValidationFailed("say why the task failed", field="reason")
+    report = None
+    if privacy is not None:
+        if state != TaskState.FAILED:
+            raise ValidationFailed(
+                "a privacy report comes with a failed task only (a round the site's privacy "
+                "policy declined)",
+                field="privacy",
+            )
+        report = privacy_report_checked(privacy)
     with transaction.atomic():
         changed = SiteTask.objects.filter(
             pk=task.pk,
@@ -70,6 +85,8 @@ def task_mark(*, task: SiteTask, state: str, reason: str = "") -> SiteTask:
         if changed:
             task.state, task.reason = state, reason
             events.task_state(task)
+            if report is not None:
+                round_declined_record(task=task, reason=reason, report=report)
             if state == TaskState.FAILED:
                 job_kick_after_commit(task.round.job)
     return task

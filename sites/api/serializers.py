@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from client_agent.privacy.policy import PrivacyPolicy
 from sites import selectors
 from sites.authentication import SiteIdentity
 from sites.models import (
@@ -168,6 +169,12 @@ class ProjectPersonField(serializers.SlugRelatedField["User"]):
     def get_queryset(self) -> QuerySet[User]:
         return selectors.people_of_project(self.context["project"])
 
+    def to_internal_value(self, data: Any) -> User:
+        # No username holds a NUL, and PostgreSQL refuses one even in a lookup (a 500).
+        if not isinstance(data, str) or "\x00" in data:
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
 
 class MembershipCreateSerializer(serializers.Serializer[dict[str, Any]]):
     organization = ProjectOrganizationField()
@@ -254,6 +261,18 @@ class InvitationAcceptSerializer(serializers.Serializer[dict[str, Any]]):
 # --- sites and enrolment -----------------------------------------------------------------------
 
 
+class PrivacyRuleSerializer(serializers.Serializer[tuple[str, str]]):
+    rule = serializers.CharField()
+    setting = serializers.CharField()
+
+
+def privacy_rules_of(policy: PrivacyPolicy | None) -> list[dict[str, str]]:
+    """A policy's rules in words (``PrivacyPolicy.describe``) as the API sends them."""
+    if policy is None:
+        return []
+    return [{"rule": rule, "setting": setting} for rule, setting in policy.describe()]
+
+
 class SiteSerializer(serializers.ModelSerializer[Site]):
     organization_name = serializers.CharField(source="organization.name", read_only=True)
     requested_by = serializers.CharField(
@@ -279,8 +298,30 @@ class SiteSerializer(serializers.ModelSerializer[Site]):
             "agent_version",
             "last_heartbeat",
             "auto_accept_jobs",
+            "privacy_policy",
+            "privacy_rules",
+            "privacy_policy_reported_at",
+            "privacy_project_epsilon",
         ]
         read_only_fields = fields
+
+    privacy_policy = serializers.JSONField(
+        read_only=True,
+        help_text="The privacy policy the site's agent enforces, as it reported it "
+        "(null: never reported). The portal shows it and never changes it.",
+    )
+    privacy_rules = serializers.SerializerMethodField(
+        help_text="The policy's rules in words; empty when the agent never reported one."
+    )
+    privacy_project_epsilon = serializers.FloatField(
+        read_only=True,
+        help_text="ε the project has spent at this site, by the site's ledger (null: none "
+        "accounted, or unbounded: releases without noise).",
+    )
+
+    @extend_schema_field(PrivacyRuleSerializer(many=True))
+    def get_privacy_rules(self, site: Site) -> list[dict[str, str]]:
+        return privacy_rules_of(selectors.site_privacy_policy(site))
 
 
 class SiteRequestSerializer(serializers.Serializer[dict[str, Any]]):
@@ -372,6 +413,37 @@ class WhoamiSerializer(serializers.Serializer[SiteIdentity]):
     certificate_fingerprint = serializers.CharField(source="certificate.fingerprint")
     certificate_not_after = serializers.DateTimeField(source="certificate.not_after")
     last_heartbeat = serializers.DateTimeField(source="site.last_heartbeat")
+
+
+class PrivacyPolicyReportSerializer(serializers.Serializer[dict[str, Any]]):
+    """What a site's agent reports of its privacy: checked in full by the service, which names
+    the field at fault (``policy.budget.delta``, ``project_history[3][1]``)."""
+
+    policy = serializers.JSONField(help_text="The site's policy, as PrivacyPolicy.to_json().")
+    project_history = serializers.JSONField(
+        required=False,
+        help_text="What the project has spent at the site: the accountant's history entries "
+        "[noise_multiplier, sample_rate, steps] (at most 10,000).",
+    )
+    project_epsilon = serializers.JSONField(
+        required=False,
+        help_text="ε of the history by the agent; the portal recomputes it.",
+    )
+
+
+class SitePrivacySerializer(serializers.Serializer[Site]):
+    """The privacy policy the portal holds for a site, and the project's spending there."""
+
+    site = serializers.CharField(source="name")
+    policy = serializers.JSONField(source="privacy_policy", allow_null=True)
+    rules = serializers.SerializerMethodField()
+    reported_at = serializers.DateTimeField(source="privacy_policy_reported_at", allow_null=True)
+    project_history = serializers.JSONField(source="privacy_project_history")
+    project_epsilon = serializers.FloatField(source="privacy_project_epsilon", allow_null=True)
+
+    @extend_schema_field(PrivacyRuleSerializer(many=True))
+    def get_rules(self, site: Site) -> list[dict[str, str]]:
+        return privacy_rules_of(selectors.site_privacy_policy(site))
 
 
 # --- certificates ------------------------------------------------------------------------------

@@ -79,4 +79,9 @@ urlpatterns: list[URLPattern] = [
     path("enrol/", views.EnrolView.as_view(), name="enrol"),
     path("enrol/check/", views.EnrolCheckView.as_view(), name="enrol-check"),
     path("agent/whoami/", views.WhoamiView.as_view(), name="agent-whoami"),
+    path(
+        "agent/privacy-policy/",
+        views.AgentPrivacyPolicyView.as_view(),
+        name="agent-privacy-policy",
+    ),
 ]

@@ -407,9 +407,12 @@ def test_the_agents_send_only_updates_metrics_log_lines_and_task_states(poc: Poc
                     {},
                 ), tensors
                 assert controls in ({"bias": [2], "weight": [2, 3]}, {}), tensors
+            elif entry["method"] == "POST" and entry["path"].endswith("/privacy-policy/"):
+                # The site's own privacy policy and what it has spent: the portal shows them.
+                assert set(entry["json"]) == {"policy", "project_history", "project_epsilon"}
             elif entry["method"] == "POST":
                 assert entry["path"].endswith("/status/")  # a failure, with its reason
-                assert set(entry["json"]) <= {"state", "reason"}
+                assert set(entry["json"]) <= {"state", "reason", "privacy"}
             else:
                 assert entry["method"] == "GET" and entry["bytes"] == 0
         assert "report" in kinds

@@ -262,6 +262,12 @@
       }
     }
     if (event.state === "accepted") reloadMetrics();
+    // An accepted upload or a declined task carries the site's privacy report: the grid's
+    // privacy columns are the server's to render.
+    if ((event.state === "accepted" || event.state === "failed") &&
+        rounds.querySelector('[data-field="privacy"]')) {
+      live.refresh(rounds);
+    }
   }
 
   function onRound(event) {

@@ -20,7 +20,12 @@ Rules:
 """
 
 from sites.api import schema as _schema  # noqa: F401  (registers the auth schemes)
-from sites.api.views.agents import EnrolCheckView, EnrolView, WhoamiView
+from sites.api.views.agents import (
+    AgentPrivacyPolicyView,
+    EnrolCheckView,
+    EnrolView,
+    WhoamiView,
+)
 from sites.api.views.api_tokens import ApiTokenDetailView, ApiTokenListView, ApiTokenRevokeView
 from sites.api.views.audit import AuditEventListView, ProjectAuditEventListView
 from sites.api.views.people import (
@@ -48,6 +53,7 @@ from sites.api.views.sites import (
 )
 
 __all__ = [
+    "AgentPrivacyPolicyView",
     "ApiTokenDetailView",
     "ApiTokenListView",
     "ApiTokenRevokeView",

@@ -1,4 +1,5 @@
-"""The endpoints site agents call: the CSR exchange and whoami (a signed heartbeat)."""
+"""The endpoints site agents call: the CSR exchange, whoami (a signed heartbeat) and the
+site's privacy policy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from fedportal.api import JSONParser
 from fedportal.api_views import errors, parse
 from fedportal.throttling import CredentialFailures, EnrolThrottle, client_address
 from sites import services
@@ -18,6 +20,7 @@ from sites.api.permissions import IsSiteAgent, site_identity
 from sites.authentication import SiteSignatureAuthentication
 from sites.exceptions import TokenInvalid
 from sites.models import Project
+from sites.services.privacy import site_privacy_policy_report
 
 
 # These views have no model: their serializers describe plain bodies, or the request's identity.
@@ -100,3 +103,38 @@ class WhoamiView(generics.GenericAPIView[Any]):
     @extend_schema(responses={200: s.WhoamiSerializer, **errors()})
     def get(self, request: Request) -> Response:
         return Response(self.get_serializer(site_identity(request)).data)
+
+
+@extend_schema(tags=["agent"])
+class AgentPrivacyPolicyView(generics.GenericAPIView[Any]):
+    """The privacy policy the site's agent enforces (its ``privacy.toml``), and what the
+    project has spent at the site by its ledger: reported by the agent after it connects and
+    whenever it changes; read back with GET. The portal never changes it."""
+
+    authentication_classes = [SiteSignatureAuthentication]
+    permission_classes = [IsSiteAgent]
+    parser_classes = [JSONParser]
+    serializer_class = s.SitePrivacySerializer
+
+    @extend_schema(responses={200: s.SitePrivacySerializer, **errors()})
+    def get(self, request: Request) -> Response:
+        return Response(s.SitePrivacySerializer(site_identity(request).site).data)
+
+    @extend_schema(
+        request=s.PrivacyPolicyReportSerializer,
+        responses={200: s.SitePrivacySerializer, **errors(400)},
+        description="A policy that the agent itself would refuse (an impossible value, an "
+        "unknown field), or a history entry out of range, is a 400 whose `field` names it "
+        "(`policy.budget.delta`, `project_history[2][1]`); nothing is stored. A policy whose "
+        "SHA-256 differs from the stored one is recorded in the audit log.",
+    )
+    def post(self, request: Request) -> Response:
+        data = parse(s.PrivacyPolicyReportSerializer, request.data)
+        site = site_privacy_policy_report(
+            site=site_identity(request).site,
+            policy=data["policy"],
+            project_history=data.get("project_history", []),
+            project_epsilon=data.get("project_epsilon"),
+            source_address=client_address(request),
+        )
+        return Response(s.SitePrivacySerializer(site).data)

@@ -181,6 +181,15 @@ def test_ids_in_the_url_past_the_database_range_are_a_404(jobs_world: World, pat
     assert_error(jobs_world.call(ADMIN, "GET", url), 404, None)
 
 
+def test_a_username_holding_a_nul_is_a_400_naming_it(jobs_world: World) -> None:
+    # PostgreSQL refuses a NUL in any text, a lookup included: it must not reach the query.
+    organization = jobs_world.project.organizations.first()
+    assert organization is not None
+    body = {"organization": organization.pk, "username": "lead\x00", "role": "member"}
+    response = jobs_world.call(ADMIN, "POST", f"{jobs_world.p}/memberships/", body)
+    assert_error(response, 400, "username")
+
+
 @pytest.mark.parametrize("action", ["model", "status"])
 def test_an_agent_round_past_the_database_range_is_a_404(jobs_world: World, action: str) -> None:
     method = "GET" if action == "model" else "POST"

@@ -192,6 +192,13 @@ ROWS: list[Row] = [
     ),
     # … and whoami takes a site signature only.
     Row("GET", "/api/v1/agent/whoami/", expect(401, 401, 401, 401, 401, 401, agents=200)),
+    Row("GET", "/api/v1/agent/privacy-policy/", expect(401, 401, 401, 401, 401, 401, agents=200)),
+    Row(
+        "POST",
+        "/api/v1/agent/privacy-policy/",
+        expect(401, 401, 401, 401, 401, 401, agents=400),
+        {"policy": "x"},
+    ),
 ]
 
 
