@@ -6,6 +6,7 @@ neighbour graph, "SecAgg+"): the pure parts, with no network and no portal in th
 - :mod:`.prg`: a mask from a 32-byte seed (the ChaCha20 key stream);
 - :mod:`.shamir`: threshold sharing of 32-byte secrets over the prime field 2**521 − 1;
 - :mod:`.keys`: X25519 key agreement and the seeds both ends of a pair derive;
+- :mod:`.sealed`: shares sealed for one neighbour (AES-GCM), which the portal relays unread;
 - :mod:`.masking`: the neighbour graph, one site's masked vector, and the server's removal of
   the masks from the sum, for the sites that answered and those that dropped out.
 """

@@ -20,6 +20,7 @@ from client_agent.secagg.masking import (
     share_secrets,
     unmask,
 )
+from client_agent.secagg.sealed import SealedShareError, open_sealed, seal
 
 CONTEXT = b"job-1"
 
@@ -248,4 +249,75 @@ def test_a_survivors_mask_key_is_never_recovered() -> None:
             public_keys=one.publics,
             context=CONTEXT,
             nonce=one.nonce,
+        )
+
+
+# -- sealed shares --------------------------------------------------------------------------
+
+
+def _sealed_pair() -> tuple[KeyPair, KeyPair, bytes]:
+    alice, bob = KeyPair.generate(), KeyPair.generate()
+    box = seal(
+        (12345, 2**520 + 7),
+        sender=0,
+        receiver=1,
+        sender_private=alice.private,
+        receiver_public=bob.public,
+        context=CONTEXT,
+        round_number=3,
+    )
+    return alice, bob, box
+
+
+def test_sealed_shares_open_for_their_receiver_only() -> None:
+    alice, bob, box = _sealed_pair()
+    opened = open_sealed(
+        box,
+        sender=0,
+        receiver=1,
+        receiver_private=bob.private,
+        sender_public=alice.public,
+        context=CONTEXT,
+        round_number=3,
+    )
+    assert opened == (12345, 2**520 + 7)
+    eve = KeyPair.generate()
+    with pytest.raises(SealedShareError, match="from site 0 do not open"):
+        open_sealed(
+            box,
+            sender=0,
+            receiver=1,
+            receiver_private=eve.private,
+            sender_public=alice.public,
+            context=CONTEXT,
+            round_number=3,
+        )
+
+
+@pytest.mark.parametrize(
+    ("sender", "round_number", "damage", "message"),
+    [
+        (0, 4, "", "do not open"),  # replayed into another round
+        (2, 3, "", "do not open"),  # passed off as another site's
+        (0, 3, "flip", "do not open"),
+        (0, 3, "cut", "bytes, expected"),
+    ],
+)
+def test_a_sealed_box_replayed_tampered_or_cut_is_refused_with_the_reason(
+    sender: int, round_number: int, damage: str, message: str
+) -> None:
+    alice, bob, box = _sealed_pair()
+    if damage == "flip":
+        box = box[:-1] + bytes([box[-1] ^ 1])
+    if damage == "cut":
+        box = box[:-5]
+    with pytest.raises(SealedShareError, match=message):
+        open_sealed(
+            box,
+            sender=sender,
+            receiver=1,
+            receiver_private=bob.private,
+            sender_public=alice.public,
+            context=CONTEXT,
+            round_number=round_number,
         )
