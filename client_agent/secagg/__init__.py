@@ -9,4 +9,6 @@ neighbour graph, "SecAgg+"): the pure parts, with no network and no portal in th
 - :mod:`.sealed`: shares sealed for one neighbour (AES-GCM), which the portal relays unread;
 - :mod:`.masking`: the neighbour graph, one site's masked vector, and the server's removal of
   the masks from the sum, for the sites that answered and those that dropped out.
+
+Homomorphic encryption (CKKS) is the other protection, in :mod:`client_agent.he`.
 """
