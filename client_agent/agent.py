@@ -75,7 +75,6 @@ from client_agent.portal import (
     RoundClosed,
     WireRecorder,
 )
-from client_agent.privacy.accounting import epsilon, merged
 from client_agent.privacy.enforce import PrivacyRefusal
 from client_agent.privacy.ledger import PrivacyLedger
 from client_agent.privacy.policy import PrivacyPolicy
@@ -461,14 +460,9 @@ class Agent:
     def policy_report(self) -> dict[str, Any]:
         """What the portal is told of this site's privacy: the policy, and the project's
         spend here (Opacus's history entries and ε at the policy's δ)."""
-        history = merged(self.ledger.project_history())
-        spent = epsilon(history, self.policy.delta) if self.policy.changes_updates else None
+        history, spent = self.ledger.project_spend(self.policy)
         return json_report(
-            {
-                "policy": self.policy.to_json(),
-                "project_history": [list(step) for step in history],
-                "project_epsilon": spent,
-            }
+            {"policy": self.policy.to_json(), "project_history": history, "project_epsilon": spent}
         )
 
     async def _report_policy(self) -> None:

@@ -88,6 +88,12 @@ def _epsilon(history: tuple[Step, ...], delta: float) -> float:
     return float(eps)
 
 
+def as_json(value: float | None) -> float | None:
+    """ε as JSON carries it (the wire, the portal's fields): None when it is unbounded (a
+    release without noise), since JSON has no infinity."""
+    return value if value is None or math.isfinite(value) else None
+
+
 def epsilon_after(
     noise_multiplier: float, steps: int, delta: float, sample_rate: float = 1.0
 ) -> float:

@@ -94,9 +94,17 @@ class PrivacyLedger:
             write_private(self.path, (json.dumps({"jobs": data}, indent=1) + "\n").encode())
         return self.report(job, policy)
 
+    def project_spend(self, policy: PrivacyPolicy) -> tuple[list[list[float]], float | None]:
+        """The project's history here (Opacus's entries, consecutive equal ones merged) and
+        its ε at ``policy``'s δ (None when the policy accounts nothing: no clipping)."""
+        spent = self.project_history()
+        history = [list(step) for step in merged(spent)]
+        return history, epsilon(spent, policy.delta) if policy.changes_updates else None
+
     def report(self, job: str, policy: PrivacyPolicy) -> dict[str, Any]:
         """What this site has spent on ``job`` and on its project, at ``policy``'s δ."""
-        job_spent, project_spent = self.job_history(job), self.project_history()
+        job_spent = self.job_history(job)
+        project_history, project_epsilon = self.project_spend(policy)
         return {
             "noise_multiplier": policy.noise_multiplier,
             "sample_rate": policy.step()[1],
@@ -107,11 +115,9 @@ class PrivacyLedger:
             # Opacus's history entries, consecutive equal ones merged: the portal recomputes
             # ε from them with the same accountant, and plans the next job with them.
             "history": [list(step) for step in merged(job_spent)],
-            "project_history": [list(step) for step in merged(project_spent)],
+            "project_history": project_history,
             "epsilon": epsilon(job_spent, policy.delta) if policy.changes_updates else None,
-            "project_epsilon": (
-                epsilon(project_spent, policy.delta) if policy.changes_updates else None
-            ),
+            "project_epsilon": project_epsilon,
             "max_epsilon": policy.max_epsilon,
             "max_project_epsilon": policy.max_project_epsilon,
             "policy_sha256": policy.sha256,

@@ -31,11 +31,11 @@ privacy inside one site's data is DP-SGD's business, in the script (Opacus).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client_agent.privacy import accounting
 from client_agent.privacy.enforce import Enforcement, PrivacyRefusal, enforce_file
 from client_agent.privacy.ledger import PrivacyLedger
 from client_agent.privacy.policy import POLICY_FILE, PrivacyPolicy
@@ -143,7 +143,7 @@ def json_report(report: dict[str, Any]) -> dict[str, Any]:
     """``report`` for the wire: an unbounded ε (a release without noise) as null, since the
     wire's JSON has no infinity (the history it carries still says there was no noise)."""
     return {
-        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        key: accounting.as_json(value) if isinstance(value, float) else value
         for key, value in report.items()
     }
 

@@ -12,7 +12,6 @@ the initial one).
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from django.core.files.uploadedfile import UploadedFile
@@ -21,6 +20,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from client_agent import jsonlimits
+from client_agent.privacy.accounting import as_json
 from client_agent.privacy.policy import JobAssessment
 from jobs.bundle import MAX_EXPERIMENT_CHARS, MAX_TAG_CHARS, MAX_TAGS
 from jobs.models import (
@@ -418,8 +418,7 @@ class PrivacyExpectedSerializer(serializers.Serializer[JobAssessment]):
 
     @extend_schema_field(serializers.FloatField(allow_null=True))
     def get_expected_epsilon(self, assessment: JobAssessment) -> float | None:
-        value = assessment.expected_epsilon
-        return value if value is not None and math.isfinite(value) else None
+        return as_json(assessment.expected_epsilon)
 
 
 class ParticipantSerializer(serializers.ModelSerializer[JobSite]):

@@ -11,7 +11,6 @@ taken on trust.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,8 +82,7 @@ def privacy_history_checked(value: Any, *, field: str) -> list[Step]:
 def privacy_epsilon(history: list[Step], delta: float) -> float | None:
     """ε at ``delta`` after ``history`` by the accountant; None when it is unbounded (a
     release without noise), which JSON cannot hold."""
-    value = accounting.epsilon(history, delta)
-    return value if math.isfinite(value) else None
+    return accounting.as_json(accounting.epsilon(history, delta))
 
 
 def _optional_number(data: Mapping[str, Any], key: str, *, positive: bool = False) -> float | None:
