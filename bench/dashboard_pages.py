@@ -30,12 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
-import logging
-import os
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 import zipfile
@@ -44,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 PAGE_TARGET = 0.5  # seconds, every page
 COMPARE_TARGET = 1.0  # seconds, the compare page of 10 runs × 100 rounds
 SITES_A_JOB = 5
@@ -68,21 +62,6 @@ class Seeded:
     compared: list[Any] = field(default_factory=list)
     bundle_token: str = ""  # a bundle the admin uploaded, waiting on its preview page
     invitation_token: str = ""  # an invitation to someone else, as its link carries it
-
-
-def bench_env(tmp: Path, db_name: str) -> dict[str, str]:
-    return {
-        "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
-        "DATABASE_URL": f"{POSTGRES}/{db_name}",
-        "DJANGO_SECRET_KEY": secrets.token_urlsafe(32),
-        "DJANGO_DEBUG": "false",
-        "DJANGO_ALLOWED_HOSTS": "testserver",
-        "DJANGO_MEDIA_ROOT": str(tmp / "media"),
-        "FEDPORTAL_DATA_DIR": str(tmp / "data"),
-        "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": "bench-only-ca-key-encryption-key",
-        # Nothing listens: events of the set-up go to groups of the bench's own, and nowhere.
-        "FEDPORTAL_CHANNELS_PREFIX": f"bench-dashboard-{os.getpid()}",
-    }
 
 
 def _submit(project: Any, user: Any, name: str, sites: list[str], tmp: Path) -> Any:
@@ -595,6 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import benchlib
     from benchlib import md_table
+    from benchlib.portal import scratch_portal
 
     benchlib.print_header(
         "Dashboard pages of a large project (bench/dashboard_pages.py)",
@@ -605,18 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n", flush=True)
     load_before = benchlib.load_average()
-    import psycopg
-
-    tmp = Path(tempfile.mkdtemp(prefix="fedportal-bench-dashboard-"))
-    db_name = f"fedportal_bench_dashboard_{os.getpid()}"
-    os.environ.update(bench_env(tmp, db_name))  # before django.setup(): settings read them
-    server = psycopg.connect(f"{POSTGRES}/postgres", autocommit=True)
-    try:
-        server.execute(f'CREATE DATABASE "{db_name}"')
-        import django
-
-        django.setup()
-        logging.getLogger().setLevel(logging.WARNING)
+    with scratch_portal("dashboard") as tmp:
         missing, stale = unmeasured_routes(), stale_cases()
         if missing or stale:
             if missing:
@@ -650,14 +619,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeding = time.perf_counter() - started
         timings = walk(seeded, args.runs)
         small_queries = [t.queries for t in walk(small, 1)]
-    finally:
-        if "django" in sys.modules:
-            from django.db import connections
-
-            connections.close_all()
-        server.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        server.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     rows = []
     missed, broken, growing = [], [], []
     for t, few in zip(timings, small_queries, strict=True):

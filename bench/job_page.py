@@ -29,12 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
-import os
-import secrets
-import shutil
-import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -43,8 +37,8 @@ from typing import Any
 
 import benchlib
 from benchlib import md_table, median
+from benchlib.portal import scratch_portal
 
-POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 TOTAL = 100_000
 SITES = 4
 ROUNDS = 20
@@ -56,21 +50,6 @@ LOG_LINES = 200  # per site
 WORST_CASE = 20_000
 INGESTED, PER_REPORT = 5_000, 100
 TARGET_SECONDS = 0.5
-
-
-def bench_env(tmp: Path, db_name: str) -> dict[str, str]:
-    return {
-        "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
-        "DATABASE_URL": f"{POSTGRES}/{db_name}",
-        "DJANGO_SECRET_KEY": secrets.token_urlsafe(32),
-        "DJANGO_DEBUG": "false",
-        "DJANGO_ALLOWED_HOSTS": "testserver",
-        "DJANGO_MEDIA_ROOT": str(tmp / "media"),
-        "FEDPORTAL_DATA_DIR": str(tmp / "data"),
-        "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": "bench-only-ca-key-encryption-key",
-        # Nothing listens: events of the set-up go to groups of the bench's own, and nowhere.
-        "FEDPORTAL_CHANNELS_PREFIX": f"bench-job-page-{os.getpid()}",
-    }
 
 
 def make_world() -> tuple[Any, Any, list[Any]]:
@@ -282,31 +261,12 @@ def main() -> None:
         f"Median of {args.runs} requests after one warm-up, Django test client, PostgreSQL; "
         f"target under {TARGET_SECONDS} s for the page and its JSON.",
     )
-    import psycopg
-
     load_before = benchlib.load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="fedportal-bench-job-page-"))
-    db_name = f"fedportal_bench_job_page_{os.getpid()}"
-    os.environ.update(bench_env(tmp, db_name))  # before django.setup(): settings read them
-    admin = psycopg.connect(f"{POSTGRES}/postgres", autocommit=True)
-    try:
-        admin.execute(f'CREATE DATABASE "{db_name}"')
-        import django
-
-        django.setup()
-        logging.getLogger().setLevel(logging.WARNING)
+    with scratch_portal("job-page") as tmp:
         from django.core.management import call_command
 
         call_command("migrate", verbosity=0)
         rows, ingest = measure(args.runs, tmp)
-    finally:
-        if "django" in sys.modules:
-            from django.db import connections
-
-            connections.close_all()
-        admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        admin.close()
-        shutil.rmtree(tmp, ignore_errors=True)
     print(md_table(["request", "points", "median", "range", "answer"], rows))
     print(f"\n{ingest}")
     print(f"\nload average before: {load_before}; after: {benchlib.load_average()}")
