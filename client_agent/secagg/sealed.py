@@ -39,11 +39,15 @@ def seal(
     round_number: int,
 ) -> bytes:
     """``shares`` (self-seed share, key share) for ``receiver`` only: nonce ‖ ciphertext."""
-    key = _box_key(sender_private, receiver_public, context)
     plaintext = b"".join(share.to_bytes(SHARE_BYTES, "big") for share in shares)
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(
-        nonce, plaintext, _associated(context, round_number, sender, receiver)
+    return seal_bytes(
+        plaintext,
+        sender=sender,
+        receiver=receiver,
+        sender_private=sender_private,
+        receiver_public=receiver_public,
+        context=context,
+        round_number=round_number,
     )
 
 
@@ -64,22 +68,68 @@ def open_sealed(
             f"the sealed shares from site {sender} are {len(box)} bytes, expected "
             f"{NONCE_BYTES + 2 * SHARE_BYTES + 16}"
         )
+    plaintext = open_bytes(
+        box,
+        sender=sender,
+        receiver=receiver,
+        receiver_private=receiver_private,
+        sender_public=sender_public,
+        context=context,
+        round_number=round_number,
+        what="sealed shares",
+    )
+    return (
+        int.from_bytes(plaintext[:SHARE_BYTES], "big"),
+        int.from_bytes(plaintext[SHARE_BYTES:], "big"),
+    )
+
+
+def seal_bytes(
+    plaintext: bytes,
+    *,
+    sender: int,
+    receiver: int,
+    sender_private: bytes,
+    receiver_public: bytes,
+    context: bytes,
+    round_number: int,
+) -> bytes:
+    """Any ``plaintext`` for ``receiver`` only (an HE secret context, say): nonce ‖
+    ciphertext, bound like the shares to the job, round and direction."""
+    key = _box_key(sender_private, receiver_public, context)
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(
+        nonce, plaintext, _associated(context, round_number, sender, receiver)
+    )
+
+
+def open_bytes(
+    box: bytes,
+    *,
+    sender: int,
+    receiver: int,
+    receiver_private: bytes,
+    sender_public: bytes,
+    context: bytes,
+    round_number: int,
+    what: str = "sealed box",
+) -> bytes:
+    """What :func:`seal_bytes` sealed; :class:`SealedShareError` naming the sender (and
+    ``what`` it sealed) when the box does not open."""
+    if len(box) < NONCE_BYTES + 16:
+        raise SealedShareError(f"the {what} from site {sender} is cut ({len(box)} bytes)")
     key = _box_key(receiver_private, sender_public, context)
     try:
-        plaintext = AESGCM(key).decrypt(
+        return AESGCM(key).decrypt(
             box[:NONCE_BYTES],
             box[NONCE_BYTES:],
             _associated(context, round_number, sender, receiver),
         )
     except InvalidTag:
         raise SealedShareError(
-            f"the sealed shares from site {sender} do not open: tampered with, or sealed for "
-            "another round or site"
+            f"the {what} from site {sender} {'do' if what.endswith('s') else 'does'} not open: "
+            "tampered with, or sealed for another round or site"
         ) from None
-    return (
-        int.from_bytes(plaintext[:SHARE_BYTES], "big"),
-        int.from_bytes(plaintext[SHARE_BYTES:], "big"),
-    )
 
 
 def _box_key(private: bytes, public: bytes, context: bytes) -> bytes:

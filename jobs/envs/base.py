@@ -82,6 +82,9 @@ class RoundRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    protection: dict[str, Any] = field(default_factory=dict)
+    """Under secure aggregation: its kind and what it cost the round (extra bytes and
+    seconds per site, the server's seconds); empty for a plain round."""
 
 
 class Metrics:

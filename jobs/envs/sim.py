@@ -40,6 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from client_agent import forkserver
@@ -47,6 +48,8 @@ from client_agent.privacy.enforce import PrivacyRefusal
 from client_agent.privacy.ledger import PrivacyLedger
 from client_agent.privacy.release import release_result, round_refusal
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
+from client_agent.secagg.local import protection_cost, run_local
+from client_agent.secagg.session import ProtocolError
 from client_agent.wire import WireFormatError, load_state_dict
 from common.validators import is_number
 from jobs.aggregation import UpdateRejected
@@ -72,7 +75,9 @@ from jobs.workflows import (
     EvalResult,
     PlannedTask,
     QuorumNotMet,
+    RoundOutcome,
     RoundPlan,
+    ServerState,
     TaskResult,
     best_score_after,
     close_result,
@@ -82,6 +87,8 @@ from jobs.workflows import (
 )
 from jobs.workflows.base import checkpoint_file_stem, next_global_model, write_global_model
 from jobs.workflows.evaluation import SITE_MODEL_PREFIX
+from jobs.workflows.results import train_updates
+from jobs.workflows.secure import close_from_sum, layout_of, protection_of, site_vector
 from jobs.workflows.training_options import stop_reason
 
 if TYPE_CHECKING:
@@ -338,7 +345,7 @@ class _Simulation:
             run.error = "interrupted"
             self._stop_sites(grace=0)
             raise
-        except (ScriptFailed, QuorumNotMet, WireFormatError) as exc:
+        except (ScriptFailed, QuorumNotMet, WireFormatError, ProtocolError) as exc:
             run.status = RunStatus.FAILED
             run.error = str(exc)
         finally:
@@ -413,8 +420,13 @@ class _Simulation:
                 if not decision.closes:
                     raise QuorumNotMet(decision.failure)
                 global_params = load_state_dict(global_path)
-                fill_withheld(results, global_params)
-                outcome = workflow.close(rnd, plan, global_params, results, state)
+                if protection_of(workflow):
+                    outcome = self._close_protected(
+                        rnd, plan, global_params, results, state, record
+                    )
+                else:
+                    fill_withheld(results, global_params)
+                    outcome = workflow.close(rnd, plan, global_params, results, state)
                 del global_params
                 for name, source in outcome.checkpoints.items():
                     checkpoints[name] = self._keep_checkpoint(name, source)
@@ -466,6 +478,44 @@ class _Simulation:
             nvflare_path.mkdir(parents=True, exist_ok=True)
             with open(nvflare_path / "cross_val_results.json", "w") as fh:
                 json.dump(nvflare_cross_val_results(run.cross_site_matrix), fh, indent=1)
+
+    def _close_protected(
+        self,
+        rnd: int,
+        plan: RoundPlan,
+        global_params: dict[str, torch.Tensor],
+        results: list[TaskResult],
+        state: ServerState,
+        record: RoundRecord,
+    ) -> RoundOutcome:
+        """Close a round under secure aggregation: every planned site runs the protocol in
+        this process, each with its own secrets (``client_agent.secagg.local``); a site whose
+        result was not accepted took part in the keys and shares and then dropped out, so its
+        masks are removed with the survivors' shares, as on a portal. The workflow closes
+        from the sum alone (``jobs.workflows.secure``)."""
+        workflow = self.workflow
+        kind = protection_of(workflow)
+        assert kind is not None
+        layout = layout_of(
+            workflow, {n: (t.dtype, tuple(t.shape)) for n, t in global_params.items()}
+        )
+        updates = train_updates(results)
+        vectors = {u.site: site_vector(layout, u, global_params) for u in updates}
+        dropped = [t.site for t in plan.tasks if t.site not in vectors]
+        for site in dropped:  # it never uploads: its vector is never read
+            vectors[site] = np.zeros(layout.length)
+        local = run_local(
+            kind,
+            vectors,
+            job=self.job_id,
+            round_number=rnd,
+            min_sites=workflow.min_clients,
+            drop_after_shares=dropped,
+        )
+        record.protection = protection_cost(kind, local, plain_bytes=4 * layout.length)
+        return close_from_sum(
+            workflow, rnd, plan, global_params, layout, local.total, updates, state
+        )
 
     def _keep_checkpoint(self, name: str, source: TensorSource) -> Path:
         """A model the workflow keeps by name (a site's submitted model), as a file."""

@@ -7,7 +7,9 @@
 A recipe is data. It checks its arguments when it is made, exports a job bundle
 (:mod:`jobs.bundle`), and knows nothing of where it runs: the env decides that. The user
 selects the workflow by the recipe class: ``FedAvgRecipe``, ``FedOptRecipe``,
-``ScaffoldRecipe``, ``FedProxRecipe``, ``CyclicRecipe``, ``FedEvalRecipe``, and
+``ScaffoldRecipe``, ``FedProxRecipe``, ``CyclicRecipe``, ``FedEvalRecipe``,
+``FedAvgRecipeWithHE`` (encrypted sums; ``FedAvgRecipe(..., secure_aggregation=True)`` masks
+them instead), and
 ``add_cross_site_evaluation(recipe)`` after training. ``ServerDP`` is the settings of
 server-side DP-FedAvg (``FedAvgRecipe(..., dp=ServerDP(noise_multiplier=1.0))``).
 
@@ -24,7 +26,7 @@ from jobs.recipes.evaluation import (
     add_cross_site_evaluation,
     add_final_global_evaluation,
 )
-from jobs.recipes.fedavg import FedAvgRecipe, FedProxRecipe
+from jobs.recipes.fedavg import FedAvgRecipe, FedAvgRecipeWithHE, FedProxRecipe
 from jobs.recipes.fedopt import FedOptRecipe
 from jobs.recipes.numpy import NumpyCrossSiteEvalRecipe, NumpyFedAvgRecipe
 from jobs.recipes.scaffold import ScaffoldRecipe
@@ -34,6 +36,7 @@ from jobs.workflows.dp import ServerDP
 __all__ = [
     "CyclicRecipe",
     "FedAvgRecipe",
+    "FedAvgRecipeWithHE",
     "FedEvalRecipe",
     "FedOptRecipe",
     "FedProxRecipe",

@@ -70,6 +70,12 @@ class FedAvgRecipe(Recipe):
     sites' own privacy policy); it refuses the robust aggregators and
     ``aggregation_weights``, whose sensitivity the noise does not cover.
 
+    ``secure_aggregation=True`` (or ``"masking"``) masks every site's weighted update so the
+    portal and its workers only ever see the sum (SecAgg+: pairwise masks that cancel in the
+    sum, Shamir-shared seeds to recover from sites that drop out); ``"he"`` encrypts it with
+    CKKS instead (:class:`FedAvgRecipeWithHE`). Both need ``min_clients ≥ 3`` and the mean
+    aggregator, and refuse ``aggregation_weights`` and ``dp`` (see ``jobs.workflows.secure``).
+
     ``save_filename`` and ``best_model_filename`` (NVFlare's defaults ``FL_global_model.pt``,
     ``best_FL_global_model.pt``; None: not written) name ``torch.save``d copies of the final
     and best global models in ``run.get_result()``'s ``models/``, beside our safetensors files.
@@ -108,6 +114,7 @@ class FedAvgRecipe(Recipe):
         exclude_vars: str | None = None,
         aggregation_weights: Mapping[str, float] | None = None,
         dp: ServerDP | Mapping[str, Any] | None = None,
+        secure_aggregation: bool | str | None = None,
         per_site_config: Mapping[str, Any] | None = None,
         model_persistor: Any = None,
         model_locator: Any = None,
@@ -141,6 +148,7 @@ class FedAvgRecipe(Recipe):
                 exclude_vars=exclude_vars,
                 aggregation_weights=dict(aggregation_weights or {}),
                 dp=ServerDP.from_value(dp),
+                secure_aggregation=secure_aggregation,
                 **workflow_args,
             ),
             model=initial_model(model, initial_ckpt),
@@ -185,4 +193,57 @@ class FedProxRecipe(FedAvgRecipe):
             train_args,
             fedprox_mu=fedprox_mu,
             **nvflare_args,
+        )
+
+
+class FedAvgRecipeWithHE(FedAvgRecipe):
+    """FedAvg whose sites encrypt their weighted updates with CKKS (TenSEAL), NVFlare's
+    ``FedAvgRecipeWithHE``: the server adds ciphertexts it cannot read and one site decrypts
+    the sum. Each round, the first site in name order makes a fresh context and seals its
+    secret copy for the other sites through the portal, which keeps only the public copy.
+
+    NVFlare's arguments, keyword-only as there (``name`` defaults to ``"fedavg_he"``). Every
+    layer is encrypted: ``encrypt_layers`` other than None (some layers in the clear) is
+    refused, and so is a custom ``aggregator``. Unlike NVFlare, ``min_clients`` must be at
+    least 3 (with two sites, the sum less one's own update is the other's).
+    ``server_memory_gc_rounds`` has no effect. Every ``FedAvgRecipe`` argument applies too.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "fedavg_he",
+        min_clients: int | None = None,
+        num_rounds: int = 2,
+        model: Any = None,
+        train_script: str | Path | None = None,
+        train_args: str = "",
+        encrypt_layers: Any = None,
+        server_memory_gc_rounds: int = 1,
+        **fedavg_args: Any,
+    ) -> None:
+        if encrypt_layers is not None:
+            raise FieldError(
+                "encrypt_layers",
+                f"every layer is encrypted here; encrypting only {encrypt_layers!r} (the rest "
+                "in the clear) is not supported: leave it None",
+            )
+        if fedavg_args.get("aggregator") not in (None, "mean"):
+            raise FieldError(
+                "aggregator",
+                "an encrypted round is summed by the server as ciphertexts; only FedAvg's "
+                "weighted mean can be made from the sum",
+            )
+        if fedavg_args.pop("secure_aggregation", "he") not in ("he", None):
+            raise FieldError("secure_aggregation", "FedAvgRecipeWithHE always encrypts ('he')")
+        super().__init__(
+            name,
+            min_clients,
+            num_rounds,
+            model,
+            train_script,
+            train_args,
+            secure_aggregation="he",
+            server_memory_gc_rounds=server_memory_gc_rounds,
+            **fedavg_args,
         )

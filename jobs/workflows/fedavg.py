@@ -39,6 +39,7 @@ from jobs.workflows.base import (
 )
 from jobs.workflows.dp import DP_STATE_KEY, ServerDP, privacy_metrics
 from jobs.workflows.results import train_updates
+from jobs.workflows.secure import check_secure_aggregation
 from jobs.workflows.training_options import (
     EARLY_STOP_STATE_KEY,
     StopCondition,
@@ -117,6 +118,7 @@ class FedAvg(WorkflowDefaults):
     aggregation_weights: Mapping[str, float] = field(default_factory=dict)
     exchange_format: str = "pytorch"
     dp: ServerDP | None = None
+    secure_aggregation: str | bool | None = None
 
     name: ClassVar[str] = "fedavg"
     PARAMETERS: ClassVar[dict[str, Any]] = {
@@ -157,6 +159,11 @@ class FedAvg(WorkflowDefaults):
                 "description": "server-side DP-FedAvg: {noise_multiplier, clip_norm, delta, "
                 "adaptive, target_quantile, clip_learning_rate, clipped_count_stddev}",
             },
+            "secure_aggregation": {
+                "enum": ["masking", "he", None],
+                "description": "the server sees only the sum: masking (SecAgg+) or "
+                "homomorphic encryption (CKKS)",
+            },
         },
     }
 
@@ -188,6 +195,18 @@ class FedAvg(WorkflowDefaults):
         object.__setattr__(self, "dp", ServerDP.from_value(self.dp))
         if self.dp is not None:
             self.check_dp(self.dp)
+        object.__setattr__(
+            self,
+            "secure_aggregation",
+            check_secure_aggregation(
+                self.secure_aggregation,
+                workflow=self.name,
+                min_clients=self.min_clients,
+                aggregator=self.aggregator,
+                aggregation_weights=self.aggregation_weights,
+                dp=self.dp,
+            ),
+        )
 
     def check_dp(self, dp: ServerDP) -> None:
         """What DP-FedAvg's sensitivity analysis needs of the rest of the workflow."""
@@ -420,6 +439,7 @@ _OPTION_DEFAULTS: dict[str, Any] = {
     "aggregation_weights": {},
     "exchange_format": "pytorch",
     "dp": None,
+    "secure_aggregation": None,
 }
 
 

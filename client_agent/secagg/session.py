@@ -1,0 +1,693 @@
+"""One protected round, as messages: what a site says and does at each phase, and what the
+server makes of it. No network here: SimEnv calls these in-process, the portal stores the
+messages in its database and relays them, the agent sends them over HTTPS.
+
+Both protections run the same four phases, in this order, each a barrier at the server:
+
+1. ``keys``: every planned site advertises fresh public keys for the round (signed with its
+   enrolment key where there is one). The server's :meth:`roster` lists the sites that did,
+   with their keys; this is the round's set of sites from now on.
+2. ``shares``: every site on the roster sends what it shares through the server, sealed for
+   each receiver. Masking: Shamir shares of its self seed and mask key for each neighbour.
+   Homomorphic encryption: the first site of the roster makes the round's CKKS context and
+   seals its secret copy for every other site; the server keeps only the public copy.
+3. ``upload``: every site that shared uploads its weighted update, protected (masked, or
+   encrypted). The server checks what it can (the size, the ring, the context's id) and sums.
+4. ``finish``: masking: each surviving site reveals, per neighbour, the share of the self seed
+   (a survivor) or of the mask key (a site that dropped out after sharing), never both; the
+   server removes the masks. Encryption: one surviving site decrypts the encrypted sum.
+
+The result is the sum of the survivors' weighted updates, as float64. Sites never send
+anything the server could open alone, and the server keeps nothing that reveals one site's
+update (threat model: an honest-but-curious server; see the README's "Secure aggregation").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import os
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Protocol
+
+import numpy as np
+
+from client_agent.secagg import masking, prg, ring, shamir
+from client_agent.secagg.keys import KEY_BYTES, KeyPair, pair_seed
+from client_agent.secagg.sealed import SealedShareError, open_sealed, seal
+
+PHASES = ("keys", "shares", "upload", "finish")
+MASKING = "masking"
+HOMOMORPHIC = "he"
+KINDS = (MASKING, HOMOMORPHIC)
+MIN_SITES = 3
+"""The fewest sites a protected job may run with: with two, the sum less one site's own
+update is the other's, whatever the protocol."""
+
+Signer = Callable[[bytes], bytes]
+Verifier = Callable[[str, bytes, bytes], bool]
+"""``verify(site, message, signature)``: whether ``site``'s enrolment key signed it."""
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; ``site`` is who sent it (None: the server
+    or the round as a whole). The text says what was wrong."""
+
+    def __init__(self, reason: str, *, site: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.site = site
+
+
+class TooFewSites(ProtocolError):
+    """Too few sites are left for the round to go on (or to finish) safely."""
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(value: Any, what: str, *, site: str | None = None, size: int | None = None) -> bytes:
+    """``value`` decoded from base64; :class:`ProtocolError` naming ``what`` otherwise."""
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what}: must be a base64 string", site=site)
+    try:
+        data = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ProtocolError(f"{what}: not base64", site=site) from None
+    if size is not None and len(data) != size:
+        raise ProtocolError(f"{what}: {len(data)} bytes, expected {size}", site=site)
+    return data
+
+
+def _mapping(value: Any, what: str, *, site: str | None = None) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"{what}: must be an object", site=site)
+    return value
+
+
+def round_context(job: str, round_number: int) -> bytes:
+    """What binds a round's keys, seeds and sealed boxes to it: the job and the round."""
+    return f"fedportal:{job}:{round_number}".encode()
+
+
+def keys_message(context: bytes, site: str, keys: Sequence[bytes]) -> bytes:
+    """The bytes a site signs when it advertises ``keys``: its name, the round, the keys."""
+    return (
+        b"fedportal-secagg-keys\x00" + context + b"\x00" + site.encode() + b"\x00" + b"".join(keys)
+    )
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The round's sites (name order; a site's index is its place here) and their keys."""
+
+    kind: str
+    context: bytes
+    sites: tuple[str, ...]
+    keys: Mapping[str, Mapping[str, str]]
+    degree: int
+    threshold: int
+    length: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "context": b64(self.context),
+            "sites": list(self.sites),
+            "keys": {s: dict(k) for s, k in self.keys.items()},
+            "degree": self.degree,
+            "threshold": self.threshold,
+            "length": self.length,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> Roster:
+        data = _mapping(data, "roster")
+        try:
+            sites = tuple(str(s) for s in data["sites"])
+            return cls(
+                kind=str(data["kind"]),
+                context=unb64(data["context"], "roster context"),
+                sites=sites,
+                keys={s: dict(data["keys"][s]) for s in sites},
+                degree=int(data["degree"]),
+                threshold=int(data["threshold"]),
+                length=int(data["length"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"roster: malformed ({exc})") from None
+
+    def index(self, site: str) -> int:
+        try:
+            return self.sites.index(site)
+        except ValueError:
+            raise ProtocolError(f"site {site!r} is not on the round's roster") from None
+
+    @property
+    def graph(self) -> dict[int, list[int]]:
+        return masking.neighbours(len(self.sites), self.degree)
+
+    def neighbours_of(self, site: str) -> list[str]:
+        return [self.sites[j] for j in self.graph[self.index(site)]]
+
+
+def _key(roster: Roster, site: str, name: str) -> bytes:
+    return unb64(roster.keys[site].get(name), f"{site}'s {name}", site=site, size=KEY_BYTES)
+
+
+def _check_roster_signatures(roster: Roster, names: Sequence[str], verify: Verifier | None) -> None:
+    """Each site's advertised keys, signed by that site (when the caller can check)."""
+    if verify is None:
+        return
+    context = roster.context
+    for site in roster.sites:
+        entry = roster.keys[site]
+        keys = [_key(roster, site, name) for name in names]
+        signature = unb64(entry.get("signature"), f"{site}'s signature", site=site)
+        if not verify(site, keys_message(context, site, keys), signature):
+            raise ProtocolError(
+                f"the keys on the roster for {site} are not signed by {site}: refusing to "
+                "share with keys the portal may have put there",
+                site=site,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# What every protection offers its drivers
+# --------------------------------------------------------------------------------------------
+
+
+class SiteSession(Protocol):
+    """One site's side of one protected round."""
+
+    def advertise(self) -> dict[str, Any]: ...
+
+    def share(self, roster: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes: ...
+
+    def finish(
+        self, request: Mapping[str, Any], total: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
+        """The site's answer to the finish request (JSON, and bytes: HE's decrypted sum);
+        ``total`` is the protected sum when the request says ``"total": true``."""
+        ...
+
+
+class ServerSession(Protocol):
+    """The server's side of one protected round. Stateless between calls: everything it needs
+    comes in as the stored messages and files, so a driver that restarted carries on.
+
+    Bulk data (uploads, the sum) goes through binary streams, read in pieces: a 25M-parameter
+    round never needs every site's upload in memory at once."""
+
+    kind: str
+
+    def check_advert(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def roster(self, adverts: Mapping[str, Mapping[str, Any]]) -> Roster: ...
+
+    def check_shares(
+        self, roster: Roster, site: str, message: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
+
+    def setups(
+        self, roster: Roster, shares: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, dict[str, Any]]: ...
+
+    def check_upload(
+        self,
+        roster: Roster,
+        site: str,
+        stream: BinaryIO,
+        shares: Mapping[str, Mapping[str, Any]],
+    ) -> None: ...
+
+    def total(
+        self,
+        roster: Roster,
+        uploads: Sequence[tuple[str, BinaryIO]],
+        shares: Mapping[str, Mapping[str, Any]],
+        out: BinaryIO,
+    ) -> None: ...
+
+    def finish_requests(
+        self, roster: Roster, shared: Sequence[str], survivors: Sequence[str]
+    ) -> dict[str, dict[str, Any]]: ...
+
+    def check_finish(
+        self,
+        roster: Roster,
+        site: str,
+        request: Mapping[str, Any],
+        answer: Mapping[str, Any],
+        data: bytes,
+    ) -> None: ...
+
+    def result(
+        self,
+        roster: Roster,
+        shared: Sequence[str],
+        survivors: Sequence[str],
+        total: BinaryIO,
+        answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
+    ) -> np.ndarray: ...
+
+
+def read_exactly(stream: BinaryIO, size: int, what: str, *, site: str | None = None) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise ProtocolError(f"{what} is cut: {len(data)} of {size} bytes", site=site)
+    return data
+
+
+VECTOR_CHUNK = 1 << 20
+"""Ring elements read at a time from a masked upload (8 MiB)."""
+
+
+def shared_sites(roster: Roster, shares: Mapping[str, Any]) -> list[str]:
+    """The roster's sites that sent their shares (name order): the sites whose uploads count."""
+    return [s for s in roster.sites if s in shares]
+
+
+# --------------------------------------------------------------------------------------------
+# Masking (SecAgg+)
+# --------------------------------------------------------------------------------------------
+
+MASK_KEYS = ("mask_public", "seal_public")
+
+
+class MaskingSite:
+    """A site's side of a masked round: fresh keys and self seed, its shares sealed for its
+    neighbours, its masked vector, and what it reveals to remove the masks."""
+
+    def __init__(
+        self,
+        site: str,
+        *,
+        context: bytes,
+        round_number: int,
+        sign: Signer | None = None,
+        verify: Verifier | None = None,
+    ) -> None:
+        self.site = site
+        self.context = context
+        self.round_number = round_number
+        self.sign = sign
+        self.verify = verify
+        self.mask_keys = KeyPair.generate()
+        self.seal_keys = KeyPair.generate()
+        self.self_seed = secrets.token_bytes(prg.SEED_BYTES)
+        self.roster: Roster | None = None
+        self.held: dict[str, tuple[int, int]] = {}
+        self.shared: tuple[str, ...] = ()
+        self.answer: tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]] | None = None
+
+    def advertise(self) -> dict[str, Any]:
+        keys = [self.mask_keys.public, self.seal_keys.public]
+        message: dict[str, Any] = {name: b64(k) for name, k in zip(MASK_KEYS, keys, strict=True)}
+        if self.sign is not None:
+            message["signature"] = b64(self.sign(keys_message(self.context, self.site, keys)))
+        return message
+
+    def share(self, roster: Mapping[str, Any]) -> dict[str, Any]:
+        parsed = Roster.from_json(roster)
+        if parsed.kind != MASKING:
+            raise ProtocolError(f"the roster is for {parsed.kind!r}, this round masks")
+        me = parsed.index(self.site)
+        mine = parsed.keys[self.site]
+        if (mine.get("mask_public"), mine.get("seal_public")) != (
+            b64(self.mask_keys.public),
+            b64(self.seal_keys.public),
+        ):
+            raise ProtocolError(f"the roster does not hold the keys {self.site} advertised")
+        if parsed.context != self.context:
+            raise ProtocolError("the roster belongs to another job or round")
+        _check_roster_signatures(parsed, MASK_KEYS, self.verify)
+        self.roster = parsed
+        graph = parsed.graph
+        shares = masking.share_secrets(
+            me=me,
+            self_seed=self.self_seed,
+            keys=self.mask_keys,
+            graph=graph,
+            threshold=parsed.threshold,
+        )
+        boxes = {
+            parsed.sites[j]: b64(
+                seal(
+                    shares[j],
+                    sender=me,
+                    receiver=j,
+                    sender_private=self.seal_keys.private,
+                    receiver_public=_key(parsed, parsed.sites[j], "seal_public"),
+                    context=self.context,
+                    round_number=self.round_number,
+                )
+            )
+            for j in graph[me]
+        }
+        return {"boxes": boxes}
+
+    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes:
+        """``values`` (this site's weighted update, float64) quantized and masked, as the bytes
+        to upload. ``setup``: ``shared`` (the sites that sent shares) and ``inbox`` (the boxes
+        this site's neighbours sealed for it)."""
+        roster = self._roster()
+        if len(values) != roster.length:
+            raise ProtocolError(f"the update holds {len(values)} values, the round {roster.length}")
+        shared = [str(s) for s in setup.get("shared") or ()]
+        if self.site not in shared:
+            raise ProtocolError(f"{self.site} is not among the sites that shared")
+        inbox = _mapping(setup.get("inbox") or {}, "inbox")
+        me = roster.index(self.site)
+        neighbours = [j for j in roster.graph[me] if roster.sites[j] in shared]
+        if len(neighbours) < roster.threshold:
+            raise TooFewSites(
+                f"only {len(neighbours)} of {self.site}'s neighbours sent their shares; "
+                f"{roster.threshold} are needed to remove its masks: not uploading"
+            )
+        seeds: dict[int, bytes] = {}
+        for j in neighbours:
+            sender = roster.sites[j]
+            if sender not in inbox:
+                raise ProtocolError(f"no sealed shares from {sender}, which shared", site=sender)
+            try:
+                self.held[sender] = open_sealed(
+                    unb64(inbox[sender], f"the sealed shares from {sender}", site=sender),
+                    sender=j,
+                    receiver=me,
+                    receiver_private=self.seal_keys.private,
+                    sender_public=_key(roster, sender, "seal_public"),
+                    context=self.context,
+                    round_number=self.round_number,
+                )
+            except SealedShareError as exc:
+                raise ProtocolError(str(exc), site=sender) from None
+            seeds[j] = pair_seed(
+                self.mask_keys.private,
+                _key(roster, sender, "mask_public"),
+                context=self.context,
+                pair=(me, j),
+            )
+        self.shared = tuple(shared)
+        quantized = ring.quantize(values, sites=len(shared))
+        masked = masking.masked_input(
+            quantized,
+            me=me,
+            self_seed=self.self_seed,
+            pair_seeds=seeds,
+            nonce=prg.round_nonce(self.round_number),
+        )
+        return masked.astype("<u8", copy=False).tobytes()
+
+    def finish(
+        self, request: Mapping[str, Any], total: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
+        """The shares that remove the masks: for each neighbour that shared, of its self seed
+        when it survived, of its mask key when it dropped out. Asked again with the same sites
+        (a retry), the same answer; asked with other sites, refused: revealing both shares of
+        one site would let the server unmask it."""
+        roster = self._roster()
+        survivors = tuple(sorted(str(s) for s in request.get("survivors") or ()))
+        dropped = tuple(sorted(str(s) for s in request.get("dropped") or ()))
+        if self.answer is not None:
+            if self.answer[:2] != (survivors, dropped):
+                raise ProtocolError(
+                    f"{self.site} was asked twice with different survivors: refusing, the two "
+                    "answers together could unmask a site"
+                )
+            return self.answer[2], b""
+        if set(survivors) & set(dropped):
+            raise ProtocolError("a site cannot have both survived and dropped out")
+        if self.site not in survivors:
+            raise ProtocolError(f"{self.site} is not among the survivors it is asked about")
+        if set(survivors) | set(dropped) != set(self.shared):
+            raise ProtocolError("the survivors and the dropped sites are not the sites that shared")
+        if len(survivors) < roster.threshold:
+            raise TooFewSites(
+                f"{len(survivors)} sites survived; revealing shares takes at least "
+                f"{roster.threshold}"
+            )
+        seed_shares: dict[str, str] = {}
+        key_shares: dict[str, str] = {}
+        for sender, (seed_share, key_share) in sorted(self.held.items()):
+            if sender in survivors:
+                seed_shares[sender] = _share_hex(seed_share)
+            elif sender in dropped:
+                key_shares[sender] = _share_hex(key_share)
+        answer = {"self_seed_shares": seed_shares, "mask_key_shares": key_shares}
+        self.answer = (survivors, dropped, answer)
+        return answer, b""
+
+    def _roster(self) -> Roster:
+        if self.roster is None:
+            raise ProtocolError("the round's roster has not come yet")
+        return self.roster
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    here = stream.tell()
+    size = stream.seek(0, os.SEEK_END)
+    stream.seek(here)
+    return size - here
+
+
+def _share_hex(value: int) -> str:
+    return format(value, "x")
+
+
+def _share_int(value: Any, what: str, site: str) -> int:
+    if not isinstance(value, str) or not value or len(value) > 132:
+        raise ProtocolError(f"{what}: must be a hexadecimal share", site=site)
+    try:
+        number = int(value, 16)
+    except ValueError:
+        raise ProtocolError(f"{what}: not hexadecimal", site=site) from None
+    if not 0 <= number < shamir.PRIME:
+        raise ProtocolError(f"{what}: outside the field", site=site)
+    return number
+
+
+class MaskingServer:
+    """The server's side of a masked round (stateless; see :class:`ServerSession`)."""
+
+    kind = MASKING
+
+    def __init__(self, *, job: str, round_number: int, length: int, min_sites: int) -> None:
+        self.context = round_context(job, round_number)
+        self.round_number = round_number
+        self.length = length
+        self.min_sites = max(MIN_SITES, min_sites)
+
+    def check_advert(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        message = _mapping(message, f"{site}'s keys", site=site)
+        checked = {
+            name: b64(unb64(message.get(name), name, site=site, size=KEY_BYTES))
+            for name in MASK_KEYS
+        }
+        if message.get("signature") is not None:
+            checked["signature"] = b64(unb64(message["signature"], "signature", site=site))
+        return checked
+
+    def roster(self, adverts: Mapping[str, Mapping[str, Any]]) -> Roster:
+        sites = tuple(sorted(adverts))
+        if len(sites) < self.min_sites:
+            raise TooFewSites(
+                f"{len(sites)} site(s) sent their keys; secure aggregation needs at least "
+                f"{self.min_sites}"
+            )
+        degree = masking.default_degree(len(sites))
+        return Roster(
+            kind=MASKING,
+            context=self.context,
+            sites=sites,
+            keys={s: dict(adverts[s]) for s in sites},
+            degree=degree,
+            threshold=masking.default_threshold(degree),
+            length=self.length,
+        )
+
+    def check_shares(self, roster: Roster, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        message = _mapping(message, f"{site}'s shares", site=site)
+        boxes = _mapping(message.get("boxes"), "boxes", site=site)
+        expected = set(roster.neighbours_of(site))
+        if set(boxes) != expected:
+            raise ProtocolError(
+                f"sealed shares for {sorted(boxes)}; {site}'s neighbours are {sorted(expected)}",
+                site=site,
+            )
+        size = 12 + 2 * 66 + 16  # nonce, two shares, tag: see client_agent.secagg.sealed
+        return {
+            "boxes": {
+                to: b64(unb64(box, f"the box for {to}", site=site, size=size))
+                for to, box in sorted(boxes.items())
+            }
+        }
+
+    def setups(
+        self, roster: Roster, shares: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        shared = shared_sites(roster, shares)
+        if len(shared) < self.min_sites:
+            raise TooFewSites(
+                f"{len(shared)} site(s) sent their shares; secure aggregation needs at least "
+                f"{self.min_sites}"
+            )
+        return {
+            site: {
+                "shared": shared,
+                "inbox": {
+                    sender: shares[sender]["boxes"][site]
+                    for sender in shared
+                    if site in shares[sender]["boxes"]
+                },
+            }
+            for site in shared
+        }
+
+    def check_upload(
+        self,
+        roster: Roster,
+        site: str,
+        stream: BinaryIO,
+        shares: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        if site not in shares:
+            raise ProtocolError(
+                f"{site} sent no shares this round: its upload could not be unmasked", site=site
+            )
+        size = _stream_size(stream)
+        if size != 8 * roster.length:
+            raise ProtocolError(
+                f"the masked vector is {size} bytes; the round's is {8 * roster.length} "
+                f"({roster.length} ring elements of 8 bytes)",
+                site=site,
+            )
+
+    def total(
+        self,
+        roster: Roster,
+        uploads: Sequence[tuple[str, BinaryIO]],
+        shares: Mapping[str, Mapping[str, Any]],
+        out: BinaryIO,
+    ) -> None:
+        """The ring sum of the masked vectors, chunk by chunk over all uploads at once
+        (memory: one chunk per site)."""
+        for start in range(0, roster.length, VECTOR_CHUNK):
+            count = min(VECTOR_CHUNK, roster.length - start)
+            chunk = np.zeros(count, dtype=np.uint64)
+            for site, stream in uploads:
+                data = read_exactly(stream, 8 * count, f"{site}'s masked vector", site=site)
+                chunk += np.frombuffer(data, dtype="<u8")
+            out.write(chunk.astype("<u8", copy=False).tobytes())
+
+    def finish_requests(
+        self, roster: Roster, shared: Sequence[str], survivors: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        survivors = sorted(survivors)
+        if len(survivors) < self.min_sites:
+            raise TooFewSites(
+                f"{len(survivors)} masked update(s) came; secure aggregation needs at least "
+                f"{self.min_sites}"
+            )
+        dropped = sorted(set(shared) - set(survivors))
+        return {site: {"survivors": survivors, "dropped": dropped} for site in survivors}
+
+    def check_finish(
+        self,
+        roster: Roster,
+        site: str,
+        request: Mapping[str, Any],
+        answer: Mapping[str, Any],
+        data: bytes,
+    ) -> None:
+        answer = _mapping(answer, f"{site}'s shares", site=site)
+        neighbours = set(roster.neighbours_of(site))
+        survivors, dropped = set(request["survivors"]), set(request["dropped"])
+        for field, allowed in (("self_seed_shares", survivors), ("mask_key_shares", dropped)):
+            values = _mapping(answer.get(field, {}), field, site=site)
+            for owner, value in values.items():
+                if owner not in neighbours or owner not in allowed:
+                    raise ProtocolError(
+                        f"{field}: {site} holds no such share of {owner!r}", site=site
+                    )
+                _share_int(value, f"{field}[{owner}]", site)
+
+    def result(
+        self,
+        roster: Roster,
+        shared: Sequence[str],
+        survivors: Sequence[str],
+        total: BinaryIO,
+        answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
+    ) -> np.ndarray:
+        """The survivors' sum (float64): the masks removed with the revealed shares. Each
+        secret is recovered from its first ``threshold`` shares in holder-name order, so
+        every driver gets the same bits."""
+        index = {s: i for i, s in enumerate(roster.sites)}
+        dropped = sorted(set(shared) - set(survivors))
+        self_seeds: dict[int, bytes] = {}
+        dropped_keys: dict[int, bytes] = {}
+        for owner, field, into in [
+            (s, "self_seed_shares", self_seeds) for s in sorted(survivors)
+        ] + [(s, "mask_key_shares", dropped_keys) for s in dropped]:
+            points = {
+                index[holder] + 1: _share_int(answer[field][owner], field, holder)
+                for holder, (answer, _) in sorted(answers.items())
+                if owner in (answer.get(field) or {})
+            }
+            if len(points) < roster.threshold:
+                what = "self mask" if field == "self_seed_shares" else "masks shared with it"
+                raise TooFewSites(
+                    f"cannot remove {owner}'s {what}: {len(points)} of the {roster.threshold} "
+                    "shares needed came back"
+                )
+            try:
+                secret = masking.recover(
+                    dict(list(points.items())[: roster.threshold]), threshold=roster.threshold
+                )
+            except ValueError as exc:
+                raise ProtocolError(
+                    f"the shares revealed for {owner} do not agree: {exc}"
+                ) from None
+            if field == "mask_key_shares" and KeyPair.from_private(secret).public != _key(
+                roster, owner, "mask_public"
+            ):
+                raise ProtocolError(
+                    f"the shares revealed for {owner}'s mask key do not give the key it "
+                    "advertised: a neighbour sent a wrong share"
+                )
+            into[index[owner]] = secret
+        summed = masking.unmask(
+            np.frombuffer(
+                read_exactly(total, 8 * roster.length, "the masked sum"), dtype="<u8"
+            ).astype(np.uint64),
+            survivors=[index[s] for s in survivors],
+            graph=roster.graph,
+            self_seeds=self_seeds,
+            dropped_keys=dropped_keys,
+            public_keys={index[s]: _key(roster, s, "mask_public") for s in shared},
+            context=self.context,
+            nonce=prg.round_nonce(self.round_number),
+        )
+        return ring.dequantize(summed)
+
+
+def error_bound(sites: int, total_weight: float) -> float:
+    """How far a masked round's weighted mean can be from plain FedAvg's, per value, before
+    the result is rounded to the model's dtype: each site's weighted values move by at most
+    2**−25 when quantized, so the sum by ``sites`` times that, and the mean by that over the
+    total weight (at most 2**−25 when every weight is at least 1)."""
+    if total_weight <= 0 or not math.isfinite(total_weight):
+        raise ValueError(f"the total weight must be positive, got {total_weight}")
+    return sites * ring.mean_error_bound() / total_weight

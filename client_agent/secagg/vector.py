@@ -1,0 +1,106 @@
+"""A model update as the one flat vector that secure aggregation sums, and back.
+
+Both protections (masking and homomorphic encryption) add vectors, not named tensors: a site
+lays out its weighted update as float64 in a fixed order (the global model's tensor names,
+sorted, without those the job keeps at the sites), the server sums the sites' protected
+vectors and lays the sum back out as tensors. The layout is the global model's, which the
+site and the server both hold, so nothing about it travels.
+
+The checks that need plaintext (the names, shapes and finiteness the portal checks on a plain
+update) run here, at the site, before anything is masked or encrypted: once protected, the
+server can only check sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class UpdateShapeError(ValueError):
+    """A site's update that does not fit the global model's layout (checked at the site)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tensors a protected vector holds, in order: (name, shape) pairs."""
+
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, shapes: Mapping[str, Sequence[int]], *, kept: Sequence[str] = ()) -> Layout:
+        """The layout over ``shapes`` (a global model's tensor shapes), sorted by name,
+        without the tensors in ``kept`` (the job's ``exclude_vars``)."""
+        skip = set(kept)
+        return cls(
+            tuple(
+                (name, tuple(int(d) for d in shapes[name]))
+                for name in sorted(shapes)
+                if name not in skip
+            )
+        )
+
+    @property
+    def length(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensors)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.tensors)
+
+    def flatten(self, params: Mapping[str, Any], *, weight: float = 1.0) -> np.ndarray:
+        """``weight`` × the tensors of ``params`` (torch tensors or arrays) as one float64
+        vector. :class:`UpdateShapeError` names a missing, extra, misshapen or non-finite
+        tensor."""
+        missing = [name for name in self.names if name not in params]
+        if missing:
+            raise UpdateShapeError(f"the update has no tensor {missing[0]!r}")
+        extra = sorted(set(params) - set(self.names))
+        if extra:
+            raise UpdateShapeError(
+                f"the update has tensor {extra[0]!r}, which the round does not sum (not in "
+                "the global model, or kept at the sites)"
+            )
+        if not math.isfinite(weight):
+            raise UpdateShapeError(f"the update's weight is {weight}")
+        out = np.empty(self.length, dtype=np.float64)
+        offset = 0
+        for name, shape in self.tensors:
+            array = _as_array(params[name])
+            if tuple(array.shape) != shape:
+                raise UpdateShapeError(
+                    f"tensor {name!r} has shape {tuple(array.shape)}, the global model's is {shape}"
+                )
+            size = array.size
+            chunk = out[offset : offset + size]
+            chunk[:] = array.reshape(-1)
+            if not np.all(np.isfinite(chunk)):
+                raise UpdateShapeError(f"tensor {name!r} holds NaN or Inf")
+            chunk *= weight
+            offset += size
+        return out
+
+    def unflatten(self, vector: np.ndarray) -> dict[str, np.ndarray]:
+        """The vector laid back out as arrays by name (views into ``vector``)."""
+        if len(vector) != self.length:
+            raise ValueError(f"a vector of {len(vector)} values, the layout holds {self.length}")
+        out: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape in self.tensors:
+            size = math.prod(shape)
+            out[name] = vector[offset : offset + size].reshape(shape)
+            offset += size
+        return out
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; torch is not imported here
+        value = value.detach().cpu()
+        if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value, dtype=np.float64)
