@@ -103,6 +103,9 @@ from client_agent.protocol import (
 )
 from client_agent.reports import OutputTail
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
+from client_agent.secagg.session import ProtocolError
+from client_agent.secagg.vector import UpdateShapeError
+from client_agent.secure_round import SecureRound, SecureRoundOut, secure_kind
 from client_agent.site_dir import SiteDir
 from common.rounds import round_for_people
 
@@ -570,8 +573,14 @@ class JobRunner:
         self.current_round = number
         policy = self.agent.policy
         update_path: Path | None = None
+        secure: SecureRound | None = None
         try:
             update_path = enforced_path(self._result_path(number))
+            if update_path.exists() and secure_kind(task):
+                # The round's keys were in the memory of the agent that stopped: for the
+                # protocol this site dropped out; its update must not leave unprotected.
+                update_path.unlink(missing_ok=True)
+                raise SecureRoundOut("the agent restarted mid-round; its round keys are gone")
             if update_path.exists():
                 # Enforced before a restart (or a try the portal did not take): these bytes
                 # again, never a second noisy view of one update.
@@ -593,17 +602,31 @@ class JobRunner:
                 if declined:
                     await self._decline(task, declined)
                     return
-                await asyncio.to_thread(self._prepare)
-                model_path = await self._fetch_model(task, number)
-                result_path = await self._train(task, number, model_path)
-                update_path = await asyncio.to_thread(
-                    self._release, result_path, model_path, number
-                )
+                protected = secure_kind(task)
+                secure = SecureRound(self, task, protected) if protected else None
+                # Under secure aggregation the keys and shares go while the script trains.
+                setup = asyncio.create_task(secure.setup()) if secure is not None else None
+                try:
+                    await asyncio.to_thread(self._prepare)
+                    model_path = await self._fetch_model(task, number)
+                    result_path = await self._train(task, number, model_path)
+                    update_path = await asyncio.to_thread(
+                        self._release, result_path, model_path, number
+                    )
+                    if secure is not None and setup is not None:
+                        await setup
+                        update_path = await secure.protected_file(update_path, model_path)
+                finally:
+                    if setup is not None and not setup.done():
+                        setup.cancel()
             self.sending_round = number
             await self._deliver_points()
             await self._upload(task["update_url"], update_path, number)
             self.finished_round = number
             self.agent.say(f"job {self.name}: round {shown}/{self.num_rounds} update sent")
+            if secure is not None:
+                await secure.finish()
+                enforced_path(self._result_path(number)).unlink(missing_ok=True)
             if model_path is not None:
                 model_path.unlink(missing_ok=True)
             update_path.unlink(missing_ok=True)
@@ -612,6 +635,11 @@ class JobRunner:
             await self._fail(task, f"client script {reason}", exc.log_tail)
         except PrivacyRefusal as exc:
             await self._fail(task, exc.reason, "", privacy=True)
+        except SecureRoundOut as exc:
+            self.agent.say(f"job {self.name}: round {shown}: secure aggregation: {exc}")
+            self.finished_round = number
+        except (ProtocolError, UpdateShapeError) as exc:
+            await self._fail(task, f"secure aggregation: {exc}", "")
         except BundleError as exc:
             await self._fail(task, f"the job's app cannot run here: {exc}", "")
         except AppArchiveMismatch as exc:

@@ -359,6 +359,22 @@ class PortalClient:
         with _round_call():
             return self.upload(path, file)
 
+    def post_signed(self, path: str, payload: Any) -> Any:
+        """POST ``payload`` as JSON, signed over its SHA-256 (``X-Content-SHA256``) like an
+        upload: the portal checks who sent it before it reads a large body."""
+        body = json.dumps(payload).encode()
+        digest = hashlib.sha256(body).hexdigest()
+        self.record("http", "POST", path, body)
+        with _round_call():
+            connection, response = self._send(
+                "POST",
+                path,
+                body=body,
+                headers={"Content-Type": "application/json", HEADER_CONTENT_SHA256: digest},
+                digest=digest,
+            )
+            return self._json_reply("POST", path, connection, response)
+
     def post_file(self, path: str, file: Path, content_type: str) -> Any:
         """POST ``file`` as the body (a multipart form written to disk), streamed."""
         connection, response = self._send(

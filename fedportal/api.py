@@ -49,6 +49,34 @@ class JSONParser(parsers.JSONParser):
             raise exceptions.ParseError(f"the body is not valid JSON: {exc}") from None
 
 
+class StreamedJSONParser(parsers.BaseParser):
+    """JSON for a body signed over its ``X-Content-SHA256`` header (an agent's streamed
+    request, ``jobs.api.authentication``): read from the stream (not ``request.body``, which
+    Django caps at ``DATA_UPLOAD_MAX_MEMORY_SIZE``; the route's own limit bounds it,
+    ``fedportal.bodylimits``), it must hash to that header, else 400 and nothing is used."""
+
+    media_type = "application/json"
+
+    def parse(
+        self,
+        stream: IO[bytes] | None,
+        media_type: str | None = None,
+        parser_context: Mapping[str, Any] | None = None,
+    ) -> Any:
+        import hashlib
+
+        raw = stream.read() if stream is not None else b""
+        request = (parser_context or {}).get("request")
+        claimed = request.headers.get("X-Content-SHA256", "") if request is not None else ""
+        if hashlib.sha256(raw).hexdigest() != claimed.strip().lower():
+            raise exceptions.ParseError("the body does not match X-Content-SHA256")
+        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+        try:
+            return jsonlimits.loads(raw.decode(encoding), allow_nan=False)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise exceptions.ParseError(f"the body is not valid JSON: {exc}") from None
+
+
 class Pagination(pagination.LimitOffsetPagination):
     """``?limit=&offset=`` checked like any other input: a value that is not a whole number in
     range is a 400 naming the parameter (DRF would quietly use the default, and pass an offset

@@ -95,7 +95,21 @@ _UPDATE_PATH = re.compile(
     rf"^/api/v1/agent/jobs/(?P<uid>{_UUID})/rounds/(?P<round>[0-9]{{1,9}})/update/$"
 )
 
+_SECURE_PATH = re.compile(
+    rf"^/api/v1/agent/jobs/(?P<uid>{_UUID})/rounds/(?P<round>[0-9]{{1,9}})/secure/"
+    r"(keys|shares|finish)/$"
+)
+
 RULES: tuple[BodyRule, ...] = (
+    BodyRule(
+        # Under homomorphic encryption a share carries the round's sealed context for every
+        # site, and a finish answer the decrypted sum (base64): up to a model's size.
+        "a site's secure aggregation message",
+        frozenset({"POST"}),
+        _SECURE_PATH,
+        lambda: 2 * int(settings.FEDPORTAL_MAX_MODEL_BYTES),
+        Sender.SITE,
+    ),
     BodyRule(
         "a site's update",
         frozenset({"PUT"}),

@@ -165,6 +165,11 @@ _ROUND_MOVES: dict[str, frozenset[str]] = {
 ROUND_ENDED = frozenset({RoundState.CLOSED, RoundState.FAILED})
 
 
+def _round_total_path(instance: Round, filename: str) -> str:
+    # Set by name (jobs.services.plans.protected_total_name), never uploaded through the field.
+    return f"jobs/{instance.job.project_id}/{instance.job.uid}/secure/{filename}"
+
+
 class Round(models.Model):
     """One round of a job. ``number`` counts from 0; it starts from the global model after
     ``number`` completed rounds (``ModelVersion.round_number == number``)."""
@@ -192,6 +197,18 @@ class Round(models.Model):
         help_text="times a worker started aggregating this round; past "
         "FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS the round fails instead of starting again",
     )
+    protection = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="under secure aggregation (jobs.services.secure): the kind, the phase, the "
+        "roster of public keys, the sites that shared, the survivors, the finish requests and "
+        "the round's cost; empty for a plain round",
+    )
+    protected_total = models.FileField(
+        upload_to=_round_total_path,
+        blank=True,
+        help_text="the sum of the survivors' masked or encrypted updates: never one site's",
+    )
 
     class Meta:
         ordering: ClassVar = ["job", "number"]
@@ -215,6 +232,34 @@ class Round(models.Model):
         if state in ROUND_ENDED:
             self.closed_at = timezone.now()
         self.state = state
+
+
+def _secure_data_path(instance: SecureMessage, filename: str) -> str:
+    # Set by name (jobs.services.plans.secure_data_name), never uploaded through the field.
+    job = instance.round.job
+    return f"jobs/{job.project_id}/{job.uid}/secure/{filename}"
+
+
+class SecureMessage(models.Model):
+    """What one site sent in one phase of a protected round (jobs.services.secure): its
+    public keys, its shares sealed for other sites, or its finish answer. Nothing stored here
+    reveals a site's update: keys are public, shares are sealed for their receivers, and a
+    site reveals for each other site one kind of share only."""
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="secure_messages")
+    site = models.ForeignKey("sites.Site", on_delete=models.CASCADE, related_name="+")
+    phase = models.CharField(max_length=10)
+    payload = models.JSONField(default=dict, blank=True)
+    data = models.FileField(upload_to=_secure_data_path, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(fields=["round", "site", "phase"], name="unique_secure_message")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.phase} of {self.site_id} in {self.round}"
 
 
 class TaskState(models.TextChoices):

@@ -43,6 +43,9 @@ PHASES = ("keys", "shares", "upload", "finish")
 MASKING = "masking"
 HOMOMORPHIC = "he"
 KINDS = (MASKING, HOMOMORPHIC)
+SECURE_AGGREGATION_META_KEY = "secure_aggregation"
+"""The key of a train task's ``FLModel.meta`` that tells the site's agent to protect its
+update, and how (``"masking"`` or ``"he"``)."""
 MIN_SITES = 3
 """The fewest sites a protected job may run with: with two, the sum less one site's own
 update is the other's, whatever the protocol."""

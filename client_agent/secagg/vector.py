@@ -14,7 +14,8 @@ server can only check sizes.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,14 @@ class Layout:
                 if name not in skip
             )
         )
+
+    @classmethod
+    def for_model(cls, shapes: Mapping[str, Sequence[int]], exclude_vars: str | None) -> Layout:
+        """The layout of a round over a global model of these tensor ``shapes``, less the
+        tensors the job's ``exclude_vars`` (a regular expression, NVFlare's ``re.search``)
+        keeps at the sites."""
+        kept = [n for n in shapes if exclude_vars and re.search(exclude_vars, n)]
+        return cls.of(shapes, kept=kept)
 
     @property
     def length(self) -> int:
@@ -83,6 +92,37 @@ class Layout:
             chunk *= weight
             offset += size
         return out
+
+    def update_vector(
+        self,
+        params: Mapping[str, Any],
+        *,
+        weight: float,
+        model_names: Collection[str],
+        withheld: Collection[str] = (),
+        global_params: Callable[[Collection[str]], Mapping[str, Any]] | None = None,
+        diff: bool = False,
+    ) -> np.ndarray:
+        """A site's weighted update as the vector it protects. ``params`` are what it sends
+        (its weights, or its change with ``diff``); a tensor its privacy policy ``withheld``
+        counts as no change, as on a plain round (``global_params(names)`` gives the global
+        tensors for FULL; zero for DIFF); tensors of the model outside the layout (kept at
+        the sites by ``exclude_vars``) are not summed. Any name not in ``model_names`` is an
+        :class:`UpdateShapeError`."""
+        foreign = sorted(set(params) - set(model_names))
+        if foreign:
+            raise UpdateShapeError(f"the update has tensor {foreign[0]!r}, which the model has not")
+        summed = {name: params[name] for name in self.names if name in params}
+        missing = [name for name in self.names if name in set(withheld) and name not in params]
+        if missing:
+            if diff:
+                for name in missing:
+                    summed[name] = np.zeros(dict(self.tensors)[name])
+            else:
+                if global_params is None:
+                    raise UpdateShapeError("withheld tensors need the global model's values")
+                summed.update(global_params(missing))
+        return self.flatten(summed, weight=weight)
 
     def unflatten(self, vector: np.ndarray) -> dict[str, np.ndarray]:
         """The vector laid back out as arrays by name (views into ``vector``)."""

@@ -374,6 +374,9 @@ FEDPORTAL_ROUND_TIMEOUT_SECONDS = int(os.environ.get("FEDPORTAL_ROUND_TIMEOUT_SE
 FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS = int(
     os.environ.get("FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS", "3")
 )
+# Secure aggregation: how long a protected round waits for the sites' keys, their sealed
+# shares, and their finish answers (the uploads wait for the round's own deadline).
+FEDPORTAL_SECURE_PHASE_SECONDS = int(os.environ.get("FEDPORTAL_SECURE_PHASE_SECONDS", "60"))
 # A site is online when it made a signed request (a heartbeat) this recently.
 FEDPORTAL_SITE_ONLINE_SECONDS = int(os.environ.get("FEDPORTAL_SITE_ONLINE_SECONDS", "90"))
 # --- WebSockets (fedportal.sockets) -------------------------------------------------------------

@@ -55,5 +55,16 @@ urlpatterns: list[URLPattern] = [
     path(f"{agent_round}model/", views.AgentRoundModelView.as_view(), name="agent-round-model"),
     path(f"{agent_round}status/", views.AgentRoundStatusView.as_view(), name="agent-round-status"),
     path(f"{agent_round}update/", views.AgentRoundUpdateView.as_view(), name="agent-round-update"),
+    path(f"{agent_round}secure/", views.AgentSecureView.as_view(), name="agent-round-secure"),
+    path(
+        f"{agent_round}secure/total/",
+        views.AgentSecureTotalView.as_view(),
+        name="agent-round-secure-total",
+    ),
+    path(
+        f"{agent_round}secure/<str:phase>/",
+        views.AgentSecureMessageView.as_view(),
+        name="agent-round-secure-message",
+    ),
     path(f"{agent_job}metrics/", views.AgentMetricsView.as_view(), name="agent-job-metrics"),
 ]

@@ -17,6 +17,8 @@ its site only when the site accepts jobs automatically; otherwise its org admins
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from collections.abc import Iterable
 from typing import Any
@@ -34,9 +36,9 @@ from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from common.exceptions import ValidationFailed
+from common.exceptions import NotFound, ValidationFailed
 from fedportal import bodylimits
-from fedportal.api import JSONParser
+from fedportal.api import JSONParser, StreamedJSONParser
 from fedportal.api_views import M, PersonView, ProjectView, errors, parse
 from fedportal.throttling import client_address
 from jobs import selectors
@@ -53,6 +55,7 @@ from jobs.models import Job, JobSite, MetricPoint, ModelVersion, Round, SiteTask
 from jobs.selectors import job_for_site, task_for_site
 from jobs.services.labels import job_label
 from jobs.services.participation import job_abort, site_job_decide
+from jobs.services.secure import protected_total_bytes, secure_message_post, secure_view
 from jobs.services.submission import job_submit
 from jobs.services.tasks import round_model_fetch, task_mark, update_upload
 from jobs.services.telemetry import metrics_record
@@ -577,6 +580,79 @@ def _content_length(request: Request) -> int:
             status=status.HTTP_411_LENGTH_REQUIRED,
         )
     return int(raw)
+
+
+class AgentSecureView(AgentView[SiteTask]):
+    """Where the site's protected round is (jobs.services.secure): the phase, the roster of
+    public keys, the site's setup, its finish request."""
+
+    @extend_schema(
+        tags=["agent"],
+        summary="The secure aggregation phase of the site's task in round n, and what the site "
+        "needs for it",
+        responses={200: OpenApiTypes.OBJECT, **errors(404, 409)},
+    )
+    def get(self, request: Request, uid: UUID, number: int) -> Response:
+        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        return Response(secure_view(task=task))
+
+
+class AgentSecureMessageView(AgentView[SiteTask]):
+    """The site's message in one phase of a protected round: ``keys``, ``shares`` or
+    ``finish``. The body is ``{"message": {...}}``, with ``"data"`` (base64) for a finish
+    answer that carries bytes (a decrypted sum). Signed over ``X-Content-SHA256`` like an
+    update, so that the portal knows the sender before it reads a large body (an encrypted
+    round's shares carry its sealed context for every site)."""
+
+    authentication_classes = [StreamedBodySignatureAuthentication]
+    parser_classes = [StreamedJSONParser]
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Send the site's keys, sealed shares or finish answer for round n",
+        request=OpenApiTypes.OBJECT,
+        responses={200: OpenApiTypes.OBJECT, **errors(400, 404, 409)},
+    )
+    def post(self, request: Request, uid: UUID, number: int, phase: str) -> Response:
+        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        body = request.data
+        if not isinstance(body, dict) or not isinstance(body.get("message"), dict):
+            raise ValidationFailed('send {"message": {...}}', field="message")
+        data = b""
+        if body.get("data") is not None:
+            if not isinstance(body["data"], str):
+                raise ValidationFailed("data must be base64", field="data")
+            try:
+                data = base64.b64decode(body["data"].encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError):
+                raise ValidationFailed("data: not base64", field="data") from None
+        return Response(
+            secure_message_post(task=task, phase=phase, payload=body["message"], data=data)
+        )
+
+
+class AgentSecureTotalView(AgentView[SiteTask]):
+    """The protected sum of round n (encrypted), for the site asked to decrypt it."""
+
+    renderer_classes = [JSONRenderer]
+    content_negotiation_class = FileNegotiation
+
+    @extend_schema(
+        tags=["agent"],
+        summary="Download the round's encrypted sum (the site asked to decrypt it only)",
+        responses=file_responses(404, 409),
+    )
+    def get(self, request: Request, uid: UUID, number: int) -> FileResponse:
+        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        request_for_site = (task.round.protection.get("requests") or {}).get(task.site.name)
+        if not request_for_site or not request_for_site.get("total"):
+            raise NotFound("this site is not asked to decrypt the round's sum")
+        return FileResponse(
+            protected_total_bytes(task.round),
+            as_attachment=True,
+            filename=f"round-{number:03d}-total.bin",
+            content_type="application/octet-stream",
+        )
 
 
 class AgentMetricsView(AgentView[MetricPoint]):

@@ -87,6 +87,16 @@ def server_state_name(job: Job, completed_rounds: int) -> str:
     return f"{job_folder(job)}/state/state-{completed_rounds:03d}.safetensors"
 
 
+def protected_total_name(job: Job, round_number: int) -> str:
+    """The sum of round ``round_number``'s masked or encrypted updates (secure aggregation)."""
+    return f"{job_folder(job)}/secure/round-{round_number:03d}-total.bin"
+
+
+def secure_data_name(job: Job, round_number: int, phase: str, site: str) -> str:
+    """What a site sent with its ``phase`` message of a protected round (a decrypted sum)."""
+    return f"{job_folder(job)}/secure/round-{round_number:03d}-{phase}-{site}.bin"
+
+
 def checkpoint_name(job: Job, name: str) -> str:
     """The file of the checkpoint ``name`` (``"site:site-2"`` → ``…/site--site-2``)."""
     return f"{job_folder(job)}/checkpoints/{checkpoint_file_stem(name)}.safetensors"

@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN
+from client_agent.secagg.session import ProtocolError
 from client_agent.wire import WireFormatError, load_state_dict
 from common.rounds import round_for_people
 from jobs import events
@@ -67,6 +69,7 @@ from jobs.models import (
     TaskState,
 )
 from jobs.selectors import job_privacy_assessment
+from jobs.services import secure
 from jobs.services.audit import JobAuditAction, job_audit_record
 from jobs.services.plans import (
     checkpoint_name,
@@ -91,6 +94,7 @@ from jobs.workflows import (
     workflow_from_spec,
 )
 from jobs.workflows.base import next_global_model, write_global_model
+from jobs.workflows.secure import protection_of
 from jobs.workflows.training_options import stop_reason
 from sites.models import Site
 from sites.selectors import site_is_online
@@ -218,6 +222,7 @@ def job_advance(*, job_id: int) -> Advance:
         if job.state != JobState.RUNNING:
             return Advance(Step.NOTHING, f"nothing: job is {job.state}")
         current = job.rounds.order_by("-number").first()
+        sum_due = False
         if current is None:
             _round_open(job, 0)
             return Advance(Step.OPENED, f"opened round {round_for_people(0)}")
@@ -232,38 +237,84 @@ def job_advance(*, job_id: int) -> Advance:
             return Advance(Step.OPENED, f"opened round {round_for_people(current.number + 1)}")
         if current.state == RoundState.OPEN:
             tasks = list(current.tasks.select_related("site"))
-            answered = [t for t in tasks if t.state in TASK_ANSWERED]
-            if len(answered) < len(tasks) and timezone.now() < current.deadline:
-                waiting = len(tasks) - len(answered)
-                return Advance(Step.WAITING_FOR_UPDATES, f"waiting for {waiting} site(s)")
-            plan = round_plan_of(current, workflow_of(job))
-            decision = round_close_decision(
-                plan,
-                {
-                    t.site.name: None
-                    if t.state == TaskState.ACCEPTED
-                    else (t.reason or f"no update ({t.state})")
-                    for t in tasks
-                },
-            )
-            if not decision.closes:
-                current.move_to(RoundState.FAILED)
-                current.save(update_fields=["state", "closed_at"])
-                job.move_to(JobState.FAILED, decision.failure or "")
-                job.save(update_fields=["state", "finished_at", "failure_reason"])
-                _audit_job_end(job)
-                events.job_state(job)
-                return Advance(Step.FAILED, "failed: quorum")
-            # Claim the round for aggregation; sites that have not answered are now late.
-            current.tasks.filter(state__in=SiteTask.states_that_move_to(TaskState.LATE)).update(
-                state=TaskState.LATE, reason="no update before the round closed"
-            )
-            current.move_to(RoundState.AGGREGATING)
-            current.save(update_fields=["state"])
+            # A protected round has phases before and after its uploads (jobs.services.secure).
+            step = secure.secure_round_step(current, tasks) if current.protection else None
+            if step is not None and step.failure:
+                return _round_open_fail(job, current, step.failure)
+            if step is not None and step.waiting:
+                return Advance(Step.WAITING_FOR_UPDATES, step.waiting)
+            sum_due = step is not None and step.sum_due
+            if step is None or not (step.sum_due or step.aggregate):
+                answered = [t for t in tasks if t.state in TASK_ANSWERED]
+                if len(answered) < len(tasks) and timezone.now() < current.deadline:
+                    waiting = len(tasks) - len(answered)
+                    return Advance(Step.WAITING_FOR_UPDATES, f"waiting for {waiting} site(s)")
+                plan = round_plan_of(current, workflow_of(job))
+                decision = round_close_decision(
+                    plan,
+                    {
+                        t.site.name: None
+                        if t.state == TaskState.ACCEPTED
+                        else (t.reason or f"no update ({t.state})")
+                        for t in tasks
+                    },
+                )
+                if not decision.closes:
+                    return _round_open_fail(job, current, decision.failure or "", "quorum")
+                # Sites that have not answered are now late.
+                current.tasks.filter(state__in=SiteTask.states_that_move_to(TaskState.LATE)).update(
+                    state=TaskState.LATE, reason="no update before the round closed"
+                )
+                if current.protection:
+                    secure.uploads_closed(current, list(decision.accepted))
+                    sum_due = True
+            if not sum_due:
+                # Claim the round for aggregation.
+                current.move_to(RoundState.AGGREGATING)
+                current.save(update_fields=["state"])
         round_id = current.pk
+    if sum_due:
+        # Summing the protected uploads reads them all: outside the job lock, like aggregation.
+        return _round_sum(round_id)
     # Aggregation reads every update from storage: long, so outside the job lock. A worker
     # killed here leaves the round AGGREGATING, and the next job_advance does it again.
     return _round_aggregate(round_id)
+
+
+def _round_open_fail(
+    job: Job, rnd: Round, failure: str, why: str = "secure aggregation"
+) -> Advance:
+    """The open round cannot go on (lock held): it fails, and the job with it."""
+    rnd.move_to(RoundState.FAILED)
+    rnd.save(update_fields=["state", "closed_at"])
+    job.move_to(JobState.FAILED, failure[:4000])
+    job.save(update_fields=["state", "finished_at", "failure_reason"])
+    _audit_job_end(job)
+    events.round_state(rnd)
+    events.job_state(job)
+    return Advance(Step.FAILED, f"failed: {why}")
+
+
+def _round_sum(round_id: int) -> Advance:
+    with _aggregation_claim(round_id) as claimed:
+        if not claimed:
+            return Advance(Step.NOTHING, "nothing: another worker is summing the round")
+        try:
+            return Advance(Step.WAITING_FOR_UPDATES, secure.round_sum(round_id))
+        except TRANSIENT_ERRORS:
+            raise
+        except ProtocolError as exc:
+            return _round_fail_open(round_id, f"secure aggregation: {exc.reason}")
+
+
+def _round_fail_open(round_id: int, why: str) -> Advance:
+    with transaction.atomic():
+        rnd = Round.objects.select_related("job").get(pk=round_id)
+        job = Job.objects.select_for_update().get(pk=rnd.job_id)
+        rnd = Round.objects.select_for_update().get(pk=round_id)
+        if rnd.state != RoundState.OPEN or job.state != JobState.RUNNING:
+            return Advance(Step.NOTHING, f"nothing: round already {rnd.state}")
+        return _round_open_fail(job, rnd, f"{rnd.label}: {why}")
 
 
 def _audit_job_end(job: Job) -> None:
@@ -374,11 +425,17 @@ def _round_open(job: Job, number: int) -> Round:
     site_ids = dict(
         job.participants.filter(site__name__in=plan.sites).values_list("site__name", "site_id")
     )
+    start = ModelVersion.objects.filter(job=job, round_number=number).first()
     rnd = Round.objects.create(
         job=job,
         number=number,
         deadline=timezone.now() + timedelta(seconds=job.round_timeout_seconds),
         plan=plan_to_json(plan),
+        protection=secure.protection_start(
+            job=job, workflow=workflow, global_model_path=storage_path(start.file.name)
+        )
+        if start is not None and protection_of(workflow)
+        else {},
     )
     SiteTask.objects.bulk_create(
         SiteTask(
@@ -404,6 +461,8 @@ def _round_open(job: Job, number: int) -> Round:
     transaction.on_commit(
         lambda: job_advance_task.apply_async((job_id,), countdown=job.round_timeout_seconds + 1)
     )
+    if rnd.protection:
+        secure.kick_at_phase_deadline(rnd)
     return rnd
 
 
@@ -549,7 +608,23 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
     completed = rnd.number + 1  # a count of rounds, not an index: see common.rounds
     # Quorum was checked under the job lock when the round was claimed; accepted tasks cannot
     # change once the round is AGGREGATING (uploads to it are late).
-    outcome, checkpoints = _round_close_files(job, workflow, plan, state, rnd, tasks, start_version)
+    if rnd.protection:
+        started = time.perf_counter()
+        outcome, checkpoints = _round_close_protected(
+            workflow, plan, state, rnd, tasks, start_version
+        )
+        protection = {
+            **rnd.protection,
+            "phase": "done",
+            "cost": {
+                **secure.protection_cost(rnd),
+                "unmask_seconds": round(time.perf_counter() - started, 4),
+            },
+        }
+    else:
+        outcome, checkpoints = _round_close_files(
+            job, workflow, plan, state, rnd, tasks, start_version
+        )
     start_path = storage_path(start_version.file.name)
     params = next_global_model(workflow, outcome, lambda: load_state_dict(start_path))
     if params is None:
@@ -615,12 +690,16 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
         rnd.move_to(RoundState.CLOSED)
         rnd.metrics = outcome.metrics
         rnd.server_state = state_name
+        if rnd.protection:
+            rnd.protection = protection
         stopped = stop_reason(state.data, outcome.state.data)
         if stopped:
             # The workflow ends sooner (stop_cond, patience): the job has fewer rounds.
             rnd.plan = {**(rnd.plan or {}), "label": f"{rnd.label}; {stopped}"}
             job.total_rounds = workflow.total_rounds_given(list(job.round_sites), outcome.state)
-        rnd.save(update_fields=["state", "closed_at", "metrics", "server_state", "plan"])
+        rnd.save(
+            update_fields=["state", "closed_at", "metrics", "server_state", "plan", "protection"]
+        )
         job.completed_rounds = completed
         job.save(update_fields=["completed_rounds", "best_score", "best_round", "total_rounds"])
         events.round_state(rnd)
@@ -675,6 +754,48 @@ def _round_close_files(
             close_result(result)
         global_source.close()
     return outcome, checkpoints
+
+
+def _round_close_protected(
+    workflow: Workflow,
+    plan: RoundPlan,
+    state: ServerState,
+    rnd: Round,
+    tasks: list[SiteTask],
+    start_version: ModelVersion,
+) -> tuple[Any, dict[str, tuple[str, str, int]]]:
+    """``workflow.close`` from the survivors' sum alone (``jobs.workflows.secure``): the
+    masks removed (or the sum decrypted by a site) with the finish answers; each survivor's
+    weight, params type and metrics are its upload's, checked when it arrived."""
+    from client_agent.fl_model import ParamsType
+    from client_agent.secagg.upload import read_protected
+    from jobs.aggregation import FileTensorSource, SiteUpdate
+    from jobs.aggregation.sources import MemoryTensorSource
+    from jobs.workflows.secure import close_from_sum, layout_of
+
+    total = secure.protected_sum(rnd)
+    survivors = [
+        SiteUpdate(
+            site=task.site.name,
+            source=MemoryTensorSource({}),
+            weight=float(task.weight or 0.0),
+            params_type=ParamsType(
+                read_protected(storage_path(task.update.name)).fields["params_type"]
+                or ParamsType.FULL
+            ),
+            metrics=dict(task.metrics or {}),
+        )
+        for task in tasks
+    ]
+    global_source = FileTensorSource(storage_path(start_version.file.name))
+    try:
+        layout = layout_of(workflow, global_source.specs())
+        outcome = close_from_sum(
+            workflow, rnd.number, plan, global_source, layout, total, survivors, state
+        )
+    finally:
+        global_source.close()
+    return outcome, {}
 
 
 def _checkpoint_write(name: str, source: Any) -> tuple[str, str, int]:
@@ -753,8 +874,11 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
     try:
         path = storage_path(task.update.name)
         privacy = upload_privacy_report(path)
-        result = result_from_file(planned_task_of(task), path, specs)
-    except (UpdateRejected, WireFormatError) as exc:
+        if rnd.protection:
+            result = secure.protected_upload_check(task, path)
+        else:
+            result = result_from_file(planned_task_of(task), path, specs)
+    except (UpdateRejected, WireFormatError, ProtocolError) as exc:
         state, reason = TaskState.REJECTED, getattr(exc, "reason", str(exc))
     except Exception as exc:
         # Whatever else a site's file makes the check trip over, the task is answered: left

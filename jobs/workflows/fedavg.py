@@ -39,7 +39,7 @@ from jobs.workflows.base import (
 )
 from jobs.workflows.dp import DP_STATE_KEY, ServerDP, privacy_metrics
 from jobs.workflows.results import train_updates
-from jobs.workflows.secure import check_secure_aggregation
+from jobs.workflows.secure import SECURE_AGGREGATION_META_KEY, check_secure_aggregation
 from jobs.workflows.training_options import (
     EARLY_STOP_STATE_KEY,
     StopCondition,
@@ -282,6 +282,9 @@ class FedAvg(WorkflowDefaults):
             meta[EXCLUDE_VARS_META_KEY] = self.exclude_vars
         if self.exchange_format != "pytorch":
             meta[EXCHANGE_FORMAT_META_KEY] = self.exchange_format
+        if self.secure_aggregation:
+            # The site's agent protects the update it sends (client_agent.secure_round).
+            meta[SECURE_AGGREGATION_META_KEY] = self.secure_aggregation
         return meta
 
     def round_task(self, round_number: int) -> TaskSpec:

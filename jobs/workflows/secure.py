@@ -18,17 +18,23 @@ by the server) and server-side DP (per-site clipping) are refused with the optio
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from client_agent.fl_model import ParamsType
-from client_agent.secagg.session import HOMOMORPHIC, KINDS, MASKING, MIN_SITES, error_bound
-from client_agent.secagg.vector import Layout, UpdateShapeError
+from client_agent.secagg.session import (
+    HOMOMORPHIC,
+    KINDS,
+    MASKING,
+    MIN_SITES,
+    SECURE_AGGREGATION_META_KEY,
+    error_bound,
+)
+from client_agent.secagg.vector import Layout
 from common.validators import FieldError
 from jobs.workflows.base import RoundOutcome, RoundPlan, ServerState
-from jobs.workflows.training_options import excluded
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +52,7 @@ __all__ = [
     "HOMOMORPHIC",
     "KINDS",
     "MASKING",
+    "SECURE_AGGREGATION_META_KEY",
     "SECURE_WORKFLOWS",
     "check_secure_aggregation",
     "close_from_sum",
@@ -118,43 +125,28 @@ def protection_of(workflow: Workflow) -> str | None:
 def layout_of(workflow: Workflow, specs: Mapping[str, Any]) -> Layout:
     """The vector a round sums: the global model's tensors (``specs``: name → (dtype,
     shape)), name order, less the ones ``exclude_vars`` keeps at the sites."""
-    kept = excluded(getattr(workflow, "exclude_vars", None), specs)
-    return Layout.of({name: spec[1] for name, spec in specs.items()}, kept=sorted(kept))
+    return Layout.for_model(
+        {name: spec[1] for name, spec in specs.items()}, getattr(workflow, "exclude_vars", None)
+    )
 
 
 def site_vector(
     layout: Layout, update: SiteUpdate, global_model: Mapping[str, torch.Tensor] | TensorSource
 ) -> np.ndarray:
-    """A site's weighted update as the vector it protects: ``weight ×`` its params (FULL) or
-    change (DIFF); a tensor its privacy policy withheld counts as no change (the global
-    tensor, or zero for DIFF), as on a plain round. Checked here, before any masking, for
-    the names, shapes and finiteness a plain update is checked for."""
-    from jobs.aggregation.sources import as_source, tensors_of
+    """A site's weighted update as the vector it protects (``Layout.update_vector``, the
+    agent's own function): checked here, before any masking, for the names, shapes and
+    finiteness a plain update is checked for."""
+    from jobs.aggregation.sources import SubsetTensorSource, as_source, tensors_of
 
-    source = update.source
-    names = set(source.specs()) & set(layout.names)
-    params: dict[str, Any] = tensors_of(_subset(source, names))
-    missing = update.withheld & set(layout.names)
-    if missing:
-        base = tensors_of(_subset(as_source(global_model), missing))
-        for name in missing:
-            params[name] = (
-                base[name].zero_() if update.params_type == ParamsType.DIFF else base[name]
-            )
-    # Tensors of the global model outside the layout are the ones the job keeps at the sites:
-    # not summed. Any other name is an error, as on a plain round.
-    foreign = sorted(set(source.specs()) - set(as_source(global_model).specs()))
-    if foreign:
-        raise UpdateShapeError(
-            f"the update has tensor {foreign[0]!r}, which the global model has not"
-        )
-    return layout.flatten(params, weight=float(update.weight))
-
-
-def _subset(source: TensorSource, names: Collection[str]) -> TensorSource:
-    from jobs.aggregation.sources import SubsetTensorSource
-
-    return SubsetTensorSource(source, names)
+    base = as_source(global_model)
+    return layout.update_vector(
+        tensors_of(update.source),
+        weight=float(update.weight),
+        model_names=set(base.specs()),
+        withheld=update.withheld,
+        global_params=lambda names: tensors_of(SubsetTensorSource(base, names)),
+        diff=update.params_type == ParamsType.DIFF,
+    )
 
 
 def close_from_sum(

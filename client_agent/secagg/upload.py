@@ -1,0 +1,99 @@
+"""A protected update as it travels: a safetensors file like any update, whose only tensor is
+the masked or encrypted bytes (``uint8``), with the ``FLModel`` fields in its metadata as
+usual: the params type, the metrics, and in ``meta`` the site's weight
+(``NUM_STEPS_CURRENT_ROUND``) and its privacy report. The portal's upload path, size limit,
+digest check and wire log treat it as any other update; only the check differs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client_agent.fl_model import FLModel, ParamsType
+from client_agent.wire import WireFormatError, model_fields, read_model_header, write_model_file
+
+PROTECTED_TENSOR = "fedportal.protected"
+
+
+def write_protected(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    params_type: str,
+    metrics: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """The protected ``data`` as an update file (atomic write)."""
+    import torch
+
+    tensor = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    model = FLModel(
+        params_type=ParamsType(params_type),
+        params={PROTECTED_TENSOR: tensor},
+        metrics=metrics,
+        meta=meta,
+    )
+    return write_model_file(path, model)
+
+
+@dataclass(frozen=True)
+class ProtectedUpload:
+    """An uploaded protected update: its FLModel fields, and where its bytes lie."""
+
+    fields: dict[str, Any]
+    offset: int
+    size: int
+
+    def open(self, path: str | os.PathLike[str]) -> Any:
+        """The file, positioned at the protected bytes (which run to its end)."""
+        stream = open(path, "rb")  # noqa: SIM115 - the caller closes it
+        stream.seek(self.offset)
+        return stream
+
+
+def read_protected(path: str | os.PathLike[str]) -> ProtectedUpload:
+    """The header of a protected update; :class:`WireFormatError` when the file is not one
+    (a plain model sent to a protected round, say)."""
+    header = read_model_header(path)
+    name = Path(path).name
+    if set(header.params) != {PROTECTED_TENSOR} or header.meta_tensors:
+        raise WireFormatError(
+            f"{name}: a protected round takes one tensor, {PROTECTED_TENSOR!r} (the masked or "
+            f"encrypted update); got {sorted(header.params)[:5]}"
+        )
+    entry = header.params[PROTECTED_TENSOR]
+    if entry["dtype"] != "U8" or len(entry["shape"]) != 1:
+        raise WireFormatError(
+            f"{name}: {PROTECTED_TENSOR!r} must be a 1-D uint8 tensor, got {entry['dtype']} "
+            f"{entry['shape']}"
+        )
+    start, stop = entry["data_offsets"]
+    if header.data_start + stop != os.path.getsize(path):
+        raise WireFormatError(f"{name}: bytes after the protected tensor")
+    return ProtectedUpload(
+        fields=model_fields(header.metadata, name),
+        offset=header.data_start + start,
+        size=stop - start,
+    )
+
+
+def protected_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The protected bytes of an update file, whole (SimEnv and tests)."""
+    upload = read_protected(path)
+    with upload.open(path) as stream:
+        return bytes(stream.read(upload.size))
+
+
+__all__ = [
+    "PROTECTED_TENSOR",
+    "ProtectedUpload",
+    "protected_bytes",
+    "read_protected",
+    "write_protected",
+]
