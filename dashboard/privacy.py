@@ -275,3 +275,82 @@ def server_privacy(rounds: Iterable[Round]) -> ServerPrivacy | None:
             delta = _number(rnd.metrics.get(DELTA_METRIC))
             latest = ServerPrivacy(round=round_for_people(rnd.number), epsilon=epsilon, delta=delta)
     return latest
+
+
+# --------------------------------------------------------------------------------------------
+# Secure aggregation: which protection a job uses, and what it costs
+# --------------------------------------------------------------------------------------------
+
+PROTECTION_NAMES = {
+    "masking": "secure aggregation by masking (SecAgg+)",
+    "he": "homomorphic encryption (CKKS)",
+}
+# Bytes a site sends per parameter: a float32 update, a masked one (a 64-bit ring element),
+# an encrypted one (a CKKS ciphertext of 4096 values is about 331 KB at FedPortal's
+# parameters: client_agent.he; measured in bench/secure_aggregation.py).
+PLAIN_BYTES_PER_PARAM = 4
+PROTECTED_BYTES_PER_PARAM = {"masking": 8, "he": 331_000 / 4096}
+
+
+@dataclass(frozen=True)
+class ProtectionSummary:
+    """A protected job in words: what the portal sees and what a round costs a site."""
+
+    kind: str
+    parameters: int | None
+
+    @property
+    def name(self) -> str:
+        return PROTECTION_NAMES.get(self.kind, self.kind)
+
+    @property
+    def extra_bytes_per_round(self) -> int | None:
+        """Bytes a site sends per round beyond a plain float32 update (the update itself;
+        the keys and shares add a few kilobytes)."""
+        if self.parameters is None:
+            return None
+        extra = PROTECTED_BYTES_PER_PARAM[self.kind] - PLAIN_BYTES_PER_PARAM
+        return round(self.parameters * extra)
+
+    @property
+    def text(self) -> str:
+        return (
+            f"This job uses {self.name}: the portal and its workers see only the sum of the "
+            "sites' updates, never one site's update"
+        )
+
+
+def protection_of_job(job: Any) -> ProtectionSummary | None:
+    """The job's protection (from its workflow parameters), None for a plain job; the model's
+    parameter count from the initial model's header (no tensors read)."""
+    kind = (job.params or {}).get("secure_aggregation")
+    if not kind:
+        return None
+    return ProtectionSummary(kind=str(kind), parameters=selectors.initial_parameter_count(job))
+
+
+@dataclass(frozen=True)
+class RoundProtection:
+    """One protected round's record: its phase, the sites left, and what it cost."""
+
+    phase: str
+    sites: int
+    survivors: int | None
+    extra_bytes_per_site: int | None
+    unmask_seconds: float | None
+
+
+def round_protection(rnd: Round) -> RoundProtection | None:
+    protection = rnd.protection or {}
+    if not protection:
+        return None
+    cost = protection.get("cost") or {}
+    roster = (protection.get("roster") or {}).get("sites") or ()
+    survivors = protection.get("survivors")
+    return RoundProtection(
+        phase=str(protection.get("phase", "")),
+        sites=len(roster),
+        survivors=len(survivors) if isinstance(survivors, list) else None,
+        extra_bytes_per_site=cost.get("extra_bytes_per_site"),
+        unmask_seconds=cost.get("unmask_seconds"),
+    )

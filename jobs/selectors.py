@@ -284,6 +284,23 @@ def model_versions_of(job: Job) -> QuerySet[ModelVersion]:
     return job.models.order_by("round_number")
 
 
+def initial_parameter_count(job: Job) -> int | None:
+    """How many values the job's model holds, from the initial model file's header (no tensor
+    read); None when the file is missing or unreadable."""
+    import math
+
+    from client_agent.wire import WireFormatError, read_header
+
+    version = ModelVersion.objects.filter(job=job, round_number=0).first()
+    if version is None or not version.file:
+        return None
+    try:
+        header, _ = read_header(version.file.path)
+    except (OSError, WireFormatError, NotImplementedError):
+        return None
+    return sum(math.prod(entry["shape"]) for entry in header.values())
+
+
 def model_version_of(job: Job, round_number: int) -> ModelVersion:
     version = job.models.filter(round_number=round_number).first()
     if version is None:

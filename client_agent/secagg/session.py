@@ -46,9 +46,10 @@ KINDS = (MASKING, HOMOMORPHIC)
 SECURE_AGGREGATION_META_KEY = "secure_aggregation"
 """The key of a train task's ``FLModel.meta`` that tells the site's agent to protect its
 update, and how (``"masking"`` or ``"he"``)."""
-MIN_SITES = 3
-"""The fewest sites a protected job may run with: with two, the sum less one site's own
-update is the other's, whatever the protocol."""
+MIN_SITES = 2
+"""The fewest sites a protected round may sum: the sum of one site is its update. (With two,
+each site can work out the other's update from the sum, as with any protocol and in NVFlare's
+HE; the server still cannot. Use three or more where sites must not learn each other's.)"""
 
 Signer = Callable[[bytes], bytes]
 Verifier = Callable[[str, bytes, bytes], bool]

@@ -17,7 +17,12 @@ from dashboard.appfiles import AppArchiveUnreadable, app_file_text, app_files
 from dashboard.forms import DecisionReasonForm
 from dashboard.http import SignedInRequest
 from dashboard.presenters import decision_rows
-from dashboard.privacy import link_expectation, link_expectations, project_budget
+from dashboard.privacy import (
+    link_expectation,
+    link_expectations,
+    project_budget,
+    protection_of_job,
+)
 from dashboard.views._common import job_for, project_for, require, source_address
 from dashboard.views.projects import decisions_before_start, project_context
 from jobs import selectors
@@ -140,6 +145,7 @@ def approval_review(request: SignedInRequest, uid: UUID, site_name: str) -> Http
         shown_text=text,
         pending=link.decision == JobSite.Decision.PENDING,
         privacy=link_expectation(link),
+        protection=protection_of_job(job),
         project_budget=project_budget(link.site),
         reason_form=DecisionReasonForm(),
     )

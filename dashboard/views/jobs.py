@@ -26,7 +26,7 @@ from dashboard.metrics import (
     metric_points_csv_async,
 )
 from dashboard.presenters import SiteLog, model_version_rows, task_grid_rows
-from dashboard.privacy import server_privacy
+from dashboard.privacy import protection_of_job, round_protection, server_privacy
 from dashboard.submission import JobSubmitForm, clone_initial, site_choices
 from dashboard.views._common import job_for, project_for, require, source_address
 from dashboard.views.projects import project_context
@@ -54,6 +54,7 @@ def rounds_context(job: Job) -> dict[str, Any]:
         "grid_privacy": any(row.privacy for row in rows),
         "relay": relay_turns(job, rounds),
         "heat_map": cross_site_heat_map(job),
+        "round_protection": {rnd.pk: round_protection(rnd) for rnd in rounds},
     }
 
 
@@ -92,6 +93,7 @@ def job_detail(request: SignedInRequest, uid: UUID) -> HttpResponse:
         logs=logs_of(job, sites),
         charts=metric_charts(job),
         server_privacy=server_privacy(context["rounds"]),
+        protection=protection_of_job(job),
         chart_points=MAX_CHART_POINTS,
         aggregate_name=AGGREGATE,
         files=files,

@@ -340,8 +340,29 @@ class RoundSerializer(serializers.ModelSerializer[Round]):
             "metrics",
             "participants",
             "tasks",
+            "protection",
         ]
         read_only_fields = fields
+
+    protection = serializers.SerializerMethodField(
+        help_text="Under secure aggregation: the kind, the phase, the sites on the roster, "
+        "those that shared and those whose update was summed, and the round's cost "
+        "(extra_bytes_per_site, unmask_seconds); null for a plain round. Never keys or shares."
+    )
+
+    @extend_schema_field(serializers.DictField(allow_null=True))
+    def get_protection(self, rnd: Round) -> dict[str, Any] | None:
+        protection = rnd.protection or {}
+        if not protection:
+            return None
+        return {
+            "kind": protection.get("kind"),
+            "phase": protection.get("phase"),
+            "roster": list((protection.get("roster") or {}).get("sites") or []),
+            "shared": list(protection.get("shared") or []),
+            "survivors": list(protection.get("survivors") or []),
+            "cost": dict(protection.get("cost") or {}),
+        }
 
     @extend_schema_field(serializers.ListField(child=serializers.CharField()))
     def get_participants(self, rnd: Round) -> list[str]:

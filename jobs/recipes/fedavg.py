@@ -73,7 +73,7 @@ class FedAvgRecipe(Recipe):
     ``secure_aggregation=True`` (or ``"masking"``) masks every site's weighted update so the
     portal and its workers only ever see the sum (SecAgg+: pairwise masks that cancel in the
     sum, Shamir-shared seeds to recover from sites that drop out); ``"he"`` encrypts it with
-    CKKS instead (:class:`FedAvgRecipeWithHE`). Both need ``min_clients ≥ 3`` and the mean
+    CKKS instead (:class:`FedAvgRecipeWithHE`). Both need ``min_clients ≥ 2`` and the mean
     aggregator, and refuse ``aggregation_weights`` and ``dp`` (see ``jobs.workflows.secure``).
 
     ``save_filename`` and ``best_model_filename`` (NVFlare's defaults ``FL_global_model.pt``,
@@ -204,9 +204,8 @@ class FedAvgRecipeWithHE(FedAvgRecipe):
 
     NVFlare's arguments, keyword-only as there (``name`` defaults to ``"fedavg_he"``). Every
     layer is encrypted: ``encrypt_layers`` other than None (some layers in the clear) is
-    refused, and so is a custom ``aggregator``. Unlike NVFlare, ``min_clients`` must be at
-    least 3 (with two sites, the sum less one's own update is the other's).
-    ``server_memory_gc_rounds`` has no effect. Every ``FedAvgRecipe`` argument applies too.
+    refused, and so is a custom ``aggregator``. ``server_memory_gc_rounds`` has no effect.
+    Every ``FedAvgRecipe`` argument applies too.
     """
 
     def __init__(

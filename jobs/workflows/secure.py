@@ -92,8 +92,8 @@ def check_secure_aggregation(
     if min_clients < MIN_SITES:
         raise FieldError(
             "secure_aggregation",
-            f"needs min_clients ≥ {MIN_SITES}, got {min_clients}: with fewer sites the sum "
-            "less one site's update is the other's, and no threshold of shares can be met",
+            f"needs min_clients ≥ {MIN_SITES}, got {min_clients}: the sum of one site's "
+            "update is that update",
         )
     if aggregator != "mean":
         raise FieldError(

@@ -125,11 +125,16 @@ def test_no_site_reveals_both_secrets_of_one_site() -> None:
 
 
 def test_too_few_sites_fail_with_the_reason() -> None:
-    with pytest.raises(TooFewSites, match="2 site\\(s\\) sent their keys; .* at least 3"):
-        run_local(MASKING, updates(2, 10), job=JOB, round_number=0)
-    with pytest.raises(TooFewSites, match="2 masked update\\(s\\) came"):
+    with pytest.raises(TooFewSites, match="1 site\\(s\\) sent their keys; .* at least 2"):
+        run_local(MASKING, updates(1, 10), job=JOB, round_number=0)
+    with pytest.raises(TooFewSites, match="2 masked update\\(s\\) came; .* at least 3"):
         run_local(
-            MASKING, updates(4, 10), job=JOB, round_number=0, drop_after_shares=["site-0", "site-1"]
+            MASKING,
+            updates(4, 10),
+            job=JOB,
+            round_number=0,
+            min_sites=3,
+            drop_after_shares=["site-0", "site-1"],
         )
 
 

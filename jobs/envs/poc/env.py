@@ -136,9 +136,13 @@ class PocEnv:
     - ``gpu_ids``: the GPUs the sites' scripts see (``CUDA_VISIBLE_DEVICES``, every site the
       whole list; NVFlare hands them to the clients in turn). A GPU this machine lacks is a
       ValueError.
-    - ``use_he=True`` and ``docker_image`` are refused (ValueError): there is no homomorphic
-      encryption nor Docker launch here, and running without them while the job.py asks for
-      them would be a quiet lie about privacy or about the software the sites run.
+    - ``use_he``: accepted, with nothing to do. NVFlare provisions a TenSEAL context into the
+      startup kits for it; here a job that encrypts (``FedAvgRecipeWithHE``) makes its
+      contexts at the sites, round by round, with no provisioning. As in NVFlare, it does
+      not make a plain job encrypt.
+    - ``docker_image`` is refused (ValueError): there is no Docker launch here, and running
+      without it while the job.py asks for it would be a quiet lie about the software the
+      sites run.
     - ``project_conf_path``: refused unless empty (the sites come from ``clients``).
     - ``username`` and ``study`` are checked (``study`` as NVFlare does: lower-case letters,
       digits, hyphens) and kept; they change nothing: the job is submitted by this PocEnv's own
@@ -182,10 +186,7 @@ class PocEnv:
             num_clients = None
         self.clients = site_names(num_clients, clients)
         self.gpu_ids = _check_gpu_ids(gpu_ids)
-        if use_he:
-            raise ValueError(
-                "use_he: homomorphic encryption is not available in PocEnv; leave it False"
-            )
+        self.use_he = bool(use_he)  # nothing to provision: see the docstring
         if docker_image is not None:
             raise ValueError(
                 f"docker_image: PocEnv runs the sites as processes on this machine, not in "

@@ -446,6 +446,9 @@ def test_the_openapi_schema_lists_every_jobs_endpoint(client) -> None:
         "/api/v1/agent/jobs/{uid}/rounds/{number}/model/",
         "/api/v1/agent/jobs/{uid}/rounds/{number}/status/",
         "/api/v1/agent/jobs/{uid}/rounds/{number}/update/",
+        "/api/v1/agent/jobs/{uid}/rounds/{number}/secure/",
+        "/api/v1/agent/jobs/{uid}/rounds/{number}/secure/{phase}/",
+        "/api/v1/agent/jobs/{uid}/rounds/{number}/secure/total/",
         "/api/v1/agent/jobs/{uid}/metrics/",
     }
     submit = schema["paths"]["/api/v1/projects/{project}/jobs/"]["post"]
