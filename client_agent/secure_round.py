@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import NameOID
 
 from client_agent import signing
@@ -68,7 +69,7 @@ def certificate_check(ca_pem: bytes) -> Any:
         try:
             certificate = x509.load_pem_x509_certificate(pem.encode())
             certificate.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, Exception):  # a bad certificate or signature
+        except (ValueError, TypeError, InvalidSignature):  # not a certificate, or not the CA's
             return False
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if not names or names[0].value != site:

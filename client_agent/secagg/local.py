@@ -154,21 +154,27 @@ def run_local(
     )
 
 
-def protection_cost(kind: str, local: LocalRound, *, plain_bytes: int) -> dict[str, Any]:
-    """What a protected round cost beyond a plain one, per site on average: ``bytes`` sent
-    (keys, shares, the protected upload, the finish answer), ``extra_bytes`` over a plain
-    float32 upload of ``plain_bytes``, the site's protocol ``seconds`` and the server's."""
+def protection_record(kind: str, local: LocalRound, *, plain_bytes: int) -> dict[str, Any]:
+    """A protected round as a run records it, in the shape of the portal's rounds API: the
+    kind, the roster, the sites that shared and those summed (``survivors``), and its cost
+    beyond a plain round per site on average: ``bytes_per_site`` sent (keys, shares, the
+    protected upload, the finish answer), ``extra_bytes_per_site`` over a plain float32
+    upload of ``plain_bytes``, the sites' protocol ``site_seconds`` and the server's."""
     count = max(1, len(local.sent_bytes))
     sent = sum(local.sent_bytes.values()) / count
     return {
         "kind": kind,
-        "sites": len(local.roster.sites),
-        "survivors": len(local.survivors),
-        "bytes_per_site": round(sent),
-        "extra_bytes_per_site": round(sent - plain_bytes),
-        "site_seconds": sum(local.site_seconds.values()) / count,
-        "server_seconds": local.server_seconds,
+        "phase": "done",
+        "roster": list(local.roster.sites),
+        "shared": sorted(local.sent_bytes),
+        "survivors": list(local.survivors),
+        "cost": {
+            "bytes_per_site": round(sent),
+            "extra_bytes_per_site": round(sent - plain_bytes),
+            "site_seconds": sum(local.site_seconds.values()) / count,
+            "server_seconds": local.server_seconds,
+        },
     }
 
 
-__all__ = ["LocalRound", "ProtocolError", "protection_cost", "run_local", "sessions_for"]
+__all__ = ["LocalRound", "ProtocolError", "protection_record", "run_local", "sessions_for"]

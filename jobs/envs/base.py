@@ -83,8 +83,9 @@ class RoundRecord:
     site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
     protection: dict[str, Any] = field(default_factory=dict)
-    """Under secure aggregation: its kind and what it cost the round (extra bytes and
-    seconds per site, the server's seconds); empty for a plain round."""
+    """Under secure aggregation: its kind, phase, roster, the sites that shared and those
+    summed (``survivors``), and its ``cost`` (``extra_bytes_per_site``, seconds); the same
+    shape from ``SimEnv`` and from a portal's rounds API. Empty for a plain round."""
 
 
 class Metrics:

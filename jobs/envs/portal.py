@@ -199,6 +199,7 @@ class PortalRun(Run):
                     },
                     metrics=dict(r.get("metrics") or {}),
                     site_metrics=site_metrics.get(number, {}),
+                    protection=dict(r.get("protection") or {}),
                 )
             )
         cross_site = self.client.get(self._path("cross-site/"))

@@ -48,7 +48,7 @@ from client_agent.privacy.enforce import PrivacyRefusal
 from client_agent.privacy.ledger import PrivacyLedger
 from client_agent.privacy.release import release_result, round_refusal
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
-from client_agent.secagg.local import protection_cost, run_local
+from client_agent.secagg.local import protection_record, run_local
 from client_agent.secagg.session import ProtocolError
 from client_agent.wire import WireFormatError, load_state_dict
 from common.validators import is_number
@@ -512,7 +512,7 @@ class _Simulation:
             min_sites=workflow.min_clients,
             drop_after_shares=dropped,
         )
-        record.protection = protection_cost(kind, local, plain_bytes=4 * layout.length)
+        record.protection = protection_record(kind, local, plain_bytes=4 * layout.length)
         return close_from_sum(
             workflow, rnd, plan, global_params, layout, local.total, updates, state
         )

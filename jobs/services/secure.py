@@ -120,8 +120,8 @@ def shares_of(rnd: Round) -> dict[str, dict[str, Any]]:
 
 
 def secure_view(*, task: SiteTask) -> dict[str, Any]:
-    """What the site needs now: the phase, the roster (from ``shares`` on), its setup (from
-    ``upload`` on: who shared, its inbox) and, in ``finish``, its request."""
+    """What the site needs now: the phase, the roster (from ``shares`` on), its setup (in
+    ``upload``: who shared, its inbox) and, in ``finish``, its request."""
     rnd = task.round
     protection = rnd.protection
     if not protection:
@@ -136,7 +136,8 @@ def secure_view(*, task: SiteTask) -> dict[str, Any]:
     site = task.site.name
     if "roster" in protection:
         view["roster"] = protection["roster"]
-    if "shared" in protection and site in protection["shared"]:
+    if phase == PHASE_UPLOAD and site in protection.get("shared", ()):
+        # Only while it is needed: under HE the setup carries the round's public context.
         roster = roster_of(rnd)
         setups = server_of(rnd).setups(roster, shares_of(rnd))
         view["setup"] = setups.get(site)
@@ -279,7 +280,7 @@ def secure_round_step(rnd: Round, tasks: list[SiteTask]) -> SecureStep:
     if phase in (PHASE_KEYS, PHASE_SHARES):
         waited = _waited_for(rnd, phase)
         answered = _messages(rnd, phase)
-        if not set(answered) >= set(waited) and now < min(deadline, rnd.deadline):
+        if not set(answered) >= set(waited) and now < deadline:
             return SecureStep(waiting=f"{phase}: {len(answered)} of {len(waited)} site(s)")
         server = server_of(rnd)
         try:
@@ -299,9 +300,14 @@ def secure_round_step(rnd: Round, tasks: list[SiteTask]) -> SecureStep:
             return SecureStep(failure=f"{rnd.label}: secure aggregation: {exc.reason}")
         _out_of_round(rnd, missing, f"sent no {phase} before the phase ended")
         protection["phase"] = next_phase
-        protection["phase_deadline"] = (
-            _phase_deadline() if next_phase != PHASE_UPLOAD else rnd.deadline
-        ).isoformat()
+        if next_phase == PHASE_UPLOAD:
+            # Waiting for a site's keys or shares must not eat the others' upload time: the
+            # uploads get the round's deadline, and at least a phase's time from now.
+            rnd.deadline = max(rnd.deadline, _phase_deadline())
+            rnd.save(update_fields=["deadline"])
+            protection["phase_deadline"] = rnd.deadline.isoformat()
+        else:
+            protection["phase_deadline"] = _phase_deadline().isoformat()
         _protection_save(rnd, protection)
         _kick_at(rnd, protection["phase_deadline"])
         return SecureStep(waiting=f"{next_phase}: started")
@@ -396,8 +402,8 @@ def protected_upload_check(task: SiteTask, path: Any) -> Any:
     protection = rnd.protection
     if protection.get("phase") != PHASE_UPLOAD or site not in protection.get("shared", ()):
         raise ProtocolError(
-            f"an update before the round's keys and shares were done (phase "
-            f"{protection.get('phase')!r}): it could not be unmasked",
+            f"an update outside the round's upload phase (now {protection.get('phase')!r}), "
+            "or from a site that sent no shares: it could not be unmasked",
             site=site,
         )
     upload = read_protected(path)

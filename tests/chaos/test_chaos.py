@@ -29,6 +29,7 @@ import torch
 from celery import Celery
 
 from client_agent.portal import PortalClient, PortalError, PortalUnreachable
+from client_agent.secagg.session import error_bound
 from client_agent.wire import load_state_dict, read_header
 from jobs.envs import PocEnv, ProdEnv, RunStatus, SimEnv
 from jobs.envs.portal import PortalRun
@@ -215,7 +216,7 @@ def started(
     url = postgres.create_database(database)
     redis.flush()
     env = PocEnv(
-        clients=SITES,
+        clients=options.get("clients", SITES),
         workspace=tmp_path / "poc",
         redis_url=redis.url,
         redis_db=0,
@@ -473,3 +474,195 @@ def _fill(path: Path) -> None:
             out.flush()
             os.fsync(out.fileno())
     assert os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize < 64 * 1024
+
+
+# --- secure aggregation ---------------------------------------------------------------------------
+
+# A masked round's sum is exact in the ring: two masked runs of the deterministic script give
+# the same bits whatever the masks, so SimEnv's masked run is the undisturbed reference.
+_masked_references: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def make_masked_recipe(app: Path, *, size: int = 1000, **options: Any) -> FedAvgRecipe:
+    return FedAvgRecipe(
+        name=f"chaos-masked-{size}",
+        min_clients=options.pop("min_clients", 3),
+        num_rounds=ROUNDS,
+        model={"w": torch.linspace(-1.0, 1.0, size), "steps": torch.tensor(0)},
+        train_script=str(app / "client.py"),
+        key_metric="score",
+        secure_aggregation=True,
+        **options,
+    )
+
+
+def undisturbed_masked(app: Path, tmp_path: Path, size: int) -> dict[str, torch.Tensor]:
+    if size not in _masked_references:
+        run = make_masked_recipe(app, size=size).execute(
+            SimEnv(clients=SITES, workspace=tmp_path / f"sim-masked-{size}", show_progress=False)
+        )
+        assert run.status == RunStatus.COMPLETED, run.error
+        assert run.global_model is not None
+        _masked_references[size] = run.global_model
+    return _masked_references[size]
+
+
+@pytest.mark.parametrize("moment", ["summing", "unmasking"])
+def test_a_worker_killed_mid_aggregation_of_a_masked_round_gives_the_same_model(
+    chaos: Chaos, app: Path, tmp_path: Path, moment: str
+) -> None:
+    size = 2_000_000  # 16 MB masked uploads: summing and unmasking three take a moment
+    run = chaos.submit(make_masked_recipe(app, size=size))
+    job_id = chaos.job_id(run)
+    media = chaos.env.workspace / "media"
+
+    def summing_now(number: int) -> bool:
+        # The sum is written beside its final name and renamed when whole.
+        return any(media.glob(f"**/secure/round-{number:03d}-total.tmp"))
+
+    def summed(number: int) -> bool:
+        return any(media.glob(f"**/secure/round-{number:03d}-total.bin"))
+
+    # Polled over one connection: a psql per look would miss a short sum.
+    with psycopg.connect(chaos.postgres.url(chaos.database), autocommit=True) as watch:
+
+        def look() -> tuple[int, str, str, int] | None:
+            row = watch.execute(
+                "SELECT number, state, coalesce(protection->>'phase', ''), aggregation_attempts "
+                "FROM jobs_round WHERE job_id = %s ORDER BY number DESC LIMIT 1",
+                [job_id],
+            ).fetchone()
+            return None if row is None else (int(row[0]), str(row[1]), str(row[2]), int(row[3]))
+
+        def at_moment(row: tuple[int, str, str, int] | None) -> bool:
+            """The worker is in the middle of it: the sum being written, or the round's
+            unmasking started (counted) and not finished."""
+            if row is None:
+                return False
+            number, state, phase, attempts = row
+            if moment == "summing":
+                return state == "open" and phase == "summing" and summing_now(number)
+            return state == "aggregating" and attempts >= 1
+
+        def caught() -> tuple[int, str, str, int] | None:
+            row = look()
+            return row if at_moment(row) else None
+
+        row = wait_until(caught, 180, f"a worker {moment} a round", every=0.002)
+        assert row is not None
+        chaos.env.kill("worker")
+        killed_in = row[0]
+        # Nothing else moves the round on: the kill cut the sum or the unmasking short.
+        after = look()
+        assert after is not None and after[:2] == row[:2], (row, after)
+        if moment == "summing":
+            assert after[2] == "summing" and not summed(killed_in)
+    chaos.env.restart("worker")
+
+    run = chaos.finish(run, timeout=300)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert [r.accepted for r in run.rounds] == [SITES] * ROUNDS
+    final = chaos.final_model(run)
+    assert_same_bits(final, undisturbed_masked(app, tmp_path, size))
+    # And plain FedAvg's model, within what quantizing costs each round (error_bound) and
+    # one float32 rounding of the model each round, carried over the rounds.
+    plain = undisturbed(app, tmp_path, size=size)
+    ulp = torch.finfo(torch.float32).eps * float(plain["w"].abs().max())
+    atol = ROUNDS * (error_bound(len(SITES), 1.0 + 2.0 + 3.0) + ulp)
+    assert torch.allclose(final["w"].double(), plain["w"].double(), atol=atol, rtol=0)
+    assert torch.equal(final["steps"], plain["steps"])
+    attempts = chaos.postgres.sql(
+        chaos.database,
+        f"SELECT aggregation_attempts FROM jobs_round WHERE job_id = {job_id} "
+        f"AND number = {killed_in}",
+    )
+    # The killed unmasking counted as a start; a sum is not counted.
+    assert attempts == ("2" if moment == "unmasking" else "1")
+
+
+HOLDING_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import time
+
+    import client_agent.api as flare
+
+    flare.init()
+    k = int(flare.get_site_name().rsplit("-", 1)[1])
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        if model.current_round == 0 and "hold" in sys.argv[1:]:
+            # Trains "for a long time": its agent has sent its keys and shares meanwhile.
+            time.sleep(60)
+        params = {name: value + k for name, value in model.params.items()}
+        flare.send(flare.FLModel(params=params, metrics={"score": float(k)},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": k}))
+    """
+)
+
+FOUR_SITES = [*SITES, "site-4"]
+
+
+def test_a_site_killed_after_sharing_is_recovered_on_a_real_portal(
+    postgres: PrivatePostgres, redis: PrivateRedis, tmp_path: Path
+) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "client.py").write_text(HOLDING_SCRIPT)
+    recipe = make_masked_recipe(
+        app,
+        min_clients=3,
+        per_site_config={s: {"train_args": "hold" if s == "site-4" else ""} for s in FOUR_SITES},
+    )
+    # The later rounds' keys phase waits for the dead site for a phase's time: short here.
+    options = {
+        "clients": FOUR_SITES,
+        "round_timeout": 12,
+        "env": {"FEDPORTAL_SECURE_PHASE_SECONDS": "3"},
+    }
+    with started(postgres, redis, tmp_path, options) as chaos:
+        run = chaos.submit(recipe)
+        job_id = chaos.job_id(run)
+        shared = (
+            "SELECT count(*) FROM jobs_securemessage m JOIN sites_site s ON s.id = m.site_id "
+            f"JOIN jobs_round r ON r.id = m.round_id WHERE r.job_id = {job_id} "
+            "AND r.number = 0 AND m.phase = 'shares' AND s.name = 'site-4'"
+        )
+        wait_until(
+            lambda: chaos.postgres.sql(chaos.database, shared) == "1", 120, "site-4's shares"
+        )
+        chaos.env.kill("agent:site-4")
+        # It had not uploaded: its script holds its update back.
+        assert chaos.tasks(run, 0)["site-4"] not in ("uploaded", "accepted")
+
+        run = chaos.finish(run, timeout=240)
+        protection = json.loads(
+            chaos.postgres.sql(
+                chaos.database,
+                f"SELECT protection FROM jobs_round WHERE job_id = {job_id} AND number = 0",
+            )
+        )
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    first = run.rounds[0]
+    assert first.accepted == SITES
+    assert set(first.rejected) == {"site-4"}
+    assert "no update before the round closed" in first.rejected["site-4"]  # its deadline
+    # site-4 was in the round's roster and shared: its masks were removed with the others'
+    # shares of its key.
+    assert "site-4" in protection["roster"]["sites"] and "site-4" in protection["shared"]
+    assert protection["survivors"] == SITES
+    # Sites 1, 2 and 3 (weights 1, 2, 3) add 7/3; site-4 would have made it 3.
+    after_first = load_state_dict(run.workspace / "models" / "round-001.safetensors")
+    expected = torch.linspace(-1.0, 1.0, 1000, dtype=torch.float64) + 7 / 3
+    bound = error_bound(3, 6.0) + torch.finfo(torch.float32).eps * float(expected.abs().max())
+    assert torch.allclose(after_first["w"].double(), expected, atol=bound, rtol=0)
+    assert int(after_first["steps"]) == 2
+    # The later rounds go on without the dead site, on the same three.
+    assert [r.accepted for r in run.rounds[1:]] == [SITES] * (ROUNDS - 1)
+    assert all("sent no keys" in r.rejected["site-4"] for r in run.rounds[1:])
+    final = chaos.final_model(run)
+    assert torch.allclose(final["w"].double(), by_hand()["w"].double(), atol=ROUNDS * bound)
+    assert torch.equal(final["steps"], by_hand()["steps"])

@@ -63,8 +63,8 @@ def test_a_protected_run_ends_where_plain_fedavg_does(
     assert last.metrics == plain.rounds[-1].metrics
     kind = "he" if recipe_cls is FedAvgRecipeWithHE else MASKING
     assert last.protection["kind"] == kind
-    assert last.protection["survivors"] == 4
-    assert last.protection["extra_bytes_per_site"] > 0
+    assert last.protection["survivors"] == last.protection["roster"] == last.accepted
+    assert last.protection["cost"]["extra_bytes_per_site"] > 0
 
 
 def test_a_site_that_fails_after_sharing_is_recovered_and_the_sum_is_exact(
@@ -79,7 +79,8 @@ def test_a_site_that_fails_after_sharing_is_recovered_and_the_sum_is_exact(
     first = masked.rounds[0]
     assert first.accepted == ["site-1", "site-2", "site-4"]
     assert "site-3" in first.rejected
-    assert first.protection["sites"] == 4 and first.protection["survivors"] == 3
+    assert first.protection["roster"] == ["site-1", "site-2", "site-3", "site-4"]
+    assert first.protection["survivors"] == ["site-1", "site-2", "site-4"]
     # Sites 1, 2 and 4 add 7/3 a round, sites 1-3 add 2: compare with the known model.
     assert masked.global_model is not None and plain.global_model is not None
     expected = initial_model()["w"] + 2 * (1 + 2 + 4) / 3

@@ -78,6 +78,10 @@ def test_a_protected_job_on_the_portal_ends_where_simenv_does(
         else:
             assert torch.allclose(run.global_model[name], tensor, atol=1e-5), name
     assert [r.accepted for r in run.rounds] == [SITES, SITES]
+    for record in run.rounds:  # as the rounds API gives it, in SimEnv's shape
+        assert record.protection["kind"] == kind and record.protection["phase"] == "done"
+        assert record.protection["survivors"] == SITES
+        assert record.protection["cost"]["extra_bytes_per_site"] > 0
 
     # What the portal keeps of each site's update: one protected tensor, no weights.
     assert stored, "no stored uploads found"
