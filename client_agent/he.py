@@ -119,6 +119,26 @@ def add(context: HEContext, totals: list[bytes] | None, batches: Iterable[bytes]
     return out
 
 
+def check_batch(context: HEContext, batch: bytes, index: int) -> int:
+    """The number of values in ``batch`` when it is a ciphertext of ``context``;
+    :class:`HEError` otherwise."""
+    return int(_vector(context, context.fingerprint, batch, index).size())
+
+
+def sum_batch(context: HEContext, batches: Iterable[bytes], index: int) -> bytes:
+    """The sum of the sites' batch number ``index`` (one ciphertext each), read once each and
+    written once: the server's step under the public ``context``."""
+    total: ts.CKKSVector | None = None
+    for batch in batches:
+        vector = _vector(context, context.fingerprint, batch, index)
+        if total is not None and vector.size() != total.size():
+            raise HEError(f"batch {index} holds {vector.size()} values, the others {total.size()}")
+        total = vector if total is None else total + vector
+    if total is None:
+        raise HEError(f"batch {index}: no ciphertext to add")
+    return context.fingerprint + bytes(total.serialize())
+
+
 def decrypt(context: HEContext, batches: Iterable[bytes], length: int) -> np.ndarray:
     """The first ``length`` values of ``batches``, decrypted with the secret ``context``."""
     if not context.is_private:

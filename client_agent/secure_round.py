@@ -29,7 +29,6 @@ from client_agent.fl_model import ParamsType
 from client_agent.secagg.local import sessions_for
 from client_agent.secagg.session import (
     SECURE_AGGREGATION_META_KEY,
-    ProtocolError,
     SiteSession,
     round_context,
 )
@@ -159,13 +158,13 @@ class SecureRound:
 
     async def finish(self) -> None:
         """Answer the finish request when there is one for this site; return when the round
-        no longer needs this site."""
-        view = await self._wait(
-            lambda v: "request" in v or v["phase"] not in ("keys", "shares", "upload", "summing")
-        )
-        request = view.get("request")
-        if request is None or view.get("answered"):
-            return
+        no longer needs this site: answered, or over. (Under HE a survivor may be asked late,
+        when the one asked first did not answer.)"""
+        try:
+            view = await self._wait(lambda v: "request" in v and not v.get("answered"))
+        except SecureRoundOut:
+            return  # the round went on: nothing more is asked of this site
+        request = view["request"]
         total = b""
         if request.get("total"):
             dest = self.runner.workspace / "updates" / f"round-{self.number:03d}-total.bin"
@@ -187,15 +186,13 @@ class SecureRound:
 
     async def _wait(self, ready: Any) -> dict[str, Any]:
         """Poll the round's secure state until ``ready(view)``; :class:`SecureRoundOut` when
-        the round ended first, :class:`ProtocolError` when it failed."""
+        the round ended first (closed without this site, or failed)."""
         pause = POLL_FIRST_SECONDS
         while True:
             view: dict[str, Any] = await asyncio.to_thread(self.runner.client.get, self.base)
             if ready(view):
                 return view
             if view.get("round_state") in ROUND_OVER:
-                if view.get("failure"):
-                    raise ProtocolError(str(view["failure"]))
                 raise SecureRoundOut(f"the round is {view.get('round_state')}")
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, POLL_MOST_SECONDS)

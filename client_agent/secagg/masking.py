@@ -63,18 +63,15 @@ def masked_input(
     self_seed: bytes,
     pair_seeds: Mapping[int, bytes],
     nonce: bytes,
+    in_place: bool = False,
 ) -> np.ndarray:
-    """``values`` (ring elements) plus this site's self mask and its pairwise masks."""
-    masked: np.ndarray = np.asarray(values, dtype=np.uint64) + prg.mask(
-        self_seed, len(values), nonce=nonce
-    )
-    for other, seed in pair_seeds.items():
-        if other == me:
-            raise ValueError("a site shares no pairwise mask with itself")
-        if me < other:
-            masked += prg.mask(seed, len(values), nonce=nonce)
-        else:
-            masked -= prg.mask(seed, len(values), nonce=nonce)
+    """``values`` (ring elements) plus this site's self mask and its pairwise masks; with
+    ``in_place`` (``values`` a ``uint64`` array the caller no longer needs) no copy is made."""
+    masked: np.ndarray = values if in_place else np.array(values, dtype=np.uint64)
+    if me in pair_seeds:
+        raise ValueError("a site shares no pairwise mask with itself")
+    masks = [(self_seed, False)] + [(seed, me > other) for other, seed in pair_seeds.items()]
+    prg.add_masks(masked, masks, nonce=nonce)
     return masked
 
 
@@ -97,10 +94,8 @@ def unmask(
     missing = survivors - set(self_seeds)
     if missing:
         raise ValueError(f"no self seed for surviving site(s) {sorted(missing)}")
-    result = np.asarray(total, dtype=np.uint64).copy()
-    length = len(result)
-    for site in sorted(survivors):
-        result -= prg.mask(self_seeds[site], length, nonce=nonce)
+    result = np.array(total, dtype=np.uint64)
+    masks = [(self_seeds[site], True) for site in sorted(survivors)]
     for dropped, private in sorted(dropped_keys.items()):
         if dropped in survivors:
             raise ValueError(f"site {dropped} answered: its mask key must never be recovered")
@@ -109,10 +104,8 @@ def unmask(
                 continue
             seed = pair_seed(private, public_keys[site], context=context, pair=(site, dropped))
             # y_site holds +PRG(seed) when site < dropped, −PRG(seed) otherwise.
-            if site < dropped:
-                result -= prg.mask(seed, length, nonce=nonce)
-            else:
-                result += prg.mask(seed, length, nonce=nonce)
+            masks.append((seed, site < dropped))
+    prg.add_masks(result, masks, nonce=nonce)
     return result
 
 

@@ -21,15 +21,21 @@ def quantize(values: np.ndarray, *, sites: int, fraction_bits: int = FRACTION_BI
     whose magnitude would let the sum of ``sites`` such values leave the range that reads
     back exactly (:func:`max_magnitude`)."""
     values = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
-        raise ValueError("only finite values can be quantized")
     limit = max_magnitude(sites, fraction_bits=fraction_bits)
-    if values.size and float(np.max(np.abs(values))) >= limit:
-        raise ValueError(
-            f"a value of magnitude {float(np.max(np.abs(values))):.3g} is too large to sum "
-            f"over {sites} sites at {fraction_bits} fraction bits (limit {limit:.3g})"
-        )
-    return np.rint(values * float(2**fraction_bits)).astype(np.int64).view(np.uint64)
+    if values.size:
+        # max and min, not abs: no temporary array; NaN makes both NaN.
+        high, low = float(np.max(values)), float(np.min(values))
+        if not (np.isfinite(high) and np.isfinite(low)):
+            raise ValueError("only finite values can be quantized")
+        largest = max(abs(high), abs(low))
+        if largest >= limit:
+            raise ValueError(
+                f"a value of magnitude {largest:.3g} is too large to sum over {sites} sites "
+                f"at {fraction_bits} fraction bits (limit {limit:.3g})"
+            )
+    scaled = values * float(2**fraction_bits)  # the one temporary: rounded in place
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.int64).view(np.uint64)
 
 
 def dequantize(ring: np.ndarray, *, fraction_bits: int = FRACTION_BITS) -> np.ndarray:

@@ -411,6 +411,7 @@ class MaskingSite:
             self_seed=self.self_seed,
             pair_seeds=seeds,
             nonce=prg.round_nonce(self.round_number),
+            in_place=True,  # the quantized copy is this call's own
         )
         return masked.astype("<u8", copy=False).tobytes()
 

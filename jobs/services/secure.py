@@ -131,7 +131,6 @@ def secure_view(*, task: SiteTask) -> dict[str, Any]:
         "kind": protection["kind"],
         "phase": phase,
         "round_state": rnd.state,
-        "failure": protection.get("failure", ""),
     }
     site = task.site.name
     if "roster" in protection:
@@ -320,8 +319,30 @@ def secure_round_step(rnd: Round, tasks: list[SiteTask]) -> SecureStep:
         answered = _messages(rnd, phase)
         if not set(answered) >= set(waited) and now < deadline:
             return SecureStep(waiting=f"finish: {len(answered)} of {len(waited)} site(s)")
+        if not answered and _ask_next_decryptor(rnd, protection):
+            return SecureStep(waiting="finish: the next survivor is asked to decrypt")
         return SecureStep(aggregate=True)
     return SecureStep(failure=f"{rnd.label}: secure aggregation in an unknown phase {phase!r}")
+
+
+def _ask_next_decryptor(rnd: Round, protection: dict[str, Any]) -> bool:
+    """Under HE, the survivor asked to decrypt the sum did not answer in time: ask the next
+    one (every survivor holds the round's secret context). False when none is left, or for
+    masking, where every survivor was asked at once."""
+    requests = protection.get("requests") or {}
+    if not any(request.get("total") for request in requests.values()):
+        return False
+    asked = list(protection.get("asked") or sorted(requests))
+    left = [s for s in protection.get("survivors") or () if s not in asked]
+    if not left:
+        return False
+    site = left[0]
+    protection["requests"] = {site: next(iter(requests.values()))}
+    protection["asked"] = [*asked, site]
+    protection["phase_deadline"] = _phase_deadline().isoformat()
+    _protection_save(rnd, protection)
+    _kick_at(rnd, protection["phase_deadline"])
+    return True
 
 
 def uploads_closed(rnd: Round, survivors: list[str]) -> None:
