@@ -298,7 +298,7 @@ def initial_parameter_count(job: Job) -> int | None:
         header, _ = read_header(version.file.path)
     except (OSError, WireFormatError, NotImplementedError):
         return None
-    return sum(math.prod(entry["shape"]) for entry in header.values())
+    return sum(math.prod(int(d) for d in entry["shape"]) for entry in header.values())
 
 
 def model_version_of(job: Job, round_number: int) -> ModelVersion:

@@ -347,6 +347,8 @@ class HEServer:
         answer: Mapping[str, Any],
         data: bytes,
     ) -> None:
+        if answer:
+            raise ProtocolError("the decrypted sum comes as data, with an empty message", site=site)
         if len(data) != 8 * roster.length:
             raise ProtocolError(
                 f"the decrypted sum is {len(data)} bytes; {roster.length} float64 values are "

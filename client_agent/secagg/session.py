@@ -438,11 +438,7 @@ class MaskingSite:
             raise ProtocolError(f"{self.site} is not among the survivors it is asked about")
         if set(survivors) | set(dropped) != set(self.shared):
             raise ProtocolError("the survivors and the dropped sites are not the sites that shared")
-        if len(survivors) < roster.threshold:
-            raise TooFewSites(
-                f"{len(survivors)} sites survived; revealing shares takes at least "
-                f"{roster.threshold}"
-            )
+        _check_recoverable(roster, survivors, dropped)
         seed_shares: dict[str, str] = {}
         key_shares: dict[str, str] = {}
         for sender, (seed_share, key_share) in sorted(self.held.items()):
@@ -458,6 +454,21 @@ class MaskingSite:
         if self.roster is None:
             raise ProtocolError("the round's roster has not come yet")
         return self.roster
+
+
+def _check_recoverable(roster: Roster, survivors: Sequence[str], dropped: Sequence[str]) -> None:
+    """Every survivor's self seed and every dropped site's mask key must be held by at least
+    a threshold of surviving neighbours; :class:`TooFewSites` naming the first that is not,
+    before anyone reveals a share for a sum that could not be opened."""
+    alive = set(survivors)
+    for owner in sorted(survivors) + sorted(dropped):
+        holders = [n for n in roster.neighbours_of(owner) if n in alive]
+        if len(holders) < roster.threshold:
+            what = "self mask" if owner in alive else "masks shared with it"
+            raise TooFewSites(
+                f"{owner}'s {what} could not be removed: {len(holders)} of its neighbours "
+                f"survived, {roster.threshold} are needed (dropped: {', '.join(dropped)})"
+            )
 
 
 def _stream_size(stream: BinaryIO) -> int:
@@ -606,6 +617,7 @@ class MaskingServer:
                 f"{self.min_sites}"
             )
         dropped = sorted(set(shared) - set(survivors))
+        _check_recoverable(roster, survivors, dropped)
         return {site: {"survivors": survivors, "dropped": dropped} for site in survivors}
 
     def check_finish(
@@ -617,6 +629,9 @@ class MaskingServer:
         data: bytes,
     ) -> None:
         answer = _mapping(answer, f"{site}'s shares", site=site)
+        extra = sorted(set(answer) - {"self_seed_shares", "mask_key_shares"})
+        if extra:
+            raise ProtocolError(f"{extra[0]}: not part of a finish answer", site=site)
         neighbours = set(roster.neighbours_of(site))
         survivors, dropped = set(request["survivors"]), set(request["dropped"])
         for field, allowed in (("self_seed_shares", survivors), ("mask_key_shares", dropped)):

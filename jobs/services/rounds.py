@@ -532,6 +532,11 @@ def _round_aggregate(round_id: int) -> Advance:
         except TRANSIENT_ERRORS:
             _aggregation_not_counted(round_id)
             raise
+        except ProtocolError as exc:
+            # A protected round whose sum cannot be opened (too few shares came back): an
+            # outcome of the protocol with its reason, not a fault to log with a traceback.
+            log.info("round %s: secure aggregation failed: %s", round_id, exc.reason)
+            return _round_fail(round_id, f"secure aggregation: {exc.reason}")
         except Exception as exc:
             if is_storage_full(exc):
                 log.error("round %s: storage full; the new global model waits for room", round_id)

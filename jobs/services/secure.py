@@ -165,6 +165,15 @@ def secure_message_post(
         protection = rnd.protection
         if not protection:
             raise Conflict("this round has no secure aggregation")
+        existing = SecureMessage.objects.filter(round=rnd, site=task.site, phase=phase).first()
+        if existing is not None:
+            # Checked before the phase: the last site's message may have moved the phase on,
+            # and the same message sent again (a retry) is answered as taken, not refused.
+            if existing.payload != _comparable(rnd, task.site, phase, payload):
+                raise Conflict(
+                    f"{task.site.name} already sent its {phase} message, a different one"
+                )
+            return {"phase": phase, "stored": False}
         if rnd.state != RoundState.OPEN or protection.get("phase") != phase:
             raise Conflict(
                 f"the round is {rnd.state}, in phase {protection.get('phase')!r}: a {phase} "
@@ -189,11 +198,6 @@ def secure_message_post(
                 )
         except ProtocolError as exc:
             raise ValidationFailed(exc.reason, field=phase) from None
-        existing = SecureMessage.objects.filter(round=rnd, site=task.site, phase=phase).first()
-        if existing is not None:
-            if existing.payload != checked:
-                raise Conflict(f"{site} already sent its {phase} message, a different one")
-            return {"phase": phase, "stored": False}
         message = SecureMessage(round=rnd, site=task.site, phase=phase, payload=checked)
         if data:
             name = secure_data_name(rnd.job, rnd.number, phase, site)
@@ -204,6 +208,23 @@ def secure_message_post(
 
             job_kick_after_commit(rnd.job)
     return {"phase": phase, "stored": True}
+
+
+def _comparable(rnd: Round, site: Site, phase: str, payload: dict[str, Any]) -> Any:
+    """``payload`` as it would have been stored, to tell a resent message from another one
+    (a keys message is stored with the site's certificate; any that does not check is simply
+    not the same message)."""
+    server = server_of(rnd)
+    try:
+        if phase == PHASE_KEYS:
+            checked = server.check_advert(site.name, payload)
+            checked["certificate"] = _signed_by_site(rnd, site, checked)
+            return checked
+        if phase == PHASE_SHARES:
+            return server.check_shares(roster_of(rnd), site.name, payload)
+    except ProtocolError:
+        return None
+    return dict(payload)
 
 
 def _signed_by_site(rnd: Round, site: Site, advert: dict[str, Any]) -> str:
@@ -296,7 +317,9 @@ def secure_round_step(rnd: Round, tasks: list[SiteTask]) -> SecureStep:
                 missing = sorted(set(roster.sites) - set(shares))
                 next_phase = PHASE_UPLOAD
         except ProtocolError as exc:
-            return SecureStep(failure=f"{rnd.label}: secure aggregation: {exc.reason}")
+            missing_now = sorted(set(waited) - set(answered))
+            none_from = f"; none from {', '.join(missing_now)}" if missing_now else ""
+            return SecureStep(failure=f"{rnd.label}: secure aggregation: {exc.reason}{none_from}")
         _out_of_round(rnd, missing, f"sent no {phase} before the phase ended")
         protection["phase"] = next_phase
         if next_phase == PHASE_UPLOAD:

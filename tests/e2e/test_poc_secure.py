@@ -5,6 +5,7 @@ uploads and their sum; the wire shows no update in the clear."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,24 +52,31 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind", ["masking", "he"])
-def test_a_protected_job_on_the_portal_ends_where_simenv_does(
-    tmp_path: Path, app: Path, kind: str
-) -> None:
-    simulated = secure_recipe(app, kind).execute(
-        SimEnv(clients=SITES, workspace=tmp_path / "sim", show_progress=False)
-    )
-    poc = PocEnv(
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PocEnv]:
+    """One portal with three agents for both kinds (starting one is most of a test's time)."""
+    env = PocEnv(
         clients=SITES,
-        workspace=tmp_path / "poc",
+        workspace=tmp_path_factory.mktemp("poc"),
         redis_db=4,
         round_timeout_seconds=60,
         show_progress=False,
         wire_log=True,
     )
-    with poc.start():
-        run = secure_recipe(app, kind).execute(prod(poc))
-        stored = sorted((poc.workspace / "media").rglob("updates/*/site-*.safetensors"))
+    with env.start():
+        yield env
+
+
+@pytest.mark.parametrize("kind", ["masking", "he"])
+def test_a_protected_job_on_the_portal_ends_where_simenv_does(
+    tmp_path: Path, app: Path, poc: PocEnv, kind: str
+) -> None:
+    simulated = secure_recipe(app, kind).execute(
+        SimEnv(clients=SITES, workspace=tmp_path / "sim", show_progress=False)
+    )
+    run = secure_recipe(app, kind).execute(prod(poc))
+    job_folder = next((poc.workspace / "media").glob(f"jobs/*/{run.job_id}"))
+    stored = sorted(job_folder.rglob("updates/*/site-*.safetensors"))
 
     assert run.status == RunStatus.COMPLETED, run.error
     assert simulated.global_model is not None and run.global_model is not None
@@ -98,7 +106,7 @@ def test_a_protected_job_on_the_portal_ends_where_simenv_does(
             counts = np.bincount((values >> np.uint64(60)).astype(np.int64), minlength=16)
             assert counts.min() > 0 or len(values) < 64, path
 
-    # On the wire: every update a site sent is the protected tensor alone.
+    # On the wire: every update a site sent (of both jobs) is the protected tensor alone.
     for site in SITES:
         sent = [json.loads(line) for line in (poc.site_dir(site) / "wire.jsonl").open()]
         updates = [e["safetensors"] for e in sent if "safetensors" in e]
