@@ -4,6 +4,8 @@ keys of its own on the roster, or a certificate of another CA, is refused."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from client_agent import signing
@@ -54,7 +56,7 @@ def roster_for(
             name,
             context=context,
             round_number=0,
-            sign=lambda message, key=key: signing.sign_bytes(key, message),
+            sign=functools.partial(signing.sign_bytes, key),
             verify=lambda s, m, sig: verify(s, m, sig, roster=roster_keys),
         )
     server = MaskingServer(job="job-1", round_number=0, length=4, min_sites=3)

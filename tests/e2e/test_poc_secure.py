@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ SITES = ["site-1", "site-2", "site-3"]
 
 def secure_recipe(app: Path, kind: str, rounds: int = 2) -> FedAvgRecipe:
     torch.manual_seed(0)
-    common = {
+    common: dict[str, Any] = {
         "min_clients": 3,
         "num_rounds": rounds,
         "model": torch.nn.Linear(3, 2),
