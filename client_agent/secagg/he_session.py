@@ -131,7 +131,7 @@ class HESite:
             },
         }
 
-    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes:
+    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes | memoryview:
         roster = self._roster()
         if len(values) != roster.length:
             raise ProtocolError(f"the update holds {len(values)} values, the round {roster.length}")

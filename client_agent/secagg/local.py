@@ -40,7 +40,7 @@ class LocalRound:
     site_seconds: dict[str, float] = field(default_factory=dict)
     """Each site's protocol work (not its training)."""
     server_seconds: float = 0.0
-    stored: dict[str, bytes] = field(default_factory=dict)
+    stored: dict[str, bytes | memoryview] = field(default_factory=dict)
     """What the server held of each site's update: its protected upload."""
 
 
@@ -109,7 +109,7 @@ def run_local(
         sent[name] += _size(message)
         shares[name] = server.check_shares(roster, name, message)
     setups = server.setups(roster, shares)
-    uploads: dict[str, bytes] = {}
+    uploads: dict[str, bytes | memoryview] = {}
     for name, setup in setups.items():
         if name in drop_after_shares:
             continue

@@ -85,6 +85,7 @@ def unmask(
     public_keys: Mapping[int, bytes],
     context: bytes,
     nonce: bytes,
+    in_place: bool = False,
 ) -> np.ndarray:
     """The sum of the survivors' values from the sum of their masked vectors: remove each
     survivor's self mask (``self_seeds``, recovered from shares), and the masks each dropped
@@ -94,7 +95,7 @@ def unmask(
     missing = survivors - set(self_seeds)
     if missing:
         raise ValueError(f"no self seed for surviving site(s) {sorted(missing)}")
-    result = np.array(total, dtype=np.uint64)
+    result = total if in_place else np.array(total, dtype=np.uint64)
     masks = [(self_seeds[site], True) for site in sorted(survivors)]
     for dropped, private in sorted(dropped_keys.items()):
         if dropped in survivors:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client_agent.fl_model import FLModel, ParamsType
 from client_agent.wire import WireFormatError, model_fields, read_model_header, write_model_file
 
@@ -19,7 +21,7 @@ PROTECTED_TENSOR = "fedportal.protected"
 
 def write_protected(
     path: str | os.PathLike[str],
-    data: bytes,
+    data: bytes | memoryview,
     *,
     params_type: str,
     metrics: dict[str, Any],
@@ -28,11 +30,10 @@ def write_protected(
     """The protected ``data`` as an update file (atomic write)."""
     import torch
 
-    tensor = (
-        torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if data
-        else torch.empty(0, dtype=torch.uint8)
-    )
+    array = np.frombuffer(data, dtype=np.uint8)
+    if not array.flags.writeable:  # bytes (an HE upload): torch wants memory it may write
+        array = array.copy()
+    tensor = torch.from_numpy(array)  # a view: a masked 25M vector is not copied again
     model = FLModel(
         params_type=ParamsType(params_type),
         params={PROTECTED_TENSOR: tensor},
