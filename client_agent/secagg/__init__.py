@@ -3,7 +3,7 @@ neighbour graph, "SecAgg+"): the pure parts, with no network and no portal in th
 
 - :mod:`.ring`: fixed-point numbers in the ring of integers modulo 2**64 (numpy ``uint64``,
   whose arithmetic wraps exactly there), and the bound on what quantization changes;
-- :mod:`.prg`: a mask from a 32-byte seed (the ChaCha20 key stream);
+- :mod:`.prg`: a mask from a 32-byte seed (the AES-256-CTR key stream);
 - :mod:`.shamir`: threshold sharing of 32-byte secrets over the prime field 2**521 − 1;
 - :mod:`.keys`: X25519 key agreement and the seeds both ends of a pair derive;
 - :mod:`.sealed`: shares sealed for one neighbour (AES-GCM), which the portal relays unread;

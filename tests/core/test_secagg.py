@@ -77,6 +77,21 @@ def test_a_mask_is_the_same_for_the_same_seed_and_nonce_only() -> None:
 # -- Shamir ---------------------------------------------------------------------------------
 
 
+def test_a_mask_drawn_in_chunks_is_the_key_stream_drawn_whole() -> None:
+    # add_masks draws a cache-sized chunk at a time; across the chunks' borders the counter
+    # runs on, so the mask is the one key stream, and adding then subtracting it is exact.
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed, nonce = bytes(range(32)), prg.round_nonce(7)
+    length = 2 * prg.CHUNK + 5
+    whole = Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor().update(bytes(8 * length))
+    assert np.array_equal(prg.mask(seed, length, nonce=nonce), np.frombuffer(whole, dtype="<u8"))
+    values = np.arange(length, dtype=np.uint64)
+    prg.add_masks(values, [(seed, False), (bytes(32), True), (seed, True)], nonce=nonce)
+    prg.add_mask(values, bytes(32), nonce=nonce)
+    assert np.array_equal(values, np.arange(length, dtype=np.uint64))
+
+
 def test_any_threshold_shares_recover_the_secret_and_fewer_do_not() -> None:
     secret = secrets.token_bytes(32)
     shares = shamir.split(secret, threshold=3, holders=[1, 2, 3, 4, 5])
