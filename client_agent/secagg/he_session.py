@@ -24,24 +24,21 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from client_agent import he
-from client_agent.secagg.keys import KeyPair
 from client_agent.secagg.sealed import SealedShareError, open_bytes, seal_bytes
 from client_agent.secagg.session import (
     HOMOMORPHIC,
-    MIN_SITES,
     ProtocolError,
     Roster,
+    ServerBase,
     Signer,
+    SiteBase,
     TooFewSites,
     Verifier,
-    _check_roster_signatures,
     _key,
     _mapping,
     _stream_size,
     b64,
-    keys_message,
     read_exactly,
-    round_context,
     shared_sites,
     unb64,
 )
@@ -70,8 +67,11 @@ def iter_batches(stream: BinaryIO, *, site: str | None = None) -> Iterator[bytes
         yield read_exactly(stream, size, "a batch", site=site)
 
 
-class HESite:
+class HESite(SiteBase):
     """A site's side of an encrypted round."""
+
+    KIND = HOMOMORPHIC
+    KEY_NAMES = HE_KEYS
 
     def __init__(
         self,
@@ -82,32 +82,14 @@ class HESite:
         sign: Signer | None = None,
         verify: Verifier | None = None,
     ) -> None:
-        self.site = site
-        self.context = context
-        self.round_number = round_number
-        self.sign = sign
-        self.verify = verify
-        self.seal_keys = KeyPair.generate()
-        self.roster: Roster | None = None
+        super().__init__(site, context=context, round_number=round_number, sign=sign, verify=verify)
         self.he: he.HEContext | None = None
 
-    def advertise(self) -> dict[str, Any]:
-        message: dict[str, Any] = {"seal_public": b64(self.seal_keys.public)}
-        if self.sign is not None:
-            signed = keys_message(self.context, self.site, [self.seal_keys.public])
-            message["signature"] = b64(self.sign(signed))
-        return message
+    def public_keys(self) -> list[bytes]:
+        return [self.seal_keys.public]
 
     def share(self, roster: Mapping[str, Any]) -> dict[str, Any]:
-        parsed = Roster.from_json(roster)
-        if parsed.kind != HOMOMORPHIC:
-            raise ProtocolError(f"the roster is for {parsed.kind!r}, this round encrypts")
-        if parsed.keys[self.site].get("seal_public") != b64(self.seal_keys.public):
-            raise ProtocolError(f"the roster does not hold the key {self.site} advertised")
-        if parsed.context != self.context:
-            raise ProtocolError("the roster belongs to another job or round")
-        _check_roster_signatures(parsed, HE_KEYS, self.verify)
-        self.roster = parsed
+        parsed = self._accept_roster(roster)
         if parsed.sites[0] != self.site:
             return {}
         self.he = he.HEContext.create()
@@ -171,48 +153,16 @@ class HESite:
         summed = he.decrypt(self.he, iter_batches(io.BytesIO(total)), roster.length)
         return {}, summed.astype("<f8").tobytes()
 
-    def _roster(self) -> Roster:
-        if self.roster is None:
-            raise ProtocolError("the round's roster has not come yet")
-        return self.roster
 
-
-class HEServer:
+class HEServer(ServerBase):
     """The server's side of an encrypted round: it holds the public context only."""
 
-    kind = HOMOMORPHIC
+    KIND = HOMOMORPHIC
+    KEY_NAMES = HE_KEYS
+    NAME = "encrypted aggregation"
 
-    def __init__(self, *, job: str, round_number: int, length: int, min_sites: int) -> None:
-        self.context = round_context(job, round_number)
-        self.round_number = round_number
-        self.length = length
-        self.min_sites = max(MIN_SITES, min_sites)
-
-    def check_advert(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
-        message = _mapping(message, f"{site}'s keys", site=site)
-        checked = {
-            "seal_public": b64(unb64(message.get("seal_public"), "seal_public", site=site, size=32))
-        }
-        if message.get("signature") is not None:
-            checked["signature"] = b64(unb64(message["signature"], "signature", site=site))
-        return checked
-
-    def roster(self, adverts: Mapping[str, Mapping[str, Any]]) -> Roster:
-        sites = tuple(sorted(adverts))
-        if len(sites) < self.min_sites:
-            raise TooFewSites(
-                f"{len(sites)} site(s) sent their keys; encrypted aggregation needs at least "
-                f"{self.min_sites}"
-            )
-        return Roster(
-            kind=HOMOMORPHIC,
-            context=self.context,
-            sites=sites,
-            keys={s: dict(adverts[s]) for s in sites},
-            degree=len(sites) - 1,
-            threshold=1,
-            length=self.length,
-        )
+    def graph(self, sites: int) -> tuple[int, int]:
+        return sites - 1, 1  # every site holds the round's secret context
 
     def check_shares(self, roster: Roster, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
         message = _mapping(message, f"{site}'s shares", site=site)
@@ -257,10 +207,7 @@ class HEServer:
             )
         shared = shared_sites(roster, shares)
         if len(shared) < self.min_sites:
-            raise TooFewSites(
-                f"{len(shared)} site(s) are ready; encrypted aggregation needs at least "
-                f"{self.min_sites}"
-            )
+            raise self._too_few(len(shared), "site(s) are ready")
         held = shares[holder]
         return {
             site: {
@@ -333,10 +280,7 @@ class HEServer:
     ) -> dict[str, dict[str, Any]]:
         survivors = sorted(survivors)
         if len(survivors) < self.min_sites:
-            raise TooFewSites(
-                f"{len(survivors)} encrypted update(s) came; encrypted aggregation needs at "
-                f"least {self.min_sites}"
-            )
+            raise self._too_few(len(survivors), "encrypted update(s) came")
         return {survivors[0]: {"total": True, "length": roster.length}}
 
     def check_finish(

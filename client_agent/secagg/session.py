@@ -31,7 +31,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, ClassVar, Protocol, cast
 
 import numpy as np
 
@@ -284,15 +284,17 @@ def shared_sites(roster: Roster, shares: Mapping[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Masking (SecAgg+)
+# What both protections share
 # --------------------------------------------------------------------------------------------
 
-MASK_KEYS = ("mask_public", "seal_public")
 
+class SiteBase:
+    """A site's side of a round, the parts both protections share: the round it is for, its
+    sealing key pair, its signed advert of its public keys, and the roster it accepts."""
 
-class MaskingSite:
-    """A site's side of a masked round: fresh keys and self seed, its shares sealed for its
-    neighbours, its masked vector, and what it reveals to remove the masks."""
+    KIND: ClassVar[str]
+    KEY_NAMES: ClassVar[tuple[str, ...]]
+    """The names of the public keys a site advertises, in the order they are signed."""
 
     def __init__(
         self,
@@ -308,36 +310,135 @@ class MaskingSite:
         self.round_number = round_number
         self.sign = sign
         self.verify = verify
-        self.mask_keys = KeyPair.generate()
         self.seal_keys = KeyPair.generate()
-        self.self_seed = secrets.token_bytes(prg.SEED_BYTES)
         self.roster: Roster | None = None
-        self.held: dict[str, tuple[int, int]] = {}
-        self.shared: tuple[str, ...] = ()
-        self.answer: tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]] | None = None
+
+    def public_keys(self) -> list[bytes]:
+        """This round's public keys, in :attr:`KEY_NAMES`' order."""
+        raise NotImplementedError
 
     def advertise(self) -> dict[str, Any]:
-        keys = [self.mask_keys.public, self.seal_keys.public]
-        message: dict[str, Any] = {name: b64(k) for name, k in zip(MASK_KEYS, keys, strict=True)}
+        keys = self.public_keys()
+        message: dict[str, Any] = {
+            name: b64(k) for name, k in zip(self.KEY_NAMES, keys, strict=True)
+        }
         if self.sign is not None:
             message["signature"] = b64(self.sign(keys_message(self.context, self.site, keys)))
         return message
 
-    def share(self, roster: Mapping[str, Any]) -> dict[str, Any]:
+    def _accept_roster(self, roster: Mapping[str, Any]) -> Roster:
+        """The roster, checked: this round's kind and context, this site's own keys on it,
+        and (with ``verify``) every site's keys signed by that site."""
         parsed = Roster.from_json(roster)
-        if parsed.kind != MASKING:
-            raise ProtocolError(f"the roster is for {parsed.kind!r}, this round masks")
-        me = parsed.index(self.site)
+        if parsed.kind != self.KIND:
+            raise ProtocolError(f"the roster is for {parsed.kind!r}, this round is {self.KIND!r}")
+        parsed.index(self.site)
         mine = parsed.keys[self.site]
-        if (mine.get("mask_public"), mine.get("seal_public")) != (
-            b64(self.mask_keys.public),
-            b64(self.seal_keys.public),
-        ):
+        advertised = [b64(k) for k in self.public_keys()]
+        if [mine.get(name) for name in self.KEY_NAMES] != advertised:
             raise ProtocolError(f"the roster does not hold the keys {self.site} advertised")
         if parsed.context != self.context:
             raise ProtocolError("the roster belongs to another job or round")
-        _check_roster_signatures(parsed, MASK_KEYS, self.verify)
+        _check_roster_signatures(parsed, self.KEY_NAMES, self.verify)
         self.roster = parsed
+        return parsed
+
+    def _roster(self) -> Roster:
+        if self.roster is None:
+            raise ProtocolError("the round's roster has not come yet")
+        return self.roster
+
+
+class ServerBase:
+    """The server's side of a round, the parts both protections share: the round, the
+    adverts' checks and the roster."""
+
+    KIND: ClassVar[str]
+    KEY_NAMES: ClassVar[tuple[str, ...]]
+    NAME: ClassVar[str]
+    """The protection in words, for errors: "secure aggregation", "encrypted aggregation"."""
+
+    def __init__(self, *, job: str, round_number: int, length: int, min_sites: int) -> None:
+        self.context = round_context(job, round_number)
+        self.round_number = round_number
+        self.length = length
+        self.min_sites = max(MIN_SITES, min_sites)
+
+    @property
+    def kind(self) -> str:
+        return self.KIND
+
+    def check_advert(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
+        message = _mapping(message, f"{site}'s keys", site=site)
+        checked = {
+            name: b64(unb64(message.get(name), name, site=site, size=KEY_BYTES))
+            for name in self.KEY_NAMES
+        }
+        if message.get("signature") is not None:
+            checked["signature"] = b64(unb64(message["signature"], "signature", site=site))
+        return checked
+
+    def graph(self, sites: int) -> tuple[int, int]:
+        """The roster's (degree, threshold) for ``sites`` sites."""
+        raise NotImplementedError
+
+    def roster(self, adverts: Mapping[str, Mapping[str, Any]]) -> Roster:
+        sites = tuple(sorted(adverts))
+        if len(sites) < self.min_sites:
+            raise TooFewSites(
+                f"{len(sites)} site(s) sent their keys; {self.NAME} needs at least {self.min_sites}"
+            )
+        degree, threshold = self.graph(len(sites))
+        return Roster(
+            kind=self.KIND,
+            context=self.context,
+            sites=sites,
+            keys={s: dict(adverts[s]) for s in sites},
+            degree=degree,
+            threshold=threshold,
+            length=self.length,
+        )
+
+    def _too_few(self, count: int, what: str) -> TooFewSites:
+        return TooFewSites(f"{count} {what}; {self.NAME} needs at least {self.min_sites}")
+
+
+# --------------------------------------------------------------------------------------------
+# Masking (SecAgg+)
+# --------------------------------------------------------------------------------------------
+
+MASK_KEYS = ("mask_public", "seal_public")
+
+
+class MaskingSite(SiteBase):
+    """A site's side of a masked round: fresh keys and self seed, its shares sealed for its
+    neighbours, its masked vector, and what it reveals to remove the masks."""
+
+    KIND = MASKING
+    KEY_NAMES = MASK_KEYS
+
+    def __init__(
+        self,
+        site: str,
+        *,
+        context: bytes,
+        round_number: int,
+        sign: Signer | None = None,
+        verify: Verifier | None = None,
+    ) -> None:
+        super().__init__(site, context=context, round_number=round_number, sign=sign, verify=verify)
+        self.mask_keys = KeyPair.generate()
+        self.self_seed = secrets.token_bytes(prg.SEED_BYTES)
+        self.held: dict[str, tuple[int, int]] = {}
+        self.shared: tuple[str, ...] = ()
+        self.answer: tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]] | None = None
+
+    def public_keys(self) -> list[bytes]:
+        return [self.mask_keys.public, self.seal_keys.public]
+
+    def share(self, roster: Mapping[str, Any]) -> dict[str, Any]:
+        parsed = self._accept_roster(roster)
+        me = parsed.index(self.site)
         graph = parsed.graph
         shares = masking.share_secrets(
             me=me,
@@ -451,11 +552,6 @@ class MaskingSite:
         self.answer = (survivors, dropped, answer)
         return answer, b""
 
-    def _roster(self) -> Roster:
-        if self.roster is None:
-            raise ProtocolError("the round's roster has not come yet")
-        return self.roster
-
 
 def _check_recoverable(roster: Roster, survivors: Sequence[str], dropped: Sequence[str]) -> None:
     """Every survivor's self seed and every dropped site's mask key must be held by at least
@@ -495,44 +591,16 @@ def _share_int(value: Any, what: str, site: str) -> int:
     return number
 
 
-class MaskingServer:
+class MaskingServer(ServerBase):
     """The server's side of a masked round (stateless; see :class:`ServerSession`)."""
 
-    kind = MASKING
+    KIND = MASKING
+    KEY_NAMES = MASK_KEYS
+    NAME = "secure aggregation"
 
-    def __init__(self, *, job: str, round_number: int, length: int, min_sites: int) -> None:
-        self.context = round_context(job, round_number)
-        self.round_number = round_number
-        self.length = length
-        self.min_sites = max(MIN_SITES, min_sites)
-
-    def check_advert(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
-        message = _mapping(message, f"{site}'s keys", site=site)
-        checked = {
-            name: b64(unb64(message.get(name), name, site=site, size=KEY_BYTES))
-            for name in MASK_KEYS
-        }
-        if message.get("signature") is not None:
-            checked["signature"] = b64(unb64(message["signature"], "signature", site=site))
-        return checked
-
-    def roster(self, adverts: Mapping[str, Mapping[str, Any]]) -> Roster:
-        sites = tuple(sorted(adverts))
-        if len(sites) < self.min_sites:
-            raise TooFewSites(
-                f"{len(sites)} site(s) sent their keys; secure aggregation needs at least "
-                f"{self.min_sites}"
-            )
-        degree = masking.default_degree(len(sites))
-        return Roster(
-            kind=MASKING,
-            context=self.context,
-            sites=sites,
-            keys={s: dict(adverts[s]) for s in sites},
-            degree=degree,
-            threshold=masking.default_threshold(degree),
-            length=self.length,
-        )
+    def graph(self, sites: int) -> tuple[int, int]:
+        degree = masking.default_degree(sites)
+        return degree, masking.default_threshold(degree)
 
     def check_shares(self, roster: Roster, site: str, message: Mapping[str, Any]) -> dict[str, Any]:
         message = _mapping(message, f"{site}'s shares", site=site)
@@ -556,10 +624,7 @@ class MaskingServer:
     ) -> dict[str, dict[str, Any]]:
         shared = shared_sites(roster, shares)
         if len(shared) < self.min_sites:
-            raise TooFewSites(
-                f"{len(shared)} site(s) sent their shares; secure aggregation needs at least "
-                f"{self.min_sites}"
-            )
+            raise self._too_few(len(shared), "site(s) sent their shares")
         return {
             site: {
                 "shared": shared,
@@ -613,10 +678,7 @@ class MaskingServer:
     ) -> dict[str, dict[str, Any]]:
         survivors = sorted(survivors)
         if len(survivors) < self.min_sites:
-            raise TooFewSites(
-                f"{len(survivors)} masked update(s) came; secure aggregation needs at least "
-                f"{self.min_sites}"
-            )
+            raise self._too_few(len(survivors), "masked update(s) came")
         dropped = sorted(set(shared) - set(survivors))
         _check_recoverable(roster, survivors, dropped)
         return {site: {"survivors": survivors, "dropped": dropped} for site in survivors}
