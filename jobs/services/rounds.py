@@ -238,7 +238,7 @@ def job_advance(*, job_id: int) -> Advance:
         if current.state == RoundState.OPEN:
             tasks = list(current.tasks.select_related("site"))
             # A protected round has phases before and after its uploads (jobs.services.secure).
-            step = secure.secure_round_step(current, tasks) if current.protection else None
+            step = secure.secure_round_step(current) if current.protection else None
             if step is not None and step.failure:
                 return _round_open_fail(job, current, step.failure)
             if step is not None and step.waiting:

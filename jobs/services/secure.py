@@ -290,7 +290,7 @@ class SecureStep:
         self.sum_due, self.aggregate = sum_due, aggregate
 
 
-def secure_round_step(rnd: Round, tasks: list[SiteTask]) -> SecureStep:
+def secure_round_step(rnd: Round) -> SecureStep:
     """The next step of a protected round that is open (job lock held): move a phase on when
     every site it waits for answered, or at its deadline; say what else is due."""
     protection = dict(rnd.protection)
