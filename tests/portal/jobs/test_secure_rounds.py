@@ -175,7 +175,7 @@ class Agent:
         relays."""
         view = self.view()
         assert view["phase"] == "upload" and view.get("setup"), view
-        return self.session.protect(LAYOUT.flatten(params, weight=weight), view["setup"])
+        return bytes(self.session.protect(LAYOUT.flatten(params, weight=weight), view["setup"]))
 
     def protected(self, params: dict[str, torch.Tensor], weight: float) -> bytes:
         """The site's update file, protected."""
