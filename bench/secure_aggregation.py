@@ -122,7 +122,7 @@ from client_agent.secagg.session import (
     error_bound,
     round_context,
 )
-from client_agent.secagg.upload import read_protected, write_protected
+from client_agent.secagg.upload import read_protected, sum_uploads, write_protected
 from client_agent.secagg.vector import Layout
 from client_agent.wire import load_state_dict, write_model_file
 from jobs.aggregation import FileTensorSource, MemoryTensorSource, SiteUpdate
@@ -544,13 +544,7 @@ def protected_round(
     shared = list(setups)
     total_path = folder / "total.bin"
     with clock.server("sum"):
-        streams = [(s, read_protected(paths[s]).open(paths[s])) for s in survivors]
-        try:
-            with open(total_path, "wb") as out:
-                server.total(roster, streams, shares, out)
-        finally:
-            for _, stream in streams:
-                stream.close()
+        sum_uploads(server, roster, [(n, paths[n]) for n in survivors], shares, total_path)
         requests = server.finish_requests(roster, shared, survivors)
     answers = {}
     for name, request in requests.items():
@@ -697,13 +691,7 @@ def modelled_masking(
         checked[name] = (weight, metrics)
     total_path = folder / "total.bin"
     with clock.server("sum"):
-        streams = [(n, read_protected(paths[n]).open(paths[n])) for n in names]
-        try:
-            with open(total_path, "wb") as out:
-                server.total(roster, streams, shares, out)
-        finally:
-            for _, stream in streams:
-                stream.close()
+        sum_uploads(server, roster, [(n, paths[n]) for n in names], shares, total_path)
         requests = server.finish_requests(roster, names, names)
     with clock.site(me, "finish"):
         answer, data = sessions[me].finish(requests[me])

@@ -165,11 +165,6 @@ _ROUND_MOVES: dict[str, frozenset[str]] = {
 ROUND_ENDED = frozenset({RoundState.CLOSED, RoundState.FAILED})
 
 
-def _round_total_path(instance: Round, filename: str) -> str:
-    # Set by name (jobs.services.plans.protected_total_name), never uploaded through the field.
-    return f"jobs/{instance.job.project_id}/{instance.job.uid}/secure/{filename}"
-
-
 class Round(models.Model):
     """One round of a job. ``number`` counts from 0; it starts from the global model after
     ``number`` completed rounds (``ModelVersion.round_number == number``)."""
@@ -205,9 +200,9 @@ class Round(models.Model):
         "the round's cost; empty for a plain round",
     )
     protected_total = models.FileField(
-        upload_to=_round_total_path,
         blank=True,
-        help_text="the sum of the survivors' masked or encrypted updates: never one site's",
+        help_text="the sum of the survivors' masked or encrypted updates: never one site's "
+        "(named by jobs.services.plans.protected_total_name)",
     )
 
     class Meta:
@@ -234,12 +229,6 @@ class Round(models.Model):
         self.state = state
 
 
-def _secure_data_path(instance: SecureMessage, filename: str) -> str:
-    # Set by name (jobs.services.plans.secure_data_name), never uploaded through the field.
-    job = instance.round.job
-    return f"jobs/{job.project_id}/{job.uid}/secure/{filename}"
-
-
 class SecureMessage(models.Model):
     """What one site sent in one phase of a protected round (jobs.services.secure): its
     public keys, its shares sealed for other sites, or its finish answer. Nothing stored here
@@ -250,7 +239,8 @@ class SecureMessage(models.Model):
     site = models.ForeignKey("sites.Site", on_delete=models.CASCADE, related_name="+")
     phase = models.CharField(max_length=10)
     payload = models.JSONField(default=dict, blank=True)
-    data = models.FileField(upload_to=_secure_data_path, blank=True)
+    # Named by jobs.services.plans.secure_data_name when stored, like protected_total.
+    data = models.FileField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -297,6 +297,7 @@ def initial_parameter_count(job: Job) -> int | None:
     try:
         header, _ = read_header(version.file.path)
     except (OSError, WireFormatError, NotImplementedError):
+        # NotImplementedError: Django's answer to .path on a storage that is not on disk.
         return None
     return sum(math.prod(int(d) for d in entry["shape"]) for entry in header.values())
 

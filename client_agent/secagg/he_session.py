@@ -29,9 +29,9 @@ from client_agent.secagg.session import (
     HOMOMORPHIC,
     ProtocolError,
     Roster,
-    ServerBase,
+    ServerSession,
     Signer,
-    SiteBase,
+    SiteSession,
     TooFewSites,
     Verifier,
     _key,
@@ -67,7 +67,7 @@ def iter_batches(stream: BinaryIO, *, site: str | None = None) -> Iterator[bytes
         yield read_exactly(stream, size, "a batch", site=site)
 
 
-class HESite(SiteBase):
+class HESite(SiteSession):
     """A site's side of an encrypted round."""
 
     KIND = HOMOMORPHIC
@@ -154,7 +154,7 @@ class HESite(SiteBase):
         return {}, summed.astype("<f8").tobytes()
 
 
-class HEServer(ServerBase):
+class HEServer(ServerSession):
     """The server's side of an encrypted round: it holds the public context only."""
 
     KIND = HOMOMORPHIC

@@ -29,9 +29,10 @@ import binascii
 import math
 import os
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, ClassVar, Protocol, cast
+from typing import Any, BinaryIO, ClassVar, cast
 
 import numpy as np
 
@@ -185,88 +186,6 @@ def _check_roster_signatures(roster: Roster, names: Sequence[str], verify: Verif
             )
 
 
-# --------------------------------------------------------------------------------------------
-# What every protection offers its drivers
-# --------------------------------------------------------------------------------------------
-
-
-class SiteSession(Protocol):
-    """One site's side of one protected round."""
-
-    def advertise(self) -> dict[str, Any]: ...
-
-    def share(self, roster: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes | memoryview: ...
-
-    def finish(
-        self, request: Mapping[str, Any], total: bytes = b""
-    ) -> tuple[dict[str, Any], bytes]:
-        """The site's answer to the finish request (JSON, and bytes: HE's decrypted sum);
-        ``total`` is the protected sum when the request says ``"total": true``."""
-        ...
-
-
-class ServerSession(Protocol):
-    """The server's side of one protected round. Stateless between calls: everything it needs
-    comes in as the stored messages and files, so a driver that restarted carries on.
-
-    Bulk data (uploads, the sum) goes through binary streams, read in pieces: a 25M-parameter
-    round never needs every site's upload in memory at once."""
-
-    kind: str
-
-    def check_advert(self, site: str, message: Mapping[str, Any]) -> dict[str, Any]: ...
-
-    def roster(self, adverts: Mapping[str, Mapping[str, Any]]) -> Roster: ...
-
-    def check_shares(
-        self, roster: Roster, site: str, message: Mapping[str, Any]
-    ) -> dict[str, Any]: ...
-
-    def setups(
-        self, roster: Roster, shares: Mapping[str, Mapping[str, Any]]
-    ) -> dict[str, dict[str, Any]]: ...
-
-    def check_upload(
-        self,
-        roster: Roster,
-        site: str,
-        stream: BinaryIO,
-        shares: Mapping[str, Mapping[str, Any]],
-    ) -> None: ...
-
-    def total(
-        self,
-        roster: Roster,
-        uploads: Sequence[tuple[str, BinaryIO]],
-        shares: Mapping[str, Mapping[str, Any]],
-        out: BinaryIO,
-    ) -> None: ...
-
-    def finish_requests(
-        self, roster: Roster, shared: Sequence[str], survivors: Sequence[str]
-    ) -> dict[str, dict[str, Any]]: ...
-
-    def check_finish(
-        self,
-        roster: Roster,
-        site: str,
-        request: Mapping[str, Any],
-        answer: Mapping[str, Any],
-        data: bytes,
-    ) -> None: ...
-
-    def result(
-        self,
-        roster: Roster,
-        shared: Sequence[str],
-        survivors: Sequence[str],
-        total: BinaryIO,
-        answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
-    ) -> np.ndarray: ...
-
-
 def read_exactly(stream: BinaryIO, size: int, what: str, *, site: str | None = None) -> bytes:
     data = stream.read(size)
     if len(data) != size:
@@ -284,13 +203,13 @@ def shared_sites(roster: Roster, shares: Mapping[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# What both protections share
+# What every protection offers its drivers, and the parts they share
 # --------------------------------------------------------------------------------------------
 
 
-class SiteBase:
-    """A site's side of a round, the parts both protections share: the round it is for, its
-    sealing key pair, its signed advert of its public keys, and the roster it accepts."""
+class SiteSession(ABC):
+    """One site's side of one protected round. Shared here: the round it is for, its sealing
+    key pair, its signed advert of its public keys, and the roster it accepts."""
 
     KIND: ClassVar[str]
     KEY_NAMES: ClassVar[tuple[str, ...]]
@@ -313,9 +232,24 @@ class SiteBase:
         self.seal_keys = KeyPair.generate()
         self.roster: Roster | None = None
 
+    @abstractmethod
     def public_keys(self) -> list[bytes]:
         """This round's public keys, in :attr:`KEY_NAMES`' order."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def share(self, roster: Mapping[str, Any]) -> dict[str, Any]:
+        """What this site sends through the server once the roster is in."""
+
+    @abstractmethod
+    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes | memoryview:
+        """``values`` (its weighted update, float64) protected: the bytes it uploads."""
+
+    @abstractmethod
+    def finish(
+        self, request: Mapping[str, Any], total: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
+        """The site's answer to the finish request (JSON, and bytes: HE's decrypted sum);
+        ``total`` is the protected sum when the request says ``"total": true``."""
 
     def advertise(self) -> dict[str, Any]:
         keys = self.public_keys()
@@ -349,9 +283,13 @@ class SiteBase:
         return self.roster
 
 
-class ServerBase:
-    """The server's side of a round, the parts both protections share: the round, the
-    adverts' checks and the roster."""
+class ServerSession(ABC):
+    """The server's side of one protected round. Stateless between calls: everything it needs
+    comes in as the stored messages and files, so a driver that restarted carries on. Shared
+    here: the round, the adverts' checks and the roster.
+
+    Bulk data (uploads, the sum) goes through binary streams, read in pieces: a 25M-parameter
+    round never needs every site's upload in memory at once."""
 
     KIND: ClassVar[str]
     KEY_NAMES: ClassVar[tuple[str, ...]]
@@ -378,9 +316,9 @@ class ServerBase:
             checked["signature"] = b64(unb64(message["signature"], "signature", site=site))
         return checked
 
+    @abstractmethod
     def graph(self, sites: int) -> tuple[int, int]:
         """The roster's (degree, threshold) for ``sites`` sites."""
-        raise NotImplementedError
 
     def roster(self, adverts: Mapping[str, Mapping[str, Any]]) -> Roster:
         sites = tuple(sorted(adverts))
@@ -402,6 +340,59 @@ class ServerBase:
     def _too_few(self, count: int, what: str) -> TooFewSites:
         return TooFewSites(f"{count} {what}; {self.NAME} needs at least {self.min_sites}")
 
+    @abstractmethod
+    def check_shares(
+        self, roster: Roster, site: str, message: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def setups(
+        self, roster: Roster, shares: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, dict[str, Any]]: ...
+
+    @abstractmethod
+    def check_upload(
+        self,
+        roster: Roster,
+        site: str,
+        stream: BinaryIO,
+        shares: Mapping[str, Mapping[str, Any]],
+    ) -> None: ...
+
+    @abstractmethod
+    def total(
+        self,
+        roster: Roster,
+        uploads: Sequence[tuple[str, BinaryIO]],
+        shares: Mapping[str, Mapping[str, Any]],
+        out: BinaryIO,
+    ) -> None: ...
+
+    @abstractmethod
+    def finish_requests(
+        self, roster: Roster, shared: Sequence[str], survivors: Sequence[str]
+    ) -> dict[str, dict[str, Any]]: ...
+
+    @abstractmethod
+    def check_finish(
+        self,
+        roster: Roster,
+        site: str,
+        request: Mapping[str, Any],
+        answer: Mapping[str, Any],
+        data: bytes,
+    ) -> None: ...
+
+    @abstractmethod
+    def result(
+        self,
+        roster: Roster,
+        shared: Sequence[str],
+        survivors: Sequence[str],
+        total: BinaryIO,
+        answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
+    ) -> np.ndarray: ...
+
 
 # --------------------------------------------------------------------------------------------
 # Masking (SecAgg+)
@@ -410,7 +401,7 @@ class ServerBase:
 MASK_KEYS = ("mask_public", "seal_public")
 
 
-class MaskingSite(SiteBase):
+class MaskingSite(SiteSession):
     """A site's side of a masked round: fresh keys and self seed, its shares sealed for its
     neighbours, its masked vector, and what it reveals to remove the masks."""
 
@@ -591,7 +582,7 @@ def _share_int(value: Any, what: str, site: str) -> int:
     return number
 
 
-class MaskingServer(ServerBase):
+class MaskingServer(ServerSession):
     """The server's side of a masked round (stateless; see :class:`ServerSession`)."""
 
     KIND = MASKING

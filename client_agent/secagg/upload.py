@@ -7,13 +7,15 @@ digest check and wire log treat it as any other update; only the check differs."
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from client_agent.fl_model import FLModel, ParamsType
+from client_agent.secagg.session import Roster, ServerSession
 from client_agent.wire import WireFormatError, model_fields, read_model_header, write_model_file
 
 PROTECTED_TENSOR = "fedportal.protected"
@@ -51,7 +53,7 @@ class ProtectedUpload:
     offset: int
     size: int
 
-    def open(self, path: str | os.PathLike[str]) -> Any:
+    def open(self, path: str | os.PathLike[str]) -> BinaryIO:
         """The file, positioned at the protected bytes (which run to its end)."""
         stream = open(path, "rb")  # noqa: SIM115 - the caller closes it
         stream.seek(self.offset)
@@ -84,6 +86,29 @@ def read_protected(path: str | os.PathLike[str]) -> ProtectedUpload:
     )
 
 
+def sum_uploads(
+    server: ServerSession,
+    roster: Roster,
+    uploads: Sequence[tuple[str, Path]],
+    shares: Mapping[str, Mapping[str, Any]],
+    out: Path,
+) -> None:
+    """The protected sum of the uploads in these files (site, path), read in pieces from all
+    of them at once, written to ``out`` by atomic rename (through ``out`` with ``.tmp`` for
+    its suffix): a re-run after a crash writes the same bytes."""
+    streams: list[tuple[str, BinaryIO]] = []
+    try:
+        for site, path in uploads:
+            streams.append((site, read_protected(path).open(path)))
+        tmp = out.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            server.total(roster, streams, shares, fh)
+        tmp.replace(out)
+    finally:
+        for _, stream in streams:
+            stream.close()
+
+
 def protected_bytes(path: str | os.PathLike[str]) -> bytes:
     """The protected bytes of an update file, whole (SimEnv and tests)."""
     upload = read_protected(path)
@@ -96,5 +121,6 @@ __all__ = [
     "ProtectedUpload",
     "protected_bytes",
     "read_protected",
+    "sum_uploads",
     "write_protected",
 ]

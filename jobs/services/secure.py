@@ -395,23 +395,13 @@ def round_sum(round_id: int) -> str:
     }
     server = server_of(rnd)
     shares = shares_of(rnd)
-    from client_agent.secagg.upload import read_protected
+    from client_agent.secagg.upload import sum_uploads
 
-    streams = []
-    try:
-        for site in survivors:
-            path = storage_path(tasks[site].update.name)
-            streams.append((site, read_protected(path).open(path)))
-        total_name = protected_total_name(rnd.job, rnd.number)
-        total_path = storage_path(total_name)
-        total_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = total_path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            server.total(roster, streams, shares, fh)
-        tmp.replace(total_path)  # atomic: a re-run after a crash writes the same bytes
-    finally:
-        for _, stream in streams:
-            stream.close()
+    total_name = protected_total_name(rnd.job, rnd.number)
+    total_path = storage_path(total_name)
+    total_path.parent.mkdir(parents=True, exist_ok=True)
+    uploads = [(site, storage_path(tasks[site].update.name)) for site in survivors]
+    sum_uploads(server, roster, uploads, shares, total_path)
     requests = server.finish_requests(roster, list(protection["shared"]), survivors)
     with transaction.atomic():
         locked = Round.objects.select_for_update().get(pk=round_id)

@@ -468,17 +468,25 @@ def test_a_site_that_misses_the_keys_phase_is_out_and_the_round_goes_on(tmp_path
     assert_masked_mean(job, updates, [a.name for a in on_time])
 
 
-def test_an_encrypted_round_closes_at_fedavgs_model_and_the_portal_holds_no_secret_key(
+def encrypted_round_uploaded(
     tmp_path: Path,
-) -> None:
+) -> tuple[Job, list[Agent], dict[str, tuple[dict[str, torch.Tensor], float]]]:
+    """Three sites of an HE job past their keys, shares and uploads: the round waits for the
+    decrypted sum."""
     sites = enrolled_sites(3)
     job = submit_secure(tmp_path, sites, kind="he")
     agents = [Agent(job, s, kind="he") for s in sites]
     updates = site_updates([a.name for a in agents])
-
     all_keys_and_shares(agents)
     for agent in agents:
         accepted(agent.upload(agent.protected(*updates[agent.name])))
+    return job, agents, updates
+
+
+def test_an_encrypted_round_closes_at_fedavgs_model_and_the_portal_holds_no_secret_key(
+    tmp_path: Path,
+) -> None:
+    job, agents, updates = encrypted_round_uploaded(tmp_path)
     requests = protection_of(job)["requests"]
     assert list(requests) == ["site-1"]  # one survivor decrypts
     ok(agents[0].finish())
@@ -501,13 +509,7 @@ def test_an_encrypted_round_closes_at_fedavgs_model_and_the_portal_holds_no_secr
 def test_when_the_survivor_asked_to_decrypt_is_gone_the_next_one_is_asked(
     tmp_path: Path,
 ) -> None:
-    sites = enrolled_sites(3)
-    job = submit_secure(tmp_path, sites, kind="he")
-    agents = [Agent(job, s, kind="he") for s in sites]
-    updates = site_updates([a.name for a in agents])
-    all_keys_and_shares(agents)
-    for agent in agents:
-        accepted(agent.upload(agent.protected(*updates[agent.name])))
+    job, agents, updates = encrypted_round_uploaded(tmp_path)
     assert list(protection_of(job)["requests"]) == ["site-1"]
 
     phase_deadline_passes(job)  # site-1 never answers
@@ -524,13 +526,7 @@ def test_when_the_survivor_asked_to_decrypt_is_gone_the_next_one_is_asked(
 
 
 def test_when_no_survivor_decrypts_the_round_fails_with_the_reason(tmp_path: Path) -> None:
-    sites = enrolled_sites(3)
-    job = submit_secure(tmp_path, sites, kind="he")
-    agents = [Agent(job, s, kind="he") for s in sites]
-    updates = site_updates([a.name for a in agents])
-    all_keys_and_shares(agents)
-    for agent in agents:
-        accepted(agent.upload(agent.protected(*updates[agent.name])))
+    job, agents, updates = encrypted_round_uploaded(tmp_path)
 
     for _ in agents:
         phase_deadline_passes(job)
