@@ -14,22 +14,29 @@ model's file. Every file goes through a temporary folder on disk, as on the port
 
 * site, plain: writing its update file (``client_agent.wire.write_model_file`` of an
   ``FLModel`` with its float32 weights and ``NUM_STEPS_CURRENT_ROUND``): what it sends.
-* site, masking or HE: its weighted vector (``Layout.update_vector``, as the agent makes it),
-  the session's phases (keys: fresh key pairs and the advert; shares: sealing Shamir shares,
-  or the key holder's CKKS context; protect: quantizing and masking, or encrypting; finish:
-  revealing shares, or, for the site asked, reading and decrypting the encrypted sum) and
-  writing the protected file (``client_agent.secagg.upload.write_protected``).
+* site, masking or HE: its weighted update (``Layout.update_vector``, as the agent makes it:
+  the checked tensors and their weight), the session's phases (keys: fresh key pairs and the
+  advert; shares: sealing Shamir shares, or the key holder's CKKS context; protect: adding the
+  quantized weighted tensors to the masks, or encrypting; finish: revealing shares, or, for
+  the site asked, reading and decrypting the encrypted sum) and writing the protected file
+  (``client_agent.secagg.upload.write_protected``). A masking site draws its masks
+  (``MaskingSite.prepare``: opening its neighbours' shares, agreeing the pairwise seeds and
+  drawing its 1 + degree masks) as soon as the upload phase's setup is in, which the agent
+  does while its script trains: that is timed in its own column (``site s while training``)
+  and not counted in the round; the verdict also gives the round with it counted.
 * server, plain: each file's update check (``jobs.workflows.result_from_file``, the portal's
   and SimEnv's check), FedAvg over the files (``workflow.close`` of a ``FedAvg`` workflow over
   ``SiteUpdate.from_file`` results, as the portal's close reads them; the ``fedavg`` folding),
   writing the new global model (``jobs.workflows.base.write_global_model``).
 * server, masking or HE: checking the adverts and shares, each upload's check (as the portal's
   ``protected_upload_check``: the file's header, weight and metrics, then the session's
-  ``check_upload`` over the protected bytes, ``read_protected(path).open(path)``), the sum
-  (the session's ``total`` over the files' streams, into a file), the finish (checking the
-  answers and ``result``: the shares recovered and the masks removed, or the decrypted sum
-  read), the close from the sum (``jobs.workflows.secure.close_from_sum`` with the same FedAvg
-  workflow) and writing the new global model like plain.
+  ``check_upload`` over the protected bytes, ``read_protected(path).open(path)``), for HE the
+  sum (the session's ``total`` over the files' streams, into a file, for the site that
+  decrypts it), the finish (checking the answers and ``result`` over memory maps of the
+  files: masking recovers the shares and sums the uploads while it removes the masks, in one
+  pass on every core; HE reads the decrypted sum), the close from the sum
+  (``jobs.workflows.secure.close_from_sum`` with the same FedAvg workflow) and writing the
+  new global model like plain.
 
 Training, the network, the database and the portal's queueing are left out of both. Also
 left out: the agent reading the released update file back before protecting it (the plain
@@ -61,13 +68,14 @@ What is measured for real and what is modelled (the ``how`` column says which, p
   masks it shared with its surviving neighbours.
 * ``modelled`` (masking, 25M × 50: fifty 200 MB uploads would be 10 GB and fifty sites'
   masking minutes of one core): the protocol runs for all 50 sessions through keys and
-  shares, then one site (with the real roster's degree) does its vector, protect, write and
-  finish for real; the server checks and sums 50 upload files, the first site's and hard
-  links to the ten real uploads of the 25M × 10 round (the sum of those is not a masked sum of
-  these sites, so it is not checked); its unmasking regenerates the 50 sites' real self masks
-  (``masking.unmask`` with each session's self seed, taken from the sessions rather than
-  recovered from shares: Lagrange interpolation of 50 seeds takes milliseconds, measured inside
-  the 62k × 50 round); then the close from that sum and the global model's write.
+  shares, then one site (with the real roster's degree) draws its masks and does its vector,
+  protect, write and finish for real; the server checks 50 upload files, the first site's
+  and hard links to the ten real uploads of the 25M × 10 round (the sum of those is not a
+  masked sum of these sites, so it is not checked), and sums them while it removes the 50
+  sites' real self masks (``masking.unmask_sum`` with each session's self seed, taken from
+  the sessions rather than recovered from shares: Lagrange interpolation of 50 seeds takes
+  milliseconds, measured inside the 62k × 50 round); then the close from that sum and the
+  global model's write.
 * ``extrapolated`` (HE, 25M: about 6,100 ciphertexts of 330 KB, 2 GB, per site and minutes of
   encryption): a real 3-site HE round as above over the first 1,048,576 values (a one-tensor
   model), scaled linearly: the steps over the values (vector, protect, write, finish; the
@@ -81,7 +89,7 @@ The target for masking is a round at most 2× plain FedAvg's at 25M × 10 sites;
 is printed with where each round's time goes. Timings depend on how busy the machine's
 cores are: the load average is printed before and after.
 
-    .venv/bin/python bench/secure_aggregation.py           # about 6 minutes on 2 cores
+    .venv/bin/python bench/secure_aggregation.py           # about 2 minutes on 2 cores
     .venv/bin/python bench/secure_aggregation.py --quick   # 2k/9k parameters, for the tests
                                                             # (its verdict is at 2k × 5)
 """
@@ -118,11 +126,17 @@ from client_agent.secagg.session import (
     MASKING,
     MaskingServer,
     MaskingSite,
+    SumsBeforeFinish,
     b64,
     error_bound,
     round_context,
 )
-from client_agent.secagg.upload import read_protected, sum_uploads, write_protected
+from client_agent.secagg.upload import (
+    protected_arrays,
+    read_protected,
+    sum_uploads,
+    write_protected,
+)
 from client_agent.secagg.vector import Layout
 from client_agent.wire import load_state_dict, write_model_file
 from jobs.aggregation import FileTensorSource, MemoryTensorSource, SiteUpdate
@@ -171,6 +185,7 @@ HEADERS = [
     "how",
     "slowest site s",
     "server s",
+    "site s while training",
     "round s",
     "median round s",
     "× plain",
@@ -216,14 +231,18 @@ class Clock:
     def __init__(self) -> None:
         self.site_steps: dict[str, dict[str, float]] = {}
         self.server_steps: dict[str, float] = {}
+        self.training_steps: dict[str, dict[str, float]] = {}
+        """Each site's work done while its script trains (masking draws its masks once the
+        upload phase's setup is in): timed, but not on the round's critical path."""
 
     @contextmanager
-    def site(self, site: str, step: str) -> Iterator[None]:
+    def site(self, site: str, step: str, *, while_training: bool = False) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
         finally:
-            steps = self.site_steps.setdefault(site, {})
+            into = self.training_steps if while_training else self.site_steps
+            steps = into.setdefault(site, {})
             steps[step] = steps.get(step, 0.0) + time.perf_counter() - started
 
     @contextmanager
@@ -244,6 +263,11 @@ class Clock:
     @property
     def site_s(self) -> float:
         return sum(self.slowest.values())
+
+    @property
+    def while_training_s(self) -> float:
+        """The most any site worked while its script trained."""
+        return max((sum(steps.values()) for steps in self.training_steps.values()), default=0.0)
 
     @property
     def server_s(self) -> float:
@@ -284,6 +308,8 @@ class Row:
     site_steps: dict[str, float] = field(default_factory=dict)
     """The slowest site's steps in the best round."""
     server_steps: dict[str, float] = field(default_factory=dict)
+    while_training_s: float = 0.0
+    """The most a site worked while its script trained (masking: drawing its masks)."""
     plain_s: float = float("nan")
 
     @property
@@ -302,6 +328,7 @@ class Row:
             self.how,
             f"{self.site_s:.3f}",
             f"{self.server_s:.3f}",
+            f"{self.while_training_s:.3f}",
             f"{self.round_s:.3f}",
             "—" if self.median_s is None else f"{self.median_s:.3f}",
             f"{self.ratio:.1f}×",
@@ -334,6 +361,7 @@ def row_of(case: ModelCase, sites: int, protection: str, how: str, runs: Sequenc
         max(checks) if checks else None,
         site_steps=dict(best.clock.slowest),
         server_steps=dict(best.clock.server_steps),
+        while_training_s=best.clock.while_training_s,
     )
 
 
@@ -513,6 +541,10 @@ def protected_round(
         if name in dropped:
             continue
         path = folder / f"{name}.protected.safetensors"
+        # What the agent does once the setup is in, while its script trains (here, site by
+        # site: one site's masks in memory at a time, as on the sites' own machines).
+        with clock.site(name, "prepare", while_training=True):
+            sessions[name].prepare(setups[name])
         with clock.site(name, "vector"):
             vector = layout.update_vector(
                 updates.params(i), weight=updates.weight(i), model_names=model_names
@@ -543,8 +575,10 @@ def protected_round(
     survivors = sorted(checked)
     shared = list(setups)
     total_path = folder / "total.bin"
-    with clock.server("sum"):
-        sum_uploads(server, roster, [(n, paths[n]) for n in survivors], shares, total_path)
+    if isinstance(server, SumsBeforeFinish):  # HE: the site asked decrypts the stored sum
+        with clock.server("sum"):
+            sum_uploads(server, roster, [(n, paths[n]) for n in survivors], shares, total_path)
+    with clock.server("finish"):
         requests = server.finish_requests(roster, shared, survivors)
     answers = {}
     for name, request in requests.items():
@@ -556,9 +590,11 @@ def protected_round(
         with clock.server("finish"):
             server.check_finish(roster, name, request, answer, data)
         answers[name] = (answer, data)
-    with clock.server("finish"), open(total_path, "rb") as total_file:
-        summed = server.result(roster, shared, survivors, total_file, answers)
-    del answers
+    with clock.server("finish"):
+        # Masking sums the uploads and removes the masks here, in one pass.
+        uploads = protected_arrays({n: paths[n] for n in survivors})
+        summed = server.result(roster, shared, survivors, answers, uploads)
+    del answers, uploads
     workflow = fedavg_workflow(kind)
     state = workflow.initial_state(names)
     plan = workflow.plan(ROUND, names, state)
@@ -657,6 +693,8 @@ def modelled_masking(
             shares[name] = server.check_shares(roster, name, message)
     with clock.server("keys and shares"):
         setups = server.setups(roster, shares)
+    with clock.site(me, "prepare", while_training=True):
+        sessions[me].prepare(setups[me])
     mine = folder / f"{me}.protected.safetensors"
     with clock.site(me, "vector"):
         vector = layout.update_vector(
@@ -689,9 +727,7 @@ def modelled_masking(
             with upload.open(paths[name]) as stream:
                 server.check_upload(roster, name, stream, shares)
         checked[name] = (weight, metrics)
-    total_path = folder / "total.bin"
-    with clock.server("sum"):
-        sum_uploads(server, roster, [(n, paths[n]) for n in names], shares, total_path)
+    with clock.server("finish"):
         requests = server.finish_requests(roster, names, names)
     with clock.site(me, "finish"):
         answer, data = sessions[me].finish(requests[me])
@@ -699,11 +735,10 @@ def modelled_masking(
     index = {n: i for i, n in enumerate(roster.sites)}
     with clock.server("finish"):
         server.check_finish(roster, me, requests[me], answer, data)
-        with open(total_path, "rb") as total_file:
-            masked = np.frombuffer(total_file.read(), dtype="<u8").astype(np.uint64)
+        uploads = protected_arrays({n: paths[n] for n in names})
         summed = ring.dequantize(
-            masking.unmask(
-                masked,
+            masking.unmask_sum(
+                [uploads[n].view("<u8") for n in names],
                 survivors=range(sites),
                 graph=roster.graph,
                 self_seeds={index[n]: sessions[n].self_seed for n in names},
@@ -711,9 +746,10 @@ def modelled_masking(
                 public_keys={},
                 context=context,
                 nonce=prg.round_nonce(ROUND),
-            )
+            ),
+            in_place=True,
         )
-    del masked
+    del uploads
     workflow = fedavg_workflow(MASKING)
     state = workflow.initial_state(names)
     plan = workflow.plan(ROUND, names, state)
@@ -977,15 +1013,20 @@ def verdict(rows: Sequence[Row], target: tuple[str, int], numel: int) -> None:
     masks = best_seconds(partial(prg.add_masks, zeros, seeds))
     cipher = cipher_seconds(numel) * (1 + degree)
     vector = np.random.default_rng(0).standard_normal(numel) * 0.02
-    quantize = best_seconds(partial(ring.quantize, vector, sites=sites))
+    quantize = best_seconds(partial(ring.add_quantized, zeros, [vector], sites=sites))
     del vector, zeros
+    drawn_after = row.round_s + row.while_training_s
     print(
         f"what dominates: the masked round's largest steps are {top}. Against plain, the "
         f"slowest site takes {row.site_s - plain.site_s:+.2f} s and the server "
-        f"{row.server_s - plain.server_s:+.2f} s. Inside a site's protect, quantizing "
-        f"{numel:,} values takes {quantize:.2f} s and adding its 1 + {degree} masks in one "
-        f"pass (`prg.add_masks`) {masks:.2f} s, of which the AES-CTR key streams alone "
-        f"{cipher:.2f} s; the server's finish regenerates {sites} self masks the same way. "
+        f"{row.server_s - plain.server_s:+.2f} s. A site draws its 1 + {degree} masks while "
+        f"its script trains (`MaskingSite.prepare`: {row.while_training_s:.2f} s in the best "
+        f"round; `prg.add_masks` alone {masks:.2f} s on {prg.workers()} thread(s), the "
+        f"AES-CTR key streams {cipher:.2f} s of one core); after training it adds its "
+        f"quantized update to them (`ring.add_quantized`, {quantize:.2f} s for {numel:,} "
+        f"values). The server's finish sums the {sites} masked files and removes their self "
+        "masks in one pass (`masking.unmask_sum`). Were the masks drawn after training, the "
+        f"round would take {drawn_after:.2f} s ({drawn_after / row.plain_s:.2f}× plain). "
         "The protected file holds 8 B a value against plain's 4, so its write and the sum's "
         "read move twice plain's bytes; its check reads only the header and the size, where "
         "plain's reads every value (finite, the right dtype)."
@@ -1037,13 +1078,15 @@ def cases(quick: bool) -> list[ModelCase]:
 HEADER_TEXT = (
     "round = slowest site's work + the server's, each side counting the same kinds of steps, "
     "every file on disk ({fs}). site: plain writes its update file (write_model_file); "
-    "masking/HE make the weighted vector (update_vector), run keys, shares, protect (quantize "
-    "and mask, or encrypt) and finish (reveal shares, or decrypt the sum), and write the "
-    "protected file (write_protected). server: plain checks each file (result_from_file), "
-    "folds them (FedAvg workflow.close over the files) and writes the next global model; "
-    "masking/HE check adverts, shares and each upload (check_upload on the file), sum the "
-    "files (total), finish (unmask, or take the decrypted sum), close from the sum "
-    "(close_from_sum) and write the next global model. One untimed warm-up round per path; "
+    "masking/HE make the weighted update (update_vector), run keys, shares, protect (quantize "
+    "into the masks, or encrypt) and finish (reveal shares, or decrypt the sum), and write the "
+    "protected file (write_protected); a masking site draws its masks while its script "
+    "trains (prepare: its own column, not in the round). server: plain checks each file "
+    "(result_from_file), folds them (FedAvg workflow.close over the files) and writes the "
+    "next global model; masking/HE check adverts, shares and each upload (check_upload on "
+    "the file), HE sums the files (total) for the site that decrypts, finish (masking: sum "
+    "the files and remove the masks in one pass; HE: take the decrypted sum), close from the "
+    "sum (close_from_sum) and write the next global model. One untimed warm-up round per path; "
     "a row is the best of N rounds (N in `how`: 7 at 62k, 3 at 25M), the median beside it. "
     "Training, network and database left out. See the docstring for what is modelled."
 )

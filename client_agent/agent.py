@@ -604,7 +604,8 @@ class JobRunner:
                     return
                 protected = secure_kind(task)
                 secure = SecureRound(self, task, protected) if protected else None
-                # Under secure aggregation the keys and shares go while the script trains.
+                # Under secure aggregation the keys and shares go, and the masks are drawn,
+                # while the script trains.
                 setup = asyncio.create_task(secure.setup()) if secure is not None else None
                 try:
                     await asyncio.to_thread(self._prepare)

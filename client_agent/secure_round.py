@@ -91,6 +91,7 @@ class SecureRound:
         self.site = site
         verify = certificate_check(agent.site_dir.ca_path.read_bytes())
         self.roster_keys: dict[str, Any] = {}
+        self.upload_setup: Any = None
         site_cls, _ = sessions_for(kind)
         key = agent.client.key
         self.session: SiteSession = site_cls(
@@ -104,7 +105,9 @@ class SecureRound:
     # -- the phases -------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        """Advertise this round's keys, then seal and send the shares once the roster is in."""
+        """Advertise this round's keys, seal and send the shares once the roster is in, then
+        take the upload phase's setup and do what protecting needs ahead of the update (under
+        masking, draw the masks): all while the script trains."""
         await self._post("keys", self.session.advertise())
         view = await self._wait(lambda v: v["phase"] != "keys")
         if view["phase"] != "shares" or "roster" not in view:
@@ -112,14 +115,20 @@ class SecureRound:
         self.roster_keys = dict(view["roster"].get("keys") or {})
         message = await asyncio.to_thread(self.session.share, view["roster"])
         await self._post("shares", message)
+        self.upload_setup = await self._upload_setup()
+        await asyncio.to_thread(self.session.prepare, self.upload_setup)
 
-    async def protected_file(self, released: Path, model_path: Path) -> Path:
-        """The released update, checked against the global model, weighted and protected, as
-        the file to upload (beside ``released``)."""
+    async def _upload_setup(self) -> Any:
         view = await self._wait(lambda v: v["phase"] not in ("keys", "shares"))
         setup = view.get("setup")
         if setup is None:
             raise SecureRoundOut("the round went on without this site's shares")
+        return setup
+
+    async def protected_file(self, released: Path, model_path: Path) -> Path:
+        """The released update, checked against the global model, weighted and protected, as
+        the file to upload (beside ``released``)."""
+        setup = self.upload_setup or await self._upload_setup()
         path = released.with_name(released.name.replace(".safetensors", ".protected.safetensors"))
         await asyncio.to_thread(self._protect, released, model_path, setup, path)
         # ``released`` stays until the round is over for this site: an agent that restarts

@@ -201,8 +201,9 @@ class Round(models.Model):
     )
     protected_total = models.FileField(
         blank=True,
-        help_text="the sum of the survivors' masked or encrypted updates: never one site's "
-        "(named by jobs.services.plans.protected_total_name)",
+        help_text="under HE, the sum of the survivors' encrypted updates, for the site that "
+        "decrypts it: never one site's (named by jobs.services.plans.protected_total_name); "
+        "masked rounds store none",
     )
 
     class Meta:

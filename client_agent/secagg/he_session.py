@@ -32,6 +32,7 @@ from client_agent.secagg.session import (
     ServerSession,
     Signer,
     SiteSession,
+    SumsBeforeFinish,
     TooFewSites,
     Verifier,
     _key,
@@ -42,6 +43,7 @@ from client_agent.secagg.session import (
     shared_sites,
     unb64,
 )
+from client_agent.secagg.vector import WeightedUpdate
 
 HE_KEYS = ("seal_public",)
 MAX_BATCH_BYTES = 4 << 20
@@ -113,8 +115,12 @@ class HESite(SiteSession):
             },
         }
 
-    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes | memoryview:
+    def protect(
+        self, values: np.ndarray | WeightedUpdate, setup: Mapping[str, Any]
+    ) -> bytes | memoryview:
         roster = self._roster()
+        if isinstance(values, WeightedUpdate):
+            values = values.array()  # CKKS encrypts float64 batches of the one vector
         if len(values) != roster.length:
             raise ProtocolError(f"the update holds {len(values)} values, the round {roster.length}")
         holder = roster.sites[0]
@@ -154,7 +160,7 @@ class HESite(SiteSession):
         return {}, summed.astype("<f8").tobytes()
 
 
-class HEServer(ServerSession):
+class HEServer(ServerSession, SumsBeforeFinish):
     """The server's side of an encrypted round: it holds the public context only."""
 
     KIND = HOMOMORPHIC
@@ -307,8 +313,8 @@ class HEServer(ServerSession):
         roster: Roster,
         shared: Sequence[str],
         survivors: Sequence[str],
-        total: BinaryIO,
         answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
+        uploads: Mapping[str, np.ndarray],
     ) -> np.ndarray:
         # The first survivor is asked; when it does not answer, the driver may ask the next.
         for decryptor in sorted(survivors):

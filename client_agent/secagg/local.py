@@ -24,8 +24,10 @@ from client_agent.secagg.session import (
     Roster,
     ServerSession,
     SiteSession,
+    SumsBeforeFinish,
     round_context,
 )
+from client_agent.secagg.vector import WeightedUpdate
 
 
 @dataclass
@@ -65,7 +67,7 @@ def _size(message: Mapping[str, Any]) -> int:
 
 def run_local(
     kind: str,
-    vectors: Mapping[str, np.ndarray],
+    vectors: Mapping[str, np.ndarray | WeightedUpdate],
     *,
     job: str,
     round_number: int,
@@ -73,9 +75,9 @@ def run_local(
     drop_after_shares: Collection[str] = (),
     drop_before_finish: Collection[str] = (),
 ) -> LocalRound:
-    """The sum of the ``vectors`` (site → weighted update, float64) of the sites that stayed,
-    through ``kind``'s four phases. :class:`ProtocolError` (``TooFewSites``) when too few
-    remain."""
+    """The sum of the ``vectors`` (site → weighted update: float64, or as
+    ``Layout.update_vector`` gives it) of the sites that stayed, through ``kind``'s four
+    phases. :class:`ProtocolError` (``TooFewSites``) when too few remain."""
     site_cls, server_cls = sessions_for(kind)
     length = len(next(iter(vectors.values())))
     context = round_context(job, round_number)
@@ -113,7 +115,7 @@ def run_local(
     for name, setup in setups.items():
         if name in drop_after_shares:
             continue
-        data = site_call(name, sites[name].protect, np.asarray(vectors[name]), setup)
+        data = site_call(name, sites[name].protect, vectors[name], setup)
         sent[name] += len(data)
         start = time.perf_counter()
         server.check_upload(roster, name, io.BytesIO(data), shares)
@@ -124,7 +126,8 @@ def run_local(
     start = time.perf_counter()
     requests = server.finish_requests(roster, shared, survivors)
     total = io.BytesIO()
-    server.total(roster, [(s, io.BytesIO(uploads[s])) for s in survivors], shares, total)
+    if isinstance(server, SumsBeforeFinish):
+        server.total(roster, [(s, io.BytesIO(uploads[s])) for s in survivors], shares, total)
     server_seconds += time.perf_counter() - start
     answers = {}
     for name, request in requests.items():
@@ -140,8 +143,8 @@ def run_local(
         server.check_finish(roster, name, request, answer, data)
         answers[name] = (answer, data)
     start = time.perf_counter()
-    total.seek(0)
-    result = server.result(roster, shared, survivors, total, answers)
+    stored = {s: np.frombuffer(uploads[s], dtype=np.uint8) for s in survivors}
+    result = server.result(roster, shared, survivors, answers, stored)
     server_seconds += time.perf_counter() - start
     return LocalRound(
         total=result,

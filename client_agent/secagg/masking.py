@@ -21,7 +21,7 @@ share, never both: with both, the server could unmask a survivor's vector on its
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,9 +85,35 @@ def unmask(
     public_keys: Mapping[int, bytes],
     context: bytes,
     nonce: bytes,
-    in_place: bool = False,
 ) -> np.ndarray:
-    """The sum of the survivors' values from the sum of their masked vectors: remove each
+    """The sum of the survivors' values from the sum of their masked vectors (see
+    :func:`unmask_sum`)."""
+    return unmask_sum(
+        [total],
+        survivors=survivors,
+        graph=graph,
+        self_seeds=self_seeds,
+        dropped_keys=dropped_keys,
+        public_keys=public_keys,
+        context=context,
+        nonce=nonce,
+    )
+
+
+def unmask_sum(
+    masked: Sequence[np.ndarray],
+    *,
+    survivors: Iterable[int],
+    graph: Mapping[int, list[int]],
+    self_seeds: Mapping[int, bytes],
+    dropped_keys: Mapping[int, bytes],
+    public_keys: Mapping[int, bytes],
+    context: bytes,
+    nonce: bytes,
+) -> np.ndarray:
+    """The sum of the survivors' values from their ``masked`` vectors (``uint64``, e.g.
+    memory maps of the uploads), in one pass: each chunk summed and its masks removed while
+    it is in the cache, so the masked sum is never written whole. The masks removed: each
     survivor's self mask (``self_seeds``, recovered from shares), and the masks each dropped
     site ``j`` (``dropped_keys``: its recovered mask private key) shared with surviving
     neighbours."""
@@ -95,7 +121,8 @@ def unmask(
     missing = survivors - set(self_seeds)
     if missing:
         raise ValueError(f"no self seed for surviving site(s) {sorted(missing)}")
-    result = total if in_place else np.array(total, dtype=np.uint64)
+    if not masked or len({len(vector) for vector in masked}) != 1:
+        raise ValueError("unmasking needs one or more masked vectors, all of one length")
     masks = [(self_seeds[site], True) for site in sorted(survivors)]
     for dropped, private in sorted(dropped_keys.items()):
         if dropped in survivors:
@@ -106,8 +133,21 @@ def unmask(
             seed = pair_seed(private, public_keys[site], context=context, pair=(site, dropped))
             # y_site holds +PRG(seed) when site < dropped, −PRG(seed) otherwise.
             masks.append((seed, site < dropped))
-    prg.add_masks(result, masks, nonce=nonce)
-    return result
+    first, rest = masked[0], masked[1:]
+    out = np.empty(len(first), dtype=np.uint64)
+
+    def unmask_part(begin: int, end: int) -> None:
+        stream = prg.MaskStream(masks, nonce=nonce, begin=begin)
+        for start in range(begin, end, prg.CHUNK):
+            stop = min(start + prg.CHUNK, end)
+            part = out[start:stop]
+            np.copyto(part, first[start:stop], casting="same_kind")
+            for vector in rest:
+                np.add(part, vector[start:stop], out=part, casting="same_kind")
+            stream.apply(part)
+
+    prg.in_parts(len(out), unmask_part)
+    return out
 
 
 def recover(shares: Mapping[int, int], *, threshold: int) -> bytes:

@@ -32,13 +32,14 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, ClassVar, cast
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
 from client_agent.secagg import masking, prg, ring, shamir
 from client_agent.secagg.keys import KEY_BYTES, KeyPair, pair_seed
 from client_agent.secagg.sealed import SealedShareError, open_sealed, seal
+from client_agent.secagg.vector import WeightedUpdate, as_weighted
 
 PHASES = ("keys", "shares", "upload", "finish")
 MASKING = "masking"
@@ -193,10 +194,6 @@ def read_exactly(stream: BinaryIO, size: int, what: str, *, site: str | None = N
     return data
 
 
-VECTOR_CHUNK = 1 << 20
-"""Ring elements read at a time from a masked upload (8 MiB)."""
-
-
 def shared_sites(roster: Roster, shares: Mapping[str, Any]) -> list[str]:
     """The roster's sites that sent their shares (name order): the sites whose uploads count."""
     return [s for s in roster.sites if s in shares]
@@ -240,9 +237,18 @@ class SiteSession(ABC):
     def share(self, roster: Mapping[str, Any]) -> dict[str, Any]:
         """What this site sends through the server once the roster is in."""
 
+    def prepare(self, setup: Mapping[str, Any]) -> None:  # noqa: B027 - optional, see below
+        """Do what :meth:`protect` will need that does not depend on the update, as soon as
+        the ``setup`` (the upload phase's) is in: drivers call it while the script still
+        trains, so the work is off the round's critical path. :meth:`protect` does it itself
+        when it was not called. Masking draws its masks here; HE has nothing to do ahead."""
+
     @abstractmethod
-    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes | memoryview:
-        """``values`` (its weighted update, float64) protected: the bytes it uploads."""
+    def protect(
+        self, values: np.ndarray | WeightedUpdate, setup: Mapping[str, Any]
+    ) -> bytes | memoryview:
+        """``values`` (its weighted update: a float64 vector, or the tensors and their weight
+        as ``Layout.update_vector`` gives them) protected: the bytes it uploads."""
 
     @abstractmethod
     def finish(
@@ -360,15 +366,6 @@ class ServerSession(ABC):
     ) -> None: ...
 
     @abstractmethod
-    def total(
-        self,
-        roster: Roster,
-        uploads: Sequence[tuple[str, BinaryIO]],
-        shares: Mapping[str, Mapping[str, Any]],
-        out: BinaryIO,
-    ) -> None: ...
-
-    @abstractmethod
     def finish_requests(
         self, roster: Roster, shared: Sequence[str], survivors: Sequence[str]
     ) -> dict[str, dict[str, Any]]: ...
@@ -389,9 +386,30 @@ class ServerSession(ABC):
         roster: Roster,
         shared: Sequence[str],
         survivors: Sequence[str],
-        total: BinaryIO,
         answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
-    ) -> np.ndarray: ...
+        uploads: Mapping[str, np.ndarray],
+    ) -> np.ndarray:
+        """The survivors' sum (float64), from the finish ``answers`` and, where the
+        protection needs them, the survivors' protected bytes (``uploads``: site → ``uint8``
+        array, a memory map of the stored file on the portal)."""
+
+
+class SumsBeforeFinish(ABC):
+    """A protection whose finish needs the protected sum itself (HE: a site decrypts it):
+    drivers sum the uploads with :meth:`total` and store it before they ask for the finish.
+    (Masking does not: it sums the masked vectors and removes the masks in one pass, in
+    :meth:`ServerSession.result`.)"""
+
+    @abstractmethod
+    def total(
+        self,
+        roster: Roster,
+        uploads: Sequence[tuple[str, BinaryIO]],
+        shares: Mapping[str, Mapping[str, Any]],
+        out: BinaryIO,
+    ) -> None:
+        """The protected sum of the ``uploads`` (site, stream at its protected bytes),
+        written to ``out``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +440,8 @@ class MaskingSite(SiteSession):
         self.self_seed = secrets.token_bytes(prg.SEED_BYTES)
         self.held: dict[str, tuple[int, int]] = {}
         self.shared: tuple[str, ...] = ()
+        self.drawn: tuple[tuple[str, ...], np.ndarray] | None = None
+        """The sites that shared, and the masks :meth:`prepare` drew for them."""
         self.answer: tuple[tuple[str, ...], tuple[str, ...], dict[str, Any]] | None = None
 
     def public_keys(self) -> list[bytes]:
@@ -454,15 +474,19 @@ class MaskingSite(SiteSession):
         }
         return {"boxes": boxes}
 
-    def protect(self, values: np.ndarray, setup: Mapping[str, Any]) -> bytes | memoryview:
-        """``values`` (this site's weighted update, float64) quantized and masked, as the bytes
-        to upload: a view of the masked vector, so 25M values are not copied again.
-        ``setup``: ``shared`` (the sites that sent shares) and ``inbox`` (the boxes this
-        site's neighbours sealed for it)."""
+    def prepare(self, setup: Mapping[str, Any]) -> None:
+        """Open the neighbours' sealed shares, agree the pairwise seeds and draw this site's
+        masks (its self mask and one per neighbour that shared) into one vector, ready for
+        :meth:`protect`: the offline phase of Bonawitz et al., run while the script trains.
+        Holds 8 bytes a value until the update is protected. ``setup``: ``shared`` (the
+        sites that sent shares) and ``inbox`` (the boxes this site's neighbours sealed for
+        it)."""
+        self.drawn = self._draw(setup)
+
+    def _draw(self, setup: Mapping[str, Any]) -> tuple[tuple[str, ...], np.ndarray]:
+        """:meth:`prepare`'s work: the sites that shared, and this site's masks for them."""
         roster = self._roster()
-        if len(values) != roster.length:
-            raise ProtocolError(f"the update holds {len(values)} values, the round {roster.length}")
-        shared = [str(s) for s in setup.get("shared") or ()]
+        shared = tuple(str(s) for s in setup.get("shared") or ())
         if self.site not in shared:
             raise ProtocolError(f"{self.site} is not among the sites that shared")
         inbox = _mapping(setup.get("inbox") or {}, "inbox")
@@ -496,16 +520,35 @@ class MaskingSite(SiteSession):
                 context=self.context,
                 pair=(me, j),
             )
-        self.shared = tuple(shared)
-        quantized = ring.quantize(values, sites=len(shared))
-        masked = masking.masked_input(
-            quantized,
+        self.shared = shared
+        masks = masking.masked_input(
+            np.zeros(roster.length, dtype=np.uint64),
             me=me,
             self_seed=self.self_seed,
             pair_seeds=seeds,
             nonce=prg.round_nonce(self.round_number),
-            in_place=True,  # the quantized copy is this call's own
+            in_place=True,  # the zeros are this call's own
         )
+        return shared, masks
+
+    def protect(
+        self, values: np.ndarray | WeightedUpdate, setup: Mapping[str, Any]
+    ) -> bytes | memoryview:
+        """``values`` (this site's weighted update) quantized and added to the masks
+        :meth:`prepare` drew (drawing them now if it was not called for this ``setup``), as
+        the bytes to upload: a view of the masked vector, so 25M values are not copied
+        again."""
+        roster = self._roster()
+        values = as_weighted(values)
+        if len(values) != roster.length:
+            raise ProtocolError(f"the update holds {len(values)} values, the round {roster.length}")
+        shared = tuple(str(s) for s in setup.get("shared") or ())
+        drawn = self.drawn
+        if drawn is None or drawn[0] != shared:
+            drawn = self._draw(setup)
+        masked = drawn[1]
+        ring.add_quantized(masked, values.pieces, weight=values.weight, sites=len(shared))
+        self.drawn = None  # the masks are in the upload now: never add them to a second one
         return masked.astype("<u8", copy=False).view(np.uint8).data
 
     def finish(
@@ -647,23 +690,6 @@ class MaskingServer(ServerSession):
                 site=site,
             )
 
-    def total(
-        self,
-        roster: Roster,
-        uploads: Sequence[tuple[str, BinaryIO]],
-        shares: Mapping[str, Mapping[str, Any]],
-        out: BinaryIO,
-    ) -> None:
-        """The ring sum of the masked vectors, chunk by chunk over all uploads at once
-        (memory: one chunk per site)."""
-        for start in range(0, roster.length, VECTOR_CHUNK):
-            count = min(VECTOR_CHUNK, roster.length - start)
-            chunk = np.zeros(count, dtype=np.uint64)
-            for site, stream in uploads:
-                data = read_exactly(stream, 8 * count, f"{site}'s masked vector", site=site)
-                chunk += np.frombuffer(data, dtype="<u8")
-            out.write(chunk.astype("<u8", copy=False).tobytes())
-
     def finish_requests(
         self, roster: Roster, shared: Sequence[str], survivors: Sequence[str]
     ) -> dict[str, dict[str, Any]]:
@@ -702,12 +728,12 @@ class MaskingServer(ServerSession):
         roster: Roster,
         shared: Sequence[str],
         survivors: Sequence[str],
-        total: BinaryIO,
         answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
+        uploads: Mapping[str, np.ndarray],
     ) -> np.ndarray:
-        """The survivors' sum (float64): the masks removed with the revealed shares. Each
-        secret is recovered from its first ``threshold`` shares in holder-name order, so
-        every driver gets the same bits."""
+        """The survivors' sum (float64): their masked vectors summed and the masks removed
+        with the revealed shares, in one pass. Each secret is recovered from its first
+        ``threshold`` shares in holder-name order, so every driver gets the same bits."""
         index = {s: i for i, s in enumerate(roster.sites)}
         dropped = sorted(set(shared) - set(survivors))
         self_seeds: dict[int, bytes] = {}
@@ -742,13 +768,19 @@ class MaskingServer(ServerSession):
                     "advertised: a neighbour sent a wrong share"
                 )
             into[index[owner]] = secret
-        summed_masked = np.empty(roster.length, dtype="<u8")
-        # readinto: the file straight into the array (BinaryIO's stubs lack the method).
-        if cast(Any, total).readinto(summed_masked.view(np.uint8).data) != 8 * roster.length:
-            raise ProtocolError("the masked sum is cut")
-        summed = masking.unmask(
-            summed_masked.view(np.uint64),
-            in_place=True,  # read for this call alone
+        vectors = []
+        for site in sorted(survivors):
+            data = uploads.get(site)
+            if data is None:
+                raise ProtocolError(f"the masked vector of {site}, a survivor, is missing")
+            if data.nbytes != 8 * roster.length:
+                raise ProtocolError(
+                    f"the masked vector is {data.nbytes} bytes; the round's is {8 * roster.length}",
+                    site=site,
+                )
+            vectors.append(data.view("<u8"))
+        summed = masking.unmask_sum(
+            vectors,
             survivors=[index[s] for s in survivors],
             graph=roster.graph,
             self_seeds=self_seeds,
@@ -757,7 +789,7 @@ class MaskingServer(ServerSession):
             context=self.context,
             nonce=prg.round_nonce(self.round_number),
         )
-        return ring.dequantize(summed)
+        return ring.dequantize(summed, in_place=True)  # the array is this call's own
 
 
 def error_bound(sites: int, total_weight: float) -> float:

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from client_agent.fl_model import FLModel, ParamsType
-from client_agent.secagg.session import Roster, ServerSession
+from client_agent.secagg.session import Roster, SumsBeforeFinish
 from client_agent.wire import WireFormatError, model_fields, read_model_header, write_model_file
 
 PROTECTED_TENSOR = "fedportal.protected"
@@ -87,7 +87,7 @@ def read_protected(path: str | os.PathLike[str]) -> ProtectedUpload:
 
 
 def sum_uploads(
-    server: ServerSession,
+    server: SumsBeforeFinish,
     roster: Roster,
     uploads: Sequence[tuple[str, Path]],
     shares: Mapping[str, Mapping[str, Any]],
@@ -109,6 +109,18 @@ def sum_uploads(
             stream.close()
 
 
+def protected_arrays(paths: Mapping[str, str | os.PathLike[str]]) -> dict[str, np.ndarray]:
+    """The protected bytes of each update file (site → path) as a read-only memory map
+    (``uint8``): nothing is read until it is used, and then straight from the page cache."""
+    arrays: dict[str, np.ndarray] = {}
+    for site, path in paths.items():
+        upload = read_protected(path)
+        arrays[site] = np.memmap(
+            path, dtype=np.uint8, mode="r", offset=upload.offset, shape=(upload.size,)
+        )
+    return arrays
+
+
 def protected_bytes(path: str | os.PathLike[str]) -> bytes:
     """The protected bytes of an update file, whole (SimEnv and tests)."""
     upload = read_protected(path)
@@ -119,6 +131,7 @@ def protected_bytes(path: str | os.PathLike[str]) -> bytes:
 __all__ = [
     "PROTECTED_TENSOR",
     "ProtectedUpload",
+    "protected_arrays",
     "protected_bytes",
     "read_protected",
     "sum_uploads",

@@ -50,6 +50,7 @@ from client_agent.privacy.release import release_result, round_refusal
 from client_agent.runtime import ScriptFailed, ScriptProcess, Task
 from client_agent.secagg.local import protection_record, run_local
 from client_agent.secagg.session import ProtocolError
+from client_agent.secagg.vector import WeightedUpdate
 from client_agent.wire import WireFormatError, load_state_dict
 from common.validators import is_number
 from jobs.aggregation import UpdateRejected
@@ -500,7 +501,9 @@ class _Simulation:
             workflow, {n: (t.dtype, tuple(t.shape)) for n, t in global_params.items()}
         )
         updates = train_updates(results)
-        vectors = {u.site: site_vector(layout, u, global_params) for u in updates}
+        vectors: dict[str, np.ndarray | WeightedUpdate] = {
+            u.site: site_vector(layout, u, global_params) for u in updates
+        }
         dropped = [t.site for t in plan.tasks if t.site not in vectors]
         for site in dropped:  # it never uploads: its vector is never read
             vectors[site] = np.zeros(layout.length)

@@ -88,7 +88,7 @@ def server_state_name(job: Job, completed_rounds: int) -> str:
 
 
 def protected_total_name(job: Job, round_number: int) -> str:
-    """The sum of round ``round_number``'s masked or encrypted updates (secure aggregation)."""
+    """The encrypted sum of round ``round_number``'s updates (HE: a site decrypts it)."""
     return f"{job_folder(job)}/secure/round-{round_number:03d}-total.bin"
 
 

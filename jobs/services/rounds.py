@@ -266,8 +266,13 @@ def job_advance(*, job_id: int) -> Advance:
                     state=TaskState.LATE, reason="no update before the round closed"
                 )
                 if current.protection:
-                    secure.uploads_closed(current, list(decision.accepted))
-                    sum_due = True
+                    try:
+                        sum_due = secure.uploads_closed(current, list(decision.accepted))
+                    except ProtocolError as exc:
+                        why = f"{current.label}: secure aggregation: {exc.reason}"
+                        return _round_open_fail(job, current, why)
+                    if not sum_due:
+                        return Advance(Step.WAITING_FOR_UPDATES, "finish: the survivors asked")
             if not sum_due:
                 # Claim the round for aggregation.
                 current.move_to(RoundState.AGGREGATING)

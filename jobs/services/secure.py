@@ -8,10 +8,12 @@ holds where it is::
     shares  every roster site posts its sealed shares    → each site's setup (shared, inbox)
     upload  every site that shared uploads its protected update (the usual update upload;
             the check is the session's: sizes, ring, context) → the survivors; quorum
-    summing a worker sums the survivors' uploads into ``Round.protected_total``
+    summing HE only: a worker sums the survivors' uploads into ``Round.protected_total``,
+            which the site asked to finish decrypts
     finish  the survivors post what removes the masks (or decrypt the sum)
-    (then the round is claimed for aggregation as usual: the sum is unmasked, and the
-    workflow closes from it: ``jobs.workflows.secure.close_from_sum``)
+    (then the round is claimed for aggregation as usual: under masking the uploads are
+    summed and the masks removed in one pass, under HE the decrypted sum is read; the
+    workflow closes from the sum: ``jobs.workflows.secure.close_from_sum``)
 
 Each phase ends when every site it waits for has answered, or at its deadline
 (``FEDPORTAL_SECURE_PHASE_SECONDS`` for keys, shares and finish; the round's deadline for
@@ -21,8 +23,8 @@ removed with the others' shares. Too few sites at any point fail the round with 
 Everything is re-read from the database and storage at each step, like the rest of the
 state machine: the server sessions keep no state, so a worker or portal restart carries on.
 What the portal stores: public keys (with the site certificate they are signed with), sealed
-boxes it cannot open, protected uploads, their protected sum, and the shares that remove the
-masks; never both kinds of share of one site.
+boxes it cannot open, protected uploads, under HE their encrypted sum, and the shares that
+remove the masks; never both kinds of share of one site.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from client_agent.secagg.session import (
     ProtocolError,
     Roster,
     ServerSession,
+    SumsBeforeFinish,
     keys_message,
     unb64,
 )
@@ -368,13 +371,34 @@ def _ask_next_decryptor(rnd: Round, protection: dict[str, Any]) -> bool:
     return True
 
 
-def uploads_closed(rnd: Round, survivors: list[str]) -> None:
-    """The upload phase ended with ``survivors`` (accepted, quorum met; job lock held): the
-    protected sum is due."""
+def uploads_closed(rnd: Round, survivors: list[str]) -> bool:
+    """The upload phase ended with ``survivors`` (accepted, quorum met; job lock held).
+    Under HE the protected sum is due next (the site asked to finish decrypts it): returns
+    True. Under masking the survivors are asked to finish at once (the sum is taken with the
+    masks' removal, in one pass at aggregation): returns False. :class:`ProtocolError`
+    (``TooFewSites``) when the survivors could not remove the masks."""
     protection = dict(rnd.protection)
     protection["survivors"] = sorted(survivors)
-    protection["phase"] = PHASE_SUMMING
-    _protection_save(rnd, protection)
+    server = server_of(rnd)
+    if isinstance(server, SumsBeforeFinish):
+        protection["phase"] = PHASE_SUMMING
+        _protection_save(rnd, protection)
+        return True
+    requests = server.finish_requests(roster_of(rnd), protection["shared"], survivors)
+    _ask_to_finish(rnd, protection, requests)
+    return False
+
+
+def _ask_to_finish(
+    rnd: Round, protection: dict[str, Any], requests: dict[str, Any], *also: str
+) -> None:
+    """Into the finish phase (round row locked): the ``requests`` and the phase's deadline
+    saved, with the round's fields named in ``also``."""
+    protection["requests"] = requests
+    protection["phase"] = PHASE_FINISH
+    protection["phase_deadline"] = _phase_deadline().isoformat()
+    _protection_save(rnd, protection, *also)
+    _kick_at(rnd, protection["phase_deadline"])
 
 
 def round_sum(round_id: int) -> str:
@@ -394,6 +418,8 @@ def round_sum(round_id: int) -> str:
         for t in SiteTask.objects.filter(round=rnd, site__name__in=survivors).select_related("site")
     }
     server = server_of(rnd)
+    if not isinstance(server, SumsBeforeFinish):
+        return "nothing: this protection sums at aggregation"
     shares = shares_of(rnd)
     from client_agent.secagg.upload import sum_uploads
 
@@ -407,14 +433,8 @@ def round_sum(round_id: int) -> str:
         locked = Round.objects.select_for_update().get(pk=round_id)
         if locked.state != RoundState.OPEN or locked.protection.get("phase") != PHASE_SUMMING:
             return "nothing: summed meanwhile"
-        protection = dict(locked.protection)
-        protection["requests"] = requests
-        protection["phase"] = PHASE_FINISH
-        protection["phase_deadline"] = _phase_deadline().isoformat()
         locked.protected_total = total_name
-        locked.protection = protection
-        locked.save(update_fields=["protection", "protected_total"])
-        _kick_at(locked, protection["phase_deadline"])
+        _ask_to_finish(locked, dict(locked.protection), requests, "protected_total")
     return f"summed {len(survivors)} protected update(s)"
 
 
@@ -460,9 +480,11 @@ def protected_upload_check(task: SiteTask, path: Any) -> Any:
 
 
 def protected_sum(rnd: Round) -> Any:
-    """The survivors' sum in the clear (float64), from the stored total and the finish
-    answers: the masks removed, or the decrypted sum checked. :class:`ProtocolError` (with
-    the reason) when too few answers came back."""
+    """The survivors' sum in the clear (float64), from the finish answers and the survivors'
+    uploads (memory maps: masking sums them and removes the masks in one pass; HE reads the
+    decrypted sum from the answer). :class:`ProtocolError` (with the reason) when too few
+    answers came back."""
+    from client_agent.secagg.upload import protected_arrays
     from jobs.services.rounds import storage_path
 
     protection = rnd.protection
@@ -473,14 +495,12 @@ def protected_sum(rnd: Round) -> Any:
             with message.data.open("rb") as fh:
                 data = fh.read()
         answers[name] = (dict(message.payload), data)
-    with open(storage_path(rnd.protected_total.name), "rb") as total:
-        return server_of(rnd).result(
-            roster_of(rnd),
-            list(protection["shared"]),
-            list(protection["survivors"]),
-            total,
-            answers,
-        )
+    survivors = list(protection["survivors"])
+    tasks = SiteTask.objects.filter(round=rnd, site__name__in=survivors).select_related("site")
+    uploads = protected_arrays({t.site.name: storage_path(t.update.name) for t in tasks})
+    return server_of(rnd).result(
+        roster_of(rnd), list(protection["shared"]), survivors, answers, uploads
+    )
 
 
 def protected_total_bytes(rnd: Round) -> Any:
@@ -507,9 +527,9 @@ def _out_of_round(rnd: Round, sites: list[str], why: str) -> None:
         events.task_state(task)
 
 
-def _protection_save(rnd: Round, protection: dict[str, Any]) -> None:
+def _protection_save(rnd: Round, protection: dict[str, Any], *also: str) -> None:
     rnd.protection = protection
-    rnd.save(update_fields=["protection"])
+    rnd.save(update_fields=["protection", *also])
 
 
 def kick_at_phase_deadline(rnd: Round) -> None:

@@ -32,7 +32,7 @@ from client_agent.secagg.session import (
     SECURE_AGGREGATION_META_KEY,
     error_bound,
 )
-from client_agent.secagg.vector import Layout
+from client_agent.secagg.vector import Layout, WeightedUpdate
 from common.validators import FieldError
 from jobs.workflows.base import RoundOutcome, RoundPlan, ServerState
 
@@ -132,7 +132,7 @@ def layout_of(workflow: Workflow, specs: Mapping[str, Any]) -> Layout:
 
 def site_vector(
     layout: Layout, update: SiteUpdate, global_model: Mapping[str, torch.Tensor] | TensorSource
-) -> np.ndarray:
+) -> WeightedUpdate:
     """A site's weighted update as the vector it protects (``Layout.update_vector``, the
     agent's own function): checked here, before any masking, for the names, shapes and
     finiteness a plain update is checked for."""
@@ -176,11 +176,18 @@ def close_from_sum(
     if len(types) != 1:
         raise ValueError("the sites sent both FULL and DIFF updates; the sum mixes them")
     specs = as_source(global_model).specs()
-    mean = layout.unflatten(np.asarray(total, dtype=np.float64) / weight)
+    numpy_floats = {torch.float32: np.float32, torch.float64: np.float64}
     params = {}
-    for name, array in mean.items():
+    for name, array in layout.unflatten(np.asarray(total, dtype=np.float64)).items():
         dtype = specs[name][0]
-        values = torch.from_numpy(np.ascontiguousarray(array))
+        # The mean in float64, rounded once into the model's dtype where numpy has it (no
+        # float64 copy of the model), else through torch (bfloat16; integers rounded).
+        mean = np.empty(array.shape, dtype=numpy_floats.get(dtype, np.float64))
+        np.divide(array, weight, out=mean, dtype=np.float64, casting="same_kind")
+        values = torch.from_numpy(mean)
+        if dtype in numpy_floats:
+            params[name] = values
+            continue
         if not dtype.is_floating_point:
             values = torch.round(values)
         params[name] = values.to(dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from client_agent.secagg.masking import (
     recover,
     share_secrets,
     unmask,
+    unmask_sum,
 )
 from client_agent.secagg.sealed import SealedShareError, open_sealed, seal
 
@@ -336,3 +338,103 @@ def test_a_sealed_box_replayed_tampered_or_cut_is_refused_with_the_reason(
             context=CONTEXT,
             round_number=round_number,
         )
+
+
+# -- the fast paths give the plain paths' bits ------------------------------------------------
+
+
+def test_a_long_mask_drawn_on_threads_is_the_key_stream_drawn_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Over THREADED_FROM elements the vector is cut into parts, each drawn on its own thread
+    # from its own place in the key stream; three parts (on any machine) must give the bits of
+    # one stream, and of one thread.
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    monkeypatch.setattr(prg, "workers", lambda: 3)
+    seed, nonce = bytes(range(32)), prg.round_nonce(2**40 + 3)
+    length = prg.THREADED_FROM + 3 * prg.CHUNK + 7  # odd: the last part ends mid-block
+    assert len(prg._parts(length, 3)) == 3
+    whole = Cipher(algorithms.AES(seed), modes.CTR(nonce)).encryptor().update(bytes(8 * length))
+    assert np.array_equal(prg.mask(seed, length, nonce=nonce), np.frombuffer(whole, dtype="<u8"))
+    values = np.arange(length, dtype=np.uint64)
+    seeds = [(seed, False), (bytes(32), True), (bytes([7]) * 32, False)]
+    prg.add_masks(values, seeds, nonce=nonce)
+    monkeypatch.setattr(prg, "workers", lambda: 1)
+    one_thread = np.arange(length, dtype=np.uint64)
+    prg.add_masks(one_thread, seeds, nonce=nonce)
+    assert np.array_equal(values, one_thread)
+
+
+@pytest.mark.parametrize(("length", "count"), [(0, 2), (5, 4), (prg.CHUNK, 2), (10**6 + 1, 3)])
+def test_the_parts_cover_the_vector_end_to_end_starting_at_whole_chunks(
+    length: int, count: int
+) -> None:
+    parts = prg._parts(length, count)
+    assert parts[0][0] == 0 and parts[-1][1] == length and len(parts) <= count
+    assert all(end == start for (_, end), (start, _) in itertools.pairwise(parts))
+    assert all(start % prg.CHUNK == 0 for start, _ in parts)
+
+
+def test_a_mask_stream_starts_only_at_an_even_element() -> None:
+    with pytest.raises(ValueError, match="even element"):
+        prg.MaskStream([(bytes(32), False)], begin=3)
+
+
+def test_quantizing_weighted_pieces_into_a_vector_adds_the_quantized_weighted_values() -> None:
+    rng = np.random.default_rng(5)
+    pieces: list[np.ndarray] = [
+        rng.normal(size=70_000).astype(np.float32),  # over a chunk
+        np.arange(6, dtype=np.int64).reshape(-1),
+        rng.normal(size=3),
+    ]
+    weight = 3.7
+    start = rng.integers(0, 2**63, size=sum(p.size for p in pieces)).astype(np.uint64)
+    out = start.copy()
+    ring.add_quantized(out, pieces, weight=weight, sites=4)
+    flat = np.concatenate([p.astype(np.float64) * weight for p in pieces])
+    assert np.array_equal(out, start + ring.quantize(flat, sites=4))
+
+
+def test_a_value_too_large_or_not_finite_leaves_the_vector_as_it_was() -> None:
+    out = np.arange(4, dtype=np.uint64)
+    limit = ring.max_magnitude(3)
+    for bad, message in ((limit / 2, "too large"), (float("nan"), "finite")):
+        with pytest.raises(ValueError, match=message):
+            # the weight makes the second piece's value too large
+            ring.add_quantized(out, [np.zeros(2), np.array([1.0, bad])], weight=2.0, sites=3)
+        assert out.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="1-D uint64 array of as many"):
+        ring.add_quantized(out, [np.zeros(5)], sites=3)
+
+
+def test_dequantizing_in_place_gives_the_same_values() -> None:
+    ring_values = ring.quantize(np.random.default_rng(2).normal(size=70_001) * 1e3, sites=2)
+    expected = ring.dequantize(ring_values)
+    assert np.array_equal(ring.dequantize(ring_values.copy(), in_place=True), expected)
+
+
+@pytest.mark.parametrize("dropped", [set(), {3}])
+def test_unmasking_the_uploads_in_one_pass_is_unmasking_their_sum(dropped: set[int]) -> None:
+    one = Round(sites=6, length=1_000, degree=4)
+    survivors = [i for i in range(6) if i not in dropped]
+    seeds = {i: one.seeds[i] for i in survivors}
+    keys = {j: one.keys[j].private for j in dropped}
+    common: dict[str, Any] = dict(
+        survivors=survivors,
+        graph=one.graph,
+        self_seeds=seeds,
+        dropped_keys=keys,
+        public_keys=one.publics,
+        context=CONTEXT,
+        nonce=one.nonce,
+    )
+    total = np.zeros(1_000, dtype=np.uint64)
+    for i in survivors:
+        total += one.masked[i]
+    in_one_pass = unmask_sum([one.masked[i] for i in survivors], **common)
+    assert np.array_equal(in_one_pass, unmask(total, **common))
+    plain = np.sum([ring.quantize(one.values[i], sites=6) for i in survivors], axis=0)
+    assert np.array_equal(in_one_pass, plain)
+    with pytest.raises(ValueError, match="all of one length"):
+        unmask_sum([one.masked[0], one.masked[1][:-1]], **common)

@@ -23,6 +23,7 @@ from client_agent.secagg.session import (
     error_bound,
     round_context,
 )
+from client_agent.secagg.vector import Layout
 
 JOB = "job-1"
 
@@ -138,9 +139,8 @@ def test_too_few_sites_fail_with_the_reason() -> None:
         )
 
 
-def round_to_upload(length: int = 8):
+def round_to_upload(length: int = 8, names: tuple[str, ...] = ("a", "b", "c")):
     context = round_context(JOB, 3)
-    names = ["a", "b", "c"]
     sites = {n: MaskingSite(n, context=context, round_number=3) for n in names}
     server = MaskingServer(job=JOB, round_number=3, length=length, min_sites=3)
     roster = server.roster({n: server.check_advert(n, s.advertise()) for n, s in sites.items()})
@@ -183,6 +183,52 @@ def test_bad_messages_are_refused_naming_the_site_and_what_was_wrong() -> None:
     assert caught.value.site == "b"
     with pytest.raises(ProtocolError, match="holds no such share of 'zz'"):
         server.check_finish(roster, "b", request, {"self_seed_shares": {"zz": "ff"}}, b"")
+
+
+def shared_round(length: int = 8, names: tuple[str, ...] = ("a", "b", "c")):
+    """A masked round of ``names`` through the shares phase: its sessions, server, roster,
+    shares and each site's setup for the upload phase."""
+    _, sites, server, roster = round_to_upload(length, names)
+    shares = {
+        n: server.check_shares(roster, n, s.share(roster.to_json())) for n, s in sites.items()
+    }
+    return sites, server, roster, shares, server.setups(roster, shares)
+
+
+def test_masks_drawn_while_training_give_the_upload_drawn_at_upload_time() -> None:
+    sites, _, _, _, setups = shared_round(length=70_000, names=("a", "b", "c", "d", "e"))
+    update = Layout.of({"w": (700, 100)}).weighted(
+        {"w": np.random.default_rng(3).normal(size=(700, 100)).astype(np.float32)}, weight=2.5
+    )
+    site = sites["a"]
+    site.prepare(setups["a"])  # the agent's: as soon as the setup is in
+    drawn_ahead = bytes(site.protect(update, setups["a"]))
+    assert site.drawn is None  # the masks went into that upload: never into a second one
+    drawn_now = bytes(site.protect(update, setups["a"]))  # nothing prepared: drawn here
+    assert drawn_ahead == drawn_now
+    # the float64 vector of the same update gives the same bits as its weighted tensors
+    assert bytes(site.protect(update.array(), setups["a"])) == drawn_now
+    # masks drawn for other sites that shared are drawn again for the setup that came
+    fewer = {**setups["a"], "shared": ["a", "b", "c", "d"]}
+    site.prepare(setups["a"])
+    assert bytes(site.protect(update, fewer)) != drawn_now
+    assert site.shared == ("a", "b", "c", "d")
+
+
+def test_the_server_refuses_a_missing_or_cut_masked_vector_at_the_sum_naming_the_site() -> None:
+    sites, server, roster, _, setups = shared_round()
+    uploads = {
+        n: np.frombuffer(s.protect(np.ones(8), setups[n]), dtype=np.uint8) for n, s in sites.items()
+    }
+    request = server.finish_requests(roster, list(setups), sorted(sites))
+    answers = {n: s.finish(request[n]) for n, s in sites.items()}
+    survivors = sorted(sites)
+    assert server.result(roster, survivors, survivors, answers, uploads).tolist() == [3.0] * 8
+    with pytest.raises(ProtocolError, match="masked vector of b, a survivor, is missing"):
+        server.result(roster, survivors, survivors, answers, {"a": uploads["a"], "c": uploads["c"]})
+    with pytest.raises(ProtocolError, match="56 bytes; the round's is 64") as caught:
+        server.result(roster, survivors, survivors, answers, {**uploads, "c": uploads["c"][8:]})
+    assert caught.value.site == "c"
 
 
 def test_a_roster_with_keys_the_site_did_not_sign_is_refused() -> None:
@@ -246,3 +292,26 @@ def test_an_encrypted_upload_of_another_context_is_refused_naming_the_site() -> 
         )
     with pytest.raises(ProtocolError, match="only a shares this round's context"):
         server.check_shares(roster, "b", {"public_context": "x"})
+
+
+def test_an_update_is_checked_at_the_site_before_it_is_weighted_and_protected() -> None:
+    import torch
+
+    from client_agent.secagg.vector import UpdateShapeError
+
+    layout = Layout.of({"b": (2,), "w": (2, 3)})
+    params = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": np.ones(2)}
+    update = layout.weighted(params, weight=0.5)
+    assert len(update) == 8
+    # the layout's order (by name), weight × values in float64, no copy of the tensors made
+    assert update.array().tolist() == [0.5, 0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    nan = {**params, "w": torch.tensor([[0.0, float("nan"), 1.0]] * 2)}
+    for bad, message in (
+        ({"w": params["w"]}, "no tensor 'b'"),
+        ({**params, "x": np.ones(1)}, "tensor 'x', which the round does not sum"),
+        ({**params, "b": np.ones(3)}, "'b' has shape \\(3,\\)"),
+        (nan, "'w' holds NaN or Inf"),
+        ({**params, "b": np.array(["a", "b"])}, "'b' holds <U1, not numbers"),
+    ):
+        with pytest.raises(UpdateShapeError, match=message):
+            layout.weighted(bad)

@@ -334,6 +334,8 @@ def test_a_masked_round_closes_at_fedavgs_model(tmp_path: Path, count: int) -> N
     # Weighted, not the plain mean: the test tells the two apart.
     plain = torch.stack([updates[a.name][0]["w"].double() for a in agents]).mean(0)
     assert not torch.allclose(global_model(job)["w"].double(), plain, atol=1e-3)
+    # The uploads were summed as the masks were removed: no masked sum was ever stored.
+    assert not Round.objects.get(job=job, number=0).protected_total
 
 
 @pytest.mark.parametrize(
@@ -489,6 +491,7 @@ def test_an_encrypted_round_closes_at_fedavgs_model_and_the_portal_holds_no_secr
     job, agents, updates = encrypted_round_uploaded(tmp_path)
     requests = protection_of(job)["requests"]
     assert list(requests) == ["site-1"]  # one survivor decrypts
+    assert Round.objects.get(job=job, number=0).protected_total  # the sum it decrypts
     ok(agents[0].finish())
 
     job.refresh_from_db()
