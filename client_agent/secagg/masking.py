@@ -75,31 +75,6 @@ def masked_input(
     return masked
 
 
-def unmask(
-    total: np.ndarray,
-    *,
-    survivors: Iterable[int],
-    graph: Mapping[int, list[int]],
-    self_seeds: Mapping[int, bytes],
-    dropped_keys: Mapping[int, bytes],
-    public_keys: Mapping[int, bytes],
-    context: bytes,
-    nonce: bytes,
-) -> np.ndarray:
-    """The sum of the survivors' values from the sum of their masked vectors (see
-    :func:`unmask_sum`)."""
-    return unmask_sum(
-        [total],
-        survivors=survivors,
-        graph=graph,
-        self_seeds=self_seeds,
-        dropped_keys=dropped_keys,
-        public_keys=public_keys,
-        context=context,
-        nonce=nonce,
-    )
-
-
 def unmask_sum(
     masked: Sequence[np.ndarray],
     *,

@@ -19,7 +19,6 @@ from client_agent.secagg.masking import (
     neighbours,
     recover,
     share_secrets,
-    unmask,
     unmask_sum,
 )
 from client_agent.secagg.sealed import SealedShareError, open_sealed, seal
@@ -212,8 +211,8 @@ class Round:
             for j in dropped
         }
         return ring.dequantize(
-            unmask(
-                total,
+            unmask_sum(
+                [total],
                 survivors=survivors,
                 graph=self.graph,
                 self_seeds=seeds,
@@ -257,8 +256,8 @@ def test_a_masked_vector_is_uniform_in_the_ring() -> None:
 def test_a_survivors_mask_key_is_never_recovered() -> None:
     one = Round(sites=5, length=10)
     with pytest.raises(ValueError, match="answered"):
-        unmask(
-            np.zeros(10, dtype=np.uint64),
+        unmask_sum(
+            [np.zeros(10, dtype=np.uint64)],
             survivors={0, 1},
             graph=one.graph,
             self_seeds={0: one.seeds[0], 1: one.seeds[1]},
@@ -418,13 +417,11 @@ def test_dequantizing_in_place_gives_the_same_values() -> None:
 def test_unmasking_the_uploads_in_one_pass_is_unmasking_their_sum(dropped: set[int]) -> None:
     one = Round(sites=6, length=1_000, degree=4)
     survivors = [i for i in range(6) if i not in dropped]
-    seeds = {i: one.seeds[i] for i in survivors}
-    keys = {j: one.keys[j].private for j in dropped}
     common: dict[str, Any] = dict(
         survivors=survivors,
         graph=one.graph,
-        self_seeds=seeds,
-        dropped_keys=keys,
+        self_seeds={i: one.seeds[i] for i in survivors},
+        dropped_keys={j: one.keys[j].private for j in dropped},
         public_keys=one.publics,
         context=CONTEXT,
         nonce=one.nonce,
@@ -433,7 +430,7 @@ def test_unmasking_the_uploads_in_one_pass_is_unmasking_their_sum(dropped: set[i
     for i in survivors:
         total += one.masked[i]
     in_one_pass = unmask_sum([one.masked[i] for i in survivors], **common)
-    assert np.array_equal(in_one_pass, unmask(total, **common))
+    assert np.array_equal(in_one_pass, unmask_sum([total], **common))
     plain = np.sum([ring.quantize(one.values[i], sites=6) for i in survivors], axis=0)
     assert np.array_equal(in_one_pass, plain)
     with pytest.raises(ValueError, match="all of one length"):
