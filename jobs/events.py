@@ -129,6 +129,8 @@ def job_state(job: Job) -> None:
 
 
 def round_state(rnd: Round, *, task: dict[str, Any] | None = None) -> None:
+    from jobs.models import RoundState  # the models import this module's users
+
     publish(
         RoundStateChanged(
             job_id=rnd.job_id,
@@ -139,8 +141,13 @@ def round_state(rnd: Round, *, task: dict[str, Any] | None = None) -> None:
             metrics=dict(rnd.metrics or {}),
             task=task,
         ),
-        # A round that opens has just given these sites a task.
-        site_ids=list(rnd.tasks.values_list("site_id", flat=True)),
+        # A round that opens has just given these sites a task. Its other states are no news
+        # to an agent (it acts on a round that opens, and on the job's state): not sent to
+        # them, so a hundred agents on one portal get one round event each, not three, and
+        # the portal's channel-layer inbox does not overflow and drop some.
+        site_ids=list(rnd.tasks.values_list("site_id", flat=True))
+        if rnd.state == RoundState.OPEN
+        else (),
     )
 
 

@@ -189,6 +189,34 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
+# PostgreSQL through a pool of connections in each process (Django's own pool, psycopg_pool):
+# a request or task borrows a connection and gives it back, instead of opening one (Daphne
+# runs each request on its own thread, so without a pool every request, WebSocket message
+# and task step opened and closed a connection of its own, and a hundred agents at once ran
+# PostgreSQL out of connections). A process holds at most DATABASE_POOL_MAX_SIZE; one that
+# needs more waits up to DATABASE_POOL_TIMEOUT seconds for one to come back, rather than
+# failing the request. Size PostgreSQL's max_connections for the sum over the portal and
+# worker processes (docker/README.md, "Settings"). DATABASE_POOL_MAX_SIZE=0 turns it off.
+DATABASE_POOL_MIN_SIZE = env_int("DATABASE_POOL_MIN_SIZE", 1)
+DATABASE_POOL_MAX_SIZE = env_int("DATABASE_POOL_MAX_SIZE", 10)
+DATABASE_POOL_TIMEOUT = env_int("DATABASE_POOL_TIMEOUT", 30)
+if DATABASE_POOL_MAX_SIZE < 0 or DATABASE_POOL_MIN_SIZE < 0 or DATABASE_POOL_TIMEOUT <= 0:
+    raise ImproperlyConfigured(
+        "DATABASE_POOL_MIN_SIZE and DATABASE_POOL_MAX_SIZE must be 0 or more and "
+        "DATABASE_POOL_TIMEOUT more than 0, got "
+        f"{DATABASE_POOL_MIN_SIZE}, {DATABASE_POOL_MAX_SIZE} and {DATABASE_POOL_TIMEOUT}"
+    )
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and DATABASE_POOL_MAX_SIZE:
+    if DATABASES["default"].get("CONN_MAX_AGE"):
+        raise ImproperlyConfigured(
+            "DATABASE_CONN_MAX_AGE keeps each thread's own connection open, and a pool shares "
+            "them: set DATABASE_POOL_MAX_SIZE=0 to use it, or leave it unset"
+        )
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": min(DATABASE_POOL_MIN_SIZE, DATABASE_POOL_MAX_SIZE),
+        "max_size": DATABASE_POOL_MAX_SIZE,
+        "timeout": DATABASE_POOL_TIMEOUT,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # The dashboard's sign-in page, and where signing in leads.
@@ -259,6 +287,12 @@ CHANNEL_LAYERS = {
             "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
             # Deployments (or PocEnvs) sharing one Redis database keep apart by prefix.
             "prefix": os.environ.get("FEDPORTAL_CHANNELS_PREFIX", "asgi"),
+            # Messages a channel holds before the layer drops what is sent to it. Every socket
+            # of one portal process reads from one shared inbox, so a round that opens for
+            # every site that process serves puts one message each in it at once: channels'
+            # default of 100 dropped round events at 150 agents, who then waited for their
+            # safety poll. Size it above the sites (and pages) one portal process serves.
+            "capacity": env_int("FEDPORTAL_CHANNEL_CAPACITY", 2000),
         },
     },
 }

@@ -71,6 +71,7 @@ from jobs.models import (
 from jobs.selectors import job_privacy_assessment
 from jobs.services import secure
 from jobs.services.audit import JobAuditAction, job_audit_record
+from jobs.services.kicks import kick_after_commit
 from jobs.services.plans import (
     checkpoint_name,
     global_model_name,
@@ -199,7 +200,7 @@ def job_kick_after_commit(job: Job) -> None:
     from jobs.tasks import job_advance_task  # tasks import services
 
     job_id = job.pk
-    transaction.on_commit(lambda: job_advance_task.delay(job_id))
+    kick_after_commit(lambda: job_advance_task.delay(job_id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +464,7 @@ def _round_open(job: Job, number: int) -> Round:
         job_kick_after_commit(job)  # nothing to wait for: the round closes now
         return rnd
     # The deadline check: job_advance closes or fails the round if it is still open.
-    transaction.on_commit(
+    kick_after_commit(
         lambda: job_advance_task.apply_async((job_id,), countdown=job.round_timeout_seconds + 1)
     )
     if rnd.protection:
@@ -479,6 +480,23 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceErro
 
 # Advisory lock keys of round aggregations: this prefix in the high bits, the round's id below.
 _AGGREGATION_LOCK_PREFIX = 0x4650 << 48
+
+
+def _advisory_unlock(key: int) -> None:
+    """Release the session advisory lock ``key``. A connection that broke took the lock with
+    it; one where the unlock failed otherwise must not go back to the connection pool still
+    holding it (the round could never be claimed again): it is closed, which ends the session
+    and its locks, and the pool replaces it."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+    except DatabaseError:
+        raw = connection.connection
+        if raw is not None:
+            with contextlib.suppress(Exception):  # already broken: nothing left to end
+                raw.close()
+        with contextlib.suppress(DatabaseError):
+            connection.close()
 
 
 @contextmanager
@@ -500,9 +518,7 @@ def _aggregation_claim(round_id: int) -> Iterator[bool]:
             yield claimed
         finally:
             if claimed:
-                # A connection that broke took the lock with it.
-                with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
+                _advisory_unlock(key)
         return
     path = storage_path(f"locks/round-{round_id}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,7 @@ from client_agent.signing import verify_signature
 from client_agent.wire import read_header
 from common.exceptions import Conflict, ValidationFailed
 from jobs.models import TASK_ANSWERED, Job, Round, RoundState, SecureMessage, SiteTask, TaskState
+from jobs.services.kicks import kick_after_commit
 from jobs.services.plans import protected_total_name, secure_data_name
 from jobs.workflows import Workflow
 from jobs.workflows.secure import layout_of, protection_of
@@ -546,7 +547,7 @@ def _kick_at(rnd: Round, deadline_iso: str) -> None:
         return
     seconds = max(0.0, (deadline - timezone.now()).total_seconds()) + 1
     job_id = rnd.job_id
-    transaction.on_commit(lambda: job_advance_task.apply_async((job_id,), countdown=seconds))
+    kick_after_commit(lambda: job_advance_task.apply_async((job_id,), countdown=seconds))
 
 
 def protection_cost(rnd: Round) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from jobs import events
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, Job, ModelVersion, RoundState, SiteTask, TaskState
 from jobs.selectors import task_for_site, task_takes_update
+from jobs.services.kicks import kick_after_commit
 from jobs.services.privacy import round_declined_record
 from jobs.services.rounds import job_kick_after_commit
 from jobs.workflows import ModelRef
@@ -166,7 +167,7 @@ def update_upload(
                 from jobs.tasks import update_check_task
 
                 task_id = locked.pk
-                transaction.on_commit(lambda: update_check_task.delay(task_id))
+                kick_after_commit(lambda: update_check_task.delay(task_id))
         return locked
     except BaseException as exc:
         if storage_file.name:

@@ -300,19 +300,21 @@ class PocEnv:
                 "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
                 # Development mode (plain HTTP on 127.0.0.1: cookies not Secure; the portal
                 # serves its static files), with the secrets above, but no debug bookkeeping
-                # (every SQL query kept) in a portal that runs a job; the connection to SQLite
-                # is kept rather than opened for every request.
+                # (every SQL query kept) in a portal that runs a job.
                 "FEDPORTAL_DEV": "1",
                 "DJANGO_DEBUG": "false",
                 # Every site enrols from this machine's address, a hundred sites at once.
                 "FEDPORTAL_THROTTLE_ENROL": "10000/minute",
-                "DATABASE_CONN_MAX_AGE": "600",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": os.pathsep.join(
                     p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
                 ),
             }
         )
+        if self.database_url is None:
+            # The connection to SQLite is kept rather than opened for every request;
+            # PostgreSQL's connections come from each process's pool (settings).
+            env["DATABASE_CONN_MAX_AGE"] = "600"
         if self.fork_server_socket:
             env["FEDPORTAL_FORKSERVER_SOCKET"] = self.fork_server_socket
         env.update(site_threads_env(len(self.clients)))  # every site trains at once

@@ -114,3 +114,30 @@ def test_a_sites_batch_of_points_is_one_event_with_every_new_point(tmp_path: Pat
     ]
     with pytest.raises(TimeoutError):
         async_to_sync(_receive_now)(layer, channel)
+
+
+def test_a_sites_agent_hears_of_a_round_when_it_opens_and_of_the_job_only(
+    tmp_path: Path,
+) -> None:
+    # An agent acts on a round that opens and on the job's state; the round's other states
+    # would only fill the portal's channel-layer inbox (a hundred agents, three events each).
+    project, sites = three_sites()
+    site_channel = subscribe(f"site.{sites[0].pk}")
+    job = submit(tmp_path, project, num_rounds=2)
+    for round_number in (0, 1):
+        for site in sites:
+            upload(job, site, round_number, {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(5)})
+    assert Job.objects.get(pk=job.pk).state == "completed"
+
+    layer = get_channel_layer()
+    heard = []
+    for _ in range(40):
+        try:
+            message = async_to_sync(_receive_now)(layer, site_channel)
+        except TimeoutError:
+            break
+        event = message["event"]
+        heard.append((event["kind"], event.get("state"), event.get("round")))
+    rounds_heard = [h for h in heard if h[0] == "round.state"]
+    assert rounds_heard == [("round.state", "open", 0), ("round.state", "open", 1)]
+    assert heard[-1][:2] == ("job.state", "completed")

@@ -9,6 +9,7 @@ it never leaves the job ``running`` with a round ``aggregating`` forever.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import psycopg
@@ -268,6 +269,70 @@ def test_a_second_worker_leaves_a_round_another_is_aggregating(tmp_path: Path) -
     assert rounds.job_advance(job_id=job.pk) == rounds.Advance(rounds.Step.CLOSED, "closed round 1")
     job.refresh_from_db()
     assert job.state == JobState.RUNNING or job.state == JobState.COMPLETED
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="an advisory lock: PostgreSQL only")
+def test_a_claim_whose_unlock_fails_does_not_go_back_to_the_pool_still_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a connection pool, a connection outlives the request or task that used it: an
+    # aggregation lock left on it would keep every worker off the round for good.
+    key = (0x4650 << 48) | 987_654
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
+    params = connection.get_connection_params()
+    other_worker = psycopg.connect(
+        **{k: v for k, v in params.items() if k in ("host", "port", "user", "dbname")},
+        autocommit=True,
+    )
+    try:
+        taken = "SELECT pg_try_advisory_lock(%s)"
+        assert other_worker.execute(taken, [key]).fetchone() == (False,)
+
+        def refused() -> None:
+            raise OperationalError("the unlock did not get through")
+
+        monkeypatch.setattr(connection, "cursor", refused)
+        rounds._advisory_unlock(key)
+        monkeypatch.undo()
+
+        # PostgreSQL ends the closed session's backend, and its locks, a moment later.
+        def free() -> bool:
+            return other_worker.execute(taken, [key]).fetchone() == (True,)
+
+        deadline = time.monotonic() + 10
+        while not free():
+            assert time.monotonic() < deadline, "the lock outlived its connection"
+            time.sleep(0.01)
+    finally:
+        other_worker.close()
+
+
+def test_an_upload_stored_while_the_broker_is_down_is_kept_and_checked_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The upload commits, then its check cannot be enqueued (Redis restarting): the agent's
+    # update must stay stored, as its row says, and the beat's resume checks it.
+    from kombu.exceptions import OperationalError as BrokerDown
+
+    from jobs import tasks as job_tasks
+
+    project, sites = three_sites()
+    job = submit(tmp_path, project, min_clients=3, num_rounds=1)
+
+    def broker_down(*args: object, **kwargs: object) -> None:
+        raise BrokerDown("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(job_tasks.update_check_task, "delay", broker_down)
+    stored = upload(job, sites[0], 0, ONE)  # answered: the update is stored
+    monkeypatch.undo()
+
+    stored.refresh_from_db()
+    assert stored.state == TaskState.UPLOADED
+    assert Path(stored.update.path).is_file()
+    rounds.jobs_resume()  # what the beat does every FEDPORTAL_RESUME_SECONDS
+    stored.refresh_from_db()
+    assert stored.state == TaskState.ACCEPTED
 
 
 def test_the_checked_numbers_are_what_the_round_aggregates(tmp_path: Path) -> None:

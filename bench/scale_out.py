@@ -1,0 +1,239 @@
+"""Many agents on one portal on PostgreSQL: round time, database connections and failures.
+
+PocEnv with real processes (Daphne portal, one Celery worker, N site agents with an "echo"
+script that sends the received model straight back, a tiny model) on a PostgreSQL database
+of the bench's own, FedAvg with every site required each round. Each configuration runs one
+job of ``--rounds`` rounds, with the portal's and the worker's connection pool on (the
+default, ``DATABASE_POOL_MAX_SIZE`` 10 per process) and off (``DATABASE_POOL_MAX_SIZE=0``:
+a connection opened and closed per request, task and WebSocket message, as before the pool).
+
+Per configuration:
+
+* **round median / max** (rounds 2 on) and **round 1** (which includes the scripts' start):
+  the portal's own record, round n+1 opened minus round n opened (the last: the job's end);
+* **connections opened per site-round**: PostgreSQL's count of sessions opened on the
+  bench's database (``pg_stat_database.sessions``) over the job, divided by agents × rounds;
+* **peak connections**: the most sessions open on the database at once, sampled every 20 ms
+  from ``pg_stat_activity`` (the sampler's own excluded);
+* **failures**: answers with status 500 in the portal's log, and "too many connections"
+  anywhere in the portal's, worker's and agents' logs.
+
+Everything is the bench's own and removed at the end: the database ``fedportal_scale_<pid>``
+(server from BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432), Redis database
+12, the PocEnv workspace in a temporary folder.
+
+    .venv/bin/python bench/scale_out.py                 # 100 agents, pool on and off
+    .venv/bin/python bench/scale_out.py --agents 10 --rounds 3    # a quick look
+    .venv/bin/python bench/scale_out.py --pool on                 # the pool's figures only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import benchlib
+import psycopg
+import torch
+from benchlib import median
+
+from client_agent.portal import PortalClient
+from jobs.envs import PocEnv, RunStatus
+from jobs.recipes import FedAvgRecipe
+
+ECHO = textwrap.dedent(
+    """
+    import client_agent.api as flare
+
+    flare.init()
+    while flare.is_running():
+        model = flare.receive()
+        if model is None:
+            break
+        flare.send(flare.FLModel(params=model.params, metrics={"accuracy": 0.5},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    """
+)
+SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one run; its URL. Dropped afterwards."""
+    name = f"fedportal_scale_{os.getpid()}"
+    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{SERVER}/{name}"
+    finally:
+        with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+class ConnectionWatch:
+    """The sessions open on one database, sampled on a thread; and the sessions opened."""
+
+    def __init__(self, url: str) -> None:
+        self.name = url.rsplit("/", 1)[1]
+        self.conn = psycopg.connect(f"{SERVER}/postgres", autocommit=True)
+        self.peak = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def sessions(self) -> int:
+        row = self.conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = %s", [self.name]
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _sample(self) -> None:
+        while not self.stop.is_set():
+            row = self.conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [self.name]
+            ).fetchone()
+            self.peak = max(self.peak, int(row[0]) if row else 0)
+            time.sleep(0.02)
+
+    def __enter__(self) -> ConnectionWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.conn.close()
+
+
+def failures(logs: Path) -> tuple[int, int]:
+    """(answers with status 500 in the portal's log, "too many connections" in any log)."""
+    portal = (logs / "portal.log").read_text(errors="replace") if logs.is_dir() else ""
+    server_errors = len(re.findall(r'" 500 ', portal))  # Daphne's access log: "GET /x" 500 …
+    too_many = sum(
+        path.read_text(errors="replace").count("too many connections")
+        for path in logs.glob("*.log")
+    )
+    return server_errors, too_many
+
+
+def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]:
+    app = workdir / "app"
+    app.mkdir(parents=True)
+    (app / "client.py").write_text(ECHO)
+    recipe = FedAvgRecipe(
+        name=f"echo-{agents}",
+        min_clients=agents,
+        num_rounds=rounds,
+        model=torch.nn.Linear(4, 2),
+        train_script=str(app / "client.py"),
+    )
+    before = os.environ.get("DATABASE_POOL_MAX_SIZE")
+    os.environ["DATABASE_POOL_MAX_SIZE"] = "10" if pool else "0"  # PocEnv's processes read it
+    try:
+        with scratch_database() as url:
+            env = PocEnv(
+                num_clients=agents,
+                workspace=workdir / "poc",
+                redis_db=12,
+                show_progress=False,
+                keep_running=True,
+                database_url=url,
+            )
+            with ConnectionWatch(url) as watch:
+                try:
+                    opened_before = watch.sessions()
+                    result = recipe.execute(env)
+                    opened = watch.sessions() - opened_before
+                    client = PortalClient(env.url, api_token=env.credentials["api_token"])
+                    starts = sorted(
+                        dt.datetime.fromisoformat(r["opened_at"]).timestamp()
+                        for r in client.get_all(f"/api/v1/jobs/{result.job_id}/rounds/")
+                    )
+                    job = client.get(f"/api/v1/jobs/{result.job_id}/")
+                    finished = dt.datetime.fromisoformat(job["finished_at"]).timestamp()
+                finally:
+                    env.stop()
+            peak = watch.peak
+    finally:
+        if before is None:
+            os.environ.pop("DATABASE_POOL_MAX_SIZE", None)
+        else:
+            os.environ["DATABASE_POOL_MAX_SIZE"] = before
+    assert result.status == RunStatus.COMPLETED, result.error
+    cycles = [b - a for a, b in zip(starts, [*starts[1:], finished], strict=True)]
+    server_errors, too_many = failures(workdir / "poc" / "logs")
+    return {
+        "round_1": cycles[0],
+        "round_median": median(cycles[1:]),
+        "round_max": max(cycles[1:]),
+        "opened_per_site_round": opened / (agents * rounds),
+        "peak_connections": peak,
+        "server_errors": server_errors,
+        "too_many": too_many,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--agents", type=int, nargs="+", default=[100])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--pool", choices=["on", "off", "both"], default="both", help="which configurations"
+    )
+    args = parser.parse_args()
+    pools = {"on": (True,), "off": (False,), "both": (True, False)}[args.pool]
+    benchlib.print_header(
+        "Many agents on one portal on PostgreSQL",
+        "PocEnv: Daphne portal, one Celery worker, echo agents, Linear(4, 2); the pool on and off",
+    )
+    print(f"load average before: {benchlib.load_average()}\n", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
+        for agents in args.agents:
+            for pool in pools:
+                started = time.perf_counter()
+                figures = run(agents, args.rounds, pool, Path(tmp) / f"{agents}-{pool}")
+                label = f"{agents} agents, pool {'on (10 a process)' if pool else 'off'}"
+                print(f"{label}: {figures} ({time.perf_counter() - started:.0f} s)", flush=True)
+                rows.append((label, figures))
+    print(f"\nload average after: {benchlib.load_average()}\n")
+    print(
+        benchlib.md_table(
+            [
+                "configuration",
+                "round median (s)",
+                "round max (s)",
+                "round 1 (s)",
+                "connections opened per site-round",
+                "peak connections",
+                "HTTP 500s",
+                '"too many connections"',
+            ],
+            [
+                (
+                    label,
+                    f"{r['round_median']:.2f}",
+                    f"{r['round_max']:.2f}",
+                    f"{r['round_1']:.1f}",
+                    f"{r['opened_per_site_round']:.2f}",
+                    f"{r['peak_connections']:.0f}",
+                    f"{r['server_errors']:.0f}",
+                    f"{r['too_many']:.0f}",
+                )
+                for label, r in rows
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

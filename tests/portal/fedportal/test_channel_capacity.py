@@ -1,0 +1,84 @@
+"""The portal's channel layer (Redis) holds a round's events for every socket of one process:
+a round that opens for hundreds of sites on one portal drops none of them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[3]
+REDIS = os.environ.get("TEST_CHANNELS_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+def portal_channel_config(**env: str) -> dict[str, Any]:
+    """The channel layer's CONFIG of a portal process started with ``env``."""
+    code = (
+        "import json, django; django.setup(); from django.conf import settings as s; "
+        "print(json.dumps(s.CHANNEL_LAYERS['default']['CONFIG']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
+            "FEDPORTAL_DEV": "1",
+            "REDIS_URL": REDIS,
+            **env,
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    config: dict[str, Any] = json.loads(out.stdout)
+    return config
+
+
+def redis_answers() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.mark.skipif(not redis_answers(), reason="needs Redis at " + REDIS)
+def test_a_round_opening_for_300_sites_on_one_portal_reaches_every_socket() -> None:
+    from channels_redis.core import RedisChannelLayer
+
+    config = portal_channel_config()
+    config["prefix"] = f"capacity-test-{os.getpid()}"
+    sites = 300
+
+    async def round_opens() -> int:
+        layer = RedisChannelLayer(**config)
+        try:
+            # One process's sockets: channels of one layer, which share one inbox in Redis.
+            channels = [await layer.new_channel() for _ in range(sites)]
+            for number, channel in enumerate(channels):
+                await layer.group_add(f"site.{number}", channel)
+            for number in range(sites):  # the round's open event, to each site's group
+                await layer.group_send(f"site.{number}", {"type": "fedportal.event"})
+            listening = [asyncio.create_task(layer.receive(channel)) for channel in channels]
+            heard, missed = await asyncio.wait(listening, timeout=10)
+            for task in missed:
+                task.cancel()
+            await asyncio.gather(*missed, return_exceptions=True)
+            return len(heard)
+        finally:
+            await layer.flush()
+            await layer.close_pools()
+
+    assert asyncio.run(round_opens()) == sites
+
+
+def test_the_capacity_is_set_from_the_environment() -> None:
+    assert portal_channel_config()["capacity"] == 2000
+    assert portal_channel_config(FEDPORTAL_CHANNEL_CAPACITY="5000")["capacity"] == 5000
