@@ -22,7 +22,6 @@ Round 1 includes the scripts' start, so it is reported apart.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,8 @@ from pathlib import Path
 import benchlib
 import torch
 from benchlib import median
+from benchlib.portal import round_cycles
 
-from client_agent.portal import PortalClient
 from jobs.envs import PocEnv, RunStatus
 from jobs.recipes import FedAvgRecipe
 
@@ -86,19 +85,11 @@ def run_echo(agents: int, rounds: int, model: object, workdir: Path) -> dict[str
     try:
         run = recipe.execute(env)
         ended = time.time()
-        client = PortalClient(env.url, api_token=env.credentials["api_token"])
-        opened = [
-            dt.datetime.fromisoformat(r["opened_at"]).timestamp()
-            for r in client.get_all(f"/api/v1/jobs/{run.job_id}/rounds/")
-        ]
-        job = client.get(f"/api/v1/jobs/{run.job_id}/")
-        finished = dt.datetime.fromisoformat(job["finished_at"]).timestamp()
+        cycles = round_cycles(env.url, env.credentials["api_token"], run.job_id)
     finally:
         env.stop()
         sampler.stop()
     assert run.status == RunStatus.COMPLETED, run.error
-    opened.sort()
-    cycles = [b - a for a, b in zip(opened, [*opened[1:], finished], strict=True)]
     first_receive = min(float(line) for line in marks.read_text().split())
     return {
         "round_1": cycles[0],

@@ -30,7 +30,6 @@ Everything is the bench's own and removed at the end: the database ``fedportal_s
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import re
 import tempfile
@@ -45,8 +44,8 @@ import benchlib
 import psycopg
 import torch
 from benchlib import median
+from benchlib.portal import round_cycles
 
-from client_agent.portal import PortalClient
 from jobs.envs import PocEnv, RunStatus
 from jobs.recipes import FedAvgRecipe
 
@@ -153,13 +152,7 @@ def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]
                     opened_before = watch.sessions()
                     result = recipe.execute(env)
                     opened = watch.sessions() - opened_before
-                    client = PortalClient(env.url, api_token=env.credentials["api_token"])
-                    starts = sorted(
-                        dt.datetime.fromisoformat(r["opened_at"]).timestamp()
-                        for r in client.get_all(f"/api/v1/jobs/{result.job_id}/rounds/")
-                    )
-                    job = client.get(f"/api/v1/jobs/{result.job_id}/")
-                    finished = dt.datetime.fromisoformat(job["finished_at"]).timestamp()
+                    cycles = round_cycles(env.url, env.credentials["api_token"], result.job_id)
                 finally:
                     env.stop()
             peak = watch.peak
@@ -169,7 +162,6 @@ def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]
         else:
             os.environ["DATABASE_POOL_MAX_SIZE"] = before
     assert result.status == RunStatus.COMPLETED, result.error
-    cycles = [b - a for a, b in zip(starts, [*starts[1:], finished], strict=True)]
     server_errors, too_many = failures(workdir / "poc" / "logs")
     return {
         "round_1": cycles[0],

@@ -57,3 +57,20 @@ def scratch_portal(name: str) -> Iterator[Path]:
         server.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         server.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def round_cycles(url: str, api_token: str, job_id: str) -> list[float]:
+    """A finished job's round times, from the portal's own record: round n+1 opened minus
+    round n opened, the last round's end being the job's (seconds, in round order)."""
+    import datetime as dt
+
+    from client_agent.portal import PortalClient
+
+    client = PortalClient(url, api_token=api_token)
+    opened = sorted(
+        dt.datetime.fromisoformat(r["opened_at"]).timestamp()
+        for r in client.get_all(f"/api/v1/jobs/{job_id}/rounds/")
+    )
+    job = client.get(f"/api/v1/jobs/{job_id}/")
+    finished = dt.datetime.fromisoformat(job["finished_at"]).timestamp()
+    return [b - a for a, b in zip(opened, [*opened[1:], finished], strict=True)]

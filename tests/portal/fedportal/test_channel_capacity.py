@@ -6,37 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.portal.settings_probe import portal_settings
+
 REDIS = os.environ.get("TEST_CHANNELS_REDIS_URL", "redis://127.0.0.1:6379/11")
 
 
 def portal_channel_config(**env: str) -> dict[str, Any]:
     """The channel layer's CONFIG of a portal process started with ``env``."""
-    code = (
-        "import json, django; django.setup(); from django.conf import settings as s; "
-        "print(json.dumps(s.CHANNEL_LAYERS['default']['CONFIG']))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
-            "FEDPORTAL_DEV": "1",
-            "REDIS_URL": REDIS,
-            **env,
-        },
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    out = portal_settings("s.CHANNEL_LAYERS['default']['CONFIG']", REDIS_URL=REDIS, **env)
     assert out.returncode == 0, out.stderr
     config: dict[str, Any] = json.loads(out.stdout)
     return config

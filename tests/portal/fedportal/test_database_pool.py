@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,30 +15,18 @@ from django.conf import settings
 from django.db import connection, connections
 
 from sites.models import Site
+from tests.portal.settings_probe import portal_settings
 
-ROOT = Path(__file__).resolve().parents[3]
 POSTGRES = "postgres://postgres@127.0.0.1:5432/fedportal_pool_settings"
 
 
 def database_settings(**env: str) -> subprocess.CompletedProcess[str]:
     """The ``default`` database's settings, as a portal process started with ``env`` sees them."""
-    code = (
-        "import json, django; django.setup(); from django.conf import settings as s; "
-        "d = s.DATABASES['default']; "
-        "print(json.dumps({'options': d.get('OPTIONS', {}), 'age': d.get('CONN_MAX_AGE')}))"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
-            "FEDPORTAL_DEV": "1",
-            "DATABASE_URL": POSTGRES,
-            **env,
-        },
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    return portal_settings(
+        "{'options': s.DATABASES['default'].get('OPTIONS', {}), "
+        "'age': s.DATABASES['default'].get('CONN_MAX_AGE')}",
+        DATABASE_URL=POSTGRES,
+        **env,
     )
 
 
