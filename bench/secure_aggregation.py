@@ -591,8 +591,13 @@ def protected_round(
             server.check_finish(roster, name, request, answer, data)
         answers[name] = (answer, data)
     with clock.server("finish"):
-        # Masking sums the uploads and removes the masks here, in one pass.
-        uploads = protected_arrays({n: paths[n] for n in survivors})
+        # Masking sums the uploads and removes the masks here, in one pass (as the portal's
+        # protected_sum, which maps the files for it alone).
+        uploads = (
+            {}
+            if isinstance(server, SumsBeforeFinish)
+            else protected_arrays({n: paths[n] for n in survivors})
+        )
         summed = server.result(roster, shared, survivors, answers, uploads)
     del answers, uploads
     workflow = fedavg_workflow(kind)

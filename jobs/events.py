@@ -129,7 +129,7 @@ def job_state(job: Job) -> None:
 
 
 def round_state(rnd: Round, *, task: dict[str, Any] | None = None) -> None:
-    from jobs.models import RoundState  # the models import this module's users
+    from jobs.models import RoundState  # at call time, as this module imports no models
 
     publish(
         RoundStateChanged(

@@ -30,11 +30,9 @@ from client_agent.secagg.session import (
     ProtocolError,
     Roster,
     ServerSession,
-    Signer,
     SiteSession,
     SumsBeforeFinish,
     TooFewSites,
-    Verifier,
     _key,
     _mapping,
     _stream_size,
@@ -75,16 +73,7 @@ class HESite(SiteSession):
     KIND = HOMOMORPHIC
     KEY_NAMES = HE_KEYS
 
-    def __init__(
-        self,
-        site: str,
-        *,
-        context: bytes,
-        round_number: int,
-        sign: Signer | None = None,
-        verify: Verifier | None = None,
-    ) -> None:
-        super().__init__(site, context=context, round_number=round_number, sign=sign, verify=verify)
+    def _begin(self) -> None:
         self.he: he.HEContext | None = None
 
     def public_keys(self) -> list[bytes]:

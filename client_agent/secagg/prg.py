@@ -56,7 +56,7 @@ def add_masks(
     long vector is cut into parts drawn on threads (:func:`in_parts`): the same bits."""
     if out.dtype != np.uint64:
         raise TypeError(f"masks are added to uint64 ring elements, not {out.dtype}")
-    MaskStream(seeds, nonce=nonce)  # the seeds and nonce checked here, not on a thread
+    _check(seeds, nonce)  # here, not on a thread
 
     def add_part(begin: int, end: int) -> None:
         stream = MaskStream(seeds, nonce=nonce, begin=begin)
@@ -74,13 +74,9 @@ class MaskStream:
     def __init__(
         self, seeds: Sequence[tuple[bytes, bool]], *, nonce: bytes = bytes(16), begin: int = 0
     ) -> None:
-        if len(nonce) != 16:
-            raise ValueError(f"a mask nonce is 16 bytes, got {len(nonce)}")
+        _check(seeds, nonce)
         if begin < 0 or begin % 2:
             raise ValueError(f"a mask stream starts at an even element, not {begin}")
-        for seed, _ in seeds:
-            if len(seed) != SEED_BYTES:
-                raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
         # CTR counts blocks in the counter block's last 8 bytes (round_nonce): start there.
         counter = ((int.from_bytes(nonce, "big") + begin // 2) % 2**128).to_bytes(16, "big")
         self.streams = [
@@ -99,6 +95,14 @@ class MaskStream:
         for stream, operation in self.streams:
             stream.update_into(memoryview(_ZEROS)[: 8 * count], self.buffer)
             operation(part, np.frombuffer(self.buffer, dtype="<u8", count=count), out=part)
+
+
+def _check(seeds: Sequence[tuple[bytes, bool]], nonce: bytes) -> None:
+    if len(nonce) != 16:
+        raise ValueError(f"a mask nonce is 16 bytes, got {len(nonce)}")
+    for seed, _ in seeds:
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
 
 
 def in_parts(length: int, work: Callable[[int, int], None]) -> None:

@@ -228,6 +228,12 @@ class SiteSession(ABC):
         self.verify = verify
         self.seal_keys = KeyPair.generate()
         self.roster: Roster | None = None
+        self._begin()
+
+    @abstractmethod
+    def _begin(self) -> None:
+        """The protection's own state for the fresh round: its secrets, and what it will
+        hold of the others'."""
 
     @abstractmethod
     def public_keys(self) -> list[bytes]:
@@ -389,9 +395,10 @@ class ServerSession(ABC):
         answers: Mapping[str, tuple[Mapping[str, Any], bytes]],
         uploads: Mapping[str, np.ndarray],
     ) -> np.ndarray:
-        """The survivors' sum (float64), from the finish ``answers`` and, where the
-        protection needs them, the survivors' protected bytes (``uploads``: site → ``uint8``
-        array, a memory map of the stored file on the portal)."""
+        """The survivors' sum (float64), from the finish ``answers`` and the survivors'
+        protected bytes (``uploads``: site → ``uint8`` array, a memory map of the stored file
+        on the portal; a protection that :class:`SumsBeforeFinish` reads none, and drivers
+        may pass none)."""
 
 
 class SumsBeforeFinish(ABC):
@@ -426,16 +433,7 @@ class MaskingSite(SiteSession):
     KIND = MASKING
     KEY_NAMES = MASK_KEYS
 
-    def __init__(
-        self,
-        site: str,
-        *,
-        context: bytes,
-        round_number: int,
-        sign: Signer | None = None,
-        verify: Verifier | None = None,
-    ) -> None:
-        super().__init__(site, context=context, round_number=round_number, sign=sign, verify=verify)
+    def _begin(self) -> None:
         self.mask_keys = KeyPair.generate()
         self.self_seed = secrets.token_bytes(prg.SEED_BYTES)
         self.held: dict[str, tuple[int, int]] = {}

@@ -481,9 +481,9 @@ def protected_upload_check(task: SiteTask, path: Any) -> Any:
 
 
 def protected_sum(rnd: Round) -> Any:
-    """The survivors' sum in the clear (float64), from the finish answers and the survivors'
-    uploads (memory maps: masking sums them and removes the masks in one pass; HE reads the
-    decrypted sum from the answer). :class:`ProtocolError` (with the reason) when too few
+    """The survivors' sum in the clear (float64), from the finish answers and, under masking,
+    the survivors' uploads (memory maps: it sums them and removes the masks in one pass; HE
+    reads the decrypted sum from the answer). :class:`ProtocolError` (with the reason) when too few
     answers came back."""
     from client_agent.secagg.upload import protected_arrays
     from jobs.services.rounds import storage_path
@@ -497,11 +497,12 @@ def protected_sum(rnd: Round) -> Any:
                 data = fh.read()
         answers[name] = (dict(message.payload), data)
     survivors = list(protection["survivors"])
-    tasks = SiteTask.objects.filter(round=rnd, site__name__in=survivors).select_related("site")
-    uploads = protected_arrays({t.site.name: storage_path(t.update.name) for t in tasks})
-    return server_of(rnd).result(
-        roster_of(rnd), list(protection["shared"]), survivors, answers, uploads
-    )
+    server = server_of(rnd)
+    uploads = {}
+    if not isinstance(server, SumsBeforeFinish):  # HE's result is in the answer alone
+        tasks = SiteTask.objects.filter(round=rnd, site__name__in=survivors).select_related("site")
+        uploads = protected_arrays({t.site.name: storage_path(t.update.name) for t in tasks})
+    return server.result(roster_of(rnd), list(protection["shared"]), survivors, answers, uploads)
 
 
 def protected_total_bytes(rnd: Round) -> Any:
