@@ -36,15 +36,13 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import benchlib
 import psycopg
 import torch
 from benchlib import median
-from benchlib.portal import round_cycles
+from benchlib.portal import POSTGRES, round_cycles, scratch_database
 
 from jobs.envs import PocEnv, RunStatus
 from jobs.recipes import FedAvgRecipe
@@ -62,21 +60,7 @@ ECHO = textwrap.dedent(
                                  meta={"NUM_STEPS_CURRENT_ROUND": 1}))
     """
 )
-SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432").rstrip("/")
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one run; its URL. Dropped afterwards."""
-    name = f"fedportal_scale_{os.getpid()}"
-    with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{SERVER}/{name}"
-    finally:
-        with psycopg.connect(f"{SERVER}/postgres", autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+SERVER = POSTGRES.rstrip("/")
 
 
 class ConnectionWatch:
@@ -138,7 +122,7 @@ def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]
     before = os.environ.get("DATABASE_POOL_MAX_SIZE")
     os.environ["DATABASE_POOL_MAX_SIZE"] = "10" if pool else "0"  # PocEnv's processes read it
     try:
-        with scratch_database() as url:
+        with scratch_database("fedportal_scale") as url:
             env = PocEnv(
                 num_clients=agents,
                 workspace=workdir / "poc",

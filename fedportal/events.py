@@ -7,8 +7,11 @@ dict of a ``fedportal.event`` message to its WebSocket as is.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -64,10 +67,53 @@ def send_after_commit(groups: Iterable[str], payload: dict[str, Any]) -> None:
         if layer is None:
             return
         message = {"type": MESSAGE_TYPE, "event": payload}
-        try:
+
+        async def send_all() -> None:
             for group in targets:
-                async_to_sync(layer.group_send)(group, message)
+                await layer.group_send(group, message)
+
+        try:
+            if _shared_across_processes(layer):
+                future = asyncio.run_coroutine_threadsafe(send_all(), _publisher_loop())
+                future.result(timeout=_SEND_TIMEOUT_SECONDS)
+            else:
+                async_to_sync(send_all)()
         except Exception:
             log.exception("could not publish %s to %s", payload.get("kind"), ", ".join(targets))
 
     transaction.on_commit(send)
+
+
+# A send that takes longer than this (Redis unreachable: its connect timeout is shorter) is
+# given up and logged; the state change it reports is in the database already.
+_SEND_TIMEOUT_SECONDS = 30.0
+
+
+def _shared_across_processes(layer: Any) -> bool:
+    """A layer in Redis (not the tests' in-memory one, whose queues belong to the loop of the
+    consumers that read them)."""
+    from channels_redis.core import RedisChannelLayer
+
+    return isinstance(layer, RedisChannelLayer)
+
+
+_publisher_lock = threading.Lock()
+_publisher: tuple[int, asyncio.AbstractEventLoop] | None = None
+
+
+def _publisher_loop() -> asyncio.AbstractEventLoop:
+    """This process's event loop for sending events, on a thread of its own.
+
+    channels_redis keeps its Redis connections per event loop. Sync code with no loop of its
+    own (a Celery worker, a management command) would otherwise get a new loop from
+    ``async_to_sync`` for every send, and with it a new Redis connection, opened and closed
+    for each event. One loop that lives as long as the process keeps them. A forked child
+    (Celery's prefork pool) makes its own: the parent's thread does not exist in it.
+    """
+    global _publisher
+    with _publisher_lock:
+        if _publisher is None or _publisher[0] != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="event-publisher", daemon=True).start()
+            _publisher = (os.getpid(), loop)
+        return _publisher[1]

@@ -192,6 +192,18 @@ class Round(models.Model):
         help_text="times a worker started aggregating this round; past "
         "FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS the round fails instead of starting again",
     )
+    claim_holder = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="the worker doing the round's aggregation (or summing) now, while its lease "
+        "lasts; empty when nobody is (jobs.services.claims)",
+    )
+    claim_expires_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="when the holder's lease ends unless renewed; with no holder, when the "
+        "workers' watchdog kicks a round that nobody claimed",
+    )
     protection = models.JSONField(
         default=dict,
         blank=True,

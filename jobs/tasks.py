@@ -18,7 +18,7 @@ from celery import shared_task
 from celery.signals import worker_init, worker_process_init, worker_ready
 from django.conf import settings
 
-from jobs.services import rounds
+from jobs.services import claims, rounds
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,17 @@ def _resume_on_worker_start(sender: Any = None, **_: Any) -> None:
     jobs_resume_task.delay()
 
 
+def _watch_claims(**_: Any) -> None:
+    # Every process that runs tasks (each prefork child; a solo worker itself) runs the claim
+    # watchdog, in its own thread with its own database connection: a round whose worker died
+    # is handed on whichever workers survive (jobs.services.claims). Started in the process
+    # that runs it, never inherited through a fork with a connection open.
+    claims.Watchdog().start()
+
+
 # Connected by calls, not as decorators: Celery's signals are untyped, and a decorator would
 # make the handlers untyped too.
 worker_init.connect(_limit_torch_threads)
 worker_process_init.connect(_limit_torch_threads)
+worker_process_init.connect(_watch_claims)
 worker_ready.connect(_resume_on_worker_start)

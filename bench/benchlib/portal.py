@@ -59,6 +59,24 @@ def scratch_portal(name: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A fresh PostgreSQL database for one run of a bench whose processes set themselves up
+    (PocEnv's): its URL. Dropped afterwards."""
+    import psycopg
+
+    server = POSTGRES.rstrip("/")
+    name = f"{prefix}_{os.getpid()}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{server}/{name}"
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def round_cycles(url: str, api_token: str, job_id: str) -> list[float]:
     """A finished job's round times, from the portal's own record: round n+1 opened minus
     round n opened, the last round's end being the job's (seconds, in round order)."""

@@ -39,6 +39,20 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be a whole number, got {value!r}") from None
 
 
+def env_float(name: str, default: float, *, least: float) -> float:
+    """A number of seconds (or the like) from the environment, at least ``least``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+    if not number >= least:  # NaN too
+        raise ImproperlyConfigured(f"{name} must be at least {least:g}, got {value!r}")
+    return number
+
+
 # A developer's own machine (make portal, make demo's PocEnv, the browser tests): the built-in
 # development secrets are allowed, DEBUG defaults to on, cookies are not Secure (plain HTTP on
 # 127.0.0.1) and the portal serves its own static files. Never set it on a reachable host.
@@ -408,6 +422,12 @@ FEDPORTAL_ROUND_TIMEOUT_SECONDS = int(os.environ.get("FEDPORTAL_ROUND_TIMEOUT_SE
 FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS = int(
     os.environ.get("FEDPORTAL_ROUND_MAX_AGGREGATION_ATTEMPTS", "3")
 )
+# The claim on a round's aggregation is a lease (jobs.services.claims): renewed every third of
+# it while the worker works, and lapsed when the worker died, whereupon another worker takes the
+# round. The watchdog in every worker looks for lapsed claims this often. A worker that died is
+# replaced within about lease + check seconds.
+FEDPORTAL_CLAIM_LEASE_SECONDS = env_float("FEDPORTAL_CLAIM_LEASE_SECONDS", 6.0, least=1.0)
+FEDPORTAL_CLAIM_CHECK_SECONDS = env_float("FEDPORTAL_CLAIM_CHECK_SECONDS", 1.0, least=0.1)
 # Secure aggregation: how long a protected round waits for the sites' keys, their sealed
 # shares, and their finish answers (the uploads wait for the round's own deadline).
 FEDPORTAL_SECURE_PHASE_SECONDS = int(os.environ.get("FEDPORTAL_SECURE_PHASE_SECONDS", "60"))

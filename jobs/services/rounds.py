@@ -28,14 +28,11 @@ name order from files in storage), so a re-run writes the same bits.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -44,7 +41,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.files.storage import default_storage
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -69,7 +66,7 @@ from jobs.models import (
     TaskState,
 )
 from jobs.selectors import job_privacy_assessment
-from jobs.services import secure
+from jobs.services import claims, secure
 from jobs.services.audit import JobAuditAction, job_audit_record
 from jobs.services.kicks import kick_after_commit
 from jobs.services.plans import (
@@ -275,9 +272,12 @@ def job_advance(*, job_id: int) -> Advance:
                     if not sum_due:
                         return Advance(Step.WAITING_FOR_UPDATES, "finish: the survivors asked")
             if not sum_due:
-                # Claim the round for aggregation.
+                # Due for aggregation, which this worker claims next (outside the job lock).
+                # Should it die first, the watchdog kicks the round once a lease passed.
                 current.move_to(RoundState.AGGREGATING)
-                current.save(update_fields=["state"])
+                for field, value in claims.unclaimed_until_kick().items():
+                    setattr(current, field, value)
+                current.save(update_fields=["state", "claim_holder", "claim_expires_at"])
         round_id = current.pk
     if sum_due:
         # Summing the protected uploads reads them all: outside the job lock, like aggregation.
@@ -302,7 +302,7 @@ def _round_open_fail(
 
 
 def _round_sum(round_id: int) -> Advance:
-    with _aggregation_claim(round_id) as claimed:
+    with claims.round_claim(round_id) as claimed:
         if not claimed:
             return Advance(Step.NOTHING, "nothing: another worker is summing the round")
         try:
@@ -478,64 +478,8 @@ def _round_open(job: Job, number: int) -> Round:
 # A full disk is waited out too: an operator frees space, and nothing is lost meanwhile.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, StorageFull)
 
-# Advisory lock keys of round aggregations: this prefix in the high bits, the round's id below.
-_AGGREGATION_LOCK_PREFIX = 0x4650 << 48
-
-
-def _advisory_unlock(key: int) -> None:
-    """Release the session advisory lock ``key``. A connection that broke took the lock with
-    it; one where the unlock failed otherwise must not go back to the connection pool still
-    holding it (the round could never be claimed again): it is closed, which ends the session
-    and its locks, and the pool replaces it."""
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s)", [key])
-    except DatabaseError:
-        raw = connection.connection
-        if raw is not None:
-            with contextlib.suppress(Exception):  # already broken: nothing left to end
-                raw.close()
-        with contextlib.suppress(DatabaseError):
-            connection.close()
-
-
-@contextmanager
-def _aggregation_claim(round_id: int) -> Iterator[bool]:
-    """Whether this worker may aggregate the round now: no other worker is doing it.
-
-    Two workers racing on one job (a redelivered task, a deadline kick during a long
-    aggregation) would otherwise both read every update. On PostgreSQL a session advisory
-    lock, released when its connection ends, so a worker that dies frees the round at once; on
-    SQLite (one machine: PocEnv, ``make demo``) an exclusive ``flock`` on a file beside the
-    models, released by the kernel when the process dies.
-    """
-    if connection.vendor == "postgresql":
-        key = _AGGREGATION_LOCK_PREFIX | round_id
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
-            claimed = bool(cursor.fetchone()[0])
-        try:
-            yield claimed
-        finally:
-            if claimed:
-                _advisory_unlock(key)
-        return
-    path = storage_path(f"locks/round-{round_id}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _round_aggregate(round_id: int) -> Advance:
-    with _aggregation_claim(round_id) as claimed:
+    with claims.round_claim(round_id) as claimed:
         if not claimed:
             return Advance(Step.NOTHING, "nothing: another worker is aggregating the round")
         attempts = _aggregation_attempt(round_id)
@@ -863,7 +807,7 @@ def update_check(*, task_id: int) -> str:
     if task.state != TaskState.UPLOADED:
         return "nothing: task is " + task.state
     rnd = task.round
-    start = ModelVersion.objects.get(job=rnd.job, round_number=rnd.number)
+    start = ModelVersion.objects.only("id", "file").get(job=rnd.job, round_number=rnd.number)
     global_source = FileTensorSource(storage_path(start.file.name))
     try:
         specs = global_source.specs()
@@ -920,8 +864,9 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
     weight = getattr(getattr(accepted, "update", None), "weight", None)
     with transaction.atomic():
         # The round's row lock orders concurrent checks, so the count of unanswered tasks
-        # below sees every check that finished before this one.
-        Round.objects.select_for_update().filter(pk=rnd.pk).first()
+        # below sees every check that finished before this one. (Uploads lock their task's
+        # row only: they never wait on it.)
+        Round.objects.select_for_update().filter(pk=rnd.pk).values_list("pk").first()
         changed = SiteTask.objects.filter(
             pk=task.pk, state__in=SiteTask.states_that_move_to(state)
         ).update(
@@ -933,19 +878,21 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
             metrics=dict(accepted.metrics) if accepted is not None else {},
         )
         if changed and accepted is not None:
-            # The checks left only finite numbers in the metrics.
-            for key, value in accepted.metrics.items():
-                MetricPoint.objects.get_or_create(
+            # The checks left only finite numbers in the metrics. One insert: the conditional
+            # update above lets one check alone get here for the task, in the same transaction,
+            # so none of these points can be stored already.
+            MetricPoint.objects.bulk_create(
+                MetricPoint(
                     job=rnd.job,
                     site=task.site,
                     client_id=metric_point_id("result", rnd.number, key),
-                    defaults={
-                        "round_number": rnd.number,
-                        "key": key,
-                        "value": float(value),
-                        "source": MetricPoint.Source.RESULT,
-                    },
+                    round_number=rnd.number,
+                    key=key,
+                    value=float(value),
+                    source=MetricPoint.Source.RESULT,
                 )
+                for key, value in accepted.metrics.items()
+            )
         if not changed:
             return "nothing: checked meanwhile"
         if privacy is not None:

@@ -224,6 +224,7 @@ def started(
         round_timeout_seconds=options.get("round_timeout", 120),
         show_progress=False,
         extra_env={"FEDPORTAL_RESUME_SECONDS": "2", **options.get("env", {})},
+        num_workers=options.get("workers", 1),
     )
     env.start()
     try:
@@ -398,9 +399,9 @@ def test_an_agent_cut_off_past_the_deadline_rejoins_the_next_round(chaos: Chaos,
     assert torch.allclose(final["w"].double(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("chaos", [{"workers": 2}], indirect=True)
 def test_two_workers_racing_on_one_job(chaos: Chaos, app: Path, tmp_path: Path) -> None:
     env = chaos.env
-    env._spawn("worker-2", env.worker_args(beat=False))
     run = chaos.submit(make_recipe(app))
     job_id = chaos.job_id(run)
     # Both workers are kicked for the job many times a second: duplicate deliveries, as a
@@ -435,6 +436,63 @@ def test_two_workers_racing_on_one_job(chaos: Chaos, app: Path, tmp_path: Path) 
     )
     assert attempts == "1,1,1"
     assert "succeeded" in chaos.logs("worker-2")  # the second worker did take work
+
+
+# No beat to fall back on (its resume every hour): only the claim's lease and the surviving
+# worker's watchdog can hand the round on, and the round's deadline is minutes away.
+@pytest.mark.parametrize(
+    "chaos", [{"workers": 2, "env": {"FEDPORTAL_RESUME_SECONDS": "3600"}}], indirect=True
+)
+def test_a_worker_killed_mid_aggregation_is_replaced_by_the_other_within_seconds(
+    chaos: Chaos, app: Path, tmp_path: Path
+) -> None:
+    size = 4_000_000  # 16 MB updates: aggregating three takes a moment
+    run = chaos.submit(make_recipe(app, size=size))
+    job_id = chaos.job_id(run)
+    env = chaos.env
+
+    with psycopg.connect(chaos.postgres.url(chaos.database), autocommit=True) as watch:
+
+        def look() -> tuple[int, str, int, str]:
+            row = watch.execute(
+                "SELECT number, state, aggregation_attempts, claim_holder FROM jobs_round "
+                "WHERE job_id = %s ORDER BY number DESC LIMIT 1",
+                [job_id],
+            ).fetchone()
+            return (-1, "", 0, "") if row is None else (int(row[0]), *row[1:])
+
+        def caught() -> tuple[int, str, int, str] | None:
+            """A worker holds the round's claim and started aggregating it (counted)."""
+            row = look()
+            return row if row[1] == "aggregating" and row[2] >= 1 and row[3] else None
+
+        row = wait_until(caught, 180, "a worker aggregating a round", every=0.002)
+        number, _, _, holder = row
+        pid = int(holder.split(":")[1])
+        dead = next(name for name in env.workers if env.processes[name].pid == pid)
+        env.kill(dead)  # not started again: the other worker must take over
+        killed_at = time.monotonic()
+
+        def closed() -> bool:
+            return look()[0] > number or look()[1] == "closed"
+
+        wait_until(closed, 60, f"round {number + 1} to be taken over and closed", every=0.05)
+        stall = time.monotonic() - killed_at
+
+    run = chaos.finish(run, timeout=300)
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert_same_bits(chaos.final_model(run), undisturbed(app, tmp_path, size=size))
+    # The lease (FEDPORTAL_CLAIM_LEASE_SECONDS, 6 s) and one watchdog look (1 s) bound the
+    # hand-over; the round's deadline and the beat are minutes away.
+    assert stall < 20, f"the round stalled {stall:.1f} s after its worker died"
+    survivor = next(name for name in env.workers if name != dead)
+    assert "lapsed" in chaos.logs(survivor)
+    attempts = chaos.postgres.sql(
+        chaos.database,
+        f"SELECT aggregation_attempts FROM jobs_round WHERE job_id = {job_id} "
+        f"AND number = {number}",
+    )
+    assert attempts == "2"  # the killed aggregation counted as a start
 
 
 def test_portal_restarted_with_three_uploads_in_flight(

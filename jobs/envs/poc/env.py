@@ -154,6 +154,10 @@ class PocEnv:
     :class:`~client_agent.privacy.policy.PrivacyPolicy` or ``privacy.toml`` path for every
     site, or a dict by site name). It is written as ``privacy.toml`` into each site's folder
     before its agent starts, and the agent enforces it as at a real site.
+
+    ``num_workers`` (default 1): Celery workers, ``worker``, ``worker-2``, … (the first also
+    runs the beat). With more than one, a worker killed in the middle of a round's aggregation
+    is replaced by another within seconds (``jobs.services.claims``), as in a deployment.
     """
 
     def __init__(
@@ -181,7 +185,11 @@ class PocEnv:
         wire_log: bool = False,
         privacy_policy: PolicyArg | dict[str, PolicyArg] | None = None,
         database_url: str | None = None,
+        num_workers: int = 1,
     ) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers: expected a whole number >= 1, got {num_workers!r}")
+        self.workers = ["worker", *(f"worker-{n}" for n in range(2, num_workers + 1))]
         if clients is not None and num_clients == DEFAULT_POC_CLIENTS:
             num_clients = None
         self.clients = site_names(num_clients, clients)
@@ -396,7 +404,7 @@ class PocEnv:
         # when the broker goes away: kombu fails while it gives back its unacknowledged tasks
         # (``Unrecoverable error: AttributeError … 'hostname'``). Every task is safe to run
         # again and a starting worker resumes every active job, so starting it loses nothing.
-        self.supervisor.watch(["worker"], self.restart)
+        self.supervisor.watch(self.workers, self.restart)
         self._say(
             f"portal {self.url}, worker and {len(self.clients)} agents up in "
             f"{time.perf_counter() - started:.1f} s; workspace {self.workspace}"
@@ -455,26 +463,27 @@ class PocEnv:
         self._spawn(
             "portal", [py, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(self.port)]
         )
-        # One solo worker: one process, no pool to fork; the round work is short and serial.
-        # It is alone on its queue, so it need not wait to meet other workers (mingle) at start.
-        # With the periodic resume (-B: beat in a child process), the safety net for round
-        # kicks and deadline countdowns lost with the broker.
-        self._spawn("worker", self.worker_args(beat=True))
+        # Solo workers: one process each, no pool to fork; the round work is short and serial.
+        # They need not wait to meet each other (mingle) at start: the database says who holds
+        # what. The first runs the periodic resume (-B: beat in a child process), the safety net
+        # for round kicks and deadline countdowns lost with the broker.
+        for number, name in enumerate(self.workers):
+            self._spawn(name, self.worker_args(beat=number == 0, name=name))
 
-    def worker_args(self, *, beat: bool = False) -> list[str]:
+    def worker_args(self, *, beat: bool = False, name: str = "worker") -> list[str]:
         """The command of a Celery worker for this PoC (``beat``: with the periodic resume;
-        one worker only should run it)."""
+        one worker only should run it). ``name`` makes its Celery node name."""
         schedule = ["-B", "--schedule", str(self.workspace / "celerybeat-schedule")]
         return [
             *(self.python, "-m", "celery", "-A", "fedportal", "worker", "-P", "solo"),
-            *("--without-mingle", "--without-gossip", "--loglevel=INFO"),
+            *("-n", f"{name}@%h", "--without-mingle", "--without-gossip", "--loglevel=INFO"),
             *(schedule if beat else []),
         ]
 
     def _wait_for_portal(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for name in ("portal", "worker"):
+            for name in ("portal", *self.workers):
                 if self.processes[name].poll() is not None:
                     raise PocEnvError(
                         f"the {name} exited at start; see {self.workspace / 'logs' / name}.log"
@@ -568,7 +577,7 @@ class PocEnv:
         if name.startswith("agent:"):
             self.supervisor.forget_stopped(name)
             self.start_agent(name.split(":", 1)[1])
-        elif name in ("portal", "worker"):
+        elif name == "portal" or name in self.workers:
             self.supervisor.respawn(name)
         else:
             raise ValueError(f"no process named {name!r}")

@@ -9,14 +9,12 @@ it never leaves the job ``running`` with a round ``aggregating`` forever.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
-import psycopg
 import pytest
 import torch
 from django.conf import settings
-from django.db import OperationalError, connection
+from django.db import OperationalError
 from safetensors.torch import save
 
 from common.exceptions import ValidationFailed
@@ -242,70 +240,6 @@ def test_a_round_started_too_often_without_finishing_fails(tmp_path: Path) -> No
     assert outcome == rounds.Advance(rounds.Step.FAILED, "failed: round 1 cannot close")
     assert job.state == JobState.FAILED
     assert "started 3 times and never finished" in job.failure_reason
-
-
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="an advisory lock: PostgreSQL only")
-def test_a_second_worker_leaves_a_round_another_is_aggregating(tmp_path: Path) -> None:
-    project, sites = three_sites()
-    job = submit(tmp_path, project, min_clients=2, num_rounds=1)
-    _upload_all_but_last(job, sites)
-    rnd = job.rounds.get()
-    Round.objects.filter(pk=rnd.pk).update(state=RoundState.AGGREGATING)
-    params = connection.get_connection_params()
-    other_worker = psycopg.connect(
-        **{k: v for k, v in params.items() if k in ("host", "port", "user", "dbname")},
-        autocommit=True,
-    )
-    try:
-        other_worker.execute("SELECT pg_advisory_lock(%s)", [(0x4650 << 48) | rnd.pk])
-
-        assert rounds.job_advance(job_id=job.pk) == rounds.Advance(
-            rounds.Step.NOTHING, "nothing: another worker is aggregating the round"
-        )
-        assert Round.objects.get(pk=rnd.pk).aggregation_attempts == 0
-    finally:
-        other_worker.close()  # as a worker that dies: the lock goes with its connection
-
-    assert rounds.job_advance(job_id=job.pk) == rounds.Advance(rounds.Step.CLOSED, "closed round 1")
-    job.refresh_from_db()
-    assert job.state == JobState.RUNNING or job.state == JobState.COMPLETED
-
-
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="an advisory lock: PostgreSQL only")
-def test_a_claim_whose_unlock_fails_does_not_go_back_to_the_pool_still_held(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # With a connection pool, a connection outlives the request or task that used it: an
-    # aggregation lock left on it would keep every worker off the round for good.
-    key = (0x4650 << 48) | 987_654
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [key])
-    params = connection.get_connection_params()
-    other_worker = psycopg.connect(
-        **{k: v for k, v in params.items() if k in ("host", "port", "user", "dbname")},
-        autocommit=True,
-    )
-    try:
-        taken = "SELECT pg_try_advisory_lock(%s)"
-        assert other_worker.execute(taken, [key]).fetchone() == (False,)
-
-        def refused() -> None:
-            raise OperationalError("the unlock did not get through")
-
-        monkeypatch.setattr(connection, "cursor", refused)
-        rounds._advisory_unlock(key)
-        monkeypatch.undo()
-
-        # PostgreSQL ends the closed session's backend, and its locks, a moment later.
-        def free() -> bool:
-            return other_worker.execute(taken, [key]).fetchone() == (True,)
-
-        deadline = time.monotonic() + 10
-        while not free():
-            assert time.monotonic() < deadline, "the lock outlived its connection"
-            time.sleep(0.01)
-    finally:
-        other_worker.close()
 
 
 def test_an_upload_stored_while_the_broker_is_down_is_kept_and_checked_on_resume(
