@@ -55,6 +55,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -168,6 +169,7 @@ class Agent:
             agent_version=AGENT_VERSION,
             insecure=insecure,
             wire=wire,
+            ca_file=site_dir.tls_ca_file(),
         )
         self.poll_seconds = poll_seconds
         self.reconnect_max_seconds = reconnect_max_seconds
@@ -207,8 +209,10 @@ class Agent:
             if self.python == sys.executable
             else None
         )
+        trust = f" (TLS verified with {self.client.trust_source})" if self.client.tls else ""
         self.say(
-            f"agent {AGENT_VERSION} for project {self.identity.project}, portal {self.client.url}"
+            f"agent {AGENT_VERSION} for project {self.identity.project}, portal "
+            f"{self.client.url}{trust}"
         )
         self.say(policy_summary(self.policy))
         tasks = [
@@ -292,8 +296,10 @@ class Agent:
             headers[HEADER_AGENT_VERSION] = AGENT_VERSION
             self.client.record("ws", "GET", WS_PATH, b"")
             try:
+                # The same verification as every HTTPS request (PortalClient.tls).
                 async with websockets.connect(
                     url,
+                    ssl=self.client.tls,
                     additional_headers=headers,
                     open_timeout=10,
                     ping_interval=20,
@@ -317,6 +323,8 @@ class Agent:
                     if self.refused:
                         return
                 self.say(f"connection to the portal lost ({exc}); reconnecting")
+            except ssl.SSLCertVerificationError as exc:
+                self.say(f"{self.client.untrusted(exc)}; retry in {delay:.1f} s")
             except (OSError, InvalidHandshake, TimeoutError, ValueError) as exc:
                 self.say(
                     f"portal unreachable ({type(exc).__name__}: {exc}); retry in {delay:.1f} s"

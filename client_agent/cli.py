@@ -12,7 +12,10 @@ need, and with ``--job UID`` what that job is expected to spend here.
 
 Every command refuses a plain ``http://`` portal on another machine (the enrolment token and
 every signed request would cross the network in clear text) unless given ``--insecure``; a
-portal on this machine (localhost, 127.0.0.0/8, ::1) needs no flag.
+portal on this machine (localhost, 127.0.0.0/8, ::1) needs no flag. An ``https://`` portal's
+certificate is always verified (``client_agent.tls``): against the CA bundle given to ``enrol
+--ca-file`` and kept in the site folder, else the system's trust store; a refused certificate
+is reported with its reason, never skipped.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import email.utils
 import http.client
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +39,7 @@ from client_agent.portal import (
     PortalClient,
     PortalError,
     PortalUnreachable,
+    PortalUntrusted,
     WireLog,
     WireRecorder,
     require_secure_transport,
@@ -43,6 +48,7 @@ from client_agent.privacy import accounting
 from client_agent.privacy.ledger import LedgerDamaged, PrivacyLedger
 from client_agent.privacy.policy import POLICY_FILE, PolicyError, PrivacyPolicy, assess_job
 from client_agent.site_dir import NotEnrolled, SiteDir, SiteIdentity, default_dir
+from client_agent.tls import BadCABundle, read_ca_bundle
 from common.rounds import round_for_people
 
 ENROL_CHECK_PATH = "/api/v1/enrol/check/"
@@ -86,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     enrol.add_argument("--token", required=True, help="the one-time enrolment token")
     enrol.add_argument(
         "--force", action="store_true", help="replace an identity already in the folder"
+    )
+    enrol.add_argument(
+        "--ca-file",
+        "--root-certificates",
+        dest="ca_file",
+        type=Path,
+        metavar="PEM",
+        help="the CA certificate(s), PEM, that signed the portal's TLS certificate, when it is "
+        "not one the system trusts (a private CA): checked, copied into the site folder "
+        "(tls-ca.pem) and used for every later connection of this site instead of the "
+        "system's trust store",
     )
     _dir_arg(enrol)
     run = commands.add_parser("run", help="connect to the portal and run this site's jobs")
@@ -161,6 +178,7 @@ def main(argv: Sequence[str] | None = None, *, wire: WireRecorder | None = None)
                 force=args.force,
                 insecure=args.insecure,
                 wire=wire,
+                ca_file=args.ca_file,
             )
         if args.command == "policy":
             if args.policy_command == "show":
@@ -190,7 +208,15 @@ def main(argv: Sequence[str] | None = None, *, wire: WireRecorder | None = None)
     except (PolicyError, LedgerDamaged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_POLICY
-    except (CommandError, NotEnrolled, PermissionError, InsecurePortal) as exc:
+    # PortalUntrusted before PortalUnreachable: its message says what is wrong and what to do.
+    except (
+        CommandError,
+        NotEnrolled,
+        PermissionError,
+        InsecurePortal,
+        BadCABundle,
+        PortalUntrusted,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except PortalUnreachable as exc:
@@ -213,12 +239,27 @@ def enrol(
     insecure: bool = False,
     say: Callable[[str], None] = print,
     wire: WireRecorder | None = None,
+    ca_file: Path | None = None,
 ) -> int:
     """Make the key here, send only a CSR with the token, keep the certificate. The token is
     sent in clear text over plain HTTP, which is refused to another machine unless
-    ``insecure``."""
+    ``insecure``. ``ca_file``: the CA bundle that verifies the portal's TLS certificate,
+    checked before anything is sent and kept in the folder for every later connection."""
+    tls_ca_pem = None
+    if ca_file is not None:
+        try:
+            tls_ca_pem = read_ca_bundle(ca_file)
+        except BadCABundle as exc:
+            raise CommandError(f"--ca-file: {exc}") from None
+        if not portal.strip().lower().startswith("https://"):
+            raise CommandError(
+                f"--ca-file verifies an https:// portal's certificate; {portal} is not https"
+            )
+        ca_file = ca_file.resolve()
     try:
-        client = PortalClient(portal, insecure=insecure, wire=wire)
+        client = PortalClient(portal, insecure=insecure, wire=wire, ca_file=ca_file)
+    except BadCABundle:
+        raise
     except ValueError as exc:
         raise CommandError(f"--portal: {exc}") from None
     if site_dir.is_enrolled() and not force:
@@ -242,7 +283,11 @@ def enrol(
         not_after=issued["not_after"],
     )
     site_dir.save(
-        identity, key=key, cert_pem=issued["certificate_pem"], ca_pem=issued["ca_certificate_pem"]
+        identity,
+        key=key,
+        cert_pem=issued["certificate_pem"],
+        ca_pem=issued["ca_certificate_pem"],
+        tls_ca_pem=tls_ca_pem,
     )
     say(
         f"enrolled site {identity.site!r} ({identity.organization}) in project "
@@ -254,6 +299,8 @@ def enrol(
         f"valid until {identity.not_after})"
     )
     say(f"  project CA   {site_dir.ca_path}")
+    if tls_ca_pem is not None:
+        say(f"  portal TLS   {site_dir.tls_ca_path} (verifies the portal's certificate)")
     say(f"  identity     {site_dir.config_path}")
     say(
         f"next: python -m client_agent run --dir {site_dir.path}{' --insecure' if insecure else ''}"
@@ -278,6 +325,7 @@ def _signed_client(
         timeout=15,
         insecure=insecure,
         wire=wire,
+        ca_file=site_dir.tls_ca_file(),
     )
     return identity, client
 
@@ -479,11 +527,24 @@ def doctor(site_dir: SiteDir, *, insecure: bool = False, wire: WireRecorder | No
     except InsecurePortal as exc:
         report(False, "portal address", str(exc))
         return 1
-    skew = _portal_clock(identity.portal, insecure=insecure)
+    try:
+        plain = PortalClient(
+            identity.portal, timeout=10, insecure=insecure, ca_file=site_dir.tls_ca_file()
+        )
+        skew = _portal_clock(plain)
+    except (BadCABundle, PortalUntrusted) as exc:
+        report(False, "portal certificate", str(exc))
+        return 1
     if isinstance(skew, str):
         report(False, "portal reachable", skew)
         return 1
     report(True, "portal reachable", identity.portal)
+    if plain.tls is not None:
+        report(
+            True,
+            "portal certificate",
+            f"valid for {plain.host}, verified with {plain.trust_source}",
+        )
     report(
         abs(skew) <= MAX_CLOCK_SKEW_SECONDS,
         "clock",
@@ -521,9 +582,10 @@ def _certificate_dates(site_dir: SiteDir) -> tuple[bool, str]:
     return True, f"valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days} days)"
 
 
-def _portal_clock(portal: str, *, insecure: bool) -> float | str:
-    """Seconds this machine's clock is ahead of the portal's, or why it cannot be told."""
-    client = PortalClient(portal, timeout=10, insecure=insecure)
+def _portal_clock(client: PortalClient) -> float | str:
+    """Seconds this machine's clock is ahead of the portal's, or why it cannot be told;
+    :class:`PortalUntrusted` when the portal's certificate is refused."""
+    portal = client.url
     connection = client._connection()
     try:
         sent = time.time()
@@ -531,6 +593,8 @@ def _portal_clock(portal: str, *, insecure: bool) -> float | str:
         response = connection.getresponse()
         response.read()
         received = time.time()
+    except ssl.SSLCertVerificationError as exc:
+        raise PortalUntrusted(f"{portal}: {client.untrusted(exc)}") from exc
     except (OSError, http.client.HTTPException) as exc:
         return f"{portal}: {exc}"
     finally:

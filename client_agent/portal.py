@@ -4,7 +4,8 @@ Standard library only (``http.client``), so a site needs nothing but the agent e
 request is signed afresh (a nonce may be used once), so retrying means calling again. Errors
 from the portal arrive as ``{"code", "message", "field"}`` and are raised as
 :class:`PortalError` with those; a portal that cannot be reached raises
-:class:`PortalUnreachable`. A round's calls raise :class:`RoundClosed` when the round's task
+:class:`PortalUnreachable` (:class:`PortalUntrusted` when its TLS certificate is refused). A
+round's calls raise :class:`RoundClosed` when the round's task
 takes nothing more, and an app archive that is not what the portal said raises
 :class:`AppArchiveMismatch`: the caller decides on kinds of failure, not HTTP statuses.
 """
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from client_agent import signing
+from client_agent import signing, tls
 from client_agent.protocol import HEADER_AGENT_VERSION, HEADER_CONTENT_SHA256
 
 CHUNK = 1 << 20
@@ -62,6 +63,11 @@ class WireLog:
 
 class PortalUnreachable(ConnectionError):
     """No answer from the portal (down, restarting, or the network is away)."""
+
+
+class PortalUntrusted(PortalUnreachable):
+    """The portal's TLS certificate was refused (untrusted, for another name, out of its
+    dates); the message says which and what to do. Verification is never skipped."""
 
 
 class PortalError(RuntimeError):
@@ -174,6 +180,9 @@ class PortalClient:
     One connection per call: agents make a few requests per round, and a fresh connection
     is what survives a portal restart without bookkeeping. Plain HTTP is refused
     (:class:`InsecurePortal`) unless the portal is on this machine or ``insecure`` is set.
+    HTTPS is verified with :func:`client_agent.tls.client_context` (``ca_file``: the site's
+    CA bundle; :class:`~client_agent.tls.BadCABundle` here when it cannot be loaded), and
+    :attr:`tls` is that context, for the WebSocket too.
     """
 
     def __init__(
@@ -188,6 +197,7 @@ class PortalClient:
         insecure: bool = False,
         insecure_flag: str = "--insecure",
         wire: WireRecorder | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.url = portal_url.rstrip("/")
         self.scheme, self.host, self.port, self.base = split_url(portal_url)
@@ -199,6 +209,8 @@ class PortalClient:
         self.api_token = api_token
         self.timeout = timeout
         self.wire = wire
+        _, self.trust_source = tls.trust_source(ca_file)
+        self.tls = tls.client_context(ca_file) if self.scheme == "https" else None
 
     def record(self, channel: str, method: str, path: str, body: bytes) -> None:
         """Show ``body``, about to be sent, to the wire recorder, if there is one."""
@@ -207,11 +219,14 @@ class PortalClient:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def untrusted(self, exc: ssl.SSLCertVerificationError) -> str:
+        """Why the portal's certificate was refused, and what to do, in words."""
+        return tls.untrusted_reason(exc, host=self.host, source=self.trust_source)
+
     def _connection(self) -> http.client.HTTPConnection:
-        if self.scheme == "https":
-            context = ssl.create_default_context(cafile=os.environ.get("FEDPORTAL_TLS_CA_FILE"))
+        if self.tls is not None:
             return http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout, context=context
+                self.host, self.port, timeout=self.timeout, context=self.tls
             )
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
@@ -268,6 +283,9 @@ class PortalClient:
             else:
                 connection.request(method, target, body=body or None, headers=all_headers)
             response = connection.getresponse()
+        except ssl.SSLCertVerificationError as exc:
+            connection.close()
+            raise PortalUntrusted(f"{self.url}: {self.untrusted(exc)}") from exc
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
             raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc

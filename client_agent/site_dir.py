@@ -5,7 +5,9 @@ Layout (``--dir``, default ``$FEDPORTAL_SITE_DIR`` or ``./fedportal-site``)::
     site.json     portal URL, site, project, certificate serial and fingerprint
     site.key      the private key, mode 0600; made here, never sent anywhere
     site.crt      the site's certificate, issued by the project's CA
-    ca.crt        the project CA's certificate
+    ca.crt        the project CA's certificate (it signs the sites' certificates)
+    tls-ca.pem    the CA bundle that verifies the portal's TLS certificate, when enrolled with
+                  ``--ca-file`` (optional; otherwise the system's trust store: client_agent.tls)
     privacy.toml  the site's privacy policy, written by the site admin (optional; see
                   client_agent.privacy.policy); the agent reads it at start, never writes it
     privacy-ledger.json  what the site has spent: each noised release per job (mode 0600)
@@ -76,6 +78,14 @@ class SiteDir:
         return self.path / "ca.crt"
 
     @property
+    def tls_ca_path(self) -> Path:
+        return self.path / "tls-ca.pem"
+
+    def tls_ca_file(self) -> Path | None:
+        """The site's own CA bundle for the portal's TLS certificate, if it has one."""
+        return self.tls_ca_path if self.tls_ca_path.exists() else None
+
+    @property
     def jobs_path(self) -> Path:
         return self.path / "jobs"
 
@@ -107,15 +117,27 @@ class SiteDir:
         return signing.load_key(self.key_path)
 
     def save(
-        self, identity: SiteIdentity, *, key: signing.PrivateKey, cert_pem: str, ca_pem: str
+        self,
+        identity: SiteIdentity,
+        *,
+        key: signing.PrivateKey,
+        cert_pem: str,
+        ca_pem: str,
+        tls_ca_pem: str | None = None,
     ) -> None:
         """Write the identity into a private folder (0700); the key first. Every file is the
-        owner's only (0600) from the moment it exists, not after a chmod."""
+        owner's only (0600) from the moment it exists, not after a chmod. ``tls_ca_pem`` (the
+        CA bundle for the portal's TLS certificate) is written, or, when None, a bundle left
+        by an earlier enrolment is removed: the new identity trusts what it was enrolled with."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
         signing.save_key(self.key_path, key)
         write_private(self.cert_path, cert_pem.encode())
         write_private(self.ca_path, ca_pem.encode())
+        if tls_ca_pem is None:
+            self.tls_ca_path.unlink(missing_ok=True)
+        else:
+            write_private(self.tls_ca_path, tls_ca_pem.encode())
         write_private(self.config_path, (json.dumps(asdict(identity), indent=2) + "\n").encode())
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -41,16 +41,19 @@ def shared_test_database_url() -> str:
 
 
 @contextlib.contextmanager
-def served(env: dict[str, str], log: Path) -> Iterator[tuple[str, int, int]]:
+def served(
+    env: dict[str, str], log: Path, args: Sequence[str] = ()
+) -> Iterator[tuple[str, int, int]]:
     """``python -m fedportal.serve`` on a free port with ``env`` over this process's
-    environment, until the block ends: ``(url, port, pid)`` once ``/healthz`` answers. Its
-    output goes to ``log``, whose end is raised with the error when it does not start."""
+    environment and ``args`` (more of its options), until the block ends: ``(url, port,
+    pid)`` once ``/healthz`` answers. Its output goes to ``log``, whose end is raised with the
+    error when it does not start."""
     port = _free_port()
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     full_env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port)],
+            [sys.executable, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port), *args],
             cwd=ROOT,
             env=full_env,
             stdout=out,
@@ -87,10 +90,16 @@ def media_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
     """The portal's server (``python -m fedportal.serve``, Daphne) on a free port, on the test
     database; its log is printed when it fails to start."""
+    with served(portal_env(media_root), media_root.parent / "daphne.log") as (url, _, _):
+        yield url
+
+
+def portal_env(media_root: Path) -> dict[str, str]:
+    """The environment of the test portal's process (Redis's test database flushed first)."""
     import redis
 
     redis.Redis.from_url(REDIS_URL).flushdb()
-    env = {
+    return {
         "DJANGO_SETTINGS_MODULE": "tests.browser.daphne_settings",
         "DATABASE_URL": shared_test_database_url(),
         "DJANGO_MEDIA_ROOT": str(media_root),
@@ -100,5 +109,3 @@ def portal_url(django_db_setup: None, media_root: Path) -> Iterator[str]:
         "DJANGO_DEBUG": "false",
         "BROWSER_TEST_REDIS_URL": REDIS_URL,
     }
-    with served(env, media_root.parent / "daphne.log") as (url, _, _):
-        yield url
