@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import textwrap
 import threading
@@ -225,6 +226,7 @@ def started(
         show_progress=False,
         extra_env={"FEDPORTAL_RESUME_SECONDS": "2", **options.get("env", {})},
         num_workers=options.get("workers", 1),
+        num_portals=options.get("portals", 1),
     )
     env.start()
     try:
@@ -493,6 +495,34 @@ def test_a_worker_killed_mid_aggregation_is_replaced_by_the_other_within_seconds
         f"AND number = {number}",
     )
     assert attempts == "2"  # the killed aggregation counted as a start
+
+
+@pytest.mark.parametrize("chaos", [{"portals": 2, "workers": 2}], indirect=True)
+def test_two_portals_behind_a_proxy_one_killed_mid_round(
+    chaos: Chaos, app: Path, tmp_path: Path
+) -> None:
+    env = chaos.env
+
+    def connected(portal: str) -> set[str]:
+        """The sites whose agents opened a socket on ``portal``."""
+        return set(re.findall(r"agent connected: site=(site-\d+)", chaos.logs(portal)))
+
+    # The proxy spreads the agents' sockets over both portals.
+    wait_until(lambda: len(connected("portal") | connected("portal-2")) == 3, 60, "3 sockets")
+    first, second = connected("portal"), connected("portal-2")
+    assert first and second, (first, second)
+
+    run = chaos.submit(make_recipe(app))
+    wait_until(lambda: chaos.round_is(run, 0, "closed"), 120, "round 1 to close")
+    # Round 2 opened: its event reached the agents on both portals, through the shared
+    # channel layer. Then one portal dies mid-round.
+    env.kill("portal")
+    run = chaos.finish(run, timeout=300)
+
+    assert run.status == RunStatus.COMPLETED, run.error
+    assert_same_bits(chaos.final_model(run), undisturbed(app, tmp_path))
+    # The killed portal's agents came back through the proxy, to the other portal.
+    assert first <= connected("portal-2"), (first, connected("portal-2"))
 
 
 def test_portal_restarted_with_three_uploads_in_flight(

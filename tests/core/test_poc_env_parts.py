@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from jobs.envs import PocEnv
 from jobs.envs.poc import PROJECT_ROOT
+from jobs.envs.poc import env as poc_env
+from jobs.envs.poc.proxy import nginx_binary, write_nginx_config
 from jobs.envs.poc.supervisor import Supervisor
 from jobs.envs.poc.template import FILES, SetupTemplate, migrations_digest
 
@@ -142,3 +145,40 @@ def test_each_list_of_sites_and_each_migration_has_its_own_setup(
     before = migrations_digest(tmp_path)
     migration.write_text("operations = ['a field']\n")
     assert migrations_digest(tmp_path) != before
+
+
+# --- several portals behind a proxy ----------------------------------------------------------
+
+
+@pytest.mark.skipif(nginx_binary() is None, reason="needs nginx (Debian: apt-get install nginx)")
+def test_the_proxy_configuration_is_one_nginx_accepts(tmp_path: Path) -> None:
+    config = write_nginx_config(tmp_path / "proxy", 18080, [18081, 18082])
+    nginx = nginx_binary()
+    assert nginx is not None
+    checked = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path / "proxy"), "-c", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stderr
+    text = config.read_text()
+    assert "server 127.0.0.1:18081" in text and "server 127.0.0.1:18082" in text
+    # Updates stream through to the portal, which bounds them itself.
+    assert "proxy_request_buffering off;" in text and "client_max_body_size 0;" in text
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5, True, "2"])
+def test_a_count_of_portals_or_workers_that_makes_no_sense_is_refused(count: object) -> None:
+    with pytest.raises(ValueError, match=r"num_portals: expected a whole number >= 1, got "):
+        PocEnv(num_portals=count)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_workers: expected a whole number >= 1, got "):
+        PocEnv(num_workers=count)  # type: ignore[arg-type]
+
+
+def test_several_portals_without_nginx_are_refused_saying_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(poc_env, "nginx_binary", lambda: None)
+    with pytest.raises(ValueError, match=r"num_portals=2: .* apt-get install nginx"):
+        PocEnv(num_portals=2)
+    PocEnv(num_portals=1)  # one portal needs no proxy

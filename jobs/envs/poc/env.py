@@ -66,6 +66,7 @@ from jobs.envs.base import (
     site_policies,
     site_threads_env,
 )
+from jobs.envs.poc.proxy import nginx_binary, write_nginx_config
 from jobs.envs.poc.supervisor import PRIVATE_UMASK, Supervisor
 from jobs.envs.poc.template import SetupTemplate
 from jobs.envs.portal import PortalRun, ProdEnv
@@ -102,6 +103,22 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    """The portal at ``url`` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _numbered(kind: str, count: int, argument: str) -> list[str]:
+    """``kind``, ``kind-2``, … ``count`` process names; ``argument`` names a bad count."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"{argument}: expected a whole number >= 1, got {count!r}")
+    return [kind, *(f"{kind}-{n}" for n in range(2, count + 1))]
 
 
 def _redis_answers(url: str, timeout: float = 1.0) -> bool:
@@ -158,6 +175,11 @@ class PocEnv:
     ``num_workers`` (default 1): Celery workers, ``worker``, ``worker-2``, … (the first also
     runs the beat). With more than one, a worker killed in the middle of a round's aggregation
     is replaced by another within seconds (``jobs.services.claims``), as in a deployment.
+
+    ``num_portals`` (default 1): portal processes, ``portal``, ``portal-2``, …. With more than
+    one they sit behind a reverse proxy (Debian's nginx, process ``proxy``;
+    :mod:`jobs.envs.poc.proxy`) at ``port``, which spreads the agents over them and leaves out
+    one that died; the agents of a killed portal reconnect through the proxy to another.
     """
 
     def __init__(
@@ -186,10 +208,17 @@ class PocEnv:
         privacy_policy: PolicyArg | dict[str, PolicyArg] | None = None,
         database_url: str | None = None,
         num_workers: int = 1,
+        num_portals: int = 1,
     ) -> None:
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers: expected a whole number >= 1, got {num_workers!r}")
-        self.workers = ["worker", *(f"worker-{n}" for n in range(2, num_workers + 1))]
+        self.workers = _numbered("worker", num_workers, "num_workers")
+        self.portals = _numbered("portal", num_portals, "num_portals")
+        self.nginx = nginx_binary() if num_portals > 1 else None
+        if num_portals > 1 and self.nginx is None:
+            raise ValueError(
+                f"num_portals={num_portals}: several portals need a reverse proxy in front, "
+                "and nginx is not installed here (Debian: apt-get install nginx)"
+            )
+        self.portal_ports: list[int] = []
         if clients is not None and num_clients == DEFAULT_POC_CLIENTS:
             num_clients = None
         self.clients = site_names(num_clients, clients)
@@ -385,6 +414,10 @@ class PocEnv:
         self._make_workspace()
         self.port = self.port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # One portal listens on the PoC's port itself; several on ports of their own.
+        self.portal_ports = (
+            [self.port] if len(self.portals) == 1 else [_free_port() for _ in self.portals]
+        )
         atexit.register(self.stop)
         try:
             setup = self._database_and_setup()
@@ -459,10 +492,18 @@ class PocEnv:
     def _launch_services(self) -> None:
         py = self.python
         # The portal's server (Daphne with bounded bodies): HTTP, WebSockets and, in
-        # development mode, the dashboard's static files.
-        self._spawn(
-            "portal", [py, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(self.port)]
-        )
+        # development mode, the dashboard's static files. Several portals listen on ports of
+        # their own behind the proxy, which listens on the PoC's port, and trust its
+        # X-Forwarded-For.
+        behind_proxy = len(self.portals) > 1
+        for name, port in zip(self.portals, self.portal_ports, strict=True):
+            serve = [py, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port)]
+            self._spawn(name, [*serve, *(["--proxy-headers"] if behind_proxy else [])])
+        if behind_proxy:
+            assert self.nginx is not None  # checked in __init__
+            prefix = self.workspace / "proxy"
+            config = write_nginx_config(prefix, self.port or 0, self.portal_ports)
+            self._spawn("proxy", [self.nginx, "-p", str(prefix), "-c", str(config)])
         # Solo workers: one process each, no pool to fork; the round work is short and serial.
         # They need not wait to meet each other (mingle) at start: the database says who holds
         # what. The first runs the periodic resume (-B: beat in a child process), the safety net
@@ -480,20 +521,23 @@ class PocEnv:
             *(schedule if beat else []),
         ]
 
+    def _proxy(self) -> list[str]:
+        """The proxy's process name, when there is one."""
+        return ["proxy"] if len(self.portals) > 1 else []
+
     def _wait_for_portal(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for name in ("portal", *self.workers):
+            for name in (*self.portals, *self.workers, *self._proxy()):
                 if self.processes[name].poll() is not None:
                     raise PocEnvError(
                         f"the {name} exited at start; see {self.workspace / 'logs' / name}.log"
                     )
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
+            if all(_answers(f"http://127.0.0.1:{port}") for port in self.portal_ports) and (
+                len(self.portals) == 1 or _answers(self.url)
+            ):
+                return
+            time.sleep(0.05)
         raise PocEnvError(f"the portal did not answer within {timeout:.0f} s; see logs/portal.log")
 
     def _start_agents(self, tokens: dict[str, str]) -> None:
@@ -558,7 +602,7 @@ class PocEnv:
 
         signal.signal(signal.SIGTERM, interrupt)  # `kill` too, not only Ctrl-C
         try:
-            while all(p.poll() is None for n, p in self.processes.items() if n == "portal"):
+            while any(p.poll() is None for n, p in self.processes.items() if n in self.portals):
                 time.sleep(0.5)
             self._say("the portal exited")
         except KeyboardInterrupt:
@@ -577,7 +621,7 @@ class PocEnv:
         if name.startswith("agent:"):
             self.supervisor.forget_stopped(name)
             self.start_agent(name.split(":", 1)[1])
-        elif name == "portal" or name in self.workers:
+        elif name in self.portals or name in self.workers or name in self._proxy():
             self.supervisor.respawn(name)
         else:
             raise ValueError(f"no process named {name!r}")
