@@ -3,7 +3,8 @@
 One asyncio loop does three things at once:
 
 - **connection**: a WebSocket to the portal (``/ws/agent/``, signed handshake), kept open with
-  heartbeats and reopened with backoff (0.5 s doubling to 30 s, with jitter) whenever the
+  heartbeats and reopened with backoff (:func:`reconnect_delay`: full jitter, the window
+  1 s doubling to 30 s) whenever the
   portal or the network goes away. What the agent must deliver — ``flare.log`` points and the
   script's output lines — waits in an outbox (``client_agent.outbox``) until the portal
   acknowledges it, and is sent again after a reconnect; the portal stores a resent item once
@@ -130,6 +131,21 @@ def _without_script_text(reason: str) -> str:
     """A script failure's reason without anything the script itself wrote (an exception's
     text, a name it chose), for a site whose privacy policy keeps script output here."""
     return re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason.split(":", 1)[0])
+
+
+def reconnect_delay(
+    attempt: int, *, base: float = 1.0, cap: float = 30.0, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before reconnecting after ``attempt`` failed tries in a row (0: the
+    connection was just lost): uniform in ``[0, min(cap, base * 2**attempt)]``, "full jitter".
+
+    When a portal restarts, every agent it served loses its socket at the same moment. With
+    a fixed delay and a little jitter they all came back within a few tenths of a second,
+    hundreds of signed handshakes at once; spread over the whole window they arrive at an
+    even rate, and the window doubles while the portal stays away.
+    """
+    window = min(cap, base * 2 ** min(attempt, 32))
+    return (rng or random).uniform(0.0, window)
 
 
 def _brings_work(event: dict[str, Any]) -> bool:
@@ -289,8 +305,9 @@ class Agent:
     # -- connection -------------------------------------------------------------------------
 
     async def _connection_loop(self) -> None:
-        delay = 0.5
+        attempt = 0
         while True:
+            delay = reconnect_delay(attempt, cap=self.reconnect_max_seconds)
             url = self.client.websocket_url(WS_PATH)
             headers = self.client.signed_headers("GET", WS_PATH)
             headers[HEADER_AGENT_VERSION] = AGENT_VERSION
@@ -310,7 +327,8 @@ class Agent:
                     if not isinstance(first, Welcome):
                         await self._refused_at_handshake(first)
                         return
-                    delay = 0.5
+                    attempt = 0  # connected: the next loss starts from the first window
+                    delay = reconnect_delay(attempt, cap=self.reconnect_max_seconds)
                     self.say(f"connected to {self.client.url} as site {first.site}")
                     await self._session(ws, first.heartbeat_seconds)
             except asyncio.CancelledError:
@@ -331,8 +349,8 @@ class Agent:
                 )
             finally:
                 self.ws = None
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, self.reconnect_max_seconds)
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def _refused_at_handshake(self, first: PortalMessage | None) -> None:
         error = first.error if isinstance(first, ErrorMessage) else ErrorBody("?", "")

@@ -485,11 +485,39 @@ class GuardedHTTPFactory(HTTPFactory):
         return protocol
 
 
+# Connections the kernel holds for the portal before it accepts them. Twisted's default is 50:
+# when a portal restarts, a few hundred agents reconnect within a second, and SYNs past the
+# queue are dropped and retried by the clients after 1, 3, 7 s. 2048 is gunicorn's and
+# uvicorn's default; Linux caps it at net.core.somaxconn (4096 on current kernels).
+DEFAULT_LISTEN_BACKLOG = 2048
+# Seconds a WebSocket may take from its TCP connection to the end of its handshake. Daphne's 5
+# was too short for a portal process that a hundred agents reach at once: each handshake
+# checks a signature and the site's certificate, and handshakes past 5 s were cut.
+DEFAULT_WEBSOCKET_CONNECT_TIMEOUT = 30
+
+
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """A Twisted server endpoint description with ``backlog`` (TCP and Unix sockets; one that
+    names its own backlog, or another kind, unchanged)."""
+    kind = endpoint.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix") or ":backlog=" in endpoint:
+        return endpoint
+    return f"{endpoint}:backlog={backlog}"
+
+
 class PortalServer(Server):
     """Daphne's server with :class:`GuardedHTTPFactory` (``Server.run`` assigns its own
-    ``HTTPFactory`` to ``http_factory``; this server keeps the guarded one instead)."""
+    ``HTTPFactory`` to ``http_factory``; this server keeps the guarded one instead), listening
+    with a backlog of ``listen_backlog`` connections."""
 
     _http_factory: Any = None
+    endpoints: list[str]
+    # Set from ``--backlog`` by the command line, before it makes the (one) server.
+    listen_backlog = DEFAULT_LISTEN_BACKLOG
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.endpoints = [with_backlog(e, self.listen_backlog) for e in self.endpoints]
 
     @property
     def http_factory(self) -> Any:
@@ -534,3 +562,19 @@ class PortalCommandLine(CommandLineInterface):
             if action.dest == "application":
                 action.nargs = "?"
                 action.default = "fedportal.asgi:application"
+        self.parser.add_argument(
+            "--backlog",
+            type=int,
+            default=DEFAULT_LISTEN_BACKLOG,
+            help="connections the kernel queues before the portal accepts them "
+            f"(default {DEFAULT_LISTEN_BACKLOG})",
+        )
+        self.parser.set_defaults(websocket_connect_timeout=DEFAULT_WEBSOCKET_CONNECT_TIMEOUT)
+
+    def run(self, args: list[str]) -> None:
+        # Daphne's run parses the arguments and builds the server; the backlog is ours.
+        known, _ = self.parser.parse_known_args(args)
+        if known.backlog < 1:
+            self.parser.error(f"--backlog must be at least 1, got {known.backlog}")
+        PortalServer.listen_backlog = known.backlog
+        super().run(args)

@@ -1,0 +1,60 @@
+"""The portal's server takes many connections at once: a listen backlog far above Twisted's
+50, and WebSocket handshakes given time on a busy portal (Daphne's 5 s cut them)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedportal.server import (
+    DEFAULT_LISTEN_BACKLOG,
+    DEFAULT_WEBSOCKET_CONNECT_TIMEOUT,
+    PortalCommandLine,
+    PortalServer,
+    with_backlog,
+)
+from tests.daphne_portal import portal_env, served
+
+
+def test_the_command_line_defaults_are_sized_for_hundreds_of_agents() -> None:
+    args = PortalCommandLine().parser.parse_args([])
+    assert args.backlog == DEFAULT_LISTEN_BACKLOG == 2048
+    assert args.websocket_connect_timeout == DEFAULT_WEBSOCKET_CONNECT_TIMEOUT == 30
+    assert PortalCommandLine().parser.parse_args(["--backlog", "64"]).backlog == 64
+
+
+def test_every_listening_endpoint_gets_the_backlog() -> None:
+    assert with_backlog("tcp:port=8000:interface=0.0.0.0", 99) == (
+        "tcp:port=8000:interface=0.0.0.0:backlog=99"
+    )
+    assert with_backlog("unix:/run/portal.sock", 99) == "unix:/run/portal.sock:backlog=99"
+    assert with_backlog("tcp:8000:backlog=7", 99) == "tcp:8000:backlog=7"  # its own kept
+    assert with_backlog("fd:domain=INET:fileno=3", 99) == "fd:domain=INET:fileno=3"
+    server = PortalServer(application=None, endpoints=["tcp:port=0:interface=127.0.0.1"])
+    assert server.endpoints == [f"tcp:port=0:interface=127.0.0.1:backlog={DEFAULT_LISTEN_BACKLOG}"]
+
+
+def test_a_backlog_below_one_is_refused_naming_the_option(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        PortalCommandLine().run(["--backlog", "0"])
+    assert "--backlog must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.django_db
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_the_running_portal_listens_with_that_backlog(tmp_path: Path) -> None:
+    with served(portal_env(tmp_path / "media"), tmp_path / "portal.log", ["--backlog", "777"]) as (
+        _,
+        port,
+        _,
+    ):
+        listening = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout
+    # For a listening socket, ss's Send-Q column is the backlog it was given.
+    queues = re.findall(r"LISTEN\s+\d+\s+(\d+)", listening)
+    assert queues == ["777"], listening
