@@ -191,6 +191,7 @@ class DashboardConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  
             if self.closing or not await self._recheck():
                 return
             await sockets.socket_claim(self.user_id, self.channel_name)
+            await sockets.groups_join_again(self.channel_layer, self.joined, self.channel_name)
 
     async def _close(self, code: int, kind: str, reason: str, message: str) -> None:
         if self.closing:

@@ -121,6 +121,14 @@ async def socket_count(user_id: int) -> int:
         return int(await client.zcount(_key(user_id), now[0] + now[1] / 1e6, "+inf"))
 
 
+async def groups_join_again(layer: Any, groups: list[str], channel: str) -> None:
+    """Join ``groups`` again. A channel layer forgets a channel ``group_expiry`` seconds after
+    it joined a group (``CHANNEL_LAYERS``): that is how the channels of a portal process that
+    died leave them. A live socket calls this at every recheck to keep its place."""
+    for group in groups:
+        await layer.group_add(group, channel)
+
+
 class BoundedJSONMixin:
     """For a Channels JSON consumer: messages are parsed by ``client_agent.jsonlimits``, so
     JSON nested deeper than any of ours is refused before Python's parser recurses into it.

@@ -301,6 +301,8 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
             await asyncio.sleep(sockets.recheck_seconds())
             if not self.closing and not await self._recheck():
                 return
+            if self.group:
+                await sockets.groups_join_again(self.channel_layer, [self.group], self.channel_name)
 
     async def _refuse(self, error: ErrorBody) -> None:
         if self.closing:

@@ -307,6 +307,12 @@ CHANNEL_LAYERS = {
             # default of 100 dropped round events at 150 agents, who then waited for their
             # safety poll. Size it above the sites (and pages) one portal process serves.
             "capacity": env_int("FEDPORTAL_CHANNEL_CAPACITY", 2000),
+            # A channel leaves its groups this long after it last joined them. Every open
+            # socket joins again at each recheck (FEDPORTAL_SOCKET_RECHECK_SECONDS), so only
+            # the channels of a portal process that died (SIGKILL, out of memory, its host
+            # gone) fall out: in minutes, rather than channels' default of a day during which
+            # every event was also written to each dead channel.
+            "group_expiry": env_int("FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS", 180),
         },
     },
 }
@@ -440,6 +446,12 @@ FEDPORTAL_MAX_SOCKETS_PER_USER = int(os.environ.get("FEDPORTAL_MAX_SOCKETS_PER_U
 # How often an open socket checks again that its person (or agent's certificate) may still
 # listen, in case the event that ends a grant was lost; a socket's count lapses after 3 times.
 FEDPORTAL_SOCKET_RECHECK_SECONDS = float(os.environ.get("FEDPORTAL_SOCKET_RECHECK_SECONDS", "30"))
+if CHANNEL_LAYERS["default"]["CONFIG"]["group_expiry"] < 3 * FEDPORTAL_SOCKET_RECHECK_SECONDS:
+    raise ImproperlyConfigured(
+        "FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS must be at least 3 times "
+        f"FEDPORTAL_SOCKET_RECHECK_SECONDS ({FEDPORTAL_SOCKET_RECHECK_SECONDS:g}): open sockets "
+        "join their groups again at every recheck, and would fall out of them between two"
+    )
 FEDPORTAL_SOCKETS_REDIS_URL = os.environ.get("FEDPORTAL_SOCKETS_REDIS_URL") or REDIS_URL
 FEDPORTAL_SOCKETS_KEY_PREFIX = os.environ.get("FEDPORTAL_CHANNELS_PREFIX", "asgi")
 
