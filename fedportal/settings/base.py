@@ -290,6 +290,7 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("FEDPORTAL_CELERY_QUEUE", "celery")
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_TIMEZONE = TIME_ZONE
 
+FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS = env_int("FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS", 180)
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -312,7 +313,7 @@ CHANNEL_LAYERS = {
             # the channels of a portal process that died (SIGKILL, out of memory, its host
             # gone) fall out: in minutes, rather than channels' default of a day during which
             # every event was also written to each dead channel.
-            "group_expiry": env_int("FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS", 180),
+            "group_expiry": FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS,
         },
     },
 }
@@ -446,7 +447,7 @@ FEDPORTAL_MAX_SOCKETS_PER_USER = int(os.environ.get("FEDPORTAL_MAX_SOCKETS_PER_U
 # How often an open socket checks again that its person (or agent's certificate) may still
 # listen, in case the event that ends a grant was lost; a socket's count lapses after 3 times.
 FEDPORTAL_SOCKET_RECHECK_SECONDS = float(os.environ.get("FEDPORTAL_SOCKET_RECHECK_SECONDS", "30"))
-if CHANNEL_LAYERS["default"]["CONFIG"]["group_expiry"] < 3 * FEDPORTAL_SOCKET_RECHECK_SECONDS:
+if FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS < 3 * FEDPORTAL_SOCKET_RECHECK_SECONDS:
     raise ImproperlyConfigured(
         "FEDPORTAL_CHANNEL_GROUP_EXPIRY_SECONDS must be at least 3 times "
         f"FEDPORTAL_SOCKET_RECHECK_SECONDS ({FEDPORTAL_SOCKET_RECHECK_SECONDS:g}): open sockets "
