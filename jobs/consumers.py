@@ -43,7 +43,6 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.db import transaction
 
 from client_agent.protocol import (
     CLOSE_REPLACED,
@@ -78,7 +77,7 @@ from fedportal.events import site_group
 from jobs.exceptions import SlowDown
 from jobs.selectors import job_for_site, task_for_site
 from jobs.services.tasks import task_mark
-from jobs.services.telemetry import log_lines_record, metrics_record
+from jobs.services.telemetry import report_record
 from sites import services as site_services
 from sites.authentication import SiteIdentity, identity_recheck, verify_signed_handshake
 from sites.exceptions import CertificateRevoked
@@ -118,13 +117,9 @@ def _handle(
             return identity, None if answer_to is None else Ack(id=answer_to, state=task.state)
         if kind in REPORT_TYPES:
             report = Report.parse(content)
-            job = job_for_site(job_uid=report.job, site=site)
-            stored = 0
-            with transaction.atomic():
-                if report.points:
-                    stored += metrics_record(job=job, site=site, points=report.points)
-                if report.lines:
-                    stored += log_lines_record(job=job, site=site, lines=report.lines)
+            stored = report_record(
+                job_uid=report.job, site=site, points=report.points, lines=report.lines
+            )
             return identity, None if answer_to is None else Ack(id=answer_to, stored=stored)
         raise unknown_type(kind)
     except UnknownMessage as exc:

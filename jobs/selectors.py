@@ -339,6 +339,24 @@ def task_for_site(*, job: Job, site: Site, round_number: int) -> SiteTask:
     return task
 
 
+def task_of_site(*, job_uid: object, site: Site, round_number: int) -> SiteTask:
+    """The site's task in round ``round_number`` of the job with ``job_uid``: what
+    :func:`job_for_site` then :func:`task_for_site` give, with their NotFound, in one query
+    when the task exists (a site has tasks only in jobs it takes part in)."""
+    task = None
+    if isinstance(job_uid, uuid.UUID):
+        task = (
+            SiteTask.objects.select_related("round__job", "site")
+            .filter(round__job__uid=job_uid, round__number=round_number, site=site)
+            .order_by()  # one row; the model's ordering would join the sites to sort it
+            .first()
+        )
+    if task is None:
+        job = job_for_site(job_uid=job_uid, site=site)  # NotFound naming the job, if it is that
+        return task_for_site(job=job, site=site, round_number=round_number)
+    return task
+
+
 _OPEN_TASK_STATES = (TaskState.ASSIGNED, TaskState.DOWNLOADED, TaskState.TRAINING)
 
 

@@ -29,7 +29,6 @@ from sites.models import (
     Project,
     Role,
     Site,
-    UsedNonce,
 )
 from sites.services._validation import clean_resources, clean_role, clean_site_name
 
@@ -427,12 +426,6 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_filter = ("action", "project", "target_type")
     search_fields = ("action", "actor_repr", "target_repr", "target_id")
     date_hierarchy = "created_at"
-
-
-@admin.register(UsedNonce)
-class UsedNonceAdmin(ReadOnlyAdmin):
-    list_display = ("nonce", "fingerprint", "timestamp", "created_at")
-    search_fields = ("fingerprint", "nonce")
 
 
 @admin.register(ApiToken)

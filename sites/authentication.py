@@ -16,11 +16,15 @@
 5. the site is ``enrolled`` (``SiteNotEnrolled``);
 6. the signature verifies over the canonical string with the body's SHA-256
    (``SignatureInvalid``): a tampered method, path, body, timestamp or nonce fails here;
-7. the nonce was not used before with this certificate (``ReplayDetected``): recorded with an
-   insert under a unique constraint, so two concurrent replays cannot both pass.
+7. the nonce was not used before with this certificate (``ReplayDetected``): claimed in the
+   cache (Redis, shared by every portal process) with an atomic set-if-absent that expires
+   when the request's timestamp leaves the window, so two concurrent replays cannot both pass.
 
-Nothing is cached: revoking a certificate or a site takes effect on the very next request. A
-verified request counts as a heartbeat (``site.last_heartbeat``).
+Steps 3 and 4 are kept in the cache for a certificate that passed them
+(``sites.signed_cache``), in a generation that every change of a certificate, site or project
+ends: revoking a certificate or a site still takes effect on the very next request. A verified
+request counts as a heartbeat (``site.last_heartbeat``), written at most once every
+``FEDPORTAL_HEARTBEAT_WRITE_SECONDS`` per site.
 
 - HTTP: :class:`SiteSignatureAuthentication` (DRF). It sets ``request.auth`` to a
   :class:`SiteIdentity` and ``request.user`` to ``AnonymousUser``; a permission for agent-only
@@ -52,8 +56,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import logging
-import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,7 +65,6 @@ from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
 from django.contrib.auth.models import AnonymousUser
-from django.db import IntegrityError, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.encoding import escape_uri_path, iri_to_uri
@@ -80,7 +83,7 @@ from client_agent.signing import (
 )
 from common.exceptions import AuthenticationError
 from fedportal.throttling import CredentialFailures
-from sites import ca, conf, events
+from sites import ca, conf, events, signed_cache
 from sites.exceptions import (
     ApiTokenInvalid,
     CertificateExpired,
@@ -94,10 +97,9 @@ from sites.exceptions import (
     SiteNotEnrolled,
     UnknownCertificate,
 )
-from sites.models import ApiToken, Certificate, Project, Site, SiteState, UsedNonce
+from sites.models import ApiToken, Certificate, Project, Site, SiteState
 from sites.secret_tokens import API_TOKEN_PREFIX, hash_secret
 from sites.selectors import site_is_online
-from sites.services.enrolment import used_nonces_prune
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -109,20 +111,15 @@ _FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 MAX_SIGNATURE_B64 = 1024  # RSA-4096 is 684 base64 characters; anything longer is not ours
-# Pruning on roughly one verified request in this many keeps the nonce table near its
-# working-set size without a scheduled job and without a DELETE on every request.
-NONCE_PRUNE_EVERY = 64
 # last_used_at is informational; writing it at most this often spares a write per request.
 API_TOKEN_TOUCH_INTERVAL = dt.timedelta(seconds=60)
-# A busy agent makes several signed requests a second; its heartbeat is written at most this
-# often (a site counts as online for FEDPORTAL_SITE_ONLINE_SECONDS, 90 by default).
-HEARTBEAT_WRITE_INTERVAL = dt.timedelta(seconds=2)
 
 
 site_heartbeat = Signal()
-"""Sent after every recorded heartbeat with ``site``, ``previous`` (the heartbeat before this
-one, or None) and ``was_online`` (whether the site counted as online just before). The jobs
-app listens: a site coming online may let a job start."""
+"""Sent after every heartbeat written (see :func:`site_heartbeat_record`) with ``site``,
+``previous`` (the heartbeat before this one, or None) and ``was_online`` (whether the site
+counted as online just before). The jobs app listens: a site coming online may let a job
+start."""
 
 
 @dataclass(frozen=True)
@@ -203,12 +200,7 @@ def verify_signed_request(
             f"timestamp is {abs(skew)} s {direction} the portal clock; allowed ±{window} s"
         )
 
-    row = (
-        Certificate.objects.select_related("site__project").filter(fingerprint=fingerprint).first()
-    )
-    if row is None:
-        raise UnknownCertificate(f"no certificate with fingerprint {fingerprint[:16]}… is known")
-    cert = _certificate_check(row, now)
+    row, cert = _certificate_verified(fingerprint, now)
     site = row.site
 
     if body_sha256 is None:
@@ -226,30 +218,60 @@ def verify_signed_request(
         )
 
     if not record:
-        if UsedNonce.objects.filter(fingerprint=fingerprint, nonce=nonce).exists():
-            raise ReplayDetected(
-                f"nonce {nonce} was already used with this certificate: a replayed request "
-                "(every request needs a fresh nonce)"
-            )
+        if signed_cache.nonce_used(fingerprint=fingerprint, nonce=nonce):
+            raise _replayed(nonce)
         return SiteIdentity(site=site, certificate=row)
-    try:
-        with transaction.atomic():
-            UsedNonce.objects.create(
-                fingerprint=fingerprint,
-                nonce=nonce,
-                timestamp=dt.datetime.fromtimestamp(timestamp, tz=dt.UTC),
-                created_at=now,
-            )
-    except IntegrityError as exc:
-        raise ReplayDetected(
-            f"nonce {nonce} was already used with this certificate: a replayed request "
-            "(every request needs a fresh nonce)"
-        ) from exc
+    if not signed_cache.nonce_claim(
+        fingerprint=fingerprint,
+        nonce=nonce,
+        expires_in=signed_cache.nonce_expires_in(timestamp, now, window),
+    ):
+        raise _replayed(nonce)
 
     site_heartbeat_record(site, now=now)
-    if random.randrange(NONCE_PRUNE_EVERY) == 0:
-        used_nonces_prune(now=now)
     return SiteIdentity(site=site, certificate=row)
+
+
+def _replayed(nonce: str) -> ReplayDetected:
+    return ReplayDetected(
+        f"nonce {nonce} was already used with this certificate: a replayed request "
+        "(every request needs a fresh nonce)"
+    )
+
+
+def _certificate_verified(
+    fingerprint: str, now: dt.datetime
+) -> tuple[Certificate, x509.Certificate]:
+    """The certificate with ``fingerprint``, its site and project attached, once it passed
+    :func:`_certificate_check`; from the cache when it passed under the current generation
+    (only its validity period, which time alone ends, is checked again)."""
+    current = signed_cache.generation()  # before the database: see sites.signed_cache
+    row = signed_cache.certificate_cached(fingerprint, current)
+    if row is not None:
+        _validity_check(row, now)
+        return row, _certificate_loaded(row.pem)
+    row = (
+        Certificate.objects.select_related("site__project").filter(fingerprint=fingerprint).first()
+    )
+    if row is None:
+        raise UnknownCertificate(f"no certificate with fingerprint {fingerprint[:16]}… is known")
+    cert = _certificate_check(row, now)
+    signed_cache.certificate_remember(row, current)
+    return row, cert
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate_loaded(pem: str) -> x509.Certificate:
+    """A PEM certificate, parsed once per process (the text is the whole of it)."""
+    return ca.load_certificate(pem)
+
+
+def _validity_check(row: Certificate, now: dt.datetime) -> None:
+    if not row.not_before <= now <= row.not_after:
+        raise CertificateExpired(
+            f"certificate {row.serial} is valid from {row.not_before:%Y-%m-%d %H:%M} to "
+            f"{row.not_after:%Y-%m-%d %H:%M} UTC; the agent must enrol again"
+        )
 
 
 def _certificate_check(row: Certificate, now: dt.datetime) -> x509.Certificate:
@@ -260,16 +282,12 @@ def _certificate_check(row: Certificate, now: dt.datetime) -> x509.Certificate:
             f"certificate {row.serial} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC"
             + (f": {row.revocation_reason}" if row.revocation_reason else "")
         )
-    if not row.not_before <= now <= row.not_after:
-        raise CertificateExpired(
-            f"certificate {row.serial} is valid from {row.not_before:%Y-%m-%d %H:%M} to "
-            f"{row.not_after:%Y-%m-%d %H:%M} UTC; the agent must enrol again"
-        )
+    _validity_check(row, now)
     site = row.site
     project = site.project
     try:
-        cert = ca.load_certificate(row.pem)
-        ca_cert = ca.load_certificate(project.ca_certificate_pem)
+        cert = _certificate_loaded(row.pem)
+        ca_cert = _certificate_loaded(project.ca_certificate_pem)
     except ValueError as exc:
         raise CertificateUntrusted(f"certificate {row.serial} cannot be read: {exc}") from exc
     if ca.fingerprint(cert) != row.fingerprint:
@@ -290,7 +308,9 @@ def identity_recheck(identity: SiteIdentity, *, now: dt.datetime | None = None) 
     """Check again, from the database, that a connection verified earlier may go on.
 
     A WebSocket is verified once, at its handshake; every message on it calls this, so a
-    certificate revoked while the agent is connected is refused at its next message.
+    certificate revoked while the agent is connected is refused at its next message. It reads
+    the database, never the cache: it is the safety net of a socket that missed the
+    revocation's event, and of a change made behind the services' back.
     """
     row = Certificate.objects.select_related("site__project").get(pk=identity.certificate.pk)
     _certificate_check(row, now or timezone.now())
@@ -305,12 +325,19 @@ def site_heartbeat_record(
     Returns whether the site came online with it (it was offline: never heard, heard too long
     ago, or cut off since); then the pages showing the site are told too, unless ``notify`` is
     off (the caller sends its own ``site.status``).
+
+    Written at most once every ``FEDPORTAL_HEARTBEAT_WRITE_SECONDS`` per site, in all
+    processes together (``sites.signed_cache``): a heartbeat within that time of the last
+    written one finds the site online (the interval is under half the online window, and a
+    cut-off makes the next heartbeat due) and changes nothing a reader could tell apart.
     """
     now = now or timezone.now()
+    if not signed_cache.heartbeat_write_claim(site.pk):
+        return False
+    # The row as it is now: ``site`` may come from the certificate cache, without these.
+    site.refresh_from_db(fields=["state", "last_heartbeat", "agent_disconnected_at"])
     previous = site.last_heartbeat
     was_online = site_is_online(site, now)
-    if was_online and previous is not None and now - previous < HEARTBEAT_WRITE_INTERVAL:
-        return False  # heard from a moment ago: nothing a reader could tell apart, and no write
     gone = site.agent_disconnected_at
     if gone is not None and now <= gone:
         # Heard after being cut off, within the clock's resolution: still later than the cut.

@@ -21,3 +21,28 @@ def check_ca_key_encryption_key(app_configs: Any = None, **kwargs: Any) -> list[
             id="sites.E001",
         )
     ]
+
+
+# Caches every portal process shares, with an atomic add: what replay protection needs.
+SHARED_CACHES = (
+    "django.core.cache.backends.redis.RedisCache",
+    "django.core.cache.backends.memcached.PyMemcacheCache",
+    "django.core.cache.backends.memcached.PyLibMCCache",
+)
+
+
+@register(Tags.security, deploy=True)
+def check_cache_is_shared(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """A signed request's nonce is claimed in Django's cache (sites.signed_cache): a cache of
+    each process's own would let a request replayed to another portal process through."""
+    backend = str(settings.CACHES.get("default", {}).get("BACKEND", ""))
+    if backend in SHARED_CACHES:
+        return []
+    return [
+        Error(
+            f"The default cache ({backend}) is not shared by the portal's processes.",
+            hint="Replay protection of signed requests claims each nonce in it: use Redis "
+            "(the default: REDIS_URL, or FEDPORTAL_CACHE_URL) or Memcached.",
+            id="sites.E002",
+        )
+    ]

@@ -22,7 +22,6 @@ How the pieces relate:
   is what the agent then signs requests with. Revoking a certificate withdraws that key only;
   revoking the site withdraws the site and all its certificates (see ``sites.services``).
 - **AuditEvent** rows are append-only: the model refuses to update or delete one.
-- **UsedNonce** remembers request nonces for the signature window (replay protection).
 - **ApiToken** lets a person's scripts call the REST API; stored hashed, shown once.
 
 Every one-time secret (enrolment token, invitation token, API token key) is stored only as its
@@ -458,29 +457,6 @@ class AuditAction(models.TextChoices):
     API_TOKEN_CREATED = "api_token.created"
     API_TOKEN_REVOKED = "api_token.revoked"
     SITE_PRIVACY_POLICY_REPORTED = "site.privacy_policy_reported"
-
-
-class UsedNonce(models.Model):
-    """A nonce seen in a verified signed request, kept while a replay could still be in time.
-
-    ``timestamp`` is the request's own (signed) timestamp: once it is further in the past than
-    the signature window, a replay fails the window check anyway, so the row may be pruned.
-    """
-
-    fingerprint = models.CharField(max_length=64)
-    nonce = models.CharField(max_length=64)
-    timestamp = models.DateTimeField(db_index=True)
-    created_at = models.DateTimeField(default=timezone.now)
-
-    class Meta:
-        constraints = [
-            models.UniqueConstraint(
-                fields=["fingerprint", "nonce"], name="sites_usednonce_unique_per_certificate"
-            ),
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.nonce} ({self.fingerprint[:12]})"
 
 
 class ApiToken(models.Model):

@@ -440,6 +440,10 @@ FEDPORTAL_CLAIM_CHECK_SECONDS = env_float("FEDPORTAL_CLAIM_CHECK_SECONDS", 1.0, 
 FEDPORTAL_SECURE_PHASE_SECONDS = int(os.environ.get("FEDPORTAL_SECURE_PHASE_SECONDS", "60"))
 # A site is online when it made a signed request (a heartbeat) this recently.
 FEDPORTAL_SITE_ONLINE_SECONDS = int(os.environ.get("FEDPORTAL_SITE_ONLINE_SECONDS", "90"))
+# A site's heartbeat is written at most this often (seconds), by all portal processes together,
+# and never more than half of FEDPORTAL_SITE_ONLINE_SECONDS (sites.signed_cache): not a row
+# write for every signed request.
+FEDPORTAL_HEARTBEAT_WRITE_SECONDS = env_int("FEDPORTAL_HEARTBEAT_WRITE_SECONDS", 30)
 # --- WebSockets (fedportal.sockets) -------------------------------------------------------------
 # Open dashboard sockets one person may hold (a browser tab holds one per live page); the next
 # is closed with code 4429. Counted in Redis across portal processes.

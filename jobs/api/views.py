@@ -52,7 +52,7 @@ from jobs.api.permissions import (
     ONLY_SUBMITTERS,
 )
 from jobs.models import Job, JobSite, MetricPoint, ModelVersion, Round, SiteTask, TaskState
-from jobs.selectors import job_for_site, task_for_site
+from jobs.selectors import job_for_site, task_of_site
 from jobs.services.labels import job_label
 from jobs.services.participation import job_abort, site_job_decide
 from jobs.services.secure import protected_total_bytes, secure_message_post, secure_view
@@ -132,6 +132,11 @@ class AgentView(generics.GenericAPIView[M]):
     def get_job(self) -> Job:
         """The job in the URL if this site takes part in it; 404 otherwise."""
         return job_for_site(job_uid=self.kwargs["uid"], site=self.site)
+
+    def get_task(self, number: int) -> SiteTask:
+        """The site's task in round ``number`` of the job in the URL; 404 as :meth:`get_job`
+        for the job, and for a round in which the site has no task."""
+        return task_of_site(job_uid=self.kwargs["uid"], site=self.site, round_number=number)
 
 
 # --- people: a project's jobs ------------------------------------------------------------------
@@ -494,11 +499,12 @@ class AgentRoundModelView(AgentView[ModelVersion]):
         responses=file_responses(400, 404),
     )
     def get(self, request: Request, uid: UUID, number: int) -> FileResponse:
-        job = self.get_job()
+        task = self.get_task(number)
+        job = task.round.job
         then = request.query_params.get("then", TaskState.DOWNLOADED)
         if then not in (TaskState.DOWNLOADED, TaskState.TRAINING):
             raise ValidationFailed("then must be downloaded or training", field="then")
-        model = round_model_fetch(job=job, site=self.site, round_number=number, then=then)
+        model = round_model_fetch(task=task, then=then)
         return stream_file(
             model.file,
             filename=f"{job.name}-round-{number:03d}.safetensors",
@@ -519,7 +525,7 @@ class AgentRoundStatusView(AgentView[SiteTask]):
         responses={200: s.AgentTaskStateSerializer, **errors(400, 404)},
     )
     def post(self, request: Request, uid: UUID, number: int) -> Response:
-        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        task = self.get_task(number)
         data = parse(s.TaskStatusSerializer, request.data)
         task = task_mark(
             task=task,
@@ -556,7 +562,7 @@ class AgentRoundUpdateView(AgentView[SiteTask]):
         responses={202: s.AgentTaskStateSerializer, **errors(400, 404, 409, 411)},
     )
     def put(self, request: Request, uid: UUID, number: int) -> Response:
-        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        task = self.get_task(number)
         length = _content_length(request)
         # request.stream is the request itself, read in chunks by the service (never
         # request.body, which would load it whole).
@@ -593,7 +599,7 @@ class AgentSecureView(AgentView[SiteTask]):
         responses={200: OpenApiTypes.OBJECT, **errors(404, 409)},
     )
     def get(self, request: Request, uid: UUID, number: int) -> Response:
-        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        task = self.get_task(number)
         return Response(secure_view(task=task))
 
 
@@ -614,7 +620,7 @@ class AgentSecureMessageView(AgentView[SiteTask]):
         responses={200: OpenApiTypes.OBJECT, **errors(400, 404, 409)},
     )
     def post(self, request: Request, uid: UUID, number: int, phase: str) -> Response:
-        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        task = self.get_task(number)
         body = request.data
         if not isinstance(body, dict) or not isinstance(body.get("message"), dict):
             raise ValidationFailed('send {"message": {...}}', field="message")
@@ -643,7 +649,7 @@ class AgentSecureTotalView(AgentView[SiteTask]):
         responses=file_responses(404, 409),
     )
     def get(self, request: Request, uid: UUID, number: int) -> FileResponse:
-        task = task_for_site(job=self.get_job(), site=self.site, round_number=number)
+        task = self.get_task(number)
         request_for_site = (task.round.protection.get("requests") or {}).get(task.site.name)
         if not request_for_site or not request_for_site.get("total"):
             raise NotFound("this site is not asked to decrypt the round's sum")

@@ -3,6 +3,7 @@ uploading its update."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from typing import IO, Any
@@ -14,37 +15,38 @@ from django.db import transaction
 from common.exceptions import Conflict, NotFound, ValidationFailed
 from jobs import events
 from jobs.exceptions import StorageFull, is_storage_full
-from jobs.models import Checkpoint, Job, ModelVersion, RoundState, SiteTask, TaskState
-from jobs.selectors import task_for_site, task_takes_update
+from jobs.models import Checkpoint, ModelVersion, Round, RoundState, SiteTask, TaskState
+from jobs.selectors import task_takes_update
 from jobs.services.kicks import kick_after_commit
 from jobs.services.privacy import round_declined_record
 from jobs.services.rounds import job_kick_after_commit
 from jobs.workflows import ModelRef
-from sites.models import Site
 from sites.services.privacy import privacy_report_checked
 
 log = logging.getLogger(__name__)
 
 
 def round_model_fetch(
-    *, job: Job, site: Site, round_number: int, then: str = TaskState.DOWNLOADED
+    *, task: SiteTask, then: str = TaskState.DOWNLOADED
 ) -> ModelVersion | Checkpoint:
-    """The model the site's task in round ``round_number`` sends: the global model the round
-    starts from, or the named checkpoint the round's plan gave the site (another site's
+    """The model the site's ``task`` sends (its round and job attached): the global model the
+    round starts from, or the named checkpoint the round's plan gave the site (another site's
     submitted model, to evaluate). Both have the ``file`` and ``sha256`` a download serves.
 
     Marks the task ``downloaded`` (when it was only ``assigned`` and the round is open), so
     the job's per-site status shows who has started; ``then="training"`` for an agent that
     starts the script as soon as the model is in (one report fewer a round).
     """
-    task = task_for_site(job=job, site=site, round_number=round_number)
+    job, round_number = task.round.job, task.round.number
     model = ModelRef.parse(task.model_ref)
+    # Only what a download serves: the model's other fields (metrics) may be large.
+    fields = ("id", "file", "sha256")
     if model.is_global:
-        found: ModelVersion | Checkpoint | None = ModelVersion.objects.filter(
-            job=job, round_number=round_number
-        ).first()
+        found: ModelVersion | Checkpoint | None = (
+            ModelVersion.objects.filter(job=job, round_number=round_number).only(*fields).first()
+        )
     else:
-        found = Checkpoint.objects.filter(job=job, name=model.checkpoint).first()
+        found = Checkpoint.objects.filter(job=job, name=model.checkpoint).only(*fields).first()
     if found is None:  # a round opens after its start model and checkpoints were stored
         raise NotFound(f"no {model} model for round number {round_number}")
     task_mark(task=task, state=then)
@@ -77,7 +79,8 @@ def task_mark(*, task: SiteTask, state: str, reason: str = "", privacy: Any = No
                 field="privacy",
             )
         report = privacy_report_checked(privacy)
-    with transaction.atomic():
+    # Progress is one conditional update, atomic on its own; a failure writes more with it.
+    with transaction.atomic() if state == TaskState.FAILED else contextlib.nullcontext():
         changed = SiteTask.objects.filter(
             pk=task.pk,
             state__in=SiteTask.states_that_move_to(state),
@@ -140,10 +143,20 @@ def update_upload(
                 "the body does not match X-Content-SHA256", field="sha256", code="checksum_mismatch"
             )
         with transaction.atomic():
-            locked = SiteTask.objects.select_for_update().select_related("round").get(pk=task.pk)
+            # The task's row alone is locked, not the round's (which every upload and update
+            # check of the round would queue on). A round that closes marks its unanswered
+            # tasks late under this same row lock, so either it did so first, and the round's
+            # state read below (a statement after the lock: it sees that commit) says closed,
+            # or it waits for this upload, and then makes the uploaded task late itself.
+            locked = (
+                SiteTask.objects.select_for_update(of=("self",))
+                .select_related("round__job", "site")
+                .get(pk=task.pk)
+            )
             if not task_takes_update(locked):
                 raise Conflict(f"this task is already {locked.state}")
-            late = locked.round.state != RoundState.OPEN
+            round_state = Round.objects.filter(pk=locked.round_id).values_list("state", flat=True)
+            late = round_state.get() != RoundState.OPEN
             reason = "arrived after the round closed" if late else ""
             if locked.state == TaskState.LATE:  # made late when the round closed: kept as is
                 locked.reason = reason

@@ -15,6 +15,7 @@ Both kinds of report go through the same two steps:
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -89,6 +90,25 @@ def _locked_link(job: Job, site: Site) -> JobSite:
     link = JobSite.objects.select_for_update().filter(job=job, site=site).first()
     if link is None:
         raise NotFound("no such job for this site")
+    link.job, link.site = job, site
+    return link
+
+
+def _locked_link_of(job_uid: object, site: Site) -> JobSite:
+    """:func:`_locked_link` by the job's uid (as an agent's message names it), with the job
+    read in the same statement; only the job-site row is locked, not the job's."""
+    try:
+        uid = uuid.UUID(str(job_uid)) if not isinstance(job_uid, uuid.UUID) else job_uid
+    except ValueError:
+        raise NotFound("no such job for this site") from None
+    link = (
+        JobSite.objects.select_for_update(of=("self",))
+        .select_related("job")
+        .filter(job__uid=uid, site=site)
+        .first()
+    )
+    if link is None:
+        raise NotFound("no such job for this site")
     return link
 
 
@@ -120,16 +140,47 @@ def metrics_record(*, job: Job, site: Site, points: Iterable[Mapping[str, Any]])
     (int) and ``id`` (the sender's id: a point sent twice is stored once). The new points are
     inserted together and published as one event.
     """
+    rows = _metric_rows(job, site, points)
+    with transaction.atomic():
+        return _metrics_store(_locked_link(job, site), rows)
+
+
+def _metric_rows(job: Job, site: Site, points: Iterable[Mapping[str, Any]]) -> list[MetricPoint]:
     if job.state not in JOB_ACTIVE:
         raise Conflict(f"the job is {job.state}")
-    rows = [_metric_row(job, site, entry) for entry in _report_entries(points, name="points")]
-    with transaction.atomic():
-        fresh = _unseen(MetricPoint, _locked_link(job, site), rows)
-        if not fresh:
-            return 0
+    return [_metric_row(job, site, entry) for entry in _report_entries(points, name="points")]
+
+
+def _metrics_store(link: JobSite, rows: list[MetricPoint]) -> int:
+    """Insert the new of ``rows`` (``link`` locked); how many."""
+    fresh = _unseen(MetricPoint, link, rows)
+    if fresh:
         MetricPoint.objects.bulk_create(fresh)
-        events.metrics(job, site, fresh)
+        events.metrics(link.job, link.site, fresh)
     return len(fresh)
+
+
+def report_record(
+    *,
+    job_uid: object,
+    site: Site,
+    points: Iterable[Mapping[str, Any]] | None = None,
+    lines: Iterable[Mapping[str, Any]] | None = None,
+) -> int:
+    """One report of a site's agent: its ``flare.log`` points and output lines for the job
+    with ``job_uid``, stored together in one transaction under one lock of the job-site row,
+    as :func:`metrics_record` and :func:`log_lines_record` store each (their checks, errors
+    and bounds); how many entries were new. Nothing is stored when either part is refused."""
+    now = timezone.now()
+    with transaction.atomic():
+        link = _locked_link_of(job_uid, site)
+        link.site = site
+        stored = 0
+        if points:
+            stored += _metrics_store(link, _metric_rows(link.job, site, points))
+        if lines:
+            stored += _lines_store(link, _line_rows(link.job, site, lines, now), now)
+    return stored
 
 
 def _metric_row(job: Job, site: Site, entry: _Entry) -> MetricPoint:
@@ -183,35 +234,45 @@ def log_lines_record(
     are stored one at a time and the counters are exact.
     """
     now = now or timezone.now()
+    rows = _line_rows(job, site, lines, now)
+    with transaction.atomic():
+        return _lines_store(_locked_link(job, site), rows, now)
+
+
+def _line_rows(
+    job: Job, site: Site, lines: Iterable[Mapping[str, Any]], now: dt.datetime
+) -> list[LogLine]:
     lines = list(lines)
     if len(lines) > MAX_LINES_PER_REPORT:
         raise ValidationFailed(
             f"at most {MAX_LINES_PER_REPORT} lines at a time, got {len(lines)}", field="lines"
         )
     _check_job_takes_lines(job, now)
-    rows = [_log_row(job, site, entry) for entry in _report_entries(lines, name="lines")]
-    with transaction.atomic():
-        link = _locked_link(job, site)
-        fresh = _unseen(LogLine, link, rows)
-        if not fresh:
-            return 0
-        _take_log_allowance(link, sum(row.size for row in fresh), now)
-        fresh, dropped = _newest_within_quota(fresh)
-        LogLine.objects.bulk_create(fresh)
-        link.log_lines += len(fresh)
-        link.log_bytes += sum(row.size for row in fresh)
-        dropped += _drop_oldest_lines(link)
-        link.log_lines_dropped += dropped
-        link.save(
-            update_fields=[
-                "log_lines",
-                "log_bytes",
-                "log_lines_dropped",
-                "log_allowance",
-                "log_allowance_at",
-            ]
-        )
-        events.log_lines(job, site, fresh)
+    return [_log_row(job, site, entry) for entry in _report_entries(lines, name="lines")]
+
+
+def _lines_store(link: JobSite, rows: list[LogLine], now: dt.datetime) -> int:
+    """Insert the new of ``rows`` within the bounds (``link`` locked); how many."""
+    fresh = _unseen(LogLine, link, rows)
+    if not fresh:
+        return 0
+    _take_log_allowance(link, sum(row.size for row in fresh), now)
+    fresh, dropped = _newest_within_quota(fresh)
+    LogLine.objects.bulk_create(fresh)
+    link.log_lines += len(fresh)
+    link.log_bytes += sum(row.size for row in fresh)
+    dropped += _drop_oldest_lines(link)
+    link.log_lines_dropped += dropped
+    link.save(
+        update_fields=[
+            "log_lines",
+            "log_bytes",
+            "log_lines_dropped",
+            "log_allowance",
+            "log_allowance_at",
+        ]
+    )
+    events.log_lines(link.job, link.site, fresh)
     return len(fresh)
 
 

@@ -36,7 +36,6 @@ from sites.services.enrolment import (
     site_request,
     site_revoke,
     site_update,
-    used_nonces_prune,
 )
 from sites.services.projects import (
     invitation_accept,
@@ -78,5 +77,4 @@ __all__ = [
     "site_request",
     "site_revoke",
     "site_update",
-    "used_nonces_prune",
 ]

@@ -21,6 +21,7 @@ from sites import events
 from sites.authentication import site_heartbeat_record
 from sites.models import Site
 from sites.selectors import site_is_online
+from sites.signed_cache import site_heartbeat_due
 
 MAX_AGENT_VERSION = 64
 
@@ -70,6 +71,7 @@ def site_agent_disconnect(*, site: Site, channel: str) -> bool:
         )
         if not gone:
             return False
+        site_heartbeat_due(site.pk)  # offline now: its next heartbeat must be written
         fresh = Site.objects.get(pk=site.pk)
         events.site_status(fresh, online=site_is_online(fresh))
     return True

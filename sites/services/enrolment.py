@@ -39,11 +39,11 @@ from sites.models import (
     Project,
     Site,
     SiteState,
-    UsedNonce,
 )
 from sites.secret_tokens import ENROLMENT_TOKEN_PREFIX, hash_secret, new_secret
 from sites.services._validation import clean_email, clean_reason, clean_resources, clean_site_name
 from sites.services.audit import audit_event_record
+from sites.signed_cache import site_heartbeat_due
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -420,6 +420,7 @@ def _agent_cut_off(site: Site, now: dt.datetime) -> None:
     heard, and the pages showing it are told. The socket itself is closed by the
     ``site.revoked`` event sent with the revocation."""
     Site.objects.filter(pk=site.pk).update(agent_channel="", agent_disconnected_at=now)
+    site_heartbeat_due(site.pk)  # offline now: its next heartbeat must be written
     site.agent_channel = ""
     site.agent_disconnected_at = now
     events.site_status(site, online=False)
@@ -529,18 +530,3 @@ def site_revoke(
             },
         )
     return site
-
-
-# --- housekeeping ---------------------------------------------------------------------------
-
-
-def used_nonces_prune(*, now: dt.datetime | None = None) -> int:
-    """Delete remembered nonces whose request timestamp is outside the signature window.
-
-    A replay of such a request fails the timestamp check anyway, so forgetting its nonce is
-    safe. Returns the number of rows deleted. Not audited: it changes no domain state.
-    """
-    now = now or timezone.now()
-    cutoff = now - dt.timedelta(seconds=conf.signature_window_seconds())
-    deleted, _ = UsedNonce.objects.filter(timestamp__lt=cutoff).delete()
-    return deleted

@@ -13,7 +13,7 @@ from django.utils import timezone
 from pytest_django.fixtures import Settings
 
 from client_agent import signing
-from sites import ca
+from sites import ca, signed_cache
 from sites.models import (
     AuditEvent,
     Certificate,
@@ -23,7 +23,6 @@ from sites.models import (
     Project,
     Site,
     SiteState,
-    UsedNonce,
 )
 from tests.portal.api_world import ADMIN, ANONYMOUS, ORG_ADMIN_A, World
 from tests.portal.factories import EnrolledSite
@@ -46,7 +45,6 @@ def snapshot() -> dict[str, Any]:
             EnrolmentToken,
             Certificate,
             AuditEvent,
-            UsedNonce,
         )
     }
     return counts | {
@@ -351,7 +349,9 @@ def test_a_site_signature_does_not_open_people_endpoints(sites_world: World) -> 
     refused = sites_world.call(ANONYMOUS, "GET", path, **headers)
 
     assert (refused.status_code, refused.json()["code"]) == (401, "not_authenticated")
-    assert UsedNonce.objects.filter(nonce=headers["X-FedPortal-Nonce"]).count() == 0
+    assert not signed_cache.nonce_used(
+        fingerprint=headers[signing.HEADER_FINGERPRINT], nonce=headers["X-FedPortal-Nonce"]
+    )
 
 
 def test_an_api_token_does_not_open_agent_endpoints(sites_world: World) -> None:

@@ -13,7 +13,7 @@ from django.test import Client
 from django.urls import reverse
 
 from sites import models, selectors
-from sites.models import AuditEvent, Certificate, Membership, Project, Role, Site, UsedNonce
+from sites.models import AuditEvent, Certificate, Membership, Project, Role, Site
 from tests.portal.factories import UserFactory, approved_site, enrolled_site
 
 pytestmark = pytest.mark.django_db
@@ -88,7 +88,7 @@ def test_bootstrap_makes_an_existing_superuser_admin_of_an_existing_project() ->
 
 # --- admin ----------------------------------------------------------------------------------
 
-READ_ONLY = [Certificate, AuditEvent, UsedNonce, models.EnrolmentToken]
+READ_ONLY = [Certificate, AuditEvent, models.EnrolmentToken]
 
 
 def test_every_model_is_in_the_admin() -> None:
@@ -104,7 +104,6 @@ def test_every_model_is_in_the_admin() -> None:
             models.EnrolmentToken,
             models.Certificate,
             models.AuditEvent,
-            models.UsedNonce,
             models.ApiToken,
         )
     }

@@ -36,7 +36,6 @@ from sites.models import (
     Role,
     Site,
     SiteState,
-    UsedNonce,
 )
 from tests.portal.factories import (
     OrganizationFactory,
@@ -63,7 +62,6 @@ def snapshot() -> dict[str, Any]:
             EnrolmentToken,
             Certificate,
             AuditEvent,
-            UsedNonce,
         )
     }
     return counts | {

@@ -15,6 +15,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from django.contrib.auth.models import AnonymousUser
+from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
@@ -23,11 +24,12 @@ from rest_framework.test import APIRequestFactory
 from rest_framework.views import APIView
 
 from client_agent import signing
-from sites import ca, conf, services
+from sites import ca, conf, services, signed_cache
 from sites.api.permissions import site_identity
 from sites.authentication import (
     SiteIdentity,
     SiteSignatureAuthentication,
+    site_heartbeat,
     verify_signed_handshake,
     verify_signed_request,
 )
@@ -37,7 +39,8 @@ from sites.exceptions import (
     SignatureExpired,
     SignatureInvalid,
 )
-from sites.models import Certificate, Site, SiteState, UsedNonce
+from sites.models import Certificate, Site, SiteState
+from sites.selectors import site_is_online
 from tests.portal.factories import EnrolledSite, ProjectFactory, creator_of, enrolled_site
 
 pytestmark = pytest.mark.django_db
@@ -108,7 +111,8 @@ def test_good_request_is_accepted_and_counts_as_a_heartbeat(agent: EnrolledSite)
     body = json.dumps({"status": "idle"}).encode()
     assert agent.site.last_heartbeat is None
 
-    status, data, _ = call("POST", PATH, agent.headers("POST", PATH, body), body)
+    headers = agent.headers("POST", PATH, body)
+    status, data, _ = call("POST", PATH, headers, body)
 
     assert status == 200, data
     assert data == {
@@ -118,7 +122,9 @@ def test_good_request_is_accepted_and_counts_as_a_heartbeat(agent: EnrolledSite)
         "data": {"status": "idle"},
     }
     assert Site.objects.get(pk=agent.site.pk).last_heartbeat is not None
-    assert UsedNonce.objects.filter(fingerprint=agent.certificate.fingerprint).count() == 1
+    assert signed_cache.nonce_used(
+        fingerprint=agent.certificate.fingerprint, nonce=headers["X-FedPortal-Nonce"]
+    )
 
 
 def test_query_string_is_part_of_the_signed_path(agent: EnrolledSite) -> None:
@@ -150,7 +156,9 @@ def test_a_look_without_recording_uses_up_no_nonce_and_is_no_heartbeat(
         method="POST", path=PATH, headers=headers, body=b"{}", record=False
     )
     assert identity.site == agent.site
-    assert not UsedNonce.objects.exists()
+    assert not signed_cache.nonce_used(
+        fingerprint=agent.certificate.fingerprint, nonce=headers["X-FedPortal-Nonce"]
+    )
     assert Site.objects.get(pk=agent.site.pk).last_heartbeat is None
 
     assert call("POST", PATH, headers, b"{}")[0] == 200  # the same nonce, recorded now
@@ -360,7 +368,9 @@ def test_ed25519_and_rsa_sites_sign_too(make_key: Any) -> None:
     assert call("POST", PATH, agent.headers("POST", PATH, b"{}"), b"{}")[0] == 200
 
 
-def test_nonces_are_pruned_once_a_replay_would_be_out_of_the_window(agent: EnrolledSite) -> None:
+def test_a_nonce_is_remembered_until_a_replay_would_be_out_of_the_window(
+    agent: EnrolledSite,
+) -> None:
     now = timezone.now()
     ts = int(now.timestamp()) - 290
     headers = agent.headers("POST", PATH, b"{}", timestamp=ts)
@@ -369,9 +379,11 @@ def test_nonces_are_pruned_once_a_replay_would_be_out_of_the_window(agent: Enrol
     with pytest.raises(ReplayDetected):
         verify_signed_request(**verify, now=now)  # type: ignore[arg-type]
 
+    # The request stays in the ±300 s window for 10 s more: that long (and a second for the
+    # rounding to whole seconds) its nonce is kept.
+    assert signed_cache.nonce_expires_in(ts, now, 300) == 11
     later = now + dt.timedelta(seconds=20)
-    assert services.used_nonces_prune(now=now) == 0
-    assert services.used_nonces_prune(now=later) == 1
+    cache.clear()  # the nonce expired
     # Forgotten, yet a replay still fails: its timestamp is now outside the window.
     with pytest.raises(SignatureExpired):
         verify_signed_request(**verify, now=later)  # type: ignore[arg-type]
@@ -424,3 +436,110 @@ def test_certificate_record_cannot_name_another_site(agent: EnrolledSite) -> Non
 
     with pytest.raises(CertificateUntrusted, match=f"not issued to site '{agent.site.name}'"):
         verify_signed_request(method="GET", path=PATH, headers=other.headers("GET", PATH), body=b"")
+
+
+# --- what the check keeps in the cache ------------------------------------------------------
+
+
+def test_a_verified_certificate_is_not_read_again(
+    agent: EnrolledSite, django_assert_num_queries: Any
+) -> None:
+    assert call("POST", PATH, agent.headers("POST", PATH, b"{}"), b"{}")[0] == 200
+
+    # Certificate, site and project from the cache, the nonce claimed there, and the heartbeat
+    # written a moment ago: no statement at all.
+    with django_assert_num_queries(0):
+        assert call("POST", PATH, agent.headers("POST", PATH, b"{}"), b"{}")[0] == 200
+
+
+def test_a_site_revoked_after_its_certificate_was_cached_is_refused_at_once(
+    agent: EnrolledSite,
+) -> None:
+    assert call("POST", PATH, agent.headers("POST", PATH, b"{}"), b"{}")[0] == 200
+
+    services.site_revoke(
+        site=agent.site, reason="left the consortium", revoked_by=creator_of(agent.site.project)
+    )
+
+    assert refused(agent, agent.headers("POST", PATH, b"{}"))[0] == "certificate_revoked"
+
+
+def test_a_site_whose_state_is_saved_after_caching_is_checked_again(agent: EnrolledSite) -> None:
+    assert call("POST", PATH, agent.headers("POST", PATH, b"{}"), b"{}")[0] == 200
+
+    site = Site.objects.get(pk=agent.site.pk)
+    site.state = SiteState.REVOKED
+    site.save(update_fields=["state"])
+
+    assert refused(agent, agent.headers("POST", PATH, b"{}"))[0] == "site_not_enrolled"
+
+
+def test_an_entry_read_before_a_change_is_never_used(agent: EnrolledSite) -> None:
+    """A request that read the certificate before a revocation committed stores its entry
+    after it: the entry carries the generation read before the database, which the change
+    ended."""
+    row = Certificate.objects.select_related("site__project").get(pk=agent.certificate.pk)
+    read_under = signed_cache.generation()
+    signed_cache.certificates_changed()  # what saving the revocation does
+
+    signed_cache.certificate_remember(row, read_under)
+
+    assert signed_cache.certificate_cached(row.fingerprint, signed_cache.generation()) is None
+    assert signed_cache.certificate_cached(row.fingerprint, read_under) is not None
+
+
+def test_a_heartbeat_is_written_once_an_interval_and_again_after_a_cut_off(
+    agent: EnrolledSite,
+) -> None:
+    heard: list[dict[str, Any]] = []
+
+    def listener(**kwargs: Any) -> None:
+        heard.append(kwargs)
+
+    site_heartbeat.connect(listener)
+    try:
+        for _ in range(3):
+            assert call("POST", PATH, agent.headers("POST", PATH, b"{}"), b"{}")[0] == 200
+        first = Site.objects.get(pk=agent.site.pk).last_heartbeat
+        assert [h["was_online"] for h in heard] == [False]  # written once, coming online
+
+        site = Site.objects.get(pk=agent.site.pk)
+        services.site_agent_connect(site=site, agent_version="1", channel="c1")
+        assert services.site_agent_disconnect(site=site, channel="c1")
+        assert call("POST", PATH, agent.headers("POST", PATH, b"{}"), b"{}")[0] == 200
+    finally:
+        site_heartbeat.disconnect(listener)
+
+    after = Site.objects.get(pk=agent.site.pk)
+    # The cut-off made the site offline; the next request brought it back, with a write.
+    assert [h["was_online"] for h in heard] == [False, False]
+    assert after.last_heartbeat is not None and first is not None
+    assert after.last_heartbeat > after.agent_disconnected_at  # type: ignore[operator]
+    assert site_is_online(after)
+
+
+def test_heartbeat_writes_are_less_often_than_the_online_window(settings: Any) -> None:
+    settings.FEDPORTAL_SITE_ONLINE_SECONDS = 90
+    settings.FEDPORTAL_HEARTBEAT_WRITE_SECONDS = 30
+    assert signed_cache.heartbeat_write_seconds() == 30
+    settings.FEDPORTAL_HEARTBEAT_WRITE_SECONDS = 600
+    assert signed_cache.heartbeat_write_seconds() == 45  # half the window at most
+
+
+@pytest.mark.parametrize(
+    ("backend", "refused"),
+    [
+        ("django.core.cache.backends.redis.RedisCache", False),
+        ("django.core.cache.backends.locmem.LocMemCache", True),
+        ("django.core.cache.backends.dummy.DummyCache", True),
+    ],
+)
+def test_a_deployment_whose_cache_its_processes_do_not_share_is_refused_by_the_checks(
+    settings: Any, backend: str, refused: bool
+) -> None:
+    # Nonces are claimed in the cache: one of each process's own lets a replay through.
+    from sites.checks import check_cache_is_shared
+
+    settings.CACHES = {"default": {"BACKEND": backend}}
+    errors = check_cache_is_shared()
+    assert [e.id for e in errors] == (["sites.E002"] if refused else [])

@@ -270,7 +270,6 @@ AUDITED: dict[str, tuple[Callable[[], Scene], list[str]]] = {
 }
 NOT_AUDITED = {
     "audit_event_record",  # the recorder
-    "used_nonces_prune",  # housekeeping
     "enrolment_token_check",  # a read: the token stays unused
     # An agent's connection and heartbeats are liveness, shown live on the dashboard, not
     # changes anyone made; its certificate's issue and revocation are audited.

@@ -1,0 +1,64 @@
+"""``bench/site_round_statements.py`` at a small size, with its figures as upper bounds: the SQL
+statements of one site's part in a round, step by step on the portal and in the worker. A
+change that adds a statement to a site-round fails here, naming the step."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from django.db import connection
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+# Statements per site and round, at most: each step of the portal, and the worker's update
+# checks. A socket's certificate checks read the database (they are the safety net for a lost
+# revocation event), one statement each.
+PORTAL_STEPS = {
+    "round event": 1,
+    "job list": 4,  # the heartbeat written (2), the site's jobs and tasks (2)
+    "model": 3,  # the task, the model, the task marked training
+    "heartbeat": 1,  # the certificate read again; the heartbeat was written with the job list
+    "report": 8,  # one transaction: the job-site row locked, points and lines stored
+    "upload": 6,  # the task, then a transaction locking the task's row only
+}
+WORKER_CHECKS = 8
+
+pytestmark = [
+    # The bench counts what the worker's tasks do after the portal's transactions commit.
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("media"),
+    pytest.mark.skipif(
+        connection.vendor != "postgresql", reason="counts PostgreSQL's statements (row locks)"
+    ),
+]
+
+
+def _bench() -> ModuleType:
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("site_round_statements")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_a_site_round_stays_within_its_statements(tmp_path: Path) -> None:
+    bench = _bench()
+    kicks = bench.Kicks()
+    with kicks.collecting():
+        seeded = bench.seed(tmp_path, sites=3, rounds=2, kicks=kicks)
+        counts = bench.rounds_counted(seeded, 2, kicks)
+
+    later = counts[1]
+    assert {step: max(later.portal[step]) for step in bench.STEPS} == {
+        step: min(max(later.portal[step]), bound) for step, bound in PORTAL_STEPS.items()
+    }
+    assert later.portal_per_site() <= sum(PORTAL_STEPS.values())
+    assert later.checks / later.sites <= WORKER_CHECKS
+    # Every site's update was taken and the job went on to its end.
+    seeded.job.refresh_from_db()
+    assert seeded.job.state == "completed"
+    assert kicks.queue == []
