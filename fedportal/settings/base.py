@@ -13,6 +13,7 @@ otherwise, and cookies are ``Secure``. README.md ("Security settings") lists eve
 import datetime as dt
 import os
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -258,10 +259,34 @@ NODE_MODULES = BASE_DIR / "dashboard" / "static_build" / "node_modules"
 STATICFILES_DIRS = [("vendor/chart.js", NODE_MODULES / "chart.js" / "dist")]
 MEDIA_URL = "media/"
 MEDIA_ROOT = Path(os.environ.get("DJANGO_MEDIA_ROOT") or DATA_DIR / "media")
-STORAGES = {
+STORAGES: dict[str, dict[str, Any]] = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+# Object storage: with a bucket named, job bundles, models and updates go to an S3-compatible
+# store (AWS S3, MinIO, Ceph, …) through django-storages, and every portal and worker, on any
+# host, reads them there (jobs.storage). Credentials come from boto3's usual places
+# (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, an instance role, ~/.aws).
+FEDPORTAL_S3_BUCKET = os.environ.get("FEDPORTAL_S3_BUCKET", "").strip()
+if FEDPORTAL_S3_BUCKET:
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": FEDPORTAL_S3_BUCKET,
+            # Another S3-compatible server (MinIO, Ceph): its address.
+            "endpoint_url": os.environ.get("FEDPORTAL_S3_ENDPOINT_URL") or None,
+            "region_name": os.environ.get("FEDPORTAL_S3_REGION") or None,
+            # A key prefix, for a bucket shared with other things.
+            "location": os.environ.get("FEDPORTAL_S3_PREFIX", ""),
+            # The portal names its files itself, and a retry writes the same bits again.
+            "file_overwrite": True,
+            "default_acl": None,
+        },
+    }
+# With an object store, the local copies a worker aggregates from (jobs.storage).
+FEDPORTAL_STORAGE_CACHE_DIR = Path(
+    os.environ.get("FEDPORTAL_STORAGE_CACHE_DIR") or DATA_DIR / "storage-cache"
+)
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 

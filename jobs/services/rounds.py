@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.files.storage import default_storage
 from django.db import DatabaseError, InterfaceError, OperationalError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -49,7 +48,7 @@ from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN
 from client_agent.secagg.session import ProtocolError
 from client_agent.wire import WireFormatError, load_state_dict
 from common.rounds import round_for_people
-from jobs import events
+from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import (
     TASK_ANSWERED,
@@ -167,7 +166,7 @@ def server_state_before(job: Job, workflow: Workflow, number: int) -> ServerStat
     previous = Round.objects.get(job=job, number=number - 1)
     if not previous.server_state:  # closed before server states were stored (FedAvg: none)
         return ServerState()
-    return ServerState.load(storage_path(previous.server_state))
+    return ServerState.load(storage.local_path(previous.server_state))
 
 
 def metric_point_id(source: str, round_number: int, key: str) -> str:
@@ -181,15 +180,6 @@ def metric_point_id(source: str, round_number: int, key: str) -> str:
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
     # 40 hex digits: the longest source and round number still leave the id within 64.
     return f"{source}:{round_number}:#{digest[:40]}"
-
-
-def storage_path(name: str | None) -> Path:
-    """The local path of a stored file (a file field's ``name``, None when it holds none).
-    Aggregation reads files in chunks from disk, so the default storage must be a filesystem
-    storage (Django's default)."""
-    if not name:
-        raise FileNotFoundError("the file field holds no file")
-    return Path(default_storage.path(name))
 
 
 def job_kick_after_commit(job: Job) -> None:
@@ -413,8 +403,11 @@ def _initial_model_meta_write(job: Job, workflow: Workflow) -> None:
     if not workflow.global_model_meta(state, {}):
         return
     version = ModelVersion.objects.get(job=job, round_number=0)
-    path = storage_path(version.file.name)
-    write_global_model(path, workflow, state, load_state_dict(path))
+    name = str(version.file.name)
+    params = load_state_dict(storage.local_path(name))
+    path = storage.path_to_write(name)
+    write_global_model(path, workflow, state, params)
+    storage.publish(name)
     version.sha256, version.size = _file_digest(path)
     version.save(update_fields=["sha256", "size"])
 
@@ -438,7 +431,7 @@ def _round_open(job: Job, number: int) -> Round:
         deadline=timezone.now() + timedelta(seconds=job.round_timeout_seconds),
         plan=plan_to_json(plan),
         protection=secure.protection_start(
-            job=job, workflow=workflow, global_model_path=storage_path(start.file.name)
+            job=job, workflow=workflow, global_model_path=storage.local_path(start.file.name)
         )
         if start is not None and protection_of(workflow)
         else {},
@@ -477,6 +470,7 @@ def _round_open(job: Job, number: int) -> Round:
 # would happen again on every retry, so the round fails with it instead.
 # A full disk is waited out too: an operator frees space, and nothing is lost meanwhile.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError, StorageFull)
+
 
 def _round_aggregate(round_id: int) -> Advance:
     with claims.round_claim(round_id) as claimed:
@@ -595,18 +589,20 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
         outcome, checkpoints = _round_close_files(
             job, workflow, plan, state, rnd, tasks, start_version
         )
-    start_path = storage_path(start_version.file.name)
+    start_path = storage.local_path(start_version.file.name)
     params = next_global_model(workflow, outcome, lambda: load_state_dict(start_path))
     if params is None:
         model_name = str(start_version.file.name)  # unchanged: the same file, no copy
+        model_path = start_path
     else:
         model_name = global_model_name(job, completed)
-        write_global_model(storage_path(model_name), workflow, outcome.state, params)
-    sha, size = _file_digest(storage_path(model_name))
+        model_path = storage.path_to_write(model_name)
+        write_global_model(model_path, workflow, outcome.state, params)
+        storage.publish(model_name)
+    sha, size = _file_digest(model_path)
     state_name = server_state_name(job, completed)
-    state_path = storage_path(state_name)
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    outcome.state.save(state_path)  # atomic rename
+    outcome.state.save(storage.path_to_write(state_name))  # atomic rename
+    storage.publish(state_name)
     with transaction.atomic():
         job = Job.objects.select_for_update().get(pk=job.pk)
         rnd = Round.objects.select_for_update().get(pk=round_id)
@@ -674,6 +670,8 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
         job.save(update_fields=["completed_rounds", "best_score", "best_round", "total_rounds"])
         events.round_state(rnd)
         job_kick_after_commit(job)
+    # This host's copies of the updates (an object store's) are read never again.
+    storage.forget(task.update.name for task in tasks)
     return Advance(Step.CLOSED, f"closed {plan.label}")
 
 
@@ -700,7 +698,7 @@ def _round_close_files(
     )
 
     results: list[TaskResult] = []
-    global_source = FileTensorSource(storage_path(start_version.file.name))
+    global_source = FileTensorSource(storage.local_path(start_version.file.name))
     try:
         for task in tasks:
             planned = planned_task_of(task)
@@ -708,7 +706,7 @@ def _round_close_files(
                 # An evaluation's numbers were checked and stored with the task.
                 results.append(EvalResult(task.site.name, planned.model, dict(task.metrics)))
                 continue
-            update = SiteUpdate.from_file(task.site.name, storage_path(task.update.name))
+            update = SiteUpdate.from_file(task.site.name, storage.local_path(task.update.name))
             # The values the update check accepted and stored: checked numbers, not the file's.
             update.weight, update.metrics = float(task.weight or 0.0), dict(task.metrics or {})
             kind = TrainResult if planned.task_name == TASK_TRAIN else SubmittedModel
@@ -750,14 +748,14 @@ def _round_close_protected(
             source=MemoryTensorSource({}),
             weight=float(task.weight or 0.0),
             params_type=ParamsType(
-                read_protected(storage_path(task.update.name)).fields["params_type"]
+                read_protected(storage.local_path(task.update.name)).fields["params_type"]
                 or ParamsType.FULL
             ),
             metrics=dict(task.metrics or {}),
         )
         for task in tasks
     ]
-    global_source = FileTensorSource(storage_path(start_version.file.name))
+    global_source = FileTensorSource(storage.local_path(start_version.file.name))
     try:
         layout = layout_of(workflow, global_source.specs())
         outcome = close_from_sum(
@@ -773,9 +771,9 @@ def _checkpoint_write(name: str, source: Any) -> tuple[str, str, int]:
     name, sha256 and size."""
     from jobs.aggregation.sources import write_source  # torch: the worker's side
 
-    path = storage_path(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = storage.path_to_write(name)
     write_source(source, path)
+    storage.publish(name)
     sha, size = _file_digest(path)
     return name, sha, size
 
@@ -808,7 +806,7 @@ def update_check(*, task_id: int) -> str:
         return "nothing: task is " + task.state
     rnd = task.round
     start = ModelVersion.objects.only("id", "file").get(job=rnd.job, round_number=rnd.number)
-    global_source = FileTensorSource(storage_path(start.file.name))
+    global_source = FileTensorSource(storage.local_path(start.file.name))
     try:
         specs = global_source.specs()
         outcome = _update_check_one(task, rnd, specs)
@@ -842,7 +840,7 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
     task.round = rnd
     privacy: dict[str, Any] | None = None
     try:
-        path = storage_path(task.update.name)
+        path = storage.local_path(task.update.name)
         privacy = upload_privacy_report(path)
         if rnd.protection:
             result = secure.protected_upload_check(task, path)

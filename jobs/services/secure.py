@@ -54,6 +54,7 @@ from client_agent.secagg.session import (
 from client_agent.signing import verify_signature
 from client_agent.wire import read_header
 from common.exceptions import Conflict, ValidationFailed
+from jobs import storage
 from jobs.models import TASK_ANSWERED, Job, Round, RoundState, SecureMessage, SiteTask, TaskState
 from jobs.services.kicks import kick_after_commit
 from jobs.services.plans import protected_total_name, secure_data_name
@@ -406,8 +407,6 @@ def round_sum(round_id: int) -> str:
     """Sum the survivors' protected uploads into ``Round.protected_total`` (long: no lock
     held; a re-run writes the same bytes), then ask the survivors to finish. Returns what it
     did, for logs."""
-    from jobs.services.rounds import storage_path
-
     rnd = Round.objects.select_related("job").get(pk=round_id)
     if rnd.state != RoundState.OPEN or rnd.protection.get("phase") != PHASE_SUMMING:
         return "nothing: not summing"
@@ -425,10 +424,10 @@ def round_sum(round_id: int) -> str:
     from client_agent.secagg.upload import sum_uploads
 
     total_name = protected_total_name(rnd.job, rnd.number)
-    total_path = storage_path(total_name)
-    total_path.parent.mkdir(parents=True, exist_ok=True)
-    uploads = [(site, storage_path(tasks[site].update.name)) for site in survivors]
+    total_path = storage.path_to_write(total_name)
+    uploads = [(site, storage.local_path(tasks[site].update.name)) for site in survivors]
     sum_uploads(server, roster, uploads, shares, total_path)
+    storage.publish(total_name)
     requests = server.finish_requests(roster, list(protection["shared"]), survivors)
     with transaction.atomic():
         locked = Round.objects.select_for_update().get(pk=round_id)
@@ -486,7 +485,6 @@ def protected_sum(rnd: Round) -> Any:
     reads the decrypted sum from the answer). :class:`ProtocolError` (with the reason) when too few
     answers came back."""
     from client_agent.secagg.upload import protected_arrays
-    from jobs.services.rounds import storage_path
 
     protection = rnd.protection
     answers = {}
@@ -501,17 +499,15 @@ def protected_sum(rnd: Round) -> Any:
     uploads = {}
     if not isinstance(server, SumsBeforeFinish):  # HE's result is in the answer alone
         tasks = SiteTask.objects.filter(round=rnd, site__name__in=survivors).select_related("site")
-        uploads = protected_arrays({t.site.name: storage_path(t.update.name) for t in tasks})
+        uploads = protected_arrays({t.site.name: storage.local_path(t.update.name) for t in tasks})
     return server.result(roster_of(rnd), list(protection["shared"]), survivors, answers, uploads)
 
 
 def protected_total_bytes(rnd: Round) -> Any:
     """The stored protected sum, for the site asked to decrypt it."""
-    from jobs.services.rounds import storage_path
-
     if not rnd.protected_total:
         raise Conflict("the round's protected sum is not made yet")
-    return open(storage_path(rnd.protected_total.name), "rb")
+    return rnd.protected_total.storage.open(str(rnd.protected_total.name), "rb")
 
 
 def _out_of_round(rnd: Round, sites: list[str], why: str) -> None:

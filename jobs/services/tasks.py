@@ -13,7 +13,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 
 from common.exceptions import Conflict, NotFound, ValidationFailed
-from jobs import events
+from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, ModelVersion, Round, RoundState, SiteTask, TaskState
 from jobs.selectors import task_takes_update
@@ -127,7 +127,9 @@ def update_upload(
         if is_storage_full(exc):
             raise _update_not_kept(task) from exc
         raise
-    path = storage_file.path
+    # On the file system the stored file itself; with an object store a local file, uploaded
+    # in parts once the body is whole and checked (jobs.storage): never held in memory.
+    path = storage.path_to_write(str(storage_file.name))
     try:
         with open(path, "wb") as out:
             while chunk := stream.read(1 << 20):
@@ -142,6 +144,7 @@ def update_upload(
             raise ValidationFailed(
                 "the body does not match X-Content-SHA256", field="sha256", code="checksum_mismatch"
             )
+        storage.publish(str(storage_file.name), keep_local=False)
         with transaction.atomic():
             # The task's row alone is locked, not the round's (which every upload and update
             # check of the round would queue on). A round that closes marks its unanswered
@@ -185,6 +188,7 @@ def update_upload(
     except BaseException as exc:
         if storage_file.name:
             storage_file.storage.delete(storage_file.name)
+            storage.forget([storage_file.name])
         if is_storage_full(exc):
             raise _update_not_kept(task) from exc
         raise

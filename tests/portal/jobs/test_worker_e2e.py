@@ -35,8 +35,8 @@ from jobs.api.authentication import HEADER_CONTENT_SHA256
 from jobs.bundle import pack_app
 from jobs.models import Job, JobState, ModelVersion, Round, RoundState
 from jobs.recipes import FedAvgRecipe, FedOptRecipe, Recipe
-from jobs.services.rounds import storage_path
 from jobs.services.submission import job_submit
+from jobs.storage import local_path
 from jobs.workflows import ServerState
 from tests.portal.rounds_helpers import three_enrolled_sites
 
@@ -308,5 +308,5 @@ def test_a_worker_killed_mid_aggregation_loses_nothing(
     # FedAdam stepped from the stored moments: not FedAvg's model, and its state is stored.
     assert not torch.allclose(killed["w"], fedavg_final)
     last = Round.objects.get(job=disturbed.job, number=2)
-    state = ServerState.load(storage_path(last.server_state))
+    state = ServerState.load(local_path(last.server_state))
     assert any(name.startswith("optimizer/w/") for name in state.tensors)

@@ -29,7 +29,7 @@ from django.test import Client
 from client_agent.fl_model import FLModel
 from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN, TASK_VALIDATE
 from client_agent.wire import load_state_dict, write_model_file
-from jobs import events
+from jobs import events, storage
 from jobs.aggregation import TensorSource
 from jobs.aggregation.sources import tensors_of
 from jobs.models import (
@@ -219,7 +219,7 @@ def model_of(world: World, completed: int) -> dict[str, torch.Tensor]:
 
 def state_after(world: World, completed: int) -> ServerState:
     rnd = Round.objects.get(job=world.job, number=completed - 1)
-    return ServerState.load(rounds.storage_path(rnd.server_state))
+    return ServerState.load(storage.local_path(rnd.server_state))
 
 
 def agent_task(world: World, site: str) -> dict[str, Any] | None:
@@ -364,7 +364,7 @@ def test_a_close_killed_before_its_transaction_writes_the_same_bits_again(
 
     def killed_at_commit(rnd: Round, **kwargs: Any) -> None:
         if rnd.state == RoundState.CLOSED:  # inside the closing transaction: files written
-            media = Path(rounds.storage_path("jobs"))
+            media = Path(storage.local_path("jobs"))
             for path in sorted(media.rglob("*.safetensors")):
                 if "/updates/" not in str(path):
                     written[str(path)] = path.read_bytes()
