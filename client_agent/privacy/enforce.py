@@ -28,14 +28,19 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from client_agent.config import PRIVACY_META_KEY
 from client_agent.fl_model import FLModel, ParamsType
 from client_agent.privacy.policy import PrivacyPolicy
 from client_agent.wire import is_tensor_mapping, load_state_dict, read_model_file, write_model_file
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where tensors are handled, not with this module: the agent imports it to
+# know PrivacyRefusal, and an agent whose policy rewrites nothing never needs torch (an agent
+# process without it is about 130 MB smaller: a host can run many more of them).
 
 
 class PrivacyRefusal(Exception):
@@ -74,6 +79,8 @@ of the whole costs 40 times as long."""
 def new_generators(count: int, seed: int | None = None) -> list[torch.Generator]:
     """``count`` generators for the noise, each seeded from the OS's CSPRNG (``secrets``), or
     from ``seed``, ``seed + 1``, … when a test gives one."""
+    import torch
+
     generators = []
     for index in range(count):
         generator = torch.Generator()
@@ -97,6 +104,8 @@ def privatize(
     weights or a DIFF against it. Tensors missing from ``base`` are refused: nothing without
     a reference point can be clipped.
     """
+    import torch
+
     started = time.perf_counter()
     report = Enforcement(excluded=sorted(policy.excluded(params)))
     for name in report.excluded:
@@ -159,6 +168,8 @@ def privatize(
 def _squared_norm(tensor: torch.Tensor) -> float:
     """``‖tensor‖₂²`` to about 1e-9 relative, at a sixth of the cost of a float64 norm (see
     :data:`NORM_BLOCK_ELEMENTS`)."""
+    import torch
+
     flat = tensor.reshape(-1)
     whole = flat.numel() - flat.numel() % NORM_BLOCK_ELEMENTS
     blocks = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_BLOCK_ELEMENTS), dim=1)
@@ -169,6 +180,8 @@ def _add_noise(tensors: list[torch.Tensor], std: float, seed: int | None) -> Non
     """Add N(0, std²) to every element, in slices spread over one generator per thread. The
     slices each generator draws, and their order, depend only on the tensors' sizes: a seeded
     run is repeatable."""
+    import torch
+
     slices = [
         flat[start : start + NOISE_CHUNK_ELEMENTS]
         for tensor in tensors
