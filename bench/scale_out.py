@@ -1,6 +1,6 @@
 """Many agents on one portal on PostgreSQL: round time, database connections and failures.
 
-PocEnv with real processes (Daphne portal, one Celery worker, N site agents with an "echo"
+PocEnv with real processes (Daphne portals, Celery workers, N site agents with an "echo"
 script that sends the received model straight back, a tiny model) on a PostgreSQL database
 of the bench's own, FedAvg with every site required each round. Each configuration runs one
 job of ``--rounds`` rounds, with the portal's and the worker's connection pool on (the
@@ -15,8 +15,12 @@ Per configuration:
   bench's database (``pg_stat_database.sessions``) over the job, divided by agents × rounds;
 * **peak connections**: the most sessions open on the database at once, sampled every 20 ms
   from ``pg_stat_activity`` (the sampler's own excluded);
-* **failures**: answers with status 500 in the portal's log, and "too many connections"
-  anywhere in the portal's, worker's and agents' logs.
+* **CPU per site-round** of the portal processes, the worker processes (each with its
+  children) and the whole machine (``/proc/stat``), from the moment round 2 opens to the job's
+  end, divided by agents × (rounds - 1): the steady rounds, without the agents' start;
+* **failures**: answers with status 500 in the portals' logs, "too many connections"
+  anywhere in the portals', workers' and agents' logs, and the agents' connection attempts
+  that failed or connections lost ("portal unreachable", "connection to the portal lost").
 
 Everything is the bench's own and removed at the end: the database ``fedportal_scale_<pid>``
 (server from BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432), Redis database
@@ -25,6 +29,7 @@ Everything is the bench's own and removed at the end: the database ``fedportal_s
     .venv/bin/python bench/scale_out.py                 # 100 agents, pool on and off
     .venv/bin/python bench/scale_out.py --agents 10 --rounds 3    # a quick look
     .venv/bin/python bench/scale_out.py --pool on                 # the pool's figures only
+    .venv/bin/python bench/scale_out.py --pool on --agents 200 --portals 2 --workers 2
 """
 
 from __future__ import annotations
@@ -97,18 +102,87 @@ class ConnectionWatch:
         self.conn.close()
 
 
-def failures(logs: Path) -> tuple[int, int]:
-    """(answers with status 500 in the portal's log, "too many connections" in any log)."""
-    portal = (logs / "portal.log").read_text(errors="replace") if logs.is_dir() else ""
-    server_errors = len(re.findall(r'" 500 ', portal))  # Daphne's access log: "GET /x" 500 …
-    too_many = sum(
-        path.read_text(errors="replace").count("too many connections")
-        for path in logs.glob("*.log")
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and every process below it (children that exited included)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for member in benchlib.descendants(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        total += sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+    return total
+
+
+def machine_cpu() -> float:
+    """CPU seconds the whole machine spent busy (``/proc/stat``: user, nice, system, irq and
+    softirq; not idle, iowait, or the time the hypervisor gave to other guests, "steal")."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = values[0] + values[1] + values[2] + values[5] + values[6]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role(env: PocEnv) -> dict[str, float]:
+    """CPU seconds so far of the portals, the workers, and the whole machine."""
+    return {
+        "portal": sum(tree_cpu(p.pid) for n, p in env.processes.items() if n in env.portals),
+        "worker": sum(tree_cpu(p.pid) for n, p in env.processes.items() if n in env.workers),
+        "machine": machine_cpu(),
+    }
+
+
+class SteadyRounds:
+    """CPU used from the moment round 2 opens to the job's end: the rounds after the first,
+    without the agents' start (torch imports, handshakes, the first listing) that round 1
+    and the time before it hold."""
+
+    def __init__(self, url: str, env: PocEnv) -> None:
+        self.env = env
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.start: dict[str, float] | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            row = self.conn.execute("SELECT max(number) FROM jobs_round").fetchone()
+            if row and row[0] is not None and int(row[0]) >= 1:
+                self.start = cpu_by_role(self.env)
+                return
+            time.sleep(0.02)
+
+    def finish(self) -> tuple[dict[str, float], dict[str, float]]:
+        end = cpu_by_role(self.env)
+        self.stop.set()
+        self.thread.join()
+        self.conn.close()
+        assert self.start is not None, "round 2 never opened"
+        return self.start, end
+
+
+def failures(logs: Path) -> tuple[int, int, int]:
+    """(answers with status 500 in the portals' logs, "too many connections" in any log,
+    connection attempts the agents saw fail: "portal unreachable" or "connection … lost")."""
+    texts = {path.name: path.read_text(errors="replace") for path in logs.glob("*.log")}
+    server_errors = sum(
+        len(re.findall(r'" 500 ', text))  # Daphne's access log: "GET /x" 500 …
+        for name, text in texts.items()
+        if name.startswith("portal")
     )
-    return server_errors, too_many
+    too_many = sum(text.count("too many connections") for text in texts.values())
+    lost = sum(
+        text.count("portal unreachable") + text.count("connection to the portal lost")
+        for name, text in texts.items()
+        if name.startswith("agent-")
+    )
+    return server_errors, too_many, lost
 
 
-def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]:
+def run(
+    agents: int, rounds: int, pool: bool, workdir: Path, portals: int = 1, workers: int = 1
+) -> dict[str, float]:
     app = workdir / "app"
     app.mkdir(parents=True)
     (app / "client.py").write_text(ECHO)
@@ -130,12 +204,17 @@ def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]
                 show_progress=False,
                 keep_running=True,
                 database_url=url,
+                num_portals=portals,
+                num_workers=workers,
             )
             with ConnectionWatch(url) as watch:
                 try:
+                    env.start()  # not counted: the job's figures start at its submission
+                    steady = SteadyRounds(url, env)
                     opened_before = watch.sessions()
                     result = recipe.execute(env)
                     opened = watch.sessions() - opened_before
+                    cpu_before, cpu_after = steady.finish()
                     cycles = round_cycles(env.url, env.credentials["api_token"], result.job_id)
                 finally:
                     env.stop()
@@ -146,7 +225,7 @@ def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]
         else:
             os.environ["DATABASE_POOL_MAX_SIZE"] = before
     assert result.status == RunStatus.COMPLETED, result.error
-    server_errors, too_many = failures(workdir / "poc" / "logs")
+    server_errors, too_many, lost = failures(workdir / "poc" / "logs")
     return {
         "round_1": cycles[0],
         "round_median": median(cycles[1:]),
@@ -155,6 +234,13 @@ def run(agents: int, rounds: int, pool: bool, workdir: Path) -> dict[str, float]
         "peak_connections": peak,
         "server_errors": server_errors,
         "too_many": too_many,
+        "lost": lost,
+        **{
+            f"{role}_ms_per_site_round": (cpu_after[role] - cpu_before[role])
+            * 1000
+            / (agents * (rounds - 1))
+            for role in cpu_before
+        },
     }
 
 
@@ -165,11 +251,14 @@ def main() -> None:
     parser.add_argument(
         "--pool", choices=["on", "off", "both"], default="both", help="which configurations"
     )
+    parser.add_argument("--portals", type=int, default=1, help="portal processes (nginx)")
+    parser.add_argument("--workers", type=int, default=1, help="Celery workers")
     args = parser.parse_args()
     pools = {"on": (True,), "off": (False,), "both": (True, False)}[args.pool]
     benchlib.print_header(
         "Many agents on one portal on PostgreSQL",
-        "PocEnv: Daphne portal, one Celery worker, echo agents, Linear(4, 2); the pool on and off",
+        f"PocEnv: {args.portals} Daphne portal(s) (several: behind nginx), {args.workers} Celery "
+        "worker(s), echo agents, Linear(4, 2)",
     )
     print(f"load average before: {benchlib.load_average()}\n", flush=True)
     rows = []
@@ -177,8 +266,18 @@ def main() -> None:
         for agents in args.agents:
             for pool in pools:
                 started = time.perf_counter()
-                figures = run(agents, args.rounds, pool, Path(tmp) / f"{agents}-{pool}")
-                label = f"{agents} agents, pool {'on (10 a process)' if pool else 'off'}"
+                figures = run(
+                    agents,
+                    args.rounds,
+                    pool,
+                    Path(tmp) / f"{agents}-{pool}",
+                    portals=args.portals,
+                    workers=args.workers,
+                )
+                label = (
+                    f"{agents} agents, {args.portals} portal(s), {args.workers} worker(s), "
+                    f"pool {'on (10 a process)' if pool else 'off'}"
+                )
                 print(f"{label}: {figures} ({time.perf_counter() - started:.0f} s)", flush=True)
                 rows.append((label, figures))
     print(f"\nload average after: {benchlib.load_average()}\n")
@@ -193,6 +292,10 @@ def main() -> None:
                 "peak connections",
                 "HTTP 500s",
                 '"too many connections"',
+                "agent connections failed or lost",
+                "portal CPU ms / site-round (rounds 2 on)",
+                "worker CPU ms / site-round (rounds 2 on)",
+                "machine CPU ms / site-round (rounds 2 on)",
             ],
             [
                 (
@@ -204,6 +307,10 @@ def main() -> None:
                     f"{r['peak_connections']:.0f}",
                     f"{r['server_errors']:.0f}",
                     f"{r['too_many']:.0f}",
+                    f"{r['lost']:.0f}",
+                    f"{r['portal_ms_per_site_round']:.1f}",
+                    f"{r['worker_ms_per_site_round']:.1f}",
+                    f"{r['machine_ms_per_site_round']:.1f}",
                 )
                 for label, r in rows
             ],
