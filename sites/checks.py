@@ -25,6 +25,7 @@ def check_ca_key_encryption_key(app_configs: Any = None, **kwargs: Any) -> list[
 
 # Caches every portal process shares, with an atomic add: what replay protection needs.
 SHARED_CACHES = (
+    "fedportal.cache.SharedPoolRedisCache",
     "django.core.cache.backends.redis.RedisCache",
     "django.core.cache.backends.memcached.PyMemcacheCache",
     "django.core.cache.backends.memcached.PyLibMCCache",

@@ -295,7 +295,8 @@ REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 # prefix, as the channel layer does (default: the channel layer's prefix).
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        # Django's RedisCache, with its connections kept for the process (fedportal.cache).
+        "BACKEND": "fedportal.cache.SharedPoolRedisCache",
         "LOCATION": os.environ.get("FEDPORTAL_CACHE_URL") or REDIS_URL,
         "KEY_PREFIX": os.environ.get("FEDPORTAL_CACHE_PREFIX")
         or os.environ.get("FEDPORTAL_CHANNELS_PREFIX", "asgi"),
