@@ -300,6 +300,13 @@ CACHES = {
         "LOCATION": os.environ.get("FEDPORTAL_CACHE_URL") or REDIS_URL,
         "KEY_PREFIX": os.environ.get("FEDPORTAL_CACHE_PREFIX")
         or os.environ.get("FEDPORTAL_CHANNELS_PREFIX", "asgi"),
+        # At most this many Redis connections a process; a request that finds them all busy
+        # waits for one (up to 20 s) rather than failing, as with the database's pool.
+        "OPTIONS": {
+            "pool_class": "redis.BlockingConnectionPool",
+            "max_connections": env_int("FEDPORTAL_CACHE_MAX_CONNECTIONS", 50),
+            "timeout": 20,
+        },
     }
 }
 

@@ -31,3 +31,27 @@ def test_a_cache_per_request_reuses_the_process_connections() -> None:
     # Other clients of this Redis may connect meanwhile: bounds, not exact counts.
     assert connections_opened(SharedPoolRedisCache, 50) < 10
     assert connections_opened(RedisCache, 50) >= 50  # what it was
+
+
+def test_more_requests_at_once_than_connections_wait_for_one_rather_than_fail() -> None:
+    # 150 agents enrolling at once failed with redis-py's "Too many connections" (its pools
+    # hold at most 100) once the pool was the process's; the portal's settings make it wait.
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.portal.settings_probe import portal_settings
+
+    out = portal_settings("s.CACHES['default']['OPTIONS']")
+    assert out.returncode == 0, out.stderr
+    options = json.loads(out.stdout)
+    options["max_connections"] = 8  # few, so that 64 threads surely queue for them
+    cache = SharedPoolRedisCache(REDIS, {"KEY_PREFIX": "cache-wait-test", "OPTIONS": options})
+
+    def request(number: int) -> int:
+        cache.set(f"k{number}", number, 5)
+        return int(cache.get(f"k{number}"))
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        assert sorted(pool.map(request, range(256))) == list(range(256))
+    pool_of = cache._cache._get_connection_pool(True)
+    assert len(pool_of._connections) <= 8
