@@ -469,6 +469,7 @@ def test_a_worker_killed_mid_aggregation_is_replaced_by_the_other_within_seconds
             return row if row[1] == "aggregating" and row[2] >= 1 and row[3] else None
 
         row = wait_until(caught, 180, "a worker aggregating a round", every=0.002)
+        assert row is not None
         number, _, _, holder = row
         pid = int(holder.split(":")[1])
         dead = next(name for name in env.workers if env.processes[name].pid == pid)

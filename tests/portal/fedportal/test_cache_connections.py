@@ -5,6 +5,8 @@ cache) paid every time."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 from django.core.cache.backends.redis import RedisCache
@@ -53,5 +55,6 @@ def test_more_requests_at_once_than_connections_wait_for_one_rather_than_fail() 
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         assert sorted(pool.map(request, range(256))) == list(range(256))
-    pool_of = cache._cache._get_connection_pool(True)
+    client: Any = cache._cache
+    pool_of = client._get_connection_pool(True)
     assert len(pool_of._connections) <= 8

@@ -47,7 +47,7 @@ def test_a_worker_sending_many_events_opens_no_connection_per_event(settings: Se
         opened = connections_opened() - before
 
         async def heard() -> list[int]:
-            got = []
+            got: list[int] = []
             while len(got) < 1 + 3 * events:
                 message = await asyncio.wait_for(listener.receive(channel), 5)
                 got.append(message["event"].get("n", -1))
