@@ -133,6 +133,11 @@ def _without_script_text(reason: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"", "…", reason.split(":", 1)[0])
 
 
+# The agent's wait for the portal's WebSocket handshake: the portal's own limit, Daphne's
+# --websocket_connect_timeout as fedportal.server sets it.
+HANDSHAKE_TIMEOUT_SECONDS = 30.0
+
+
 def reconnect_delay(
     attempt: int, *, base: float = 1.0, cap: float = 30.0, rng: random.Random | None = None
 ) -> float:
@@ -318,7 +323,10 @@ class Agent:
                     url,
                     ssl=self.client.tls,
                     additional_headers=headers,
-                    open_timeout=10,
+                    # As long as the portal gives a handshake (fedportal.server): when hundreds
+                    # of agents arrive at once, a slow handshake that completes beats one given
+                    # up at 10 s and tried again, which only adds to the portal's queue.
+                    open_timeout=HANDSHAKE_TIMEOUT_SECONDS,
                     ping_interval=20,
                     ping_timeout=20,
                     max_size=1 << 22,

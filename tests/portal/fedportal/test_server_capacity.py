@@ -58,3 +58,11 @@ def test_the_running_portal_listens_with_that_backlog(tmp_path: Path) -> None:
     # For a listening socket, ss's Send-Q column is the backlog it was given.
     queues = re.findall(r"LISTEN\s+\d+\s+(\d+)", listening)
     assert queues == ["777"], listening
+
+
+def test_an_agent_waits_for_a_handshake_as_long_as_the_portal_gives_one() -> None:
+    # An agent that gave up sooner (10 s before) tried again while the portal was still
+    # working through the first attempt: at 200 agents, hundreds of retries.
+    from client_agent.agent import HANDSHAKE_TIMEOUT_SECONDS
+
+    assert HANDSHAKE_TIMEOUT_SECONDS >= DEFAULT_WEBSOCKET_CONNECT_TIMEOUT
