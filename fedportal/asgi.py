@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import django
+from asgiref.sync import sync_to_async
 from django.core.handlers.asgi import ASGIHandler
 
 from fedportal.bodylimits import STORED_BODY
@@ -18,7 +19,22 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedportal.settings.base")
 
 class PortalASGIHandler(ASGIHandler):
     """Django's ASGI handler, which takes the body as the file ``fedportal.server`` already
-    stored, when offered, instead of copying it into a temporary file of its own."""
+    stored, when offered, instead of copying it into a temporary file of its own, and runs a
+    request's middleware and view in one step of its worker thread.
+
+    Django's own handler keeps the middleware chain async: each of the (sync) middlewares then
+    hops to the request's thread and back for its request part and again for its response
+    part, about sixteen hops a request with ours, and the view one more. Every middleware and
+    view here is sync, so the whole chain runs in sync mode, in one hop, on the same
+    per-request thread (``ThreadSensitiveContext``) as before; an async view would still be
+    run, from that thread.
+    """
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        super().load_middleware(is_async=False)
+
+    async def get_response_async(self, request: Any) -> Any:
+        return await sync_to_async(self.get_response, thread_sensitive=True)(request)
 
     async def read_body(self, receive: Any) -> Any:
         first = await receive()

@@ -66,3 +66,16 @@ def test_an_agent_waits_for_a_handshake_as_long_as_the_portal_gives_one() -> Non
     from client_agent.agent import HANDSHAKE_TIMEOUT_SECONDS
 
     assert HANDSHAKE_TIMEOUT_SECONDS >= DEFAULT_WEBSOCKET_CONNECT_TIMEOUT
+
+
+def test_a_request_runs_its_middleware_and_view_in_one_step_of_its_thread() -> None:
+    # Django's own ASGI handler kept the chain async: every sync middleware hopped to the
+    # request's thread and back, twice, for each request.
+    import inspect
+
+    from django.core.handlers.asgi import ASGIHandler
+
+    from fedportal.asgi import PortalASGIHandler
+
+    assert not inspect.iscoroutinefunction(PortalASGIHandler()._middleware_chain)
+    assert inspect.iscoroutinefunction(ASGIHandler()._middleware_chain)  # what it was
