@@ -326,14 +326,19 @@ def job_for_site(*, job_uid: object, site: Site) -> Job:
     return job
 
 
-def task_for_site(*, job: Job, site: Site, round_number: int) -> SiteTask:
-    """The site's task in round ``round_number`` of the job; NotFound when it has none."""
-    task = (
+def _site_task(site: Site, round_number: int, **job: object) -> SiteTask | None:
+    """The site's task in round ``round_number`` of the job that ``job`` filters on."""
+    return (
         SiteTask.objects.select_related("round__job", "site")
-        .filter(round__job=job, round__number=round_number, site=site)
+        .filter(round__number=round_number, site=site, **job)
         .order_by()  # one row; the model's ordering would join the sites to sort it
         .first()
     )
+
+
+def task_for_site(*, job: Job, site: Site, round_number: int) -> SiteTask:
+    """The site's task in round ``round_number`` of the job; NotFound when it has none."""
+    task = _site_task(site, round_number, round__job=job)
     if task is None:
         raise NotFound(f"this site has no task in round number {round_number} (counted from 0)")
     return task
@@ -345,12 +350,7 @@ def task_of_site(*, job_uid: object, site: Site, round_number: int) -> SiteTask:
     when the task exists (a site has tasks only in jobs it takes part in)."""
     task = None
     if isinstance(job_uid, uuid.UUID):
-        task = (
-            SiteTask.objects.select_related("round__job", "site")
-            .filter(round__job__uid=job_uid, round__number=round_number, site=site)
-            .order_by()  # one row; the model's ordering would join the sites to sort it
-            .first()
-        )
+        task = _site_task(site, round_number, round__job__uid=job_uid)
     if task is None:
         job = job_for_site(job_uid=job_uid, site=site)  # NotFound naming the job, if it is that
         return task_for_site(job=job, site=site, round_number=round_number)
