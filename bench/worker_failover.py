@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import benchlib
 import psycopg
@@ -39,10 +38,14 @@ import torch
 from benchlib import median
 from benchlib.portal import scratch_database
 
-from client_agent.wire import load_state_dict
-from jobs.envs import PocEnv, RunStatus, SimEnv
-from jobs.envs.portal import PortalRun, ProdEnv
-from jobs.recipes import FedAvgRecipe
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.chaos.services: the wait the chaos tests use
+
+from client_agent.wire import load_state_dict  # noqa: E402
+from jobs.envs import PocEnv, RunStatus, SimEnv  # noqa: E402
+from jobs.envs.portal import PortalRun, ProdEnv  # noqa: E402
+from jobs.recipes import FedAvgRecipe  # noqa: E402
+from tests.chaos.services import wait_until  # noqa: E402
 
 ECHO = textwrap.dedent(
     """
@@ -70,20 +73,6 @@ def recipe(app: Path, numel: int) -> FedAvgRecipe:
         model={"w": torch.linspace(-1.0, 1.0, numel)},
         train_script=str(app / "client.py"),
     )
-
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, every: float) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout:.0f} s")
-        time.sleep(every)
 
 
 def trial(app: Path, numel: int, workdir: Path) -> dict[str, float | bool]:
@@ -130,7 +119,7 @@ def trial(app: Path, numel: int, workdir: Path) -> dict[str, float | bool]:
                     row = latest()
                     return row if row[1] == "aggregating" and row[2] >= 1 and row[3] else None
 
-                caught = wait_for(aggregating, 300, "aggregation", 0.002)
+                caught = wait_until(aggregating, 300, "aggregation", 0.002)
                 assert caught is not None
                 number, _, _, dead_holder = caught
                 pid = int(dead_holder.split(":")[1])
@@ -151,9 +140,9 @@ def trial(app: Path, numel: int, workdir: Path) -> dict[str, float | bool]:
                     state, holder = round_row()
                     return state == "closed" or holder not in ("", dead_holder)
 
-                wait_for(handed_over, 120, "hand-over", 0.005)
+                wait_until(handed_over, 120, "hand-over", 0.005)
                 hand_over = time.monotonic() - killed
-                wait_for(lambda: round_row()[0] == "closed", 120, "round closed", 0.005)
+                wait_until(lambda: round_row()[0] == "closed", 120, "round closed", 0.005)
                 stall = time.monotonic() - killed
             finished = run.wait(timeout=600)
         finally:

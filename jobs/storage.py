@@ -115,7 +115,9 @@ def forget(names: Iterable[str | None]) -> None:
 
 
 def _storage() -> Any:
-    return default_storage  # a lazy object: set up again when a test changes STORAGES
+    # Untyped on purpose: the S3 storage's attributes (connection, bucket_name) are not on
+    # Django's Storage type. A lazy object, set up again when a test changes STORAGES.
+    return default_storage
 
 
 def _is_s3(storage: Any) -> bool:
