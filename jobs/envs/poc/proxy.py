@@ -39,6 +39,7 @@ def nginx_config(prefix: Path, listen_port: int, portal_ports: Sequence[int]) ->
       spooled to disk first: the portal bounds each body and checks an upload's sender before
       reading it, and a 25M-parameter update must not be held twice. The proxy sets no size
       limit of its own for the same reason.
+    - **Sockets spread**: a new connection goes to the portal with the fewest open ones.
     - **A dead portal is skipped**: a refused connection goes to the next portal at once (a
       request that never reached a portal is safe to send elsewhere, POSTs included), and the
       dead one is left out for a few seconds.
@@ -76,6 +77,10 @@ http {{
     }}
 
     upstream portals {{
+        # An agent's WebSocket lasts the whole job: each new one goes to the portal holding
+        # fewest connections, so the sockets spread over the portals whatever the order of
+        # the short requests in between (round robin put all three of a test's on one).
+        least_conn;
 {servers}
         keepalive 32;
     }}
