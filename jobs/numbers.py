@@ -91,10 +91,27 @@ def check_result_metrics(metrics: Any, *, field: str = "metrics") -> dict[str, f
         )
     checked: dict[str, float] = {}
     for key, value in metrics.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_KEY_LENGTH:
-            raise NumberRejected(
-                field,
-                f"metric names must be 1 to {MAX_METRIC_KEY_LENGTH} characters, got {shown(key)}",
-            )
+        problem = metric_name_problem(key)
+        if problem:
+            raise NumberRejected(field, problem)
         checked[key] = check_finite_number(f"{field}[{key!r}]", value)
     return checked
+
+
+def metric_name_problem(key: Any) -> str:
+    """What is wrong with ``key`` as a metric's name ("" when nothing): 1 to
+    :data:`MAX_METRIC_KEY_LENGTH` characters of text a database column takes, so no NUL and
+    no lone surrogate (JSON and safetensors headers carry both; PostgreSQL refuses them)."""
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_METRIC_KEY_LENGTH:
+        return f"metric names must be 1 to {MAX_METRIC_KEY_LENGTH} characters, got {shown(key)}"
+    if "\x00" in key or not key.isascii() and _has_lone_surrogate(key):
+        return f"metric names cannot hold a NUL character or a lone surrogate, got {key!r}"
+    return ""
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

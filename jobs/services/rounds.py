@@ -41,7 +41,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN
@@ -794,10 +794,11 @@ def _file_digest(path: Path) -> tuple[str, int]:
 def update_check(*, task_id: int) -> str:
     """Check an uploaded update against the round's global model: accepted or rejected.
 
-    Other updates of the round that are waiting for their check are checked too, with the
-    global model opened once: when fifty sites upload at once, the first task does most of
-    the work and the others find theirs done. Each check claims its task with a conditional
-    update, so two workers never decide one task twice. Returns this task's outcome.
+    Every other update of the round waiting for its check is checked too, with the global model
+    opened once, and all of them are recorded in one transaction whose statements do not grow
+    with their number: when fifty sites upload at once, the first task does the work and the
+    others find theirs done. Only the tasks still ``uploaded`` under the lock are recorded, so
+    two workers never decide one task twice. Returns this task's outcome.
     """
     from jobs.aggregation import FileTensorSource  # torch: the worker's side
 
@@ -806,28 +807,44 @@ def update_check(*, task_id: int) -> str:
         return "nothing: task is " + task.state
     rnd = task.round
     start = ModelVersion.objects.only("id", "file").get(job=rnd.job, round_number=rnd.number)
+    # The round's updates waiting for their check: this task among them, unless another
+    # worker decided it since it was read above.
+    waiting = list(
+        SiteTask.objects.select_related("site")
+        .filter(round=rnd, state=TaskState.UPLOADED)
+        .order_by("pk")
+    )
     global_source = FileTensorSource(storage.local_path(start.file.name))
     try:
         specs = global_source.specs()
-        outcome = _update_check_one(task, rnd, specs)
-        others = (
-            SiteTask.objects.select_related("site")
-            .filter(round=rnd, state=TaskState.UPLOADED)
-            .exclude(pk=task.pk)
-            .order_by("pk")
-        )
-        for other in others:
-            other.round = rnd
-            _update_check_one(other, rnd, specs)
+        # The files are read before the transaction: the round's row stays locked for the
+        # writes alone, not for as long as fifty files take to read.
+        checked = [_update_check_one(waiting_task, rnd, specs) for waiting_task in waiting]
     finally:
         global_source.close()
-    return outcome
+    decided = _update_checks_record(rnd, checked)
+    return decided.get(task.pk, "nothing: checked meanwhile")
 
 
-def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
+@dataclass
+class _CheckedUpdate:
+    """What the check made of one site's file, before it is recorded."""
+
+    task: SiteTask
+    state: str  # TaskState.ACCEPTED or TaskState.REJECTED
+    reason: str
+    weight: float | None
+    # Only an accepted result's metrics were checked: a rejected one's may hold values no
+    # database column takes (NaN, Infinity), so they are left out ({}).
+    metrics: dict[str, Any]
+    # The site's ledger from the file's header; None when there is none or it is malformed.
+    privacy: dict[str, Any] | None
+
+
+def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> _CheckedUpdate:
     """Check one site's answer as its task asks (``result_from_file``): a train result FULL or
     DIFF params fitting the global model, a validate result metrics only, a submitted model
-    FULL params; accepted, or rejected with the reason.
+    FULL params; accepted, or rejected with the reason. Reads the file, writes nothing.
 
     The privacy report the file carries (the site's ledger, read from the header) is kept
     once the task is answered, either way: what the site released is spent whatever the
@@ -860,48 +877,88 @@ def _update_check_one(task: SiteTask, rnd: Round, specs: Any) -> str:
             close_result(result)
     accepted = result if state == TaskState.ACCEPTED else None
     weight = getattr(getattr(accepted, "update", None), "weight", None)
+    return _CheckedUpdate(
+        task=task,
+        state=state,
+        reason=reason[:2000],
+        weight=float(weight) if weight is not None else None,
+        metrics=dict(accepted.metrics) if accepted is not None else {},
+        privacy=privacy,
+    )
+
+
+def _update_checks_record(rnd: Round, checked: list[_CheckedUpdate]) -> dict[int, str]:
+    """Record the checks of ``rnd``'s updates in one transaction, a constant number of
+    statements for the batch (and a few more for each task that carries a privacy report):
+    each task's state, reason, weight and metrics, the accepted results' metric points, the
+    privacy reports, an event per task, and the job advanced when no task is left unanswered.
+
+    Returns the state recorded for each task, by id. A task missing from it was decided
+    meanwhile by another worker and is left as that worker recorded it."""
+    if not checked:
+        return {}
+    by_id = {check.task.pk: check for check in checked}
     with transaction.atomic():
         # The round's row lock orders concurrent checks, so the count of unanswered tasks
         # below sees every check that finished before this one. (Uploads lock their task's
-        # row only: they never wait on it.)
+        # row only: they never wait on it.) The round's ordering joins its job, whose row is
+        # locked too: ``job_advance`` reads the tasks under the job's lock alone.
         Round.objects.select_for_update().filter(pk=rnd.pk).values_list("pk").first()
-        changed = SiteTask.objects.filter(
-            pk=task.pk, state__in=SiteTask.states_that_move_to(state)
-        ).update(
-            state=state,
-            reason=reason[:2000],
-            weight=float(weight) if weight is not None else None,
-            # Only an accepted result's metrics were checked: a rejected one's may hold values
-            # no database column takes (NaN, Infinity).
-            metrics=dict(accepted.metrics) if accepted is not None else {},
+        decided = [by_id[pk] for pk in _still_to_decide(checked)]
+        for check in decided:
+            task = check.task
+            task.state, task.reason = check.state, check.reason
+            task.weight, task.metrics = check.weight, check.metrics
+        SiteTask.objects.bulk_update(
+            [check.task for check in decided], ["state", "reason", "weight", "metrics"]
         )
-        if changed and accepted is not None:
-            # The checks left only finite numbers in the metrics. One insert: the conditional
-            # update above lets one check alone get here for the task, in the same transaction,
-            # so none of these points can be stored already.
-            MetricPoint.objects.bulk_create(
-                MetricPoint(
-                    job=rnd.job,
-                    site=task.site,
-                    client_id=metric_point_id("result", rnd.number, key),
-                    round_number=rnd.number,
-                    key=key,
-                    value=float(value),
-                    source=MetricPoint.Source.RESULT,
-                )
-                for key, value in accepted.metrics.items()
+        # The checks left only finite numbers in accepted metrics. One insert: the lock in
+        # ``_still_to_decide`` lets one check alone get here for a task, in the same
+        # transaction, so none of these points can be stored already.
+        MetricPoint.objects.bulk_create(
+            MetricPoint(
+                job=rnd.job,
+                site=check.task.site,
+                client_id=metric_point_id("result", rnd.number, key),
+                round_number=rnd.number,
+                key=key,
+                value=float(value),
+                source=MetricPoint.Source.RESULT,
             )
-        if not changed:
-            return "nothing: checked meanwhile"
-        if privacy is not None:
-            task_privacy_record(task=task, report=privacy)
-        task.state, task.reason = state, reason
-        events.task_state(task)
+            for check in decided
+            if check.state == TaskState.ACCEPTED
+            for key, value in check.metrics.items()
+        )
+        for check in decided:
+            if check.privacy is not None:
+                task_privacy_record(task=check.task, report=check.privacy)
+            events.task_state(check.task)
         # The round closes when every site answered (or at its deadline, which has its own
         # countdown): only the last answer needs the job advanced, not all fifty.
-        if not rnd.tasks.exclude(state__in=TASK_ANSWERED).exists():
+        if decided and not rnd.tasks.exclude(state__in=TASK_ANSWERED).exists():
             job_kick_after_commit(rnd.job)
-    return state
+    return {check.task.pk: check.state for check in decided}
+
+
+def _still_to_decide(checked: list[_CheckedUpdate]) -> list[int]:
+    """The ids of the ``checked`` tasks whose state may still move to their check's outcome
+    (``SiteTask.states_that_move_to``), locked until the transaction ends, in ``checked``'s
+    order: one query, whatever their number. Call it inside the transaction that records them.
+
+    The lock is what keeps two workers from deciding one task twice: a task another worker
+    decided meanwhile is no longer in a state that moves, and one it is deciding now is
+    returned only once that worker's transaction ended, and then no longer matches."""
+    movable = Q(pk__in=[])  # matches nothing: each outcome's tasks are added to it
+    for state in {check.state for check in checked}:
+        movable |= Q(
+            pk__in=[check.task.pk for check in checked if check.state == state],
+            state__in=SiteTask.states_that_move_to(state),
+        )
+    # Ordered by id, not by the model's ordering: that joins the round, the job and the site,
+    # and the lock would take the sites' rows too (heartbeats write those).
+    rows = SiteTask.objects.select_for_update().filter(movable).order_by("pk")
+    locked = set(rows.values_list("pk", flat=True))
+    return [check.task.pk for check in checked if check.task.pk in locked]
 
 
 def jobs_resume() -> int:

@@ -35,6 +35,7 @@ from jobs.numbers import (
     check_finite_number,
     check_optional_round,
     check_optional_step,
+    metric_name_problem,
 )
 from sites.models import Site
 
@@ -190,6 +191,8 @@ def _metric_row(job: Job, site: Site, entry: _Entry) -> MetricPoint:
             f"key must be a string of 1 to {MAX_METRIC_KEY_LENGTH} characters",
             field=f"{entry.field}.key",
         )
+    if problem := metric_name_problem(key):
+        raise ValidationFailed(problem, field=f"{entry.field}.key")
     return MetricPoint(
         job=job,
         site=site,

@@ -117,8 +117,20 @@ def test_the_largest_numbers_a_site_may_send_are_aggregated_and_stored(tmp_path:
         ({"key": "loss", "value": 10**400}, "points[0].value"),
         ({"key": "loss", "value": float("inf")}, "points[0].value"),
         ({"key": "loss", "value": True}, "points[0].value"),
+        ({"key": "lo\x00ss", "value": 1.0}, "points[0].key"),
+        ({"key": "lo\ud800ss", "value": 1.0}, "points[0].key"),
     ],
-    ids=["step 2**63", "step below int64", "round 2**31", "round -1", "10**400", "inf", "bool"],
+    ids=[
+        "step 2**63",
+        "step below int64",
+        "round 2**31",
+        "round -1",
+        "10**400",
+        "inf",
+        "bool",
+        "NUL in the key",
+        "lone surrogate in the key",
+    ],
 )
 def test_a_flare_log_point_out_of_bounds_is_refused_naming_the_field(
     tmp_path: Path, point: dict[str, object], field: str
