@@ -24,10 +24,13 @@ consumer answers line reports so without a database query.
 
 
 A revocation or a re-enrolment closes the socket of the agent signing with the old
-certificate at once (the ``site.revoked`` event names the certificate's serial; close code 4403);
-the certificate is also read again from the database on every heartbeat, before a message or an
-event when its last check is older than 5 s, and every ``FEDPORTAL_SOCKET_RECHECK_SECONDS``
-while the socket is idle, in case that event was lost. A site has one live socket: a newer
+certificate at once (the ``site.revoked`` event names the certificate's serial; close code 4403).
+In case that event was lost, the certificate is checked again as a signed request's is (the
+cache of verified certificates, which every change through the services renews:
+``sites.signed_cache``) on every heartbeat and before a message or an event when its last
+check is older than 5 s; and it is read from the database every
+``FEDPORTAL_SOCKET_RECHECK_SECONDS`` (30 s), for a change made behind the services' back.
+The cache spares a statement per round and site. A site has one live socket: a newer
 connection of the site replaces the older one, which is closed with 4409 (see
 ``sites.services.agents``). A handshake that fails verification is closed with 4401. The
 consumer only parses and calls services.
@@ -39,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -79,14 +83,20 @@ from jobs.selectors import job_for_site, task_for_site
 from jobs.services.tasks import task_mark
 from jobs.services.telemetry import report_record
 from sites import services as site_services
-from sites.authentication import SiteIdentity, identity_recheck, verify_signed_handshake
+from sites.authentication import (
+    SiteIdentity,
+    identity_check,
+    identity_recheck,
+    verify_signed_handshake,
+)
 from sites.exceptions import CertificateRevoked
 
 log = logging.getLogger(__name__)
 
 # A revocation closes the socket at once (the site.revoked event); the certificate is also
-# read again from the database before a message or event at most this often, in case that
-# event was lost (and on every heartbeat, which is what keeps the site online).
+# checked again (through the cache of verified certificates) before a message or event at
+# most this often, in case that event was lost (and on every heartbeat, which is what keeps
+# the site online).
 RECHECK_SECONDS = sockets.EVENT_RECHECK_SECONDS
 REPLACED = "agent.replaced"
 AGENT_VERSION_HEADER = HEADER_AGENT_VERSION.lower().encode()  # as ASGI hands headers over
@@ -100,7 +110,7 @@ def _handle(
     no id to acknowledge)."""
     kind = content.get("type")
     if recheck or kind == HEARTBEAT:
-        identity = identity_recheck(identity)
+        identity = identity_check(identity)
     site = identity.site
     answer_to = message_id(content)
     try:
@@ -264,7 +274,9 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
                     )
                 )
             return
-        if time.monotonic() - self.checked_at >= RECHECK_SECONDS and not await self._recheck():
+        if time.monotonic() - self.checked_at >= RECHECK_SECONDS and not await self._recheck(
+            identity_check
+        ):
             return
         await self._send(Event(event))
 
@@ -278,20 +290,24 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
         )
         await self.close(code=CLOSE_REPLACED)
 
-    async def _recheck(self) -> bool:
-        """Read the certificate again; refuse the socket (and return False) when it is gone."""
+    async def _recheck(
+        self, check: Callable[[SiteIdentity], SiteIdentity] = identity_recheck
+    ) -> bool:
+        """Check the certificate again (from the database unless ``check`` says otherwise);
+        refuse the socket (and return False) when it is gone."""
         assert self.identity is not None
         self.checked_at = time.monotonic()
         try:
-            self.identity = await database_sync_to_async(identity_recheck)(self.identity)
+            self.identity = await database_sync_to_async(check)(self.identity)
         except AuthenticationError as exc:
             await self._refuse(_error_body(exc))
             return False
         return True
 
     async def _watch(self) -> None:
-        """The idle socket's safety net: its certificate is read again every
-        ``FEDPORTAL_SOCKET_RECHECK_SECONDS``."""
+        """The socket's safety net: its certificate is read again from the database every
+        ``FEDPORTAL_SOCKET_RECHECK_SECONDS``, busy or idle (a change behind the services'
+        back, which the cache cannot know of)."""
         while not self.closing:
             await asyncio.sleep(sockets.recheck_seconds())
             if not self.closing and not await self._recheck():

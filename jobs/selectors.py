@@ -18,7 +18,7 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
-from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from client_agent.privacy.policy import JobAssessment, assess_job
@@ -326,14 +326,42 @@ def job_for_site(*, job_uid: object, site: Site) -> Job:
     return job
 
 
-def _site_task(site: Site, round_number: int, **job: object) -> SiteTask | None:
-    """The site's task in round ``round_number`` of the job that ``job`` filters on."""
-    return (
-        SiteTask.objects.select_related("round__job", "site")
-        .filter(round__number=round_number, site=site, **job)
-        .order_by()  # one row; the model's ordering would join the sites to sort it
-        .first()
+def _site_task(
+    site: Site, round_number: int, *, with_start_model: bool = False, **job: object
+) -> SiteTask | None:
+    """The site's task in round ``round_number`` of the job that ``job`` filters on; with
+    ``with_start_model``, the global model the round starts from read in the same statement
+    (:func:`start_model_of`)."""
+    tasks = SiteTask.objects.select_related("round__job", "site").filter(
+        round__number=round_number, site=site, **job
     )
+    if with_start_model:
+        start = ModelVersion.objects.filter(
+            job_id=OuterRef("round__job_id"), round_number=OuterRef("round__number")
+        ).order_by()
+        tasks = tasks.annotate(
+            **{
+                f"{_START_MODEL}{name}": Subquery(start.values(name)[:1])
+                for name in _START_MODEL_FIELDS
+            }
+        )
+    # One row; the model's ordering would join the sites to sort it.
+    return tasks.order_by().first()
+
+
+# What a model download serves of a round's start model (its metrics may be large).
+_START_MODEL = "start_model_"
+_START_MODEL_FIELDS = ("id", "file", "sha256")
+
+
+def start_model_of(task: SiteTask) -> ModelVersion | None:
+    """The global model ``task``'s round starts from, as read with the task
+    (``with_start_model``): its id, file and sha256 only; None when the task was read without
+    it or the round has none yet."""
+    values = {name: getattr(task, f"{_START_MODEL}{name}", None) for name in _START_MODEL_FIELDS}
+    if values["id"] is None:
+        return None
+    return ModelVersion(job=task.round.job, round_number=task.round.number, **values)
 
 
 def task_for_site(*, job: Job, site: Site, round_number: int) -> SiteTask:
@@ -344,13 +372,19 @@ def task_for_site(*, job: Job, site: Site, round_number: int) -> SiteTask:
     return task
 
 
-def task_of_site(*, job_uid: object, site: Site, round_number: int) -> SiteTask:
+def task_of_site(
+    *, job_uid: object, site: Site, round_number: int, with_start_model: bool = False
+) -> SiteTask:
     """The site's task in round ``round_number`` of the job with ``job_uid``: what
     :func:`job_for_site` then :func:`task_for_site` give, with their NotFound, in one query
-    when the task exists (a site has tasks only in jobs it takes part in)."""
+    when the task exists (a site has tasks only in jobs it takes part in). With
+    ``with_start_model`` that query also reads the round's start model
+    (:func:`start_model_of`)."""
     task = None
     if isinstance(job_uid, uuid.UUID):
-        task = _site_task(site, round_number, round__job__uid=job_uid)
+        task = _site_task(
+            site, round_number, with_start_model=with_start_model, round__job__uid=job_uid
+        )
     if task is None:
         job = job_for_site(job_uid=job_uid, site=site)  # NotFound naming the job, if it is that
         return task_for_site(job=job, site=site, round_number=round_number)

@@ -304,13 +304,27 @@ def _certificate_check(row: Certificate, now: dt.datetime) -> x509.Certificate:
     return cert
 
 
+def identity_check(identity: SiteIdentity, *, now: dt.datetime | None = None) -> SiteIdentity:
+    """Check again that a connection verified earlier may go on, as a signed request is
+    checked: from the cache of verified certificates when it holds the certificate under the
+    current generation (no SQL), else from the database.
+
+    A WebSocket is verified once, at its handshake; its messages and the events it forwards
+    call this, so a certificate revoked (or a site whose state changed) through the services
+    while the agent is connected is refused at its next message, even when the revocation's
+    event was lost: every such change starts a new generation (``sites.signed_cache``). A
+    change made behind the services' back is for :func:`identity_recheck`.
+    """
+    row, _ = _certificate_verified(identity.certificate.fingerprint, now or timezone.now())
+    return SiteIdentity(site=row.site, certificate=row)
+
+
 def identity_recheck(identity: SiteIdentity, *, now: dt.datetime | None = None) -> SiteIdentity:
     """Check again, from the database, that a connection verified earlier may go on.
 
-    A WebSocket is verified once, at its handshake; every message on it calls this, so a
-    certificate revoked while the agent is connected is refused at its next message. It reads
-    the database, never the cache: it is the safety net of a socket that missed the
-    revocation's event, and of a change made behind the services' back.
+    It reads the database, never the cache: it is the socket's periodic safety net
+    (``FEDPORTAL_SOCKET_RECHECK_SECONDS``) for a change made behind the services' back, which
+    starts no new generation of the cache (a queryset ``update`` of a certificate's row).
     """
     row = Certificate.objects.select_related("site__project").get(pk=identity.certificate.pk)
     _certificate_check(row, now or timezone.now())

@@ -133,10 +133,16 @@ class AgentView(generics.GenericAPIView[M]):
         """The job in the URL if this site takes part in it; 404 otherwise."""
         return job_for_site(job_uid=self.kwargs["uid"], site=self.site)
 
-    def get_task(self, number: int) -> SiteTask:
+    def get_task(self, number: int, *, with_start_model: bool = False) -> SiteTask:
         """The site's task in round ``number`` of the job in the URL; 404 as :meth:`get_job`
-        for the job, and for a round in which the site has no task."""
-        return task_of_site(job_uid=self.kwargs["uid"], site=self.site, round_number=number)
+        for the job, and for a round in which the site has no task. ``with_start_model``: the
+        round's start model read with it (``jobs.selectors.start_model_of``)."""
+        return task_of_site(
+            job_uid=self.kwargs["uid"],
+            site=self.site,
+            round_number=number,
+            with_start_model=with_start_model,
+        )
 
 
 # --- people: a project's jobs ------------------------------------------------------------------
@@ -499,7 +505,7 @@ class AgentRoundModelView(AgentView[ModelVersion]):
         responses=file_responses(400, 404),
     )
     def get(self, request: Request, uid: UUID, number: int) -> FileResponse:
-        task = self.get_task(number)
+        task = self.get_task(number, with_start_model=True)
         job = task.round.job
         then = request.query_params.get("then", TaskState.DOWNLOADED)
         if then not in (TaskState.DOWNLOADED, TaskState.TRAINING):

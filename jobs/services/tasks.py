@@ -11,12 +11,14 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
+from django.db.models import Exists, OuterRef
+from django.utils import timezone
 
 from common.exceptions import Conflict, NotFound, ValidationFailed
 from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, ModelVersion, Round, RoundState, SiteTask, TaskState
-from jobs.selectors import task_takes_update
+from jobs.selectors import start_model_of, task_takes_update
 from jobs.services.kicks import kick_after_commit
 from jobs.services.privacy import round_declined_record
 from jobs.services.rounds import job_kick_after_commit
@@ -24,6 +26,13 @@ from jobs.workflows import ModelRef
 from sites.services.privacy import privacy_report_checked
 
 log = logging.getLogger(__name__)
+
+_MOVES_TO_UPLOADED = SiteTask.states_that_move_to(TaskState.UPLOADED)
+# A task whose round is open, as a condition on the task's own row: never ``round__state``
+# in a conditional update, which Django turns into ``id IN (a join)`` with the task's state
+# tested inside it. PostgreSQL then tests a task row that a closing round changed meanwhile
+# (the update waited on its lock) against the state it had before, and overwrites ``late``.
+_IN_OPEN_ROUND = Exists(Round.objects.filter(pk=OuterRef("round_id"), state=RoundState.OPEN))
 
 
 def round_model_fetch(
@@ -42,8 +51,10 @@ def round_model_fetch(
     # Only what a download serves: the model's other fields (metrics) may be large.
     fields = ("id", "file", "sha256")
     if model.is_global:
+        # Read with the task when the caller asked for it (jobs.selectors.start_model_of).
         found: ModelVersion | Checkpoint | None = (
-            ModelVersion.objects.filter(job=job, round_number=round_number).only(*fields).first()
+            start_model_of(task)
+            or ModelVersion.objects.filter(job=job, round_number=round_number).only(*fields).first()
         )
     else:
         found = Checkpoint.objects.filter(job=job, name=model.checkpoint).only(*fields).first()
@@ -81,11 +92,11 @@ def task_mark(*, task: SiteTask, state: str, reason: str = "", privacy: Any = No
         report = privacy_report_checked(privacy)
     # Progress is one conditional update, atomic on its own; a failure writes more with it.
     with transaction.atomic() if state == TaskState.FAILED else contextlib.nullcontext():
-        changed = SiteTask.objects.filter(
-            pk=task.pk,
-            state__in=SiteTask.states_that_move_to(state),
-            round__state=RoundState.OPEN,
-        ).update(state=state, reason=reason)
+        changed = (
+            SiteTask.objects.filter(pk=task.pk, state__in=SiteTask.states_that_move_to(state))
+            .filter(_IN_OPEN_ROUND)
+            .update(state=state, reason=reason)
+        )
         if changed:
             task.state, task.reason = state, reason
             events.task_state(task)
@@ -145,6 +156,14 @@ def update_upload(
                 "the body does not match X-Content-SHA256", field="sha256", code="checksum_mismatch"
             )
         storage.publish(str(storage_file.name), keep_local=False)
+        stored = {
+            "update": storage_file.name,
+            "update_sha256": sha256.lower(),
+            "update_size": size,
+            "updated_at": timezone.now(),
+        }
+        if _uploaded_to_open_round(task, stored):
+            return task
         with transaction.atomic():
             # The task's row alone is locked, not the round's (which every upload and update
             # check of the round would queue on). A round that closes marks its unanswered
@@ -165,9 +184,8 @@ def update_upload(
                 locked.reason = reason
             else:
                 locked.move_to(TaskState.LATE if late else TaskState.UPLOADED, reason)
-            locked.update = storage_file.name
-            locked.update_sha256 = sha256.lower()
-            locked.update_size = size
+            for field, value in stored.items():
+                setattr(locked, field, value)
             locked.save(
                 update_fields=[
                     "state",
@@ -180,10 +198,7 @@ def update_upload(
             )
             events.task_state(locked)
             if not late:
-                from jobs.tasks import update_check_task
-
-                task_id = locked.pk
-                kick_after_commit(lambda: update_check_task.delay(task_id))
+                _update_check_after_commit(locked)
         return locked
     except BaseException as exc:
         if storage_file.name:
@@ -192,6 +207,38 @@ def update_upload(
         if is_storage_full(exc):
             raise _update_not_kept(task) from exc
         raise
+
+
+def _uploaded_to_open_round(task: SiteTask, stored: dict[str, Any]) -> bool:
+    """The usual upload, in one statement: an open task of a round that is still open becomes
+    ``uploaded`` with its file (``stored``); whether it did. Anything else (a round closed
+    or closing, a task answered meanwhile) is for the locked path, which says what happened.
+
+    One conditional update is as safe as the lock: a round that closes marks its unanswered
+    tasks late and leaves ``open`` in one transaction, so this statement either sees the
+    round open and the task unanswered, or (waiting on the task's row, then reading it again)
+    a task that is no longer open, and changes nothing.
+    """
+    uploaded = (
+        SiteTask.objects.filter(pk=task.pk, state__in=_MOVES_TO_UPLOADED)
+        .filter(_IN_OPEN_ROUND)
+        .update(state=TaskState.UPLOADED, reason="", **stored)
+    )
+    if not uploaded:
+        return False
+    task.state, task.reason = TaskState.UPLOADED, ""
+    for field, value in stored.items():
+        setattr(task, field, value)
+    events.task_state(task)
+    _update_check_after_commit(task)
+    return True
+
+
+def _update_check_after_commit(task: SiteTask) -> None:
+    from jobs.tasks import update_check_task
+
+    task_id = task.pk
+    kick_after_commit(lambda: update_check_task.delay(task_id))
 
 
 def _update_not_kept(task: SiteTask) -> StorageFull:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Value
 from django.utils import timezone
 
 from client_agent.protocol import MAX_LINES_PER_REPORT, MAX_MESSAGE_BYTES, cut_line
@@ -113,14 +114,13 @@ def _locked_link_of(job_uid: object, site: Site) -> JobSite:
     return link
 
 
-def _unseen(model: type[_Row], link: JobSite, rows: list[_Row]) -> list[_Row]:
+def _unseen(
+    model: type[_Row], link: JobSite, rows: list[_Row], stored: set[str] | None = None
+) -> list[_Row]:
     """``rows`` less those whose sender id is stored already for the job and site, or came
-    earlier in ``rows``: an entry sent again is stored once. Exact under ``link``'s lock."""
-    ids = {row.client_id for row in rows if row.client_id}
-    seen: set[str] = set()
-    if ids:
-        stored = model.objects.filter(job_id=link.job_id, site_id=link.site_id, client_id__in=ids)
-        seen = set(stored.values_list("client_id", flat=True))
+    earlier in ``rows``: an entry sent again is stored once. Exact under ``link``'s lock.
+    ``stored``: those of the ids that are stored, when the caller read them already."""
+    seen = set(stored) if stored is not None else _stored_ids(link, {model: rows})[model]
     fresh = []
     for row in rows:
         if row.client_id:
@@ -129,6 +129,31 @@ def _unseen(model: type[_Row], link: JobSite, rows: list[_Row]) -> list[_Row]:
             seen.add(row.client_id)
         fresh.append(row)
     return fresh
+
+
+def _stored_ids(
+    link: JobSite, rows: Mapping[type[MetricPoint] | type[LogLine], list[Any]]
+) -> dict[type[MetricPoint] | type[LogLine], set[str]]:
+    """For each model of ``rows``, the sender ids of its rows that are stored already for the
+    job and site: one statement for all of them (a report's points and lines together)."""
+    queries = []
+    for tag, (model, entries) in enumerate(rows.items()):
+        ids = {row.client_id for row in entries if row.client_id}
+        if ids:
+            queries.append(
+                model.objects.filter(job_id=link.job_id, site_id=link.site_id, client_id__in=ids)
+                .order_by()
+                .annotate(model_tag=Value(tag))
+                .values_list("model_tag", "client_id")
+            )
+    stored: dict[type[MetricPoint] | type[LogLine], set[str]] = {model: set() for model in rows}
+    if not queries:
+        return stored
+    models = list(rows)
+    union = queries[0].union(*queries[1:], all=True) if len(queries) > 1 else queries[0]
+    for tag, client_id in union:
+        stored[models[tag]].add(client_id)
+    return stored
 
 
 # --- metric points -------------------------------------------------------------------------
@@ -152,9 +177,10 @@ def _metric_rows(job: Job, site: Site, points: Iterable[Mapping[str, Any]]) -> l
     return [_metric_row(job, site, entry) for entry in _report_entries(points, name="points")]
 
 
-def _metrics_store(link: JobSite, rows: list[MetricPoint]) -> int:
-    """Insert the new of ``rows`` (``link`` locked); how many."""
-    fresh = _unseen(MetricPoint, link, rows)
+def _metrics_store(link: JobSite, rows: list[MetricPoint], stored: set[str] | None = None) -> int:
+    """Insert the new of ``rows`` (``link`` locked; ``stored`` as :func:`_unseen`); how
+    many."""
+    fresh = _unseen(MetricPoint, link, rows, stored)
     if fresh:
         MetricPoint.objects.bulk_create(fresh)
         events.metrics(link.job, link.site, fresh)
@@ -176,11 +202,15 @@ def report_record(
     with transaction.atomic():
         link = _locked_link_of(job_uid, site)
         link.site = site
+        point_rows = _metric_rows(link.job, site, points) if points else []
+        line_rows = _line_rows(link.job, site, lines, now) if lines else []
+        # Which of both were sent before, in one statement.
+        seen = _stored_ids(link, {MetricPoint: point_rows, LogLine: line_rows})
         stored = 0
-        if points:
-            stored += _metrics_store(link, _metric_rows(link.job, site, points))
-        if lines:
-            stored += _lines_store(link, _line_rows(link.job, site, lines, now), now)
+        if point_rows:
+            stored += _metrics_store(link, point_rows, seen[MetricPoint])
+        if line_rows:
+            stored += _lines_store(link, line_rows, now, seen[LogLine])
     return stored
 
 
@@ -254,9 +284,12 @@ def _line_rows(
     return [_log_row(job, site, entry) for entry in _report_entries(lines, name="lines")]
 
 
-def _lines_store(link: JobSite, rows: list[LogLine], now: dt.datetime) -> int:
-    """Insert the new of ``rows`` within the bounds (``link`` locked); how many."""
-    fresh = _unseen(LogLine, link, rows)
+def _lines_store(
+    link: JobSite, rows: list[LogLine], now: dt.datetime, stored: set[str] | None = None
+) -> int:
+    """Insert the new of ``rows`` within the bounds (``link`` locked; ``stored`` as
+    :func:`_unseen`); how many."""
+    fresh = _unseen(LogLine, link, rows, stored)
     if not fresh:
         return 0
     _take_log_allowance(link, sum(row.size for row in fresh), now)

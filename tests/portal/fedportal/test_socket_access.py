@@ -398,9 +398,37 @@ def test_a_newer_connection_of_the_site_replaces_the_older_one(jobs_world: jw.Wo
 def test_an_agent_socket_that_only_receives_checks_its_certificate_before_an_event(
     jobs_world: jw.World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A certificate revoked behind the services' back (no event): the next event the socket
-    would forward makes it read the certificate again, and it closes instead."""
+    """A certificate revoked without its event (saved, not through the service that sends
+    ``site.revoked``): the next event the socket would forward makes it check the certificate
+    again, through the cache of verified certificates that the save made stale, and it closes
+    instead."""
     monkeypatch.setattr(agent_consumers, "RECHECK_SECONDS", 0.0)
+    agent = jobs_world.sites[0]
+
+    async def run() -> None:
+        socket = await open_agent(agent)
+
+        def revoke_without_event() -> None:
+            certificate = type(agent.certificate).objects.get(pk=agent.certificate.pk)
+            certificate.revoked_at = timezone.now()
+            certificate.save(update_fields=["revoked_at"])
+
+        await database_sync_to_async(revoke_without_event)()
+        await database_sync_to_async(abort)(jobs_world)
+        said, code = await closed_with(socket)
+        assert code == CLOSE_REVOKED and said["code"] == "certificate_revoked"
+
+    async_to_sync(run)()
+
+
+def test_a_revocation_behind_the_services_back_closes_the_agent_socket_at_the_periodic_check(
+    jobs_world: jw.World, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """A queryset update starts no new generation of the cache, so messages and events, which
+    check through the cache, still pass; the periodic check reads the database and closes the
+    socket."""
+    monkeypatch.setattr(agent_consumers, "RECHECK_SECONDS", 0.0)
+    settings.FEDPORTAL_SOCKET_RECHECK_SECONDS = 0.3
     agent = jobs_world.sites[0]
 
     async def run() -> None:
@@ -412,7 +440,8 @@ def test_an_agent_socket_that_only_receives_checks_its_certificate_before_an_eve
             )
 
         await database_sync_to_async(revoke_quietly)()
-        await database_sync_to_async(abort)(jobs_world)
+        await socket.send_json_to({"type": "heartbeat", "id": "h1"})
+        assert await socket.receive_json_from(timeout=2) == {"type": "ack", "id": "h1"}
         said, code = await closed_with(socket)
         assert code == CLOSE_REVOKED and said["code"] == "certificate_revoked"
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from client_agent.signing import canonical_string
 from jobs.api.authentication import HEADER_CONTENT_SHA256
-from jobs.models import Job, JobSite, JobState, MetricPoint, SiteTask, TaskState
+from jobs.models import Job, JobSite, JobState, MetricPoint, Round, RoundState, SiteTask, TaskState
 from jobs.services import rounds
 from sites.authentication import canonical_string_for_digest
 from sites.exceptions import SignatureMalformed
@@ -266,6 +268,46 @@ def test_an_update_after_the_round_closed_is_kept_as_late(tmp_path: Path) -> Non
     assert torch.equal(tensors_of(body_of(one), tmp_path)["w"], torch.tensor([1.0, 1.0]))
     # Kept once: a second late upload for the same task is refused.
     assert upload(world, world.sites[2], 0, data).status_code == 409
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks between connections")
+def test_an_upload_that_meets_its_round_closing_is_kept_as_late(tmp_path: Path) -> None:
+    """The upload's one conditional update waits on the task's row while the round closes
+    (its unanswered tasks late, the round aggregating, in one transaction); once that commits
+    the upload reads the task again, finds it late, and keeps the update as late: never
+    ``uploaded`` in a round that closed without it."""
+    world = build_world(tmp_path, min_clients=2, num_rounds=2)
+    assert world.job is not None
+    round_zero = world.job.rounds.get(number=0)
+    site = world.sites[2]
+    rows_locked, commit = threading.Event(), threading.Event()
+
+    def close_round() -> None:
+        try:
+            with transaction.atomic():
+                SiteTask.objects.filter(round=round_zero).update(
+                    state=TaskState.LATE, reason="no update before the round closed"
+                )
+                rows_locked.set()
+                commit.wait(30)
+                Round.objects.filter(pk=round_zero.pk).update(state=RoundState.AGGREGATING)
+        finally:
+            connections.close_all()  # this thread's own connection
+
+    closing = threading.Thread(target=close_round)
+    closing.start()
+    assert rows_locked.wait(30)
+    # Let the close commit only once the upload is waiting on the task's row.
+    threading.Timer(1.0, commit.set).start()
+    data = update_bytes({"w": torch.tensor([9.0, 9.0]), "n": torch.tensor(1)}, tmp_path)
+    answer = upload(world, site, 0, data)
+    closing.join(30)
+
+    assert answer.status_code == 202
+    assert answer.json()["state"] == TaskState.LATE
+    task = SiteTask.objects.get(round=round_zero, site=site.site)
+    assert task.state == TaskState.LATE
+    assert task.update_sha256 == hashlib.sha256(data).hexdigest()
 
 
 def test_metrics_posted_twice_with_the_same_ids_are_stored_once(jobs_world: World) -> None:
