@@ -268,10 +268,9 @@ def portal_env(tmp: Path, db_name: str) -> dict[str, str]:
     return {
         "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
         "DATABASE_URL": f"{POSTGRES}/{db_name}",
-        # REDIS_URL also points the channel layer (events) and the result backend here.
+        # REDIS_URL also points the channel layer (events) and the cache here.
         "REDIS_URL": REDIS_URL,
         "CELERY_BROKER_URL": REDIS_URL,
-        "CELERY_RESULT_BACKEND": REDIS_URL,
         "DJANGO_MEDIA_ROOT": str(tmp / "media"),
         "FEDPORTAL_DATA_DIR": str(tmp / "data"),
         "DJANGO_SECRET_KEY": "bench-only-secret-key-" + "b" * 40,

@@ -15,7 +15,9 @@ through the portal's own request path, and each step's statements are counted
 3. **heartbeat**: a ``heartbeat`` message on the socket (one every
    ``client_agent.protocol.HEARTBEAT_SECONDS`` while the script trains);
 4. **report**: a ``report`` message with the script's ``flare.log`` points and output lines;
-5. **upload**: ``PUT …/rounds/<n>/update/``, signed, the update streamed.
+5. **upload**: ``PUT …/rounds/<n>/update/``, signed, the update streamed; with the server's
+   check of its sender before the body is read (``fedportal.bodylimits``: the signature and
+   the task), which Daphne runs and the test client does not.
 
 The agent's job list (``GET /api/v1/agent/jobs/``) is no step of a round: an agent lists its
 jobs when it connects, when a job's state changes, when a round's event did not carry its task,
@@ -250,6 +252,7 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
     from django.test.utils import CaptureQueriesContext
 
     from client_agent.protocol import HEARTBEAT, REPORT
+    from fedportal.bodylimits import _site_check
     from jobs.api.authentication import HEADER_CONTENT_SHA256
     from jobs.consumers import _handle
     from sites.authentication import SiteIdentity, identity_check
@@ -265,12 +268,17 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
     client = Client(raise_request_exception=True)
 
     def signed(method: str, path: str, body: bytes = b"", **headers: str) -> None:
+        sent = {**agent.headers(method, path, body), **headers}
+        if method == "PUT":
+            # The server's check of an upload's sender, before it reads the body (Daphne's
+            # side, which the test client skips).
+            _site_check(method=method, path=path, query=b"", headers=sent)
         response = client.generic(
             method,
             path,
             data=body,
             content_type="application/octet-stream" if body else "application/json",
-            headers={**agent.headers(method, path, body), **headers},
+            headers=sent,
         )
         if getattr(response, "streaming", False):
             b"".join(response.streaming_content)  # type: ignore[attr-defined]

@@ -269,7 +269,7 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
     reading them."""
     from common.exceptions import AuthenticationError, DomainError
     from jobs.api.authentication import streamed_upload_verify
-    from jobs.selectors import job_for_site, task_for_site, task_takes_update
+    from jobs.selectors import task_of_site, task_takes_update
     from sites.authentication import signed_target
 
     try:
@@ -282,8 +282,9 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
     if match is None:
         return
     try:
-        job = job_for_site(job_uid=match["uid"], site=identity.site)
-        task = task_for_site(job=job, site=identity.site, round_number=int(match["round"]))
+        task = task_of_site(
+            job_uid=match["uid"], site=identity.site, round_number=int(match["round"])
+        )
     except DomainError as exc:
         raise SenderUnknown(exc.code, exc.message, status=exc.status) from None
     if not task_takes_update(task):

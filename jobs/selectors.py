@@ -14,6 +14,7 @@ Site agents see only the jobs their site takes part in (:func:`job_for_site`,
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
 from dataclasses import dataclass
@@ -326,15 +327,39 @@ def job_for_site(*, job_uid: object, site: Site) -> Job:
     return job
 
 
+# What an agent's request on its task never reads of the task's round and job, and whose
+# size grows with the sites: the round's plan lists every site's task, a protected round's
+# state every site's keys, the job its sites. Decoding them on every request of every site
+# made a round's agent requests cost the square of its sites (profiled at 100 agents: JSON
+# decoding was the largest single cost of the portal's request path).
+_ROUND_HEAVY = (
+    "round__plan",
+    "round__protection",
+    "round__metrics",
+    "round__job__spec",
+    "round__job__params",
+    "round__job__round_sites",
+    "round__job__tags",
+)
+
+
 def _site_task(
-    site: Site, round_number: int, *, with_start_model: bool = False, **job: object
+    site: Site,
+    round_number: int,
+    *,
+    with_start_model: bool = False,
+    whole_round: bool = False,
+    **job: object,
 ) -> SiteTask | None:
-    """The site's task in round ``round_number`` of the job that ``job`` filters on; with
-    ``with_start_model``, the global model the round starts from read in the same statement
-    (:func:`start_model_of`)."""
+    """The site's task in round ``round_number`` of the job that ``job`` filters on, its round
+    and job attached without the fields that grow with the sites (loaded on first use) unless
+    ``whole_round``; with ``with_start_model``, the global model the round starts from read
+    in the same statement (:func:`start_model_of`)."""
     tasks = SiteTask.objects.select_related("round__job", "site").filter(
         round__number=round_number, site=site, **job
     )
+    if not whole_round:
+        tasks = tasks.defer(*_ROUND_HEAVY)
     if with_start_model:
         start = ModelVersion.objects.filter(
             job_id=OuterRef("round__job_id"), round_number=OuterRef("round__number")
@@ -345,8 +370,10 @@ def _site_task(
                 for name in _START_MODEL_FIELDS
             }
         )
-    # One row; the model's ordering would join the sites to sort it.
-    return tasks.order_by().first()
+    # One row at most: unordered, and sliced rather than ``first()``, which would sort by id
+    # (the model's own ordering would join the sites); building that clause costs a request
+    # more than the database spends on it.
+    return next(iter(tasks.order_by()[:1]), None)
 
 
 # What a model download serves of a round's start model (its metrics may be large).
@@ -364,30 +391,45 @@ def start_model_of(task: SiteTask) -> ModelVersion | None:
     return ModelVersion(job=task.round.job, round_number=task.round.number, **values)
 
 
-def task_for_site(*, job: Job, site: Site, round_number: int) -> SiteTask:
-    """The site's task in round ``round_number`` of the job; NotFound when it has none."""
-    task = _site_task(site, round_number, round__job=job)
+def task_for_site(
+    *, job: Job, site: Site, round_number: int, whole_round: bool = False
+) -> SiteTask:
+    """The site's task in round ``round_number`` of the job; NotFound when it has none.
+    ``whole_round`` as :func:`_site_task`."""
+    task = _site_task(site, round_number, whole_round=whole_round, round__job=job)
     if task is None:
         raise NotFound(f"this site has no task in round number {round_number} (counted from 0)")
     return task
 
 
 def task_of_site(
-    *, job_uid: object, site: Site, round_number: int, with_start_model: bool = False
+    *,
+    job_uid: object,
+    site: Site,
+    round_number: int,
+    with_start_model: bool = False,
+    whole_round: bool = False,
 ) -> SiteTask:
     """The site's task in round ``round_number`` of the job with ``job_uid``: what
     :func:`job_for_site` then :func:`task_for_site` give, with their NotFound, in one query
     when the task exists (a site has tasks only in jobs it takes part in). With
     ``with_start_model`` that query also reads the round's start model
-    (:func:`start_model_of`)."""
+    (:func:`start_model_of`); ``whole_round`` as :func:`_site_task`."""
     task = None
+    if not isinstance(job_uid, uuid.UUID):
+        with contextlib.suppress(ValueError):
+            job_uid = uuid.UUID(str(job_uid))
     if isinstance(job_uid, uuid.UUID):
         task = _site_task(
-            site, round_number, with_start_model=with_start_model, round__job__uid=job_uid
+            site,
+            round_number,
+            with_start_model=with_start_model,
+            whole_round=whole_round,
+            round__job__uid=job_uid,
         )
     if task is None:
         job = job_for_site(job_uid=job_uid, site=site)  # NotFound naming the job, if it is that
-        return task_for_site(job=job, site=site, round_number=round_number)
+        return task_for_site(job=job, site=site, round_number=round_number, whole_round=whole_round)
     return task
 
 

@@ -245,8 +245,8 @@ def _certificate_verified(
     """The certificate with ``fingerprint``, its site and project attached, once it passed
     :func:`_certificate_check`; from the cache when it passed under the current generation
     (only its validity period, which time alone ends, is checked again)."""
-    current = signed_cache.generation()  # before the database: see sites.signed_cache
-    row = signed_cache.certificate_cached(fingerprint, current)
+    # The generation before the database: see sites.signed_cache.
+    current, row = signed_cache.certificate_lookup(fingerprint)
     if row is not None:
         _validity_check(row, now)
         return row, _certificate_loaded(row.pem)

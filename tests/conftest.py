@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 @pytest.fixture(autouse=True)
 def _fresh_throttles() -> Iterator[None]:
-    """Each test starts with no request counted against any throttle (the cache holds them)."""
+    """Each test starts with no request counted against any throttle, and with nothing else
+    the cache holds (verified certificates, nonces, queued update checks)."""
     from django.core.cache import cache
 
     cache.clear()

@@ -21,10 +21,8 @@ CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # Tests that start a real Celery worker use their own Redis database, so a developer's own
-# worker on the default database never takes their tasks. Results are not needed.
+# worker on the default database never takes their tasks. Results are not stored (base).
 CELERY_BROKER_URL = os.environ.get("TEST_CELERY_BROKER_URL") or "redis://127.0.0.1:6379/15"
-CELERY_TASK_IGNORE_RESULT = True
-CELERY_RESULT_BACKEND = None
 
 # Dashboard sockets are counted in the tests' own Redis database, under a prefix of this run's
 # own, so that runs side by side never share a count.

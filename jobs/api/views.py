@@ -133,15 +133,20 @@ class AgentView(generics.GenericAPIView[M]):
         """The job in the URL if this site takes part in it; 404 otherwise."""
         return job_for_site(job_uid=self.kwargs["uid"], site=self.site)
 
-    def get_task(self, number: int, *, with_start_model: bool = False) -> SiteTask:
+    def get_task(
+        self, number: int, *, with_start_model: bool = False, whole_round: bool = False
+    ) -> SiteTask:
         """The site's task in round ``number`` of the job in the URL; 404 as :meth:`get_job`
         for the job, and for a round in which the site has no task. ``with_start_model``: the
-        round's start model read with it (``jobs.selectors.start_model_of``)."""
+        round's start model read with it (``jobs.selectors.start_model_of``);
+        ``whole_round``: the round's and job's fields that grow with the sites too (a
+        protected round's state), which are otherwise read on first use."""
         return task_of_site(
             job_uid=self.kwargs["uid"],
             site=self.site,
             round_number=number,
             with_start_model=with_start_model,
+            whole_round=whole_round,
         )
 
 
@@ -605,7 +610,7 @@ class AgentSecureView(AgentView[SiteTask]):
         responses={200: OpenApiTypes.OBJECT, **errors(404, 409)},
     )
     def get(self, request: Request, uid: UUID, number: int) -> Response:
-        task = self.get_task(number)
+        task = self.get_task(number, whole_round=True)
         return Response(secure_view(task=task))
 
 
@@ -626,7 +631,7 @@ class AgentSecureMessageView(AgentView[SiteTask]):
         responses={200: OpenApiTypes.OBJECT, **errors(400, 404, 409)},
     )
     def post(self, request: Request, uid: UUID, number: int, phase: str) -> Response:
-        task = self.get_task(number)
+        task = self.get_task(number, whole_round=True)
         body = request.data
         if not isinstance(body, dict) or not isinstance(body.get("message"), dict):
             raise ValidationFailed('send {"message": {...}}', field="message")
@@ -655,7 +660,7 @@ class AgentSecureTotalView(AgentView[SiteTask]):
         responses=file_responses(404, 409),
     )
     def get(self, request: Request, uid: UUID, number: int) -> FileResponse:
-        task = self.get_task(number)
+        task = self.get_task(number, whole_round=True)
         request_for_site = (task.round.protection.get("requests") or {}).get(task.site.name)
         if not request_for_site or not request_for_site.get("total"):
             raise NotFound("this site is not asked to decrypt the round's sum")

@@ -328,7 +328,6 @@ class PocEnv:
                 "DATABASE_URL": self.database_url or f"sqlite:///{self.workspace / 'db.sqlite3'}",
                 "REDIS_URL": self.redis_url,
                 "CELERY_BROKER_URL": self.redis_url,
-                "CELERY_RESULT_BACKEND": self.redis_url,
                 "FEDPORTAL_CELERY_QUEUE": self.run_tag,
                 "FEDPORTAL_CHANNELS_PREFIX": self.run_tag,
                 "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": self._secret("ca-key"),
