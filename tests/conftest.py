@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 @pytest.fixture(autouse=True)
 def _fresh_throttles() -> Iterator[None]:
     """Each test starts with no request counted against any throttle, and with nothing else
-    the cache holds (verified certificates, nonces, queued update checks)."""
+    the cache holds (verified certificates, nonces, heartbeat writes)."""
     from django.core.cache import cache
 
     cache.clear()

@@ -67,7 +67,7 @@ from jobs.models import (
 from jobs.selectors import job_privacy_assessment
 from jobs.services import claims, secure
 from jobs.services.audit import JobAuditAction, job_audit_record
-from jobs.services.kicks import kick_after_commit, update_check_started
+from jobs.services.kicks import kick_after_commit
 from jobs.services.plans import (
     checkpoint_name,
     global_model_name,
@@ -796,17 +796,13 @@ def update_check(*, task_id: int) -> str:
 
     Every other update of the round waiting for its check is checked too, with the global model
     opened once, and all of them are recorded in one transaction whose statements do not grow
-    with their number: when fifty sites upload at once, one task does the work (an upload
-    enqueues a check only when none is queued: ``jobs.services.kicks.update_check_queue``).
-    Only the tasks still ``uploaded`` under the lock are recorded, so two workers never decide
-    one task twice. Returns this task's outcome.
+    with their number: when fifty sites upload at once, the first task does the work and the
+    others find theirs done. Only the tasks still ``uploaded`` under the lock are recorded, so
+    two workers never decide one task twice. Returns this task's outcome.
     """
     from jobs.aggregation import FileTensorSource  # torch: the worker's side
 
     task = SiteTask.objects.select_related("round__job", "site").get(pk=task_id)
-    # Before the updates waiting are read: an upload that commits from here on queues another
-    # check (jobs.services.kicks.update_check_queue).
-    update_check_started(task.round_id)
     if task.state != TaskState.UPLOADED:
         return "nothing: task is " + task.state
     rnd = task.round

@@ -19,7 +19,7 @@ from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, ModelVersion, Round, RoundState, SiteTask, TaskState
 from jobs.selectors import start_model_of, task_takes_update
-from jobs.services.kicks import kick_after_commit, update_check_queue
+from jobs.services.kicks import kick_after_commit
 from jobs.services.privacy import round_declined_record
 from jobs.services.rounds import job_kick_after_commit
 from jobs.workflows import ModelRef
@@ -235,14 +235,10 @@ def _uploaded_to_open_round(task: SiteTask, stored: dict[str, Any]) -> bool:
 
 
 def _update_check_after_commit(task: SiteTask) -> None:
-    """Once the upload commits, a check of its round, unless one is queued already
-    (``jobs.services.kicks.update_check_queue``)."""
     from jobs.tasks import update_check_task
 
-    task_id, round_id = task.pk, task.round_id
-    kick_after_commit(
-        lambda: update_check_queue(round_id, lambda: update_check_task.delay(task_id))
-    )
+    task_id = task.pk
+    kick_after_commit(lambda: update_check_task.delay(task_id))
 
 
 def _update_not_kept(task: SiteTask) -> StorageFull:

@@ -119,9 +119,8 @@ def test_one_check_decides_every_waiting_update_in_statements_that_do_not_grow(
     # Every site answered: the job is advanced once, by the check that decided the last.
     assert enqueued.kicks == [job.pk]
 
-    # The third upload found the second's check queued and enqueued none. A check of its task
-    # all the same (the beat's resume, a redelivery) finds it decided and records nothing more.
-    assert enqueued.checks == [alone.pk, accepted.pk]
+    # The third upload's own check finds its task decided and records nothing more.
+    assert enqueued.checks == [alone.pk, accepted.pk, rejected.pk]
     assert rounds.update_check(task_id=rejected.pk) == "nothing: task is rejected"
     assert len(result_points(job)) == 4
     assert enqueued.kicks == [job.pk]
@@ -224,39 +223,6 @@ def test_a_metric_name_no_database_column_takes_rejects_that_update_alone(
     assert "metric names cannot hold a NUL character" in refused.reason
     assert accepted.state == TaskState.ACCEPTED
     assert result_points(job) == [("site-2", "loss", 0.25)]
-
-
-def test_uploads_while_a_check_of_their_round_is_queued_enqueue_no_other(
-    running: tuple[Job, list[Site]], enqueued: Enqueued
-) -> None:
-    """One queued check decides every update waiting when it starts, so the uploads that find
-    one queued enqueue none; an upload after it started enqueues the next."""
-    job, (first, second, third) = running
-    early = [upload(job, site, 0, GOOD, metrics={"loss": 0.5}) for site in (first, second)]
-
-    assert enqueued.checks == [early[0].pk]
-    assert rounds.update_check(task_id=early[0].pk) == TaskState.ACCEPTED
-    assert [SiteTask.objects.get(pk=t.pk).state for t in early] == [TaskState.ACCEPTED] * 2
-
-    late = upload(job, third, 0, GOOD, metrics={"loss": 0.5})
-    assert enqueued.checks == [early[0].pk, late.pk]
-
-
-def test_a_check_the_broker_refused_is_enqueued_by_the_next_upload(
-    running: tuple[Job, list[Site]], enqueued: Enqueued, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job, (first, second, _) = running
-
-    def broker_away(task_id: int) -> None:
-        raise ConnectionError("the broker is away")
-
-    monkeypatch.setattr(job_tasks.update_check_task, "delay", broker_away)
-    lost = upload(job, first, 0, GOOD)  # kept: the kick's failure is logged, not raised
-    monkeypatch.setattr(job_tasks.update_check_task, "delay", enqueued.checks.append)
-    kept = upload(job, second, 0, GOOD)
-
-    assert SiteTask.objects.get(pk=lost.pk).state == TaskState.UPLOADED
-    assert enqueued.checks == [kept.pk]
 
 
 def private_update(tmp: Path, site: Site, releases: int) -> bytes:
