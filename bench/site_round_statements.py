@@ -17,7 +17,8 @@ through the portal's own request path, and each step's statements are counted
 4. **report**: a ``report`` message with the script's ``flare.log`` points and output lines;
 5. **upload**: ``PUT …/rounds/<n>/update/``, signed, the update streamed; with the server's
    check of its sender before the body is read (``fedportal.bodylimits``: the signature and
-   the task), which Daphne runs and the test client does not.
+   the task), which Daphne runs and the test client does not, and the task it read handed to
+   the view in the request's scope, as ``fedportal.server`` does.
 
 The agent's job list (``GET /api/v1/agent/jobs/``) is no step of a round: an agent lists its
 jobs when it connects, when a job's state changes, when a round's event did not carry its task,
@@ -43,6 +44,7 @@ under a key prefix of the bench's own.
 
     .venv/bin/python bench/site_round_statements.py
     .venv/bin/python bench/site_round_statements.py --sites 10 --rounds 5
+    .venv/bin/python bench/site_round_statements.py --show-sql   # the last round's SQL
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class RoundCount:
     # Of those: BEGIN, COMMIT, SAVEPOINT and RELEASE (round trips, but no reads or writes).
     portal_control: int = 0
     worker_control: int = 0
+    # The statements of the first site's steps and of the worker's tasks, for --show-sql.
+    sql: dict[str, list[str]] = field(default_factory=dict)
 
     def portal_per_site(self) -> float:
         return sum(sum(v) for v in self.portal.values()) / self.sites
@@ -130,6 +134,7 @@ class Kicks:
     def __init__(self) -> None:
         self.queue: list[tuple[Any, int]] = []  # (the Celery task, its argument)
         self.control = 0  # transaction control among the statements :meth:`run` counted
+        self.sql: list[str] = []  # the statements :meth:`run` counted
 
     @contextmanager
     def collecting(self) -> Iterator[Kicks]:
@@ -164,6 +169,7 @@ class Kicks:
                 task(arg)
             statements += len(captured)
             self.control += control_statements(captured.captured_queries)
+            self.sql += [q["sql"] for q in captured.captured_queries]
         return statements
 
 
@@ -244,8 +250,23 @@ def update_bytes(tmp: Path, number: int) -> bytes:
     return data
 
 
+def server_client(checked: object, **kwargs: Any) -> Any:
+    """Django's ASGI test client, with the scope fedportal.server gives an upload whose
+    sender it checked: the task that check read (``fedportal.bodylimits.CHECKED_TASK``)."""
+    from django.test import AsyncClient
+
+    from fedportal.bodylimits import CHECKED_TASK
+
+    class ServerClient(AsyncClient):
+        async def request(self, **request: Any) -> Any:
+            return await super().request(**request, **{CHECKED_TASK: checked})
+
+    return ServerClient(**kwargs)
+
+
 def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> None:
     """Site ``agent``'s part in round ``number``, each step's statements added to ``count``."""
+    from asgiref.sync import async_to_sync
     from django.core.signals import request_finished, request_started
     from django.db import close_old_connections, connection
     from django.test import Client
@@ -269,19 +290,20 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
 
     def signed(method: str, path: str, body: bytes = b"", **headers: str) -> None:
         sent = {**agent.headers(method, path, body), **headers}
+        content_type = "application/octet-stream" if body else "application/json"
         if method == "PUT":
             # The server's check of an upload's sender, before it reads the body (Daphne's
-            # side, which the test client skips).
-            _site_check(method=method, path=path, query=b"", headers=sent)
-        response = client.generic(
-            method,
-            path,
-            data=body,
-            content_type="application/octet-stream" if body else "application/json",
-            headers=sent,
-        )
+            # side, which the test client skips); the server hands the view the task it read.
+            checked = _site_check(method=method, path=path, query=b"", headers=sent)
+            response = async_to_sync(server_client(checked, raise_request_exception=True).generic)(
+                method, path, data=body, content_type=content_type, headers=sent
+            )
+        else:
+            response = client.generic(
+                method, path, data=body, content_type=content_type, headers=sent
+            )
         if getattr(response, "streaming", False):
-            b"".join(response.streaming_content)  # type: ignore[attr-defined]
+            b"".join(response.streaming_content)
         if response.status_code >= 300:
             raise RuntimeError(f"{method} {path}: {response.status_code} {response.content!r}")
 
@@ -293,6 +315,8 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
         try:
             with CaptureQueriesContext(connection) as captured:
                 call()
+            if agent is seeded.agents[0]:
+                count.sql[step] = [q["sql"] for q in captured.captured_queries]
             if step == APART:
                 count.listing.append(len(captured))
                 return
@@ -351,8 +375,12 @@ def rounds_counted(seeded: Seeded, rounds: int, kicks: Kicks) -> list[RoundCount
         for agent in seeded.agents:
             site_round(agent, seeded, number, count)
         kicks.control = 0
+        kicks.sql = []
         count.checks = kicks.run("update_check_task")
+        count.sql["worker: update checks"] = kicks.sql
+        kicks.sql = []
         count.controller = kicks.run("job_advance_task")
+        count.sql["worker: round controller"] = kicks.sql
         count.worker_control = kicks.control
         counts.append(count)
     return counts
@@ -362,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--show-sql",
+        action="store_true",
+        help="print the last round's statements: the first site's steps and the worker's tasks",
+    )
     args = parser.parse_args(argv)
     import benchlib
     from benchlib import md_table
@@ -418,6 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     )
     print(md_table(["statements", *(f"round {c + 1}" for c in range(args.rounds))], rows))
+    if args.show_sql:
+        for step, statements in counts[-1].sql.items():
+            print(f"\n### {step}: {len(statements)}\n")
+            for sql in statements:
+                print(f"- `{sql[:400]}`")
     worst = max(c.portal_per_site() for c in counts[1:] or counts)
     worst_all = max(c.portal_per_site() + c.worker_per_site() for c in counts[1:] or counts)
     print(

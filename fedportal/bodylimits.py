@@ -45,6 +45,9 @@ Message = MutableMapping[str, Any]
 # The key under which fedportal.server offers the stored body, with its first chunk, to an
 # application that can take it as a file (fedportal.asgi.PortalASGIHandler).
 STORED_BODY = "fedportal.stored_body"
+# The scope key under which fedportal.server hands the view the site's task that the check of
+# an update's sender read (:func:`checked_task`), so that the view need not read it again.
+CHECKED_TASK = "fedportal.checked_task"
 
 SIGN_IN_MAX_BYTES = 16 * 1024
 ENROL_MAX_BYTES = 64 * 1024
@@ -246,27 +249,50 @@ async def sender_check(
     query: bytes,
     headers: Mapping[str, str],
     address: str | None = None,
-) -> None:
+) -> Any:
     """Check, from the headers alone, that an upload comes from a known sender; raise
     :class:`SenderUnknown` otherwise. ``path`` is decoded, ``query`` raw, as in the request;
     ``address`` is the client's. Records nothing (no nonce, no heartbeat, no session change)
     but a wrong API token, which counts against the address as it would in the view: the view
-    authenticates the request again, fully, once the body is in."""
+    authenticates the request again, fully, once the body is in.
+
+    Returns the site's task that an update is for, when it read one (else None): the server
+    hands it to the view under :data:`CHECKED_TASK` (:func:`checked_task`)."""
     from channels.db import database_sync_to_async  # Django is set up by now
 
     if sender is Sender.SITE:
-        await database_sync_to_async(_site_check)(
+        return await database_sync_to_async(_site_check)(
             method=method, path=path, query=query, headers=headers
         )
-    elif sender is Sender.PERSON:
+    if sender is Sender.PERSON:
         await database_sync_to_async(_person_check)(headers=headers, address=address)
+    return None
 
 
-def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, str]) -> None:
+def checked_task(
+    scope: Mapping[str, Any] | None, *, site_id: int, job_uid: object, round_number: int
+) -> Any:
+    """The task the check of this update's sender read (:func:`sender_check`), if it is the
+    one the view asks for: of site ``site_id``, in round ``round_number`` of the job with
+    ``job_uid``; else None, and the view reads the task itself (a request that did not come
+    through fedportal.server, as in tests). Its state may be older than the body's arrival;
+    an upload's writes test the task's state in the database, not this copy's."""
+    task = (scope or {}).get(CHECKED_TASK)
+    if task is None:
+        return None
+    same = (
+        task.site_id == site_id
+        and task.round.number == round_number
+        and str(task.round.job.uid) == str(job_uid)
+    )
+    return task if same else None
+
+
+def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, str]) -> Any:
     """The signature, and then the task: an enrolled site, too, may fill the disk only with an
     update the portal will keep (one for an open task of its own), not with gigabytes for a job
     it is not in, or for a task it has already answered, which the view would refuse after
-    reading them."""
+    reading them. Returns the task (None for a path that names no update)."""
     from common.exceptions import AuthenticationError, DomainError
     from jobs.api.authentication import streamed_upload_verify
     from jobs.selectors import task_of_site, task_takes_update
@@ -280,7 +306,7 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
         raise SenderUnknown(exc.code, exc.message) from None
     match = _UPDATE_PATH.match(path)
     if match is None:
-        return
+        return None
     try:
         task = task_of_site(
             job_uid=match["uid"], site=identity.site, round_number=int(match["round"])
@@ -289,6 +315,7 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
         raise SenderUnknown(exc.code, exc.message, status=exc.status) from None
     if not task_takes_update(task):
         raise SenderUnknown("conflict", f"this task is already {task.state}", status=409)
+    return task
 
 
 def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:

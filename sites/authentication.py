@@ -99,7 +99,7 @@ from sites.exceptions import (
 )
 from sites.models import ApiToken, Certificate, Project, Site, SiteState
 from sites.secret_tokens import API_TOKEN_PREFIX, hash_secret
-from sites.selectors import site_is_online
+from sites.selectors import online_at, site_is_online
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -116,10 +116,9 @@ API_TOKEN_TOUCH_INTERVAL = dt.timedelta(seconds=60)
 
 
 site_heartbeat = Signal()
-"""Sent after every heartbeat written (see :func:`site_heartbeat_record`) with ``site``,
-``previous`` (the heartbeat before this one, or None) and ``was_online`` (whether the site
-counted as online just before). The jobs app listens: a site coming online may let a job
-start."""
+"""Sent after every heartbeat written (see :func:`site_heartbeat_record`) with ``site`` and
+``was_online`` (whether the site counted as online just before). The jobs app listens: a site
+coming online may let a job start."""
 
 
 @dataclass(frozen=True)
@@ -348,9 +347,16 @@ def site_heartbeat_record(
     now = now or timezone.now()
     if not signed_cache.heartbeat_write_claim(site.pk):
         return False
+    # The usual heartbeat, of a site online until now, in one statement: the row's own test
+    # of site_is_online, made by the update that stores it (and not if it would store a time
+    # before a cut-off: another process's clock may run ahead of this one's).
+    usual = Site.objects.filter(online_at(now), pk=site.pk).exclude(agent_disconnected_at__gte=now)
+    if usual.update(last_heartbeat=now):
+        site.last_heartbeat = now
+        site_heartbeat.send(sender=Site, site=site, was_online=True)
+        return False
     # The row as it is now: ``site`` may come from the certificate cache, without these.
     site.refresh_from_db(fields=["state", "last_heartbeat", "agent_disconnected_at"])
-    previous = site.last_heartbeat
     was_online = site_is_online(site, now)
     gone = site.agent_disconnected_at
     if gone is not None and now <= gone:
@@ -358,7 +364,7 @@ def site_heartbeat_record(
         now = gone + dt.timedelta(microseconds=1)
     Site.objects.filter(pk=site.pk).update(last_heartbeat=now)
     site.last_heartbeat = now
-    site_heartbeat.send(sender=Site, site=site, previous=previous, was_online=was_online)
+    site_heartbeat.send(sender=Site, site=site, was_online=was_online)
     if not was_online and notify:
         events.site_status(site, online=True)
     return not was_online

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeGuard
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from client_agent.privacy.accounting import Step
@@ -419,6 +419,14 @@ def site_is_online(site: Site, now: dt.datetime | None = None) -> bool:
         return False
     gone = site.agent_disconnected_at
     return gone is None or heartbeat > gone
+
+
+def online_at(now: dt.datetime) -> Q:
+    """:func:`site_is_online` at ``now`` as a filter on sites' rows (the same rule)."""
+    recent = now - dt.timedelta(seconds=settings.FEDPORTAL_SITE_ONLINE_SECONDS)
+    return Q(state=SiteState.ENROLLED, last_heartbeat__gte=recent) & (
+        Q(agent_disconnected_at__isnull=True) | Q(agent_disconnected_at__lt=F("last_heartbeat"))
+    )
 
 
 def site_privacy_policy(site: Site) -> PrivacyPolicy | None:

@@ -573,7 +573,14 @@ class AgentRoundUpdateView(AgentView[SiteTask]):
         responses={202: s.AgentTaskStateSerializer, **errors(400, 404, 409, 411)},
     )
     def put(self, request: Request, uid: UUID, number: int) -> Response:
-        task = self.get_task(number)
+        # The server's check of the sender read the task before the body came (a statement
+        # and a query's building saved on every upload); the same site's, job's and round's.
+        task = bodylimits.checked_task(
+            getattr(request._request, "scope", None),
+            site_id=self.site.pk,
+            job_uid=uid,
+            round_number=number,
+        ) or self.get_task(number)
         length = _content_length(request)
         # request.stream is the request itself, read in chunks by the service (never
         # request.body, which would load it whole).

@@ -19,10 +19,10 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 # signed request's do (its periodic check from the database is no step of a round).
 PORTAL_STEPS = {
     "round event": 0,
-    "model": 4,  # the heartbeat written (2), the task with its start model, marked training
+    "model": 3,  # the heartbeat written (1), the task with its start model, marked training
     "heartbeat": 0,  # the heartbeat was written with the model's request
     "report": 7,  # one transaction: the job-site row locked, which entries are new, both stored
-    "upload": 3,  # the server's check of the sender (the task), the task, one update
+    "upload": 2,  # the server's check of the sender reads the task, the view updates it
 }
 JOB_LIST = 2  # the site's jobs and their tasks; no step of a round
 # The first check records the whole batch (10 statements), each later one finds its task done

@@ -82,3 +82,34 @@ def test_a_request_runs_its_middleware_and_view_in_one_step_of_its_thread() -> N
     djangos: Any = ASGIHandler()
     assert not inspect.iscoroutinefunction(ours._middleware_chain)
     assert inspect.iscoroutinefunction(djangos._middleware_chain)  # what it was
+
+
+def test_the_view_is_handed_the_task_the_check_of_its_sender_read() -> None:
+    """What the server's check of an upload's sender read (bodylimits.sender_check) goes into
+    the request's scope, for the view not to read it again; nothing when it read none."""
+    import asyncio
+
+    from fedportal import bodylimits
+    from fedportal.server import GuardedRequest
+
+    scopes: list[dict[str, Any]] = []
+
+    async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scopes.append(scope)
+
+    server = PortalServer(application=application, endpoints=["tcp:port=0"])  # never listens
+    server.connections = {}  # what Server.run sets up
+
+    async def serve(checked: object) -> None:
+        # Only what create_application reads of a request: no connection behind it.
+        request = GuardedRequest.__new__(GuardedRequest)
+        request._checked_task = checked
+        server.connections[request] = {}
+        server.create_application(request, {"type": "http"})
+        await server.connections[request]["application_instance"]
+
+    task = object()
+    asyncio.run(serve(task))
+    asyncio.run(serve(None))
+    assert scopes[0][bodylimits.CHECKED_TASK] is task
+    assert bodylimits.CHECKED_TASK not in scopes[1]

@@ -16,10 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from asgiref.sync import async_to_sync
 from django.db import connection, connections, transaction
+from django.test import AsyncClient
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from client_agent.signing import canonical_string
+from fedportal import bodylimits
 from jobs.api.authentication import HEADER_CONTENT_SHA256
 from jobs.models import Job, JobSite, JobState, MetricPoint, Round, RoundState, SiteTask, TaskState
 from jobs.services import rounds
@@ -270,6 +274,78 @@ def test_an_update_after_the_round_closed_is_kept_as_late(tmp_path: Path) -> Non
     assert upload(world, world.sites[2], 0, data).status_code == 409
 
 
+def signed_upload(world: World, site: Any) -> tuple[str, bytes, dict[str, str]]:
+    """A site's upload for round 0 as its agent signs it: path, body and headers."""
+    path = f"{world.a}/rounds/0/update/"
+    data = update_bytes({"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(1)}, world.tmp)
+    headers = {
+        **site.headers("PUT", path, data),
+        HEADER_CONTENT_SHA256: hashlib.sha256(data).hexdigest(),
+    }
+    return path, data, headers
+
+
+def upload_with_checked_task(world: World, site: Any, checked: SiteTask) -> tuple[Any, list[str]]:
+    """An upload as fedportal.server hands it to the view: through ASGI, with the task its
+    sender check read in the scope; the answer and the statements the view made."""
+    path, data, headers = signed_upload(world, site)
+
+    class ServerClient(AsyncClient):
+        async def request(self, **request: Any) -> Any:
+            return await super().request(**request, **{bodylimits.CHECKED_TASK: checked})
+
+    async def put() -> Any:
+        return await ServerClient().generic(
+            "PUT", path, data=data, content_type="application/octet-stream", headers=headers
+        )
+
+    with CaptureQueriesContext(connection) as captured:
+        response = async_to_sync(put)()
+    return response, [q["sql"] for q in captured.captured_queries]
+
+
+def reads_a_task(statements: list[str]) -> bool:
+    """Whether ``statements`` look a site's task up by its round's number (as the view does;
+    the update check that eager Celery runs after it reads tasks by id)."""
+    return any(
+        sql.startswith("SELECT") and 'FROM "jobs_sitetask"' in sql and '"number" = 0' in sql
+        for sql in statements
+    )
+
+
+def test_an_upload_takes_the_task_its_senders_check_read(tmp_path: Path) -> None:
+    world = build_world(tmp_path, min_clients=2, num_rounds=2)
+    site = world.sites[0]
+    path, _, headers = signed_upload(world, site)
+    checked = bodylimits._site_check(method="PUT", path=path, query=b"", headers=headers)
+    assert checked is not None and checked.site_id == site.site.pk
+
+    response, statements = upload_with_checked_task(world, site, checked)
+
+    assert response.status_code == 202, response.content
+    assert not reads_a_task(statements)  # the sender check's read served
+    assert SiteTask.objects.get(pk=checked.pk).update_size
+
+
+def test_an_upload_reads_its_own_task_when_the_checked_one_is_not_it(tmp_path: Path) -> None:
+    """The scope's task is taken only for the same site, job and round: another site's task
+    there (which no server puts) changes nothing of it."""
+    world = build_world(tmp_path, min_clients=2, num_rounds=2)
+    site, other = world.sites[0], world.sites[1]
+    others = SiteTask.objects.select_related("round__job").get(
+        round__job=world.job, round__number=0, site=other.site
+    )
+
+    response, statements = upload_with_checked_task(world, site, others)
+
+    assert response.status_code == 202, response.content
+    assert reads_a_task(statements)
+    others.refresh_from_db()
+    assert (others.state, others.update_size) == (TaskState.ASSIGNED, None)
+    mine = SiteTask.objects.get(round__job=world.job, round__number=0, site=site.site)
+    assert mine.update_size and mine.state in (TaskState.UPLOADED, TaskState.ACCEPTED)
+
+
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks between connections")
 def test_an_upload_that_meets_its_round_closing_is_kept_as_late(tmp_path: Path) -> None:
     """The upload's one conditional update waits on the task's row while the round closes
@@ -433,6 +509,31 @@ def test_an_agent_sees_its_active_jobs_with_its_decision_and_current_task(
         "status_url": f"{jobs_world.a}/rounds/0/status/",
         "update_url": f"{jobs_world.a}/rounds/0/update/",
     }
+
+
+def test_an_agents_job_list_is_oldest_first_in_two_queries(
+    jobs_world: World, tmp_path: Path, django_assert_num_queries: Any
+) -> None:
+    """Every agent lists its jobs every 30 s: the listing reads the links and the open tasks,
+    and what it sends needs nothing more (no field it serializes is left out of them)."""
+    from jobs.api.serializers import AgentJobSerializer
+    from jobs.selectors import site_active_jobs
+
+    bundle = make_bundle(tmp_path, name="second-job")
+    second = jobs_world.call(LEAD, "POST", f"{jobs_world.p}/jobs/", multipart=bundle.form())
+    assert second.status_code == 201, second.json()
+    site = jobs_world.agents[SITE_IN].site
+
+    with django_assert_num_queries(2):
+        active = site_active_jobs(site)
+        listed = AgentJobSerializer(
+            active.links, many=True, context={"open_tasks": active.open_tasks}
+        ).data
+
+    assert [entry["name"] for entry in listed] == ["api-job", "second-job"]
+    assert [entry["current_task"]["round"] for entry in listed] == [0, 0]
+    with django_assert_num_queries(1):
+        assert site_active_jobs(jobs_world.agents[SITE_ELSEWHERE].site).links == []
 
 
 def test_jobs_are_listed_by_state_and_submitter(jobs_world: World, tmp_path: Path) -> None:

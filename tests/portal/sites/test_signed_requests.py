@@ -30,6 +30,7 @@ from sites.authentication import (
     SiteIdentity,
     SiteSignatureAuthentication,
     site_heartbeat,
+    site_heartbeat_record,
     verify_signed_handshake,
     verify_signed_request,
 )
@@ -516,6 +517,49 @@ def test_a_heartbeat_is_written_once_an_interval_and_again_after_a_cut_off(
     assert after.last_heartbeat is not None and first is not None
     assert after.last_heartbeat > after.agent_disconnected_at  # type: ignore[operator]
     assert site_is_online(after)
+
+
+def test_the_heartbeat_of_a_site_online_until_now_is_one_statement(
+    agent: EnrolledSite, django_assert_num_queries: Any
+) -> None:
+    heard: list[dict[str, Any]] = []
+
+    def listener(**kwargs: Any) -> None:
+        heard.append(kwargs)
+
+    site = Site.objects.get(pk=agent.site.pk)
+    earlier = timezone.now()
+    assert site_heartbeat_record(site, now=earlier)  # came online
+    signed_cache.site_heartbeat_due(site.pk)
+    now = earlier + dt.timedelta(seconds=40)
+    site_heartbeat.connect(listener)
+    try:
+        with django_assert_num_queries(1):
+            assert not site_heartbeat_record(site, now=now)
+    finally:
+        site_heartbeat.disconnect(listener)
+    assert [h["was_online"] for h in heard] == [True]
+    assert Site.objects.get(pk=site.pk).last_heartbeat == now
+
+
+def test_a_heartbeat_dated_before_a_cut_off_is_stored_after_it(agent: EnrolledSite) -> None:
+    """Other processes' clocks may run ahead of this one's: a heartbeat that reads an earlier
+    time than the last cut-off is stored just after the cut, or the site would read offline."""
+    site = Site.objects.get(pk=agent.site.pk)
+    now = timezone.now()
+    assert site_heartbeat_record(site, now=now)
+    cut = now + dt.timedelta(seconds=2)
+    # Cut off, then heard again, both by processes whose clocks run 2 s ahead.
+    Site.objects.filter(pk=site.pk).update(
+        agent_disconnected_at=cut, last_heartbeat=cut + dt.timedelta(seconds=1)
+    )
+    signed_cache.site_heartbeat_due(site.pk)
+
+    assert not site_heartbeat_record(site, now=now + dt.timedelta(seconds=1))  # was online
+
+    after = Site.objects.get(pk=site.pk)
+    assert after.last_heartbeat is not None and after.last_heartbeat > cut
+    assert site_is_online(after, now=cut + dt.timedelta(seconds=1))
 
 
 def test_heartbeat_writes_are_less_often_than_the_online_window(settings: Any) -> None:
