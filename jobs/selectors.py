@@ -18,12 +18,14 @@ import contextlib
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from client_agent.privacy.policy import JobAssessment, assess_job
 from common.exceptions import NotFound
+from fedportal.prepared import PreparedQuery
 from jobs.bundle import MAX_TAGS
 from jobs.models import (
     JOB_ACTIVE,
@@ -343,21 +345,13 @@ _ROUND_HEAVY = (
 )
 
 
-def _site_task(
-    site: Site,
-    round_number: int,
-    *,
-    with_start_model: bool = False,
-    whole_round: bool = False,
-    **job: object,
-) -> SiteTask | None:
-    """The site's task in round ``round_number`` of the job that ``job`` filters on, its round
-    and job attached without the fields that grow with the sites (loaded on first use) unless
-    ``whole_round``; with ``with_start_model``, the global model the round starts from read
-    in the same statement (:func:`start_model_of`)."""
-    tasks = SiteTask.objects.select_related("round__job", "site").filter(
-        round__number=round_number, site=site, **job
-    )
+def _site_tasks(*, with_start_model: bool, whole_round: bool, **filters: object) -> Any:
+    """The site tasks ``filters`` select, each with its round and job (without the fields that
+    grow with the sites unless ``whole_round``) and its site; with ``with_start_model``, the
+    global model its round starts from (:func:`start_model_of`). Unordered: building the
+    model's ordering (which would join the sites) cost a request more than the database
+    spends on it."""
+    tasks = SiteTask.objects.select_related("round__job", "site").filter(**filters)
     if not whole_round:
         tasks = tasks.defer(*_ROUND_HEAVY)
     if with_start_model:
@@ -370,10 +364,57 @@ def _site_task(
                 for name in _START_MODEL_FIELDS
             }
         )
-    # One row at most: unordered, and sliced rather than ``first()``, which would sort by id
-    # (the model's own ordering would join the sites); building that clause costs a request
-    # more than the database spends on it.
-    return next(iter(tasks.order_by()[:1]), None)
+    return tasks.order_by()
+
+
+def _task_of_site_in_job(*, with_start_model: bool) -> PreparedQuery[SiteTask]:
+    return PreparedQuery(
+        lambda site_id, round_number, job_uid: _site_tasks(
+            with_start_model=with_start_model,
+            whole_round=False,
+            site_id=site_id,
+            round__number=round_number,
+            round__job__uid=job_uid,
+        ),
+        # Examples no constant of the query equals (within the columns' ranges: a round number
+        # out of range would compile to no query at all).
+        site_id=2_000_000_011,
+        round_number=2_000_000_017,
+        job_uid=uuid.UUID(int=0xF00D),
+    )
+
+
+# The lookup of every agent request (the model, the upload and its sender's check), compiled
+# once: building and compiling it was the largest single cost of a request (fedportal.prepared).
+_TASK_OF_SITE_IN_JOB = {flag: _task_of_site_in_job(with_start_model=flag) for flag in (False, True)}
+_ROUND_NUMBERS = range(2**31)  # what Round.number (a PositiveIntegerField) can hold
+
+
+def _site_task(
+    site: Site,
+    round_number: int,
+    *,
+    with_start_model: bool = False,
+    whole_round: bool = False,
+    **job: object,
+) -> SiteTask | None:
+    """The site's task in round ``round_number`` of the job that ``job`` filters on
+    (:func:`_site_tasks`)."""
+    if round_number not in _ROUND_NUMBERS:
+        return None
+    if not whole_round and set(job) == {"round__job__uid"}:
+        return _TASK_OF_SITE_IN_JOB[with_start_model].first(
+            site_id=site.pk, round_number=round_number, job_uid=job["round__job__uid"]
+        )
+    tasks = _site_tasks(
+        with_start_model=with_start_model,
+        whole_round=whole_round,
+        round__number=round_number,
+        site=site,
+        **job,
+    )
+    # One row at most: sliced rather than ``first()``, which would sort by id.
+    return next(iter(tasks[:1]), None)
 
 
 # What a model download serves of a round's start model (its metrics may be large).

@@ -1,0 +1,154 @@
+"""ORM queries built and compiled once per process, then run with other values.
+
+Every agent request looks up its site's task: one row, read with its round, job and site. The
+database answers in well under a millisecond; building that queryset and compiling it to SQL
+(Django walks every selected column of four models, every time) cost a busy portal several
+times that, the largest single cost of its request path (profiled at 100 agents). Django has
+no cache of compiled queries (SQLAlchemy has one); :class:`PreparedQuery` is a small one for
+such hot lookups. It compiles the queryset once per database, learns from the compiled
+parameters where each value goes, and runs the same SQL again with new values, building the
+model instances as ``QuerySet`` itself does (``django.db.models.query.ModelIterable``).
+
+Where it cannot tell where a value goes (a value the database driver is given in another
+form than the Python one, or SQL that changes with the values), it says so once and falls back
+to the plain queryset for good: slower, never wrong. Its tests run each prepared lookup against
+the queryset it replaces.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from django.db import connections, models
+from django.db.models.query import get_related_populators
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=models.Model)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A query compiled on one database: its SQL and parameters, where each value goes in
+    them (and in what form), and the compiler, which knows how to turn rows into models."""
+
+    sql: str
+    params: tuple[Any, ...]
+    slots: Mapping[str, tuple[tuple[int, ...], Callable[[Any], Any]]]
+    compiler: Any
+
+
+def _as_sent(example: Any, sent: Any) -> Callable[[Any], Any] | None:
+    """How a value of ``example``'s kind reaches the driver, given that ``example`` reached it
+    as ``sent``: unchanged; wrapped in a subclass of its type (Django gives psycopg an integer
+    as ``Int4`` or ``Int8``, which say the column's size); or (a UUID on a database without a
+    UUID type) as its hex digits. None for anything else."""
+    kind = type(sent)
+    if sent == example and kind is type(example):
+        return lambda value: value
+    if sent == example and issubclass(kind, type(example)):
+        return lambda value: kind(value)
+    if isinstance(example, uuid.UUID) and sent == example.hex:
+        return lambda value: value.hex
+    return None
+
+
+def _differs(made: Any, compiled: Any) -> bool:
+    return type(made) is not type(compiled) or made != compiled
+
+
+class PreparedQuery(Generic[M]):
+    """``build(**values)``'s first row, with the SQL compiled once per database.
+
+    ``examples`` gives each value an example of its type that no constant of the query could
+    equal (a very large id, say): the query is compiled with them, and again with each changed
+    in turn, to find where each goes among the parameters. ``build`` must return a queryset of
+    model instances (``select_related``, ``defer`` and ``annotate`` are fine; ``values()``,
+    ``prefetch_related`` and extra selects are not).
+    """
+
+    def __init__(self, build: Callable[..., models.QuerySet[M]], **examples: Any) -> None:
+        self.build = build
+        self.examples = examples
+        self._compiled: dict[tuple[str, str], _Compiled | None] = {}
+
+    def first(self, using: str = "default", **values: Any) -> M | None:
+        connection = connections[using]
+        key = (using, connection.vendor)
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(using)
+        compiled = self._compiled[key]
+        if compiled is None:  # cannot be prepared: the plain queryset
+            return next(iter(self.build(**values).using(using)[:1]), None)
+        params = list(compiled.params)
+        for name, (positions, as_sent) in compiled.slots.items():
+            for position in positions:
+                params[position] = as_sent(values[name])
+        with connection.cursor() as cursor:
+            cursor.execute(compiled.sql, params)
+            rows = cursor.fetchmany(1)
+        return next(self._models(compiled.compiler, connection, using, rows), None)
+
+    def _compile(self, using: str) -> _Compiled | None:
+        first, compiler = self._sql(using, self.examples)
+        slots = {}
+        for name, example in self.examples.items():
+            other = self._other(example)
+            sql, _ = self._sql(using, {**self.examples, name: other})
+            if sql[0] != first[0]:
+                self._unprepared(f"its SQL changes with {name}")
+                return None
+            positions = tuple(
+                i for i, (a, b) in enumerate(zip(first[1], sql[1], strict=True)) if a != b
+            )
+            as_sent = _as_sent(example, first[1][positions[0]]) if positions else None
+            if as_sent is None or any(
+                _differs(as_sent(example), first[1][i]) or _differs(as_sent(other), sql[1][i])
+                for i in positions
+            ):
+                self._unprepared(f"where {name} goes could not be told")
+                return None
+            slots[name] = (positions, as_sent)
+        return _Compiled(sql=first[0], params=tuple(first[1]), slots=slots, compiler=compiler)
+
+    def _sql(self, using: str, values: Mapping[str, Any]) -> tuple[tuple[str, list[Any]], Any]:
+        queryset = self.build(**values)[:1]
+        compiler = queryset.query.get_compiler(using=using)
+        sql, params = compiler.as_sql()
+        return (sql, list(params)), compiler
+
+    @staticmethod
+    def _other(example: Any) -> Any:
+        if isinstance(example, uuid.UUID):
+            return uuid.UUID(int=example.int ^ 0xFFFF)
+        if isinstance(example, int):
+            return example - 7919
+        raise TypeError(f"PreparedQuery takes int and UUID values, not {type(example).__name__}")
+
+    def _unprepared(self, why: str) -> None:
+        log.warning("%s: not prepared (%s); the plain queryset serves it", self.build, why)
+
+    @staticmethod
+    def _models(compiler: Any, connection: Any, using: str, rows: list[Any]) -> Any:
+        """The rows as model instances, as ``ModelIterable`` makes them."""
+        compiler = copy.copy(compiler)
+        compiler.connection = connection  # this thread's, for the converters
+        select, klass_info = compiler.select, compiler.klass_info
+        annotations = compiler.annotation_col_map
+        model = klass_info["model"]
+        start, end = klass_info["select_fields"][0], klass_info["select_fields"][-1] + 1
+        names = [column[0].target.attname for column in select[start:end]]
+        # Django 5.2's signature; the stubs follow a later Django's (fetch_mode added).
+        related = get_related_populators(klass_info, select, using)  # type: ignore[call-arg]
+        for row in compiler.results_iter([rows]):
+            instance = model.from_db(using, names, row[start:end])
+            for populator in related:
+                populator.populate(row, instance)
+            for name, position in (annotations or {}).items():
+                setattr(instance, name, row[position])
+            yield instance
