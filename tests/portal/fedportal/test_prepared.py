@@ -146,3 +146,21 @@ def test_only_int_and_uuid_values_are_taken() -> None:
     prepared = PreparedQuery(lambda name: Job.objects.filter(name=name), name="example")
     with pytest.raises(TypeError, match="int and UUID values, not str"):
         prepared.first(name="x")
+
+
+def test_the_prepared_lookup_of_an_update_check_gives_what_its_queryset_gives(
+    jobs_world: World,
+) -> None:
+    from jobs.services import rounds
+
+    prepared = rounds._TASK_TO_CHECK
+    tasks = list(SiteTask.objects.all())
+    assert len(tasks) == len(jobs_world.sites)  # round 0's
+    for task in tasks:
+        ours = prepared.first(task_id=task.pk)
+        theirs = prepared.build(task_id=task.pk).get()
+        assert read(ours) == read(theirs)
+        assert ours is not None and "plan" in ours.round.get_deferred_fields()
+        assert ours.round.protection == theirs.round.protection  # read: it says how to check
+    assert prepared.first(task_id=10**9) is None
+    assert prepared._compiled and None not in prepared._compiled.values()
