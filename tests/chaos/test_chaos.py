@@ -263,13 +263,32 @@ def test_an_undisturbed_run_is_the_hand_computed_model(app: Path, tmp_path: Path
     assert torch.equal(reference["steps"], expected["steps"])
 
 
+def gated_app(folder: Path, gate: Path) -> Path:
+    """The chaos app, whose scripts answer round 2 only once ``gate`` exists: the round stays
+    open for as long as a test needs (rounds of this tiny job last a tenth of a second)."""
+    folder.mkdir()
+    answer = "\n    params = {"  # in the script's loop
+    assert answer in SCRIPT
+    held = SCRIPT.replace(
+        answer,
+        f"\n    while model.current_round == 1 and not os.path.exists({str(gate)!r}):"
+        "\n        time.sleep(0.05)" + answer,
+        1,
+    )
+    (folder / "client.py").write_text("import os\nimport time\n" + held)
+    return folder
+
+
 def test_redis_restarted_mid_round(chaos: Chaos, app: Path, tmp_path: Path) -> None:
     # Redis keeps nothing on disk: the restart loses the queued tasks (the next round's kick,
     # deadline countdowns) and every channel-layer group the agents listened on.
-    run = chaos.submit(make_recipe(app))
+    gate = tmp_path / "gate"
+    run = chaos.submit(make_recipe(gated_app(tmp_path / "gated", gate)))
     wait_until(lambda: chaos.round_is(run, 1, "open"), 120, "round 2 to open")
 
     chaos.redis.restart()
+    assert chaos.round_is(run, 1, "open")  # restarted mid-round indeed
+    gate.touch()
 
     run = chaos.finish(run)
     assert run.status == RunStatus.COMPLETED, run.error
