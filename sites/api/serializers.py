@@ -427,7 +427,8 @@ class PrivacyPolicyReportSerializer(serializers.Serializer[dict[str, Any]]):
     )
     project_epsilon = serializers.JSONField(
         required=False,
-        help_text="ε of the history by the agent; the portal recomputes it.",
+        allow_null=True,  # what an agent sends before any spend, or with no noise: no ε
+        help_text="ε of the history by the agent (null: none); the portal recomputes it.",
     )
 
 

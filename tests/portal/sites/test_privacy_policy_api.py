@@ -71,6 +71,22 @@ def test_the_agent_reports_its_policy_and_the_site_shows_it(sites_world: World) 
         assert report(sites_world, persona, {"policy": sent.to_json()}).status_code == 401
 
 
+def test_the_report_of_an_agent_that_spent_nothing_is_taken(sites_world: World) -> None:
+    # What client_agent.agent.Agent.policy_report sends for a site without a privacy.toml
+    # (the default policy) or before any noisy round: no ε yet, null. It was refused (400).
+    sent = PrivacyPolicy()
+
+    stored = report(
+        sites_world,
+        AGENT_A,
+        {"policy": sent.to_json(), "project_history": [], "project_epsilon": None},
+    )
+
+    assert stored.status_code == 200, stored.json()
+    assert stored.json()["policy"] == sent.to_json()
+    assert stored.json()["project_epsilon"] is None
+
+
 def test_a_changed_policy_is_audited_once_per_change(sites_world: World) -> None:
     first, second = policy("a" * 64), policy("b" * 64, max_epsilon=4.0)
 
