@@ -17,7 +17,8 @@ Per configuration:
   from ``pg_stat_activity`` (the sampler's own excluded);
 * **CPU per site-round** of the portal processes, the worker processes (each with its
   children) and the whole machine (``/proc/stat``), from the moment round 2 opens to the job's
-  end, divided by agents × (rounds - 1): the steady rounds, without the agents' start;
+  end (its state in the database; not ``execute()``'s return, after the results' download),
+  divided by agents × (rounds - 1): the steady rounds, without the agents' start;
 * **failures**: answers with status 500 in the portals' logs, "too many connections"
   anywhere in the portals', workers' and agents' logs, and the agents' connection attempts
   that failed or connections lost ("portal unreachable", "connection to the portal lost").
@@ -135,31 +136,40 @@ def cpu_by_role(env: PocEnv) -> dict[str, float]:
 class SteadyRounds:
     """CPU used from the moment round 2 opens to the job's end: the rounds after the first,
     without the agents' start (torch imports, handshakes, the first listing) that round 1
-    and the time before it hold."""
+    and the time before it hold, nor what ``execute()`` does after the end (it downloads the
+    job's records and models into the run's workspace)."""
 
     def __init__(self, url: str, env: PocEnv) -> None:
         self.env = env
         self.conn = psycopg.connect(url, autocommit=True)
         self.start: dict[str, float] | None = None
+        self.end: dict[str, float] | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
     def _watch(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.is_set() and self.start is None:
             row = self.conn.execute("SELECT max(number) FROM jobs_round").fetchone()
             if row and row[0] is not None and int(row[0]) >= 1:
                 self.start = cpu_by_role(self.env)
+            time.sleep(0.02)
+        while not self.stop.is_set():
+            ended = self.conn.execute(
+                "SELECT 1 FROM jobs_job WHERE state IN ('completed', 'failed', 'aborted')"
+            ).fetchone()
+            if ended:
+                self.end = cpu_by_role(self.env)
                 return
             time.sleep(0.02)
 
     def finish(self) -> tuple[dict[str, float], dict[str, float]]:
-        end = cpu_by_role(self.env)
+        after = cpu_by_role(self.env)
         self.stop.set()
         self.thread.join()
         self.conn.close()
         assert self.start is not None, "round 2 never opened"
-        return self.start, end
+        return self.start, self.end or after
 
 
 def failures(logs: Path) -> tuple[int, int, int]:
