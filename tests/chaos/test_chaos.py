@@ -334,19 +334,21 @@ def test_disk_full_during_update_uploads(
     with mounted_tmpfs(media, 8 << 20):
         options = {"env": {"DJANGO_MEDIA_ROOT": str(media)}}
         with started(postgres, redis, tmp_path, options) as chaos:
-            run = chaos.submit(make_recipe(app))
-            wait_until(lambda: chaos.round_is(run, 0, "closed"), 120, "round 1 to close")
+            gate = tmp_path / "gate"
+            run = chaos.submit(make_recipe(gated_app(tmp_path / "gated", gate)))
+            wait_until(lambda: chaos.round_is(run, 1, "open"), 120, "round 2 to open")
             filler = media / "filler"
-            # Round 2 is open and its model stored: fill what is left of the disk.
+            # Round 2 is open and its model stored, and its scripts wait for the gate: fill
+            # what is left of the disk, then let them answer.
             _fill(filler)
+            gate.touch()
             wait_until(
                 lambda: "storage" in "".join(chaos.logs(f"agent-{s}") for s in SITES).lower(),
                 120,
                 "an agent to be told the portal's storage is full",
             )
             # Nothing half-stored: an update file of round 2 is kept only for a site whose
-            # upload the portal took whole (a site may have sent its update before the disk
-            # filled: the round's sites can be that quick), and it reads as a model.
+            # upload the portal took whole, and it reads as a model.
             tasks = chaos.tasks(run, 1)
             updates = list(media.glob("jobs/*/*/updates/round-001/*"))
             stored = {"uploaded", "accepted"}
@@ -532,11 +534,13 @@ def test_two_portals_behind_a_proxy_one_killed_mid_round(
     first, second = connected("portal"), connected("portal-2")
     assert first and second, (first, second)
 
-    run = chaos.submit(make_recipe(app))
-    wait_until(lambda: chaos.round_is(run, 0, "closed"), 120, "round 1 to close")
+    gate = tmp_path / "gate"
+    run = chaos.submit(make_recipe(gated_app(tmp_path / "gated", gate)))
+    wait_until(lambda: chaos.round_is(run, 1, "open"), 120, "round 2 to open")
     # Round 2 opened: its event reached the agents on both portals, through the shared
-    # channel layer. Then one portal dies mid-round.
+    # channel layer, and their scripts wait for the gate. Then one portal dies mid-round.
     env.kill("portal")
+    gate.touch()
     run = chaos.finish(run, timeout=300)
 
     assert run.status == RunStatus.COMPLETED, run.error
