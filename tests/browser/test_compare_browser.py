@@ -33,6 +33,17 @@ LEGEND = (
     "() => Chart.getChart(document.getElementById('compare-canvas')).data.datasets"
     ".map((d) => d.label)"
 )
+# The chart is drawn once Chart.js has loaded, which may come after the page's heading.
+CHART_DRAWN = (
+    "() => window.Chart !== undefined"
+    " && Chart.getChart(document.getElementById('compare-canvas')) !== undefined"
+)
+
+
+def legend_of(page: Any) -> Any:
+    """The chart's series, once it is drawn."""
+    page.wait_for_function(CHART_DRAWN)
+    return page.evaluate(LEGEND)
 
 
 def two_finished_runs(tmp_path: Path) -> tuple[jw.World, Job, Job]:
@@ -70,7 +81,7 @@ def test_two_runs_are_ticked_compared_and_the_view_survives_a_reload(
 
     expect(page.get_by_role("heading", level=1)).to_have_text("Compare runs")
     assert f"job={run_a.uid}" in page.url and f"job={run_b.uid}" in page.url
-    legend: Any = page.evaluate(LEGEND)
+    legend: Any = legend_of(page)
     # The project page lists the newest first: run-b, then run-a.
     assert legend == ["run-b", "run-a"]
     scores = page.locator("#scores")
@@ -89,13 +100,13 @@ def test_two_runs_are_ticked_compared_and_the_view_survives_a_reload(
     page.get_by_label("Metric", exact=True).select_option("accuracy")
     page.wait_for_url("**metric=accuracy**")
     expect(page.get_by_label("Each site's series too")).to_be_checked()
-    legend = page.evaluate(LEGEND)
+    legend = legend_of(page)
     assert legend == ["run-b", "run-a", "run-a · site-1"]
     pages.shot(page, "compare-per-site")
 
     page.reload()
     expect(page.get_by_label("Metric", exact=True)).to_have_value("accuracy")
     expect(page.get_by_label("Each site's series too")).to_be_checked()
-    assert page.evaluate(LEGEND) == ["run-b", "run-a", "run-a · site-1"]
+    assert legend_of(page) == ["run-b", "run-a", "run-a · site-1"]
     expect(scores.locator('tr[data-row="state"] td')).to_have_text(["completed", "completed"])
     pages.shot(page, "compare-reloaded")
