@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
 from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.utils import timezone
@@ -345,7 +344,9 @@ _ROUND_HEAVY = (
 )
 
 
-def _site_tasks(*, with_start_model: bool, whole_round: bool, **filters: object) -> Any:
+def _site_tasks(
+    *, with_start_model: bool, whole_round: bool, **filters: object
+) -> QuerySet[SiteTask]:
     """The site tasks ``filters`` select, each with its round and job (without the fields that
     grow with the sites unless ``whole_round``) and its site; with ``with_start_model``, the
     global model its round starts from (:func:`start_model_of`). Unordered: building the
