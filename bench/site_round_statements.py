@@ -295,9 +295,14 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
             # The server's check of an upload's sender, before it reads the body (Daphne's
             # side, which the test client skips); the server hands the view the task it read.
             checked = _site_check(method=method, path=path, query=b"", headers=sent)
-            response = async_to_sync(server_client(checked, raise_request_exception=True).generic)(
-                method, path, data=body, content_type=content_type, headers=sent
-            )
+            through_asgi = server_client(checked, raise_request_exception=True)
+
+            async def put() -> Any:
+                return await through_asgi.generic(
+                    method, path, data=body, content_type=content_type, headers=sent
+                )
+
+            response = async_to_sync(put)()
         else:
             response = client.generic(
                 method, path, data=body, content_type=content_type, headers=sent
