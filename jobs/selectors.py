@@ -333,14 +333,11 @@ def job_for_site(*, job_uid: object, site: Site) -> Job:
 # state every site's keys, the job its sites. Decoding them on every request of every site
 # made a round's agent requests cost the square of its sites (profiled at 100 agents: JSON
 # decoding was the largest single cost of the portal's request path).
-_ROUND_HEAVY = (
-    "round__plan",
-    "round__protection",
-    "round__metrics",
-    "round__job__spec",
-    "round__job__params",
-    "round__job__round_sites",
-    "round__job__tags",
+ROUND_GROWS = ("plan", "protection", "metrics")
+JOB_GROWS = ("spec", "params", "round_sites", "tags")
+ROUND_HEAVY = (
+    *(f"round__{name}" for name in ROUND_GROWS),
+    *(f"round__job__{name}" for name in JOB_GROWS),
 )
 
 
@@ -354,7 +351,7 @@ def _site_tasks(
     spends on it."""
     tasks = SiteTask.objects.select_related("round__job", "site").filter(**filters)
     if not whole_round:
-        tasks = tasks.defer(*_ROUND_HEAVY)
+        tasks = tasks.defer(*ROUND_HEAVY)
     if with_start_model:
         start = ModelVersion.objects.filter(
             job_id=OuterRef("round__job_id"), round_number=OuterRef("round__number")
@@ -496,10 +493,7 @@ class SiteActiveJobs:
 # and bundle (the spec, the site list) or is the project's authority (its CA).
 _LISTING_HEAVY = (
     "privacy",
-    "job__spec",
-    "job__params",
-    "job__round_sites",
-    "job__tags",
+    *(f"job__{name}" for name in JOB_GROWS),
     "job__project__ca_certificate_pem",
     "job__project__ca_private_key_encrypted",
 )
@@ -527,7 +521,7 @@ def site_active_jobs(site: Site) -> SiteActiveJobs:
     for task in (
         SiteTask.objects.filter(site=site, round__state=RoundState.OPEN, round__job__in=jobs)
         .select_related("round")
-        .defer("round__plan", "round__protection", "round__metrics")
+        .defer(*(f"round__{name}" for name in ROUND_GROWS))
         .order_by()
     ):
         task.site, task.round.job = site, jobs[task.round.job_id]  # read already

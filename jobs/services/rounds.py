@@ -65,7 +65,7 @@ from jobs.models import (
     SiteTask,
     TaskState,
 )
-from jobs.selectors import job_privacy_assessment
+from jobs.selectors import ROUND_HEAVY, job_privacy_assessment
 from jobs.services import claims, secure
 from jobs.services.audit import JobAuditAction, job_audit_record
 from jobs.services.kicks import kick_after_commit
@@ -796,14 +796,7 @@ def _file_digest(path: Path) -> tuple[str, int]:
 # round's plan lists every site's task, the job its sites. Read with each of a round's checks,
 # a round of 100 sites decoded them 100 times (profiled: 7% of a worker's CPU). A protected
 # round's state is read: it says how to check.
-_CHECK_NEVER_READS = (
-    "round__plan",
-    "round__metrics",
-    "round__job__spec",
-    "round__job__params",
-    "round__job__round_sites",
-    "round__job__tags",
-)
+_CHECK_NEVER_READS = tuple(name for name in ROUND_HEAVY if name != "round__protection")
 
 
 # Every upload enqueues a check, and most find their task decided by an earlier check that

@@ -55,15 +55,9 @@ def read(task: SiteTask | None, names: tuple[str, ...] = READ) -> dict[str, Any]
     return values
 
 
-def plain(site_id: int, round_number: int, job_uid: uuid.UUID, start: bool) -> SiteTask | None:
-    tasks = selectors._site_tasks(
-        with_start_model=start,
-        whole_round=False,
-        site_id=site_id,
-        round__number=round_number,
-        round__job__uid=job_uid,
-    )
-    return next(iter(tasks[:1]), None)
+def plain(prepared: PreparedQuery[SiteTask], **values: Any) -> SiteTask | None:
+    """What the prepared query's own queryset gives for ``values``."""
+    return next(iter(prepared.build(**values)[:1]), None)
 
 
 @pytest.mark.parametrize("start", [False, True], ids=["task", "with its start model"])
@@ -83,7 +77,7 @@ def test_the_prepared_task_lookup_gives_what_its_queryset_gives(
     found = 0
     for site_id, number, uid in asked:
         ours = prepared.first(site_id=site_id, round_number=number, job_uid=uid)
-        theirs = plain(site_id, number, uid, start)
+        theirs = plain(prepared, site_id=site_id, round_number=number, job_uid=uid)
         assert read(ours) == read(theirs), (site_id, number, uid)
         if ours is not None:
             found += 1
