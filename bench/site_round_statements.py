@@ -10,11 +10,16 @@ through the portal's own request path, and each step's statements are counted
    certificate again first (``sites.authentication.identity_check``, through the cache of
    verified certificates), as it does when its last check is older than
    ``jobs.consumers.RECHECK_SECONDS``. The event carries the task, and the agent starts it
-   without listing its jobs (``client_agent.agent.Agent._start_round_from``);
-2. **model**: ``GET …/rounds/<n>/model/?then=training``, signed;
+   without listing its jobs (``client_agent.agent.Agent._start_round_from``). A model within
+   ``FEDPORTAL_EVENT_MODEL_MAX_BYTES`` (the bench's is) comes with the event, and the consumer
+   marks the task training as it sends it (``jobs.services.tasks.task_model_delivered``);
+2. **model**: ``GET …/rounds/<n>/model/?then=training``, signed, only for a model that did not
+   come with the event;
 3. **heartbeat**: a ``heartbeat`` message on the socket (one every
    ``client_agent.protocol.HEARTBEAT_SECONDS`` while the script trains);
-4. **report**: a ``report`` message with the script's ``flare.log`` points and output lines;
+4. **report**: a ``report`` message with the script's ``flare.log`` points and output lines
+   (``--points``, 4, and ``--lines``, 20; none of either: no report, as from the "echo" script
+   of ``bench/scale_out.py`` and of the issue's first measurements);
 5. **upload**: ``PUT …/rounds/<n>/update/``, signed, the update streamed; with the server's
    check of its sender before the body is read (``fedportal.bodylimits``: the signature and
    the task), which Daphne runs and the test client does not, and the task it read handed to
@@ -45,6 +50,7 @@ under a key prefix of the bench's own.
     .venv/bin/python bench/site_round_statements.py
     .venv/bin/python bench/site_round_statements.py --sites 10 --rounds 5
     .venv/bin/python bench/site_round_statements.py --show-sql   # the last round's SQL
+    .venv/bin/python bench/site_round_statements.py --sites 100 --points 0 --lines 0   # echo
 """
 
 from __future__ import annotations
@@ -94,6 +100,10 @@ class Seeded:
     job: Any
     agents: list[Agent]
     tmp: Path
+    # What each site's script logs a round: flare.log points and output lines. None of either:
+    # the agent sends no report (the "echo" script of bench/scale_out.py).
+    points: int = POINTS
+    lines: int = LINES
 
 
 @dataclass
@@ -276,6 +286,9 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
     from fedportal.bodylimits import _site_check
     from jobs.api.authentication import HEADER_CONTENT_SHA256
     from jobs.consumers import _handle
+    from jobs.models import ModelVersion
+    from jobs.services.rounds import event_model
+    from jobs.services.tasks import task_model_delivered
     from sites.authentication import SiteIdentity, identity_check
     from sites.models import Site
     from sites.signed_cache import site_heartbeat_due
@@ -349,17 +362,33 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
                 "round": number,
                 "id": f"p{number}-{i}",
             }
-            for i in range(POINTS)
+            for i in range(seeded.points)
         ],
         "lines": [
             {"text": f"epoch {i}: loss {1.0 / (i + 1)}", "round": number, "id": f"l{number}-{i}"}
-            for i in range(LINES)
+            for i in range(seeded.lines)
         ],
     }
-    counted("round event", lambda: identity_check(held[0]))
-    counted("model", lambda: signed("GET", f"{base}model/?then=training"))
+    # As the worker decides it when the round opens: the model with the event when it is
+    # small enough, the consumer then marking the task training; else the model's download.
+    start = ModelVersion.objects.get(job=seeded.job, round_number=number)
+    event = {"job_id": seeded.job.pk, "project_id": seeded.job.project_id, "round": number}
+    if event_model(start) is not None:
+
+        def round_event() -> None:
+            identity_check(held[0])
+            task_model_delivered(site_id=agent.site.pk, site_name=agent.site.name, event=event)
+
+        counted("round event", round_event)
+        counted("model", lambda: None)
+    else:
+        counted("round event", lambda: identity_check(held[0]))
+        counted("model", lambda: signed("GET", f"{base}model/?then=training"))
     counted("heartbeat", lambda: socket({"type": HEARTBEAT}))
-    counted("report", lambda: socket(report))
+    if seeded.points or seeded.lines:
+        counted("report", lambda: socket(report))
+    else:
+        counted("report", lambda: None)
     counted(
         "upload",
         lambda: signed(
@@ -396,6 +425,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--points", type=int, default=POINTS, help="flare.log points a site reports a round"
+    )
+    parser.add_argument(
+        "--lines", type=int, default=LINES, help="output lines a site reports a round"
+    )
+    parser.add_argument(
         "--show-sql",
         action="store_true",
         help="print the last round's statements: the first site's steps and the worker's tasks",
@@ -407,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     benchlib.print_header(
         "SQL statements per site-round (bench/site_round_statements.py)",
-        f"{args.sites} sites, {args.rounds} rounds of FedAvg; each step of a site's round "
+        f"{args.sites} sites, {args.rounds} rounds of FedAvg, a script that logs {args.points} "
+        f"points and prints {args.lines} lines a round; each step of a site's round "
         "through the portal's request path, then the worker's tasks, on PostgreSQL; target "
         f"at most {PORTAL_TARGET} statements on the portal and {TOTAL_TARGET} in all per "
         "site and round.",
@@ -420,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kicks = Kicks()
         with kicks.collecting():
             seeded = seed(tmp, sites=args.sites, rounds=args.rounds, kicks=kicks)
+            seeded.points, seeded.lines = args.points, args.lines
             counts = rounds_counted(seeded, args.rounds, kicks)
     rows = []
     for step in STEPS:

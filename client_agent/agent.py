@@ -23,10 +23,12 @@ One asyncio loop does three things at once:
   needs to resume is on the portal, so an agent that restarts picks up the current round.
 - **jobs**: one :class:`JobRunner` per job keeps the client script running for the whole job
   (the same runtime as SimEnv: a process forked from a warm fork server, Client API over a
-  private Unix socket), downloads the model of each round's task (the global model, or the
-  checkpoint the round's plan names), reports ``training``, hands the script its task (train,
-  validate or submit_model, with its round counts and meta), flushes its metrics, and uploads
-  the script's answer, streamed (for validate, metrics alone).
+  private Unix socket), takes the model of each round's task from the round's event when it
+  came with it (a small global model, checked against its SHA-256) or else downloads it (the
+  global model, or the checkpoint the round's plan names) with ``training`` reported by the
+  download, hands the script its task (train, validate or submit_model, with its round counts
+  and meta), flushes its metrics, and uploads the script's answer, streamed (for validate,
+  metrics alone).
 
 The agent runs only jobs its site accepted: automatically when the site's project setting
 says so, otherwise after the site admin decides on the portal. What leaves the site: model
@@ -47,9 +49,13 @@ in its log at the site, and a failure's reason carries nothing the script wrote.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -136,6 +142,28 @@ def _without_script_text(reason: str) -> str:
 # The agent's wait for the portal's WebSocket handshake: the portal's own limit, Daphne's
 # --websocket_connect_timeout as fedportal.server sets it.
 HANDSHAKE_TIMEOUT_SECONDS = 30.0
+
+
+def event_model_write(model: dict[str, Any], dest: Path) -> str | None:
+    """Write the model a round's event brought (``{"sha256", "size", "data"}``, the bytes in
+    base64) to ``dest``, replaced only when complete; None when written, else why not (the
+    caller then downloads it): what came must have the size and SHA-256 it names."""
+    try:
+        data = base64.b64decode(str(model.get("data", "")), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        return f"the model in the round's event is not base64 ({exc})"
+    if len(data) != model.get("size"):
+        return (
+            f"the model in the round's event has {len(data)} bytes where it names "
+            f"{model.get('size')!r}"
+        )
+    if hashlib.sha256(data).hexdigest() != str(model.get("sha256", "")).lower():
+        return "the model in the round's event does not match its SHA-256"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".part")
+    partial.write_bytes(data)
+    os.replace(partial, dest)
+    return None
 
 
 def reconnect_delay(
@@ -437,16 +465,17 @@ class Agent:
             return False
         number = event["round"]
         base = f"{JOBS_PATH}{runner.uid}/rounds/{number}/"
-        runner.offer(
-            {
-                "round": number,
-                "state": "assigned",
-                "task": task,
-                "model_url": f"{base}model/",
-                "status_url": f"{base}status/",
-                "update_url": f"{base}update/",
-            }
-        )
+        offered = {
+            "round": number,
+            "state": "assigned",
+            "task": task,
+            "model_url": f"{base}model/",
+            "status_url": f"{base}status/",
+            "update_url": f"{base}update/",
+        }
+        if isinstance(event.get("model"), dict):
+            offered["model"] = event["model"]  # a small model came with the event
+        runner.offer(offered)
         return True
 
     async def _writer(self, ws: Any) -> None:
@@ -752,6 +781,12 @@ class JobRunner:
         training with the download (one report fewer a round): the script gets its task as
         soon as the model is in."""
         model_path = self.workspace / "models" / f"round-{number:03d}.safetensors"
+        sent = task.get("model")
+        if isinstance(sent, dict):
+            why_not = await asyncio.to_thread(event_model_write, sent, model_path)
+            if why_not is None:
+                return model_path  # the portal marked the task training as it sent the event
+            log.warning("job %s: round %s: %s; downloading it", self.uid, number, why_not)
         model_url = task["model_url"] + "?then=training"
         await asyncio.to_thread(self.client.round_model, model_url, model_path)
         return model_path

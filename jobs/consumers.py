@@ -5,7 +5,9 @@ enrolled site's agent gets in. Then:
 
 - portal → agent: a ``welcome`` once; an ``event`` for every job or task change that concerns
   the site (the agent takes any as a sign to look for work, and fetches what it needs over
-  signed HTTP); an ``ack`` for each message with an id; an ``error`` just before a close.
+  signed HTTP; a round that opens brings the task, and a small model too, when every site
+  got the same: the task is marked ``training`` as the event goes out); an ``ack`` for each
+  message with an id; an ``error`` just before a close.
 - agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``failed``) and
   ``report`` (``flare.log`` points and the script's output lines; ``metrics`` and ``log`` are
   accepted as reports with only one of them) — nothing else. Model updates travel over HTTP,
@@ -80,7 +82,7 @@ from fedportal import sockets
 from fedportal.events import site_group
 from jobs.exceptions import SlowDown
 from jobs.selectors import job_for_site, task_for_site
-from jobs.services.tasks import task_mark
+from jobs.services.tasks import task_mark, task_model_delivered
 from jobs.services.telemetry import report_record
 from sites import services as site_services
 from sites.authentication import (
@@ -278,7 +280,23 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
             identity_check
         ):
             return
+        if event.get("model") is not None:
+            await self._model_delivered(event)
         await self._send(Event(event))
+
+    async def _model_delivered(self, event: dict[str, Any]) -> None:
+        """A round's event that brings the model its task starts from: the task is
+        ``training`` once it is sent, as the model's download would have marked it. A failure
+        to mark it is logged; the agent still gets the event, and its upload is taken from
+        any open state."""
+        assert self.identity is not None
+        site = self.identity.site
+        try:
+            await database_sync_to_async(task_model_delivered)(
+                site_id=site.pk, site_name=site.name, event=event
+            )
+        except Exception:
+            log.exception("could not mark the task training: site=%s", site.name)
 
     async def agent_replaced(self, message: dict[str, Any]) -> None:
         if self.closing:

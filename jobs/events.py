@@ -128,27 +128,37 @@ def job_state(job: Job) -> None:
     )
 
 
-def round_state(rnd: Round, *, task: dict[str, Any] | None = None) -> None:
+def round_state(
+    rnd: Round, *, task: dict[str, Any] | None = None, model: dict[str, Any] | None = None
+) -> None:
+    """``model`` (a round that opens, only with ``task``): the model every site's task starts
+    from, ``{"sha256", "size", "data"}`` with the bytes in base64, which goes to the sites'
+    agents only (the job's and project's pages have no use for it): an agent then starts
+    without downloading it (``jobs.services.rounds.event_model``)."""
     from jobs.models import RoundState  # at call time, as this module imports no models
 
-    publish(
-        RoundStateChanged(
-            job_id=rnd.job_id,
-            project_id=rnd.job.project_id,
-            job_uid=str(rnd.job.uid),
-            round=rnd.number,
-            state=rnd.state,
-            metrics=dict(rnd.metrics or {}),
-            task=task,
-        ),
-        # A round that opens has just given these sites a task. Its other states are no news
+    event = RoundStateChanged(
+        job_id=rnd.job_id,
+        project_id=rnd.job.project_id,
+        job_uid=str(rnd.job.uid),
+        round=rnd.number,
+        state=rnd.state,
+        metrics=dict(rnd.metrics or {}),
+        task=task,
+    )
+    if rnd.state != RoundState.OPEN:
+        # A round that opens has just given its sites a task. Its other states are no news
         # to an agent (it acts on a round that opens, and on the job's state): not sent to
         # them, so a hundred agents on one portal get one round event each, not three, and
         # the portal's channel-layer inbox does not overflow and drop some.
-        site_ids=list(rnd.tasks.values_list("site_id", flat=True))
-        if rnd.state == RoundState.OPEN
-        else (),
-    )
+        publish(event)
+        return
+    site_ids = list(rnd.tasks.values_list("site_id", flat=True))
+    if model is None or task is None:
+        publish(event, site_ids=site_ids)
+        return
+    send_after_commit(groups(event), event.payload())
+    send_after_commit(map(site_group, site_ids), {**event.payload(), "model": model})
 
 
 def task_state(task: SiteTask) -> None:

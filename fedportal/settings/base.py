@@ -482,6 +482,10 @@ FEDPORTAL_SITE_ONLINE_SECONDS = int(os.environ.get("FEDPORTAL_SITE_ONLINE_SECOND
 # and never more than half of FEDPORTAL_SITE_ONLINE_SECONDS (sites.signed_cache): not a row
 # write for every signed request.
 FEDPORTAL_HEARTBEAT_WRITE_SECONDS = env_int("FEDPORTAL_HEARTBEAT_WRITE_SECONDS", 30)
+# A round's start model no larger than this (bytes; 0: never) goes to the sites' agents with
+# the round's event, so they start without downloading it (jobs.services.rounds.event_model;
+# at most 1 MiB whatever is set). A larger model is downloaded as before.
+FEDPORTAL_EVENT_MODEL_MAX_BYTES = env_int("FEDPORTAL_EVENT_MODEL_MAX_BYTES", 64 * 1024)
 # --- WebSockets (fedportal.sockets) -------------------------------------------------------------
 # Open dashboard sockets one person may hold (a browser tab holds one per live page); the next
 # is closed with code 4429. Counted in Redis across portal processes.

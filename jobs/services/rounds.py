@@ -27,6 +27,7 @@ name order from files in storage), so a re-run writes the same bits.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -413,6 +414,38 @@ def _initial_model_meta_write(job: Job, workflow: Workflow) -> None:
     version.save(update_fields=["sha256", "size"])
 
 
+# An event's model travels base64-encoded in one WebSocket message, which an agent reads up
+# to 4 MiB (client_agent.agent): whatever the setting, no larger model goes in an event.
+EVENT_MODEL_MOST_BYTES = 1024**2
+
+
+def event_model(start: ModelVersion | None) -> dict[str, Any] | None:
+    """The model a round starts from, to send with the round's event to its sites' agents
+    (``{"sha256", "size", "data"}``, the bytes in base64), when it is no larger than
+    ``FEDPORTAL_EVENT_MODEL_MAX_BYTES``: an agent then starts the round at once, without a
+    download (a request, and three statements, per site and round). None for a larger model
+    (downloaded as before), or when it cannot be read here; the agent checks the digest, and
+    downloads the model when it does not match."""
+    most = min(settings.FEDPORTAL_EVENT_MODEL_MAX_BYTES, EVENT_MODEL_MOST_BYTES)
+    if start is None or not start.file or not 0 < start.size <= most:
+        return None
+    try:
+        data = storage.local_path(start.file.name).read_bytes()
+    except OSError as exc:  # FileNotFoundError too: the download will say what is wrong
+        log.warning("round model %s not sent with the event: %s", start.file.name, exc)
+        return None
+    return {
+        "sha256": start.sha256,
+        "size": len(data),
+        "data": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def _all_global(plan: RoundPlan) -> bool:
+    """Whether every task of ``plan`` starts from the global model (not from a checkpoint)."""
+    return all(planned.model.is_global for planned in plan.tasks)
+
+
 def _round_open(job: Job, number: int) -> Round:
     """Open round ``number`` as the workflow plans it (lock held): the plan over the job's
     sites from the server state the last round left, stored with the round, and one task for
@@ -450,7 +483,12 @@ def _round_open(job: Job, number: int) -> Round:
     # The event carries the task when every site got the same one (an agent starts it at
     # once); else each agent reads its own from the job listing.
     payloads = {json.dumps(task_spec_payload(t.spec), sort_keys=True) for t in plan.tasks}
-    events.round_state(rnd, task=json.loads(payloads.pop()) if len(payloads) == 1 else None)
+    shared_task = json.loads(payloads.pop()) if len(payloads) == 1 else None
+    events.round_state(
+        rnd,
+        task=shared_task,
+        model=event_model(start) if shared_task is not None and _all_global(plan) else None,
+    )
     from jobs.tasks import job_advance_task
 
     job_id = job.pk

@@ -11,7 +11,7 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Subquery
 from django.utils import timezone
 
 from common.exceptions import Conflict, NotFound, ValidationFailed
@@ -62,6 +62,37 @@ def round_model_fetch(
         raise NotFound(f"no {model} model for round number {round_number}")
     task_mark(task=task, state=then)
     return found
+
+
+_MOVES_TO_TRAINING = SiteTask.states_that_move_to(TaskState.TRAINING)
+
+
+def task_model_delivered(*, site_id: int, site_name: str, event: dict[str, Any]) -> bool:
+    """The round's event (``event``, as published) brought the site's agent the model its task
+    starts from (``jobs.services.rounds.event_model``), as a download with
+    ``?then=training`` would have: the task is ``training`` now. One conditional update (on
+    the task's own row: the round's id comes from a subquery), and the task's event for the
+    job's page; False when the task had moved on already or its round has closed."""
+    round_id = Round.objects.filter(job_id=event["job_id"], number=event["round"]).values("pk")
+    changed = (
+        SiteTask.objects.filter(
+            site_id=site_id, round_id=Subquery(round_id[:1]), state__in=_MOVES_TO_TRAINING
+        )
+        .filter(_IN_OPEN_ROUND)
+        .update(state=TaskState.TRAINING, reason="")
+    )
+    if changed:
+        events.publish(
+            events.TaskStateChanged(
+                job_id=event["job_id"],
+                project_id=event["project_id"],
+                round=event["round"],
+                site=site_name,
+                state=TaskState.TRAINING,
+                reason="",
+            )
+        )
+    return bool(changed)
 
 
 def task_mark(*, task: SiteTask, state: str, reason: str = "", privacy: Any = None) -> SiteTask:

@@ -4,13 +4,14 @@ from the test: which failures are retried, which end the round here, and what is
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from client_agent.agent import Agent, JobRunner
+from client_agent.agent import Agent, JobRunner, event_model_write
 from client_agent.portal import PortalError, PortalUnreachable, RoundClosed
 from tests.site_folders import enrolled_folder
 
@@ -254,3 +255,67 @@ def test_a_later_round_offered_while_the_script_still_trains_waits_for_it(
     asyncio.run(scenario())
 
     assert runner.finished_round == 4
+
+
+def _event_model(data: bytes) -> dict[str, Any]:
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "data": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def test_a_model_that_came_with_the_round_event_is_not_downloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = runner_for(tmp_path)
+    downloads: list[str] = []
+    monkeypatch.setattr(runner.client, "round_model", lambda url, dest: downloads.append(url))
+    event = {
+        "kind": "round.state",
+        "state": "open",
+        "job_uid": runner.uid,
+        "round": 2,
+        "task": {"task_name": "train"},
+        "model": _event_model(b"the model's bytes"),
+    }
+    offered: list[dict[str, Any]] = []
+    runner.agent.runners[runner.uid] = runner
+    monkeypatch.setattr(runner, "offer", offered.append)
+
+    assert runner.agent._start_round_from(event)
+    path = asyncio.run(runner._fetch_model(offered[0], 2))
+
+    assert downloads == []
+    assert path.read_bytes() == b"the model's bytes"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no partial file left
+
+
+@pytest.mark.parametrize(
+    ("model", "why"),
+    [
+        ({**_event_model(b"abc"), "sha256": "0" * 64}, "does not match its SHA-256"),
+        ({**_event_model(b"abc"), "size": 4}, "has 3 bytes where it names 4"),
+        ({**_event_model(b"abc"), "data": "not base64!"}, "is not base64"),
+    ],
+)
+def test_a_damaged_model_in_the_round_event_is_downloaded_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: dict[str, Any], why: str
+) -> None:
+    runner = runner_for(tmp_path)
+    downloads: list[str] = []
+
+    def download(url: str, dest: Path) -> str:
+        downloads.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(b"downloaded")
+        return ""
+
+    monkeypatch.setattr(runner.client, "round_model", download)
+    dest = tmp_path / "m.safetensors"
+    assert why in str(event_model_write(model, dest)) and not dest.exists()
+
+    path = asyncio.run(runner._fetch_model({**TASK, "model": model}, 2))
+
+    assert downloads == ["/rounds/2/model/?then=training"]
+    assert path.read_bytes() == b"downloaded"

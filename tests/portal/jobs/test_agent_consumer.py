@@ -4,18 +4,25 @@ signed handshake: every message gets an answer, and nothing an agent sends close
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from client_agent.protocol import MAX_MESSAGE_BYTES
 from fedportal.routing import websocket_urlpatterns
-from jobs.models import LogLine, MetricPoint
+from jobs import events
+from jobs.models import LogLine, MetricPoint, ModelVersion, Round, SiteTask
 from jobs.services import telemetry
+from jobs.services.rounds import event_model
+from jobs.services.tasks import task_model_delivered
 from tests.portal import jobs_api_world as jw
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -153,3 +160,63 @@ def test_lines_faster_than_the_rate_are_told_to_wait_while_points_go_on(
     assert points == {"type": "ack", "id": "p1", "stored": 1}
     assert list(LogLine.objects.values_list("text", flat=True)) == ["a" * 90]
     assert MetricPoint.objects.filter(key="loss").count() == 1
+
+
+def test_a_round_event_that_brings_the_model_marks_the_task_training_as_it_goes_out(
+    jobs_world: jw.World,
+) -> None:
+    # As the model's download with ?then=training would have: the job's page shows the site
+    # at work, and the agent starts without a request.
+    assert jobs_world.job is not None
+    job = jobs_world.job
+    rnd = Round.objects.get(job=job, number=0)
+    start = ModelVersion.objects.get(job=job, round_number=0)
+    model = event_model(start)
+    assert model is not None
+
+    def publish_round() -> None:
+        events.round_state(rnd, task={"task_name": "train"}, model=model)
+
+    async def run() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        layer = get_channel_layer()
+        job_channel = await layer.new_channel()
+        await layer.group_add(f"job.{job.pk}", job_channel)
+        headers = jobs_world.sites[0].headers("GET", PATH)
+        communicator = WebsocketCommunicator(
+            APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        )
+        connected, _ = await communicator.connect()
+        assert connected
+        await communicator.receive_json_from(timeout=5)  # welcome
+        await database_sync_to_async(publish_round)()
+        heard = await communicator.receive_json_from(timeout=5)
+        await communicator.disconnect()
+        page = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                page.append((await asyncio.wait_for(layer.receive(job_channel), 0.5))["event"])
+        return heard, page
+
+    heard, page = async_to_sync(run)()
+
+    assert heard["type"] == "event" and heard["event"]["model"] == model
+    states = dict(SiteTask.objects.filter(round=rnd).values_list("site__name", "state"))
+    assert states == {"site-1": "training", "site-2": "assigned", "site-3": "assigned"}
+    # The job's page hears of the task, and never gets the model's bytes.
+    told = [(e["site"], e["state"], e["round"]) for e in page if e["kind"] == "task.state"]
+    assert told == [("site-1", "training", 0)]
+    assert all("model" not in event for event in page)
+
+
+def test_a_model_event_for_a_closed_round_changes_no_task(jobs_world: jw.World) -> None:
+    assert jobs_world.job is not None
+    job = jobs_world.job
+    Round.objects.filter(job=job, number=0).update(state="closed")
+    site = jobs_world.sites[0].site
+    event = {"job_id": job.pk, "project_id": job.project_id, "round": 0}
+
+    assert not task_model_delivered(site_id=site.pk, site_name=site.name, event=event)
+    assert set(SiteTask.objects.values_list("state", flat=True)) == {"assigned"}
+    Round.objects.filter(job=job, number=0).update(state="open")
+    assert task_model_delivered(site_id=site.pk, site_name=site.name, event=event)
+    assert not task_model_delivered(site_id=site.pk, site_name=site.name, event=event)  # once

@@ -3,6 +3,8 @@ and only after the transaction commits."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,11 @@ from channels.layers import get_channel_layer
 from django.db import transaction
 
 from jobs import events
-from jobs.models import Job
+from jobs.models import Job, ModelVersion
+from jobs.services import rounds
 from jobs.services.telemetry import metrics_record
-from tests.portal.rounds_helpers import submit, three_sites, upload
+from jobs.workflows import ModelRef, PlannedTask, RoundPlan, TaskSpec
+from tests.portal.rounds_helpers import make_bundle, submit, three_sites, upload
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("eager_celery")]
 
@@ -141,3 +145,72 @@ def test_a_sites_agent_hears_of_a_round_when_it_opens_and_of_the_job_only(
     rounds_heard = [h for h in heard if h[0] == "round.state"]
     assert rounds_heard == [("round.state", "open", 0), ("round.state", "open", 1)]
     assert heard[-1][:2] == ("job.state", "completed")
+
+
+def _round_opened(layer, channel: str) -> dict:
+    for _ in range(40):
+        event: dict = async_to_sync(_receive_now)(layer, channel)["event"]
+        if event["kind"] == "round.state" and event["state"] == "open":
+            return event
+    raise AssertionError("no round opened")
+
+
+def test_a_small_model_goes_with_the_round_event_to_the_sites_agents_only(
+    tmp_path: Path,
+) -> None:
+    # The agent starts the round from the event, without downloading the model; the pages
+    # that follow the job and the project get the event without the model's bytes.
+    project, sites = three_sites()
+    site_channel = subscribe(f"site.{sites[0].pk}")
+    project_channel = subscribe(f"project.{project.pk}")
+    job = submit(tmp_path, project, num_rounds=1)
+    layer = get_channel_layer()
+
+    heard = _round_opened(layer, site_channel)
+    start = ModelVersion.objects.get(job=job, round_number=0)
+    data = Path(start.file.path).read_bytes()
+    assert heard["task"]["task_name"] == "train"
+    assert heard["model"] == {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+        "data": base64.b64encode(data).decode("ascii"),
+    }
+    assert start.sha256 == heard["model"]["sha256"]
+    assert "model" not in _round_opened(layer, project_channel)
+
+
+@pytest.mark.parametrize("most", [0, "one byte short"])
+def test_a_model_larger_than_the_setting_is_downloaded_not_sent_with_the_event(
+    tmp_path: Path, settings, most
+) -> None:
+    project, sites = three_sites()
+    site_channel = subscribe(f"site.{sites[0].pk}")
+    _, model, _ = make_bundle(tmp_path, num_rounds=1)  # the job's own is the same size
+    settings.FEDPORTAL_EVENT_MODEL_MAX_BYTES = (
+        model.stat().st_size - 1 if most == "one byte short" else most
+    )
+    (tmp_path / "job").mkdir()
+    submit(tmp_path / "job", project, num_rounds=1)
+
+    heard = _round_opened(get_channel_layer(), site_channel)
+    assert heard["task"]["task_name"] == "train"  # the task still comes with the event
+    assert "model" not in heard
+
+
+def test_a_round_whose_tasks_start_from_checkpoints_sends_no_model() -> None:
+    # A cross-site evaluation sends each site another site's submitted model: not the round's
+    # start model, so none goes with the event.
+    start = ModelVersion(file="jobs/x/models/round-000.safetensors", sha256="0" * 64, size=10)
+    spec = TaskSpec(task_name="validate", current_round=0, total_rounds=1)
+    plan = RoundPlan(
+        tasks=(
+            PlannedTask("site-1", spec, ModelRef("site:site-2")),
+            PlannedTask("site-2", spec, ModelRef()),
+        ),
+        min_results=0,
+        label="round 1",
+    )
+    assert not rounds._all_global(plan)
+    assert rounds._all_global(RoundPlan(tasks=(plan.tasks[1],), min_results=0, label="round 1"))
+    assert rounds.event_model(None) is None
+    assert rounds.event_model(start) is None  # no such file: downloaded, which says why
