@@ -11,8 +11,9 @@ through the portal's own request path, and each step's statements are counted
    verified certificates), as it does when its last check is older than
    ``jobs.consumers.RECHECK_SECONDS``. The event carries the task, and the agent starts it
    without listing its jobs (``client_agent.agent.Agent._start_round_from``). A model within
-   ``FEDPORTAL_EVENT_MODEL_MAX_BYTES`` (the bench's is) comes with the event, and the consumer
-   marks the task training as it sends it (``jobs.services.tasks.task_model_delivered``);
+   ``FEDPORTAL_EVENT_MODEL_MAX_BYTES`` (the bench's is) comes with the event, and the portal
+   marks the tasks of the sockets it sent it to training, together
+   (``jobs.services.tasks.tasks_model_delivered``): each site counts its share;
 2. **model**: ``GET …/rounds/<n>/model/?then=training``, signed, only for a model that did not
    come with the event;
 3. **heartbeat**: a ``heartbeat`` message on the socket (one every
@@ -112,7 +113,7 @@ class RoundCount:
     checks, and the round controller's for the whole round."""
 
     sites: int
-    portal: dict[str, list[int]] = field(default_factory=lambda: {s: [] for s in STEPS})
+    portal: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STEPS})
     listing: list[int] = field(default_factory=list)
     checks: int = 0
     controller: int = 0
@@ -274,8 +275,12 @@ def server_client(checked: object, **kwargs: Any) -> Any:
     return ServerClient(**kwargs)
 
 
-def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> None:
-    """Site ``agent``'s part in round ``number``, each step's statements added to ``count``."""
+def site_round(
+    agent: Agent, seeded: Seeded, number: int, count: RoundCount, marks: float | None
+) -> None:
+    """Site ``agent``'s part in round ``number``, each step's statements added to ``count``;
+    ``marks``: the site's share of the statements that marked the tasks training, when the
+    model came with the round's event (None: it is downloaded)."""
     from asgiref.sync import async_to_sync
     from django.core.signals import request_finished, request_started
     from django.db import close_old_connections, connection
@@ -286,9 +291,6 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
     from fedportal.bodylimits import _site_check
     from jobs.api.authentication import HEADER_CONTENT_SHA256
     from jobs.consumers import _handle
-    from jobs.models import ModelVersion
-    from jobs.services.rounds import event_model
-    from jobs.services.tasks import task_model_delivered
     from sites.authentication import SiteIdentity, identity_check
     from sites.models import Site
     from sites.signed_cache import site_heartbeat_due
@@ -369,17 +371,11 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
             for i in range(seeded.lines)
         ],
     }
-    # As the worker decides it when the round opens: the model with the event when it is
-    # small enough, the consumer then marking the task training; else the model's download.
-    start = ModelVersion.objects.get(job=seeded.job, round_number=number)
-    event = {"job_id": seeded.job.pk, "project_id": seeded.job.project_id, "round": number}
-    if event_model(start) is not None:
-
-        def round_event() -> None:
-            identity_check(held[0])
-            task_model_delivered(site_id=agent.site.pk, site_name=agent.site.name, event=event)
-
-        counted("round event", round_event)
+    if marks is not None:
+        # The model came with the event; the sites' tasks were marked training together
+        # (rounds_counted): this site's share of that.
+        counted("round event", lambda: identity_check(held[0]))
+        count.portal["round event"][-1] += marks
         counted("model", lambda: None)
     else:
         counted("round event", lambda: identity_check(held[0]))
@@ -401,13 +397,41 @@ def site_round(agent: Agent, seeded: Seeded, number: int, count: RoundCount) -> 
     counted(APART, lambda: signed("GET", "/api/v1/agent/jobs/"))
 
 
+def training_marks(seeded: Seeded, number: int, count: RoundCount) -> float | None:
+    """As the worker decides when round ``number`` opens: the model goes with the event when it
+    is small enough, and the portal marks the tasks of the sockets it sent the event to in one
+    transaction (``jobs.consumers``; here all of them, as one portal process); each site's
+    share of its statements. None when the model is too large: each site downloads it."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from jobs.models import ModelVersion
+    from jobs.services.rounds import event_model
+    from jobs.services.tasks import tasks_model_delivered
+
+    start = ModelVersion.objects.get(job=seeded.job, round_number=number)
+    if event_model(start) is None:
+        return None
+    event = {"job_id": seeded.job.pk, "project_id": seeded.job.project_id, "round": number}
+    with CaptureQueriesContext(connection) as captured:
+        moved = tasks_model_delivered([(event, a.site.pk, a.site.name) for a in seeded.agents])
+    if moved != len(seeded.agents):
+        raise RuntimeError(f"round {number}: {moved} of {len(seeded.agents)} tasks marked")
+    count.sql["portal: training marks (the round's, all sites)"] = [
+        q["sql"] for q in captured.captured_queries
+    ]
+    count.portal_control += control_statements(captured.captured_queries)
+    return len(captured) / len(seeded.agents)
+
+
 def rounds_counted(seeded: Seeded, rounds: int, kicks: Kicks) -> list[RoundCount]:
     """Every site's part in each of ``rounds`` rounds, then the worker's tasks; counted."""
     counts = []
     for number in range(rounds):
         count = RoundCount(sites=len(seeded.agents))
+        marks = training_marks(seeded, number, count)
         for agent in seeded.agents:
-            site_round(agent, seeded, number, count)
+            site_round(agent, seeded, number, count, marks)
         kicks.control = 0
         kicks.sql = []
         count.checks = kicks.run("update_check_task")

@@ -6,8 +6,8 @@ enrolled site's agent gets in. Then:
 - portal → agent: a ``welcome`` once; an ``event`` for every job or task change that concerns
   the site (the agent takes any as a sign to look for work, and fetches what it needs over
   signed HTTP; a round that opens brings the task, and a small model too, when every site
-  got the same: the task is marked ``training`` as the event goes out); an ``ack`` for each
-  message with an id; an ``error`` just before a close.
+  got the same: the task is then marked ``training``, with those of the other sockets of the
+  moment); an ``ack`` for each message with an id; an ``error`` just before a close.
 - agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``failed``) and
   ``report`` (``flare.log`` points and the script's output lines; ``metrics`` and ``log`` are
   accepted as reports with only one of them) — nothing else. Model updates travel over HTTP,
@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -82,7 +83,7 @@ from fedportal import sockets
 from fedportal.events import site_group
 from jobs.exceptions import SlowDown
 from jobs.selectors import job_for_site, task_for_site
-from jobs.services.tasks import task_mark, task_model_delivered
+from jobs.services.tasks import task_mark, tasks_model_delivered
 from jobs.services.telemetry import report_record
 from sites import services as site_services
 from sites.authentication import (
@@ -102,6 +103,56 @@ log = logging.getLogger(__name__)
 RECHECK_SECONDS = sockets.EVENT_RECHECK_SECONDS
 REPLACED = "agent.replaced"
 AGENT_VERSION_HEADER = HEADER_AGENT_VERSION.lower().encode()  # as ASGI hands headers over
+
+
+# A round's event goes to every site's socket at once; those of one portal process whose
+# model came with it are marked training together after this long (jobs.services.tasks.
+# tasks_model_delivered), not with a statement each. An upload takes a task in any open state,
+# so one that comes first loses nothing.
+MARK_GATHER_SECONDS = 0.02
+
+
+class _DeliveredModels:
+    """The round events with a model that this event loop's sockets sent, waiting to be marked
+    (``(event, site id, site name)``)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[dict[str, Any], int, str]] = []
+        self.gathering = False
+        self.tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak ones
+
+    def add(self, delivery: tuple[dict[str, Any], int, str]) -> None:
+        self.waiting.append(delivery)
+        if not self.gathering:
+            self.gathering = True
+            task = asyncio.get_running_loop().create_task(self._mark())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _mark(self) -> None:
+        await asyncio.sleep(MARK_GATHER_SECONDS)
+        waiting, self.waiting, self.gathering = self.waiting, [], False
+        try:
+            await database_sync_to_async(tasks_model_delivered)(waiting)
+        except Exception:
+            # The agents have their events and go on; their tasks show ``assigned`` until the
+            # uploads come.
+            sites = ", ".join(sorted({name for _, _, name in waiting}))
+            log.exception("could not mark the tasks training: sites %s", sites)
+
+
+_DELIVERED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _DeliveredModels] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _delivered_models() -> _DeliveredModels:
+    """This event loop's gathering (a portal process runs one loop; tests run several)."""
+    loop = asyncio.get_running_loop()
+    gathering = _DELIVERED.get(loop)
+    if gathering is None:
+        gathering = _DELIVERED[loop] = _DeliveredModels()
+    return gathering
 
 
 def _handle(
@@ -280,23 +331,12 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
             identity_check
         ):
             return
-        if event.get("model") is not None:
-            await self._model_delivered(event)
         await self._send(Event(event))
-
-    async def _model_delivered(self, event: dict[str, Any]) -> None:
-        """A round's event that brings the model its task starts from: the task is
-        ``training`` once it is sent, as the model's download would have marked it. A failure
-        to mark it is logged; the agent still gets the event, and its upload is taken from
-        any open state."""
-        assert self.identity is not None
-        site = self.identity.site
-        try:
-            await database_sync_to_async(task_model_delivered)(
-                site_id=site.pk, site_name=site.name, event=event
-            )
-        except Exception:
-            log.exception("could not mark the task training: site=%s", site.name)
+        if event.get("model") is not None:
+            # The model came with the event: the task is training, as its download would have
+            # marked it (with the other sockets' of this moment, in one transaction).
+            site = self.identity.site
+            _delivered_models().add((event, site.pk, site.name))
 
     async def agent_replaced(self, message: dict[str, Any]) -> None:
         if self.closing:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+from collections.abc import Iterable
 from typing import IO, Any
 
 from django.conf import settings
@@ -67,32 +68,52 @@ def round_model_fetch(
 _MOVES_TO_TRAINING = SiteTask.states_that_move_to(TaskState.TRAINING)
 
 
-def task_model_delivered(*, site_id: int, site_name: str, event: dict[str, Any]) -> bool:
-    """The round's event (``event``, as published) brought the site's agent the model its task
-    starts from (``jobs.services.rounds.event_model``), as a download with
-    ``?then=training`` would have: the task is ``training`` now. One conditional update (on
-    the task's own row: the round's id comes from a subquery), and the task's event for the
-    job's page; False when the task had moved on already or its round has closed."""
-    round_id = Round.objects.filter(job_id=event["job_id"], number=event["round"]).values("pk")
-    changed = (
-        SiteTask.objects.filter(
-            site_id=site_id, round_id=Subquery(round_id[:1]), state__in=_MOVES_TO_TRAINING
-        )
-        .filter(_IN_OPEN_ROUND)
-        .update(state=TaskState.TRAINING, reason="")
-    )
-    if changed:
-        events.publish(
-            events.TaskStateChanged(
-                job_id=event["job_id"],
-                project_id=event["project_id"],
-                round=event["round"],
-                site=site_name,
-                state=TaskState.TRAINING,
-                reason="",
+def tasks_model_delivered(deliveries: Iterable[tuple[dict[str, Any], int, str]]) -> int:
+    """Round events (each ``(event, site id, site name)``, the event as published) that
+    brought sites' agents the model their tasks start from (``jobs.services.rounds.event_model``),
+    as a download with ``?then=training`` would have: those tasks are ``training`` now, and the
+    job's page hears of each. How many moved: a task that had moved on already (uploaded, say)
+    or whose round closed stays as it is.
+
+    A portal process gathers the events its sockets sent in a moment (``jobs.consumers``), so a
+    round that opens for a hundred sites costs one transaction per round and process: the
+    tasks locked in one query, updated in another, whatever the number of sites. The round's
+    id comes from a subquery and its state is tested on the task's own row (see
+    ``_IN_OPEN_ROUND``)."""
+    by_round: dict[tuple[int, int, int], dict[int, str]] = {}
+    for event, site_id, site_name in deliveries:
+        key = (int(event["job_id"]), int(event["project_id"]), int(event["round"]))
+        by_round.setdefault(key, {})[site_id] = site_name
+    moved = 0
+    for (job_id, project_id, number), sites in by_round.items():
+        round_id = Round.objects.filter(job_id=job_id, number=number).values("pk")[:1]
+        with transaction.atomic():
+            moving = list(
+                SiteTask.objects.filter(
+                    round_id=Subquery(round_id), site_id__in=sites, state__in=_MOVES_TO_TRAINING
+                )
+                .filter(_IN_OPEN_ROUND)
+                .select_for_update()
+                .values_list("pk", "site_id")
             )
-        )
-    return bool(changed)
+            if not moving:
+                continue
+            SiteTask.objects.filter(pk__in=[pk for pk, _ in moving]).update(
+                state=TaskState.TRAINING, reason=""
+            )
+            for _, site_id in moving:
+                events.publish(
+                    events.TaskStateChanged(
+                        job_id=job_id,
+                        project_id=project_id,
+                        round=number,
+                        site=sites[site_id],
+                        state=TaskState.TRAINING,
+                        reason="",
+                    )
+                )
+        moved += len(moving)
+    return moved
 
 
 def task_mark(*, task: SiteTask, state: str, reason: str = "", privacy: Any = None) -> SiteTask:

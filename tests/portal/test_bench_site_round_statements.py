@@ -18,7 +18,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 # checks. A socket's certificate checks go through the cache of verified certificates, as a
 # signed request's do (its periodic check from the database is no step of a round).
 PORTAL_STEPS = {
-    "round event": 1,  # the task marked training as its model goes out with the event
+    # The tasks marked training as their model goes out with the event: one transaction of 4
+    # statements for the round's sites (here 3), whatever their number.
+    "round event": 4 / 3,
     "model": 0,  # the bench's model is small: it came with the event, not downloaded
     "heartbeat": 1,  # written: the bench makes it due every round
     "report": 7,  # one transaction: the job-site row locked, which entries are new, both stored
@@ -70,7 +72,7 @@ def test_a_site_round_stays_within_its_statements(tmp_path: Path, settings, mode
     assert {step: max(later.portal[step]) for step in bench.STEPS} == {
         step: min(max(later.portal[step]), bound) for step, bound in steps.items()
     }
-    assert later.portal_per_site() <= sum(steps.values())
+    assert later.portal_per_site() <= sum(steps.values()) + 1e-9  # shares are fractions
     assert max(later.listing) <= JOB_LIST
     assert later.checks / later.sites <= WORKER_CHECKS
     # Every site's update was taken and the job went on to its end.

@@ -15,14 +15,17 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from client_agent.protocol import MAX_MESSAGE_BYTES
 from fedportal.routing import websocket_urlpatterns
 from jobs import events
+from jobs.consumers import MARK_GATHER_SECONDS
 from jobs.models import LogLine, MetricPoint, ModelVersion, Round, SiteTask
 from jobs.services import telemetry
 from jobs.services.rounds import event_model
-from jobs.services.tasks import task_model_delivered
+from jobs.services.tasks import tasks_model_delivered
 from tests.portal import jobs_api_world as jw
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -177,7 +180,10 @@ def test_a_round_event_that_brings_the_model_marks_the_task_training_as_it_goes_
     def publish_round() -> None:
         events.round_state(rnd, task={"task_name": "train"}, model=model)
 
-    async def run() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def training() -> list[str]:
+        return list(SiteTask.objects.filter(state="training").values_list("site__name", flat=True))
+
+    async def run() -> tuple[dict[str, Any], list[str], list[dict[str, Any]]]:
         layer = get_channel_layer()
         job_channel = await layer.new_channel()
         await layer.group_add(f"job.{job.pk}", job_channel)
@@ -190,16 +196,24 @@ def test_a_round_event_that_brings_the_model_marks_the_task_training_as_it_goes_
         await communicator.receive_json_from(timeout=5)  # welcome
         await database_sync_to_async(publish_round)()
         heard = await communicator.receive_json_from(timeout=5)
+        # Marked a moment after the event went out, with the other sockets' of that moment.
+        marked: list[str] = []
+        for _ in range(100):
+            marked = await database_sync_to_async(training)()
+            if marked:
+                break
+            await asyncio.sleep(MARK_GATHER_SECONDS)
         await communicator.disconnect()
         page = []
         with contextlib.suppress(TimeoutError):
             while True:
                 page.append((await asyncio.wait_for(layer.receive(job_channel), 0.5))["event"])
-        return heard, page
+        return heard, marked, page
 
-    heard, page = async_to_sync(run)()
+    heard, marked, page = async_to_sync(run)()
 
     assert heard["type"] == "event" and heard["event"]["model"] == model
+    assert marked == ["site-1"]
     states = dict(SiteTask.objects.filter(round=rnd).values_list("site__name", "state"))
     assert states == {"site-1": "training", "site-2": "assigned", "site-3": "assigned"}
     # The job's page hears of the task, and never gets the model's bytes.
@@ -208,15 +222,27 @@ def test_a_round_event_that_brings_the_model_marks_the_task_training_as_it_goes_
     assert all("model" not in event for event in page)
 
 
-def test_a_model_event_for_a_closed_round_changes_no_task(jobs_world: jw.World) -> None:
+def test_the_tasks_of_many_sites_are_marked_in_statements_that_do_not_grow_with_them(
+    jobs_world: jw.World,
+) -> None:
     assert jobs_world.job is not None
     job = jobs_world.job
-    Round.objects.filter(job=job, number=0).update(state="closed")
-    site = jobs_world.sites[0].site
     event = {"job_id": job.pk, "project_id": job.project_id, "round": 0}
+    site_1, site_2, site_3 = (s.site for s in jobs_world.sites)
+    Round.objects.filter(job=job, number=0).update(state="closed")
 
-    assert not task_model_delivered(site_id=site.pk, site_name=site.name, event=event)
+    assert tasks_model_delivered([(event, site_1.pk, site_1.name)]) == 0  # the round closed
     assert set(SiteTask.objects.values_list("state", flat=True)) == {"assigned"}
     Round.objects.filter(job=job, number=0).update(state="open")
-    assert task_model_delivered(site_id=site.pk, site_name=site.name, event=event)
-    assert not task_model_delivered(site_id=site.pk, site_name=site.name, event=event)  # once
+    SiteTask.objects.filter(site=site_3).update(state="uploaded")  # moved on: stays
+    with CaptureQueriesContext(connection) as one:
+        assert tasks_model_delivered([(event, site_1.pk, site_1.name)]) == 1
+    SiteTask.objects.filter(site=site_1).update(state="assigned")
+    with CaptureQueriesContext(connection) as three:
+        moved = tasks_model_delivered([(event, s.pk, s.name) for s in (site_1, site_2, site_3)])
+
+    assert moved == 2
+    assert len(three) == len(one)
+    states = dict(SiteTask.objects.values_list("site__name", "state"))
+    assert states == {"site-1": "training", "site-2": "training", "site-3": "uploaded"}
+    assert tasks_model_delivered([(event, site_1.pk, site_1.name)]) == 0  # once
