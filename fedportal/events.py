@@ -37,6 +37,15 @@ def site_group(site_id: int) -> str:
     return f"site.{site_id}"
 
 
+def agents_group(project_id: int) -> str:
+    """Where every connected agent of a project's sites listens, for what concerns many of
+    them at once (a round that opens: the event names its sites, ``site_ids``, and each socket
+    passes it on only to its own site's agent). One group send then stores one message per
+    portal process, which hands it to its sockets itself; one per site's group would be a
+    message each, received one by one."""
+    return f"project.{project_id}.agents"
+
+
 def sites_group(project_id: int) -> str:
     """Where the pages that show a project's sites listen (its overview and its jobs' pages):
     ``site.status`` only."""

@@ -34,6 +34,7 @@ channel layer lives there too, so live updates would not work anyway).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -121,7 +122,7 @@ async def socket_count(user_id: int) -> int:
         return int(await client.zcount(_key(user_id), now[0] + now[1] / 1e6, "+inf"))
 
 
-async def groups_join_again(layer: Any, groups: list[str], channel: str) -> None:
+async def groups_join_again(layer: Any, groups: Iterable[str], channel: str) -> None:
     """Join ``groups`` again. A channel layer forgets a channel ``group_expiry`` seconds after
     it joined a group (``CHANNEL_LAYERS``): that is how the channels of a portal process that
     died leave them. A live socket calls this at every recheck to keep its place."""

@@ -80,7 +80,7 @@ from client_agent.protocol import (
 )
 from common.exceptions import AuthenticationError, DomainError, ValidationFailed
 from fedportal import sockets
-from fedportal.events import site_group
+from fedportal.events import agents_group, site_group
 from jobs.exceptions import SlowDown
 from jobs.selectors import job_for_site, task_for_site
 from jobs.services.tasks import task_mark, tasks_model_delivered
@@ -203,7 +203,7 @@ def _error_body(exc: DomainError) -> ErrorBody:
 
 class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     identity: SiteIdentity | None = None
-    group: str | None = None
+    groups: tuple[str, ...] = ()
     checked_at = 0.0
     watch: asyncio.Task[None] | None = None
     closing = False
@@ -222,8 +222,9 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
         site = self.identity.site
         headers = dict(self.scope.get("headers", []))
         version = headers.get(AGENT_VERSION_HEADER, b"").decode("latin-1")[:64]
-        self.group = site_group(site.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.groups = (site_group(site.pk), agents_group(site.project_id))
+        for group in self.groups:
+            await self.channel_layer.group_add(group, self.channel_name)
         replaced = await database_sync_to_async(site_services.site_agent_connect)(
             site=site, agent_version=version, channel=self.channel_name
         )
@@ -316,6 +317,12 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
         if self.identity is None or self.closing:
             return
         event = message["event"]
+        if "site_ids" in event:
+            # Sent to the project's agents (fedportal.events.agents_group): for the sites it
+            # names, and without their ids, which are none of an agent's business.
+            if self.identity.site.pk not in event["site_ids"]:
+                return
+            event = {key: value for key, value in event.items() if key != "site_ids"}
         if event.get("kind") == "site.revoked":
             # The site's group hears every certificate's revocation: a re-enrolment supersedes
             # the old certificate while the agent with the new one may be connected already.
@@ -370,8 +377,8 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
             await asyncio.sleep(sockets.recheck_seconds())
             if not self.closing and not await self._recheck():
                 return
-            if self.group:
-                await sockets.groups_join_again(self.channel_layer, [self.group], self.channel_name)
+            if self.groups:
+                await sockets.groups_join_again(self.channel_layer, self.groups, self.channel_name)
 
     async def _refuse(self, error: ErrorBody) -> None:
         if self.closing:
@@ -386,8 +393,8 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
             self.watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watch
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        for group in self.groups:
+            await self.channel_layer.group_discard(group, self.channel_name)
         if self.identity is not None:
             await database_sync_to_async(site_services.site_agent_disconnect)(
                 site=self.identity.site, channel=self.channel_name

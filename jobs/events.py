@@ -3,10 +3,10 @@
 Every state change of a job, round or site task, every site's decision to run the job or not,
 every batch of metric points and of log lines goes to the Channels group ``job.<id>``, and job
 and round changes also to ``project.<id>``, through :func:`publish` (which uses
-:func:`fedportal.events.send_after_commit`, the one sender). Job state changes and round
-openings also go to the groups of the sites they concern (``site.<id>``), where a connected
-agent learns that there is work; a task's own changes echo what its agent did, so they are
-not sent back to it.
+:func:`fedportal.events.send_after_commit`, the one sender). Job state changes also go to the
+groups of the sites they concern (``site.<id>``), and round openings to the project's agents
+(``project.<id>.agents``, naming the round's sites), where a connected agent learns that there
+is work; a task's own changes echo what its agent did, so they are not sent back to it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fedportal.events import MESSAGE_TYPE, job_group, project_group, send_after_commit, site_group
+from fedportal.events import (
+    MESSAGE_TYPE,
+    agents_group,
+    job_group,
+    project_group,
+    send_after_commit,
+    site_group,
+)
 
 if TYPE_CHECKING:
     from jobs.models import Job, JobSite, LogLine, MetricPoint, Round, SiteTask
@@ -131,10 +138,11 @@ def job_state(job: Job) -> None:
 def round_state(
     rnd: Round, *, task: dict[str, Any] | None = None, model: dict[str, Any] | None = None
 ) -> None:
-    """``model`` (a round that opens, only with ``task``): the model every site's task starts
-    from, ``{"sha256", "size", "data"}`` with the bytes in base64, which goes to the sites'
-    agents only (the job's and project's pages have no use for it): an agent then starts
-    without downloading it (``jobs.services.rounds.event_model``)."""
+    """A round that opens also goes to its sites' agents (:func:`fedportal.events.agents_group`),
+    with ``model`` when given (and ``task``): the model every site's task starts from,
+    ``{"sha256", "size", "data"}`` with the bytes in base64, which the job's and project's
+    pages do not get. An agent then starts without downloading it
+    (``jobs.services.rounds.event_model``)."""
     from jobs.models import RoundState  # at call time, as this module imports no models
 
     event = RoundStateChanged(
@@ -146,19 +154,18 @@ def round_state(
         metrics=dict(rnd.metrics or {}),
         task=task,
     )
+    publish(event)
     if rnd.state != RoundState.OPEN:
-        # A round that opens has just given its sites a task. Its other states are no news
-        # to an agent (it acts on a round that opens, and on the job's state): not sent to
-        # them, so a hundred agents on one portal get one round event each, not three, and
-        # the portal's channel-layer inbox does not overflow and drop some.
-        publish(event)
+        # Only a round that opens is news to an agent (it acts on that, and on the job's
+        # state): a hundred agents on one portal get one round event each, not three.
         return
-    site_ids = list(rnd.tasks.values_list("site_id", flat=True))
-    if model is None or task is None:
-        publish(event, site_ids=site_ids)
-        return
-    send_after_commit(groups(event), event.payload())
-    send_after_commit(map(site_group, site_ids), {**event.payload(), "model": model})
+    # To the agents of the sites with a task in it: through their project's group, one
+    # message per portal process (which passes it on to those sockets alone), not one per
+    # site, which a portal process received one after the other, a hundred taking a second.
+    to_agents = {**event.payload(), "site_ids": list(rnd.tasks.values_list("site_id", flat=True))}
+    if model is not None and task is not None:
+        to_agents["model"] = model
+    send_after_commit([agents_group(rnd.job.project_id)], to_agents)
 
 
 def task_state(task: SiteTask) -> None:

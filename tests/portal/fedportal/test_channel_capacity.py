@@ -1,5 +1,6 @@
 """The portal's channel layer (Redis) holds a round's events for every socket of one process:
-a round that opens for hundreds of sites on one portal drops none of them."""
+a round that opens for hundreds of sites on one portal drops none of them, and is one message
+for that process."""
 
 from __future__ import annotations
 
@@ -59,6 +60,42 @@ def test_a_round_opening_for_300_sites_on_one_portal_reaches_every_socket() -> N
             await layer.close_pools()
 
     assert asyncio.run(round_opens()) == sites
+
+
+@pytest.mark.skipif(not redis_answers(), reason="needs Redis at " + REDIS)
+def test_a_round_opening_for_300_sites_is_one_message_for_their_portal_process() -> None:
+    # The round's event goes to the project's agents (fedportal.events.agents_group): one
+    # message in the process's inbox, received once and handed to every socket, where one per
+    # site's group took a receive each (a hundred took a second under load).
+    from channels_redis.core import RedisChannelLayer
+
+    from fedportal.events import agents_group
+
+    config = portal_channel_config()
+    config["prefix"] = f"agents-test-{os.getpid()}"
+    sites = 300
+
+    async def round_opens() -> tuple[int, int]:
+        layer = RedisChannelLayer(**config)
+        try:
+            channels = [await layer.new_channel() for _ in range(sites)]
+            for channel in channels:
+                await layer.group_add(agents_group(1), channel)
+            await layer.group_send(agents_group(1), {"type": "fedportal.event"})
+            inbox = layer.non_local_name(channels[0])  # the process's, shared by its channels
+            connection = layer.connection(layer.consistent_hash(inbox))
+            stored = await connection.zcard(layer.prefix + inbox)
+            listening = [asyncio.create_task(layer.receive(channel)) for channel in channels]
+            heard, missed = await asyncio.wait(listening, timeout=10)
+            for task in missed:
+                task.cancel()
+            await asyncio.gather(*missed, return_exceptions=True)
+            return stored, len(heard)
+        finally:
+            await layer.flush()
+            await layer.close_pools()
+
+    assert asyncio.run(round_opens()) == (1, sites)
 
 
 def test_the_capacity_is_set_from_the_environment() -> None:

@@ -19,6 +19,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from client_agent.protocol import MAX_MESSAGE_BYTES
+from fedportal.events import agents_group
 from fedportal.routing import websocket_urlpatterns
 from jobs import events
 from jobs.consumers import MARK_GATHER_SECONDS
@@ -213,6 +214,7 @@ def test_a_round_event_that_brings_the_model_marks_the_task_training_as_it_goes_
     heard, marked, page = async_to_sync(run)()
 
     assert heard["type"] == "event" and heard["event"]["model"] == model
+    assert "site_ids" not in heard["event"]  # the other sites' ids are none of its business
     assert marked == ["site-1"]
     states = dict(SiteTask.objects.filter(round=rnd).values_list("site__name", "state"))
     assert states == {"site-1": "training", "site-2": "assigned", "site-3": "assigned"}
@@ -246,3 +248,32 @@ def test_the_tasks_of_many_sites_are_marked_in_statements_that_do_not_grow_with_
     states = dict(SiteTask.objects.values_list("site__name", "state"))
     assert states == {"site-1": "training", "site-2": "training", "site-3": "uploaded"}
     assert tasks_model_delivered([(event, site_1.pk, site_1.name)]) == 0  # once
+
+
+def test_a_round_event_for_the_projects_agents_reaches_only_the_sites_it_names(
+    jobs_world: jw.World,
+) -> None:
+    site_1, site_2 = jobs_world.sites[0].site, jobs_world.sites[1].site
+    opened: dict[str, Any] = {"kind": "round.state", "state": "open"}
+
+    async def run() -> list[dict[str, Any]]:
+        layer = get_channel_layer()
+        headers = jobs_world.sites[0].headers("GET", PATH)
+        communicator = WebsocketCommunicator(
+            APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        )
+        connected, _ = await communicator.connect()
+        assert connected
+        await communicator.receive_json_from(timeout=5)  # welcome
+        group = agents_group(site_1.project_id)
+        for named in ([site_2.pk], [site_2.pk, site_1.pk]):
+            event = {**opened, "round": len(named), "site_ids": named}
+            await layer.group_send(group, {"type": events.MESSAGE_TYPE, "event": event})
+        heard = [await communicator.receive_json_from(timeout=5)]
+        assert await communicator.receive_nothing(timeout=0.3)
+        await communicator.disconnect()
+        return heard
+
+    assert async_to_sync(run)() == [
+        {"type": "event", "event": {"kind": "round.state", "state": "open", "round": 2}}
+    ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from fedportal.events import agents_group
 from jobs import events
 from jobs.models import Job, ModelVersion
 from jobs.services import rounds
@@ -125,8 +127,11 @@ def test_a_sites_agent_hears_of_a_round_when_it_opens_and_of_the_job_only(
 ) -> None:
     # An agent acts on a round that opens and on the job's state; the round's other states
     # would only fill the portal's channel-layer inbox (a hundred agents, three events each).
+    # The job's state goes to each site's group; a round that opens to the project's agents
+    # at once (one message per portal process), naming its sites.
     project, sites = three_sites()
     site_channel = subscribe(f"site.{sites[0].pk}")
+    agents_channel = subscribe(agents_group(project.pk))
     job = submit(tmp_path, project, num_rounds=2)
     for round_number in (0, 1):
         for site in sites:
@@ -134,17 +139,27 @@ def test_a_sites_agent_hears_of_a_round_when_it_opens_and_of_the_job_only(
     assert Job.objects.get(pk=job.pk).state == "completed"
 
     layer = get_channel_layer()
-    heard = []
-    for _ in range(40):
-        try:
-            message = async_to_sync(_receive_now)(layer, site_channel)
-        except TimeoutError:
-            break
-        event = message["event"]
-        heard.append((event["kind"], event.get("state"), event.get("round")))
-    rounds_heard = [h for h in heard if h[0] == "round.state"]
-    assert rounds_heard == [("round.state", "open", 0), ("round.state", "open", 1)]
-    assert heard[-1][:2] == ("job.state", "completed")
+
+    def heard_on(channel: str) -> list[tuple[Any, ...]]:
+        heard: list[tuple[Any, ...]] = []
+        for _ in range(40):
+            try:
+                event = async_to_sync(_receive_now)(layer, channel)["event"]
+            except TimeoutError:
+                return heard
+            heard.append(
+                (event["kind"], event.get("state"), event.get("round"), event.get("site_ids"))
+            )
+        raise AssertionError("too many events")
+
+    site_heard = heard_on(site_channel)
+    assert {h[0] for h in site_heard} == {"job.state"}  # no round event on the site's own
+    assert site_heard[-1][1] == "completed"
+    in_round = sorted(site.pk for site in sites)
+    assert [(*h[:3], sorted(h[3])) for h in heard_on(agents_channel)] == [
+        ("round.state", "open", 0, in_round),
+        ("round.state", "open", 1, in_round),
+    ]
 
 
 def _round_opened(layer, channel: str) -> dict:
@@ -160,13 +175,13 @@ def test_a_small_model_goes_with_the_round_event_to_the_sites_agents_only(
 ) -> None:
     # The agent starts the round from the event, without downloading the model; the pages
     # that follow the job and the project get the event without the model's bytes.
-    project, sites = three_sites()
-    site_channel = subscribe(f"site.{sites[0].pk}")
+    project, _ = three_sites()
+    agents_channel = subscribe(agents_group(project.pk))
     project_channel = subscribe(f"project.{project.pk}")
     job = submit(tmp_path, project, num_rounds=1)
     layer = get_channel_layer()
 
-    heard = _round_opened(layer, site_channel)
+    heard = _round_opened(layer, agents_channel)
     start = ModelVersion.objects.get(job=job, round_number=0)
     data = Path(start.file.path).read_bytes()
     assert heard["task"]["task_name"] == "train"
@@ -183,8 +198,8 @@ def test_a_small_model_goes_with_the_round_event_to_the_sites_agents_only(
 def test_a_model_larger_than_the_setting_is_downloaded_not_sent_with_the_event(
     tmp_path: Path, settings, most
 ) -> None:
-    project, sites = three_sites()
-    site_channel = subscribe(f"site.{sites[0].pk}")
+    project, _ = three_sites()
+    agents_channel = subscribe(agents_group(project.pk))
     _, model, _ = make_bundle(tmp_path, num_rounds=1)  # the job's own is the same size
     settings.FEDPORTAL_EVENT_MODEL_MAX_BYTES = (
         model.stat().st_size - 1 if most == "one byte short" else most
@@ -192,7 +207,7 @@ def test_a_model_larger_than_the_setting_is_downloaded_not_sent_with_the_event(
     (tmp_path / "job").mkdir()
     submit(tmp_path / "job", project, num_rounds=1)
 
-    heard = _round_opened(get_channel_layer(), site_channel)
+    heard = _round_opened(get_channel_layer(), agents_channel)
     assert heard["task"]["task_name"] == "train"  # the task still comes with the event
     assert "model" not in heard
 
