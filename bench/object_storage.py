@@ -19,10 +19,13 @@ what it allocates, not the file pages it maps or the page cache) at its peak dur
 over what it was before, beside the model's size.
 
     .venv/bin/python bench/object_storage.py
+    .venv/bin/python bench/object_storage.py --endpoint http://127.0.0.1:4569   # another server
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -83,16 +86,28 @@ def timed(step: Callable[[], Any]) -> tuple[float, float, Any]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--endpoint",
+        help="an S3-compatible server that is running already (its credentials in "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY); default: moto_server, started here",
+    )
+    args = parser.parse_args()
     benchlib.print_header(
         f"Aggregation from object storage: {SITES} sites × {benchlib.numel(SHAPES):,} float32 "
         "parameters",
-        f"moto_server over HTTP on this machine, boto3 through jobs.storage; "
-        f"{SITES * MODEL_BYTES / 1e9:.1f} GB of updates, a {MODEL_BYTES / 1e6:.0f} MB model",
+        f"{args.endpoint or 'moto_server'} over HTTP on this machine, boto3 through "
+        f"jobs.storage; {SITES * MODEL_BYTES / 1e9:.1f} GB of updates, a "
+        f"{MODEL_BYTES / 1e6:.0f} MB model",
     )
     with tempfile.TemporaryDirectory(prefix="object-storage-bench-") as tmp:
         work = Path(tmp)
-        with s3_server(work / "moto.log") as endpoint:
-            os.environ.update(CREDENTIALS)
+        server = (
+            contextlib.nullcontext(args.endpoint) if args.endpoint else s3_server(work / "moto.log")
+        )
+        with server as endpoint:
+            if not args.endpoint:
+                os.environ.update(CREDENTIALS)
             os.environ.update(
                 {
                     "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
@@ -103,8 +118,14 @@ def main() -> None:
                     "FEDPORTAL_STORAGE_CACHE_DIR": str(work / "cache"),
                 }
             )
-            client: Any = s3_client(endpoint)
-            client.create_bucket(Bucket=BUCKET)
+            if args.endpoint:
+                import boto3
+
+                client: Any = boto3.client("s3", endpoint_url=endpoint)
+            else:
+                client = s3_client(endpoint)
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket=BUCKET)
             import django
 
             django.setup()
