@@ -602,11 +602,14 @@ def _round_aggregate_claimed(round_id: int) -> Advance:
     workflow = workflow_of(job)
     plan = round_plan_of(rnd, workflow)
     state = server_state_before(job, workflow, rnd.number)
+    # Each task's round and job are ``rnd`` and ``job``: read once above, not once a task
+    # (their plan and site list grow with the sites: decoding them a task at a time made a
+    # round's close cost the square of its sites, 11% of a worker's CPU at 100 sites).
     tasks = list(
-        rnd.tasks.filter(state=TaskState.ACCEPTED)
-        .select_related("site", "round__job")
-        .order_by("site__name")
+        rnd.tasks.filter(state=TaskState.ACCEPTED).select_related("site").order_by("site__name")
     )
+    for task in tasks:
+        task.round = rnd
     start_version = ModelVersion.objects.get(job=job, round_number=rnd.number)
     completed = rnd.number + 1  # a count of rounds, not an index: see common.rounds
     # Quorum was checked under the job lock when the round was claimed; accepted tasks cannot

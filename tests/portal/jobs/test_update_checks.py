@@ -254,3 +254,23 @@ def test_the_privacy_reports_of_updates_checked_together_are_each_kept(
         assert (task.state, task.privacy["releases"]) == (TaskState.ACCEPTED, releases)
         assert JobSite.objects.get(job=job, site=site).privacy["releases"] == releases
     assert enqueued.kicks == [job.pk]
+
+
+def test_a_rounds_close_reads_its_plan_once_not_with_every_accepted_task(
+    running: tuple[Job, list[Site]], enqueued: Enqueued
+) -> None:
+    # The round's plan and the job's site list grow with the sites: read with each accepted
+    # task, a round's close decoded them once a site (the square of the sites in all).
+    job, sites = running
+    for site in sites:
+        rounds.update_check(task_id=upload(job, site, 0, GOOD).pk)
+    with CaptureQueriesContext(connection) as captured:
+        while rounds.job_advance(job_id=job.pk).step != rounds.Step.NOTHING:
+            pass
+
+    job.refresh_from_db()
+    assert job.state == "completed"
+    reading_plans = [
+        q["sql"] for q in captured.captured_queries if '"jobs_round"."plan"' in q["sql"]
+    ]
+    assert reading_plans and not [sql for sql in reading_plans if '"jobs_sitetask"' in sql]
