@@ -4,6 +4,7 @@ uploading its update."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import logging
 from collections.abc import Iterable
@@ -12,10 +13,11 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Subquery
+from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from common.exceptions import Conflict, NotFound, ValidationFailed
+from fedportal.prepared import PreparedUpdate
 from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, ModelVersion, Round, RoundState, SiteTask, TaskState
@@ -261,6 +263,23 @@ def update_upload(
         raise
 
 
+def _upload_to_open_round(task_id: int, **stored: Any) -> tuple[QuerySet[SiteTask], dict[str, Any]]:
+    tasks = SiteTask.objects.filter(pk=task_id, state__in=_MOVES_TO_UPLOADED)
+    return tasks.filter(_IN_OPEN_ROUND), {"state": TaskState.UPLOADED, "reason": "", **stored}
+
+
+# Every upload runs it: compiled once (building and compiling it was a tenth of a busy
+# portal's CPU at 100 agents).
+_UPLOAD_TO_OPEN_ROUND = PreparedUpdate(
+    _upload_to_open_round,
+    task_id=2_000_000_003,
+    update="jobs/prepared/example.safetensors",
+    update_sha256="e" * 64,
+    update_size=3_000_000_017,
+    updated_at=dt.datetime(2001, 2, 3, 4, 5, 6, 789, tzinfo=dt.UTC),
+)
+
+
 def _uploaded_to_open_round(task: SiteTask, stored: dict[str, Any]) -> bool:
     """The usual upload, in one statement: an open task of a round that is still open becomes
     ``uploaded`` with its file (``stored``); whether it did. Anything else (a round closed
@@ -271,11 +290,7 @@ def _uploaded_to_open_round(task: SiteTask, stored: dict[str, Any]) -> bool:
     round open and the task unanswered, or (waiting on the task's row, then reading it again)
     a task that is no longer open, and changes nothing.
     """
-    uploaded = (
-        SiteTask.objects.filter(pk=task.pk, state__in=_MOVES_TO_UPLOADED)
-        .filter(_IN_OPEN_ROUND)
-        .update(state=TaskState.UPLOADED, reason="", **stored)
-    )
+    uploaded = _UPLOAD_TO_OPEN_ROUND.update(task_id=task.pk, **stored)
     if not uploaded:
         return False
     task.state, task.reason = TaskState.UPLOADED, ""

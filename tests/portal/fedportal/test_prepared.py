@@ -3,6 +3,7 @@ one it cannot prepare falls back to the queryset, and says so."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import uuid
 from typing import Any
@@ -136,10 +137,67 @@ def test_a_query_that_cannot_be_prepared_is_served_by_its_queryset(
     assert "not prepared (its SQL changes with job_id)" in caplog.text
 
 
-def test_only_int_and_uuid_values_are_taken() -> None:
-    prepared = PreparedQuery(lambda name: Job.objects.filter(name=name), name="example")
-    with pytest.raises(TypeError, match="int and UUID values, not str"):
-        prepared.first(name="x")
+def test_only_int_str_datetime_and_uuid_values_are_taken() -> None:
+    prepared = PreparedQuery(lambda weight: Job.objects.filter(pk=weight), weight=1.5)
+    with pytest.raises(TypeError, match="int, str, datetime and UUID values, not float"):
+        prepared.first(weight=2.5)
+
+
+def test_the_prepared_upload_changes_what_its_update_would_change(jobs_world: World) -> None:
+    # The upload's conditional update, prepared: the same rows changed to the same values as
+    # the queryset's update, and none when the task moved on or its round closed.
+    from jobs.models import Round
+    from jobs.services import tasks as task_services
+
+    prepared = task_services._UPLOAD_TO_OPEN_ROUND
+    first, second, third = SiteTask.objects.order_by("pk")
+    when = dt.datetime(2026, 11, 29, 21, 0, 0, 123456, tzinfo=dt.UTC)
+
+    def stored(n: int) -> dict[str, Any]:
+        return {
+            "update": f"jobs/x/site-{n}.safetensors",
+            "update_sha256": f"{n}" * 64,
+            "update_size": 1000 + n,
+            "updated_at": when + dt.timedelta(seconds=n),
+        }
+
+    assert prepared.update(task_id=first.pk, **stored(1)) == 1
+    queryset, fields = prepared.build(task_id=second.pk, **stored(2))
+    assert queryset.update(**fields) == 1
+    assert prepared.update(task_id=first.pk, **stored(1)) == 0  # uploaded already
+    Round.objects.filter(pk=third.round_id).update(state="closed")
+    assert prepared.update(task_id=third.pk, **stored(3)) == 0  # the round closed
+    assert prepared._compiled and None not in prepared._compiled.values()
+
+    changed = {
+        task.pk: (
+            task.state,
+            str(task.update),
+            task.update_sha256,
+            task.update_size,
+            task.updated_at,
+        )
+        for task in SiteTask.objects.all()
+    }
+    assert changed[first.pk] == ("uploaded", *stored(1).values())
+    assert changed[second.pk] == ("uploaded", *stored(2).values())
+    assert changed[third.pk][0] == "assigned"
+
+
+def test_an_update_across_a_relation_is_not_prepared_but_still_made(
+    jobs_world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedportal.prepared import PreparedUpdate
+
+    def build(job_id: int) -> tuple[QuerySet[SiteTask], dict[str, Any]]:
+        return SiteTask.objects.filter(round__job_id=job_id), {"reason": "looked at"}
+
+    prepared = PreparedUpdate(build, job_id=2_000_000_003)
+    assert jobs_world.job is not None
+    with caplog.at_level(logging.WARNING, logger="fedportal.prepared"):
+        assert prepared.update(job_id=jobs_world.job.pk) == len(jobs_world.sites)
+    assert "not prepared (it reaches across a relation)" in caplog.text
+    assert set(SiteTask.objects.values_list("reason", flat=True)) == {"looked at"}
 
 
 def test_the_prepared_lookup_of_an_update_check_gives_what_its_queryset_gives(
