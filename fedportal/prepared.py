@@ -9,12 +9,16 @@ such hot lookups. It compiles the queryset once per database, learns from the co
 parameters where each value goes, and runs the same SQL again with new values, building the
 model instances as ``QuerySet`` itself does (``django.db.models.query.ModelIterable``).
 
+:class:`PreparedUpdate` does the same for a conditional ``update()`` (every upload runs one),
+returning the rows it changed.
+
 Where it cannot tell where a value goes (a value the driver gets in a form it does not know,
 or SQL that changes with the values), it says so once and falls back to the plain queryset for
 good: slower, never wrong. Its tests run each prepared lookup against the queryset it replaces.
 
 It leans on Django's internals (the compiler's ``select`` and ``klass_info``,
-``get_related_populators``), as pinned in pyproject.toml (5.2): on an upgrade of Django, its
+``get_related_populators``; for an update, ``UpdateQuery`` and what
+``SQLUpdateCompiler.pre_sql_setup`` would rewrite), as pinned in pyproject.toml (5.2): on an upgrade of Django, its
 tests (``tests/portal/fedportal/test_prepared.py``) say whether they still hold.
 """
 
