@@ -18,8 +18,9 @@ good: slower, never wrong. Its tests run each prepared lookup against the querys
 
 It leans on Django's internals (the compiler's ``select`` and ``klass_info``,
 ``get_related_populators``; for an update, ``UpdateQuery`` and what
-``SQLUpdateCompiler.pre_sql_setup`` would rewrite), as pinned in pyproject.toml (5.2): on an upgrade of Django, its
-tests (``tests/portal/fedportal/test_prepared.py``) say whether they still hold.
+``SQLUpdateCompiler.pre_sql_setup`` would rewrite), as pinned in pyproject.toml (5.2): on an
+upgrade of Django, its tests (``tests/portal/fedportal/test_prepared.py``) say whether they
+still hold.
 """
 
 from __future__ import annotations
