@@ -35,19 +35,25 @@ APP = URLRouter(websocket_urlpatterns)
 PATH = "/ws/agent/"
 
 
+async def site_1_socket(world: jw.World) -> WebsocketCommunicator:
+    """The site-1 agent's socket, connected with a signed handshake, its welcome read."""
+    headers = world.sites[0].headers("GET", PATH)
+    communicator = WebsocketCommunicator(
+        APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    )
+    connected, _ = await communicator.connect()
+    assert connected
+    welcome = await communicator.receive_json_from(timeout=5)
+    assert welcome["type"] == "welcome"
+    return communicator
+
+
 def talk(world: jw.World, frames: list[Any]) -> tuple[list[dict[str, Any]], bool]:
     """Open the site-1 agent's socket, send ``frames`` (str: as text; bytes: binary; else as
     JSON), and return every answer and whether the socket is still open at the end."""
 
     async def run() -> tuple[list[dict[str, Any]], bool]:
-        headers = world.sites[0].headers("GET", PATH)
-        communicator = WebsocketCommunicator(
-            APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        )
-        connected, _ = await communicator.connect()
-        assert connected
-        welcome = await communicator.receive_json_from(timeout=5)
-        assert welcome["type"] == "welcome"
+        communicator = await site_1_socket(world)
         answers = []
         for frame in frames:
             if isinstance(frame, bytes):
@@ -188,13 +194,7 @@ def test_a_round_event_that_brings_the_model_marks_the_task_training_as_it_goes_
         layer = get_channel_layer()
         job_channel = await layer.new_channel()
         await layer.group_add(f"job.{job.pk}", job_channel)
-        headers = jobs_world.sites[0].headers("GET", PATH)
-        communicator = WebsocketCommunicator(
-            APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        )
-        connected, _ = await communicator.connect()
-        assert connected
-        await communicator.receive_json_from(timeout=5)  # welcome
+        communicator = await site_1_socket(jobs_world)
         await database_sync_to_async(publish_round)()
         heard = await communicator.receive_json_from(timeout=5)
         # Marked a moment after the event went out, with the other sockets' of that moment.
@@ -258,13 +258,7 @@ def test_a_round_event_for_the_projects_agents_reaches_only_the_sites_it_names(
 
     async def run() -> list[dict[str, Any]]:
         layer = get_channel_layer()
-        headers = jobs_world.sites[0].headers("GET", PATH)
-        communicator = WebsocketCommunicator(
-            APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        )
-        connected, _ = await communicator.connect()
-        assert connected
-        await communicator.receive_json_from(timeout=5)  # welcome
+        communicator = await site_1_socket(jobs_world)
         group = agents_group(site_1.project_id)
         for named in ([site_2.pk], [site_2.pk, site_1.pk]):
             event = {**opened, "round": len(named), "site_ids": named}
