@@ -21,7 +21,8 @@ Per configuration:
   divided by agents × (rounds - 1): the steady rounds, without the agents' start;
 * **failures**: answers with status 500 in the portals' logs, "too many connections"
   anywhere in the portals', workers' and agents' logs, and the agents' connection attempts
-  that failed or connections lost ("portal unreachable", "connection to the portal lost").
+  that failed or connections lost ("portal unreachable", "connection to the portal lost"),
+  the first ten of those lines printed (the logs go with the workspace).
 
 Everything is the bench's own and removed at the end: the database ``fedportal_scale_<pid>``
 (server from BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432), Redis database
@@ -172,6 +173,9 @@ class SteadyRounds:
         return self.start, self.end or after
 
 
+LOST_SHOWN = 10
+
+
 def failures(logs: Path) -> tuple[int, int, int]:
     """(answers with status 500 in the portals' logs, "too many connections" in any log,
     connection attempts the agents saw fail: "portal unreachable" or "connection … lost")."""
@@ -182,12 +186,20 @@ def failures(logs: Path) -> tuple[int, int, int]:
         if name.startswith("portal")
     )
     too_many = sum(text.count("too many connections") for text in texts.values())
-    lost = sum(
-        text.count("portal unreachable") + text.count("connection to the portal lost")
-        for name, text in texts.items()
+    said = [
+        f"{name}: {line.strip()[:240]}"
+        for name, text in sorted(texts.items())
         if name.startswith("agent-")
-    )
-    return server_errors, too_many, lost
+        for line in text.splitlines()
+        if "portal unreachable" in line or "connection to the portal lost" in line
+    ]
+    # What the agents said, since the logs go with the workspace: the first few, to tell a
+    # crowd at the first connections from a connection lost mid-job.
+    for line in said[:LOST_SHOWN]:
+        print(f"agent connection failed or lost: {line}", flush=True)
+    if len(said) > LOST_SHOWN:
+        print(f"… and {len(said) - LOST_SHOWN} more", flush=True)
+    return server_errors, too_many, len(said)
 
 
 def run(
