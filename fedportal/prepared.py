@@ -25,6 +25,7 @@ still hold.
 
 from __future__ import annotations
 
+import abc
 import copy
 import datetime as dt
 import logging
@@ -76,7 +77,11 @@ def _differs(made: Any, compiled: Any) -> bool:
     return type(made) is not type(compiled) or made != compiled
 
 
-class _Prepared:
+class _NotPreparable(Exception):
+    """A statement of a shape that is not prepared (``_sql`` says why)."""
+
+
+class _Prepared(abc.ABC):
     """SQL compiled once per database, run again with new values: the examples and the
     learning of where each value goes, shared by :class:`PreparedQuery` and
     :class:`PreparedUpdate`, which say how a statement is built (``_sql``)."""
@@ -106,12 +111,18 @@ class _Prepared:
                 params[position] = as_sent(values[name])
         return compiled, params
 
+    @abc.abstractmethod
     def _sql(self, using: str, values: Mapping[str, Any]) -> tuple[tuple[str, list[Any]], Any]:
-        raise NotImplementedError
+        """The statement built with ``values``: its SQL and parameters, and its compiler;
+        :class:`_NotPreparable` for a shape that is not prepared."""
 
     def _compile(self, using: str) -> _Compiled | None:
         connection = connections[using]
-        first, compiler = self._sql(using, self.examples)
+        try:
+            first, compiler = self._sql(using, self.examples)
+        except _NotPreparable as exc:
+            self._unprepared(str(exc))
+            return None
         slots = {}
         for name, example in self.examples.items():
             other = self._other(example)
@@ -245,14 +256,3 @@ class PreparedUpdate(_Prepared):
             raise _NotPreparable("it reaches across a relation")
         statement, params = compiler.as_sql()
         return (statement, list(params)), compiler
-
-    def _compile(self, using: str) -> _Compiled | None:
-        try:
-            return super()._compile(using)
-        except _NotPreparable as exc:
-            self._unprepared(str(exc))
-            return None
-
-
-class _NotPreparable(Exception):
-    pass
