@@ -247,6 +247,9 @@ def run(
         else:
             os.environ["DATABASE_POOL_MAX_SIZE"] = before
     assert result.status == RunStatus.COMPLETED, result.error
+    # Each round, not just their median: the first steady rounds of a run are the slowest
+    # (the processes' caches and pools still filling), which a median of few rounds hides.
+    print("rounds (s): " + " ".join(f"{cycle:.2f}" for cycle in cycles), flush=True)
     server_errors, too_many, lost = failures(workdir / "poc" / "logs")
     return {
         "round_1": cycles[0],

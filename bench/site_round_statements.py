@@ -263,14 +263,14 @@ def update_bytes(tmp: Path, number: int) -> bytes:
 
 def server_client(checked: object, **kwargs: Any) -> Any:
     """Django's ASGI test client, with the scope fedportal.server gives an upload whose
-    sender it checked: the task that check read (``fedportal.bodylimits.CHECKED_TASK``)."""
+    sender it checked: what that check found (``fedportal.bodylimits.CHECKED_SENDER``)."""
     from django.test import AsyncClient
 
-    from fedportal.bodylimits import CHECKED_TASK
+    from fedportal.bodylimits import CHECKED_SENDER
 
     class ServerClient(AsyncClient):
         async def request(self, **request: Any) -> Any:
-            return await super().request(**request, **{CHECKED_TASK: checked})
+            return await super().request(**request, **{CHECKED_SENDER: checked})
 
     return ServerClient(**kwargs)
 
@@ -308,7 +308,7 @@ def site_round(
         content_type = "application/octet-stream" if body else "application/json"
         if method == "PUT":
             # The server's check of an upload's sender, before it reads the body (Daphne's
-            # side, which the test client skips); the server hands the view the task it read.
+            # side, which the test client skips); the server hands the view what it found.
             checked = _site_check(method=method, path=path, query=b"", headers=sent)
             through_asgi = server_client(checked, raise_request_exception=True)
 

@@ -45,9 +45,9 @@ Message = MutableMapping[str, Any]
 # The key under which fedportal.server offers the stored body, with its first chunk, to an
 # application that can take it as a file (fedportal.asgi.PortalASGIHandler).
 STORED_BODY = "fedportal.stored_body"
-# The scope key under which fedportal.server hands the view the site's task that the check of
-# an update's sender read (:func:`checked_task`), so that the view need not read it again.
-CHECKED_TASK = "fedportal.checked_task"
+# The scope key under which fedportal.server hands the view what the check of an update's
+# sender found (a :class:`CheckedSender`), so that the view need not find it again.
+CHECKED_SENDER = "fedportal.checked_sender"
 
 SIGN_IN_MAX_BYTES = 16 * 1024
 ENROL_MAX_BYTES = 64 * 1024
@@ -226,6 +226,16 @@ class BodyLimitMiddleware:
         await self.app(scope, bounded_receive, guarded_send)
 
 
+@dataclass(frozen=True)
+class CheckedSender:
+    """What the check of an upload's sender found from its headers: the site's identity
+    (verified, nothing recorded: ``sites.authentication.checked_request_record`` records it)
+    and the task its update is for."""
+
+    identity: Any  # sites.authentication.SiteIdentity
+    task: Any  # jobs.models.SiteTask
+
+
 class SenderUnknown(Exception):
     """An upload refused from its headers alone: its sender could not be told (HTTP 401), its
     address sent too many wrong credentials (429), or a known site sends an update that no task
@@ -256,8 +266,8 @@ async def sender_check(
     but a wrong API token, which counts against the address as it would in the view: the view
     authenticates the request again, fully, once the body is in.
 
-    Returns the site's task that an update is for, when it read one (else None): the server
-    hands it to the view under :data:`CHECKED_TASK` (:func:`checked_task`)."""
+    Returns what it found of a site's update (else None): the server hands it to the view
+    under :data:`CHECKED_SENDER` (:func:`checked_task`, :func:`checked_identity`)."""
     from channels.db import database_sync_to_async  # Django is set up by now
 
     if sender is Sender.SITE:
@@ -277,9 +287,10 @@ def checked_task(
     ``job_uid``; else None, and the view reads the task itself (a request that did not come
     through fedportal.server, as in tests). Its state may be older than the body's arrival;
     an upload's writes test the task's state in the database, not this copy's."""
-    task = (scope or {}).get(CHECKED_TASK)
-    if task is None:
+    checked = (scope or {}).get(CHECKED_SENDER)
+    if checked is None:
         return None
+    task = checked.task
     same = (
         task.site_id == site_id
         and task.round.number == round_number
@@ -288,11 +299,21 @@ def checked_task(
     return task if same else None
 
 
-def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, str]) -> Any:
+def checked_identity(scope: Mapping[str, Any] | None) -> Any:
+    """The site identity the check of this request's sender verified from its headers
+    (:func:`sender_check`; a ``sites.authentication.SiteIdentity``, not yet recorded), or
+    None: a request that did not come through fedportal.server's check."""
+    checked = (scope or {}).get(CHECKED_SENDER)
+    return None if checked is None else checked.identity
+
+
+def _site_check(
+    *, method: str, path: str, query: bytes, headers: Mapping[str, str]
+) -> CheckedSender | None:
     """The signature, and then the task: an enrolled site, too, may fill the disk only with an
     update the portal will keep (one for an open task of its own), not with gigabytes for a job
     it is not in, or for a task it has already answered, which the view would refuse after
-    reading them. Returns the task (None for a path that names no update)."""
+    reading them. Returns the identity and the task (None for a path that names no update)."""
     from common.exceptions import AuthenticationError, DomainError
     from jobs.api.authentication import streamed_upload_verify
     from jobs.selectors import task_of_site, task_takes_update
@@ -315,7 +336,7 @@ def _site_check(*, method: str, path: str, query: bytes, headers: Mapping[str, s
         raise SenderUnknown(exc.code, exc.message, status=exc.status) from None
     if not task_takes_update(task):
         raise SenderUnknown("conflict", f"this task is already {task.state}", status=409)
-    return task
+    return CheckedSender(identity=identity, task=task)
 
 
 def _person_check(*, headers: Mapping[str, str], address: str | None) -> None:

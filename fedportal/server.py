@@ -96,8 +96,8 @@ class GuardedRequest(WebRequest):
     _held: list[bytes] | None = None
     _held_request: tuple[bytes, bytes, bytes] | None = None
     _expect_continue = False
-    # What the check of an upload's sender read (bodylimits.sender_check), for the view.
-    _checked_task: Any = None
+    # What the check of an upload's sender found (bodylimits.sender_check), for the view.
+    _checked_sender: Any = None
     # Twisted's file of the body (BytesIO or a temporary file), until process() swaps in a
     # _BodyHandle.
     content: Any
@@ -226,10 +226,10 @@ class GuardedRequest(WebRequest):
             )
         return str(address[0]) if address and address[0] else None
 
-    def _sender_known(self, checked_task: object) -> None:
+    def _sender_known(self, checked_sender: object) -> None:
         if self._refused or self.channel is None or self._disconnected:
             return
-        self._checked_task = checked_task
+        self._checked_sender = checked_sender
         held, self._held = self._held or [], None
         super().gotLength(self._length)
         for data in held:
@@ -539,8 +539,8 @@ class PortalServer(Server):
         assert "application_instance" not in self.connections[protocol]
         queue = BodyQueue(protocol, self.request_buffer_size)
         scope.setdefault("asgi", {"version": "3.0"})
-        if protocol._checked_task is not None:
-            scope[bodylimits.CHECKED_TASK] = protocol._checked_task
+        if protocol._checked_sender is not None:
+            scope[bodylimits.CHECKED_SENDER] = protocol._checked_sender
         instance = self.application(
             scope=scope,
             receive=queue.get,

@@ -21,8 +21,9 @@ urlpatterns = [
     # Browsers ask for /favicon.ico whatever the page links; the icon is a static SVG.
     path("favicon.ico", favicon, name="favicon"),
     path("api/v1/", ApiRootView.as_view(), name="api-root"),
-    path("api/v1/", include("sites.api.urls")),
+    # The jobs API first: it holds what every agent calls every round (its uploads).
     path("api/v1/", include("jobs.api.urls")),
+    path("api/v1/", include("sites.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     # Swagger UI from the portal's own static files; its set-up script is a file too (?script),
     # so that the Content-Security-Policy needs no inline script.

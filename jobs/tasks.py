@@ -71,8 +71,18 @@ def job_advance_task(job_id: int) -> str:
 
 @task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
 def update_check_task(task_id: int) -> str:
-    """Check one uploaded update; the service enqueues job_advance when it changed state."""
+    """Check one uploaded update, and the round's others waiting; the service enqueues
+    job_advance when the round's last was answered. (Portals enqueue
+    ``round_updates_check_task`` now; this one stays for the checks an earlier portal left in
+    the broker.)"""
     return rounds.update_check(task_id=task_id)
+
+
+@task(acks_late=True, reject_on_worker_lost=True, **RETRY_ON_TRANSIENT)
+def round_updates_check_task(round_id: int) -> dict[int, str]:
+    """Check every update of the round waiting for its check: what the portal enqueues for
+    the uploads of a moment (see ``jobs.services.rounds.round_updates_check``)."""
+    return rounds.round_updates_check(round_id=round_id)
 
 
 @task()

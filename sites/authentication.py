@@ -60,7 +60,7 @@ import functools
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
@@ -127,6 +127,9 @@ class SiteIdentity:
 
     site: Site
     certificate: Certificate
+    # The generation of verified certificates (sites.signed_cache) that the certificate was
+    # checked in: while it is the current one, no certificate, site or project changed since.
+    generation: str = field(default="", compare=False)
 
     @property
     def project(self) -> Project:
@@ -199,7 +202,7 @@ def verify_signed_request(
             f"timestamp is {abs(skew)} s {direction} the portal clock; allowed ±{window} s"
         )
 
-    row, cert = _certificate_verified(fingerprint, now)
+    row, cert, generation = _certificate_verified(fingerprint, now)
     site = row.site
 
     if body_sha256 is None:
@@ -216,19 +219,52 @@ def verify_signed_request(
             "nonce differ from what was signed, or it was not made with the certificate's key"
         )
 
+    identity = SiteIdentity(site=site, certificate=row, generation=generation)
     if not record:
         if signed_cache.nonce_used(fingerprint=fingerprint, nonce=nonce):
             raise _replayed(nonce)
-        return SiteIdentity(site=site, certificate=row)
+        return identity
+    _record(identity, nonce=nonce, timestamp=timestamp, now=now, window=window)
+    return identity
+
+
+def checked_request_record(
+    identity: SiteIdentity, *, headers: Mapping[str, str], now: dt.datetime | None = None
+) -> bool:
+    """Record a request that :func:`verify_signed_request` checked without recording
+    (``record=False``: the server's look at an upload's headers) and returned ``identity``
+    for: claim its nonce and record the site's heartbeat, what the check that records adds.
+
+    The certificate and the signature are not checked again while nothing they were checked
+    against changed: ``identity``'s generation of verified certificates is still the current
+    one. Otherwise (a certificate, site or project changed since: a revocation meanwhile)
+    this records nothing and returns False, and the caller verifies the request again, from
+    the start. ``headers`` are the request's, as checked (any letter case)."""
+    if not identity.generation or not signed_cache.generation_is(identity.generation):
+        return False
+    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    _record(
+        identity,
+        nonce=_header(lowered, HEADER_NONCE),
+        timestamp=int(_header(lowered, HEADER_TIMESTAMP)),
+        now=now or timezone.now(),
+        window=conf.signature_window_seconds(),
+    )
+    return True
+
+
+def _record(
+    identity: SiteIdentity, *, nonce: str, timestamp: int, now: dt.datetime, window: int
+) -> None:
+    """A verified request's nonce claimed (``ReplayDetected`` if it was claimed before), and
+    its site's heartbeat."""
     if not signed_cache.nonce_claim(
-        fingerprint=fingerprint,
+        fingerprint=identity.fingerprint,
         nonce=nonce,
         expires_in=signed_cache.nonce_expires_in(timestamp, now, window),
     ):
         raise _replayed(nonce)
-
-    site_heartbeat_record(site, now=now)
-    return SiteIdentity(site=site, certificate=row)
+    site_heartbeat_record(identity.site, now=now)
 
 
 def _replayed(nonce: str) -> ReplayDetected:
@@ -240,15 +276,16 @@ def _replayed(nonce: str) -> ReplayDetected:
 
 def _certificate_verified(
     fingerprint: str, now: dt.datetime
-) -> tuple[Certificate, x509.Certificate]:
+) -> tuple[Certificate, x509.Certificate, str]:
     """The certificate with ``fingerprint``, its site and project attached, once it passed
-    :func:`_certificate_check`; from the cache when it passed under the current generation
-    (only its validity period, which time alone ends, is checked again)."""
+    :func:`_certificate_check`, and the generation it was checked in; from the cache when it
+    passed under the current generation (only its validity period, which time alone ends, is
+    checked again)."""
     # The generation before the database: see sites.signed_cache.
     current, row = signed_cache.certificate_lookup(fingerprint)
     if row is not None:
         _validity_check(row, now)
-        return row, _certificate_loaded(row.pem)
+        return row, _certificate_loaded(row.pem), current
     row = (
         Certificate.objects.select_related("site__project").filter(fingerprint=fingerprint).first()
     )
@@ -256,7 +293,7 @@ def _certificate_verified(
         raise UnknownCertificate(f"no certificate with fingerprint {fingerprint[:16]}… is known")
     cert = _certificate_check(row, now)
     signed_cache.certificate_remember(row, current)
-    return row, cert
+    return row, cert, current
 
 
 @functools.lru_cache(maxsize=1024)
@@ -314,8 +351,10 @@ def identity_check(identity: SiteIdentity, *, now: dt.datetime | None = None) ->
     event was lost: every such change starts a new generation (``sites.signed_cache``). A
     change made behind the services' back is for :func:`identity_recheck`.
     """
-    row, _ = _certificate_verified(identity.certificate.fingerprint, now or timezone.now())
-    return SiteIdentity(site=row.site, certificate=row)
+    row, _, generation = _certificate_verified(
+        identity.certificate.fingerprint, now or timezone.now()
+    )
+    return SiteIdentity(site=row.site, certificate=row, generation=generation)
 
 
 def identity_recheck(identity: SiteIdentity, *, now: dt.datetime | None = None) -> SiteIdentity:

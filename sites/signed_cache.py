@@ -72,9 +72,34 @@ def generation() -> str:
     return str(current)
 
 
-def certificates_changed(**_: Any) -> None:
+def generation_is(current: str) -> bool:
+    """Whether ``current`` is still the generation of certificate entries: no certificate,
+    site or project changed since it was read."""
+    return bool(cache.get(_GENERATION) == current)
+
+
+# Fields of a site that no check of a signed request reads and no entry keeps: a save of
+# these alone (the privacy report every agent makes when it connects) leaves every entry
+# true. Only fields listed here are let through; a save of any other field ends them all.
+_SITE_FIELDS_NEVER_CHECKED = frozenset(
+    {
+        "privacy_policy",
+        "privacy_policy_reported_at",
+        "privacy_project_history",
+        "privacy_project_epsilon",
+    }
+)
+
+
+def certificates_changed(
+    *, sender: Any = None, update_fields: frozenset[str] | None = None, **_: Any
+) -> None:
     """A certificate, site or project changed: every entry made before is stale. Now, and
-    once the transaction commits (an entry made meanwhile read the row as it was before)."""
+    once the transaction commits (an entry made meanwhile read the row as it was before).
+    Not for a site saved with only fields no check reads: a hundred agents connecting would
+    otherwise end each other's entries, and every request would read the database again."""
+    if sender is Site and update_fields and update_fields <= _SITE_FIELDS_NEVER_CHECKED:
+        return
     _new_generation()
     transaction.on_commit(_new_generation)
 

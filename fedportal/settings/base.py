@@ -486,6 +486,12 @@ FEDPORTAL_HEARTBEAT_WRITE_SECONDS = env_int("FEDPORTAL_HEARTBEAT_WRITE_SECONDS",
 # the round's event, so they start without downloading it (jobs.services.rounds.event_model;
 # at most 1 MiB whatever is set). A larger model is downloaded as before.
 FEDPORTAL_EVENT_MODEL_MAX_BYTES = env_int("FEDPORTAL_EVENT_MODEL_MAX_BYTES", 64 * 1024)
+# The uploads a portal process stores within this many seconds of the first enqueue one check
+# of their round, not a check each (jobs.services.tasks; 0: a check each, at once). An upload
+# whose check was lost with its process is checked by the beat's resume.
+FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS = env_float(
+    "FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS", 0.02, least=0.0
+)
 # --- WebSockets (fedportal.sockets) -------------------------------------------------------------
 # Open dashboard sockets one person may hold (a browser tab holds one per live page); the next
 # is closed with code 4429. Counted in Redis across portal processes.

@@ -28,3 +28,8 @@ CELERY_BROKER_URL = os.environ.get("TEST_CELERY_BROKER_URL") or "redis://127.0.0
 # own, so that runs side by side never share a count.
 FEDPORTAL_SOCKETS_REDIS_URL = CELERY_BROKER_URL
 FEDPORTAL_SOCKETS_KEY_PREFIX = f"test-{uuid.uuid4().hex[:12]}"
+
+# An upload's check is enqueued when it commits, in the test's own thread, as the tests that
+# collect or run the checks expect; gathering has tests of its own. (PocEnv's processes use
+# the base settings: they gather.)
+FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS = 0.0

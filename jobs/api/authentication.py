@@ -16,6 +16,12 @@ uses :class:`StreamedBodySignatureAuthentication` instead:
 A body altered in transit therefore fails the checksum (400, nothing stored) instead of the
 signature (401); either way it is refused. The signed string is the same as for a body that is
 read whole, so an agent needs no second signing scheme.
+
+The portal's server verifies an upload's headers before it reads the body
+(``fedportal.bodylimits.sender_check``, which records nothing). The view then records that
+check (the nonce claimed, the heartbeat) instead of verifying the same headers again, unless
+a certificate, site or project changed meanwhile (``checked_request_record``): then it
+verifies them again, and a certificate revoked while its body streamed is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ from rest_framework.request import Request
 from client_agent.protocol import HEADER_CONTENT_SHA256 as HEADER_CONTENT_SHA256
 from client_agent.signing import HEADER_FINGERPRINT, HEADER_SIGNATURE, SIGNATURE_HEADERS
 from common.exceptions import AuthenticationError
-from sites.authentication import SiteIdentity, SiteSignatureAuthentication, verify_signed_request
+from fedportal import bodylimits
+from sites.authentication import (
+    SiteIdentity,
+    SiteSignatureAuthentication,
+    checked_request_record,
+    verify_signed_request,
+)
 from sites.exceptions import SignatureMalformed, SignatureMissing
 
 logger = logging.getLogger(__name__)
@@ -67,7 +79,10 @@ class StreamedBodySignatureAuthentication(SiteSignatureAuthentication):
         headers = request.headers
         if HEADER_SIGNATURE not in headers and HEADER_FINGERPRINT not in headers:
             return None
+        checked = bodylimits.checked_identity(getattr(request._request, "scope", None))
         try:
+            if checked is not None and checked_request_record(checked, headers=headers):
+                return AnonymousUser(), checked
             identity = streamed_upload_verify(
                 method=request.method or "PUT", path=request.get_full_path(), headers=headers
             )

@@ -16,7 +16,28 @@ job = "jobs/<uuid:uid>/"
 agent_job = "agent/jobs/<uuid:uid>/"
 agent_round = f"{agent_job}rounds/<int:number>/"
 
+# The agents' paths first: Django tries the patterns in order, and every agent calls them
+# every round, the upload first (it came after the people's patterns, tried against each).
 urlpatterns: list[URLPattern] = [
+    path(f"{agent_round}update/", views.AgentRoundUpdateView.as_view(), name="agent-round-update"),
+    path("agent/jobs/", views.AgentJobListView.as_view(), name="agent-job-list"),
+    path(f"{agent_job}decision/", views.AgentJobDecisionView.as_view(), name="agent-job-decision"),
+    path(f"{agent_job}spec/", views.AgentJobSpecView.as_view(), name="agent-job-spec"),
+    path(f"{agent_job}bundle/", views.AgentJobBundleView.as_view(), name="agent-job-bundle"),
+    path(f"{agent_round}model/", views.AgentRoundModelView.as_view(), name="agent-round-model"),
+    path(f"{agent_round}status/", views.AgentRoundStatusView.as_view(), name="agent-round-status"),
+    path(f"{agent_round}secure/", views.AgentSecureView.as_view(), name="agent-round-secure"),
+    path(
+        f"{agent_round}secure/total/",
+        views.AgentSecureTotalView.as_view(),
+        name="agent-round-secure-total",
+    ),
+    path(
+        f"{agent_round}secure/<str:phase>/",
+        views.AgentSecureMessageView.as_view(),
+        name="agent-round-secure-message",
+    ),
+    path(f"{agent_job}metrics/", views.AgentMetricsView.as_view(), name="agent-job-metrics"),
     path(
         "projects/<str:project>/jobs/", views.ProjectJobListView.as_view(), name="project-job-list"
     ),
@@ -48,23 +69,4 @@ urlpatterns: list[URLPattern] = [
         name="job-model-download",
     ),
     path(f"{job}abort/", views.JobAbortView.as_view(), name="job-abort"),
-    path("agent/jobs/", views.AgentJobListView.as_view(), name="agent-job-list"),
-    path(f"{agent_job}decision/", views.AgentJobDecisionView.as_view(), name="agent-job-decision"),
-    path(f"{agent_job}spec/", views.AgentJobSpecView.as_view(), name="agent-job-spec"),
-    path(f"{agent_job}bundle/", views.AgentJobBundleView.as_view(), name="agent-job-bundle"),
-    path(f"{agent_round}model/", views.AgentRoundModelView.as_view(), name="agent-round-model"),
-    path(f"{agent_round}status/", views.AgentRoundStatusView.as_view(), name="agent-round-status"),
-    path(f"{agent_round}update/", views.AgentRoundUpdateView.as_view(), name="agent-round-update"),
-    path(f"{agent_round}secure/", views.AgentSecureView.as_view(), name="agent-round-secure"),
-    path(
-        f"{agent_round}secure/total/",
-        views.AgentSecureTotalView.as_view(),
-        name="agent-round-secure-total",
-    ),
-    path(
-        f"{agent_round}secure/<str:phase>/",
-        views.AgentSecureMessageView.as_view(),
-        name="agent-round-secure-message",
-    ),
-    path(f"{agent_job}metrics/", views.AgentMetricsView.as_view(), name="agent-job-metrics"),
 ]

@@ -856,28 +856,60 @@ _TASK_TO_CHECK = PreparedQuery(
 def update_check(*, task_id: int) -> str:
     """Check an uploaded update against the round's global model: accepted or rejected.
 
-    Every other update of the round waiting for its check is checked too, with the global model
-    opened once, and all of them are recorded in one transaction whose statements do not grow
-    with their number: when fifty sites upload at once, the first task does the work and the
-    others find theirs done. Only the tasks still ``uploaded`` under the lock are recorded, so
-    two workers never decide one task twice. Returns this task's outcome.
+    Every other update of the round waiting for its check is checked with it
+    (:func:`round_updates_check`). Returns this task's outcome.
     """
-    from jobs.aggregation import FileTensorSource  # torch: the worker's side
-
     task = _TASK_TO_CHECK.first(task_id=task_id)
     if task is None:
         raise SiteTask.DoesNotExist(f"no site task {task_id}")
     if task.state != TaskState.UPLOADED:
         return "nothing: task is " + task.state
-    rnd = task.round
-    start = ModelVersion.objects.only("id", "file").get(job=rnd.job, round_number=rnd.number)
-    # The round's updates waiting for their check: this task among them, unless another
-    # worker decided it since it was read above.
+    decided = _round_updates_check(task.round)
+    return decided.get(task.pk, "nothing: checked meanwhile")
+
+
+# What the portal enqueues for its uploads (one per round for all the uploads of a moment:
+# jobs.services.tasks): the round and its job, without what grows with the sites.
+_ROUND_TO_CHECK = PreparedQuery(
+    lambda round_id: (
+        Round.objects.select_related("job")
+        .defer(*(name.removeprefix("round__") for name in _CHECK_NEVER_READS))
+        .filter(pk=round_id)
+        .order_by()
+    ),
+    round_id=2_000_000_031,
+)
+
+
+def round_updates_check(*, round_id: int) -> dict[int, str]:
+    """Check every update of round ``round_id`` that waits for its check against the round's
+    global model, accepted or rejected; the state recorded for each, by task id (empty when
+    none waited: a check enqueued for them took them first).
+
+    The updates are checked with the global model opened once, and recorded in one
+    transaction whose statements do not grow with their number: when fifty sites upload at
+    once, one check does the work. Only the tasks still ``uploaded`` under the lock are
+    recorded, so two workers never decide one task twice.
+    """
+    rnd = _ROUND_TO_CHECK.first(round_id=round_id)
+    if rnd is None:
+        raise Round.DoesNotExist(f"no round {round_id}")
+    return _round_updates_check(rnd)
+
+
+def _round_updates_check(rnd: Round) -> dict[int, str]:
+    from jobs.aggregation import FileTensorSource  # torch: the worker's side
+
+    # The round's updates waiting for their check (a task another worker decided since it
+    # was read is not among them).
     waiting = list(
         SiteTask.objects.select_related("site")
         .filter(round=rnd, state=TaskState.UPLOADED)
         .order_by("pk")
     )
+    if not waiting:
+        return {}
+    start = ModelVersion.objects.only("id", "file").get(job=rnd.job, round_number=rnd.number)
     global_source = FileTensorSource(storage.local_path(start.file.name))
     try:
         specs = global_source.specs()
@@ -886,8 +918,7 @@ def update_check(*, task_id: int) -> str:
         checked = [_update_check_one(waiting_task, rnd, specs) for waiting_task in waiting]
     finally:
         global_source.close()
-    decided = _update_checks_record(rnd, checked)
-    return decided.get(task.pk, "nothing: checked meanwhile")
+    return _update_checks_record(rnd, checked)
 
 
 @dataclass
@@ -1028,16 +1059,16 @@ def _still_to_decide(checked: list[_CheckedUpdate]) -> list[int]:
 def jobs_resume() -> int:
     """Enqueue :func:`job_advance` for every active job (after a worker or portal restart)."""
     from jobs.models import JOB_ACTIVE
-    from jobs.tasks import job_advance_task, update_check_task
+    from jobs.tasks import job_advance_task, round_updates_check_task
 
     ids = list(Job.objects.filter(state__in=JOB_ACTIVE).values_list("pk", flat=True))
     for job_id in ids:
         job_advance_task.delay(job_id)
-    # Uploads stored but not yet checked (the check task was lost with a worker).
-    for task_id in SiteTask.objects.filter(
-        state=TaskState.UPLOADED, round__job__state=JobState.RUNNING
-    ).values_list("pk", flat=True):
-        update_check_task.delay(task_id)
+    # Uploads stored but not yet checked (the check was lost with a worker, or with a portal
+    # process that was gathering its kick): one check for each round that has any.
+    waiting = SiteTask.objects.filter(state=TaskState.UPLOADED, round__job__state=JobState.RUNNING)
+    for round_id in waiting.values_list("round_id", flat=True).order_by().distinct():
+        round_updates_check_task.delay(round_id)
     return len(ids)
 
 

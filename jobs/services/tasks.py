@@ -22,7 +22,7 @@ from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, ModelVersion, Round, RoundState, SiteTask, TaskState
 from jobs.selectors import start_model_of, task_takes_update
-from jobs.services.kicks import kick_after_commit
+from jobs.services.kicks import GatheredKicks, kick_after_commit
 from jobs.services.privacy import round_declined_record
 from jobs.services.rounds import job_kick_after_commit
 from jobs.workflows import ModelRef
@@ -301,11 +301,23 @@ def _uploaded_to_open_round(task: SiteTask, stored: dict[str, Any]) -> bool:
     return True
 
 
-def _update_check_after_commit(task: SiteTask) -> None:
-    from jobs.tasks import update_check_task
+def _round_updates_check_enqueue(round_id: int) -> None:
+    from jobs.tasks import round_updates_check_task
 
-    task_id = task.pk
-    kick_after_commit(lambda: update_check_task.delay(task_id))
+    round_updates_check_task.delay(round_id)
+
+
+# The uploads of a moment enqueue one check of their round: the worker's check takes every
+# update of the round that waits anyway, and Celery's publish of a check for each upload was
+# the largest single cost of a busy portal (6% of its CPU at 150 agents, profiled).
+_UPDATE_CHECKS = GatheredKicks(
+    _round_updates_check_enqueue, lambda: settings.FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS
+)
+
+
+def _update_check_after_commit(task: SiteTask) -> None:
+    round_id = task.round_id
+    kick_after_commit(lambda: _UPDATE_CHECKS.add(round_id))
 
 
 def _update_not_kept(task: SiteTask) -> StorageFull:

@@ -84,9 +84,9 @@ def test_a_request_runs_its_middleware_and_view_in_one_step_of_its_thread() -> N
     assert inspect.iscoroutinefunction(djangos._middleware_chain)  # what it was
 
 
-def test_the_view_is_handed_the_task_the_check_of_its_sender_read() -> None:
-    """What the server's check of an upload's sender read (bodylimits.sender_check) goes into
-    the request's scope, for the view not to read it again; nothing when it read none."""
+def test_the_view_is_handed_what_the_check_of_its_sender_found() -> None:
+    """What the server's check of an upload's sender found (bodylimits.sender_check) goes
+    into the request's scope, for the view not to find it again; nothing when it found none."""
     import asyncio
 
     from fedportal import bodylimits
@@ -103,13 +103,13 @@ def test_the_view_is_handed_the_task_the_check_of_its_sender_read() -> None:
     async def serve(checked: object) -> None:
         # Only what create_application reads of a request: no connection behind it.
         request = GuardedRequest.__new__(GuardedRequest)
-        request._checked_task = checked
+        request._checked_sender = checked
         server.connections[request] = {}
         server.create_application(request, {"type": "http"})
         await server.connections[request]["application_instance"]
 
-    task = object()
-    asyncio.run(serve(task))
+    checked = object()
+    asyncio.run(serve(checked))
     asyncio.run(serve(None))
-    assert scopes[0][bodylimits.CHECKED_TASK] is task
-    assert bodylimits.CHECKED_TASK not in scopes[1]
+    assert scopes[0][bodylimits.CHECKED_SENDER] is checked
+    assert bodylimits.CHECKED_SENDER not in scopes[1]

@@ -285,14 +285,20 @@ def signed_upload(world: World, site: Any) -> tuple[str, bytes, dict[str, str]]:
     return path, data, headers
 
 
-def upload_with_checked_task(world: World, site: Any, checked: SiteTask) -> tuple[Any, list[str]]:
-    """An upload as fedportal.server hands it to the view: through ASGI, with the task its
-    sender check read in the scope; the answer and the statements the view made."""
-    path, data, headers = signed_upload(world, site)
+def upload_checked(
+    world: World,
+    site: Any,
+    checked: bodylimits.CheckedSender,
+    signed: tuple[str, bytes, dict[str, str]] | None = None,
+) -> tuple[Any, list[str]]:
+    """An upload as fedportal.server hands it to the view: through ASGI, with what its sender
+    check found in the scope; the answer and the statements the view made. ``signed``: the
+    request (path, body, headers) that was checked; a fresh one when None."""
+    path, data, headers = signed or signed_upload(world, site)
 
     class ServerClient(AsyncClient):
         async def request(self, **request: Any) -> Any:
-            return await super().request(**request, **{bodylimits.CHECKED_TASK: checked})
+            return await super().request(**request, **{bodylimits.CHECKED_SENDER: checked})
 
     async def put() -> Any:
         return await ServerClient().generic(
@@ -302,6 +308,14 @@ def upload_with_checked_task(world: World, site: Any, checked: SiteTask) -> tupl
     with CaptureQueriesContext(connection) as captured:
         response = async_to_sync(put)()
     return response, [q["sql"] for q in captured.captured_queries]
+
+
+def sender_checked(signed: tuple[str, bytes, dict[str, str]]) -> bodylimits.CheckedSender:
+    """The server's check of the signed upload's headers, before it reads the body."""
+    path, _, headers = signed
+    checked = bodylimits._site_check(method="PUT", path=path, query=b"", headers=headers)
+    assert checked is not None
+    return checked
 
 
 def reads_a_task(statements: list[str]) -> bool:
@@ -316,15 +330,15 @@ def reads_a_task(statements: list[str]) -> bool:
 def test_an_upload_takes_the_task_its_senders_check_read(tmp_path: Path) -> None:
     world = build_world(tmp_path, min_clients=2, num_rounds=2)
     site = world.sites[0]
-    path, _, headers = signed_upload(world, site)
-    checked = bodylimits._site_check(method="PUT", path=path, query=b"", headers=headers)
-    assert checked is not None and checked.site_id == site.site.pk
+    signed = signed_upload(world, site)
+    checked = sender_checked(signed)
+    assert checked.task.site_id == site.site.pk
 
-    response, statements = upload_with_checked_task(world, site, checked)
+    response, statements = upload_checked(world, site, checked, signed)
 
     assert response.status_code == 202, response.content
     assert not reads_a_task(statements)  # the sender check's read served
-    assert SiteTask.objects.get(pk=checked.pk).update_size
+    assert SiteTask.objects.get(pk=checked.task.pk).update_size
 
 
 def test_an_upload_reads_its_own_task_when_the_checked_one_is_not_it(tmp_path: Path) -> None:
@@ -335,8 +349,10 @@ def test_an_upload_reads_its_own_task_when_the_checked_one_is_not_it(tmp_path: P
     others = SiteTask.objects.select_related("round__job").get(
         round__job=world.job, round__number=0, site=other.site
     )
+    signed = signed_upload(world, site)
+    checked = bodylimits.CheckedSender(identity=sender_checked(signed).identity, task=others)
 
-    response, statements = upload_with_checked_task(world, site, others)
+    response, statements = upload_checked(world, site, checked, signed)
 
     assert response.status_code == 202, response.content
     assert reads_a_task(statements)
@@ -344,6 +360,51 @@ def test_an_upload_reads_its_own_task_when_the_checked_one_is_not_it(tmp_path: P
     assert (others.state, others.update_size) == (TaskState.ASSIGNED, None)
     mine = SiteTask.objects.get(round__job=world.job, round__number=0, site=site.site)
     assert mine.update_size and mine.state in (TaskState.UPLOADED, TaskState.ACCEPTED)
+
+
+def test_an_upload_its_senders_check_verified_is_recorded_not_verified_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The view claims the nonce and records the heartbeat; the certificate and signature the
+    # server's check verified a moment before are not verified again.
+    from sites import authentication
+
+    world = build_world(tmp_path, min_clients=2, num_rounds=2)
+    site = world.sites[0]
+    signed = signed_upload(world, site)
+    checked = sender_checked(signed)
+    verified: list[object] = []
+    monkeypatch.setattr(authentication, "verify_signature", lambda *a: verified.append(a))
+    monkeypatch.setattr(authentication, "_certificate_verified", lambda *a: verified.append(a))
+
+    response, _ = upload_checked(world, site, checked, signed)
+
+    assert response.status_code == 202, response.content
+    assert verified == []
+    # The nonce was claimed: the same request again is a replay, checked or not.
+    replayed, _ = upload_checked(world, site, checked, signed)
+    assert replayed.status_code == 401
+    assert replayed.json()["code"] == "replay_detected"
+
+
+def test_an_upload_whose_certificate_was_revoked_while_its_body_streamed_is_refused(
+    tmp_path: Path,
+) -> None:
+    world = build_world(tmp_path, min_clients=2, num_rounds=2)
+    site = world.sites[0]
+    signed = signed_upload(world, site)
+    checked = sender_checked(signed)  # the headers were fine when they came
+    certificate = site.certificate
+    certificate.revoked_at = timezone.now()
+    certificate.revocation_reason = "key lost"
+    certificate.save(update_fields=["revoked_at", "revocation_reason"])  # as the service does
+
+    response, _ = upload_checked(world, site, checked, signed)
+
+    assert response.status_code == 401
+    assert response.json()["code"] == "certificate_revoked"
+    task = SiteTask.objects.get(pk=checked.task.pk)
+    assert (task.state, task.update_size) == (TaskState.ASSIGNED, None)
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks between connections")

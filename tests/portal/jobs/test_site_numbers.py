@@ -269,7 +269,7 @@ def test_an_upload_stored_while_the_broker_is_down_is_kept_and_checked_on_resume
     def broker_down(*args: object, **kwargs: object) -> None:
         raise BrokerDown("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(job_tasks.update_check_task, "delay", broker_down)
+    monkeypatch.setattr(job_tasks.round_updates_check_task, "delay", broker_down)
     stored = upload(job, sites[0], 0, ONE)  # answered: the update is stored
     monkeypatch.undo()
 

@@ -1,6 +1,7 @@
-"""The update check (``jobs.services.rounds.update_check``) as a worker runs it after uploads:
-every update of the round waiting for its check is decided by one call, in statements that do
-not grow with their number, and a task another worker decided meanwhile is left alone.
+"""The update check (``jobs.services.rounds.round_updates_check``, and ``update_check`` of
+one task) as a worker runs it after uploads: every update of the round waiting for its check
+is decided by one call, in statements that do not grow with their number, and a task another
+worker decided meanwhile is left alone.
 
 The uploads' check tasks and the job's kicks are collected here instead of run, so that the
 test decides when a check runs and which updates are waiting for it."""
@@ -41,7 +42,7 @@ NAN = {"w": torch.tensor([float("nan"), 0.0]), "n": torch.tensor(1)}
 
 @dataclass
 class Enqueued:
-    """What was enqueued: the update checks' task ids and the job advances' job ids."""
+    """What was enqueued: the update checks' round ids and the job advances' job ids."""
 
     checks: list[int] = field(default_factory=list)
     kicks: list[int] = field(default_factory=list)
@@ -59,16 +60,17 @@ def enqueued(running: tuple[Job, list[Site]], monkeypatch: pytest.MonkeyPatch) -
     """Once the job runs, its update checks and advances are collected, not run: the worker
     is the test."""
     collected = Enqueued()
-    monkeypatch.setattr(job_tasks.update_check_task, "delay", collected.checks.append)
+    monkeypatch.setattr(job_tasks.round_updates_check_task, "delay", collected.checks.append)
     monkeypatch.setattr(job_tasks.job_advance_task, "delay", collected.kicks.append)
     return collected
 
 
-def check_counted(task: SiteTask) -> tuple[str, int]:
-    """``update_check`` of ``task`` as the worker runs it: its outcome and its statements."""
+def check_counted(task: SiteTask) -> tuple[dict[int, str], int]:
+    """The check of ``task``'s round as the worker runs it: what it decided, and its
+    statements."""
     with CaptureQueriesContext(connection) as captured:
-        outcome = rounds.update_check(task_id=task.pk)
-    return outcome, len(captured.captured_queries)
+        decided = rounds.round_updates_check(round_id=task.round_id)
+    return decided, len(captured.captured_queries)
 
 
 def result_points(job: Job) -> list[tuple[str, str, float]]:
@@ -82,19 +84,19 @@ def test_one_check_decides_every_waiting_update_in_statements_that_do_not_grow(
 ) -> None:
     job, (first, second, third) = running
     alone = upload(job, first, 0, GOOD, weight=2, metrics={"loss": 0.5, "accuracy": 0.9})
-    assert enqueued.checks == [alone.pk]
+    assert enqueued.checks == [alone.round_id]
 
-    outcome, statements_alone = check_counted(alone)
-    assert outcome == TaskState.ACCEPTED
+    decided, statements_alone = check_counted(alone)
+    assert decided == {alone.pk: TaskState.ACCEPTED}
     assert enqueued.kicks == []  # two sites have not answered yet
 
     accepted = upload(job, second, 0, GOOD, weight=3, metrics={"loss": 0.25, "accuracy": 0.8})
     rejected = upload(job, third, 0, NAN, metrics={"loss": float("nan")})
-    outcome, statements_together = check_counted(accepted)
+    decided, statements_together = check_counted(accepted)
 
     # Two updates recorded in the statements of one: the round's row locked once, the
     # tasks selected, updated and their points inserted once each, one count of the rest.
-    assert outcome == TaskState.ACCEPTED
+    assert decided == {accepted.pk: TaskState.ACCEPTED, rejected.pk: TaskState.REJECTED}
     assert statements_together == statements_alone
     site_1, site_2, site_3 = SiteTask.objects.filter(round__job=job).order_by("site__name")
     assert (site_1.state, site_1.weight, site_1.metrics) == (
@@ -119,8 +121,10 @@ def test_one_check_decides_every_waiting_update_in_statements_that_do_not_grow(
     # Every site answered: the job is advanced once, by the check that decided the last.
     assert enqueued.kicks == [job.pk]
 
-    # The third upload's own check finds its task decided and records nothing more.
-    assert enqueued.checks == [alone.pk, accepted.pk, rejected.pk]
+    # The third upload's own check finds nothing waiting and records nothing more; so does a
+    # check of its task alone (what portals before the round's check enqueued).
+    assert enqueued.checks == [alone.round_id] * 3
+    assert rounds.round_updates_check(round_id=rejected.round_id) == {}
     assert rounds.update_check(task_id=rejected.pk) == "nothing: task is rejected"
     assert len(result_points(job)) == 4
     assert enqueued.kicks == [job.pk]

@@ -475,6 +475,25 @@ def test_a_site_whose_state_is_saved_after_caching_is_checked_again(agent: Enrol
     assert refused(agent, agent.headers("POST", PATH, b"{}"))[0] == "site_not_enrolled"
 
 
+def test_a_site_saved_with_only_what_no_check_reads_keeps_the_cached_certificates(
+    agent: EnrolledSite,
+) -> None:
+    # Every agent reports its privacy policy when it connects: that must not end every other
+    # site's entry, or a hundred agents connecting read the database on every request.
+    before = signed_cache.generation()
+    site = Site.objects.get(pk=agent.site.pk)
+    site.privacy_policy = {"sha256": "c" * 64}
+    site.save(update_fields=["privacy_policy", "privacy_policy_reported_at"])
+    assert signed_cache.generation() == before
+
+    site.name = "renamed"
+    site.save(update_fields=["privacy_policy", "name"])  # with a field an entry keeps
+    assert signed_cache.generation() != before
+    before = signed_cache.generation()
+    site.save()  # every field
+    assert signed_cache.generation() != before
+
+
 def test_an_entry_read_before_a_change_is_never_used(agent: EnrolledSite) -> None:
     """A request that read the certificate before a revocation committed stores its entry
     after it: the entry carries the generation read before the database, which the change
