@@ -181,6 +181,14 @@ def reconnect_delay(
     return (rng or random).uniform(0.0, window)
 
 
+def jittered(seconds: float, *, rng: random.Random | None = None) -> float:
+    """``seconds``, give or take a fifth at random: for what an agent does every so often
+    (heartbeats, the safety listing, a retry). Agents that connected together (after a
+    portal restart, or at a job's start) would otherwise send it together each time: a
+    hundred listings in the same tenth of a second, every 30 s, in the middle of a round."""
+    return seconds * (rng or random).uniform(0.8, 1.2)
+
+
 def _brings_work(event: dict[str, Any]) -> bool:
     """Whether an event may mean new work: a round opened, or a job changed state (offered,
     started, ended). Task events echo what this agent itself just did, and listing the jobs
@@ -498,7 +506,7 @@ class Agent:
 
     async def _heartbeat(self, ws: Any, seconds: float) -> None:
         while True:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(jittered(seconds))
             data = json.dumps(Heartbeat().to_json())
             self.client.record("ws", "SEND", WS_PATH, data.encode())
             await ws.send(data)
@@ -509,7 +517,7 @@ class Agent:
         while True:
             # Connected, the portal says when there is work; the listing every few polls is
             # only a safety net then (50 agents polling every 10 s keep a portal busy).
-            wait = self.poll_seconds * (1 if self.ws is None else 3)
+            wait = jittered(self.poll_seconds * (1 if self.ws is None else 3))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), wait)
             self.wake.clear()
@@ -844,7 +852,7 @@ class JobRunner:
                 f"job {self.name}: round {round_for_people(number)}: update not taken: {why}; "
                 f"sending it again in {pause:.0f} s"
             )
-            await asyncio.sleep(pause * random.uniform(0.8, 1.2))
+            await asyncio.sleep(jittered(pause))
             pause = min(pause * 2, UPLOAD_RETRY_MAX_SECONDS)
 
     async def _fail(
