@@ -35,8 +35,9 @@ site-rounds made 30 model downloads and 30 uploads.
 Socket messages go through the consumer's own handler (``jobs.consumers._handle``), HTTP
 requests through Django's test client. The Celery tasks those steps enqueue are collected and
 run afterwards in this process, as a worker runs them, and counted as the worker's: the update
-checks (one per site) and the round controller's steps (``job_advance``: the round's close and
-the next one's open, per round, shared by its sites).
+checks (one per round for the uploads of each ``FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS``, as the
+portal gathers them; with it at 0, one per site) and the round controller's steps
+(``job_advance``: the round's close and the next one's open, per round, shared by its sites).
 
 Time: the requests of one site-round come within a second here; a real round lasts longer.
 Each site's round therefore starts with its heartbeat due (the previous round ended longer ago
@@ -149,9 +150,9 @@ class Kicks:
 
     @contextmanager
     def collecting(self) -> Iterator[Kicks]:
-        from jobs.tasks import job_advance_task, update_check_task
+        from jobs.tasks import job_advance_task, round_updates_check_task
 
-        tasks = (job_advance_task, update_check_task)
+        tasks = (job_advance_task, round_updates_check_task)
         for task in tasks:
             task.delay = self._collector(task)  # type: ignore[method-assign,assignment]
         try:
@@ -172,6 +173,11 @@ class Kicks:
         from django.db import connection
         from django.test.utils import CaptureQueriesContext
 
+        from jobs.services.tasks import UPDATE_CHECKS
+
+        # The checks the portal is still gathering (jobs.services.tasks) are enqueued now, as
+        # they would be a moment after the last upload.
+        UPDATE_CHECKS.flush()
         statements = 0
         while mine := [k for k in self.queue if k[0].name.endswith(name)]:
             task, arg = mine[0]
@@ -434,7 +440,7 @@ def rounds_counted(seeded: Seeded, rounds: int, kicks: Kicks) -> list[RoundCount
             site_round(agent, seeded, number, count, marks)
         kicks.control = 0
         kicks.sql = []
-        count.checks = kicks.run("update_check_task")
+        count.checks = kicks.run("round_updates_check_task")
         count.sql["worker: update checks"] = kicks.sql
         kicks.sql = []
         count.controller = kicks.run("job_advance_task")

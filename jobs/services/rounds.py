@@ -864,49 +864,39 @@ def update_check(*, task_id: int) -> str:
         raise SiteTask.DoesNotExist(f"no site task {task_id}")
     if task.state != TaskState.UPLOADED:
         return "nothing: task is " + task.state
-    decided = _round_updates_check(task.round)
+    rnd = task.round
+    # The round's updates waiting for their check: this task among them, unless another
+    # worker decided it since it was read above.
+    waiting = SiteTask.objects.select_related("site").filter(round=rnd, state=TaskState.UPLOADED)
+    decided = _updates_check(rnd, list(waiting.order_by("pk")))
     return decided.get(task.pk, "nothing: checked meanwhile")
-
-
-# What the portal enqueues for its uploads (one per round for all the uploads of a moment:
-# jobs.services.tasks): the round and its job, without what grows with the sites.
-_ROUND_TO_CHECK = PreparedQuery(
-    lambda round_id: (
-        Round.objects.select_related("job")
-        .defer(*(name.removeprefix("round__") for name in _CHECK_NEVER_READS))
-        .filter(pk=round_id)
-        .order_by()
-    ),
-    round_id=2_000_000_031,
-)
 
 
 def round_updates_check(*, round_id: int) -> dict[int, str]:
     """Check every update of round ``round_id`` that waits for its check against the round's
     global model, accepted or rejected; the state recorded for each, by task id (empty when
-    none waited: a check enqueued for them took them first).
+    none waited: a check enqueued before took them, and this one cost one statement).
 
     The updates are checked with the global model opened once, and recorded in one
     transaction whose statements do not grow with their number: when fifty sites upload at
     once, one check does the work. Only the tasks still ``uploaded`` under the lock are
     recorded, so two workers never decide one task twice.
     """
-    rnd = _ROUND_TO_CHECK.first(round_id=round_id)
-    if rnd is None:
-        raise Round.DoesNotExist(f"no round {round_id}")
-    return _round_updates_check(rnd)
-
-
-def _round_updates_check(rnd: Round) -> dict[int, str]:
-    from jobs.aggregation import FileTensorSource  # torch: the worker's side
-
-    # The round's updates waiting for their check (a task another worker decided since it
-    # was read is not among them).
     waiting = list(
-        SiteTask.objects.select_related("site")
-        .filter(round=rnd, state=TaskState.UPLOADED)
+        SiteTask.objects.select_related("round__job", "site")
+        .defer(*_CHECK_NEVER_READS)
+        .filter(round_id=round_id, state=TaskState.UPLOADED)
         .order_by("pk")
     )
+    if not waiting:
+        return {}
+    return _updates_check(waiting[0].round, waiting)
+
+
+def _updates_check(rnd: Round, waiting: list[SiteTask]) -> dict[int, str]:
+    """Check and record ``waiting``, updates of round ``rnd`` (:func:`round_updates_check`)."""
+    from jobs.aggregation import FileTensorSource  # torch: the worker's side
+
     if not waiting:
         return {}
     start = ModelVersion.objects.only("id", "file").get(job=rnd.job, round_number=rnd.number)

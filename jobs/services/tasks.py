@@ -310,14 +310,14 @@ def _round_updates_check_enqueue(round_id: int) -> None:
 # The uploads of a moment enqueue one check of their round: the worker's check takes every
 # update of the round that waits anyway, and Celery's publish of a check for each upload was
 # the largest single cost of a busy portal (6% of its CPU at 150 agents, profiled).
-_UPDATE_CHECKS = GatheredKicks(
+UPDATE_CHECKS = GatheredKicks(
     _round_updates_check_enqueue, lambda: settings.FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS
 )
 
 
 def _update_check_after_commit(task: SiteTask) -> None:
     round_id = task.round_id
-    kick_after_commit(lambda: _UPDATE_CHECKS.add(round_id))
+    kick_after_commit(lambda: UPDATE_CHECKS.add(round_id))
 
 
 def _update_not_kept(task: SiteTask) -> StorageFull:

@@ -120,7 +120,7 @@ def test_uploads_whose_gathered_check_was_lost_are_checked_once_by_the_resume(
     job = submit(tmp_path, project, min_clients=3, num_rounds=1)
     # The portal process is killed while it gathers: its kicks never go.
     lost: GatheredKicks[int] = GatheredKicks(lambda round_id: None, lambda: 0.0)
-    monkeypatch.setattr(task_services, "_UPDATE_CHECKS", lost)
+    monkeypatch.setattr(task_services, "UPDATE_CHECKS", lost)
     enqueued: list[int] = []
     monkeypatch.setattr(job_tasks.round_updates_check_task, "delay", enqueued.append)
     stored = [upload(job, site, 0, GOOD) for site in sites[:2]]
