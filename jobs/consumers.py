@@ -201,6 +201,15 @@ def _error_body(exc: DomainError) -> ErrorBody:
     return ErrorBody.parse(exc.as_dict())
 
 
+# How long a line report refused for slow-down holds back the later ones (below) at most: the
+# agent sends it again within the wait it was told (at most a minute, client_agent.outbox),
+# unless it dropped it meanwhile (its queue overflowed), and then it never comes.
+REFUSED_LINES_KEPT_SECONDS = 120.0
+# The wait a line report that would overtake a refused one is told: the agent sends the
+# refused one first anyway (it keeps its reports in their order).
+OVERTAKING_RETRY_SECONDS = 0.1
+
+
 class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     identity: SiteIdentity | None = None
     groups: tuple[str, ...] = ()
@@ -208,6 +217,15 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
     watch: asyncio.Task[None] | None = None
     closing = False
     lines_held_until = 0.0  # monotonic; the site was told to slow down its line reports
+    # The line reports told to slow down and not stored since, in the order they were refused
+    # (the agent's order), with when (monotonic). The agent sends several reports before it
+    # hears an answer: one sent after a refused report must wait for it, or a site's output
+    # would be stored out of order (a flood of output under load showed it).
+    lines_refused: dict[str | int | None, float]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lines_refused = {}
 
     async def connect(self) -> None:
         try:
@@ -266,12 +284,14 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
         if self.identity is None or self.closing or not isinstance(content, dict):
             return
         answer_to = message_id(content)
-        held = self.lines_held_until - time.monotonic()
-        if held > 0 and content.get("lines"):
+        lines = bool(content.get("lines"))
+        now = time.monotonic()
+        if lines and self._lines_wait(answer_to, now):
+            held = max(self.lines_held_until - now, OVERTAKING_RETRY_SECONDS)
+            self.lines_refused.setdefault(answer_to, now)
             await self._refuse_message(answer_to, _error_body(SlowDown(retry_after=held)))
             return
         try:
-            now = time.monotonic()
             recheck = now - self.checked_at >= RECHECK_SECONDS
             self.identity, ack = await database_sync_to_async(_handle)(
                 self.identity, content, recheck
@@ -283,21 +303,39 @@ class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # ty
             return
         except SlowDown as exc:
             self.lines_held_until = time.monotonic() + exc.retry_after
+            if lines:
+                self.lines_refused.setdefault(answer_to, now)
             await self._refuse_message(answer_to, _error_body(exc))
             return
         except DomainError as exc:
             # Refused for good (bad data, a job that ended): acknowledged with the error, so the
             # agent drops the batch instead of sending it again.
+            self.lines_refused.pop(answer_to, None)
             await self._refuse_message(answer_to, _error_body(exc))
             return
         except Exception:
             # A fault of ours, not of the message's form: the agent still gets an answer, and
             # the socket (the site's other jobs) stays up.
             log.exception("agent message failed: site=%s", self.identity.site.name)
+            self.lines_refused.pop(answer_to, None)  # the agent drops it
             await self._refuse_message(answer_to, ErrorBody(ERROR_SERVER, "the portal failed"))
             return
+        if lines:
+            self.lines_refused.pop(answer_to, None)  # stored
         if ack is not None:
             await self._send(ack)
+
+    def _lines_wait(self, answer_to: str | int | None, now: float) -> bool:
+        """Whether line report ``answer_to`` must be refused for now: the site was told to
+        slow down and the wait is not over, or an earlier line report refused meanwhile has
+        not come back (only the earliest refused one may be stored next)."""
+        if now < self.lines_held_until:
+            return True
+        refused = self.lines_refused
+        for report_id, at in list(refused.items()):
+            if now - at > REFUSED_LINES_KEPT_SECONDS:
+                del refused[report_id]  # dropped by the agent: it never comes back
+        return bool(refused) and next(iter(refused)) != answer_to
 
     async def _send(self, message: Welcome | Event | Ack | ErrorMessage) -> None:
         await self.send_json(message.to_json())

@@ -172,6 +172,45 @@ def test_lines_faster_than_the_rate_are_told_to_wait_while_points_go_on(
     assert MetricPoint.objects.filter(key="loss").count() == 1
 
 
+def test_a_line_report_sent_before_the_agent_heard_to_wait_is_not_stored_before_the_refused_one(
+    jobs_world: jw.World, settings, monkeypatch
+) -> None:
+    # The agent sends several reports before it hears an answer: r2 is told to slow down, and
+    # r3, sent meanwhile, arrives once the wait is over with room for its few bytes. Stored,
+    # it would come before r2 in the site's output: it is told to wait too, and both are
+    # stored in their order when the agent sends them again.
+    settings.FEDPORTAL_LOG_BYTES_PER_SECOND = 1000
+    settings.FEDPORTAL_LOG_BURST_BYTES = 100
+    monkeypatch.setattr(telemetry, "MAX_MESSAGE_BYTES", 100)
+    r1 = report(jobs_world, "r1", lines=[{"id": "o0", "text": "a" * 90}])
+    r2 = report(jobs_world, "r2", lines=[{"id": "o91", "text": "b" * 90}])
+    r3 = report(jobs_world, "r3", lines=[{"id": "o182", "text": "c" * 5}])
+
+    async def run() -> list[dict[str, Any]]:
+        communicator = await site_1_socket(jobs_world)
+        answers = []
+        for frame, pause in ((r1, 0), (r2, 0.15), (r3, 0.15), (r2, 0), (r3, 0)):
+            await communicator.send_json_to(frame)
+            answers.append(await communicator.receive_json_from(timeout=5))
+            await asyncio.sleep(pause)  # the wait told, and the quota's refill, are over
+        await communicator.disconnect()
+        return answers
+
+    first, slowed, overtaking, again, last = async_to_sync(run)()
+
+    assert first == {"type": "ack", "id": "r1", "stored": 1}
+    assert slowed["error"]["code"] == "slow_down"
+    assert overtaking["id"] == "r3" and overtaking["error"]["code"] == "slow_down"
+    assert overtaking["error"]["retry_after"] > 0
+    assert again == {"type": "ack", "id": "r2", "stored": 1}
+    assert last == {"type": "ack", "id": "r3", "stored": 1}
+    assert list(LogLine.objects.order_by("pk").values_list("text", flat=True)) == [
+        "a" * 90,
+        "b" * 90,
+        "c" * 5,
+    ]
+
+
 def test_a_round_event_that_brings_the_model_marks_the_task_training_as_it_goes_out(
     jobs_world: jw.World,
 ) -> None:
