@@ -263,8 +263,10 @@ async def sender_check(
     """Check, from the headers alone, that an upload comes from a known sender; raise
     :class:`SenderUnknown` otherwise. ``path`` is decoded, ``query`` raw, as in the request;
     ``address`` is the client's. Records nothing (no nonce, no heartbeat, no session change)
-    but a wrong API token, which counts against the address as it would in the view: the view
-    authenticates the request again, fully, once the body is in.
+    but a wrong API token, which counts against the address as it would in the view: once the
+    body is in, the view authenticates a person's request again, fully, and records a site's
+    (``sites.authentication.checked_request_record``; again fully if a certificate, site or
+    project changed meanwhile).
 
     Returns what it found of a site's update (else None): the server hands it to the view
     under :data:`CHECKED_SENDER` (:func:`checked_task`, :func:`checked_identity`)."""

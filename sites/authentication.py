@@ -162,8 +162,8 @@ def verify_signed_request(
 
     ``record=False`` checks everything, the nonce's being unused included, but records
     neither the nonce nor a heartbeat: the server's look at an upload's headers before it
-    reads the body (``fedportal.server``), which the view's own authentication then repeats
-    and records.
+    reads the body (``fedportal.server``), which the view's own authentication then records
+    (:func:`checked_request_record`).
 
     ``body_sha256`` (lowercase hex), given instead of ``body``, is the digest the request
     *claims* for a body that is streamed to storage rather than read here (a model update):
