@@ -840,8 +840,9 @@ def _file_digest(path: Path) -> tuple[str, int]:
 _CHECK_NEVER_READS = tuple(name for name in ROUND_HEAVY if name != "round__protection")
 
 
-# Every upload enqueues a check, and most find their task decided by an earlier check that
-# took the whole round: the lookup is compiled once (fedportal.prepared).
+# A check of one task (what portals enqueued before the round's check) mostly finds its task
+# decided by an earlier check that took the whole round: the lookup is compiled once
+# (fedportal.prepared).
 _TASK_TO_CHECK = PreparedQuery(
     lambda task_id: (
         SiteTask.objects.select_related("round__job", "site")
@@ -864,11 +865,9 @@ def update_check(*, task_id: int) -> str:
         raise SiteTask.DoesNotExist(f"no site task {task_id}")
     if task.state != TaskState.UPLOADED:
         return "nothing: task is " + task.state
-    rnd = task.round
-    # The round's updates waiting for their check: this task among them, unless another
-    # worker decided it since it was read above.
-    waiting = SiteTask.objects.select_related("site").filter(round=rnd, state=TaskState.UPLOADED)
-    decided = _updates_check(rnd, list(waiting.order_by("pk")))
+    # This task among the round's waiting updates, unless another worker decided it since it
+    # was read above.
+    decided = round_updates_check(round_id=task.round_id)
     return decided.get(task.pk, "nothing: checked meanwhile")
 
 
@@ -890,15 +889,9 @@ def round_updates_check(*, round_id: int) -> dict[int, str]:
     )
     if not waiting:
         return {}
-    return _updates_check(waiting[0].round, waiting)
-
-
-def _updates_check(rnd: Round, waiting: list[SiteTask]) -> dict[int, str]:
-    """Check and record ``waiting``, updates of round ``rnd`` (:func:`round_updates_check`)."""
     from jobs.aggregation import FileTensorSource  # torch: the worker's side
 
-    if not waiting:
-        return {}
+    rnd = waiting[0].round
     start = ModelVersion.objects.only("id", "file").get(job=rnd.job, round_number=rnd.number)
     global_source = FileTensorSource(storage.local_path(start.file.name))
     try:
