@@ -22,7 +22,7 @@ CREDENTIALS = {
 }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -31,7 +31,7 @@ def _free_port() -> int:
 @contextmanager
 def s3_server(log: Path) -> Iterator[str]:
     """A running S3-compatible server; its endpoint URL. Stopped on leaving."""
-    port = _free_port()
+    port = free_port()
     server = Path(sys.executable).with_name("moto_server")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
