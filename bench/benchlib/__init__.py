@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import timeit
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -69,8 +70,22 @@ def print_header(title: str, what: str) -> None:
         f"core sources sha256 {core_fingerprint()}\n",
         flush=True,
     )
+    print(
+        f"CPU speed now: `sum(range(10**6))` takes {reference_ms():.1f} ms (best of 5). This "
+        "VM's speed changes with its host's load, by half and more within a day, so compare "
+        "runs made at different times only beside this figure\n",
+        flush=True,
+    )
     for note in environment_notes():
         print(f"note: {note}\n", flush=True)
+
+
+def reference_ms() -> float:
+    """Milliseconds for one ``sum(range(10**6))`` on one core, best of 5 (``python -m timeit``'s
+    figure): the machine's single-core speed at the moment, for runs compared across time."""
+    timer = timeit.Timer("sum(range(10**6))")
+    loops, _ = timer.autorange()
+    return min(timer.repeat(repeat=5, number=loops)) / loops * 1000
 
 
 def environment_notes() -> list[str]:
