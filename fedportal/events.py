@@ -2,7 +2,9 @@
 
 Browsers (the dashboard) and site agents listen on Channels groups; an app's ``events`` module
 builds typed payloads and calls :func:`send_after_commit`. A consumer forwards the ``event``
-dict of a ``fedportal.event`` message to its WebSocket as is.
+dict of a ``fedportal.event`` message to its WebSocket as is, and each of the ``events`` of a
+``fedportal.events`` message (:func:`send_all_after_commit`) in turn, as if each had come alone
+(``fedportal.sockets.EventBatchMixin``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from django.db import transaction
 log = logging.getLogger(__name__)
 
 MESSAGE_TYPE = "fedportal.event"
+BATCH_MESSAGE_TYPE = "fedportal.events"
+# Events of one batch message at most: a portal process that marks a thousand sites' tasks
+# at once sends a few messages of a few tens of KB, not one of a megabyte.
+BATCH_MAX_EVENTS = 200
 
 
 def project_group(project_id: int) -> str:
@@ -69,17 +75,40 @@ def send_after_commit(groups: Iterable[str], payload: dict[str, Any]) -> None:
     A channel layer that is down must not undo a state change that is already in the
     database, so a failed send is logged, not raised.
     """
-    targets = list(groups)
+    _send_after_commit(list(groups), [{"type": MESSAGE_TYPE, "event": payload}])
 
+
+def send_all_after_commit(groups: Iterable[str], payloads: Iterable[dict[str, Any]]) -> None:
+    """Send several ``payloads`` to the same ``groups`` once the current transaction commits,
+    as one message per group (up to :data:`BATCH_MAX_EVENTS` events each), in their order.
+
+    What one transaction says of many sites at once (a hundred tasks marked training, a
+    check that accepts fifty updates) then costs a send per group, not one per event: each
+    send is several round trips to Redis, made one after the other from the thread that
+    committed. A consumer forwards each event as if it had come alone.
+    """
+    payloads = list(payloads)
+    if len(payloads) == 1:
+        send_after_commit(groups, payloads[0])
+        return
+    messages = [
+        {"type": BATCH_MESSAGE_TYPE, "events": payloads[start : start + BATCH_MAX_EVENTS]}
+        for start in range(0, len(payloads), BATCH_MAX_EVENTS)
+    ]
+    if messages:
+        _send_after_commit(list(groups), messages)
+
+
+def _send_after_commit(targets: list[str], messages: list[dict[str, Any]]) -> None:
     def send() -> None:
         layer = get_channel_layer()
         if layer is None:
             return
-        message = {"type": MESSAGE_TYPE, "event": payload}
 
         async def send_all() -> None:
-            for group in targets:
-                await layer.group_send(group, message)
+            for message in messages:
+                for group in targets:
+                    await layer.group_send(group, message)
 
         try:
             if _shared_across_processes(layer):
@@ -88,9 +117,14 @@ def send_after_commit(groups: Iterable[str], payload: dict[str, Any]) -> None:
             else:
                 async_to_sync(send_all)()
         except Exception:
-            log.exception("could not publish %s to %s", payload.get("kind"), ", ".join(targets))
+            kinds = sorted({str(event.get("kind")) for event in _events_of(messages)})
+            log.exception("could not publish %s to %s", ", ".join(kinds), ", ".join(targets))
 
     transaction.on_commit(send)
+
+
+def _events_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [event for m in messages for event in (m["events"] if "events" in m else [m["event"]])]
 
 
 # A send that takes longer than this (Redis unreachable: its connect timeout is shorter) is

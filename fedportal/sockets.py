@@ -41,6 +41,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 
 from client_agent import jsonlimits, protocol
+from fedportal.events import MESSAGE_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +143,13 @@ class BoundedJSONMixin:
             return jsonlimits.loads(text_data)
         except ValueError:
             return None
+
+
+class EventBatchMixin:
+    """For a consumer with a ``fedportal_event`` handler: a ``fedportal.events`` message
+    (``fedportal.events.send_all_after_commit``) is handed to it one event at a time, in
+    order, as if each event had come in a message of its own."""
+
+    async def fedportal_events(self, message: dict[str, Any]) -> None:
+        for event in message["events"]:
+            await self.fedportal_event({"type": MESSAGE_TYPE, "event": event})  # type: ignore[attr-defined]

@@ -210,7 +210,7 @@ REFUSED_LINES_KEPT_SECONDS = 120.0
 OVERTAKING_RETRY_SECONDS = 0.1
 
 
-class AgentConsumer(sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class AgentConsumer(sockets.EventBatchMixin, sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     identity: SiteIdentity | None = None
     groups: tuple[str, ...] = ()
     checked_at = 0.0

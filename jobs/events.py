@@ -22,6 +22,7 @@ from fedportal.events import (
     job_group,
     project_group,
     send_after_commit,
+    send_all_after_commit,
     site_group,
 )
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MESSAGE_TYPE", "Event", "publish"]
+__all__ = ["MESSAGE_TYPE", "Event", "publish", "publish_all"]
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,17 @@ def publish(event: Event, *, site_ids: Iterable[int] = ()) -> None:
     send_after_commit([*groups(event), *map(site_group, site_ids)], event.payload())
 
 
+def publish_all(news: Iterable[Event]) -> None:
+    """Send several events once the transaction commits: those bound for the same groups go
+    as one message per group, in their order (``fedportal.events.send_all_after_commit``).
+    For what one transaction says of many sites at once."""
+    by_groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for event in news:
+        by_groups.setdefault(groups(event), []).append(event.payload())
+    for targets, payloads in by_groups.items():
+        send_all_after_commit(targets, payloads)
+
+
 def job_state(job: Job) -> None:
     publish(
         JobStateChanged(
@@ -169,15 +181,18 @@ def round_state(
 
 
 def task_state(task: SiteTask) -> None:
-    publish(
-        TaskStateChanged(
-            job_id=task.round.job_id,
-            project_id=task.round.job.project_id,
-            round=task.round.number,
-            site=task.site.name,
-            state=task.state,
-            reason=task.reason,
-        )
+    publish(task_state_changed(task))
+
+
+def task_state_changed(task: SiteTask) -> TaskStateChanged:
+    """The event of ``task``'s state as it is now (for :func:`publish_all`)."""
+    return TaskStateChanged(
+        job_id=task.round.job_id,
+        project_id=task.round.job.project_id,
+        round=task.round.number,
+        site=task.site.name,
+        state=task.state,
+        reason=task.reason,
     )
 
 

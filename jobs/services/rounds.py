@@ -1010,7 +1010,7 @@ def _update_checks_record(rnd: Round, checked: list[_CheckedUpdate]) -> dict[int
         for check in decided:
             if check.privacy is not None:
                 task_privacy_record(task=check.task, report=check.privacy)
-            events.task_state(check.task)
+        events.publish_all(events.task_state_changed(check.task) for check in decided)
         # The round closes when every site answered (or at its deadline, which has its own
         # countdown): only the last answer needs the job advanced, not all fifty.
         if decided and not rnd.tasks.exclude(state__in=TASK_ANSWERED).exists():

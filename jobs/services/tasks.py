@@ -79,9 +79,9 @@ def tasks_model_delivered(deliveries: Iterable[tuple[dict[str, Any], int, str]])
 
     A portal process gathers the events its sockets sent in a moment (``jobs.consumers``), so a
     round that opens for a hundred sites costs one transaction per round and process: the
-    tasks locked in one query, updated in another, whatever the number of sites. The round's
-    id comes from a subquery and its state is tested on the task's own row (see
-    ``_IN_OPEN_ROUND``)."""
+    tasks locked in one query, updated in another, whatever the number of sites, and the job's
+    page told in one message (``events.publish_all``). The round's id comes from a subquery
+    and its state is tested on the task's own row (see ``_IN_OPEN_ROUND``)."""
     by_round: dict[tuple[int, int, int], dict[int, str]] = {}
     for event, site_id, site_name in deliveries:
         key = (int(event["job_id"]), int(event["project_id"]), int(event["round"]))
@@ -103,17 +103,17 @@ def tasks_model_delivered(deliveries: Iterable[tuple[dict[str, Any], int, str]])
             SiteTask.objects.filter(pk__in=[pk for pk, _ in moving]).update(
                 state=TaskState.TRAINING, reason=""
             )
-            for _, site_id in moving:
-                events.publish(
-                    events.TaskStateChanged(
-                        job_id=job_id,
-                        project_id=project_id,
-                        round=number,
-                        site=sites[site_id],
-                        state=TaskState.TRAINING,
-                        reason="",
-                    )
+            events.publish_all(
+                events.TaskStateChanged(
+                    job_id=job_id,
+                    project_id=project_id,
+                    round=number,
+                    site=sites[site_id],
+                    state=TaskState.TRAINING,
+                    reason="",
                 )
+                for _, site_id in moving
+            )
         moved += len(moving)
     return moved
 

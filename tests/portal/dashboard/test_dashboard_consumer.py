@@ -16,6 +16,7 @@ from django.test import Client
 from dashboard.consumers import CLOSE_NOT_FOUND
 from fedportal.routing import websocket_urlpatterns
 from jobs.services.participation import site_job_decide
+from jobs.services.tasks import tasks_model_delivered
 from jobs.services.telemetry import metrics_record
 from tests.portal import jobs_api_world as jw
 
@@ -124,3 +125,30 @@ def test_a_sites_decision_reaches_the_jobs_page(tmp_path: Path) -> None:
         "decision": "declined",
         "decided_by": jw.ORG_ADMIN,
     }
+
+
+def test_tasks_marked_together_reach_the_jobs_socket_a_frame_each(jobs_world) -> None:
+    # A round's event delivered the model to three sites at once: their tasks are marked
+    # training in one transaction, and the job's page hears of them in one message.
+    job = jobs_world.job
+    sites = [world_site.site for world_site in jobs_world.sites]
+    event = {"job_id": job.pk, "project_id": job.project_id, "round": 0}
+    headers = headers_for(jobs_world.users[jw.MEMBER])
+
+    async def run():
+        communicator, connected, _ = await _open(f"/ws/dashboard/jobs/{job.uid}/", headers)
+        assert connected
+        await communicator.receive_json_from()  # hello
+        moved = await database_sync_to_async(tasks_model_delivered)(
+            [(event, site.pk, site.name) for site in sites]
+        )
+        frames = [await communicator.receive_json_from(timeout=2) for _ in range(moved)]
+        assert await communicator.receive_nothing(timeout=0.3)
+        await communicator.disconnect()
+        return moved, frames
+
+    moved, frames = async_to_sync(run)()
+
+    assert moved == 3
+    told = sorted((frame["kind"], frame["site"], frame["state"]) for frame in frames)
+    assert told == [("task.state", site.name, "training") for site in sites]

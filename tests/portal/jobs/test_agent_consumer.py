@@ -19,7 +19,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from client_agent.protocol import MAX_MESSAGE_BYTES
-from fedportal.events import agents_group
+from fedportal.events import BATCH_MESSAGE_TYPE, agents_group
 from fedportal.routing import websocket_urlpatterns
 from jobs import events
 from jobs.consumers import MARK_GATHER_SECONDS
@@ -279,11 +279,18 @@ def test_the_tasks_of_many_sites_are_marked_in_statements_that_do_not_grow_with_
     with CaptureQueriesContext(connection) as one:
         assert tasks_model_delivered([(event, site_1.pk, site_1.name)]) == 1
     SiteTask.objects.filter(site=site_1).update(state="assigned")
+    layer = get_channel_layer()
+    job_page = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(f"job.{job.pk}", job_page)
     with CaptureQueriesContext(connection) as three:
         moved = tasks_model_delivered([(event, s.pk, s.name) for s in (site_1, site_2, site_3)])
 
     assert moved == 2
     assert len(three) == len(one)
+    # The job's page is told of both in one message (events.publish_all), not one each.
+    told = async_to_sync(layer.receive)(job_page)
+    assert told["type"] == BATCH_MESSAGE_TYPE
+    assert sorted(e["site"] for e in told["events"]) == ["site-1", "site-2"]
     states = dict(SiteTask.objects.values_list("site__name", "state"))
     assert states == {"site-1": "training", "site-2": "training", "site-3": "uploaded"}
     assert tasks_model_delivered([(event, site_1.pk, site_1.name)]) == 0  # once
@@ -309,4 +316,32 @@ def test_a_round_event_for_the_projects_agents_reaches_only_the_sites_it_names(
 
     assert async_to_sync(run)() == [
         {"type": "event", "event": {"kind": "round.state", "state": "open", "round": 2}}
+    ]
+
+
+def test_the_events_of_a_batch_reach_the_agent_one_by_one_in_order_and_only_its_own(
+    jobs_world: jw.World,
+) -> None:
+    # fedportal.events.send_all_after_commit: one message for several events.
+    site_1, site_2 = jobs_world.sites[0].site, jobs_world.sites[1].site
+    batch = [
+        {"kind": "round.state", "state": "open", "round": 1, "site_ids": [site_1.pk]},
+        {"kind": "round.state", "state": "open", "round": 2, "site_ids": [site_2.pk]},
+        {"kind": "job.state", "state": "running"},
+    ]
+
+    async def run() -> list[dict[str, Any]]:
+        layer = get_channel_layer()
+        communicator = await site_1_socket(jobs_world)
+        await layer.group_send(
+            agents_group(site_1.project_id), {"type": BATCH_MESSAGE_TYPE, "events": batch}
+        )
+        heard = [await communicator.receive_json_from(timeout=5) for _ in range(2)]
+        assert await communicator.receive_nothing(timeout=0.3)
+        await communicator.disconnect()
+        return heard
+
+    assert async_to_sync(run)() == [
+        {"type": "event", "event": {"kind": "round.state", "state": "open", "round": 1}},
+        {"type": "event", "event": {"kind": "job.state", "state": "running"}},
     ]

@@ -14,7 +14,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
-from fedportal.events import agents_group
+from fedportal.events import BATCH_MESSAGE_TYPE, agents_group
 from jobs import events
 from jobs.models import Job, ModelVersion
 from jobs.services import rounds
@@ -71,6 +71,31 @@ def test_state_changes_are_published_to_the_job_and_project_groups(tmp_path: Pat
     assert "round.state" in project_kinds
     # A project's page follows jobs and rounds; metric points and tasks go to the job's page.
     assert set(project_kinds) == {"job.state", "round.state"}
+
+
+def test_a_check_that_decides_several_updates_tells_the_jobs_page_in_one_message(
+    tmp_path: Path,
+) -> None:
+    project, sites = three_sites()
+    job = submit(tmp_path, project, num_rounds=2)
+    job_channel = subscribe(f"job.{job.pk}")
+    # The uploads' checks are enqueued when the transaction commits: the first takes all three.
+    with transaction.atomic():
+        for site in sites:
+            upload(job, site, 0, {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(5)})
+
+    layer = get_channel_layer()
+    messages = []
+    for _ in range(40):
+        try:
+            messages.append(async_to_sync(_receive_now)(layer, job_channel))
+        except TimeoutError:
+            break
+    batches = [m["events"] for m in messages if m["type"] == BATCH_MESSAGE_TYPE]
+    accepted = [
+        [event["site"] for event in batch if event.get("state") == "accepted"] for batch in batches
+    ]
+    assert [sorted(names) for names in accepted] == [sorted(site.name for site in sites)]
 
 
 async def _receive_now(layer, channel: str) -> dict:
