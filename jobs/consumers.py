@@ -50,6 +50,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.utils import timezone
 
 from client_agent.protocol import (
     CLOSE_REPLACED,
@@ -86,9 +87,11 @@ from jobs.selectors import job_for_site, task_for_site
 from jobs.services.tasks import task_mark, tasks_model_delivered
 from jobs.services.telemetry import report_record
 from sites import services as site_services
+from sites import signed_cache
 from sites.authentication import (
     SiteIdentity,
     identity_check,
+    identity_current,
     identity_recheck,
     verify_signed_handshake,
 )
@@ -153,6 +156,59 @@ def _delivered_models() -> _DeliveredModels:
     if gathering is None:
         gathering = _DELIVERED[loop] = _DeliveredModels()
     return gathering
+
+
+# A round's event reaches a hundred sockets of a portal process at once, and each whose last
+# check is older than RECHECK_SECONDS checks again before passing it on. Those checks were a
+# trip each through the one thread that runs the sockets' database work, one after the
+# other: the last agent of a hundred heard of its round a second late, every few rounds
+# (bench/scale_out.py, with the events' times logged). Now the sockets of a moment share one
+# read of the generation of verified certificates, made at most this long before, and only
+# a socket whose certificate was verified in another generation checks it again in full.
+GENERATION_SHARED_SECONDS = 0.25
+
+
+class _SharedGeneration:
+    """This event loop's latest read of the generation (``sites.signed_cache.generation``):
+    the sockets that ask while it is under way, or within ``GENERATION_SHARED_SECONDS`` of
+    its start, get the same answer."""
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+        self.started_at = 0.0
+        self.reading: asyncio.Task[str] | None = None
+
+    async def current(self) -> str:
+        if self.reading is None:
+            fresh = time.monotonic() - self.started_at < GENERATION_SHARED_SECONDS
+            if self.value is not None and fresh:
+                return self.value
+            self.started_at = time.monotonic()
+            self.reading = asyncio.get_running_loop().create_task(self._read())
+        return await asyncio.shield(self.reading)
+
+    async def _read(self) -> str:
+        try:
+            self.value = await database_sync_to_async(signed_cache.generation)()
+            return self.value
+        except BaseException:
+            self.value = None  # the next socket to ask reads again
+            raise
+        finally:
+            self.reading = None
+
+
+_GENERATIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedGeneration] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_generation() -> _SharedGeneration:
+    loop = asyncio.get_running_loop()
+    shared = _GENERATIONS.get(loop)
+    if shared is None:
+        shared = _GENERATIONS[loop] = _SharedGeneration()
+    return shared
 
 
 def _handle(
@@ -372,9 +428,7 @@ class AgentConsumer(sockets.EventBatchMixin, sockets.BoundedJSONMixin, AsyncJson
                     )
                 )
             return
-        if time.monotonic() - self.checked_at >= RECHECK_SECONDS and not await self._recheck(
-            identity_check
-        ):
+        if time.monotonic() - self.checked_at >= RECHECK_SECONDS and not await self._still_valid():
             return
         await self._send(Event(event))
         if event.get("model") is not None:
@@ -406,6 +460,18 @@ class AgentConsumer(sockets.EventBatchMixin, sockets.BoundedJSONMixin, AsyncJson
             await self._refuse(_error_body(exc))
             return False
         return True
+
+    async def _still_valid(self) -> bool:
+        """Before an event is passed on: whether the socket's certificate still holds, from the
+        generation the process's sockets share (one read for the moment's events), checked in
+        full only when it is not the one the certificate was verified in. Refuses the socket
+        (and returns False) when the certificate is gone."""
+        assert self.identity is not None
+        generation = await _shared_generation().current()
+        if identity_current(self.identity, generation, timezone.now()):
+            self.checked_at = time.monotonic()
+            return True
+        return await self._recheck(identity_check)
 
     async def _watch(self) -> None:
         """The socket's safety net: its certificate is read again from the database every

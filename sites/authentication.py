@@ -357,6 +357,19 @@ def identity_check(identity: SiteIdentity, *, now: dt.datetime | None = None) ->
     return SiteIdentity(site=row.site, certificate=row, generation=generation)
 
 
+def identity_current(identity: SiteIdentity, generation: str, now: dt.datetime) -> bool:
+    """Whether ``identity`` holds as it was verified, without reading anything: it was checked
+    in ``generation`` of verified certificates (read from the cache just now), so no
+    certificate, site or project changed since, and its certificate is within its validity
+    period, which time alone ends. When not, :func:`identity_check` tells."""
+    certificate = identity.certificate
+    return (
+        bool(identity.generation)
+        and identity.generation == generation
+        and certificate.not_before <= now <= certificate.not_after
+    )
+
+
 def identity_recheck(identity: SiteIdentity, *, now: dt.datetime | None = None) -> SiteIdentity:
     """Check again, from the database, that a connection verified earlier may go on.
 

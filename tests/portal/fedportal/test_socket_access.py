@@ -421,6 +421,41 @@ def test_an_agent_socket_that_only_receives_checks_its_certificate_before_an_eve
     async_to_sync(run)()
 
 
+def test_the_sockets_passing_on_one_event_share_one_read_of_the_generation(
+    jobs_world: jw.World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every site's socket is due a check before the job's event: one read of the generation
+    of verified certificates serves them all, and none checks its certificate in full (a
+    hundred had gone one after the other through the sockets' one database thread)."""
+    monkeypatch.setattr(agent_consumers, "RECHECK_SECONDS", 0.0)
+    reads, full_checks = [], []
+    generation = agent_consumers.signed_cache.generation
+    monkeypatch.setattr(
+        agent_consumers.signed_cache, "generation", lambda: reads.append(1) or generation()
+    )
+    identity_check = agent_consumers.identity_check
+    monkeypatch.setattr(
+        agent_consumers,
+        "identity_check",
+        lambda identity: full_checks.append(1) or identity_check(identity),
+    )
+
+    async def run() -> list[dict[str, Any]]:
+        sockets_ = [await open_agent(agent) for agent in jobs_world.sites]
+        reads.clear()
+        await database_sync_to_async(abort)(jobs_world)
+        heard = [await socket.receive_json_from(timeout=5) for socket in sockets_]
+        for socket in sockets_:
+            await socket.disconnect()
+        return heard
+
+    heard = async_to_sync(run)()
+
+    assert [event["event"]["kind"] for event in heard] == ["job.state"] * len(jobs_world.sites)
+    assert len(jobs_world.sites) == 3
+    assert (len(reads), len(full_checks)) == (1, 0)
+
+
 def test_a_revocation_behind_the_services_back_closes_the_agent_socket_at_the_periodic_check(
     jobs_world: jw.World, monkeypatch: pytest.MonkeyPatch, settings: Any
 ) -> None:

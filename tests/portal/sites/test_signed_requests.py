@@ -29,6 +29,7 @@ from sites.api.permissions import site_identity
 from sites.authentication import (
     SiteIdentity,
     SiteSignatureAuthentication,
+    identity_current,
     site_heartbeat,
     site_heartbeat_record,
     verify_signed_handshake,
@@ -606,3 +607,22 @@ def test_a_deployment_whose_cache_its_processes_do_not_share_is_refused_by_the_c
     settings.CACHES = {"default": {"BACKEND": backend}}
     errors = check_cache_is_shared()
     assert [e.id for e in errors] == (["sites.E002"] if refused else [])
+
+
+def test_an_identity_holds_without_a_check_only_in_its_generation_and_validity(
+    agent: EnrolledSite,
+) -> None:
+    certificate = Certificate.objects.select_related("site").get(pk=agent.certificate.pk)
+    now = timezone.now()
+    current = signed_cache.generation()
+    identity = SiteIdentity(site=certificate.site, certificate=certificate, generation=current)
+
+    assert identity_current(identity, current, now)
+    # Any change of a certificate, site or project since: checked again in full.
+    assert not identity_current(identity, "another generation", now)
+    # One verified before generations were kept (none recorded): checked again in full.
+    unknown = SiteIdentity(site=certificate.site, certificate=certificate)
+    assert not identity_current(unknown, current, now)
+    # Time alone ends a certificate: no change is needed for that.
+    assert not identity_current(identity, current, certificate.not_after + dt.timedelta(seconds=1))
+    assert not identity_current(identity, current, certificate.not_before - dt.timedelta(seconds=1))
