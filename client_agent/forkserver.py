@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import gc
 import importlib
 import io
 import json
@@ -131,6 +132,20 @@ def _stdout_write(data: bytes) -> None:
     out.flush()
 
 
+def _freeze_loaded() -> None:
+    """Set aside what the server has loaded (torch, NumPy, the Client API: a few hundred
+    thousand objects) from the garbage collector's passes, in the server and so in every
+    script it forks.
+
+    A script's full collection walked all of them. A PocEnv's scripts do the same work, so
+    they reached it at the same round: a hundred at once kept a two-core machine busy for a
+    second, and that round took half as long again as the others (``bench/scale_out.py``,
+    round 6 of 12, in every run). Untouched, the inherited pages also stay shared with the
+    server instead of being copied into each script by the collector's writes."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(listen: str | None = None) -> None:
     """Serve spawn requests from the parent on stdin, or, with ``listen`` (a Unix socket
     path), from every process that connects: one server, and one torch import, for all the
@@ -157,6 +172,7 @@ def serve(listen: str | None = None) -> None:
     # After binding: agents may connect while torch imports; their requests wait in the socket.
     for module in BASE_PRELOAD:
         importlib.import_module(module)
+    _freeze_loaded()
 
     def reap() -> None:
         while True:
@@ -203,6 +219,7 @@ def serve(listen: str | None = None) -> None:
                         # A module that fails here fails again, with its real error, in the site.
                         with contextlib.suppress(Exception):
                             importlib.import_module(module)
+                    _freeze_loaded()
                 elif request["op"] == "spawn":
                     pid = os.fork()
                     if pid == 0:

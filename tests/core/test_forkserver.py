@@ -54,6 +54,23 @@ def test_a_forked_script_runs_as_main_with_its_args_cwd_env_and_log(tmp_path: Pa
     assert "to stderr" in text
 
 
+def test_a_forked_script_finds_what_the_server_loaded_set_aside_from_the_collector(
+    tmp_path: Path,
+) -> None:
+    # torch and the rest, loaded once by the server: a script's full collections skip them.
+    script = tmp_path / "count.py"
+    script.write_text("import gc\nprint('frozen', gc.get_freeze_count())\n")
+    log = tmp_path / "log.txt"
+
+    child = get_server().spawn(
+        script=script, args=[], workdir=tmp_path, log=log, env={"PATH": "/usr/bin"}
+    )
+
+    assert child.wait(timeout=30) == 0
+    frozen = int(log.read_text().split("frozen ")[1].split()[0])
+    assert frozen > 50_000, frozen
+
+
 def test_an_uncaught_exception_exits_1_with_its_traceback_in_the_log(tmp_path: Path) -> None:
     script = tmp_path / "boom.py"
     script.write_text("raise ValueError('the data volume is gone')\n")
