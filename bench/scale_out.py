@@ -22,7 +22,10 @@ Per configuration:
 * **failures**: answers with status 500 in the portals' logs, "too many connections"
   anywhere in the portals', workers' and agents' logs, and the agents' connection attempts
   that failed or connections lost ("portal unreachable", "connection to the portal lost"),
-  the first ten of those lines printed (the logs go with the workspace).
+  the first ten of those lines printed (the logs go with the workspace);
+* with ``--phases``, each round's steps as the database showed them (``RoundPhases``): when
+  the round was committed, its tasks first marked training, its first, half and last
+  updates stored, and it closed, in seconds after it opened.
 
 Everything is the bench's own and removed at the end: the database ``fedportal_scale_<pid>``
 (server from BENCH_POSTGRES_URL, default postgres://postgres@127.0.0.1:5432), Redis database
@@ -102,6 +105,75 @@ class ConnectionWatch:
         self.stop.set()
         self.thread.join()
         self.conn.close()
+
+
+class RoundPhases:
+    """When each round's steps were first seen in the database (``--phases``), in seconds after
+    the round's ``opened_at``: the round committed; the first of its tasks marked training
+    (the portal marks those whose model came with the event); the first, half and all of its
+    updates stored; the round aggregating, and closed. Polled every 25 ms, so each time is up
+    to that late."""
+
+    STEPS = (
+        "committed",
+        "first marked",
+        "first upload",
+        "half uploaded",
+        "all uploaded",
+        "aggregating",
+        "closed",
+    )
+    _STORED = ("uploaded", "accepted", "rejected", "failed", "late")
+
+    def __init__(self, url: str) -> None:
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.seen: dict[int, dict[str, float]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.025):
+            latest = self.conn.execute(
+                "SELECT id, number, state, extract(epoch FROM opened_at) FROM jobs_round"
+                " ORDER BY number DESC LIMIT 1"
+            ).fetchone()
+            if latest is None:
+                continue
+            round_id, number, state, opened = latest
+            counts = dict(
+                self.conn.execute(
+                    "SELECT state, count(*) FROM jobs_sitetask WHERE round_id = %s GROUP BY state",
+                    (round_id,),
+                ).fetchall()
+            )
+            total = sum(counts.values()) or 1
+            stored = sum(counts.get(s, 0) for s in self._STORED)
+            reached = {
+                "committed": True,
+                "first marked": total - counts.get("assigned", 0) > 0,
+                "first upload": stored > 0,
+                "half uploaded": stored >= total / 2,
+                "all uploaded": stored == total,
+                "aggregating": state in ("aggregating", "closed"),
+                "closed": state == "closed",
+            }
+            steps = self.seen.setdefault(int(number), {})
+            for step, done in reached.items():
+                if done and step not in steps:
+                    steps[step] = time.time() - float(opened)
+
+    def table(self) -> str:
+        self.stop.set()
+        self.thread.join()
+        self.conn.close()
+        return benchlib.md_table(
+            ["round", *self.STEPS],
+            [
+                (number, *(f"{steps[s]:.2f}" if s in steps else "—" for s in self.STEPS))
+                for number, steps in sorted(self.seen.items())
+            ],
+        )
 
 
 def tree_cpu(pid: int) -> float:
@@ -203,7 +275,13 @@ def failures(logs: Path) -> tuple[int, int, int]:
 
 
 def run(
-    agents: int, rounds: int, pool: bool, workdir: Path, portals: int = 1, workers: int = 1
+    agents: int,
+    rounds: int,
+    pool: bool,
+    workdir: Path,
+    portals: int = 1,
+    workers: int = 1,
+    phases: bool = False,
 ) -> dict[str, float]:
     app = workdir / "app"
     app.mkdir(parents=True)
@@ -233,10 +311,13 @@ def run(
                 try:
                     env.start()  # not counted: the job's figures start at its submission
                     steady = SteadyRounds(url, env)
+                    timeline = RoundPhases(url) if phases else None
                     opened_before = watch.sessions()
                     result = recipe.execute(env)
                     opened = watch.sessions() - opened_before
                     cpu_before, cpu_after = steady.finish()
+                    if timeline is not None:
+                        print(timeline.table() + "\n", flush=True)
                     cycles = round_cycles(env.url, env.credentials["api_token"], result.job_id)
                 finally:
                     env.stop()
@@ -278,6 +359,11 @@ def main() -> None:
     )
     parser.add_argument("--portals", type=int, default=1, help="portal processes (nginx)")
     parser.add_argument("--workers", type=int, default=1, help="Celery workers")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="print when each round's steps were seen in the database (polled every 25 ms)",
+    )
     args = parser.parse_args()
     pools = {"on": (True,), "off": (False,), "both": (True, False)}[args.pool]
     benchlib.print_header(
@@ -298,6 +384,7 @@ def main() -> None:
                     Path(tmp) / f"{agents}-{pool}",
                     portals=args.portals,
                     workers=args.workers,
+                    phases=args.phases,
                 )
                 label = (
                     f"{agents} agents, {args.portals} portal(s), {args.workers} worker(s), "
