@@ -141,7 +141,7 @@ class RoundPhases:
             if latest is None:
                 continue
             round_id, number, state, opened = latest
-            counts = dict(
+            counts: dict[str, int] = dict(
                 self.conn.execute(
                     "SELECT state, count(*) FROM jobs_sitetask WHERE round_id = %s GROUP BY state",
                     (round_id,),

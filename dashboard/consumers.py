@@ -110,8 +110,10 @@ def access_recheck(session_key: str | None, user_id: int, kwargs: dict[str, Any]
 
 # Channels ships no type information: to mypy its consumer base is Any.
 class DashboardConsumer(
-    sockets.EventBatchMixin, sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer
-):  # type: ignore[misc]
+    sockets.EventBatchMixin,
+    sockets.BoundedJSONMixin,
+    AsyncJsonWebsocketConsumer,  # type: ignore[misc]
+):
     joined: list[str]
     user_id: int | None = None
     session_key: str | None = None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daphne.server import Server
 
 from fedportal import server as server_module
 from fedportal.server import (
@@ -132,7 +133,7 @@ def test_the_objects_the_portal_loaded_are_set_aside_from_the_collector() -> Non
 def test_the_server_sets_them_aside_before_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     monkeypatch.setattr(server_module, "freeze_long_lived_objects", lambda: calls.append("freeze"))
-    monkeypatch.setattr(server_module.Server, "run", lambda self: calls.append("serve"))
+    monkeypatch.setattr(Server, "run", lambda self: calls.append("serve"))
 
     PortalServer(application=None, endpoints=["tcp:port=0:interface=127.0.0.1"]).run()
 

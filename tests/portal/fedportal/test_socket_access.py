@@ -27,7 +27,8 @@ from fedportal.routing import websocket_urlpatterns
 from jobs import consumers as agent_consumers
 from jobs.services.participation import job_abort
 from jobs.services.telemetry import metrics_record
-from sites import services
+from sites import services, signed_cache
+from sites.authentication import SiteIdentity, identity_check
 from sites.models import Membership, Site
 from sites.selectors import site_is_online
 from tests.portal import jobs_api_world as jw
@@ -428,17 +429,20 @@ def test_the_sockets_passing_on_one_event_share_one_read_of_the_generation(
     of verified certificates serves them all, and none checks its certificate in full (a
     hundred had gone one after the other through the sockets' one database thread)."""
     monkeypatch.setattr(agent_consumers, "RECHECK_SECONDS", 0.0)
-    reads, full_checks = [], []
-    generation = agent_consumers.signed_cache.generation
-    monkeypatch.setattr(
-        agent_consumers.signed_cache, "generation", lambda: reads.append(1) or generation()
-    )
-    identity_check = agent_consumers.identity_check
-    monkeypatch.setattr(
-        agent_consumers,
-        "identity_check",
-        lambda identity: full_checks.append(1) or identity_check(identity),
-    )
+    reads: list[str] = []
+    full_checks: list[SiteIdentity] = []
+
+    def generation() -> str:
+        reads.append(current := generation_read())
+        return current
+
+    def full_check(identity: SiteIdentity) -> SiteIdentity:
+        full_checks.append(identity)
+        return identity_check(identity)
+
+    generation_read = signed_cache.generation
+    monkeypatch.setattr(signed_cache, "generation", generation)
+    monkeypatch.setattr(agent_consumers, "identity_check", full_check)
 
     async def run() -> list[dict[str, Any]]:
         sockets_ = [await open_agent(agent) for agent in jobs_world.sites]
