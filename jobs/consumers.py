@@ -46,7 +46,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -149,13 +149,25 @@ _DELIVERED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _DeliveredModel
 )
 
 
-def _delivered_models() -> _DeliveredModels:
-    """This event loop's gathering (a portal process runs one loop; tests run several)."""
+PerLoop = TypeVar("PerLoop")
+
+
+def _of_this_loop(
+    registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PerLoop],
+    make: Callable[[], PerLoop],
+) -> PerLoop:
+    """The running event loop's entry of ``registry``, made on first use (a portal process
+    runs one loop; tests run several)."""
     loop = asyncio.get_running_loop()
-    gathering = _DELIVERED.get(loop)
-    if gathering is None:
-        gathering = _DELIVERED[loop] = _DeliveredModels()
-    return gathering
+    entry = registry.get(loop)
+    if entry is None:
+        entry = registry[loop] = make()
+    return entry
+
+
+def _delivered_models() -> _DeliveredModels:
+    """This event loop's gathering."""
+    return _of_this_loop(_DELIVERED, _DeliveredModels)
 
 
 # A round's event reaches a hundred sockets of a portal process at once, and each whose last
@@ -204,11 +216,7 @@ _GENERATIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SharedGenera
 
 
 def _shared_generation() -> _SharedGeneration:
-    loop = asyncio.get_running_loop()
-    shared = _GENERATIONS.get(loop)
-    if shared is None:
-        shared = _GENERATIONS[loop] = _SharedGeneration()
-    return shared
+    return _of_this_loop(_GENERATIONS, _SharedGeneration)
 
 
 def _handle(
@@ -266,7 +274,11 @@ REFUSED_LINES_KEPT_SECONDS = 120.0
 OVERTAKING_RETRY_SECONDS = 0.1
 
 
-class AgentConsumer(sockets.EventBatchMixin, sockets.BoundedJSONMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class AgentConsumer(
+    sockets.EventBatchMixin,
+    sockets.BoundedJSONMixin,
+    AsyncJsonWebsocketConsumer,  # type: ignore[misc]
+):
     identity: SiteIdentity | None = None
     groups: tuple[str, ...] = ()
     checked_at = 0.0
