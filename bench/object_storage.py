@@ -57,7 +57,13 @@ from benchlib import md_table, proc_status_kib
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.object_store: the server the tests start
 
-from tests.object_store import CREDENTIALS, free_port, s3_client, s3_server  # noqa: E402
+from tests.object_store import (  # noqa: E402
+    CREDENTIALS,
+    free_port,
+    moto_process,
+    s3_client,
+    started,
+)
 
 SITES = 8
 SHAPES = benchlib.TRANSFORMER_25M_SHAPES
@@ -152,67 +158,41 @@ def juicefs_server(work: Path) -> Iterator[Server]:
         capture_output=True,
     )
     port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            # --keep-etag: S3 answers every HEAD with an ETag, and jobs.storage relies on it.
-            # --cache-size 0: no second copy of each block in JuiceFS's own disk cache.
-            [
-                command,
-                "gateway",
-                "--keep-etag",
-                "--multi-buckets",
-                "--no-banner",
-                "--cache-size",
-                "0",
-                "--cache-dir",
-                str(work / "juicefs-cache"),
-                "--log",
-                str(log),
-                meta,
-                f"127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={
-                **os.environ,
-                "MINIO_ROOT_USER": JUICEFS_KEYS["AWS_ACCESS_KEY_ID"],
-                "MINIO_ROOT_PASSWORD": JUICEFS_KEYS["AWS_SECRET_ACCESS_KEY"],
-            },
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"juicefs gateway did not start: {log.read_text(errors='replace')}")
-                time.sleep(0.05)
-        yield Server(endpoint, proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    keys = {
+        "MINIO_ROOT_USER": JUICEFS_KEYS["AWS_ACCESS_KEY_ID"],
+        "MINIO_ROOT_PASSWORD": JUICEFS_KEYS["AWS_SECRET_ACCESS_KEY"],
+    }
+    # --keep-etag: S3 answers every HEAD with an ETag, and jobs.storage relies on it.
+    # --cache-size 0: no second copy of each block in JuiceFS's own disk cache.
+    gateway = [
+        command,
+        "gateway",
+        "--keep-etag",
+        "--multi-buckets",
+        "--no-banner",
+        "--cache-size",
+        "0",
+        "--cache-dir",
+        str(work / "juicefs-cache"),
+        "--log",
+        str(log),
+        meta,
+        f"127.0.0.1:{port}",
+    ]
+    with started(
+        gateway,
+        {**os.environ, **keys},
+        log,
+        lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close(),
+        "juicefs gateway",
+    ) as proc:
+        yield Server(f"http://127.0.0.1:{port}", proc.pid)
 
 
 @contextlib.contextmanager
 def moto_server(work: Path) -> Iterator[Server]:
-    with s3_server(work / "moto.log") as endpoint:
-        yield Server(endpoint, moto_pid(endpoint))
-
-
-def moto_pid(endpoint: str) -> int | None:
-    """The pid of the moto_server this process started for ``endpoint`` (its child)."""
-    port = endpoint.rsplit(":", 1)[1]
-    for pid in benchlib.descendants(os.getpid()):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(arg.endswith(b"moto_server") for arg in argv[:2]) and port.encode() in argv:
-            return pid
-    return None
+    with moto_process(work / "moto.log") as (endpoint, proc):
+        yield Server(endpoint, proc.pid)
 
 
 def main() -> None:

@@ -302,8 +302,12 @@ def _certificate_loaded(pem: str) -> x509.Certificate:
     return ca.load_certificate(pem)
 
 
+def _valid_at(row: Certificate, now: dt.datetime) -> bool:
+    return bool(row.not_before <= now <= row.not_after)
+
+
 def _validity_check(row: Certificate, now: dt.datetime) -> None:
-    if not row.not_before <= now <= row.not_after:
+    if not _valid_at(row, now):
         raise CertificateExpired(
             f"certificate {row.serial} is valid from {row.not_before:%Y-%m-%d %H:%M} to "
             f"{row.not_after:%Y-%m-%d %H:%M} UTC; the agent must enrol again"
@@ -362,11 +366,10 @@ def identity_current(identity: SiteIdentity, generation: str, now: dt.datetime) 
     in ``generation`` of verified certificates (read from the cache just now), so no
     certificate, site or project changed since, and its certificate is within its validity
     period, which time alone ends. When not, :func:`identity_check` tells."""
-    certificate = identity.certificate
     return (
         bool(identity.generation)
         and identity.generation == generation
-        and certificate.not_before <= now <= certificate.not_after
+        and _valid_at(identity.certificate, now)
     )
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,29 +31,47 @@ def free_port() -> int:
 @contextmanager
 def s3_server(log: Path) -> Iterator[str]:
     """A running S3-compatible server; its endpoint URL. Stopped on leaving."""
+    with moto_process(log) as (url, _):
+        yield url
+
+
+@contextmanager
+def moto_process(log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`s3_server`, with its process (for a bench that counts its CPU)."""
     port = free_port()
-    server = Path(sys.executable).with_name("moto_server")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(server), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **CREDENTIALS},
-        )
     url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+            return True
+
+    server = Path(sys.executable).with_name("moto_server")
+    command = [str(server), "-H", "127.0.0.1", "-p", str(port)]
+    with started(command, {**os.environ, **CREDENTIALS}, log, answers, "moto_server") as proc:
+        yield url, proc
+
+
+@contextmanager
+def started(
+    command: list[str], env: dict[str, str], log: Path, ready: Callable[[], object], what: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` running, its output in ``log``, once ``ready()`` returns without an
+    OSError (30 s at most); terminated on leaving."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
+                ready()
+                break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"moto_server did not start: {log.read_text(errors='replace')[-2000:]}"
+                        f"{what} did not start: {log.read_text(errors='replace')[-2000:]}"
                     ) from None
                 time.sleep(0.05)
-        yield url
+        yield proc
     finally:
         proc.terminate()
         proc.wait(timeout=10)
