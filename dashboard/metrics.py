@@ -86,17 +86,41 @@ def metric_charts(job: Job, *, limit: int = MAX_CHART_POINTS) -> dict[str, Any]:
     """``{chart id: {"key", "axis", "series": {name: [[x, y], ...]}, "counts": {name: n}}}``,
     charts by id, each series sorted by x and at most ``limit`` points long; ``counts`` gives
     each series' full length (longer than its points when it was downsampled)."""
+    return _charts_and_through(job, limit)[0]
+
+
+def metric_snapshot(job: Job, *, limit: int = MAX_CHART_POINTS) -> dict[str, Any]:
+    """What the job page draws and then keeps up to date from its socket: ``{"charts":
+    metric_charts(job), "through": {site name: id}}``, ``through`` naming, for each site, the
+    last of its logged points that these charts hold.
+
+    The page may hear of a point after a snapshot that holds it already (a snapshot fetched
+    while the point's event was on its way); it skips a site's live point whose id is not
+    above the site's ``through``. That is exact because a site's logged points are inserted
+    under its job-site row's lock (``jobs.services.telemetry``): their ids rise in the order
+    they commit, so a snapshot that holds one holds every earlier one, and a point it lacks
+    has a higher id. Points of other sources come with no event of their own (the page
+    fetches the charts again when a round closes) and do not count.
+    """
+    charts, through = _charts_and_through(job, limit)
+    return {"charts": charts, "through": through}
+
+
+def _charts_and_through(job: Job, limit: int) -> tuple[dict[str, Any], dict[str, int]]:
     rows = (
         MetricPoint.objects.filter(job=job)
         .order_by("created_at", "id")
-        .values_list("key", "value", "step", "round_number", "site_id")
+        .values_list("key", "value", "step", "round_number", "site_id", "id", "source")
     )
     # One pass in the order the points were recorded, a few cheap statements a point
     # (measured: ~0.2 µs); placing, sorting and cutting each series is numpy's.
     series: dict[tuple[str, int | None, bool], tuple[list[Any], list[float]]] = {}
+    through_ids: dict[int, int] = {}
     site_id: int | None  # None: the round's aggregate
     x: int | None
-    for key, value, step, round_number, site_id in rows:
+    for key, value, step, round_number, site_id, point_id, source in rows:
+        if site_id is not None and source == MetricPoint.Source.LOG:
+            through_ids[site_id] = max(point_id, through_ids.get(site_id, 0))
         if step is None and round_number is not None:
             ref, x = (key, site_id, True), round_for_people(round_number)
         else:
@@ -125,7 +149,8 @@ def metric_charts(job: Job, *, limit: int = MAX_CHART_POINTS) -> dict[str, Any]:
         xs_kept, ys_kept = x_arr[kept].tolist(), y_arr[kept].tolist()
         chart["series"][name] = [[x, y] for x, y in zip(xs_kept, ys_kept, strict=True)]
         chart["counts"][name] = len(values)
-    return dict(sorted(charts.items()))
+    through = {names[pk]: point_id for pk, point_id in through_ids.items() if pk in names}
+    return dict(sorted(charts.items())), through
 
 
 # --- the full series, as CSV -----------------------------------------------------------------

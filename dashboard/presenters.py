@@ -107,6 +107,13 @@ class SiteLog:
     dropped: int
     total: int = 0  # every line stored, for the full-log download link
 
+    @property
+    def through(self) -> int:
+        """The id of the last line shown (0: none). The page skips a live line whose id is
+        not above it: its event was on its way while this tail was read. A site's lines are
+        inserted under its job-site row's lock, so their ids rise in the order they commit."""
+        return self.lines[-1].pk if self.lines else 0
+
 
 @dataclass(frozen=True)
 class DecisionRow:

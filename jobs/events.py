@@ -89,7 +89,8 @@ class DecisionChanged(Event):
 @dataclass(frozen=True)
 class LogRecorded(Event):
     """Lines a site's client script printed (``stream="script"``), or its agent wrote about the
-    job (``"agent"``); ``lines`` holds ``{"stream", "text", "round", "time"}`` dicts."""
+    job (``"agent"``); ``lines`` holds ``{"id", "stream", "text", "round", "time"}`` dicts
+    (``id``: the line's, so that a page skips a line its snapshot holds already)."""
 
     site: str
     lines: list[dict[str, Any]]
@@ -99,7 +100,8 @@ class LogRecorded(Event):
 @dataclass(frozen=True)
 class MetricsRecorded(Event):
     """Points a site logged (``flare.log``), stored together; ``points`` holds
-    ``{"key", "value", "step", "round", "source"}`` dicts in the order they were sent."""
+    ``{"id", "key", "value", "step", "round", "source"}`` dicts in the order they were sent
+    (``id``: the point's; see ``dashboard.metrics.metric_snapshot``)."""
 
     site: str
     points: list[dict[str, Any]]
@@ -218,6 +220,7 @@ def metrics(job: Job, site: Site, points: Iterable[MetricPoint]) -> None:
             site=site.name,
             points=[
                 {
+                    "id": point.pk,
                     "key": point.key,
                     "value": point.value,
                     "step": point.step,
@@ -238,6 +241,7 @@ def log_lines(job: Job, site: Site, rows: Iterable[LogLine]) -> None:
             site=site.name,
             lines=[
                 {
+                    "id": row.pk,
                     "stream": row.stream,
                     "text": row.text,
                     "round": row.round_number,

@@ -21,9 +21,9 @@ from dashboard.job_records import metric_table_of, round_holders_for_page
 from dashboard.metrics import (
     AGGREGATE,
     MAX_CHART_POINTS,
-    metric_charts,
     metric_points_csv,
     metric_points_csv_async,
+    metric_snapshot,
 )
 from dashboard.presenters import SiteLog, model_version_rows, task_grid_rows
 from dashboard.privacy import protection_of_job, round_protection, server_privacy
@@ -91,7 +91,7 @@ def job_detail(request: SignedInRequest, uid: UUID) -> HttpResponse:
         can_manage=selectors.can_manage_job(request.user, job),
         abort_form=AbortForm(),
         logs=logs_of(job, sites),
-        charts=metric_charts(job),
+        chart_snapshot=metric_snapshot(job),
         server_privacy=server_privacy(context["rounds"]),
         protection=protection_of_job(job),
         chart_points=MAX_CHART_POINTS,
@@ -134,11 +134,12 @@ def job_logs_fragment(request: SignedInRequest, uid: UUID) -> HttpResponse:
 @login_required
 @require_safe
 def job_metrics(request: SignedInRequest, uid: UUID) -> JsonResponse:
-    """The charts' data (downsampled, see ``dashboard.metrics``), fetched again when a round
-    closes or a site's result is accepted (those points are stored by the round controller,
-    which publishes the round, not each point)."""
+    """The charts' data (downsampled, see ``dashboard.metrics``) and each site's last point
+    they hold (``metric_snapshot``), fetched again when the page's socket connects, when a
+    round closes or a site's result is accepted (those points are stored by the round
+    controller, which publishes the round, not each point)."""
     job = job_for(request, uid)
-    return JsonResponse({"charts": metric_charts(job), "max_points": MAX_CHART_POINTS})
+    return JsonResponse({**metric_snapshot(job), "max_points": MAX_CHART_POINTS})
 
 
 @login_required

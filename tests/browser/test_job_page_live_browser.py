@@ -13,6 +13,8 @@ import torch
 from django.db import connection
 from playwright.sync_api import expect
 
+from fedportal import events as fedportal_events
+from jobs import events as jobs_events
 from jobs.models import Job, JobState
 from jobs.services.participation import job_abort, site_job_decide
 from jobs.services.telemetry import log_lines_record, metrics_record
@@ -97,6 +99,80 @@ def test_the_job_page_catches_up_after_its_socket_connects(pages: Pages, tmp_pat
     expect(page.get_by_role("button", name="Abort job")).to_be_hidden()
     assert page.evaluate("window.notReloaded") is True
     pages.shot(page, "caught-up")
+
+
+def test_a_point_or_line_heard_again_after_a_snapshot_that_holds_it_shows_once(
+    pages: Pages, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page may hear of a point after fetching charts that hold it already (the event was
+    on its way while the charts were read), and the channel layer may deliver an event twice.
+    Either way the point and the line are shown once: the page skips what its snapshot holds
+    (by id) and what it heard already."""
+    world = in_thread(jw.build_world, tmp_path)
+    job = world.job
+    assert job is not None
+    page: Any = pages.new_page()
+    pages.sign_in(page, world.users[jw.LEAD].username)
+    pages.visit(page, f"/jobs/{job.uid}/", "job-running")
+    expect(page.locator("[data-live-status]")).to_contain_text("Live:")
+
+    # What the portal publishes, as the page's socket carries it.
+    sent: list[dict[str, Any]] = []
+    publish = fedportal_events.send_after_commit
+
+    def kept(groups: Any, payload: dict[str, Any]) -> None:
+        sent.append(payload)
+        publish(groups, payload)
+
+    monkeypatch.setattr(jobs_events, "send_after_commit", kept)
+    site = world.sites[0].site
+    in_thread(metrics_record, job=job, site=site, points=[{"key": "loss", "value": 0.5, "step": 3}])
+    in_thread(log_lines_record, job=job, site=site, lines=[{"text": "heard once"}])
+    heard = [event for event in sent if event["kind"] in ("metrics", "log")]
+    assert [event["kind"] for event in heard] == ["metrics", "log"]
+
+    series = "window.FedPortalJob.charts()['loss · by step']?.series['site-1']"
+    lines = '.log[data-site="site-1"] pre span.line'
+    latest = page.locator('figure[data-chart="loss · by step"] tr[data-series="site-1"]')
+    expect(latest).to_contain_text("0.5")
+    expect(page.locator(lines)).to_have_count(1)
+
+    def hear_again() -> None:
+        for event in heard:
+            page.evaluate("event => window.FedPortalJob.receive(event)", event)
+
+    # Delivered twice.
+    hear_again()
+    assert page.evaluate(series) == [[3, 0.5]]
+    expect(page.locator(lines)).to_have_count(1)
+
+    # Heard after the charts and the log were fetched again (as when the socket connects).
+    with (
+        page.expect_response(lambda answer: "/metrics.json" in answer.url),
+        page.expect_response(lambda answer: "/logs/" in answer.url),
+    ):
+        page.evaluate("window.FedPortalJob.receive({kind: 'synced'})")
+    page.wait_for_timeout(200)  # the answers' handlers
+    hear_again()
+    assert page.evaluate(series) == [[3, 0.5]]
+    expect(page.locator(lines)).to_have_count(1)
+
+    # Heard by a page rendered with them.
+    page.reload()
+    expect(page.locator("[data-live-status]")).to_contain_text("Live:")
+    hear_again()
+    assert page.evaluate(series) == [[3, 0.5]]
+    expect(page.locator(lines)).to_have_count(1)
+
+    # A later point and line are shown.
+    in_thread(
+        metrics_record, job=job, site=site, points=[{"key": "loss", "value": 0.25, "step": 4}]
+    )
+    in_thread(log_lines_record, job=job, site=site, lines=[{"text": "heard next"}])
+    expect(latest).to_contain_text("0.25")
+    expect(page.locator(lines)).to_have_count(2)
+    assert page.evaluate(series) == [[3, 0.5], [4, 0.25]]
+    pages.shot(page, "heard-once")
 
 
 def test_the_copy_button_says_copied_only_when_it_copied(pages: Pages, tmp_path: Path) -> None:

@@ -16,7 +16,11 @@
   const MAX_POINTS = Number(chartsEl.dataset.maxPoints) || 1000;
   const TERMINAL = ["completed", "failed", "aborted"];
   const PALETTE = ["#0b57d0", "#b3261e", "#146c2e", "#8a4b00", "#6f2da8", "#00696f", "#9c1c6b", "#4a5a00"];
-  let data = JSON.parse(document.getElementById("chart-data").textContent);
+  // The charts, and each site's last logged point they hold (dashboard/metrics.py's
+  // metric_snapshot): a live point at or below it was on its way while they were read.
+  const snapshot = JSON.parse(document.getElementById("chart-data").textContent);
+  let data = snapshot.charts;
+  let through = snapshot.through || {};
   const charts = {};
   const colours = {};
 
@@ -175,7 +179,18 @@
     schedule(id);
   }
 
+  // Whether a site's live point (or line) is one the page holds already: its id is not above
+  // the last the page's snapshot held or it heard since. A site's ids rise in the order its
+  // entries are stored, so this is exact; then `last` moves to the entry's id.
+  function heardBefore(last, id) {
+    return id !== undefined && id !== null && id <= (last || 0);
+  }
+
   function onMetric(event) {
+    if (event.site && event.id !== undefined) {
+      if (heardBefore(through[event.site], event.id)) return;
+      through[event.site] = event.id;
+    }
     const hasStep = event.step !== null && event.step !== undefined;
     const hasRound = event.round !== null && event.round !== undefined;
     const axis = !hasStep && hasRound ? "round" : "step";
@@ -203,6 +218,7 @@
         .then((body) => {
           if (!body) return;
           data = body.charts;
+          through = body.through || {};
           Object.keys(data).forEach(schedule);
         })
         .catch(() => {})
@@ -230,6 +246,8 @@
     const pre = box.querySelector("pre");
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     for (const line of event.lines) {
+      if (heardBefore(Number(box.dataset.through), line.id)) continue;
+      if (line.id !== undefined) box.dataset.through = line.id;
       const span = document.createElement("span");
       span.className = "line " + line.stream;
       span.textContent = (line.round !== null && line.round !== undefined ? "[round " + roundForPeople(line.round) + "] " : "") + line.text;
@@ -372,7 +390,8 @@
   setInterval(() => live.refresh(document.getElementById("round-sites"), 0), 15000);
 
   Object.keys(data).forEach(draw);
-  live.connect(socketPath, (event) => {
+  // What the socket hears; FedPortalJob.receive hands the page an event as the socket would.
+  function receive(event) {
     refreshHolders(event);
     if (event.kind === "metrics") {
       for (const point of event.points) onMetric({ ...point, site: event.site });
@@ -387,6 +406,7 @@
     } else if (event.kind === "job.decision") onDecision(event);
     else if (event.kind === "site.status") onSiteStatus(event);
     else if (event.kind === "synced") onSynced();
-  });
-  window.FedPortalJob = { charts: () => data };
+  }
+  live.connect(socketPath, receive);
+  window.FedPortalJob = { charts: () => data, receive };
 })();

@@ -14,7 +14,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from jobs.models import Job, JobSite, JobState
+from jobs.models import Job, JobSite, JobState, LogLine, MetricPoint
 from jobs.services.telemetry import log_lines_record, metrics_record
 from sites.models import ApiToken, AuditEvent, Certificate, Site, SiteState
 from sites.services import enrolment_token_check
@@ -246,7 +246,14 @@ def test_job_page_shows_rounds_metrics_logs_and_models(tmp_path: Path) -> None:
     assert page.status_code == 200
     html = text(page)
     assert "Round 1" in html and "site-1" in html and "[round 1] epoch 1 done" in html
-    assert page.context["charts"]["loss · by step"]["series"]["site-1"] == [[3, 0.75]]
+    snapshot = page.context["chart_snapshot"]
+    assert snapshot["charts"]["loss · by step"]["series"]["site-1"] == [[3, 0.75]]
+    # What the page skips when it hears of these again (dashboard.metrics.metric_snapshot).
+    point = MetricPoint.objects.get(job=job, site=site)
+    line = LogLine.objects.get(job=job, site=site)
+    assert snapshot["through"] == {"site-1": point.pk}
+    assert f'data-site="site-1" data-through="{line.pk}"' in page.content.decode()
+    assert 'data-site="site-2" data-through="0"' in page.content.decode()
     assert f"/api/v1/jobs/{job.uid}/models/0/download/" in html
     assert "Abort job" not in html  # a member may not abort
     assert "lib/util.py" in html  # the app's files
@@ -255,6 +262,7 @@ def test_job_page_shows_rounds_metrics_logs_and_models(tmp_path: Path) -> None:
     assert as_user(world.users[jw.OUTSIDER]).get(f"/jobs/{job.uid}/").status_code == 404
     fragment = as_user(world.users[jw.MEMBER]).get(f"/jobs/{job.uid}/metrics.json")
     assert fragment.json()["charts"]["loss · by step"]["key"] == "loss"
+    assert fragment.json()["through"] == {"site-1": point.pk}
 
 
 @jobs_db

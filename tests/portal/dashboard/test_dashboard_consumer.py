@@ -15,6 +15,7 @@ from django.test import Client
 
 from dashboard.consumers import CLOSE_NOT_FOUND
 from fedportal.routing import websocket_urlpatterns
+from jobs.models import MetricPoint
 from jobs.services.participation import site_job_decide
 from jobs.services.tasks import tasks_model_delivered
 from jobs.services.telemetry import metrics_record
@@ -93,8 +94,9 @@ def test_a_metric_posted_by_a_site_reaches_the_jobs_socket(jobs_world) -> None:
     event = async_to_sync(run)()
     assert event["kind"] == "metrics" and event["job_id"] == job.pk
     assert event["site"] == "site-1"
+    point = MetricPoint.objects.get(job=job, site=site)
     assert event["points"] == [
-        {"key": "loss", "value": 0.25, "step": 7, "round": None, "source": "log"}
+        {"id": point.pk, "key": "loss", "value": 0.25, "step": 7, "round": None, "source": "log"}
     ]
 
 

@@ -18,7 +18,8 @@ from django.http import StreamingHttpResponse
 from django.test import AsyncClient, Client
 from django.utils import timezone
 
-from dashboard.metrics import MAX_CHART_POINTS, downsample, metric_charts
+from dashboard.metrics import MAX_CHART_POINTS, downsample, metric_charts, metric_snapshot
+from jobs import events as jobs_events
 from jobs.models import Job, MetricPoint
 from jobs.services.participation import job_abort
 from jobs.services.submission import job_submit
@@ -77,8 +78,46 @@ def test_charts_place_points_as_before_and_bound_each_series(jobs_world: jw.Worl
     assert chart["counts"]["site-2"] == 3 * MAX_CHART_POINTS
     assert len(chart["series"]["site-2"]) <= MAX_CHART_POINTS == body["max_points"]
     page = as_user(jobs_world.users[jw.MEMBER]).get(f"/jobs/{job.uid}/")
-    assert len(page.context["charts"]["loss · by step"]["series"]["site-2"]) <= MAX_CHART_POINTS
+    drawn = page.context["chart_snapshot"]["charts"]["loss · by step"]["series"]["site-2"]
+    assert len(drawn) <= MAX_CHART_POINTS
     assert f"/jobs/{job.uid}/metrics.csv" in page.content.decode()
+
+
+def test_a_snapshot_names_each_sites_last_logged_point_it_holds(
+    jobs_world: jw.World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the page skips when it hears of a point again: a site's logged points only (a
+    train result or an aggregate comes with no event of its own), the last by id even when
+    several share a step, and the same ids the points' events carry."""
+    job = jobs_world.job
+    assert job is not None
+    site_1, site_2 = (enrolled.site for enrolled in jobs_world.sites[:2])
+    sent: list[dict[str, Any]] = []
+    monkeypatch.setattr(jobs_events, "send_after_commit", lambda _groups, e: sent.append(e))
+    points = [{"key": "loss", "value": value, "step": 1} for value in (0.5, 0.4)]
+    metrics_record(job=job, site=site_1, points=points)
+    logged = list(MetricPoint.objects.filter(job=job, site=site_1).order_by("id"))
+    assert [point["id"] for point in sent[0]["points"]] == [point.pk for point in logged]
+    # Stored after them: a train result of site-1, an aggregate, a point of another job.
+    MetricPoint.objects.create(
+        job=job, site=site_1, key="acc", value=0.9, round_number=0, source=MetricPoint.Source.RESULT
+    )
+    MetricPoint.objects.create(
+        job=job,
+        site=None,
+        key="acc",
+        value=0.9,
+        round_number=0,
+        source=MetricPoint.Source.AGGREGATE,
+    )
+    assert metric_snapshot(job)["through"] == {"site-1": logged[-1].pk}
+    assert site_2.name not in metric_snapshot(job)["through"]  # nothing logged yet
+
+    metrics_record(job=job, site=site_2, points=[{"key": "loss", "value": 0.3}])
+    latest = MetricPoint.objects.filter(job=job, site=site_2).get()
+    snapshot = metric_snapshot(job)
+    assert snapshot["through"] == {"site-1": logged[-1].pk, "site-2": latest.pk}
+    assert snapshot["charts"] == metric_charts(job)
 
 
 def _reference_charts(points: list[dict[str, Any]]) -> dict[tuple[str, str], list[list[Any]]]:

@@ -16,7 +16,7 @@ from django.db import transaction
 
 from fedportal.events import BATCH_MESSAGE_TYPE, agents_group
 from jobs import events
-from jobs.models import Job, ModelVersion
+from jobs.models import Job, MetricPoint, ModelVersion
 from jobs.services import rounds
 from jobs.services.telemetry import metrics_record
 from jobs.workflows import ModelRef, PlannedTask, RoundPlan, TaskSpec
@@ -139,9 +139,10 @@ def test_a_sites_batch_of_points_is_one_event_with_every_new_point(tmp_path: Pat
     assert stored == 2
     event = async_to_sync(_receive_now)(layer, channel)["event"]
     assert (event["kind"], event["site"], event["job_id"]) == ("metrics", sites[0].name, job.pk)
+    ids = dict(MetricPoint.objects.filter(job=job).values_list("client_id", "pk"))
     assert event["points"] == [
-        {"key": "loss", "value": 0.5, "step": 2, "round": 0, "source": "log"},
-        {"key": "acc", "value": 0.75, "step": None, "round": None, "source": "log"},
+        {"id": ids["b"], "key": "loss", "value": 0.5, "step": 2, "round": 0, "source": "log"},
+        {"id": ids["c"], "key": "acc", "value": 0.75, "step": None, "round": None, "source": "log"},
     ]
     with pytest.raises(TimeoutError):
         async_to_sync(_receive_now)(layer, channel)
