@@ -88,6 +88,93 @@ def test_a_request_runs_its_middleware_and_view_in_one_step_of_its_thread() -> N
     assert inspect.iscoroutinefunction(djangos._middleware_chain)  # what it was
 
 
+def _healthz_scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": "/healthz",
+        "raw_path": b"/healthz",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+        "scheme": "http",
+        "http_version": "1.1",
+        "root_path": "",
+        "asgi": {"version": "3.0"},
+    }
+
+
+async def _get_healthz(handler: Any, body_arrives: Any = None) -> int:
+    """One GET /healthz through ``handler``; its (empty) body arrives once ``body_arrives``
+    is set, so that several requests can be in the handler at once."""
+    import asyncio
+
+    answers: list[dict[str, Any]] = []
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            if body_arrives is not None:
+                await body_arrives.wait()
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client never goes away
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message)
+
+    await handler(_healthz_scope(), receive, send)
+    return int(answers[0]["status"])
+
+
+@pytest.mark.django_db
+def test_requests_run_on_threads_kept_for_later_requests_one_thread_each_at_a_time() -> None:
+    """Django's handler started a thread for every request, and another to join it (a
+    twentieth of a busy portal's CPU). The portal's handler keeps them: one request after
+    another runs on the same thread; requests in flight together each have their own; no
+    more than ``kept`` wait idle."""
+    import asyncio
+
+    from fedportal.asgi import PortalASGIHandler, RequestThreads
+
+    handler: Any = PortalASGIHandler()
+    handler.request_threads = threads = RequestThreads(kept=2)
+    taken: list[Any] = []
+    take = threads.take
+
+    def recorded_take() -> Any:
+        executor = take()
+        taken.append(executor)
+        return executor
+
+    threads.take = recorded_take  # type: ignore[method-assign]
+
+    async def one_after_another() -> list[int]:
+        return [await _get_healthz(handler) for _ in range(3)]
+
+    assert asyncio.run(one_after_another()) == [200, 200, 200]
+    assert taken[0] is taken[1] is taken[2]
+    assert len(taken[0]._threads) == 1  # one thread ran all three
+    assert threads.idle == 1
+
+    async def together() -> list[int]:
+        body_arrives = asyncio.Event()
+        requests = [asyncio.ensure_future(_get_healthz(handler, body_arrives)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # all three are in the handler, waiting for their bodies
+        body_arrives.set()
+        return list(await asyncio.gather(*requests))
+
+    taken.clear()
+    assert asyncio.run(together()) == [200, 200, 200]
+    assert len({id(executor) for executor in taken}) == 3
+    assert threads.idle == 2  # the third was stopped
+    stopped = [executor for executor in taken if executor._shutdown]
+    assert len(stopped) == 1
+
+
 def test_the_view_is_handed_what_the_check_of_its_sender_found() -> None:
     """What the server's check of an upload's sender found (bodylimits.sender_check) goes
     into the request's scope, for the view not to find it again; nothing when it found none."""
