@@ -249,11 +249,13 @@ LOST_SHOWN = 10
 
 
 def failures(logs: Path) -> tuple[int, int, int]:
-    """(answers with status 500 in the portals' logs, "too many connections" in any log,
+    """(answers with a 5xx status in the portals' logs, "too many connections" in any log,
     connection attempts the agents saw fail: "portal unreachable" or "connection … lost")."""
     texts = {path.name: path.read_text(errors="replace") for path in logs.glob("*.log")}
     server_errors = sum(
-        len(re.findall(r'" 500 ', text))  # Daphne's access log: "GET /x" 500 …
+        # Daphne's access log ("GET /x" 500 …), and what the server answers itself before
+        # the application: "refused a site's update from …: 503 unavailable".
+        len(re.findall(r'" 5\d\d |^.*refused .* from .*: 5\d\d ', text, re.MULTILINE))
         for name, text in texts.items()
         if name.startswith("portal")
     )
@@ -402,7 +404,7 @@ def main() -> None:
                 "round 1 (s)",
                 "connections opened per site-round",
                 "peak connections",
-                "HTTP 500s",
+                "HTTP 5xx answers",
                 '"too many connections"',
                 "agent connections failed or lost",
                 "portal CPU ms / site-round (rounds 2 on)",

@@ -43,6 +43,7 @@ from __future__ import annotations
 from daphne.server import Server  # isort: skip
 
 import asyncio
+import contextvars
 import gc
 import logging
 from collections.abc import Mapping
@@ -73,6 +74,23 @@ _REASONS = {
     413: b"Content Too Large",
     503: b"Service Unavailable",
 }
+
+
+def in_fresh_context(coroutine: Any) -> asyncio.Future[Any]:
+    """A task for ``coroutine`` on this thread's event loop, started from an empty context, as
+    on a connection of its own.
+
+    A task takes a copy of the context it is created in, and so does every callback Twisted
+    schedules. While a request is answered its context holds what its handler set, asgiref's
+    thread-sensitive context among them (``fedportal.asgi``); callbacks scheduled then (a
+    connection read again, a write finished) carry it to whatever they start next on a
+    kept-alive connection: the next request, or the check of its sender. Once the handler has
+    left that context, asgiref refuses every thread-sensitive call made in it, and each upload
+    behind nginx was answered 503.
+    """
+    return contextvars.Context().run(
+        asyncio.ensure_future, coroutine, loop=asyncio.get_event_loop()
+    )
 
 
 def _target_path(target: bytes) -> tuple[str, bytes]:
@@ -207,7 +225,7 @@ class GuardedRequest(WebRequest):
             headers=headers,
             address=self._client_address(),
         )
-        deferred = defer.Deferred.fromFuture(asyncio.ensure_future(check))
+        deferred = defer.Deferred.fromFuture(in_fresh_context(check))
         deferred.addCallbacks(self._sender_known, self._sender_refused)
 
     def _client_address(self) -> str | None:
@@ -559,7 +577,8 @@ class PortalServer(Server):
 
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
         if not isinstance(protocol, GuardedRequest):
-            return super().create_application(protocol, scope)
+            # Daphne's own (a WebSocket's), its task started from a fresh context too.
+            return contextvars.Context().run(super().create_application, protocol, scope)
         # Server.create_application, with the body read from its file as the app asks.
         assert "application_instance" not in self.connections[protocol]
         queue = BodyQueue(protocol, self.request_buffer_size)
@@ -573,9 +592,7 @@ class PortalServer(Server):
         )
         if protocol not in self.connections:
             return None
-        self.connections[protocol]["application_instance"] = asyncio.ensure_future(
-            instance, loop=asyncio.get_event_loop()
-        )
+        self.connections[protocol]["application_instance"] = in_fresh_context(instance)
         return queue
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import re
 import shutil
@@ -204,6 +205,75 @@ def test_the_view_is_handed_what_the_check_of_its_sender_found() -> None:
     asyncio.run(serve(None))
     assert scopes[0][bodylimits.CHECKED_SENDER] is checked
     assert bodylimits.CHECKED_SENDER not in scopes[1]
+
+
+def _leaked_request_context() -> Any:
+    """What a callback scheduled while a request was answered carries: the thread-sensitive
+    context of a handler that has since left it (fedportal.asgi's, with its own executor)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asgiref.sync import SyncToAsync, ThreadSensitiveContext
+
+    leaked: dict[str, Any] = {}
+
+    async def answered() -> None:
+        async with ThreadSensitiveContext(executor=ThreadPoolExecutor(max_workers=1)):
+            leaked["context"] = contextvars.copy_context()
+
+    asyncio.run(answered())
+    assert leaked["context"][SyncToAsync.thread_sensitive_context]._exited
+    return leaked["context"]
+
+
+def test_a_task_the_server_starts_begins_from_a_fresh_context() -> None:
+    """Found at 200 agents behind PocEnv's nginx, which keeps its connections to the portals
+    alive: every upload's sender check failed ("ThreadSensitiveContext has exited") and was
+    answered 503, because it ran in a context left by an earlier request on the connection.
+    The server's tasks (each request's application, each sender check) start from a fresh
+    context, where thread-sensitive calls run."""
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+
+    from fedportal.server import in_fresh_context
+
+    async def thread_sensitive_call() -> str:
+        return await sync_to_async(lambda: "ran", thread_sensitive=True)()
+
+    async def start(starter: Any) -> str:
+        return str(await starter(thread_sensitive_call()))
+
+    leaked = _leaked_request_context()
+    assert leaked.run(asyncio.run, start(in_fresh_context)) == "ran"
+    with pytest.raises(RuntimeError, match="ThreadSensitiveContext has exited"):
+        leaked.run(asyncio.run, start(asyncio.ensure_future))  # how it started them before
+
+
+def test_the_server_starts_each_application_from_a_fresh_context() -> None:
+    import asyncio
+
+    from asgiref.sync import SyncToAsync
+
+    from fedportal.server import GuardedRequest
+
+    seen: list[Any] = []
+
+    async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(SyncToAsync.thread_sensitive_context.get(None))
+
+    server = PortalServer(application=application, endpoints=["tcp:port=0"])  # never listens
+    server.connections = {}
+
+    async def serve() -> None:
+        request = GuardedRequest.__new__(GuardedRequest)
+        request._checked_sender = None
+        server.connections[request] = {}
+        server.create_application(request, {"type": "http"})
+        await server.connections[request]["application_instance"]
+
+    _leaked_request_context().run(asyncio.run, serve())
+    assert seen == [None]
 
 
 def test_the_objects_the_portal_loaded_are_set_aside_from_the_collector() -> None:
