@@ -165,6 +165,24 @@ def test_the_proxy_configuration_is_one_nginx_accepts(tmp_path: Path) -> None:
     assert "server 127.0.0.1:18081" in text and "server 127.0.0.1:18082" in text
     # Updates stream through to the portal, which bounds them itself.
     assert "proxy_request_buffering off;" in text and "client_max_body_size 0;" in text
+    # nginx closes an idle connection to a portal before the portal does (10 s by default).
+    assert "keepalive_timeout 5000ms;" in text
+
+
+def test_the_proxy_lets_go_of_idle_portal_connections_before_the_portals_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A request sent on a connection the portal had just closed was answered 502 (a POST
+    # is never sent again): the proxy must close first, whatever the portals' idle limit.
+    for portal_idle, proxy_idle in (
+        ("10", "5000ms"),
+        ("4", "2000ms"),
+        ("1", "500ms"),
+        ("x", "5000ms"),
+    ):
+        monkeypatch.setenv("FEDPORTAL_HTTP_HEADER_TIMEOUT_SECONDS", portal_idle)
+        config = write_nginx_config(tmp_path / portal_idle, 18080, [18081]).read_text()
+        assert f"keepalive_timeout {proxy_idle};" in config
 
 
 @pytest.mark.parametrize("count", [0, -1, 1.5, True, "2"])

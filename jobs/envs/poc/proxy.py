@@ -12,11 +12,26 @@ folder as its prefix, so it needs no root, and its temporary files stay there.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 NGINX_CANDIDATES = ("nginx", "/usr/sbin/nginx")
+# The portal closes a kept-alive connection that sends no request for this long (its header
+# timeout; fedportal.settings, 10 s by default).
+PORTAL_IDLE_SECONDS_ENV = "FEDPORTAL_HTTP_HEADER_TIMEOUT_SECONDS"
+PORTAL_IDLE_SECONDS_DEFAULT = 10
+
+
+def upstream_keepalive_ms() -> int:
+    """How long (ms) the proxy keeps an idle connection to a portal: half the portal's own
+    idle limit, so that the proxy always closes first."""
+    try:
+        portal_idle = int(os.environ.get(PORTAL_IDLE_SECONDS_ENV, PORTAL_IDLE_SECONDS_DEFAULT))
+    except ValueError:
+        portal_idle = PORTAL_IDLE_SECONDS_DEFAULT
+    return max(100, portal_idle * 1000 // 2)
 
 
 def nginx_binary() -> str | None:
@@ -43,6 +58,11 @@ def nginx_config(prefix: Path, listen_port: int, portal_ports: Sequence[int]) ->
     - **A dead portal is skipped**: a refused connection goes to the next portal at once (a
       request that never reached a portal is safe to send elsewhere, POSTs included), and the
       dead one is left out for a few seconds.
+    - **Connections to the portals are kept alive, but never past a portal's idle limit**
+      (``keepalive_timeout``, :func:`upstream_keepalive_ms`). nginx's default (60 s)
+      outlived the portal's 10 s: nginx sent a request on a connection the portal had just
+      closed and, for a POST (never sent again, as it may have been received), answered 502.
+      Seen now and then at 200 agents when a job was submitted after a quiet spell.
     - The portals learn the client's address from ``X-Forwarded-For`` (they run with
       ``--proxy-headers``), so per-address limits count agents, not the proxy. The proxy
       replaces the header rather than appending to it: Daphne trusts its first address, which
@@ -83,6 +103,7 @@ http {{
         least_conn;
 {servers}
         keepalive 32;
+        keepalive_timeout {upstream_keepalive_ms()}ms;
     }}
 
     server {{
