@@ -18,57 +18,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import benchlib
-from benchlib import md_table, median
+from benchlib import REPO_ROOT, md_table, median
+
+sys.path.insert(0, str(REPO_ROOT))  # tests.asgi_requests: the request the tests send
+from tests.asgi_requests import get_healthz
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "fedportal.settings.base")
 os.environ.setdefault("FEDPORTAL_DEV", "1")  # the development secrets; nothing is served
-
-SCOPE: dict[str, Any] = {
-    "type": "http",
-    "method": "GET",
-    "path": "/healthz",
-    "raw_path": b"/healthz",
-    "query_string": b"",
-    "headers": [(b"host", b"127.0.0.1")],
-    "client": ("127.0.0.1", 40000),
-    "server": ("127.0.0.1", 8000),
-    "scheme": "http",
-    "http_version": "1.1",
-    "root_path": "",
-    "asgi": {"version": "3.0"},
-}
-
-
-async def serve_one(app: Callable[..., Any]) -> None:
-    answers: list[dict[str, Any]] = []
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # the client stays
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        answers.append(message)
-
-    await app(dict(SCOPE), receive, send)
-    if answers[0]["status"] != 200:
-        raise SystemExit(f"GET /healthz answered {answers[0]['status']}")
 
 
 async def per_request(app: Callable[..., Any], requests: int) -> tuple[float, float]:
     """(CPU, wall) seconds per request over ``requests`` requests."""
     cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(requests):
-        await serve_one(app)
+        status = await get_healthz(app)
+        if status != 200:
+            raise SystemExit(f"GET /healthz answered {status}")
     return (time.process_time() - cpu) / requests, (time.perf_counter() - wall) / requests
 
 

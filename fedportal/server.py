@@ -80,13 +80,14 @@ def in_fresh_context(coroutine: Any) -> asyncio.Future[Any]:
     """A task for ``coroutine`` on this thread's event loop, started from an empty context, as
     on a connection of its own.
 
-    A task takes a copy of the context it is created in, and so does every callback Twisted
-    schedules. While a request is answered its context holds what its handler set, asgiref's
-    thread-sensitive context among them (``fedportal.asgi``); callbacks scheduled then (a
-    connection read again, a write finished) carry it to whatever they start next on a
-    kept-alive connection: the next request, or the check of its sender. Once the handler has
-    left that context, asgiref refuses every thread-sensitive call made in it, and each upload
-    behind nginx was answered 503.
+    A task takes a copy of the context it is created in, and so does every callback asyncio
+    runs for Twisted. While a request is answered its context holds what its handler set,
+    asgiref's thread-sensitive context among them (``fedportal.asgi``), and callbacks
+    scheduled then can carry it to what they start next on a kept-alive connection: the next
+    request, or the check of its sender. Once the handler has left that context, asgiref
+    refuses every thread-sensitive call made in it: behind PocEnv's nginx (which keeps its
+    connections to the portals alive) every upload's sender check failed and was answered
+    503, until the server's tasks started from a fresh context.
     """
     return contextvars.Context().run(
         asyncio.ensure_future, coroutine, loop=asyncio.get_event_loop()

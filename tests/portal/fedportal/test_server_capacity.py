@@ -23,6 +23,7 @@ from fedportal.server import (
     PortalServer,
     with_backlog,
 )
+from tests.asgi_requests import get_healthz
 from tests.daphne_portal import portal_env, served
 
 
@@ -89,48 +90,6 @@ def test_a_request_runs_its_middleware_and_view_in_one_step_of_its_thread() -> N
     assert inspect.iscoroutinefunction(djangos._middleware_chain)  # what it was
 
 
-def _healthz_scope() -> dict[str, Any]:
-    return {
-        "type": "http",
-        "method": "GET",
-        "path": "/healthz",
-        "raw_path": b"/healthz",
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1")],
-        "client": ("127.0.0.1", 40000),
-        "server": ("127.0.0.1", 8000),
-        "scheme": "http",
-        "http_version": "1.1",
-        "root_path": "",
-        "asgi": {"version": "3.0"},
-    }
-
-
-async def _get_healthz(handler: Any, body_arrives: Any = None) -> int:
-    """One GET /healthz through ``handler``; its (empty) body arrives once ``body_arrives``
-    is set, so that several requests can be in the handler at once."""
-    import asyncio
-
-    answers: list[dict[str, Any]] = []
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            if body_arrives is not None:
-                await body_arrives.wait()
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await asyncio.Event().wait()  # the client never goes away
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        answers.append(message)
-
-    await handler(_healthz_scope(), receive, send)
-    return int(answers[0]["status"])
-
-
 @pytest.mark.django_db
 def test_requests_run_on_threads_kept_for_later_requests_one_thread_each_at_a_time() -> None:
     """Django's handler started a thread for every request, and another to join it (a
@@ -154,7 +113,7 @@ def test_requests_run_on_threads_kept_for_later_requests_one_thread_each_at_a_ti
     threads.take = recorded_take  # type: ignore[method-assign]
 
     async def one_after_another() -> list[int]:
-        return [await _get_healthz(handler) for _ in range(3)]
+        return [await get_healthz(handler) for _ in range(3)]
 
     assert asyncio.run(one_after_another()) == [200, 200, 200]
     assert taken[0] is taken[1] is taken[2]
@@ -163,7 +122,7 @@ def test_requests_run_on_threads_kept_for_later_requests_one_thread_each_at_a_ti
 
     async def together() -> list[int]:
         body_arrives = asyncio.Event()
-        requests = [asyncio.ensure_future(_get_healthz(handler, body_arrives)) for _ in range(3)]
+        requests = [asyncio.ensure_future(get_healthz(handler, body_arrives)) for _ in range(3)]
         await asyncio.sleep(0.05)  # all three are in the handler, waiting for their bodies
         body_arrives.set()
         return list(await asyncio.gather(*requests))
@@ -174,6 +133,8 @@ def test_requests_run_on_threads_kept_for_later_requests_one_thread_each_at_a_ti
     assert threads.idle == 2  # the third was stopped
     stopped = [executor for executor in taken if executor._shutdown]
     assert len(stopped) == 1
+    for executor in taken:  # no thread of this test outlives it
+        executor.shutdown(wait=True)
 
 
 def test_the_view_is_handed_what_the_check_of_its_sender_found() -> None:
@@ -281,7 +242,9 @@ def test_the_objects_the_portal_loaded_are_set_aside_from_the_collector() -> Non
     # it for 170-370 ms every few seconds under a hundred agents.
     try:
         frozen = server_module.freeze_long_lived_objects()
-        assert frozen == gc.get_freeze_count() > 10_000
+        assert frozen > 10_000
+        # A frozen object may still be freed (by another thread, say) before the count.
+        assert frozen - 100 <= gc.get_freeze_count() <= frozen
         assert "jobs.api.views" in sys.modules  # the views are loaded before, not after
     finally:
         gc.unfreeze()
