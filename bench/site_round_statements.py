@@ -61,6 +61,7 @@ import argparse
 import datetime as dt
 import hashlib
 import io
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -118,6 +119,10 @@ class RoundCount:
     listing: list[int] = field(default_factory=list)
     checks: int = 0
     controller: int = 0
+    # The CPU time of the worker's tasks in this process, in seconds (with the statements'
+    # capture on, as for every step).
+    checks_cpu: float = 0.0
+    controller_cpu: float = 0.0
     # Of those: BEGIN, COMMIT, SAVEPOINT and RELEASE (round trips, but no reads or writes).
     portal_control: int = 0
     worker_control: int = 0
@@ -147,6 +152,7 @@ class Kicks:
         self.queue: list[tuple[Any, int]] = []  # (the Celery task, its argument)
         self.control = 0  # transaction control among the statements :meth:`run` counted
         self.sql: list[str] = []  # the statements :meth:`run` counted
+        self.cpu = 0.0  # the CPU seconds of the tasks :meth:`run` ran last
 
     @contextmanager
     def collecting(self) -> Iterator[Kicks]:
@@ -179,11 +185,14 @@ class Kicks:
         # they would be a moment after the last upload.
         UPDATE_CHECKS.flush()
         statements = 0
+        self.cpu = 0.0
         while mine := [k for k in self.queue if k[0].name.endswith(name)]:
             task, arg = mine[0]
             self.queue.remove(mine[0])
             with CaptureQueriesContext(connection) as captured:
+                started = time.process_time()
                 task(arg)
+                self.cpu += time.process_time() - started
             statements += len(captured)
             self.control += control_statements(captured.captured_queries)
             self.sql += [q["sql"] for q in captured.captured_queries]
@@ -441,9 +450,11 @@ def rounds_counted(seeded: Seeded, rounds: int, kicks: Kicks) -> list[RoundCount
         kicks.control = 0
         kicks.sql = []
         count.checks = kicks.run("round_updates_check_task")
+        count.checks_cpu = kicks.cpu
         count.sql["worker: update checks"] = kicks.sql
         kicks.sql = []
         count.controller = kicks.run("job_advance_task")
+        count.controller_cpu = kicks.cpu
         count.sql["worker: round controller"] = kicks.sql
         count.worker_control = kicks.control
         counts.append(count)
@@ -523,6 +534,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     )
     print(md_table(["statements", *(f"round {c + 1}" for c in range(args.rounds))], rows))
+    cpu_rows = [
+        ["worker: update checks", *(f"{1000 * c.checks_cpu / c.sites:.2f}" for c in counts)],
+        [
+            "worker: round controller ÷ sites",
+            *(f"{1000 * c.controller_cpu / c.sites:.2f}" for c in counts),
+        ],
+    ]
+    print(
+        "\nThe worker's CPU time per site-round, in ms (this process; each round's uploads "
+        "checked by one gathered check):\n"
+    )
+    print(md_table(["CPU ms", *(f"round {c + 1}" for c in range(args.rounds))], cpu_rows))
     if args.show_sql:
         for step, statements in counts[-1].sql.items():
             print(f"\n### {step}: {len(statements)}\n")

@@ -49,6 +49,7 @@ from client_agent.runtime import TASK_SUBMIT_MODEL, TASK_TRAIN
 from client_agent.secagg.session import ProtocolError
 from client_agent.wire import WireFormatError, load_state_dict
 from common.rounds import round_for_people
+from fedportal.bulk import rows_update
 from fedportal.prepared import PreparedQuery
 from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
@@ -987,9 +988,7 @@ def _update_checks_record(rnd: Round, checked: list[_CheckedUpdate]) -> dict[int
             task = check.task
             task.state, task.reason = check.state, check.reason
             task.weight, task.metrics = check.weight, check.metrics
-        SiteTask.objects.bulk_update(
-            [check.task for check in decided], ["state", "reason", "weight", "metrics"]
-        )
+        rows_update([check.task for check in decided], ["state", "reason", "weight", "metrics"])
         # The checks left only finite numbers in accepted metrics. One insert: the lock in
         # ``_still_to_decide`` lets one check alone get here for a task, in the same
         # transaction, so none of these points can be stored already.
