@@ -20,6 +20,7 @@ import os
 import ssl
 import struct
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +31,20 @@ from client_agent import signing, tls
 from client_agent.protocol import HEADER_AGENT_VERSION, HEADER_CONTENT_SHA256
 
 CHUNK = 1 << 20
+# An idle connection is used again for the next request only within this long: well under the
+# portal's own limit for an idle kept-alive connection (10 s, FEDPORTAL_HTTP_HEADER_TIMEOUT_
+# SECONDS; nginx's is 75 s), so that the portal seldom closes one as a request sets out on it.
+IDLE_REUSE_SECONDS = 4.0
+# Idle connections kept at most: an agent makes one request at a time, now and then two.
+IDLE_KEPT = 2
+# What a request on a kept connection meets when the portal closed it meanwhile (idle, or
+# restarted): the request is sent again, once, on a new connection.
+STALE_CONNECTION_ERRORS = (
+    http.client.RemoteDisconnected,
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+)
 
 # Every byte the agent sends goes through PortalClient or the WebSocket. Given a recorder,
 # PortalClient (and the agent, for its socket) calls ``recorder(channel, method, path, body)``
@@ -177,8 +192,11 @@ class PortalClient:
     """Requests to one portal, signed with the site's key when ``key`` is given, or as a
     person with ``api_token`` (``Authorization: Bearer``; what ``ProdEnv`` uses).
 
-    One connection per call: agents make a few requests per round, and a fresh connection
-    is what survives a portal restart without bookkeeping. Plain HTTP is refused
+    A connection whose answer was read whole is kept (HTTP keep-alive) and used again by a
+    request within :data:`IDLE_REUSE_SECONDS`: an agent makes a request or two a round, and
+    a new connection for each cost the portal an accepted socket and a protocol set up and
+    torn down every time. A request that finds its kept connection closed by the portal
+    (idle, or restarted) is sent again on a new one, signed anew. Plain HTTP is refused
     (:class:`InsecurePortal`) unless the portal is on this machine or ``insecure`` is set.
     HTTPS is verified with :func:`client_agent.tls.client_context` (``ca_file``: the site's
     CA bundle; :class:`~client_agent.tls.BadCABundle` here when it cannot be loaded), and
@@ -211,6 +229,10 @@ class PortalClient:
         self.wire = wire
         _, self.trust_source = tls.trust_source(ca_file)
         self.tls = tls.client_context(ca_file) if self.scheme == "https" else None
+        # Kept connections, each with the moment it fell idle (time.monotonic()); requests
+        # may come from several threads (the agent runs them off its event loop).
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._idle_lock = threading.Lock()
 
     def record(self, channel: str, method: str, path: str, body: bytes) -> None:
         """Show ``body``, about to be sent, to the wire recorder, if there is one."""
@@ -229,6 +251,44 @@ class PortalClient:
                 self.host, self.port, timeout=self.timeout, context=self.tls
             )
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _take_connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept connection idle for less than :data:`IDLE_REUSE_SECONDS` (True: kept),
+        else a new one (False); older kept ones are closed."""
+        now = time.monotonic()
+        stale: list[http.client.HTTPConnection] = []
+        taken: http.client.HTTPConnection | None = None
+        with self._idle_lock:
+            while self._idle and taken is None:
+                connection, since = self._idle.pop()
+                if now - since < IDLE_REUSE_SECONDS:
+                    taken = connection
+                else:
+                    stale.append(connection)
+        for connection in stale:
+            connection.close()
+        if taken is not None:
+            return taken, True
+        return self._connection(), False
+
+    def _release(
+        self, connection: http.client.HTTPConnection, response: http.client.HTTPResponse
+    ) -> None:
+        """Keep ``connection`` for a later request if its ``response`` was read whole and the
+        portal keeps it open; close it otherwise."""
+        if not response.will_close and response.isclosed():
+            with self._idle_lock:
+                if len(self._idle) < IDLE_KEPT:
+                    self._idle.append((connection, time.monotonic()))
+                    return
+        connection.close()
+
+    def close(self) -> None:
+        """Close the kept connections (the client stays usable: it opens new ones)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for connection, _since in idle:
+            connection.close()
 
     def _headers(
         self, method: str, target: str, body: bytes = b"", digest: str | None = None
@@ -265,31 +325,37 @@ class PortalClient:
         file: Path | None = None,
         digest: str | None = None,
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Send the request; the connection it went on and the answer, whose body the caller
+        reads and then hands both to :meth:`_release` (or closes the connection)."""
         target = self.target(path)
-        all_headers = self._headers(method, target, body, digest)
-        all_headers.update(headers or {})
-        connection = self._connection()
-        try:
-            if file is not None:
-                size = file.stat().st_size
-                all_headers["Content-Length"] = str(size)
-                connection.putrequest(method, target, skip_accept_encoding=True)
-                for name, value in all_headers.items():
-                    connection.putheader(name, value)
-                connection.endheaders()
-                with open(file, "rb") as fh:
-                    while chunk := fh.read(CHUNK):
-                        connection.send(chunk)
-            else:
-                connection.request(method, target, body=body or None, headers=all_headers)
-            response = connection.getresponse()
-        except ssl.SSLCertVerificationError as exc:
-            connection.close()
-            raise PortalUntrusted(f"{self.url}: {self.untrusted(exc)}") from exc
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc
-        return connection, response
+        while True:
+            connection, kept = self._take_connection()
+            # Signed for each attempt: a signature's nonce is accepted once.
+            all_headers = self._headers(method, target, body, digest)
+            all_headers.update(headers or {})
+            try:
+                if file is not None:
+                    size = file.stat().st_size
+                    all_headers["Content-Length"] = str(size)
+                    connection.putrequest(method, target, skip_accept_encoding=True)
+                    for name, value in all_headers.items():
+                        connection.putheader(name, value)
+                    connection.endheaders()
+                    with open(file, "rb") as fh:
+                        while chunk := fh.read(CHUNK):
+                            connection.send(chunk)
+                else:
+                    connection.request(method, target, body=body or None, headers=all_headers)
+                response = connection.getresponse()
+            except ssl.SSLCertVerificationError as exc:
+                connection.close()
+                raise PortalUntrusted(f"{self.url}: {self.untrusted(exc)}") from exc
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                if kept and isinstance(exc, STALE_CONNECTION_ERRORS):
+                    continue  # closed by the portal meanwhile: again, on a new connection
+                raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc
+            return connection, response
 
     def _json_call(self, method: str, path: str, payload: Any = None) -> Any:
         body = b"" if payload is None else json.dumps(payload).encode()
@@ -305,13 +371,14 @@ class PortalClient:
         connection: http.client.HTTPConnection,
         response: http.client.HTTPResponse,
     ) -> Any:
-        """Read a JSON answer whole and close; a 4xx/5xx becomes PortalError."""
+        """Read a JSON answer whole (the connection kept for the next request, or closed); a
+        4xx/5xx becomes PortalError."""
         try:
             data = response.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc
-        finally:
             connection.close()
+            raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc
+        self._release(connection, response)
         if response.status >= 400:
             raise _error_from(response.status, data)
         return json.loads(data) if data else None
@@ -343,9 +410,12 @@ class PortalClient:
                     out.write(chunk)
         except (OSError, http.client.HTTPException) as exc:
             partial.unlink(missing_ok=True)
-            raise PortalUnreachable(f"GET {self.url}{path}: {exc}") from exc
-        finally:
             connection.close()
+            raise PortalUnreachable(f"GET {self.url}{path}: {exc}") from exc
+        except BaseException:
+            connection.close()
+            raise
+        self._release(connection, response)
         expected = (response.getheader(HEADER_CONTENT_SHA256) or "").strip().lower()
         if expected and expected != digest.hexdigest():
             partial.unlink(missing_ok=True)
