@@ -20,12 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import benchlib
 from benchlib import md_table, median
-from upload_flood import free_port, migrated_database
+from benchlib.portal import free_port, migrated_database, wait_until_serving
 
 from client_agent.portal import PortalClient
 
@@ -78,15 +77,7 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the portal did not start") from None
-                time.sleep(0.1)
+        wait_until_serving(port, server, "the portal")
         client = PortalClient(f"http://127.0.0.1:{port}")
         turn(client, server.pid, 200, kept=True)  # warm-up
         results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}

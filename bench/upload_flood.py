@@ -36,21 +36,15 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib
+from benchlib.portal import free_port, migrated_database, wait_until_serving
 
 ROOT = benchlib.REPO_ROOT
 CHUNK = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def tmpdir_bytes(pid: int, tmpdir: Path) -> int:
@@ -183,26 +177,6 @@ def slow_headers(port: int, count: int, seconds: float) -> int:
     return len(open_socks)
 
 
-def migrated_database(workspace: Path, env: dict[str, str]) -> str:
-    """Migrate, and make a person with an API token; returns the token."""
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-        cwd=ROOT,
-        env=env,
-        check=True,
-    )
-    code = (
-        "import django; django.setup(); from django.contrib.auth import get_user_model; "
-        "from sites.services import api_token_create; "
-        "user = get_user_model().objects.create_user('bench', password=None); "
-        "print(api_token_create(user=user, name='bench')[1])"
-    )
-    made = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
-    )
-    return made.stdout.strip().splitlines()[-1]
-
-
 def run_server(
     label: str,
     command: list[str],
@@ -222,15 +196,7 @@ def run_server(
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{label} did not start") from None
-                time.sleep(0.1)
+        wait_until_serving(port, proc, label)
         rows: list[tuple[str, ...]] = []
         for name, head, tail in requests(size, key):
             time.sleep(1)

@@ -1,5 +1,7 @@
 """A portal of the bench's own: a scratch PostgreSQL database, media and data folders, and
-Django set up against them; all of it removed afterwards."""
+Django set up against them, all of it removed afterwards; and for benches that start the
+portal's server (``python -m fedportal.serve``): a free port, a migrated database with a
+person's API token, and the wait until it serves."""
 
 from __future__ import annotations
 
@@ -7,13 +9,65 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchlib import REPO_ROOT
+
 POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def migrated_database(workspace: Path, env: dict[str, str]) -> str:
+    """Migrate the database of ``env``, and make a person with an API token; returns the
+    token."""
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+    )
+    code = (
+        "import django; django.setup(); from django.contrib.auth import get_user_model; "
+        "from sites.services import api_token_create; "
+        "user = get_user_model().objects.create_user('bench', password=None); "
+        "print(api_token_create(user=user, name='bench')[1])"
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return made.stdout.strip().splitlines()[-1]
+
+
+def wait_until_serving(port: int, proc: subprocess.Popen[bytes], label: str) -> None:
+    """Return once the server ``proc`` answers ``/healthz`` on ``port``; RuntimeError if it
+    exits first or takes more than a minute."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{label} did not start") from None
+            time.sleep(0.1)
 
 
 def bench_env(tmp: Path, db_name: str, name: str) -> dict[str, str]:
