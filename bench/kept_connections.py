@@ -15,7 +15,6 @@ time (``/proc/<pid>/stat``) and the client's wall time; best and median of ``--t
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,12 @@ from pathlib import Path
 
 import benchlib
 from benchlib import md_table, median
-from benchlib.portal import free_port, migrated_database, wait_until_serving
+from benchlib.portal import (
+    free_port,
+    migrated_database,
+    served_portal_env,
+    wait_until_serving,
+)
 
 from client_agent.portal import PortalClient
 
@@ -56,17 +60,7 @@ def main() -> None:
         "server, on a kept connection and on a new connection each, in turns.",
     )
     workspace = Path(tempfile.mkdtemp(prefix="fedportal-kept-"))
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
-        "DJANGO_SECRET_KEY": "bench-only-secret-key-" + "k" * 40,
-        "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": "bench-only-ca-key-encryption-key",
-        "DJANGO_DEBUG": "false",
-        "FEDPORTAL_DATA_DIR": str(workspace),
-        "DATABASE_URL": f"sqlite:///{workspace / 'db.sqlite3'}",
-        "PYTHONPATH": str(ROOT),
-    }
-    env.pop("FEDPORTAL_DEV", None)
+    env = served_portal_env(workspace)
     migrated_database(workspace, env)
     port = free_port()
     server = subprocess.Popen(

@@ -41,7 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib
-from benchlib.portal import free_port, migrated_database, wait_until_serving
+from benchlib.portal import (
+    free_port,
+    migrated_database,
+    served_portal_env,
+    wait_until_serving,
+)
 
 ROOT = benchlib.REPO_ROOT
 CHUNK = 1 << 20
@@ -284,18 +289,7 @@ def main() -> None:
     workspace = Path(tempfile.mkdtemp(prefix="fedportal-flood-"))
     try:
         (workspace / "tmp").mkdir()
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
-            "DJANGO_SECRET_KEY": "bench-only-secret-key-" + "b" * 40,
-            "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": "bench-only-ca-key-encryption-key",
-            "DJANGO_DEBUG": "false",
-            "FEDPORTAL_DATA_DIR": str(workspace),
-            "DATABASE_URL": f"sqlite:///{workspace / 'db.sqlite3'}",
-            "TMPDIR": str(workspace / "tmp"),
-            "PYTHONPATH": str(ROOT),
-        }
-        env.pop("FEDPORTAL_DEV", None)
+        env = served_portal_env(workspace, TMPDIR=str(workspace / "tmp"))
         key = migrated_database(workspace, env)
         servers = [("fedportal.serve", [sys.executable, "-m", "fedportal.serve"])]
         if args.compare_daphne:

@@ -24,6 +24,24 @@ from benchlib import REPO_ROOT
 POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
 
 
+def served_portal_env(workspace: Path, **extra: str) -> dict[str, str]:
+    """The environment of a portal server a bench starts: fail-closed settings (no DEBUG, no
+    development mode), a SQLite database and data folder in ``workspace``, and ``extra``."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "fedportal.settings.base",
+        "DJANGO_SECRET_KEY": "bench-only-secret-key-" + secrets.token_urlsafe(32),
+        "FEDPORTAL_CA_KEY_ENCRYPTION_KEY": "bench-only-ca-key-encryption-key",
+        "DJANGO_DEBUG": "false",
+        "FEDPORTAL_DATA_DIR": str(workspace),
+        "DATABASE_URL": f"sqlite:///{workspace / 'db.sqlite3'}",
+        "PYTHONPATH": str(REPO_ROOT),
+        **extra,
+    }
+    env.pop("FEDPORTAL_DEV", None)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
