@@ -353,7 +353,10 @@ class PortalClient:
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
                 if kept and isinstance(exc, STALE_CONNECTION_ERRORS):
-                    continue  # closed by the portal meanwhile: again, on a new connection
+                    # Closed by the portal meanwhile, and so, likely, every other kept one
+                    # (a restart): once more, on a new connection.
+                    self.close()
+                    continue
                 raise PortalUnreachable(f"{method} {self.url}{path}: {exc}") from exc
             return connection, response
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,6 +122,33 @@ def test_a_connection_the_portal_closed_meanwhile_is_replaced_and_the_request_si
     first, second = server.requests
     assert second["body"] == "u" * 5000
     assert first[signing.HEADER_NONCE] != second[signing.HEADER_NONCE]
+
+
+def test_after_a_restart_the_request_is_sent_again_once_whatever_was_kept(
+    server: CountingServer, client: PortalClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two requests at once leave two kept connections.
+    first, first_response = client._send("GET", "/a/")
+    second, second_response = client._send("GET", "/b/")
+    first_response.read()
+    second_response.read()
+    client._release(first, first_response)
+    client._release(second, second_response)
+    assert server.accepted == 2
+    server.drop_connections()  # the portal restarted
+    signed = client._headers
+    attempts: list[str] = []
+
+    def counted(method: str, target: str, *args: Any) -> dict[str, str]:
+        attempts.append(target)
+        return signed(method, target, *args)
+
+    monkeypatch.setattr(client, "_headers", counted)
+    assert client.get("/c/") == {"seen": 3}
+    # One attempt on a kept connection, then one on a new connection: the other kept one is
+    # closed, not tried.
+    assert attempts == ["/c/", "/c/"]
+    assert server.accepted == 3
 
 
 def test_a_connection_idle_too_long_is_not_used_again(
