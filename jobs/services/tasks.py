@@ -311,7 +311,9 @@ def _round_updates_check_enqueue(round_id: int) -> None:
 # update of the round that waits anyway, and Celery's publish of a check for each upload was
 # the largest single cost of a busy portal (6% of its CPU at 150 agents, profiled).
 UPDATE_CHECKS = GatheredKicks(
-    _round_updates_check_enqueue, lambda: settings.FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS
+    _round_updates_check_enqueue,
+    lambda: settings.FEDPORTAL_UPDATE_CHECK_GATHER_SECONDS,
+    quiet=lambda: settings.FEDPORTAL_UPDATE_CHECK_QUIET_SECONDS,
 )
 
 

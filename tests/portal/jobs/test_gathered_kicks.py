@@ -32,12 +32,14 @@ class Kicked:
     def __init__(self) -> None:
         self.keys: list[object] = []
         self.threads: list[threading.Thread] = []
+        self.times: list[float] = []  # time.monotonic() of each key's kick
         self.changed = threading.Condition()
 
     def __call__(self, key: object) -> None:
         with self.changed:
             self.keys.append(key)
             self.threads.append(threading.current_thread())
+            self.times.append(time.monotonic())
             self.changed.notify_all()
 
     def wait(self, count: int) -> list[object]:
@@ -60,6 +62,32 @@ def test_the_kicks_of_a_moment_go_once_for_each_key_after_the_wait() -> None:
 
     gathered.add(7)  # a kick after the flush starts a new gathering
     assert kicked.wait(4) == [7, 8, 9, 7]
+
+
+def test_a_burst_that_is_over_goes_after_the_quiet_gap_not_the_whole_wait() -> None:
+    kicked = Kicked()
+    gathered = GatheredKicks(kicked, lambda: 5.0, quiet=lambda: 0.1)
+    started = time.monotonic()
+    for key in (7, 8, 7):
+        gathered.add(key)
+    assert kicked.wait(2) == [7, 8]
+    waited = time.monotonic() - started
+    assert 0.1 <= waited < 2.0  # the quiet gap after the last kick, not the 5 s
+
+
+def test_a_steady_stream_is_gathered_until_the_whole_wait() -> None:
+    kicked = Kicked()
+    gathered = GatheredKicks(kicked, lambda: 0.8, quiet=lambda: 0.2)
+    # A kick every 0.05 s for 1.5 s, never 0.2 s apart: the gathering ends 0.8 s after its
+    # first kick (not 0.2 s after it), and the kicks after that start the next one.
+    started = time.monotonic()
+    for key in range(30):
+        gathered.add(key)
+        time.sleep(0.05)
+    assert kicked.wait(30) == list(range(30))
+    first_flush = kicked.times[0] - started
+    assert 0.8 <= first_flush < 1.5, first_flush
+    assert kicked.times[-1] - kicked.times[0] >= 0.1  # the last kicks went in a later one
 
 
 def test_with_no_wait_each_kick_is_enqueued_at_once_in_the_callers_thread() -> None:
