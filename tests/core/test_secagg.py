@@ -22,6 +22,7 @@ from client_agent.secagg.masking import (
     unmask_sum,
 )
 from client_agent.secagg.sealed import SealedShareError, open_sealed, seal
+from tests.ring_uniformity import UNIFORM_CHI2_MAX, chi2_top_bits
 
 CONTEXT = b"job-1"
 
@@ -242,14 +243,12 @@ def test_too_few_surviving_neighbours_fail_the_recovery() -> None:
 
 
 def test_a_masked_vector_is_uniform_in_the_ring() -> None:
-    # What the portal stores of one site: its top 4 bits in 16 bins, chi-square with 15
-    # degrees of freedom under 37.7 (p = 0.001) — the unmasked values are far from uniform.
+    # What the portal stores of one site (tests.ring_uniformity); the unmasked values are far
+    # from uniform.
     one = Round(sites=5, length=50_000)
     for vector in (one.masked[0], ring.quantize(one.values[0], sites=5)):
-        counts = np.bincount((vector >> np.uint64(60)).astype(np.int64), minlength=16)
-        expected = len(vector) / 16
-        chi2 = float(np.sum((counts - expected) ** 2 / expected))
-        uniform = chi2 < 37.7
+        chi2 = chi2_top_bits(vector)
+        uniform = chi2 < UNIFORM_CHI2_MAX
         assert uniform == (vector is one.masked[0]), chi2
 
 

@@ -24,6 +24,7 @@ from client_agent.secagg.session import (
     round_context,
 )
 from client_agent.secagg.vector import Layout
+from tests.ring_uniformity import UNIFORM_CHI2_MAX, chi2_top_bits
 
 JOB = "job-1"
 
@@ -77,21 +78,16 @@ def test_a_survivor_that_vanishes_before_revealing_is_not_needed() -> None:
 
 
 def test_every_stored_upload_is_uniform_in_the_ring() -> None:
-    # All that the server keeps of a site's update is its masked vector: the top 4 bits in 16
-    # bins pass a chi-square test (15 degrees of freedom, under 37.7 is p > 0.001); the same
-    # test tells an unmasked quantized update from uniform, so it can fail.
+    # All that the server keeps of a site's update is its masked vector: it passes the
+    # uniformity test of tests.ring_uniformity, which tells an unmasked quantized update from
+    # uniform, so it can fail.
     vectors = {site: np.zeros(40_000) for site in ("a", "b", "c", "d")}
     vectors["b"][:] = 1.0  # a site whose update is all ones: still uniform once masked
     result = run_local(MASKING, vectors, job=JOB, round_number=0, drop_after_shares=["d"])
 
-    def chi2(values: np.ndarray) -> float:
-        counts = np.bincount((values >> np.uint64(60)).astype(np.int64), minlength=16)
-        expected = len(values) / 16
-        return float(np.sum((counts - expected) ** 2 / expected))
-
     for site, stored in result.stored.items():
-        assert chi2(np.frombuffer(stored, dtype="<u8")) < 37.7, site
-    assert chi2(ring.quantize(vectors["b"], sites=4)) > 1_000
+        assert chi2_top_bits(np.frombuffer(stored, dtype="<u8")) < UNIFORM_CHI2_MAX, site
+    assert chi2_top_bits(ring.quantize(vectors["b"], sites=4)) > 1_000
 
 
 def test_no_site_reveals_both_secrets_of_one_site() -> None:

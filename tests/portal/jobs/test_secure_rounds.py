@@ -40,6 +40,7 @@ from jobs.services.submission import job_submit
 from sites import services as site_services
 from tests.portal.factories import EnrolledSite, OrganizationFactory, creator_of, enrolled_site
 from tests.portal.jobs_api_world import update_bytes
+from tests.ring_uniformity import UNIFORM_CHI2_MAX, chi2_top_bits
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -49,8 +50,6 @@ pytestmark = [
 # 528 values: enough for a chi-square test over 16 bins, one CKKS batch under HE.
 SHAPES = {"b": (16,), "w": (32, 16)}
 LAYOUT = Layout.of(SHAPES)
-CHI2_15_DOF_P001 = 37.7
-"""Chi-square with 15 degrees of freedom: above this, p < 0.001 (not uniform)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,13 +762,6 @@ def test_the_same_message_twice_is_taken_once_and_a_different_one_refused(
 # --------------------------------------------------------------------------------------------
 
 
-def chi2_top_bits(values: np.ndarray) -> float:
-    """Chi-square of the top 4 bits of 64-bit ring elements over their 16 values."""
-    counts = np.bincount((values >> np.uint64(60)).astype(np.int64), minlength=16)
-    expected = len(values) / 16
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
 def test_what_the_portal_keeps_of_a_round_with_a_dropout_reveals_no_site(tmp_path: Path) -> None:
     job, agents, updates = masked_round_with_dropouts(tmp_path, 5, ["site-3"])
     assert job.state == JobState.COMPLETED, job.failure_reason
@@ -782,7 +774,7 @@ def test_what_the_portal_keeps_of_a_round_with_a_dropout_reveals_no_site(tmp_pat
     for task in stored:
         values = np.frombuffer(protected_bytes(task.update.path), dtype="<u8")
         assert len(values) == LAYOUT.length
-        assert chi2_top_bits(values) < CHI2_15_DOF_P001, task.site.name
+        assert chi2_top_bits(values) < UNIFORM_CHI2_MAX, task.site.name
     params, weight = updates["site-1"]
     clear = ring.quantize(LAYOUT.flatten(params, weight=weight), sites=5)
     assert chi2_top_bits(clear) > 1_000
