@@ -15,6 +15,7 @@ time (``/proc/<pid>/stat``) and the client's wall time; best and median of ``--t
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,17 +50,10 @@ def turn(client: PortalClient, pid: int, requests: int, *, kept: bool) -> tuple[
     return 1000 * cpu / requests, 1000 * wall / requests
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--turns", type=int, default=5)
-    args = parser.parse_args()
-    benchlib.print_header(
-        "Kept connections (bench/kept_connections.py)",
-        f"{args.requests} GET /healthz a turn through PortalClient against the portal's "
-        "server, on a kept connection and on a new connection each, in turns.",
-    )
-    workspace = Path(tempfile.mkdtemp(prefix="fedportal-kept-"))
+def measured(workspace: Path, requests: int, turns: int) -> dict[bool, list[tuple[float, float]]]:
+    """The portal's server on a database in ``workspace``: per turn, with a kept connection
+    (True) and a new connection each (False), the server's CPU ms and the client's wall ms per
+    request."""
     env = served_portal_env(workspace)
     migrated_database(workspace, env)
     port = free_port()
@@ -75,14 +69,34 @@ def main() -> None:
         client = PortalClient(f"http://127.0.0.1:{port}")
         turn(client, server.pid, 200, kept=True)  # warm-up
         results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
-        for _ in range(args.turns):
+        for _ in range(turns):
             for kept in (False, True):
-                results[kept].append(turn(client, server.pid, args.requests, kept=kept))
+                results[kept].append(turn(client, server.pid, requests, kept=kept))
         client.close()
+        return results
     finally:
         server.terminate()
-        server.wait(timeout=10)
-        subprocess.run(["rm", "-rf", str(workspace)], check=False)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--turns", type=int, default=5)
+    args = parser.parse_args()
+    benchlib.print_header(
+        "Kept connections (bench/kept_connections.py)",
+        f"{args.requests} GET /healthz a turn through PortalClient against the portal's "
+        "server, on a kept connection and on a new connection each, in turns.",
+    )
+    workspace = Path(tempfile.mkdtemp(prefix="fedportal-kept-"))
+    try:
+        results = measured(workspace, args.requests, args.turns)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
     rows = []
     for kept, label in ((False, "a new connection each"), (True, "a kept connection")):
         cpu = [c for c, _ in results[kept]]
