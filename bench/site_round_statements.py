@@ -21,10 +21,12 @@ through the portal's own request path, and each step's statements are counted
 4. **report**: a ``report`` message with the script's ``flare.log`` points and output lines
    (``--points``, 4, and ``--lines``, 20; none of either: no report, as from the "echo" script
    of ``bench/scale_out.py`` and of the issue's first measurements);
-5. **upload**: ``PUT …/rounds/<n>/update/``, signed, the update streamed; with the server's
-   check of its sender before the body is read (``fedportal.bodylimits``: the signature and
-   the task), which Daphne runs and the test client does not, and the task it read handed to
-   the view in the request's scope, as ``fedportal.server`` does.
+5. **upload**: an update within ``FEDPORTAL_SOCKET_UPDATE_MAX_BYTES`` (the bench's is) goes
+   in an ``update`` message on the socket, as the agent sends it; a larger one (or with that
+   setting at 0) as ``PUT …/rounds/<n>/update/``, signed, the update streamed, with the
+   server's check of its sender before the body is read (``fedportal.bodylimits``: the
+   signature and the task), which Daphne runs and the test client does not, and the task it
+   read handed to the view in the request's scope, as ``fedportal.server`` does.
 
 The agent's job list (``GET /api/v1/agent/jobs/``) is no step of a round: an agent lists its
 jobs when it connects, when a job's state changes, when a round's event did not carry its task,
@@ -302,10 +304,11 @@ def site_round(
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    from client_agent.protocol import HEARTBEAT, REPORT
+    from client_agent.protocol import HEARTBEAT, REPORT, UpdateMessage
     from fedportal.bodylimits import _site_check
     from jobs.api.authentication import HEADER_CONTENT_SHA256
     from jobs.consumers import _handle
+    from jobs.services.tasks import socket_update_max_bytes
     from sites.authentication import SiteIdentity, identity_check
     from sites.models import Site
     from sites.signed_cache import site_heartbeat_due
@@ -400,15 +403,16 @@ def site_round(
         counted("report", lambda: socket(report))
     else:
         counted("report", lambda: None)
-    counted(
-        "upload",
-        lambda: signed(
-            "PUT",
-            f"{base}update/",
-            data,
-            **{HEADER_CONTENT_SHA256: hashlib.sha256(data).hexdigest()},
-        ),
-    )
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) <= socket_update_max_bytes():
+        # As the agent sends it when the welcome takes an update this size: on the socket.
+        update = UpdateMessage(job=str(uid), round=number, sha256=digest, data=data, id="u")
+        counted("upload", lambda: socket(update.to_json()))
+    else:
+        counted(
+            "upload",
+            lambda: signed("PUT", f"{base}update/", data, **{HEADER_CONTENT_SHA256: digest}),
+        )
     counted(APART, lambda: signed("GET", "/api/v1/agent/jobs/"))
 
 

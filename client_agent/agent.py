@@ -27,8 +27,10 @@ One asyncio loop does three things at once:
   came with it (a small global model, checked against its SHA-256) or else downloads it (the
   global model, or the checkpoint the round's plan names) with ``training`` reported by the
   download, hands the script its task (train, validate or submit_model, with its round counts
-  and meta), flushes its metrics, and uploads the script's answer, streamed (for validate,
-  metrics alone).
+  and meta), flushes its metrics, and sends the script's answer (for validate, metrics
+  alone): on the socket when the portal's welcome takes an update that size (a small model;
+  no signed HTTP request to check), otherwise, or when the socket goes before the portal
+  answers, uploaded over HTTP, streamed.
 
 The agent runs only jobs its site accepted: automatically when the site's project setting
 says so, otherwise after the site admin decides on the portal. What leaves the site: model
@@ -96,6 +98,7 @@ from client_agent.privacy.release import (
 from client_agent.protocol import (
     CLOSE_REVOKED,
     CLOSE_UNAUTHENTICATED,
+    ERROR_TOO_LARGE,
     HEADER_AGENT_VERSION,
     WS_PATH,
     Ack,
@@ -105,8 +108,10 @@ from client_agent.protocol import (
     Heartbeat,
     PortalMessage,
     Report,
+    UpdateMessage,
     Welcome,
     cut_line,
+    encode,
     parse_portal_message,
 )
 from client_agent.reports import OutputTail
@@ -129,6 +134,9 @@ METRICS_PER_MESSAGE = 500
 LOG_LINES_PER_MESSAGE = 500
 FLUSH_SECONDS = 0.25
 UPLOAD_RETRY_MAX_SECONDS = 30.0
+# How long an update sent on the socket waits for the portal's answer before it goes over HTTP
+# instead (the portal stores one update per task: if the first did arrive, HTTP hears so).
+UPDATE_ANSWER_SECONDS = 30.0
 # In a job's workspace: the SHA-256 of an app archive this agent refused, and why.
 REJECTED_APP_FILE = "app-rejected.json"
 
@@ -164,6 +172,13 @@ def event_model_write(model: dict[str, Any], dest: Path) -> str | None:
     partial.write_bytes(data)
     os.replace(partial, dest)
     return None
+
+
+def _read_if_at_most(path: Path, most: int) -> bytes | None:
+    """The file's bytes if it holds at most ``most``; None otherwise (read no further)."""
+    with open(path, "rb") as fh:
+        data = fh.read(most + 1)
+    return data if len(data) <= most else None
 
 
 def reconnect_delay(
@@ -236,6 +251,10 @@ class Agent:
         self.session = secrets.token_hex(4)
         self.outbox = Outbox(session=self.session, say=self.say)
         self.ws: Any = None
+        # The largest update the portal takes on this connection's socket (its welcome; 0:
+        # every update over HTTP), and the updates sent there that wait for its answer.
+        self.update_max_bytes = 0
+        self.update_answers: dict[str, asyncio.Future[Ack | None]] = {}
         self.refused: str | None = None
         self._announced: set[str] = set()
         # Whether this connection's first listing was followed by the policy's report: the
@@ -374,7 +393,9 @@ class Agent:
                     attempt = 0  # connected: the next loss starts from the first window
                     delay = reconnect_delay(attempt, cap=self.reconnect_max_seconds)
                     self.say(f"connected to {self.client.url} as site {first.site}")
+                    self.update_max_bytes = first.update_max_bytes
                     await self._session(ws, first.heartbeat_seconds)
+                    self.say("the portal closed the connection; reconnecting")
             except asyncio.CancelledError:
                 raise
             except ConnectionClosed as exc:
@@ -393,6 +414,8 @@ class Agent:
                 )
             finally:
                 self.ws = None
+                self.update_max_bytes = 0
+                self._updates_unanswered()
             await asyncio.sleep(delay)
             attempt += 1
 
@@ -428,8 +451,12 @@ class Agent:
         writer = asyncio.create_task(self._writer(ws))
         beat = asyncio.create_task(self._heartbeat(ws, heartbeat_seconds))
         try:
+            # The reader ends without an error when the socket closes cleanly (1000, 1001: a
+            # portal that shuts down): that ends the session too, not the next heartbeat that
+            # fails up to HEARTBEAT_SECONDS later, and with it the wait of the updates sent on
+            # the socket (they go over HTTP at once).
             done, _ = await asyncio.wait(
-                {reader, writer, beat}, return_when=asyncio.FIRST_EXCEPTION
+                {reader, writer, beat}, return_when=asyncio.FIRST_COMPLETED
             )
             for task in done:
                 task.result()  # re-raise what ended the session
@@ -447,6 +474,11 @@ class Agent:
                 if _brings_work(message.event):
                     self.wake.set()
             elif isinstance(message, Ack):
+                waiting = self.update_answers.pop(str(message.id), None)
+                if waiting is not None:
+                    if not waiting.done():
+                        waiting.set_result(message)
+                    continue
                 if self.outbox.acknowledged(message):
                     self.outbox_ready.set()  # back in the queue
                 async with self.acked:
@@ -503,6 +535,46 @@ class Agent:
                     continue
                 self.client.record("ws", "SEND", WS_PATH, data.encode())
                 await ws.send(data)
+
+    async def send_update(self, job: str, number: int, path: Path) -> Ack | None:
+        """Send round ``number``'s update of ``job`` on the socket and wait for the portal's
+        answer (its acknowledgement: taken, or refused with the reason and HTTP status an
+        upload would get). None when it did not go that way: no socket, a portal that takes
+        none this large (the welcome's ``update_max_bytes``), or no answer before the
+        connection went or :data:`UPDATE_ANSWER_SECONDS` passed. The caller then uploads it
+        over HTTP, which the portal refuses (409) if this one did arrive."""
+        ws, most = self.ws, self.update_max_bytes
+        if ws is None or most <= 0:
+            return None
+        data = await asyncio.to_thread(_read_if_at_most, path, most)
+        if data is None:
+            return None
+        message_id = f"update-{self.session}-{secrets.token_hex(6)}"
+        answer: asyncio.Future[Ack | None] = self.loop.create_future()
+        self.update_answers[message_id] = answer
+        message = UpdateMessage(
+            job=job,
+            round=number,
+            sha256=hashlib.sha256(data).hexdigest(),
+            data=data,
+            id=message_id,
+        )
+        try:
+            # What the wire log shows of it is the update file's tensors, as for an upload.
+            self.client.record("ws", "UPDATE", WS_PATH, data)
+            await ws.send(encode(message.to_json()))
+            return await asyncio.wait_for(answer, UPDATE_ANSWER_SECONDS)
+        except (ConnectionClosed, TimeoutError):
+            return None
+        finally:
+            self.update_answers.pop(message_id, None)
+
+    def _updates_unanswered(self) -> None:
+        """The socket went: the updates sent on it that wait for an answer will hear none."""
+        answers, self.update_answers = self.update_answers, {}
+        for answer in answers.values():
+            if not answer.done():
+                answer.set_result(None)
 
     async def _heartbeat(self, ws: Any, seconds: float) -> None:
         while True:
@@ -840,7 +912,8 @@ class JobRunner:
         pause = 1.0
         while True:
             try:
-                await asyncio.to_thread(self.client.round_update, url, path)
+                if not await self._upload_on_socket(path, number):
+                    await asyncio.to_thread(self.client.round_update, url, path)
                 return
             except PortalUnreachable as exc:
                 why = f"portal unreachable ({exc})"
@@ -854,6 +927,23 @@ class JobRunner:
             )
             await asyncio.sleep(jittered(pause))
             pause = min(pause * 2, UPLOAD_RETRY_MAX_SECONDS)
+
+    async def _upload_on_socket(self, path: Path, number: int) -> bool:
+        """Send the update on the agent's socket if the portal takes one this size there
+        (:meth:`Agent.send_update`): True when it was taken. A refusal raises what the same
+        refusal over HTTP raises (:class:`RoundClosed` for 409), except ``too_large``: False,
+        as for no answer at all; the update then goes over HTTP."""
+        ack = await self.agent.send_update(self.uid, number, path)
+        if ack is None:
+            return False
+        error = ack.error
+        if error is None:
+            return True
+        if error.code == ERROR_TOO_LARGE:
+            return False
+        status = error.status or 400
+        refused = RoundClosed if status == 409 else PortalError
+        raise refused(status, error.code, error.message, error.field)
 
     async def _fail(
         self, task: dict[str, Any], reason: str, log_tail: str, *, privacy: bool = False

@@ -21,8 +21,11 @@ The messages, as JSON objects with a ``type``; each kind is a frozen dataclass h
 - portal → agent: :class:`Welcome` once, on connecting; :class:`Event` for every job or task
   change that concerns the site; :class:`Ack` for each message with an ``id``;
   :class:`ErrorMessage` for a message it cannot answer otherwise, and just before a close.
-- agent → portal: :class:`Heartbeat`, :class:`TaskProgress` and :class:`Report` — nothing else.
-  Model updates travel over HTTP, streamed.
+- agent → portal: :class:`Heartbeat`, :class:`TaskProgress`, :class:`Report` and
+  :class:`UpdateMessage` — nothing else. A round's update travels in an ``update`` message
+  when the portal's welcome says it takes one that size (``update_max_bytes``: a small model,
+  which costs the portal far less on the open socket than a signed HTTP request); a larger
+  one, or any update while the socket is down, is uploaded over HTTP, streamed.
 
 Round numbers count from 0 here, as in the database and the Client API; only text meant for a
 person shows them from 1 (``common.rounds``).
@@ -30,6 +33,8 @@ person shows them from 1 (``common.rounds``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -38,6 +43,9 @@ from typing import Any
 from common.validators import is_int
 
 MAX_MESSAGE_BYTES = 512 * 1024
+# The largest update an ``update`` message can carry: base64 (4 characters for 3 bytes) and the
+# rest of the message (ids, the job's uid, the digest) within MAX_MESSAGE_BYTES.
+SOCKET_UPDATE_MOST_BYTES = (MAX_MESSAGE_BYTES - 1024) // 4 * 3
 MAX_LINE_CHARS = 2000
 MAX_LINES_PER_REPORT = 1000
 # The longest a line's UTF-8 can be before it is cut: 4 bytes a character at most.
@@ -61,6 +69,7 @@ ERROR = "error"
 HEARTBEAT = "heartbeat"
 TASK = "task"
 REPORT = "report"
+UPDATE = "update"
 # "metrics" and "log" are taken as reports that hold only points, or only lines.
 REPORT_TYPES = (REPORT, "metrics", "log")
 
@@ -138,12 +147,15 @@ def _float_or_none(value: Any) -> float | None:
 @dataclass(frozen=True)
 class ErrorBody:
     """Why the portal refused a message or the socket: a ``code``, a ``message`` for people,
-    the ``field`` at fault when one is, and for ``slow_down`` the seconds to wait."""
+    the ``field`` at fault when one is, for ``slow_down`` the seconds to wait, and the HTTP
+    ``status`` the API answers the same refusal with (an update's refusal then means what it
+    means over HTTP: 409, the task takes nothing more; 5xx, try again later)."""
 
     code: str
     message: str
     field: str | None = None
     retry_after: float | None = None
+    status: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -151,28 +163,34 @@ class ErrorBody:
             body["field"] = self.field
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
+        if self.status is not None:
+            body["status"] = self.status
         return body
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> ErrorBody:
         """Leniently, as the agent reads it: a missing code is ``?``, a ``retry_after`` that is
         no number is None (the agent then waits its default)."""
-        field = data.get("field")
+        field, status = data.get("field"), data.get("status")
         return cls(
             code=str(data.get("code", "?")),
             message=str(data.get("message", "")),
             field=None if field is None else str(field),
             retry_after=_float_or_none(data.get("retry_after")),
+            status=status if is_int(status) and 100 <= status <= 599 else None,
         )
 
 
 @dataclass(frozen=True)
 class Welcome:
-    """The portal took the handshake: who the site is, and how often it wants heartbeats."""
+    """The portal took the handshake: who the site is, how often it wants heartbeats, and the
+    largest update it takes in an ``update`` message on this socket (0: none, every update
+    goes over HTTP; what a portal that does not say means)."""
 
     site: str
     project: str
     heartbeat_seconds: float = HEARTBEAT_SECONDS
+    update_max_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -180,16 +198,25 @@ class Welcome:
             "site": self.site,
             "project": self.project,
             "heartbeat_seconds": self.heartbeat_seconds,
+            "update_max_bytes": self.update_max_bytes,
         }
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> Welcome:
+        """An ``update_max_bytes`` that is no count is 0 (HTTP only), and one over what a
+        message can carry is cut to :data:`SOCKET_UPDATE_MOST_BYTES`."""
         try:
             seconds = float(data.get("heartbeat_seconds") or HEARTBEAT_SECONDS)
         except TypeError as exc:
             raise ProtocolError(f"heartbeat_seconds: {exc}", field="heartbeat_seconds") from None
+        most = data.get("update_max_bytes")
         return cls(
-            site=str(data.get("site")), project=str(data.get("project")), heartbeat_seconds=seconds
+            site=str(data.get("site")),
+            project=str(data.get("project")),
+            heartbeat_seconds=seconds,
+            update_max_bytes=min(most, SOCKET_UPDATE_MOST_BYTES)
+            if is_int(most) and most > 0
+            else 0,
         )
 
 
@@ -360,6 +387,54 @@ class Report:
         return cls(job=data.get("job"), points=points, lines=lines, id=message_id(data))
 
 
+class InvalidUpdate(ProtocolError):
+    """An ``update`` message without a round number, a digest or base64 data."""
+
+
+@dataclass(frozen=True)
+class UpdateMessage:
+    """The site's update for its task in round ``round`` of ``job``: the safetensors file's
+    bytes (base64 in the message) and their SHA-256, which the portal checks as it checks an
+    upload's ``X-Content-SHA256``. Acknowledged with the task's new ``state`` (``uploaded``,
+    or ``late``), or refused with the error and HTTP status an upload would get.
+
+    Only for an update within the welcome's ``update_max_bytes``; the socket is the signed
+    handshake's, so the message carries no signature of its own."""
+
+    job: object
+    round: int
+    sha256: str
+    data: bytes
+    id: str | int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"type": UPDATE, "job": self.job, "round": self.round}
+        message["sha256"] = self.sha256
+        message["data"] = base64.b64encode(self.data).decode("ascii")
+        if self.id is not None:
+            message["id"] = self.id
+        return message
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> UpdateMessage:
+        """Raises :class:`InvalidUpdate` naming the field at fault. The digest's form is the
+        upload service's to check, as it is for an upload's header."""
+        number, digest, encoded = data.get("round"), data.get("sha256"), data.get("data")
+        if not is_int(number):
+            raise InvalidUpdate("round must be an integer", field="round")
+        if not isinstance(digest, str):
+            raise InvalidUpdate("sha256 must be the update's SHA-256, in hex", field="sha256")
+        if not isinstance(encoded, str) or not encoded:
+            raise InvalidUpdate("data must be the update's bytes, base64", field="data")
+        try:
+            body = base64.b64decode(encoded.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise InvalidUpdate("data: not base64", field="data") from None
+        return cls(job=data.get("job"), round=number, sha256=digest, data=body, id=message_id(data))
+
+
 def unknown_type(kind: Any) -> UnknownMessage:
     """The error for a message of a type the portal takes none of."""
-    return UnknownMessage(f"unknown message type {kind!r}; send {HEARTBEAT}, {TASK} or {REPORT}")
+    return UnknownMessage(
+        f"unknown message type {kind!r}; send {HEARTBEAT}, {TASK}, {REPORT} or {UPDATE}"
+    )

@@ -8,10 +8,12 @@ enrolled site's agent gets in. Then:
   signed HTTP; a round that opens brings the task, and a small model too, when every site
   got the same: the task is then marked ``training``, with those of the other sockets of the
   moment); an ``ack`` for each message with an id; an ``error`` just before a close.
-- agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``failed``) and
+- agent → portal: ``heartbeat``, ``task`` (progress on a round's task, e.g. ``failed``),
   ``report`` (``flare.log`` points and the script's output lines; ``metrics`` and ``log`` are
-  accepted as reports with only one of them) — nothing else. Model updates travel over HTTP,
-  streamed.
+  accepted as reports with only one of them) and ``update`` (a round's update no larger than
+  the welcome's ``update_max_bytes``, ``FEDPORTAL_SOCKET_UPDATE_MAX_BYTES``, stored as an HTTP
+  upload is; acknowledged with the task's state) — nothing else. A larger update travels
+  over HTTP, streamed.
 
 The messages, their close codes and headers are typed in ``client_agent.protocol``, which the
 agent imports too.
@@ -67,14 +69,17 @@ from client_agent.protocol import (
     MAX_MESSAGE_BYTES,
     REPORT_TYPES,
     TASK,
+    UPDATE,
     Ack,
     ErrorBody,
     ErrorMessage,
     Event,
     InvalidReport,
+    InvalidUpdate,
     Report,
     TaskProgress,
     UnknownMessage,
+    UpdateMessage,
     Welcome,
     message_id,
     unknown_type,
@@ -84,7 +89,12 @@ from fedportal import sockets
 from fedportal.events import agents_group, site_group
 from jobs.exceptions import SlowDown
 from jobs.selectors import job_for_site, task_for_site
-from jobs.services.tasks import task_mark, tasks_model_delivered
+from jobs.services.tasks import (
+    socket_update_max_bytes,
+    task_mark,
+    tasks_model_delivered,
+    update_from_socket,
+)
 from jobs.services.telemetry import report_record
 from sites import services as site_services
 from sites import signed_cache
@@ -248,11 +258,21 @@ def _handle(
                 job_uid=report.job, site=site, points=report.points, lines=report.lines
             )
             return identity, None if answer_to is None else Ack(id=answer_to, stored=stored)
+        if kind == UPDATE:
+            task = update_from_socket(site=site, update=UpdateMessage.parse(content))
+            return identity, None if answer_to is None else Ack(id=answer_to, state=task.state)
         raise unknown_type(kind)
     except UnknownMessage as exc:
         raise _Unexpected(exc.message, field=exc.field) from None
-    except InvalidReport as exc:
+    except (InvalidReport, InvalidUpdate) as exc:
         raise ValidationFailed(exc.message, field=exc.field) from None
+
+
+# The sockets' messages take their turn on the one thread of their database work; updates (a
+# file written, a task's row updated) go side by side on the loop's pool instead, as uploads
+# over HTTP go on the requests' threads, so that a round's hundred updates do not queue.
+_handle_in_turn = database_sync_to_async(_handle)
+_handle_aside = database_sync_to_async(_handle, thread_sensitive=False)
 
 
 class _Unexpected(DomainError):
@@ -261,8 +281,9 @@ class _Unexpected(DomainError):
 
 
 def _error_body(exc: DomainError) -> ErrorBody:
-    """A domain error as the agent reads it (``retry_after`` too, for ``slow_down``)."""
-    return ErrorBody.parse(exc.as_dict())
+    """A domain error as the agent reads it (``retry_after`` too, for ``slow_down``), with the
+    HTTP status the API gives it."""
+    return ErrorBody.parse({**exc.as_dict(), "status": exc.status})
 
 
 # How long a line report refused for slow-down holds back the later ones (below) at most: the
@@ -318,7 +339,12 @@ class AgentConsumer(
             await self.channel_layer.send(replaced, {"type": REPLACED})
         await self.accept()
         await self._send(
-            Welcome(site=site.name, project=site.project.slug, heartbeat_seconds=HEARTBEAT_SECONDS)
+            Welcome(
+                site=site.name,
+                project=site.project.slug,
+                heartbeat_seconds=HEARTBEAT_SECONDS,
+                update_max_bytes=socket_update_max_bytes(),
+            )
         )
         self.watch = asyncio.create_task(self._watch())
         log.info("agent connected: site=%s version=%s", site.name, version or "?")
@@ -359,11 +385,17 @@ class AgentConsumer(
             self.lines_refused.setdefault(answer_to, now)
             await self._refuse_message(answer_to, _error_body(SlowDown(retry_after=held)))
             return
+        update = content.get("type") == UPDATE
+        # An update is taken only from a certificate that holds now, as an upload's signature
+        # is checked on every request: against the generation of verified certificates the
+        # process's sockets share (one read in GENERATION_SHARED_SECONDS), in full when it
+        # changed. Refused, the socket is closed.
+        if update and not await self._still_valid():
+            return
         try:
             recheck = now - self.checked_at >= RECHECK_SECONDS
-            self.identity, ack = await database_sync_to_async(_handle)(
-                self.identity, content, recheck
-            )
+            handle = _handle_aside if update else _handle_in_turn
+            self.identity, ack = await handle(self.identity, content, recheck)
             if recheck:
                 self.checked_at = now
         except AuthenticationError as exc:
@@ -386,7 +418,9 @@ class AgentConsumer(
             # the socket (the site's other jobs) stays up.
             log.exception("agent message failed: site=%s", self.identity.site.name)
             self.lines_refused.pop(answer_to, None)  # the agent drops it
-            await self._refuse_message(answer_to, ErrorBody(ERROR_SERVER, "the portal failed"))
+            await self._refuse_message(
+                answer_to, ErrorBody(ERROR_SERVER, "the portal failed", status=500)
+            )
             return
         if lines:
             self.lines_refused.pop(answer_to, None)  # stored

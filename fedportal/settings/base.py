@@ -486,6 +486,10 @@ FEDPORTAL_HEARTBEAT_WRITE_SECONDS = env_int("FEDPORTAL_HEARTBEAT_WRITE_SECONDS",
 # the round's event, so they start without downloading it (jobs.services.rounds.event_model;
 # at most 1 MiB whatever is set). A larger model is downloaded as before.
 FEDPORTAL_EVENT_MODEL_MAX_BYTES = env_int("FEDPORTAL_EVENT_MODEL_MAX_BYTES", 64 * 1024)
+# A site's update no larger than this (bytes; 0: never) may come over the agent's open socket
+# instead of a signed HTTP upload (jobs.consumers; at most what one message carries,
+# client_agent.protocol.SOCKET_UPDATE_MOST_BYTES, whatever is set). The welcome tells each agent.
+FEDPORTAL_SOCKET_UPDATE_MAX_BYTES = env_int("FEDPORTAL_SOCKET_UPDATE_MAX_BYTES", 64 * 1024)
 # The uploads a portal process stores within this many seconds of the first enqueue one check
 # of their round, not a check each (jobs.services.tasks; 0: a check each, at once); sooner,
 # once no upload came for FEDPORTAL_UPDATE_CHECK_QUIET_SECONDS (0: never sooner). An upload

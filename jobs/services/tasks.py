@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import logging
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -16,17 +17,21 @@ from django.db import transaction
 from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
+from client_agent.protocol import SOCKET_UPDATE_MOST_BYTES, UpdateMessage
 from common.exceptions import Conflict, NotFound, ValidationFailed
 from fedportal.prepared import PreparedUpdate
 from jobs import events, storage
 from jobs.exceptions import StorageFull, is_storage_full
 from jobs.models import Checkpoint, ModelVersion, Round, RoundState, SiteTask, TaskState
-from jobs.selectors import start_model_of, task_takes_update
+from jobs.selectors import start_model_of, task_of_site, task_takes_update
 from jobs.services.kicks import GatheredKicks, kick_after_commit
 from jobs.services.privacy import round_declined_record
 from jobs.services.rounds import job_kick_after_commit
 from jobs.workflows import ModelRef
 from sites.services.privacy import privacy_report_checked
+
+if TYPE_CHECKING:
+    from sites.models import Site
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +266,42 @@ def update_upload(
         if is_storage_full(exc):
             raise _update_not_kept(task) from exc
         raise
+
+
+def socket_update_max_bytes() -> int:
+    """The largest update an agent may send in an ``update`` message on its socket, as its
+    welcome says: ``FEDPORTAL_SOCKET_UPDATE_MAX_BYTES``, within what one message carries and
+    the largest model the portal keeps; 0: every update comes over HTTP."""
+    return max(
+        0,
+        min(
+            settings.FEDPORTAL_SOCKET_UPDATE_MAX_BYTES,
+            SOCKET_UPDATE_MOST_BYTES,
+            settings.FEDPORTAL_MAX_MODEL_BYTES,
+        ),
+    )
+
+
+def update_from_socket(*, site: Site, update: UpdateMessage) -> SiteTask:
+    """A site's update that came in an ``update`` message on its agent's socket: stored as an
+    upload is (:func:`update_upload`: the digest checked, late if the round closed, refused
+    if the task took one already), for the site's task in the message's job and round (not
+    found: a job or round the site has no task in). An update over
+    :func:`socket_update_max_bytes` is refused as ``too_large`` (413): the agent uploads it
+    over HTTP instead."""
+    most = socket_update_max_bytes()
+    if len(update.data) > most:
+        raise ValidationFailed(
+            f"an update of {len(update.data)} bytes; this portal takes at most {most} on the "
+            "socket: upload it over HTTP",
+            field="data",
+            code="too_large",
+            status=413,
+        )
+    task = task_of_site(job_uid=update.job, site=site, round_number=update.round)
+    return update_upload(
+        task=task, stream=io.BytesIO(update.data), sha256=update.sha256, length=len(update.data)
+    )
 
 
 def _upload_to_open_round(task_id: int, **stored: Any) -> tuple[QuerySet[SiteTask], dict[str, Any]]:

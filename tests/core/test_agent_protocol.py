@@ -8,16 +8,20 @@ import json
 import pytest
 
 from client_agent.protocol import (
+    MAX_MESSAGE_BYTES,
+    SOCKET_UPDATE_MOST_BYTES,
     Ack,
     ErrorBody,
     ErrorMessage,
     Event,
     Heartbeat,
     InvalidReport,
+    InvalidUpdate,
     ProtocolError,
     Report,
     TaskProgress,
     UnknownMessage,
+    UpdateMessage,
     Welcome,
     encode,
     message_id,
@@ -28,9 +32,10 @@ from common.rounds import round_for_people
 
 
 def test_what_the_portal_sends_looks_as_it_did() -> None:
-    welcome = Welcome(site="site-1", project="p", heartbeat_seconds=15)
+    welcome = Welcome(site="site-1", project="p", heartbeat_seconds=15, update_max_bytes=65536)
     assert encode(welcome.to_json()) == (
-        '{"type":"welcome","site":"site-1","project":"p","heartbeat_seconds":15}'
+        '{"type":"welcome","site":"site-1","project":"p","heartbeat_seconds":15,'
+        '"update_max_bytes":65536}'
     )
     assert Event({"kind": "job.state", "state": "running"}).to_json() == {
         "type": "event",
@@ -128,8 +133,77 @@ def test_only_strings_and_integers_are_ids_to_acknowledge() -> None:
 
 def test_an_unknown_type_is_named_in_the_error() -> None:
     assert str(unknown_type("upload")) == (
-        "unknown message type 'upload'; send heartbeat, task or report"
+        "unknown message type 'upload'; send heartbeat, task, report or update"
     )
+
+
+def test_an_update_message_carries_the_files_bytes_in_base64_with_their_digest() -> None:
+    message = UpdateMessage(job="u-1", round=2, sha256="ab" * 32, data=b"\x00\xffsafe", id="u:1")
+    assert message.to_json() == {
+        "type": "update",
+        "job": "u-1",
+        "round": 2,
+        "sha256": "ab" * 32,
+        "data": "AP9zYWZl",
+        "id": "u:1",
+    }
+    assert UpdateMessage.parse(json.loads(encode(message.to_json()))) == message
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "why"),
+    [
+        ({"round": "2"}, "round", "round must be an integer"),
+        ({"round": True}, "round", "round must be an integer"),
+        ({"sha256": None}, "sha256", "sha256 must be the update's SHA-256, in hex"),
+        ({"data": ""}, "data", "data must be the update's bytes, base64"),
+        ({"data": [1]}, "data", "data must be the update's bytes, base64"),
+        ({"data": "AP9z!!"}, "data", "data: not base64"),
+        ({"data": "é"}, "data", "data: not base64"),
+    ],
+)
+def test_an_update_message_that_is_not_right_is_refused_naming_the_field(
+    change: dict[str, object], field: str, why: str
+) -> None:
+    good = {"type": "update", "job": "u", "round": 0, "sha256": "a" * 64, "data": "AP9z"}
+    with pytest.raises(InvalidUpdate) as caught:
+        UpdateMessage.parse({**good, **change})
+    assert (caught.value.field, caught.value.message) == (field, why)
+
+
+def test_the_welcome_says_how_large_an_update_the_socket_takes_and_a_bad_figure_means_none() -> (
+    None
+):
+    def most(value: object) -> int:
+        parsed = Welcome.parse({"type": "welcome", "site": "s", "project": "p", **value})  # type: ignore[dict-item]
+        return parsed.update_max_bytes
+
+    assert most({}) == 0  # a portal that does not say: every update over HTTP
+    assert most({"update_max_bytes": 65536}) == 65536
+    for bad in (-1, "65536", 1.5, True, None):
+        assert most({"update_max_bytes": bad}) == 0
+    # Never more than one message can carry, whatever a portal says.
+    assert most({"update_max_bytes": 10**9}) == SOCKET_UPDATE_MOST_BYTES
+    largest = UpdateMessage(
+        job="0" * 36,
+        round=10**6,
+        sha256="a" * 64,
+        data=b"x" * SOCKET_UPDATE_MOST_BYTES,
+        id="update-0123abcd-0123456789ab",
+    )
+    assert len(encode(largest.to_json())) <= MAX_MESSAGE_BYTES
+
+
+def test_an_error_says_the_http_status_of_the_same_refusal_when_it_is_one() -> None:
+    conflict = ErrorBody("conflict", "this task is already uploaded", status=409)
+    assert conflict.to_json() == {
+        "code": "conflict",
+        "message": "this task is already uploaded",
+        "status": 409,
+    }
+    assert ErrorBody.parse(conflict.to_json()) == conflict
+    for bad in ("409", 99, 600, 4.09e2, True):
+        assert ErrorBody.parse({"code": "c", "message": "m", "status": bad}).status is None
 
 
 def test_rounds_count_from_zero_and_people_from_one() -> None:

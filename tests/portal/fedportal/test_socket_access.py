@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 from typing import Any
 
 import pytest
+import torch
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.db import database_sync_to_async
 from channels.routing import URLRouter
@@ -20,11 +22,12 @@ from django.test import Client
 from django.utils import timezone
 
 from client_agent import signing
-from client_agent.protocol import CLOSE_REPLACED, CLOSE_REVOKED
+from client_agent.protocol import CLOSE_REPLACED, CLOSE_REVOKED, UpdateMessage
 from dashboard.consumers import CLOSE_NOT_FOUND, CLOSE_SIGNED_OUT, CLOSE_TOO_MANY
 from fedportal import sockets
 from fedportal.routing import websocket_urlpatterns
 from jobs import consumers as agent_consumers
+from jobs.models import SiteTask, TaskState
 from jobs.services.participation import job_abort
 from jobs.services.telemetry import metrics_record
 from sites import services, signed_cache
@@ -420,6 +423,42 @@ def test_an_agent_socket_that_only_receives_checks_its_certificate_before_an_eve
         assert code == CLOSE_REVOKED and said["code"] == "certificate_revoked"
 
     async_to_sync(run)()
+
+
+def test_an_update_on_the_socket_of_a_certificate_revoked_without_its_event_is_refused(
+    jobs_world: jw.World, media: Any
+) -> None:
+    """As an upload's signature is checked on every request, an update on the socket is taken
+    only from a certificate that holds now: revoked a moment after its socket's last check,
+    and without the event that closes the socket, the update is refused, the socket closed."""
+    agent = jobs_world.sites[0]
+    assert jobs_world.job is not None
+    data = jw.update_bytes({"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(1)}, jobs_world.tmp)
+    update = UpdateMessage(
+        job=str(jobs_world.job.uid),
+        round=0,
+        sha256=hashlib.sha256(data).hexdigest(),
+        data=data,
+        id="u1",
+    )
+
+    async def run() -> None:
+        socket = await open_agent(agent)
+
+        def revoke_without_event() -> None:
+            certificate = type(agent.certificate).objects.get(pk=agent.certificate.pk)
+            certificate.revoked_at = timezone.now()
+            certificate.save(update_fields=["revoked_at"])
+
+        await database_sync_to_async(revoke_without_event)()
+        await socket.send_json_to(update.to_json())
+        said, code = await closed_with(socket)
+        assert code == CLOSE_REVOKED and said["code"] == "certificate_revoked"
+
+    async_to_sync(run)()
+
+    task = SiteTask.objects.get(round__job=jobs_world.job, round__number=0, site=agent.site)
+    assert task.state == TaskState.ASSIGNED and not task.update
 
 
 def test_the_sockets_passing_on_one_event_share_one_read_of_the_generation(

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import uuid
 from typing import Any
 
 import pytest
+import torch
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -18,12 +21,12 @@ from channels.testing import WebsocketCommunicator
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from client_agent.protocol import MAX_MESSAGE_BYTES
+from client_agent.protocol import MAX_MESSAGE_BYTES, UpdateMessage
 from fedportal.events import BATCH_MESSAGE_TYPE, agents_group
 from fedportal.routing import websocket_urlpatterns
 from jobs import events
 from jobs.consumers import MARK_GATHER_SECONDS
-from jobs.models import LogLine, MetricPoint, ModelVersion, Round, SiteTask
+from jobs.models import LogLine, MetricPoint, ModelVersion, Round, SiteTask, TaskState
 from jobs.services import telemetry
 from jobs.services.rounds import event_model
 from jobs.services.tasks import tasks_model_delivered
@@ -124,6 +127,102 @@ BAD = {
     ),
     "a line that is no object": (None, "ack", "invalid"),
 }
+
+
+def update(world: jw.World, message_id: str, body: bytes, **change: Any) -> dict[str, Any]:
+    """Site 1's ``update`` message for round 0 of the world's job (``change``: fields as sent)."""
+    assert world.job is not None
+    message = UpdateMessage(
+        job=str(world.job.uid), round=0, sha256=hashlib.sha256(body).hexdigest(), data=body
+    ).to_json()
+    return {**message, "id": message_id, **change}
+
+
+def an_update(world: jw.World, value: float = 1.0) -> bytes:
+    return jw.update_bytes({"w": torch.tensor([value, value]), "n": torch.tensor(1)}, world.tmp)
+
+
+def site_1_task(world: jw.World) -> SiteTask:
+    return SiteTask.objects.get(round__job=world.job, round__number=0, site=world.sites[0].site)
+
+
+def test_the_welcome_says_the_largest_update_the_socket_takes(
+    jobs_world: jw.World, settings
+) -> None:
+    async def welcome() -> dict[str, Any]:
+        headers = jobs_world.sites[0].headers("GET", PATH)
+        communicator = WebsocketCommunicator(
+            APP, PATH, headers=[(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        )
+        await communicator.connect()
+        try:
+            said: dict[str, Any] = await communicator.receive_json_from(timeout=5)
+            return said
+        finally:
+            await communicator.disconnect()
+
+    assert async_to_sync(welcome)()["update_max_bytes"] == 64 * 1024  # the default
+    settings.FEDPORTAL_SOCKET_UPDATE_MAX_BYTES = 0
+    assert async_to_sync(welcome)()["update_max_bytes"] == 0  # every update over HTTP
+    settings.FEDPORTAL_SOCKET_UPDATE_MAX_BYTES = 10**9
+    settings.FEDPORTAL_MAX_MODEL_BYTES = 1000
+    assert async_to_sync(welcome)()["update_max_bytes"] == 1000  # never over what is kept
+
+
+def test_an_update_on_the_socket_is_stored_as_an_upload_and_acknowledged_with_the_tasks_state(
+    jobs_world: jw.World,
+) -> None:
+    data = an_update(jobs_world)
+
+    answers, alive = talk(jobs_world, [update(jobs_world, "u1", data)])
+
+    assert answers == [{"type": "ack", "id": "u1", "state": TaskState.UPLOADED}] and alive
+    task = site_1_task(jobs_world)
+    # Checked and accepted by the round's update check (Celery runs inline here).
+    assert task.state == TaskState.ACCEPTED, task.reason
+    assert (task.update_sha256, task.update_size) == (hashlib.sha256(data).hexdigest(), len(data))
+    with task.update.open("rb") as stored:
+        assert stored.read() == data
+
+
+def test_every_bad_update_on_the_socket_is_refused_as_its_upload_would_be_and_stores_nothing(
+    jobs_world: jw.World, settings
+) -> None:
+    good, other = an_update(jobs_world, 1.0), an_update(jobs_world, 2.0)
+    settings.FEDPORTAL_SOCKET_UPDATE_MAX_BYTES = len(good)
+    refused = {
+        # The bytes are not what the digest says: altered on the way.
+        "tampered": update(jobs_world, "tampered", other, sha256=hashlib.sha256(good).hexdigest()),
+        "no digest": update(jobs_world, "no digest", good, sha256=""),
+        "a round without its task": update(jobs_world, "a round without its task", good, round=3),
+        "another job": update(jobs_world, "another job", good, job=str(uuid.uuid4())),
+        "over the socket's bound": update(jobs_world, "over the socket's bound", good + b"\0"),
+        "not base64": update(jobs_world, "not base64", good, data="%%%"),
+    }
+
+    answers, alive = talk(jobs_world, list(refused.values()))
+
+    errors = {answer["id"]: answer["error"] for answer in answers}
+    assert {name: (e["code"], e.get("field"), e["status"]) for name, e in errors.items()} == {
+        "tampered": ("checksum_mismatch", "sha256", 400),
+        "no digest": ("invalid", "sha256", 400),
+        "a round without its task": ("not_found", None, 404),
+        "another job": ("not_found", None, 404),
+        "over the socket's bound": ("too_large", "data", 413),
+        "not base64": ("invalid", "data", 400),
+    }
+    assert alive
+    task = site_1_task(jobs_world)
+    assert task.state == TaskState.ASSIGNED and not task.update
+    assert all("/updates/" not in name for name in jw.stored_files())
+
+    # One update per task, as over HTTP: the second is refused (409) and the first is kept.
+    answers, _ = talk(
+        jobs_world, [update(jobs_world, "first", good), update(jobs_world, "second", other)]
+    )
+    assert answers[0] == {"type": "ack", "id": "first", "state": TaskState.UPLOADED}
+    assert (answers[1]["error"]["code"], answers[1]["error"]["status"]) == ("conflict", 409)
+    assert site_1_task(jobs_world).update_sha256 == hashlib.sha256(good).hexdigest()
 
 
 @pytest.mark.parametrize("case", list(BAD))
