@@ -6,6 +6,9 @@ of the bench's own, FedAvg with every site required each round. Each configurati
 job of ``--rounds`` rounds, with the portal's and the worker's connection pool on (the
 default, ``DATABASE_POOL_MAX_SIZE`` 10 per process) and off (``DATABASE_POOL_MAX_SIZE=0``:
 a connection opened and closed per request, task and WebSocket message, as before the pool).
+The tiny model's updates go on the agents' sockets (``FEDPORTAL_SOCKET_UPDATE_MAX_BYTES``, 64
+KiB by default); with ``FEDPORTAL_SOCKET_UPDATE_MAX_BYTES=0`` in the environment, the
+portals take every update as a signed HTTP upload, as before the ninth session.
 
 Per configuration:
 
@@ -35,6 +38,7 @@ Everything is the bench's own and removed at the end: the database ``fedportal_s
     .venv/bin/python bench/scale_out.py --agents 10 --rounds 3    # a quick look
     .venv/bin/python bench/scale_out.py --pool on                 # the pool's figures only
     .venv/bin/python bench/scale_out.py --pool on --agents 200 --portals 2 --workers 2
+    FEDPORTAL_SOCKET_UPDATE_MAX_BYTES=0 .venv/bin/python bench/scale_out.py --pool on  # HTTP
 """
 
 from __future__ import annotations
@@ -284,6 +288,7 @@ def run(
     portals: int = 1,
     workers: int = 1,
     phases: bool = False,
+    inputs: int = 4,
 ) -> dict[str, float]:
     app = workdir / "app"
     app.mkdir(parents=True)
@@ -292,7 +297,7 @@ def run(
         name=f"echo-{agents}",
         min_clients=agents,
         num_rounds=rounds,
-        model=torch.nn.Linear(4, 2),
+        model=torch.nn.Linear(inputs, 2),
         train_script=str(app / "client.py"),
     )
     before = os.environ.get("DATABASE_POOL_MAX_SIZE")
@@ -362,6 +367,13 @@ def main() -> None:
     parser.add_argument("--portals", type=int, default=1, help="portal processes (nginx)")
     parser.add_argument("--workers", type=int, default=1, help="Celery workers")
     parser.add_argument(
+        "--inputs",
+        type=int,
+        default=4,
+        help="the model is Linear(inputs, 2): 4 (the default) is a tiny model; 7900 makes a "
+        "63 kB one, which FEDPORTAL_EVENT_MODEL_MAX_BYTES and _SOCKET_UPDATE_MAX_BYTES still take",
+    )
+    parser.add_argument(
         "--phases",
         action="store_true",
         help="print when each round's steps were seen in the database (polled every 25 ms)",
@@ -371,7 +383,8 @@ def main() -> None:
     benchlib.print_header(
         "Many agents on one portal on PostgreSQL",
         f"PocEnv: {args.portals} Daphne portal(s) (several: behind nginx), {args.workers} Celery "
-        "worker(s), echo agents, Linear(4, 2)",
+        f"worker(s), echo agents, Linear({args.inputs}, 2); updates on the agents' sockets up to "
+        f"{os.environ.get('FEDPORTAL_SOCKET_UPDATE_MAX_BYTES', '65536 (the default)')} bytes",
     )
     print(f"load average before: {benchlib.load_average()}\n", flush=True)
     rows = []
@@ -387,6 +400,7 @@ def main() -> None:
                     portals=args.portals,
                     workers=args.workers,
                     phases=args.phases,
+                    inputs=args.inputs,
                 )
                 label = (
                     f"{agents} agents, {args.portals} portal(s), {args.workers} worker(s), "

@@ -110,6 +110,7 @@ def access_recheck(session_key: str | None, user_id: int, kwargs: dict[str, Any]
 
 # Channels ships no type information: to mypy its consumer base is Any.
 class DashboardConsumer(
+    sockets.DispatchMixin,
     sockets.EventBatchMixin,
     sockets.BoundedJSONMixin,
     AsyncJsonWebsocketConsumer,  # type: ignore[misc]

@@ -296,6 +296,7 @@ OVERTAKING_RETRY_SECONDS = 0.1
 
 
 class AgentConsumer(
+    sockets.DispatchMixin,
     sockets.EventBatchMixin,
     sockets.BoundedJSONMixin,
     AsyncJsonWebsocketConsumer,  # type: ignore[misc]

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 from typing import Any
 
+import channels.consumer
 import pytest
 import torch
 from asgiref.sync import async_to_sync, sync_to_async
@@ -524,3 +525,33 @@ def test_a_revocation_behind_the_services_back_closes_the_agent_socket_at_the_pe
         assert code == CLOSE_REVOKED and said["code"] == "certificate_revoked"
 
     async_to_sync(run)()
+
+
+def test_the_sockets_pass_messages_on_without_a_trip_to_the_database_thread(
+    jobs_world: jw.World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Channels' own dispatch first sends every message to the thread of thread-sensitive work
+    to close old database connections; the portal's consumers do their database work through
+    ``database_sync_to_async`` (which does that itself) and dispatch at once."""
+    trips: list[str] = []
+
+    async def counted() -> None:
+        trips.append("aclose_old_connections")
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+    member = jobs_world.users[jw.MEMBER]
+    _, headers = signed_in(member)
+
+    async def run() -> None:
+        page = await greeted(job_path(jobs_world), headers)
+        agent = await open_agent(jobs_world.sites[0])
+        await agent.send_json_to({"type": "heartbeat"})
+        await post_metric(jobs_world, 0.5)  # an event for the page
+        kinds = [(await page.receive_json_from(timeout=3))["kind"] for _ in range(2)]
+        assert kinds == ["site.status", "metrics"], kinds  # the agent came online, the point
+        await agent.disconnect()
+        await page.disconnect()
+
+    async_to_sync(run)()
+
+    assert trips == []
