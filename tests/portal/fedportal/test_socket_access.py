@@ -400,6 +400,14 @@ def test_a_newer_connection_of_the_site_replaces_the_older_one(jobs_world: jw.Wo
     async_to_sync(run)()
 
 
+def revoke_without_event(agent: EnrolledSite) -> None:
+    """Revoke the agent's certificate by saving it, not through the service that sends
+    ``site.revoked`` (the event that closes its socket at once)."""
+    certificate = type(agent.certificate).objects.get(pk=agent.certificate.pk)
+    certificate.revoked_at = timezone.now()
+    certificate.save(update_fields=["revoked_at"])
+
+
 def test_an_agent_socket_that_only_receives_checks_its_certificate_before_an_event(
     jobs_world: jw.World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -413,12 +421,7 @@ def test_an_agent_socket_that_only_receives_checks_its_certificate_before_an_eve
     async def run() -> None:
         socket = await open_agent(agent)
 
-        def revoke_without_event() -> None:
-            certificate = type(agent.certificate).objects.get(pk=agent.certificate.pk)
-            certificate.revoked_at = timezone.now()
-            certificate.save(update_fields=["revoked_at"])
-
-        await database_sync_to_async(revoke_without_event)()
+        await database_sync_to_async(revoke_without_event)(agent)
         await database_sync_to_async(abort)(jobs_world)
         said, code = await closed_with(socket)
         assert code == CLOSE_REVOKED and said["code"] == "certificate_revoked"
@@ -446,12 +449,7 @@ def test_an_update_on_the_socket_of_a_certificate_revoked_without_its_event_is_r
     async def run() -> None:
         socket = await open_agent(agent)
 
-        def revoke_without_event() -> None:
-            certificate = type(agent.certificate).objects.get(pk=agent.certificate.pk)
-            certificate.revoked_at = timezone.now()
-            certificate.save(update_fields=["revoked_at"])
-
-        await database_sync_to_async(revoke_without_event)()
+        await database_sync_to_async(revoke_without_event)(agent)
         await socket.send_json_to(update.to_json())
         said, code = await closed_with(socket)
         assert code == CLOSE_REVOKED and said["code"] == "certificate_revoked"
