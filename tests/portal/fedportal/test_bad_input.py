@@ -79,6 +79,21 @@ def test_the_bound_is_on_nesting_not_on_brackets_inside_strings() -> None:
         jsonlimits.loads("[" + "1," * 10 + "1]", max_bytes=10)
 
 
+def test_strings_with_escapes_are_skipped_whole_when_nesting_is_counted() -> None:
+    # An escaped quote does not end a string, an escaped backslash before a quote does: the
+    # brackets inside count for nothing, those after for their nesting.
+    inside = '{"a": "x\\"' + "[" * 40 + '", "b": "\\\\", "c": ' + "[" * 31 + "]" * 31 + "}"
+    assert len(jsonlimits.loads(inside)["a"]) == 42
+    after = '{"a": "\\\\", "c": ' + "[" * 32 + "]" * 32 + "}"  # 33 levels with the object
+    with pytest.raises(jsonlimits.JSONLimitError):
+        jsonlimits.loads(after)
+    # A long string is one run (an update's base64 on an agent's socket); one that never ends is
+    # the parser's error.
+    assert len(jsonlimits.loads('{"data": "' + "QUJD" * 100_000 + '"}')["data"]) == 400_000
+    with pytest.raises(ValueError, match="Unterminated string"):
+        jsonlimits.loads('{"data": "' + "\\\\a" * 50_000)
+
+
 def test_deep_json_on_the_websockets_is_answered_not_crashed() -> None:
     from dashboard.consumers import DashboardConsumer
     from jobs.consumers import AgentConsumer
