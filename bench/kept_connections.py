@@ -16,24 +16,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import benchlib
 from benchlib import md_table, median
-from benchlib.portal import (
-    free_port,
-    migrated_database,
-    served_portal_env,
-    wait_until_serving,
-)
+from benchlib.portal import migrated_database, served_portal, served_portal_env
 
 from client_agent.portal import PortalClient
-
-ROOT = benchlib.REPO_ROOT
 
 
 def turn(client: PortalClient, pid: int, requests: int, *, kept: bool) -> tuple[float, float]:
@@ -56,16 +47,7 @@ def measured(workspace: Path, requests: int, turns: int) -> dict[bool, list[tupl
     request."""
     env = served_portal_env(workspace)
     migrated_database(workspace, env)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "fedportal.serve", "-b", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_serving(port, server, "the portal")
+    with served_portal(env) as (server, port):
         client = PortalClient(f"http://127.0.0.1:{port}")
         turn(client, server.pid, 200, kept=True)  # warm-up
         results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
@@ -74,12 +56,6 @@ def measured(workspace: Path, requests: int, turns: int) -> dict[bool, list[tupl
                 results[kept].append(turn(client, server.pid, requests, kept=kept))
         client.close()
         return results
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def main() -> None:

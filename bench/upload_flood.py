@@ -31,7 +31,6 @@ import os
 import select
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,14 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import benchlib
-from benchlib.portal import (
-    free_port,
-    migrated_database,
-    served_portal_env,
-    wait_until_serving,
-)
+from benchlib.portal import migrated_database, served_portal, served_portal_env
 
-ROOT = benchlib.REPO_ROOT
 CHUNK = 1 << 20
 
 
@@ -184,24 +177,18 @@ def slow_headers(port: int, count: int, seconds: float) -> int:
 
 def run_server(
     label: str,
-    command: list[str],
+    command: tuple[str, ...],
     env: dict[str, str],
     size: int,
     key: str,
     slow: tuple[int, float],
 ) -> tuple[list[tuple[str, ...]], int]:
     tmpdir = Path(env["TMPDIR"])
-    port = free_port()
-    log = open(Path(env["FEDPORTAL_DATA_DIR"]) / f"{label}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [*command, "-b", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until_serving(port, proc, label)
+    log_path = Path(env["FEDPORTAL_DATA_DIR"]) / f"{label}.log"
+    with (
+        open(log_path, "wb") as log,
+        served_portal(env, label, command, log) as (proc, port),
+    ):
         rows: list[tuple[str, ...]] = []
         for name, head, tail in requests(size, key):
             time.sleep(1)
@@ -231,13 +218,6 @@ def run_server(
                 )
             )
         return rows, slow_headers(port, *slow)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def requests(size: int, key: str) -> list[tuple[str, bytes, bytes]]:
@@ -291,10 +271,12 @@ def main() -> None:
         (workspace / "tmp").mkdir()
         env = served_portal_env(workspace, TMPDIR=str(workspace / "tmp"))
         key = migrated_database(workspace, env)
-        servers = [("fedportal.serve", [sys.executable, "-m", "fedportal.serve"])]
+        servers: list[tuple[str, tuple[str, ...]]] = [
+            ("fedportal.serve", (sys.executable, "-m", "fedportal.serve"))
+        ]
         if args.compare_daphne:
             servers.append(
-                ("plain Daphne", [sys.executable, "-m", "daphne", "fedportal.asgi:application"])
+                ("plain Daphne", (sys.executable, "-m", "daphne", "fedportal.asgi:application"))
             )
         rows = []
         still_open = []

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from benchlib import REPO_ROOT
 
@@ -86,6 +87,35 @@ def wait_until_serving(port: int, proc: subprocess.Popen[bytes], label: str) -> 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{label} did not start") from None
             time.sleep(0.1)
+
+
+@contextmanager
+def served_portal(
+    env: dict[str, str],
+    label: str = "the portal",
+    command: tuple[str, ...] = (sys.executable, "-m", "fedportal.serve"),
+    output: int | IO[bytes] = subprocess.DEVNULL,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The portal's server (``command``, ``python -m fedportal.serve`` unless another is
+    given) on a free port with ``env``, its output to ``output``: yields the process and the
+    port once it serves ``/healthz``, and stops it at the end (killed if it lingers)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*command, "-b", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until_serving(port, proc, label)
+        yield proc, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def bench_env(tmp: Path, db_name: str, name: str) -> dict[str, str]:
